@@ -1,0 +1,97 @@
+"""Flower ClientApp: a node hosts one device (deployment) or a shard of devices (simulation).
+
+Every message carries the run config from the server. For each device named in a ``train``
+message the node runs :func:`fedrec.client_update.client_update` and replies with that
+device's delta of GLOBAL parameters and its counts only; the device's user vector, cursor and
+privacy history stay in the node's ``context.state``.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec.client_update import DeviceState, client_update
+from fedrec.config import RunConfig
+from fedrec.data.source import load_stream
+from fedrec.models.mf import build_model
+
+warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+
+app = ClientApp()
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def run_config(msg: Message) -> RunConfig:
+    c = dict(msg.content["config"])
+    return RunConfig.from_mapping({k: v for k, v in c.items() if k in RunConfig.keys()}, where="server message")
+
+
+def hosted_devices(context: Context, n_devices: int) -> list[int]:
+    """Devices on this node: ``device-id`` from node config (deployment), else a shard by partition."""
+    nc = context.node_config
+    if "device-id" in nc:
+        return [int(nc["device-id"])]
+    pid, n = int(nc.get("partition-id", 0)), int(nc.get("num-partitions", 1))
+    return list(range(pid, n_devices, n))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which devices this node hosts and the size of the item catalogue."""
+    cfg = run_config(msg)
+    stream = load_stream(cfg)
+    devices = hosted_devices(context, stream.n_devices)
+    return Message(RecordDict({"info": ConfigRecord({"devices": devices, "n-items": stream.log.n_items})}),
+                   reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    torch.set_num_threads(1)
+    cfg = run_config(msg)
+    conf = msg.content["config"]
+    round_, noise = int(conf["round"]), float(conf["effective-noise-multiplier"])
+    stream = load_stream(cfg)
+    log = stream.log
+    key = (cfg.model, log.n_items, cfg.dim)
+    if key not in _MODELS:
+        _MODELS[key] = build_model(cfg.model, log.n_items, cfg.dim, seed=cfg.seed)
+    model = _MODELS[key]
+    global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    mine = set(hosted_devices(context, stream.n_devices))
+    out = RecordDict()
+    for d in [int(x) for x in conf["devices"]]:
+        skey = f"device-{d}"
+        try:
+            if d not in mine:
+                raise ValueError(f"device {d} is not hosted on this node")
+            state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else DeviceState()
+            idx = stream.device_events(d, round_)
+            res = client_update(model, global_state, state, log.item[idx], stream.round_of[idx], round_, cfg,
+                                device_id=d, noise_multiplier=noise)
+        except Exception as e:  # one failing device must not sink its node's other devices
+            out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
+                                              "trace": traceback.format_exc()[-2000:]})
+            continue
+        context.state[skey] = ConfigRecord(res.state.to_config())
+        out[f"delta-{d}"] = ArrayRecord({k: _array(v) for k, v in res.delta.items()})
+        out[f"metrics-{d}"] = MetricRecord({
+            "num-examples": res.n_train, "n-new": res.n_new, "eval-n": res.counts.n,
+            "eval-hits": float(res.counts.hits), "eval-ndcg": float(res.counts.ndcg),
+            "epsilon": float(res.epsilon) if np.isfinite(res.epsilon) else -1.0, "steps": res.steps,
+        })
+    return Message(out, reply_to=msg)
+
+
+def _array(v: np.ndarray):
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(v))

@@ -1,0 +1,213 @@
+"""One device's round, written once: evaluate-before-train, DP local update, delta out.
+
+Pure with respect to its inputs: it takes the global parameters, the device's state and its
+events, and returns the delta of global parameters plus the device's next state. The Flower
+ClientApp, the sharded simulator and the device SDK all call this same function.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .eval.metrics import PrequentialCounts, prequential_counts
+from .models.base import BPRLoss, RecModel
+from .privacy.accounting import epsilon
+
+
+def device_seed(seed: int, device: int, round_: int, stream: int = 0) -> int:
+    """A seed for one device in one round, independent of which process runs it."""
+    return int(np.random.SeedSequence([seed, device, round_, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class DeviceState:
+    """What a device keeps between rounds and never sends.
+
+    ``local``: the model's local parameters (user vector); ``cursors``: the last rounds up to
+    which it trained, newest last (``cursors[-1]`` = events up to that round are consumed);
+    ``recent_steps``: local steps of its last ``replay_rounds + 1`` participations;
+    ``max_exposure``: most DP steps any one of its events has been used in; ``history``:
+    its privacy records ``(noise_multiplier, sample_rate, steps)`` of each update.
+    """
+
+    local: dict[str, np.ndarray] = field(default_factory=dict)
+    cursors: list[int] = field(default_factory=lambda: [0])
+    recent_steps: list[int] = field(default_factory=list)
+    max_exposure: int = 0
+    participations: int = 0
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def to_config(self) -> dict:
+        d = {"cursors": list(self.cursors), "recent-steps": list(self.recent_steps),
+             "max-exposure": self.max_exposure, "participations": self.participations,
+             "history-z": [h[0] for h in self.history], "history-q": [h[1] for h in self.history],
+             "history-n": [h[2] for h in self.history]}
+        for k, v in self.local.items():
+            d[f"local:{k}"] = np.asarray(v, np.float32).tobytes()
+            d[f"shape:{k}"] = list(np.asarray(v).shape)
+        return d
+
+    @classmethod
+    def from_config(cls, d: dict) -> DeviceState:
+        local = {k[6:]: np.frombuffer(v, np.float32).reshape(d[f"shape:{k[6:]}"]).copy()
+                 for k, v in d.items() if k.startswith("local:")}
+        return cls(local=local, cursors=list(d["cursors"]), recent_steps=list(d["recent-steps"]),
+                   max_exposure=int(d["max-exposure"]), participations=int(d["participations"]),
+                   history=list(zip(d["history-z"], d["history-q"], d["history-n"])))
+
+
+@dataclass
+class UpdateResult:
+    """What one device's round produced. Only ``delta`` and the counts are ever sent."""
+
+    delta: dict[str, np.ndarray]  #: global parameter name -> delta (float32)
+    n_train: int  #: events in the local update (new + replay)
+    n_new: int
+    counts: PrequentialCounts
+    epsilon: float  #: the device's event-level ε so far (0 when not private)
+    steps: int
+    state: DeviceState
+
+
+def client_update(
+    model: RecModel,
+    global_state: dict[str, np.ndarray],
+    state: DeviceState,
+    items: np.ndarray,
+    rounds: np.ndarray,
+    round_: int,
+    cfg: RunConfig,
+    *,
+    device_id: int,
+    noise_multiplier: float,
+) -> UpdateResult:
+    """Run one device's round.
+
+    Parameters
+    ----------
+    model : a reused model object (its parameters are overwritten here).
+    global_state : the global parameters the server sent (numpy arrays).
+    state : the device's own state; not mutated, the next one is returned.
+    items, rounds : the device's events so far (item ids and the round window of each), time order.
+    round_ : the server round; events with ``rounds <= round_`` exist now.
+    noise_multiplier : DP-SGD noise (used when ``cfg.privacy`` is ``event`` or ``both``).
+    """
+    torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_))
+    if not state.local:
+        state = DeviceState(local={k: v.numpy() for k, v in model.init_local(torch_g).items()},
+                            cursors=list(state.cursors))
+    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
+
+    cur = state.cursors[-1]
+    known = rounds <= cur
+    new = (rounds > cur) & (rounds <= round_)
+    seen = np.zeros(model.n_items, bool)
+    seen[items[known]] = True
+    counts = prequential_counts(model.score_all().numpy(), seen, items[new], cfg.k)
+
+    # training set: the new events plus those of the device's last `replay_rounds` windows
+    oldest = state.cursors[0]  # cursors holds the last replay_rounds + 1 cursors (initially [0])
+    train_mask = (rounds > oldest) & (rounds <= round_)
+    pos = torch.from_numpy(items[train_mask].astype(np.int64))
+    n_new = int(new.sum())
+    before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
+
+    private = cfg.privacy in ("event", "both")
+    steps = 0
+    if len(pos) > 0:
+        steps = _local_sgd(model, pos, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
+                           noise_multiplier if private else 0.0, private)
+
+    params = dict(model.named_parameters())
+    delta = {k: (params[k].detach() - before[k]).numpy().astype(np.float32) for k in model.global_names}
+    local = {k: params[k].detach().numpy().copy() for k in model.local_names}
+
+    # Bookkeeping. Each participation opens one event window (cursor..round_); a window is trained on
+    # in its own participation and the next `replay_rounds` ones, so an event's DP steps are the sum
+    # of at most replay_rounds + 1 consecutive participations' steps (a suffix sum of recent_steps).
+    keep = cfg.replay_rounds + 1
+    cursors = (list(state.cursors) + [round_])[-keep:]
+    recent_steps = (list(state.recent_steps) + [steps])[-keep:]
+    history = list(state.history)
+    q = cfg.sample_rate
+    if private and steps:
+        history.append((float(noise_multiplier), q, steps))
+    max_exposure = max(state.max_exposure, sum(recent_steps)) if private else 0
+    nxt = DeviceState(local=local, cursors=cursors, recent_steps=recent_steps, max_exposure=max_exposure,
+                      participations=state.participations + 1, history=history)
+    eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, cfg.accountant) if private and max_exposure else 0.0
+    return UpdateResult(delta=delta, n_train=int(len(pos)), n_new=n_new, counts=counts, epsilon=eps,
+                        steps=steps, state=nxt)
+
+
+def _mask(idx: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros(n, bool)
+    m[idx] = True
+    return m
+
+
+def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator,
+               noise_multiplier: float, private: bool) -> int:
+    """``cfg.local_steps`` steps; each takes every example independently with prob ``sample_rate``.
+
+    Under DP the step is Opacus DP-SGD with ghost clipping (per-event clip ``cfg.clip``, noise
+    ``noise_multiplier * clip`` on the sum, normalised by the expected batch size). A step whose
+    Poisson batch is empty still adds noise, as the accountant assumes.
+    """
+    n = len(pos)
+    q = cfg.sample_rate
+    # negatives: uniform over items the user has not had, fixed for this update
+    cand = torch.from_numpy(np.flatnonzero(~seen))
+    if len(cand) == 0:
+        cand = torch.arange(model.n_items)
+    neg = cand[torch.randint(0, len(cand), (n, cfg.negatives), generator=g)]
+    items = torch.cat([pos.unsqueeze(1), neg], dim=1).contiguous()
+    user = torch.zeros(n, dtype=torch.long)
+    crit = BPRLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    if private:
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account per event
+            dp_model, dp_opt, dp_crit, _ = engine.make_private(
+                module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(user), batch_size=max(1, n)),
+                criterion=crit, noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip,
+                grad_sample_mode="ghost", poisson_sampling=False, noise_generator=g)
+        dp_opt.expected_batch_size = max(q * n, 1e-6)
+        try:
+            for _ in range(cfg.local_steps):
+                take = torch.rand(n, generator=g) < q
+                dp_opt.zero_grad()
+                if take.any():
+                    out = _diff(dp_model, user[take], items[take])
+                    dp_crit(out, torch.ones_like(out)).backward()
+                else:
+                    for p in model.parameters():
+                        p.grad = torch.zeros_like(p)
+                dp_opt.step()
+        finally:
+            dp_model.to_standard_module()
+        return cfg.local_steps
+    for _ in range(cfg.local_steps):
+        take = torch.rand(n, generator=g) < q
+        if not take.any():
+            continue
+        opt.zero_grad()
+        out = _diff(model, user[take], items[take])
+        crit(out).backward()
+        opt.step()
+    return cfg.local_steps
+
+
+def _diff(m: torch.nn.Module, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    s = m(user, items)
+    return s[:, :1] - s[:, 1:]

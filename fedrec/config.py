@@ -1,0 +1,159 @@
+"""One source of configuration: a frozen, self-validating dataclass.
+
+Keys are kebab-case everywhere (TOML files, ``[tool.flwr.app.config]``, CLI flags); in Python
+they are the snake_case field names. Every invalid value fails with :class:`ConfigError`, one
+sentence naming the key (and the file when it came from one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+PRIVACY_MODES = ("none", "event", "user", "both")
+MODELS = ("mf",)
+ACCOUNTANTS = ("prv", "rdp")
+SPLITS = ("count", "time")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value a user supplied is invalid."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; defaults are those of ``[tool.flwr.app.config]``."""
+
+    # data
+    data: str = ""  #: path to a MovieLens file or generic CSV; empty = synthetic world
+    world_users: int = 400
+    world_items: int = 600
+    world_topics: int = 12
+    world_events_per_user: int = 120
+    rounds: int = 30
+    round_split: str = "count"
+    # federation
+    cohort: int = 120
+    nodes: int = 2  #: virtual Flower nodes; each hosts a shard of devices in simulation
+    seed: int = 0
+    # model and local update
+    model: str = "mf"
+    dim: int = 32
+    local_steps: int = 6
+    sample_rate: float = 0.25  #: Poisson rate of each local step (expected batch = rate x events)
+    lr: float = 0.3
+    negatives: int = 1
+    replay_rounds: int = 2  #: an event is replayed in at most this many later updates
+    server_lr: float = 1.0
+    # privacy
+    privacy: str = "event"
+    noise_multiplier: float = 0.7
+    clip: float = 1.0
+    epsilon: float = 0.0  #: 0 = no target; else the noise multiplier is calibrated to it
+    delta: float = 1e-5
+    accountant: str = "prv"
+    # evaluation and output
+    k: int = 10
+    out: str = "runs/latest"
+    device: str = "auto"  #: torch device for server aggregation: auto, cpu, cuda
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, key: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"Config key '{key}' {what} (got {getattr(self, key.replace('-', '_'))!r}).")
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            key = f.name.replace("_", "-")
+            want = _type_of(f)
+            if want is bool:
+                need(isinstance(v, bool), key, "must be true or false")
+            elif want is int:
+                need(isinstance(v, int) and not isinstance(v, bool), key, "must be an integer")
+            elif want is float:
+                need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key,
+                     "must be a finite number")
+            elif want is str:
+                need(isinstance(v, str), key, "must be a string")
+        for key in ("world-users", "world-items", "world-topics", "world-events-per-user", "rounds", "cohort",
+                    "nodes", "dim", "local-steps", "negatives", "k"):
+            need(getattr(self, key.replace("-", "_")) >= 1, key, "must be at least 1")
+        need(0 < self.sample_rate <= 1, "sample-rate", "must lie in (0, 1]")
+        need(self.replay_rounds >= 0, "replay-rounds", "must be 0 or more")
+        for key in ("lr", "server-lr", "clip"):
+            need(getattr(self, key.replace("-", "_")) > 0, key, "must be positive")
+        need(self.noise_multiplier >= 0, "noise-multiplier", "must be 0 or more")
+        need(self.epsilon >= 0, "epsilon", "must be 0 (no target) or positive")
+        need(0 < self.delta < 1, "delta", "must lie strictly between 0 and 1")
+        need(self.privacy in PRIVACY_MODES, "privacy", f"must be one of {', '.join(PRIVACY_MODES)}")
+        need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
+        need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+             "must be auto, cpu or cuda[:N]")
+        if self.privacy in ("event", "both") and self.epsilon == 0:
+            need(self.noise_multiplier > 0, "noise-multiplier", "must be positive under event-level privacy")
+
+    # ---- conversions -------------------------------------------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """Kebab-case dict: what travels in Flower ConfigRecords and is written to summary.json."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, where: str = "config", base: RunConfig | None = None) -> RunConfig:
+        """Build from kebab- or snake-case keys; unknown keys fail naming ``where``."""
+        known = {f.name: f for f in fields(cls)}
+        kw: dict[str, Any] = {}
+        for raw, v in values.items():
+            name = str(raw).replace("-", "_")
+            if name not in known:
+                close = [k for k in cls.keys() if k.split("-")[0] == str(raw).replace("_", "-").split("-")[0]]
+                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ConfigError(f"Unknown config key '{raw}' in {where}.{hint}")
+            want = _type_of(known[name])
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if want is bool and isinstance(v, str) and v.lower() in ("true", "false"):
+                v = v.lower() == "true"
+            kw[name] = v
+        try:
+            return dataclasses.replace(base, **kw) if base is not None else cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{e} [{where}]") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
+        """Read a TOML file: keys at top level or under ``[run]``/``[tool.flwr.app.config]``."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"No such config file: {p}.")
+        try:
+            doc = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e}).") from None
+        table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc.get("run", doc))
+        table = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        return cls.from_mapping(table, where=str(p), base=base)
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    return {"int": int, "float": float, "str": str, "bool": bool}[t]
+
+
+def load_pyproject_defaults(root: Path | None = None) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of the project's pyproject.toml, if present."""
+    root = root or Path(__file__).resolve().parents[1]
+    p = root / "pyproject.toml"
+    if not p.is_file():
+        return {}
+    return tomllib.loads(p.read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
