@@ -43,15 +43,15 @@ class RunConfig:
     # model and local update
     model: str = "mf"
     dim: int = 32
-    local_steps: int = 6
+    local_steps: int = 10
     sample_rate: float = 0.25  #: Poisson rate of each local step (expected batch = rate x events)
-    lr: float = 0.3
+    lr: float = 2.0
     negatives: int = 1
     replay_rounds: int = 2  #: an event is replayed in at most this many later updates
-    server_lr: float = 1.0
+    server_lr: float = 20.0
     # privacy
     privacy: str = "event"
-    noise_multiplier: float = 0.7
+    noise_multiplier: float = 1.0
     clip: float = 1.0
     epsilon: float = 0.0  #: 0 = no target; else the noise multiplier is calibrated to it
     delta: float = 1e-5

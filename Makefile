@@ -1,0 +1,27 @@
+# Two commands for a new user: `make demo` (the main job on the embedded synthetic world) and
+# `make test`. Each creates the virtualenv (.venv) when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint venv clean
+
+$(BIN)/fedrec: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(BIN)/fedrec
+
+venv: $(BIN)/fedrec
+
+demo: venv
+	$(BIN)/fedrec simulate --out runs/demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check fedrec clients server tests
+
+clean:
+	rm -rf runs .pytest_cache
