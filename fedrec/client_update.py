@@ -58,7 +58,7 @@ class DeviceState:
                  for k, v in d.items() if k.startswith("local:")}
         return cls(local=local, cursors=list(d["cursors"]), recent_steps=list(d["recent-steps"]),
                    max_exposure=int(d["max-exposure"]), participations=int(d["participations"]),
-                   history=list(zip(d["history-z"], d["history-q"], d["history-n"])))
+                   history=list(zip(d["history-z"], d["history-q"], d["history-n"], strict=False)))
 
 
 @dataclass

@@ -46,7 +46,7 @@ class RunRecorder:
               failed: list, bytes_up: int, bytes_down: int, staleness: int, new_events: int, wall_s: float) -> dict:
         self.schedule.append(list(done))
         self.total.add(counts)
-        for d, e in zip(done, eps):
+        for d, e in zip(done, eps, strict=False):
             self.device_eps[d] = max(self.device_eps.get(d, 0.0), e)
         all_eps = list(self.device_eps.values())
         k = self.cfg.k
@@ -84,7 +84,7 @@ class RunRecorder:
                                        "what": "counts of all events in earlier rounds, centralised, non-private"}
         except Exception as e:  # the server may not see the data (deployment): say so, do not fail the run
             baselines["popularity"] = {"unavailable": f"{type(e).__name__}: {e}"}
-        for row, c in zip(self.rows, pop_rounds):
+        for row, c in zip(self.rows, pop_rounds, strict=False):
             row[f"popularity_hr@{k}"] = _finite(c.hr)
         eps = list(self.device_eps.values())
         private = cfg.privacy != "none"

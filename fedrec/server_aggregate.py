@@ -40,7 +40,7 @@ def server_aggregate(
     if total <= 0:
         return {k: v.clone() for k, v in global_state.items()}, {"weight": 0.0, "update_norm": 0.0}
     acc = {k: torch.zeros_like(v) for k, v in global_state.items()}
-    for d, wk in zip(deltas, w):
+    for d, wk in zip(deltas, w, strict=False):
         if wk == 0:
             continue
         for k, v in d.items():

@@ -53,7 +53,7 @@ def _device_with_round1_events(stream) -> int:
     raise AssertionError("no device with events in rounds 1-3")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def opacus_epsilon(z: float, q: float, steps: int, delta: float) -> float:
     """ε straight from Opacus's PRV accountant (memoised: PRV takes ~0.1-0.5 s a call)."""
     acc = create_accountant("prv")
@@ -86,7 +86,7 @@ def test_epsilon_composes_then_stays_bounded(stream, replay):
     eps = [r.epsilon for r in res]
     z, q = cfg.noise_multiplier, cfg.sample_rate
     assert all(r.steps == cfg.local_steps for r in res)  # it had events (new or replayed) every round
-    assert all(b >= a for a, b in zip(eps, eps[1:])), eps
+    assert all(b >= a for a, b in zip(eps, eps[1:], strict=False)), eps
     # strictly increasing while the round-1 events are still replayed
     for i in range(replay):
         assert eps[i + 1] > eps[i], eps

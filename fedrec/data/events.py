@@ -78,7 +78,7 @@ class EventLog:
         """The events as :class:`Event` objects (for small logs and tests)."""
         return [
             Event(int(u), int(i), float(t), KINDS[int(k)], float(w))
-            for u, i, t, k, w in zip(self.user, self.item, self.timestamp, self.kind, self.weight)
+            for u, i, t, k, w in zip(self.user, self.item, self.timestamp, self.kind, self.weight, strict=False)
         ]
 
     @classmethod

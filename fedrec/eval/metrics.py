@@ -48,8 +48,9 @@ def ranking_metrics(
             other = np.zeros(V, bool)
             other[tset] = True
             r = target_rank(scores[b], t, ex | other)
-            # other targets scoring strictly higher also take a slot above it
-            r += int(sum(1 for t2 in tset if t2 != t and scores[b, t2] > scores[b, t]))
+            # other targets scoring higher take a slot above it; tied targets take consecutive slots (by id)
+            r += int(sum(1 for t2 in tset if t2 != t and (scores[b, t2] > scores[b, t]
+                                                          or (scores[b, t2] == scores[b, t] and t2 < t))))
             ranks.append(r)
         ranks_a = np.asarray(ranks)
         hits = ranks_a < k

@@ -46,9 +46,6 @@ def _epsilon_cached(h: tuple[Record, ...], delta: float, accountant: str) -> flo
     acc.history = [(z, q, n) for z, q, n in h]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if accountant == "prv":
-            # PRV's discretisation needs an error bound; Opacus picks eps_error=0.01 by default.
-            return float(acc.get_epsilon(delta=delta))
         return float(acc.get_epsilon(delta=delta))
 
 
