@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.client_update import DeviceState, client_update
@@ -91,7 +91,5 @@ def train(msg: Message, context: Context) -> Message:
     return Message(out, reply_to=msg)
 
 
-def _array(v: np.ndarray):
-    from flwr.app import Array
-
+def _array(v: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(v))

@@ -73,12 +73,7 @@ def simulate(cfg: RunConfig) -> dict:
     from .clients.app import app as client_app
     from .server.app import make_server_app
 
-    result: dict = {}
-
-    def keep(row: dict) -> None:
-        on_round(row)
-
-    server_app = make_server_app(cfg, on_round=keep)
+    server_app = make_server_app(cfg, on_round=on_round)
     _quiet()
     with progress:
         task = progress.add_task("", total=cfg.rounds)
@@ -91,9 +86,9 @@ def simulate(cfg: RunConfig) -> dict:
         raise RuntimeError(f"The simulation ended without writing {summ}; see the log above.")
     import json
 
-    result = json.loads(summ.read_text())
-    _print_summary(console, result, k)
-    return result
+    summary = json.loads(summ.read_text())
+    _print_summary(console, summary, k)
+    return summary
 
 
 def _print_summary(console, s: dict, k: int) -> None:
