@@ -91,6 +91,8 @@ class RunConfig:
         need(self.epsilon >= 0, "epsilon", "must be 0 (no target) or positive")
         need(0 < self.delta < 1, "delta", "must lie strictly between 0 and 1")
         need(self.privacy in PRIVACY_MODES, "privacy", f"must be one of {', '.join(PRIVACY_MODES)}")
+        need(self.privacy in ("none", "event"), "privacy",
+             "asks for user-level DP, which is not built yet (issue 3); use none or event")
         need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
