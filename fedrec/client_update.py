@@ -170,7 +170,14 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
     items = torch.cat([pos.unsqueeze(1), neg], dim=1).contiguous()
     user = torch.zeros(n, dtype=torch.long)
     crit = BPRLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    # the item table (global) and the user vector (local) take separate step sizes: the user vector
+    # receives DP noise of the same std on each step but only its own signal, so it needs a
+    # smaller step to average the noise out across steps
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD([
+        {"params": [params[n] for n in model.global_names], "lr": cfg.lr},
+        {"params": [params[n] for n in model.local_names], "lr": cfg.user_lr if cfg.user_lr > 0 else cfg.lr},
+    ])
     if private:
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset

@@ -125,6 +125,7 @@ class RunRecorder:
             "bytes": {"up": int(sum(r["bytes_up"] for r in self.rows)),
                       "down": int(sum(r["bytes_down"] for r in self.rows))},
         }
+        # rewrite once with the per-round popularity column (the streamed lines stay until then)
         with open(self.out / "metrics.jsonl", "w") as f:
             for row in self.rows:
                 f.write(json.dumps(row) + "\n")

@@ -58,7 +58,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     noise = effective_noise(cfg)
     base_conf = {**flat, "effective-noise-multiplier": noise}
 
-    nodes = _wait_for_nodes(grid, cfg.nodes if not cfg.data else 1)
+    nodes = _wait_for_nodes(grid, cfg.nodes)
     replies = list(grid.send_and_receive([
         Message(RecordDict({"config": ConfigRecord(base_conf)}), dst_node_id=n, message_type="query")
         for n in nodes]))
@@ -116,10 +116,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                 deltas.append(delta)
                 weights.append(float(m["num-examples"]))
                 counts.add(PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"])))
-                if m["epsilon"] >= 0:
-                    eps.append(float(m["epsilon"]))
-                else:
-                    eps.append(math.inf)
+                eps.append(float(m["epsilon"]) if m["epsilon"] >= 0 else math.inf)  # -1 encodes infinity
                 new_events += int(m["n-new"])
                 done.append(d)
         if not deltas and failed:

@@ -43,11 +43,11 @@ def ranking_metrics(
         if exclude is not None:
             ex[list(set(int(e) for e in exclude[b]) - set(tset))] = True
         ranks = []
+        ex_or_target = ex.copy()
+        ex_or_target[tset] = True
         for t in tset:
             # rank among non-excluded non-target items, ties against the target
-            other = np.zeros(V, bool)
-            other[tset] = True
-            r = target_rank(scores[b], t, ex | other)
+            r = target_rank(scores[b], t, ex_or_target)
             # other targets scoring higher take a slot above it; tied targets take consecutive slots (by id)
             r += int(sum(1 for t2 in tset if t2 != t and (scores[b, t2] > scores[b, t]
                                                           or (scores[b, t2] == scores[b, t] and t2 < t))))

@@ -64,9 +64,5 @@ class RecModel(nn.Module):
         """A fresh local state for a new device (drawn from ``generator``)."""
         raise NotImplementedError
 
-    def pair_diff(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        s = self(user, items)
-        return s[:, :1] - s[:, 1:]
-
     def score_all(self) -> torch.Tensor:
         raise NotImplementedError
