@@ -61,9 +61,9 @@ def train(msg: Message, context: Context) -> Message:
     round_, noise = int(conf["round"]), float(conf["effective-noise-multiplier"])
     stream = load_stream(cfg)
     log = stream.log
-    key = (cfg.model, log.n_items, cfg.dim)
+    key = (cfg.model, log.n_items, cfg.dim, cfg.init_scale)
     if key not in _MODELS:
-        _MODELS[key] = build_model(cfg.model, log.n_items, cfg.dim, seed=cfg.seed)
+        _MODELS[key] = build_model(cfg.model, log.n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
     model = _MODELS[key]
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     mine = set(hosted_devices(context, stream.n_devices))

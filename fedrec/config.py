@@ -43,6 +43,7 @@ class RunConfig:
     # model and local update
     model: str = "mf"
     dim: int = 32
+    init_scale: float = 0.1  #: std of the initial item and user vectors
     local_steps: int = 10
     sample_rate: float = 0.25  #: Poisson rate of each local step (expected batch = rate x events)
     lr: float = 2.0
@@ -87,7 +88,7 @@ class RunConfig:
         need(self.user_lr >= 0, "user-lr", "must be 0 (same as lr) or positive")
         need(0 < self.sample_rate <= 1, "sample-rate", "must lie in (0, 1]")
         need(self.replay_rounds >= 0, "replay-rounds", "must be 0 or more")
-        for key in ("lr", "server-lr", "clip"):
+        for key in ("lr", "server-lr", "clip", "init-scale"):
             need(getattr(self, key.replace("-", "_")) > 0, key, "must be positive")
         need(self.noise_multiplier >= 0, "noise-multiplier", "must be 0 or more")
         need(self.epsilon >= 0, "epsilon", "must be 0 (no target) or positive")

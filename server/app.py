@@ -78,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     population = sorted(home)
 
     dev = pick_device(cfg.device)
-    model = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed)
+    model = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
     gstate = {k: v.to(dev) for k, v in model.global_state().items()}
     rng = np.random.default_rng([cfg.seed, 7])
     rec.start(population=len(population), n_items=n_items, noise_multiplier=noise, device=str(dev))

@@ -23,19 +23,20 @@ class MF(RecModel):
     global_names = ("item.weight",)
     local_names = ("user.weight",)
 
-    def __init__(self, n_items: int, dim: int, *, generator: torch.Generator | None = None) -> None:
+    def __init__(self, n_items: int, dim: int, *, generator: torch.Generator | None = None,
+                 init_scale: float = 0.1) -> None:
         super().__init__()
-        self.n_items, self.dim = n_items, dim
+        self.n_items, self.dim, self.init_scale = n_items, dim, init_scale
         self.item = nn.Embedding(n_items, dim + 1)
         self.user = nn.Embedding(1, dim)
         with torch.no_grad():
-            self.item.weight.normal_(0.0, 0.1, generator=generator)
+            self.item.weight.normal_(0.0, init_scale, generator=generator)
             self.item.weight[:, dim] = 0.0
-            self.user.weight.normal_(0.0, 0.1, generator=generator)
+            self.user.weight.normal_(0.0, init_scale, generator=generator)
         self.check_partition()
 
     def init_local(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"user.weight": torch.randn(1, self.dim, generator=generator) * 0.1}
+        return {"user.weight": torch.randn(1, self.dim, generator=generator) * self.init_scale}
 
     def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``user``: (B,) zeros (the device's own row); ``items``: (B, m) -> scores (B, m)."""
@@ -49,9 +50,9 @@ class MF(RecModel):
         return w[:, : self.dim] @ self.user.weight[0] + w[:, self.dim]
 
 
-def build_model(name: str, n_items: int, dim: int, *, seed: int = 0) -> RecModel:
+def build_model(name: str, n_items: int, dim: int, *, seed: int = 0, init_scale: float = 0.1) -> RecModel:
     """Construct a model by name with a seeded initialisation."""
     g = torch.Generator().manual_seed(seed)
     if name == "mf":
-        return MF(n_items, dim, generator=g)
+        return MF(n_items, dim, generator=g, init_scale=init_scale)
     raise ValueError(f"Unknown model {name!r}; expected one of: mf.")
