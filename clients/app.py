@@ -81,12 +81,18 @@ def train(msg: Message, context: Context) -> Message:
             out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
                                               "trace": traceback.format_exc()[-2000:]})
             continue
+        if res.skipped:  # the budget guard said no: not an error, and nothing was consumed
+            out[f"metrics-{d}"] = MetricRecord({"skipped": 1, "epsilon": float(res.epsilon)})
+            out[f"skip-{d}"] = ConfigRecord({"reason": res.skipped})
+            continue
         context.state[skey] = ConfigRecord(res.state.to_config())
         out[f"delta-{d}"] = ArrayRecord({k: _array(v) for k, v in res.delta.items()})
         out[f"metrics-{d}"] = MetricRecord({
             "num-examples": res.n_train, "n-new": res.n_new, "eval-n": res.counts.n,
             "eval-hits": float(res.counts.hits), "eval-ndcg": float(res.counts.ndcg),
             "epsilon": float(res.epsilon) if np.isfinite(res.epsilon) else -1.0, "steps": res.steps,
+            "max-exposure": res.state.max_exposure, "clipped": int(res.clipped), "preclip-norm": res.preclip_norm,
+            "skipped": 0,
         })
     return Message(out, reply_to=msg)
 

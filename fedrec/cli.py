@@ -15,7 +15,8 @@ FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few m
     "data": str, "rounds": int, "cohort": int, "privacy": str, "epsilon": float, "delta": float,
     "noise-multiplier": float, "clip": float, "model": str, "seed": int, "out": str, "nodes": int,
     "local-steps": int, "sample-rate": float, "lr": float, "server-lr": float, "dim": int,
-    "replay-rounds": int, "accountant": str, "device": str,
+    "replay-rounds": int, "accountant": str, "device": str, "event-clip": float, "budget-period": int,
+    "user-lr": float, "init-scale": float,
 }
 
 
@@ -62,9 +63,10 @@ def simulate(cfg: RunConfig) -> dict:
 
     def on_round(row: dict) -> None:
         hr = row[f"hr@{k}"]
+        eps = row.get("epsilon") or 0.0
         line = (f"round {row['round']:>3}  HR@{k} {hr if hr is not None else float('nan'):.3f}  "
-                f"eps {row['epsilon'] or 0:.2f}  devices {row['devices']}  failed {row['failed']}  "
-                f"{row['wall_s']:.1f}s")
+                f"eps {eps:.2f}  devices {row['devices']}  failed {row['failed']}  {row['wall_s']:.1f}s"
+                + (f"  skipped: {row['skipped']}" if row.get("skipped") else ""))
         progress.update(task, advance=1, description=line)
         progress.console.print(line) if cfg.progress else print(line, flush=True)
 
@@ -107,10 +109,15 @@ def _print_summary(console, s: dict, k: int) -> None:
     p = s["privacy"]
     if p["unit"] == "none":
         console.print("privacy: none (no differential privacy)")
-    else:
-        console.print(f"privacy: unit={p['unit']}  epsilon={p['epsilon']:.3f} (max over devices; median "
-                      f"{p['epsilon_median_device']:.3f})  delta={p['delta']}  accountant={p['accountant']}  "
-                      f"noise_multiplier={p['noise_multiplier']:.3f}  clip={p['clip']}  sample_rate={p['sample_rate']}")
+    for unit in ("user", "event"):
+        if unit in p:
+            u = p[unit]
+            extra = f" (max over devices; median {u['epsilon_median_device']:.3f})" if unit == "event" else ""
+            console.print(f"privacy ({unit} level): epsilon={u['epsilon']:.3f}{extra}  delta={u['delta']}  "
+                          f"accountant={u['accountant']}  noise_multiplier={u['noise_multiplier']:.3f}  "
+                          f"clip={u['clip']}  sample_rate={u['sample_rate']:.4g}")
+    for n in s.get("notes", []):
+        console.print(f"note: {n}")
     console.print(f"outputs: {s['config']['out']}/metrics.jsonl, summary.json, hr_epsilon.png")
 
 

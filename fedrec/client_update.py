@@ -17,6 +17,7 @@ from .config import RunConfig
 from .eval.metrics import PrequentialCounts, prequential_counts
 from .models.base import BPRLoss, RecModel
 from .privacy.accounting import epsilon
+from .privacy.user_level import clip_delta
 
 
 def device_seed(seed: int, device: int, round_: int, stream: int = 0) -> int:
@@ -72,6 +73,9 @@ class UpdateResult:
     epsilon: float  #: the device's event-level ε so far (0 when not private)
     steps: int
     state: DeviceState
+    preclip_norm: float = 0.0  #: norm of the delta before user-level clipping
+    clipped: bool = False
+    skipped: str = ""  #: why the device did not train this round (budget), else empty
 
 
 def client_update(
@@ -96,6 +100,11 @@ def client_update(
     items, rounds : the device's events so far (item ids and the round window of each), time order.
     round_ : the server round; events with ``rounds <= round_`` exist now.
     noise_multiplier : DP-SGD noise (used when ``cfg.privacy`` is ``event`` or ``both``).
+
+    Under ``event``/``both`` with a budget (``cfg.epsilon > 0``) the device first checks that its
+    per-event ε after this update stays within the budget; if not it skips the round (no training,
+    nothing consumed) and says so in ``skipped``. Under ``user``/``both`` the whole delta of
+    global parameters is clipped to ``cfg.clip`` before it leaves the device.
     """
     torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_))
     if not state.local:
@@ -111,6 +120,24 @@ def client_update(
     seen[items[known]] = True
     counts = prequential_counts(model.score_all().numpy(), seen, items[new], cfg.k)
 
+    private = cfg.privacy in ("event", "both")
+    keep = cfg.replay_rounds + 1
+    q = cfg.sample_rate
+    if private and cfg.epsilon > 0:
+        # budget guard: the events of the last `replay_rounds` windows and the new ones would reach
+        # this exposure; the device trains only if the per-event bound stays within the budget
+        would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.local_steps
+                    if keep > 1 else cfg.local_steps)
+        eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, cfg.accountant)
+        if eps_next > cfg.epsilon * (1 + 1e-9):
+            zero = {k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in global_state.items()}
+            eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, cfg.accountant) \
+                if state.max_exposure else 0.0
+            return UpdateResult(delta=zero, n_train=0, n_new=0, counts=PrequentialCounts(), epsilon=eps_now,
+                                steps=0, state=state,
+                                skipped=f"budget: this update would bring per-event epsilon to {eps_next:.3f} "
+                                        f"> budget {cfg.epsilon}")
+
     # training set: the new events plus those of the device's last `replay_rounds` windows
     oldest = state.cursors[0]  # cursors holds the last replay_rounds + 1 cursors (initially [0])
     train_mask = (rounds > oldest) & (rounds <= round_)
@@ -118,7 +145,6 @@ def client_update(
     n_new = int(new.sum())
     before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
 
-    private = cfg.privacy in ("event", "both")
     steps = 0
     if len(pos) > 0:
         steps = _local_sgd(model, pos, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
@@ -127,15 +153,16 @@ def client_update(
     params = dict(model.named_parameters())
     delta = {k: (params[k].detach() - before[k]).numpy().astype(np.float32) for k in model.global_names}
     local = {k: params[k].detach().numpy().copy() for k in model.local_names}
+    preclip, was_clipped = 0.0, False
+    if cfg.privacy in ("user", "both"):
+        delta, preclip, was_clipped = clip_delta(delta, cfg.clip)
 
     # Bookkeeping. Each participation opens one event window (cursor..round_); a window is trained on
     # in its own participation and the next `replay_rounds` ones, so an event's DP steps are the sum
     # of at most replay_rounds + 1 consecutive participations' steps (a suffix sum of recent_steps).
-    keep = cfg.replay_rounds + 1
     cursors = (list(state.cursors) + [round_])[-keep:]
     recent_steps = (list(state.recent_steps) + [steps])[-keep:]
     history = list(state.history)
-    q = cfg.sample_rate
     if private and steps:
         history.append((float(noise_multiplier), q, steps))
     max_exposure = max(state.max_exposure, sum(recent_steps)) if private else 0
@@ -143,7 +170,7 @@ def client_update(
                       participations=state.participations + 1, history=history)
     eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, cfg.accountant) if private and max_exposure else 0.0
     return UpdateResult(delta=delta, n_train=int(len(pos)), n_new=n_new, counts=counts, epsilon=eps,
-                        steps=steps, state=nxt)
+                        steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped)
 
 
 def _mask(idx: np.ndarray, n: int) -> np.ndarray:
@@ -156,7 +183,7 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
                noise_multiplier: float, private: bool) -> int:
     """``cfg.local_steps`` steps; each takes every example independently with prob ``sample_rate``.
 
-    Under DP the step is Opacus DP-SGD with ghost clipping (per-event clip ``cfg.clip``, noise
+    Under DP the step is Opacus DP-SGD with ghost clipping (per-event clip ``cfg.event_clip``, noise
     ``noise_multiplier * clip`` on the sum, normalised by the expected batch size). A step whose
     Poisson batch is empty still adds noise, as the accountant assumes.
     """
@@ -187,7 +214,7 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
             engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account per event
             dp_model, dp_opt, dp_crit, _ = engine.make_private(
                 module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(user), batch_size=max(1, n)),
-                criterion=crit, noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip,
+                criterion=crit, noise_multiplier=noise_multiplier, max_grad_norm=cfg.event_clip,
                 grad_sample_mode="ghost", poisson_sampling=False, noise_generator=g)
         dp_opt.expected_batch_size = max(q * n, 1e-6)
         try:

@@ -54,8 +54,11 @@ class RunConfig:
     # privacy
     privacy: str = "event"
     noise_multiplier: float = 1.0
-    clip: float = 1.0
-    epsilon: float = 0.0  #: 0 = no target; else the noise multiplier is calibrated to it
+    clip: float = 1.0  #: user-level: L2 bound of a device's whole delta
+    event_clip: float = 1.0  #: event-level: per-event gradient clip of DP-SGD
+    epsilon: float = 0.0  #: budget per period (0 = none); see `calibrate`
+    calibrate: bool = True  #: with a budget, pick the noise multiplier that fits it (else enforce only)
+    budget_period: int = 0  #: rounds per user-level budget period (0 = the whole run)
     delta: float = 1e-5
     accountant: str = "prv"
     # evaluation and output
@@ -88,21 +91,20 @@ class RunConfig:
         need(self.user_lr >= 0, "user-lr", "must be 0 (same as lr) or positive")
         need(0 < self.sample_rate <= 1, "sample-rate", "must lie in (0, 1]")
         need(self.replay_rounds >= 0, "replay-rounds", "must be 0 or more")
-        for key in ("lr", "server-lr", "clip", "init-scale"):
+        for key in ("lr", "server-lr", "clip", "event-clip", "init-scale"):
             need(getattr(self, key.replace("-", "_")) > 0, key, "must be positive")
         need(self.noise_multiplier >= 0, "noise-multiplier", "must be 0 or more")
         need(self.epsilon >= 0, "epsilon", "must be 0 (no target) or positive")
         need(0 < self.delta < 1, "delta", "must lie strictly between 0 and 1")
         need(self.privacy in PRIVACY_MODES, "privacy", f"must be one of {', '.join(PRIVACY_MODES)}")
-        need(self.privacy in ("none", "event"), "privacy",
-             "asks for user-level DP, which is not built yet (issue 3); use none or event")
+        need(self.budget_period >= 0, "budget-period", "must be 0 (whole run) or a number of rounds")
         need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
-        if self.privacy in ("event", "both") and self.epsilon == 0:
-            need(self.noise_multiplier > 0, "noise-multiplier", "must be positive under event-level privacy")
+        if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
+            need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
 
     # ---- conversions -------------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:

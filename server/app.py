@@ -10,8 +10,11 @@ writes one metrics line. Baselines and the summary are written at the end.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +25,9 @@ from fedrec.config import RunConfig
 from fedrec.eval.metrics import PrequentialCounts
 from fedrec.models.mf import build_model
 from fedrec.privacy.accounting import calibrate_noise
+from fedrec.privacy.ledger import Ledger, Release
+from fedrec.privacy.report import privacy_report
+from fedrec.privacy.user_level import noisy_mean, poisson_cohort
 from fedrec.report import RunRecorder
 from fedrec.server_aggregate import pick_device, server_aggregate
 
@@ -30,13 +36,23 @@ class FederationError(RuntimeError):
     """The federation cannot go on (no nodes, every reply failed); the message says why."""
 
 
-def effective_noise(cfg: RunConfig) -> float:
-    """The DP-SGD noise multiplier devices use: given, or calibrated to the per-event ε target."""
+def event_noise(cfg: RunConfig) -> float:
+    """DP-SGD noise multiplier of the devices: given, or calibrated to the per-event ε budget."""
     if cfg.privacy not in ("event", "both"):
         return 0.0
-    if cfg.epsilon > 0:
+    if cfg.epsilon > 0 and cfg.calibrate:
         steps = cfg.local_steps * (cfg.replay_rounds + 1)
         return calibrate_noise(cfg.epsilon, cfg.sample_rate, steps, cfg.delta, cfg.accountant)
+    return cfg.noise_multiplier
+
+
+def user_noise(cfg: RunConfig, q: float) -> float:
+    """Server noise multiplier: given, or calibrated so one budget period's rounds spend the budget."""
+    if cfg.privacy not in ("user", "both"):
+        return 0.0
+    if cfg.epsilon > 0 and cfg.calibrate:
+        rounds = min(cfg.budget_period or cfg.rounds, cfg.rounds)
+        return calibrate_noise(cfg.epsilon, q, rounds, cfg.delta, cfg.accountant)
     return cfg.noise_multiplier
 
 
@@ -54,10 +70,99 @@ def _wait_for_nodes(grid: Grid, want: int, timeout: float = 120.0) -> list[int]:
 def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -> dict:
     """Run ``cfg.rounds`` rounds over the nodes of ``grid``; returns the summary dict."""
     rec = RunRecorder(cfg)
-    flat = cfg.to_flat()
-    noise = effective_noise(cfg)
-    base_conf = {**flat, "effective-noise-multiplier": noise}
+    z_event = event_noise(cfg)
+    base_conf = {**cfg.to_flat(), "effective-noise-multiplier": z_event}
+    home, n_items = _discover(grid, cfg, base_conf)
+    population = sorted(home)
+    user_dp = cfg.privacy in ("user", "both")
+    q_user = min(1.0, cfg.cohort / len(population))
+    z_user = user_noise(cfg, q_user)
+    ledger = Ledger(Path(cfg.out) / "privacy_ledger.jsonl")
+    if ledger.records:
+        rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
 
+    dev = pick_device(cfg.device)
+    model = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
+    gstate = {k: v.to(dev) for k, v in model.global_state().items()}
+    rng = np.random.default_rng([cfg.seed, 7])
+    noise_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 11]).generate_state(1)[0]))
+    rec.start(population=len(population), n_items=n_items, noise_multiplier=z_event or z_user, device=str(dev))
+    last_fresh, stopped = 0, ""
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.time()
+        period = (r - 1) // cfg.budget_period if cfg.budget_period else 0
+        if user_dp and cfg.epsilon > 0:
+            eps_next = ledger.user_epsilon(cfg.delta, cfg.accountant, period=period, extra=(z_user, q_user, 1))
+            if eps_next > cfg.epsilon * (1 + 1e-9):
+                stopped = (f"user-level budget spent: round {r} would bring epsilon to {eps_next:.3f} > "
+                           f"budget {cfg.epsilon} (period {period}); no further user-level releases")
+                rec.note(stopped)
+                if not cfg.budget_period:
+                    break
+                row = rec.skip(r, reason="budget", wall_s=time.time() - t0)
+                if on_round:
+                    on_round(row)
+                continue
+        if user_dp:
+            cohort = poisson_cohort(population, q_user, rng)
+        else:
+            cohort = sorted(int(d) for d in rng.choice(population, size=min(cfg.cohort, len(population)),
+                                                       replace=False))
+        arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in gstate.items()})
+        down = sum(a.numpy().nbytes for a in arrays.values())
+        by_node: dict[int, list[int]] = {}
+        for d in cohort:
+            by_node.setdefault(home[d], []).append(d)
+        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base_conf, "round": r, "devices": ds})}),
+                        dst_node_id=n, message_type="train") for n, ds in by_node.items()]
+        got = _collect(grid.send_and_receive(msgs) if msgs else [], gstate, cfg.clip if user_dp else None)
+        if not got.deltas and got.failed and not user_dp:
+            raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
+
+        # device releases (event level) are recorded as reported; the server's own release is written
+        # to the ledger before the version it produces is published
+        ledger.append(*[Release(kind="device-dpsgd", unit="event", round=r, noise_multiplier=z_event,
+                                sample_rate=cfg.sample_rate, steps=m["steps"], clip=cfg.event_clip,
+                                subject=f"device-{d}", max_steps_per_event=m["max-exposure"])
+                        for d, m in zip(got.done, got.metrics, strict=True) if z_event and m["steps"]])
+        if user_dp:
+            mean, diag = noisy_mean(gstate, got.deltas, clip=cfg.clip, noise_multiplier=z_user,
+                                    expected_devices=q_user * len(population), generator=noise_gen)
+            ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=z_user,
+                                  sample_rate=q_user, steps=1, clip=cfg.clip, period=period))
+            gstate = {k: gstate[k] + cfg.server_lr * mean[k] for k in gstate}
+            diag["update_norm"] = float(torch.sqrt(sum((cfg.server_lr * m).pow(2).sum() for m in mean.values())))
+        else:
+            gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=cfg.server_lr)
+        if got.new_events:
+            last_fresh = r
+        ev = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values()) if z_event else []
+        row = rec.round(r, done=got.done, counts=got.counts, failed=got.failed, extra={
+            "epsilon": _num(max(ev)) if ev else (_num(ledger.user_epsilon(cfg.delta, cfg.accountant)) if user_dp else 0.0),
+            "epsilon_median": _num(statistics.median(ev)) if ev else 0.0,
+            "epsilon_user": _num(ledger.user_epsilon(cfg.delta, cfg.accountant)) if user_dp else None,
+            "epsilon_user_period": _num(ledger.user_epsilon(cfg.delta, cfg.accountant, period=period))
+            if user_dp else None,
+            "staleness": r + 1 - last_fresh, "new_events": got.new_events, "bytes_up": got.bytes_up,
+            "bytes_down": down * len(cohort), "sampled": len(cohort), "skipped_budget": got.skipped,
+            "frac_clipped": (sum(got.clipped) / len(got.clipped)) if user_dp and got.clipped else None,
+            "mean_preclip_norm": float(np.mean(got.preclip)) if user_dp and got.preclip else None,
+            "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
+            "update_norm": diag.get("update_norm", 0.0), "wall_s": round(time.time() - t0, 3)})
+        if on_round:
+            on_round(row)
+    final = {k: v.detach().cpu() for k, v in gstate.items()}
+    report = privacy_report(cfg, ledger, z_event=z_event, z_user=z_user, q_user=q_user,
+                            population=len(population), stopped=stopped)
+    return rec.finish(final, report)
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _discover(grid: Grid, cfg: RunConfig, base_conf: dict) -> tuple[dict[int, int], int]:
+    """Ask every node which devices it hosts: device -> node id, and the catalogue size."""
     nodes = _wait_for_nodes(grid, cfg.nodes)
     replies = list(grid.send_and_receive([
         Message(RecordDict({"config": ConfigRecord(base_conf)}), dst_node_id=n, message_type="query")
@@ -75,65 +180,62 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         n_items = int(info["n-items"])
     if not home or n_items is None:
         raise FederationError("No node reported any device.")
-    population = sorted(home)
+    return home, n_items
 
-    dev = pick_device(cfg.device)
-    model = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
-    gstate = {k: v.to(dev) for k, v in model.global_state().items()}
-    rng = np.random.default_rng([cfg.seed, 7])
-    rec.start(population=len(population), n_items=n_items, noise_multiplier=noise, device=str(dev))
-    last_fresh = 0
-    for r in range(1, cfg.rounds + 1):
-        t0 = time.time()
-        cohort = sorted(int(d) for d in rng.choice(population, size=min(cfg.cohort, len(population)), replace=False))
-        by_node: dict[int, list[int]] = {}
-        for d in cohort:
-            by_node.setdefault(home[d], []).append(d)
-        arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in gstate.items()})
-        down = sum(a.numpy().nbytes for a in arrays.values())
-        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base_conf, "round": r,
-                                                                               "devices": ds})}),
-                        dst_node_id=n, message_type="train") for n, ds in by_node.items()]
-        deltas, weights, done, failed = [], [], [], []
-        counts, eps, up, new_events = PrequentialCounts(), [], 0, 0
-        for rep in grid.send_and_receive(msgs):
-            if rep.has_error():
-                failed.append((rep.metadata.src_node_id, rep.error.reason))
+
+@dataclass
+class _Replies:
+    done: list = field(default_factory=list)
+    deltas: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    clipped: list = field(default_factory=list)
+    preclip: list = field(default_factory=list)
+    counts: PrequentialCounts = field(default_factory=PrequentialCounts)
+    bytes_up: int = 0
+    new_events: int = 0
+    skipped: int = 0
+
+
+def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _Replies:
+    """Validate and unpack per-device replies; a bad one is recorded as failed, never fatal.
+
+    With ``clip`` (user-level DP) every device weighs the same; else deltas are weighted by events.
+    """
+    out = _Replies()
+    for rep in replies:
+        if rep.has_error():
+            out.failed.append((rep.metadata.src_node_id, rep.error.reason))
+            continue
+        for key in rep.content.keys():
+            if key.startswith("error-"):
+                out.failed.append((int(key[6:]), rep.content[key]["reason"]))
+            if not key.startswith("metrics-"):
                 continue
-            for key in rep.content.keys():
-                if key.startswith("error-"):
-                    failed.append((int(key[6:]), rep.content[key]["reason"]))
-                if not key.startswith("delta-"):
-                    continue
-                d = int(key[6:])
-                delta = {k: v.numpy() for k, v in rep.content[key].items()}
-                m = rep.content[f"metrics-{d}"]
-                problem = _validate(delta, gstate)
-                if problem:
-                    failed.append((d, problem))
-                    continue
-                up += sum(v.nbytes for v in delta.values())
-                deltas.append(delta)
-                weights.append(float(m["num-examples"]))
-                counts.add(PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"])))
-                eps.append(float(m["epsilon"]) if m["epsilon"] >= 0 else math.inf)  # -1 encodes infinity
-                new_events += int(m["n-new"])
-                done.append(d)
-        if not deltas and failed:
-            raise FederationError(f"Every device failed in round {r}; first reason: {failed[0][1]}")
-        gstate, diag = server_aggregate(gstate, deltas, weights, server_lr=cfg.server_lr)
-        if new_events:
-            last_fresh = r
-        row = rec.round(r, done=done, counts=counts, eps=eps, diag=diag, failed=failed, bytes_up=up,
-                        bytes_down=down * len(cohort), staleness=r + 1 - last_fresh, new_events=new_events,
-                        wall_s=time.time() - t0)
-        if on_round:
-            on_round(row)
-    final = {k: v.detach().cpu() for k, v in gstate.items()}
-    return rec.finish(final)
+            d = int(key[8:])
+            m = rep.content[key]
+            if m.get("skipped", 0):
+                out.skipped += 1
+                continue
+            delta = {k: v.numpy() for k, v in rep.content[f"delta-{d}"].items()}
+            problem = _validate(delta, gstate, clip)
+            if problem:
+                out.failed.append((d, problem))
+                continue
+            out.bytes_up += sum(v.nbytes for v in delta.values())
+            out.done.append(d)
+            out.deltas.append(delta)
+            out.weights.append(1.0 if clip is not None else float(m["num-examples"]))
+            out.metrics.append({"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])})
+            out.counts.add(PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"])))
+            out.new_events += int(m["n-new"])
+            out.clipped.append(bool(m["clipped"]))
+            out.preclip.append(float(m["preclip-norm"]))
+    return out
 
 
-def _validate(delta: dict[str, np.ndarray], gstate: dict[str, torch.Tensor]) -> str | None:
+def _validate(delta: dict[str, np.ndarray], gstate: dict[str, torch.Tensor], clip: float | None = None) -> str | None:
     if set(delta) != set(gstate):
         return f"delta has keys {sorted(delta)}, expected {sorted(gstate)}"
     for k, v in delta.items():
@@ -141,6 +243,10 @@ def _validate(delta: dict[str, np.ndarray], gstate: dict[str, torch.Tensor]) -> 
             return f"delta {k} has shape {tuple(v.shape)}, expected {tuple(gstate[k].shape)}"
         if not np.all(np.isfinite(v)):
             return f"delta {k} has non-finite values"
+    if clip is not None:
+        norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+        if norm > clip * (1 + 1e-4):
+            return f"delta norm {norm:.4g} exceeds the clip {clip}"
     return None
 
 

@@ -158,7 +158,8 @@ def check_sent(seen: list[dict], user_vecs: list[bytes], dim: int, n_items: int)
                     assert not (isinstance(v, dict) and "bytes_b64" in v), f"{key}/{k} sends raw bytes"
                 if key.startswith("metrics-"):
                     assert set(rec["keys"]) == {"num-examples", "n-new", "eval-n", "eval-hits", "eval-ndcg",
-                                                "epsilon", "steps"}
+                                                "epsilon", "steps", "max-exposure", "clipped", "preclip-norm",
+                                                "skipped"}
                     floats = {float(v) for v in rec["values"].values()}
                     for uv in user_vecs:
                         assert not floats & {float(c) for c in np.frombuffer(uv, np.float32)}

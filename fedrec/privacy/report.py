@@ -1,0 +1,62 @@
+"""The privacy block of ``summary.json``: every ε with its unit, δ, accountant and assumptions."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from ..config import RunConfig
+from .ledger import Ledger
+
+
+def _f(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: float, q_user: float,
+                   population: int, stopped: str = "") -> dict:
+    """Summarise what the ledger composes to, unit by unit."""
+    acc = cfg.accountant.upper()
+    out: dict = {"mode": cfg.privacy, "delta": cfg.delta if cfg.privacy != "none" else None,
+                 "accountant": acc if cfg.privacy != "none" else None,
+                 "budget": cfg.epsilon or None, "ledger": "privacy_ledger.jsonl", "ledger_records": len(ledger.records)}
+    if stopped:
+        out["stopped"] = stopped
+    units = []
+    if cfg.privacy in ("user", "both"):
+        periods = sorted({r.period for r in ledger.records if r.kind == "server-gaussian"})
+        per_period = {p: ledger.user_epsilon(cfg.delta, cfg.accountant, period=p) for p in periods}
+        out["user"] = {
+            "unit": "user", "epsilon": _f(ledger.user_epsilon(cfg.delta, cfg.accountant)),
+            "epsilon_max_period": _f(max(per_period.values())) if per_period else 0.0,
+            "budget_period_rounds": cfg.budget_period or None,
+            "delta": cfg.delta, "accountant": acc, "noise_multiplier": z_user, "clip": cfg.clip,
+            "sample_rate": q_user, "population": population,
+            "releases": len(ledger.server_history()),
+            "sampling": f"Poisson: each of {population} devices joins a round independently with q={q_user:.4g}",
+            "trust": "the server sees each device's clipped delta (no secure aggregation); the released "
+                     "model is user-level DP",
+        }
+        units.append("user")
+    if cfg.privacy in ("event", "both"):
+        eps = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values())
+        out["event"] = {
+            "unit": "event", "epsilon": _f(max(eps)) if eps else 0.0,
+            "epsilon_median_device": _f(statistics.median(eps)) if eps else 0.0,
+            "delta": cfg.delta, "accountant": acc, "noise_multiplier": z_event, "clip": cfg.event_clip,
+            "sample_rate": cfg.sample_rate, "local_steps": cfg.local_steps,
+            "max_steps_per_event": cfg.local_steps * (cfg.replay_rounds + 1), "devices": len(eps),
+            "sampling": "Poisson sampling of each event in every local DP-SGD step (Opacus, ghost clipping)",
+            "trust": "each device's own DP-SGD: the server and anyone who sees a delta learn at most this "
+                     "about any single event",
+        }
+        units.append("event")
+    if not units:
+        out.update({"unit": "none", "epsilon": None, "what": "no differential privacy"})
+        return out
+    main = out[units[0]]
+    out.update({"unit": "+".join(units), "epsilon": main["epsilon"], "noise_multiplier": main["noise_multiplier"],
+                "clip": main["clip"], "sample_rate": main["sample_rate"], "population": population,
+                "not_covered": "event counts and evaluation counts (and, under user-level, the pre-clip norm) "
+                               "are sent in the clear for measurement; they are outside these guarantees"})
+    return out

@@ -1,0 +1,72 @@
+"""User-level DP (DP-FedAvg, McMahan et al. 2018): clip each device's whole delta, noise the sum.
+
+Sensitivity argument: every device contributes at most one delta of norm <= ``clip`` per round,
+so adding or removing one user changes the sum by at most ``clip``; Gaussian noise of std
+``noise_multiplier * clip`` on the sum, with devices Poisson-sampled at rate ``q``, is the
+subsampled Gaussian mechanism that Opacus's accountants compose. The sum is divided by the
+*expected* cohort size ``q * population`` (a public constant), never by the realised count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def clip_delta(delta: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float, bool]:
+    """Scale ``delta`` (all global parameters together) to L2 norm <= ``clip``.
+
+    Returns the clipped delta, the norm before clipping and whether it was clipped.
+    """
+    if clip <= 0:
+        raise ValueError("The clipping norm should be a positive value.")
+    norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+    if norm <= clip:
+        return {k: v.astype(np.float32, copy=True) for k, v in delta.items()}, norm, False
+    scale = clip / norm
+    return {k: (v * scale).astype(np.float32) for k, v in delta.items()}, norm, True
+
+
+def poisson_cohort(population: Sequence[int], rate: float, rng: np.random.Generator) -> list[int]:
+    """Each device joins independently with probability ``rate`` (the accountant's assumption)."""
+    take = rng.random(len(population)) < rate
+    return [int(d) for d, t in zip(population, take, strict=True) if t]
+
+
+def noisy_mean(
+    global_state: dict[str, torch.Tensor],
+    deltas: Sequence[dict[str, np.ndarray]],
+    *,
+    clip: float,
+    noise_multiplier: float,
+    expected_devices: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``(sum of deltas + N(0, (z*clip)^2 I)) / expected_devices`` on the device of ``global_state``.
+
+    Every delta must already be clipped to ``clip`` (the server checks: a larger one raises).
+    Noise is drawn on the CPU from ``generator`` (reproducible), then moved.
+    Returns the mean update and diagnostics (noise std of the mean, signal norm, SNR).
+    """
+    if expected_devices <= 0:
+        raise ValueError("The expected number of devices should be a positive value.")
+    acc = {k: torch.zeros_like(v) for k, v in global_state.items()}
+    for d in deltas:
+        norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in d.values())))
+        if norm > clip * (1 + 1e-4):
+            raise ValueError(f"A delta of norm {norm:.4g} exceeds the clip {clip}; user-level DP needs clipped deltas.")
+        for k, v in d.items():
+            acc[k].add_(torch.as_tensor(v).to(acc[k].device))
+    signal = float(torch.sqrt(sum(a.double().pow(2).sum() for a in acc.values())).item())
+    std = noise_multiplier * clip
+    dim = 0
+    for a in acc.values():
+        noise = torch.randn(a.shape, generator=generator, dtype=torch.float64) * std
+        a.add_(noise.to(a.device, a.dtype))
+        a.div_(expected_devices)
+        dim += a.numel()
+    expected_noise_norm = std * float(np.sqrt(dim))
+    return acc, {"noise_std": std / expected_devices, "signal_norm": signal / expected_devices,
+                 "snr": signal / expected_noise_norm if expected_noise_norm > 0 else float("inf")}
