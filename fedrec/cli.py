@@ -16,7 +16,7 @@ FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few m
     "noise-multiplier": float, "clip": float, "model": str, "seed": int, "out": str, "nodes": int,
     "local-steps": int, "sample-rate": float, "lr": float, "server-lr": float, "dim": int,
     "replay-rounds": int, "accountant": str, "device": str, "event-clip": float, "budget-period": int,
-    "user-lr": float, "init-scale": float,
+    "user-lr": float, "init-scale": float, "user-fit-steps": int,
 }
 
 

@@ -118,7 +118,15 @@ def client_update(
     new = (rounds > cur) & (rounds <= round_)
     seen = np.zeros(model.n_items, bool)
     seen[items[known]] = True
+    if cfg.user_fit_steps and known.any():
+        # Instant on-device personalisation: fit the local vector to the device's past events against the
+        # global version just received, before scoring the new ones (nothing new is looked at). Under
+        # event-level DP this vector is used for local scoring only; training restarts from the DP-trained
+        # one, so no non-private step ever shapes a released delta.
+        _fit_local(model, torch.from_numpy(items[known].astype(np.int64)), seen, cfg, torch_g)
     counts = prequential_counts(model.score_all().numpy(), seen, items[new], cfg.k)
+    if cfg.user_fit_steps and known.any() and cfg.privacy in ("event", "both"):
+        model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
 
     private = cfg.privacy in ("event", "both")
     keep = cfg.replay_rounds + 1
@@ -177,6 +185,28 @@ def _mask(idx: np.ndarray, n: int) -> np.ndarray:
     m = np.zeros(n, bool)
     m[idx] = True
     return m
+
+
+def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator) -> None:
+    """``cfg.user_fit_steps`` full-batch steps on the local parameters only (global ones frozen)."""
+    params = dict(model.named_parameters())
+    local = [params[n] for n in model.local_names]
+    frozen = [params[n] for n in model.global_names]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        opt = torch.optim.SGD(local, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr)
+        cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(model.n_items)
+        user = torch.zeros(len(pos), dtype=torch.long)
+        crit = BPRLoss()
+        for _ in range(cfg.user_fit_steps):
+            neg = cand[torch.randint(0, len(cand), (len(pos), cfg.negatives), generator=g)]
+            opt.zero_grad()
+            crit(_diff(model, user, torch.cat([pos.unsqueeze(1), neg], dim=1))).backward()
+            opt.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator,

@@ -48,6 +48,7 @@ class RunConfig:
     sample_rate: float = 0.25  #: Poisson rate of each local step (expected batch = rate x events)
     lr: float = 2.0
     user_lr: float = 0.0  #: step size of the on-device user vector; 0 = same as lr
+    user_fit_steps: int = 0  #: on-device fit of the user vector before scoring (0 = off)
     negatives: int = 1
     replay_rounds: int = 2  #: an event is replayed in at most this many later updates
     server_lr: float = 20.0
@@ -88,6 +89,7 @@ class RunConfig:
         for key in ("world-users", "world-items", "world-topics", "world-events-per-user", "rounds", "cohort",
                     "nodes", "dim", "local-steps", "negatives", "k"):
             need(getattr(self, key.replace("-", "_")) >= 1, key, "must be at least 1")
+        need(self.user_fit_steps >= 0, "user-fit-steps", "must be 0 or more")
         need(self.user_lr >= 0, "user-lr", "must be 0 (same as lr) or positive")
         need(0 < self.sample_rate <= 1, "sample-rate", "must lie in (0, 1]")
         need(self.replay_rounds >= 0, "replay-rounds", "must be 0 or more")

@@ -84,8 +84,10 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     dev = pick_device(cfg.device)
     model = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
     gstate = {k: v.to(dev) for k, v in model.global_state().items()}
-    rng = np.random.default_rng([cfg.seed, 7])
-    noise_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 11]).generate_state(1)[0]))
+    # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones
+    earlier = len(ledger.records)
+    rng = np.random.default_rng([cfg.seed, 7, earlier])
+    noise_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 11, earlier]).generate_state(1)[0]))
     rec.start(population=len(population), n_items=n_items, noise_multiplier=z_event or z_user, device=str(dev))
     last_fresh, stopped = 0, ""
     for r in range(1, cfg.rounds + 1):

@@ -47,7 +47,7 @@ class Release:
     def __post_init__(self) -> None:
         if self.kind not in ("server-gaussian", "device-dpsgd"):
             raise ValueError(f"Unknown release kind {self.kind!r}.")
-        if self.noise_multiplier < 0 or not 0 < self.sample_rate <= 1 or self.steps < 0:
+        if not self.noise_multiplier >= 0 or not 0 < self.sample_rate <= 1 or self.steps < 0:  # NaN fails too
             raise ValueError("A release needs noise_multiplier >= 0, 0 < sample_rate <= 1 and steps >= 0.")
 
 
@@ -63,20 +63,24 @@ class Ledger:
 
     def _load(self) -> None:
         assert self.path is not None
-        lines = self.path.read_bytes().split(b"\n")
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # bytes after the last newline: empty unless the last write was cut short
         for no, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
             try:
                 self.records.append(Release(**json.loads(raw)))
             except (ValueError, TypeError) as e:
-                if no == len(lines) and not raw.endswith(b"}"):  # torn final line: the write never finished
-                    self.torn_tail = True
-                    break
                 raise LedgerError(f"{self.path}:{no}: not a valid ledger record ({e}).") from None
-        if self.torn_tail:  # drop the torn bytes so the next append starts on a fresh line
-            good = b"".join(line + b"\n" for line in lines[:-1] if line.strip())
-            self.path.write_bytes(good)
+        if tail.strip():
+            try:  # a complete record whose newline never made it: keep it, finish the line
+                self.records.append(Release(**json.loads(tail)))
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+            except (ValueError, TypeError):  # a torn record: the write never finished, it covered nothing
+                self.torn_tail = True
+                self.path.write_bytes(data[: len(data) - len(tail)])
 
     def append(self, *recs: Release) -> None:
         """Persist ``recs`` (one write, flush + fsync), and only then add them to the composition."""

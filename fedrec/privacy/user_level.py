@@ -20,7 +20,7 @@ def clip_delta(delta: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.
 
     Returns the clipped delta, the norm before clipping and whether it was clipped.
     """
-    if clip <= 0:
+    if not clip > 0:  # NaN fails too
         raise ValueError("The clipping norm should be a positive value.")
     norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
     if norm <= clip:
