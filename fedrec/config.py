@@ -30,30 +30,30 @@ class RunConfig:
 
     # data
     data: str = ""  #: path to a MovieLens file or generic CSV; empty = synthetic world
-    world_users: int = 400
-    world_items: int = 600
-    world_topics: int = 12
-    world_events_per_user: int = 120
+    world_users: int = 3000
+    world_items: int = 400
+    world_topics: int = 10
+    world_events_per_user: int = 25
     rounds: int = 30
     round_split: str = "count"
     # federation
-    cohort: int = 120
+    cohort: int = 300
     nodes: int = 2  #: virtual Flower nodes; each hosts a shard of devices in simulation
     seed: int = 0
     # model and local update
     model: str = "mf"
-    dim: int = 32
+    dim: int = 8
     init_scale: float = 0.1  #: std of the initial item and user vectors
     local_steps: int = 10
-    sample_rate: float = 0.25  #: Poisson rate of each local step (expected batch = rate x events)
-    lr: float = 2.0
+    sample_rate: float = 0.5  #: Poisson rate of each local step (expected batch = rate x events)
+    lr: float = 1.0
     user_lr: float = 0.0  #: step size of the on-device user vector; 0 = same as lr
-    user_fit_steps: int = 0  #: on-device fit of the user vector before scoring (0 = off)
+    user_fit_steps: int = 30  #: on-device fit of the user vector before scoring (0 = off)
     negatives: int = 1
     replay_rounds: int = 2  #: an event is replayed in at most this many later updates
-    server_lr: float = 20.0
+    server_lr: float = 10.0
     # privacy
-    privacy: str = "event"
+    privacy: str = "user"
     noise_multiplier: float = 1.0
     clip: float = 1.0  #: user-level: L2 bound of a device's whole delta
     event_clip: float = 1.0  #: event-level: per-event gradient clip of DP-SGD
