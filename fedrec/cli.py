@@ -116,6 +116,7 @@ def _print_summary(console, s: dict, k: int) -> None:
             console.print(f"privacy ({unit} level): epsilon={u['epsilon']:.3f}{extra}  delta={u['delta']}  "
                           f"accountant={u['accountant']}  noise_multiplier={u['noise_multiplier']:.3f}  "
                           f"clip={u['clip']}  sample_rate={u['sample_rate']:.4g}")
+            console.print(f"  sampling: {u['sampling']}" + (f"; releases: {u['releases']}" if "releases" in u else ""))
     for n in s.get("notes", []):
         console.print(f"note: {n}")
     console.print(f"outputs: {s['config']['out']}/metrics.jsonl, summary.json, hr_epsilon.png")
