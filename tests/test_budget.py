@@ -373,6 +373,6 @@ def test_privacy_both_reports_both_units(sims):
     # event level: the worst device's ε is that of its largest exposure so far
     dev = [x for x in sim.ledger if x["kind"] == "device-dpsgd"]
     worst = max(x["max_steps_per_event"] for x in dev)
-    assert priv["event"]["epsilon"] == pytest.approx(opacus_epsilon(1.0, 0.25, worst, DELTA), rel=1e-5)
+    assert priv["event"]["epsilon"] == pytest.approx(opacus_epsilon(1.0, sim.summary["config"]["sample-rate"], worst, DELTA), rel=1e-5)
     for r in sim.rows:
         assert r["epsilon_user"] is not None and r["frac_clipped"] is not None

@@ -96,7 +96,7 @@ def test_user_parameters_never_leave_the_device(tmp_path):
 
     rec_dir = tmp_path / "sent"
     rec_dir.mkdir()
-    cfg = RunConfig(world_users=20, world_items=80, world_topics=4, world_events_per_user=20, rounds=2, cohort=8,
+    cfg = RunConfig(privacy="event", world_users=20, world_items=80, world_topics=4, world_events_per_user=20, rounds=2, cohort=8,
                     nodes=2, dim=4, local_steps=2, out=str(tmp_path / "run"), progress=False)
     rows = []
     run_simulation(server_app=make_server_app(cfg, on_round=rows.append), client_app=_make_client_app(str(rec_dir)),

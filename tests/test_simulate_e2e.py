@@ -41,8 +41,8 @@ def _check_png(path: Path) -> None:
 def test_simulate_synthetic_world(tmp_path):
     (tmp_path / "world.toml").write_text(WORLD_TOML)
     out = tmp_path / "run"
-    p = fedrec("simulate", "--config", "world.toml", "--rounds", "2", "--cohort", "10", "--out", str(out),
-               "--no-progress", cwd=tmp_path)
+    p = fedrec("simulate", "--config", "world.toml", "--rounds", "2", "--cohort", "10", "--privacy", "event",
+               "--out", str(out), "--no-progress", cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stderr
 
