@@ -27,7 +27,7 @@ from fedrec.models.mf import build_model
 from fedrec.privacy.accounting import calibrate_noise
 from fedrec.privacy.ledger import Ledger, Release
 from fedrec.privacy.report import privacy_report
-from fedrec.privacy.user_level import noisy_mean, poisson_cohort
+from fedrec.privacy.user_level import delta_norm, noisy_mean, poisson_cohort
 from fedrec.report import RunRecorder
 from fedrec.server_aggregate import pick_device, server_aggregate
 
@@ -246,7 +246,7 @@ def _validate(delta: dict[str, np.ndarray], gstate: dict[str, torch.Tensor], cli
         if not np.all(np.isfinite(v)):
             return f"delta {k} has non-finite values"
     if clip is not None:
-        norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+        norm = delta_norm(delta)
         if norm > clip * (1 + 1e-4):
             return f"delta norm {norm:.4g} exceeds the clip {clip}"
     return None

@@ -15,6 +15,11 @@ import numpy as np
 import torch
 
 
+def delta_norm(delta: dict[str, np.ndarray]) -> float:
+    """L2 norm of all arrays of a delta taken together (float64 accumulation)."""
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+
+
 def clip_delta(delta: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float, bool]:
     """Scale ``delta`` (all global parameters together) to L2 norm <= ``clip``.
 
@@ -22,7 +27,7 @@ def clip_delta(delta: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.
     """
     if not clip > 0:  # NaN fails too
         raise ValueError("The clipping norm should be a positive value.")
-    norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+    norm = delta_norm(delta)
     if norm <= clip:
         return {k: v.astype(np.float32, copy=True) for k, v in delta.items()}, norm, False
     scale = clip / norm
@@ -54,7 +59,7 @@ def noisy_mean(
         raise ValueError("The expected number of devices should be a positive value.")
     acc = {k: torch.zeros_like(v) for k, v in global_state.items()}
     for d in deltas:
-        norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in d.values())))
+        norm = delta_norm(d)
         if norm > clip * (1 + 1e-4):
             raise ValueError(f"A delta of norm {norm:.4g} exceeds the clip {clip}; user-level DP needs clipped deltas.")
         for k, v in d.items():
