@@ -135,7 +135,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             gstate = {k: gstate[k] + cfg.server_lr * mean[k] for k in gstate}
             diag["update_norm"] = float(torch.sqrt(sum((cfg.server_lr * m).pow(2).sum() for m in mean.values())))
         else:
-            gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=cfg.server_lr)
+            gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=cfg.server_lr, inplace=True)
         if got.new_events:
             last_fresh = r
         ev = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values()) if z_event else []

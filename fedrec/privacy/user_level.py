@@ -14,10 +14,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fedrec.server_aggregate import weighted_sum
 
-def delta_norm(delta: dict[str, np.ndarray]) -> float:
-    """L2 norm of all arrays of a delta taken together (float64 accumulation)."""
-    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+
+def delta_norm(delta) -> float:
+    """L2 norm of all arrays of a delta taken together (float64 accumulation).
+
+    A sparse table ``(ids, rows)`` counts by its rows (ids are unique, so that is its norm).
+    """
+    return float(np.sqrt(sum(float(np.sum(np.square(v[1] if isinstance(v, tuple) else v, dtype=np.float64)))
+                             for v in delta.values())))
 
 
 def clip_delta(delta: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float, bool]:
@@ -57,13 +63,11 @@ def noisy_mean(
     """
     if expected_devices <= 0:
         raise ValueError("The expected number of devices should be a positive value.")
-    acc = {k: torch.zeros_like(v) for k, v in global_state.items()}
     for d in deltas:
         norm = delta_norm(d)
         if norm > clip * (1 + 1e-4):
             raise ValueError(f"A delta of norm {norm:.4g} exceeds the clip {clip}; user-level DP needs clipped deltas.")
-        for k, v in d.items():
-            acc[k].add_(torch.as_tensor(v).to(acc[k].device))
+    acc = weighted_sum(global_state, deltas, [1.0] * len(deltas))
     signal = float(torch.sqrt(sum(a.double().pow(2).sum() for a in acc.values())).item())
     std = noise_multiplier * clip
     dim = 0
