@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
+from fedrec.eval.freshness import tracked_items
 from fedrec.models.mf import build_model
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
@@ -67,6 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _MODELS[key]
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     mine = set(hosted_devices(context, stream.n_devices))
+    start = tracked_items(stream)[0] if cfg.uptake_probe else None
     out = RecordDict()
     for d in [int(x) for x in conf["devices"]]:
         skey = f"device-{d}"
@@ -76,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
             state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else DeviceState()
             idx = stream.device_events(d, round_)
             res = client_update(model, global_state, state, log.item[idx], stream.round_of[idx], round_, cfg,
-                                device_id=d, noise_multiplier=noise)
+                                device_id=d, noise_multiplier=noise, probe=_probe(stream, start, d, round_, cfg.freshness_window))
         except Exception as e:  # one failing device must not sink its node's other devices
             out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
                                               "trace": traceback.format_exc()[-2000:]})
@@ -94,7 +96,22 @@ def train(msg: Message, context: Context) -> Message:
             "max-exposure": res.state.max_exposure, "clipped": int(res.clipped), "preclip-norm": res.preclip_norm,
             "skipped": 0,
         })
+        if res.probe_hits is not None:
+            out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in _probe(stream, start, d, round_, cfg.freshness_window)],
+                                              "hits": [int(h) for h in res.probe_hits]})
     return Message(out, reply_to=msg)
+
+
+def _probe(stream, start: np.ndarray | None, device: int, round_: int, window: int) -> np.ndarray | None:
+    """Simulation-only measurement: tracked items, already launched, that this device will use later."""
+    if start is None:
+        return None
+    idx = stream.by_user[device]
+    r = stream.round_of[idx]
+    # "the users who go on to interact with it": those who do within the next freshness window
+    fut = np.unique(stream.log.item[idx[(r > round_) & (r <= round_ + window)]])
+    s = start[fut]
+    return fut[(s >= 1) & (s <= round_)]
 
 
 def _array(v: np.ndarray) -> Array:

@@ -1,4 +1,4 @@
-"""``fedrec`` command line: simulate (and, as they land, sweep, report, deploy)."""
+"""``fedrec`` command line: simulate, sweep, report."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few m
     "noise-multiplier": float, "clip": float, "model": str, "seed": int, "out": str, "nodes": int,
     "local-steps": int, "sample-rate": float, "lr": float, "server-lr": float, "dim": int,
     "replay-rounds": int, "accountant": str, "device": str, "event-clip": float, "budget-period": int,
-    "user-lr": float, "init-scale": float, "user-fit-steps": int,
+    "user-lr": float, "init-scale": float, "user-fit-steps": int, "engine": str, "method": str,
+    "freeze-after": int, "lr-schedule": str, "freshness-window": int, "world-users": int, "world-items": int,
+    "world-bursts": int, "world-shift-share": float, "world-new-item-share": float,
 }
 
 
@@ -28,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     for flag, typ in FLAGS.items():
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), default=None)
     s.add_argument("--no-progress", action="store_true", help="plain per-round lines instead of a progress bar")
+    w = sub.add_parser("sweep", help="run every cell x seed of a sweep file (resumable), then the report")
+    w.add_argument("file", help="a sweep TOML file, e.g. scenarios/freshness_vs_privacy.toml")
+    w.add_argument("--out", help="output folder (default runs/<file name>)")
+    w.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    w.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("report", help="rebuild a sweep's tables, plots and report.md from its results.csv")
+    r.add_argument("dir", help="a sweep output folder (holding results.csv)")
     return p
 
 
@@ -70,19 +79,30 @@ def simulate(cfg: RunConfig) -> dict:
         progress.update(task, advance=1, description=line)
         progress.console.print(line) if cfg.progress else print(line, flush=True)
 
-    from flwr.simulation import run_simulation
-
-    from .clients.app import app as client_app
-    from .server.app import make_server_app
-
-    server_app = make_server_app(cfg, on_round=on_round)
     _quiet()
     with progress:
         task = progress.add_task("", total=cfg.rounds)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.nodes,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": cfg.nodes, "include_dashboard": False,
-                                                     "logging_level": "ERROR", "log_to_driver": True}})
+        if cfg.method == "centralised":
+            from .centralised import run_centralised
+
+            run_centralised(cfg, on_round=on_round)
+        elif cfg.engine == "local":
+            from .clients.app import app as client_app
+            from .server.app import run_federation
+            from .server.local_grid import LocalGrid
+
+            run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg, on_round=on_round)
+        else:
+            from flwr.simulation import run_simulation
+
+            from .clients.app import app as client_app
+            from .server.app import make_server_app
+
+            run_simulation(server_app=make_server_app(cfg, on_round=on_round), client_app=client_app,
+                           num_supernodes=cfg.nodes,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                           "init_args": {"num_cpus": cfg.nodes, "include_dashboard": False,
+                                                         "logging_level": "ERROR", "log_to_driver": True}})
     summ = Path(cfg.out) / "summary.json"
     if not summ.is_file():
         raise RuntimeError(f"The simulation ended without writing {summ}; see the log above.")
@@ -134,12 +154,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "simulate":
             simulate(build_config(args))
+        elif args.cmd == "sweep":
+            from .sweep.runner import run_sweep
+
+            if args.jobs < 1:
+                raise ConfigError(f"--jobs must be at least 1 (got {args.jobs}).")
+            out = run_sweep(args.file, args.out, jobs=args.jobs, progress=not args.no_progress)
+            print(f"fedrec sweep: report in {out / 'report.md'} (results.csv, tables.md, PNG plots beside it)")
+        elif args.cmd == "report":
+            from .sweep.runner import build_report
+
+            d = Path(args.dir)
+            if not (d / "results.csv").is_file():
+                raise ConfigError(f"No results.csv in {d}; run `fedrec sweep FILE --out {d}` first.")
+            print(f"fedrec report: {build_report(d)}")
         return 0
     except (ConfigError, DataError) as e:
         print(f"fedrec: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"fedrec: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if args.cmd == "simulate":
+            raise
+        print(f"fedrec: {e}", file=sys.stderr)  # a malformed results.csv or metrics file: it names its place
         return 2
     except KeyboardInterrupt:
         print("fedrec: interrupted; finished rounds are in metrics.jsonl.", file=sys.stderr)

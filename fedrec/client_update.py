@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .eval.metrics import PrequentialCounts, prequential_counts
+from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
 from .models.base import BPRLoss, RecModel
 from .privacy.accounting import epsilon
 from .privacy.user_level import clip_delta
@@ -76,6 +76,7 @@ class UpdateResult:
     preclip_norm: float = 0.0  #: norm of the delta before user-level clipping
     clipped: bool = False
     skipped: str = ""  #: why the device did not train this round (budget), else empty
+    probe_hits: np.ndarray | None = None  #: for each probed item: in this device's top-K before training?
 
 
 def client_update(
@@ -89,6 +90,7 @@ def client_update(
     *,
     device_id: int,
     noise_multiplier: float,
+    probe: np.ndarray | None = None,
 ) -> UpdateResult:
     """Run one device's round.
 
@@ -105,6 +107,10 @@ def client_update(
     per-event ε after this update stays within the budget; if not it skips the round (no training,
     nothing consumed) and says so in ``skipped``. Under ``user``/``both`` the whole delta of
     global parameters is clipped to ``cfg.clip`` before it leaves the device.
+
+    ``probe`` (simulation only, a measuring instrument): item ids whose membership in the device's
+    top-K, as served before training, is reported in ``probe_hits`` (new-item uptake). It never
+    changes what the device trains on or sends as its delta.
     """
     torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_))
     if not state.local:
@@ -124,7 +130,9 @@ def client_update(
         # event-level DP this vector is used for local scoring only; training restarts from the DP-trained
         # one, so no non-private step ever shapes a released delta.
         _fit_local(model, torch.from_numpy(items[known].astype(np.int64)), seen, cfg, torch_g)
-    counts = prequential_counts(model.score_all().numpy(), seen, items[new], cfg.k)
+    scores = model.score_all().numpy()
+    counts = prequential_counts(scores, seen, items[new], cfg.k)
+    probe_hits = in_topk(scores, probe, seen, cfg.k) if probe is not None and len(probe) else None
     if cfg.user_fit_steps and known.any() and cfg.privacy in ("event", "both"):
         model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
 
@@ -144,7 +152,7 @@ def client_update(
             return UpdateResult(delta=zero, n_train=0, n_new=0, counts=PrequentialCounts(), epsilon=eps_now,
                                 steps=0, state=state,
                                 skipped=f"budget: this update would bring per-event epsilon to {eps_next:.3f} "
-                                        f"> budget {cfg.epsilon}")
+                                        f"> budget {cfg.epsilon}", probe_hits=probe_hits)
 
     # training set: the new events plus those of the device's last `replay_rounds` windows
     oldest = state.cursors[0]  # cursors holds the last replay_rounds + 1 cursors (initially [0])
@@ -178,7 +186,7 @@ def client_update(
                       participations=state.participations + 1, history=history)
     eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, cfg.accountant) if private and max_exposure else 0.0
     return UpdateResult(delta=delta, n_train=int(len(pos)), n_new=n_new, counts=counts, epsilon=eps,
-                        steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped)
+                        steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits)
 
 
 def _mask(idx: np.ndarray, n: int) -> np.ndarray:

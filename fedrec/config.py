@@ -18,6 +18,9 @@ PRIVACY_MODES = ("none", "event", "user", "both")
 MODELS = ("mf",)
 ACCOUNTANTS = ("prv", "rdp")
 SPLITS = ("count", "time")
+ENGINES = ("ray", "local")
+METHODS = ("federated", "centralised")
+LR_SCHEDULES = ("fixed", "adaptive")
 
 
 class ConfigError(ValueError):
@@ -34,11 +37,19 @@ class RunConfig:
     world_items: int = 400
     world_topics: int = 10
     world_events_per_user: int = 25
+    world_shift_share: float = 0.3  #: share of users whose interest shifts (interest-shift scenario)
+    world_shift_time: float = 0.5  #: when, as a fraction of the stream
+    world_new_item_share: float = 0.1  #: share of items launched mid-stream (new-item scenario)
+    world_bursts: int = 0  #: items that trend, spiking then fading (trending-burst scenario)
+    world_burst_time: float = 0.6  #: peak of the burst, as a fraction of the stream
     rounds: int = 30
     round_split: str = "count"
     # federation
     cohort: int = 300
     nodes: int = 2  #: virtual Flower nodes; each hosts a shard of devices in simulation
+    engine: str = "ray"  #: simulation transport: Flower's Simulation Engine (ray) or in-process (local)
+    method: str = "federated"  #: federated, or centralised (the non-private freshness ceiling, all events)
+    freeze_after: int = 0  #: static baseline: the global model stops changing after this round (0 = never)
     seed: int = 0
     # model and local update
     model: str = "mf"
@@ -52,6 +63,7 @@ class RunConfig:
     negatives: int = 1
     replay_rounds: int = 2  #: an event is replayed in at most this many later updates
     server_lr: float = 10.0
+    lr_schedule: str = "fixed"  #: fixed, or adaptive (server lr raised when windowed HR drops)
     # privacy
     privacy: str = "user"
     noise_multiplier: float = 1.0
@@ -64,6 +76,8 @@ class RunConfig:
     accountant: str = "prv"
     # evaluation and output
     k: int = 10
+    freshness_window: int = 3  #: rounds in the sliding window of windowed HR@K
+    uptake_probe: bool = True  #: simulation only: devices report new-item top-K membership (a measurement)
     out: str = "runs/latest"
     device: str = "auto"  #: torch device for server aggregation: auto, cpu, cuda
     progress: bool = True
@@ -87,7 +101,7 @@ class RunConfig:
             elif want is str:
                 need(isinstance(v, str), key, "must be a string")
         for key in ("world-users", "world-items", "world-topics", "world-events-per-user", "rounds", "cohort",
-                    "nodes", "dim", "local-steps", "negatives", "k"):
+                    "nodes", "dim", "local-steps", "negatives", "k", "freshness-window"):
             need(getattr(self, key.replace("-", "_")) >= 1, key, "must be at least 1")
         need(self.user_fit_steps >= 0, "user-fit-steps", "must be 0 or more")
         need(self.user_lr >= 0, "user-lr", "must be 0 (same as lr) or positive")
@@ -102,6 +116,15 @@ class RunConfig:
         need(self.budget_period >= 0, "budget-period", "must be 0 (whole run) or a number of rounds")
         need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        need(self.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
+        need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
+        need(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+        need(self.freeze_after >= 0, "freeze-after", "must be 0 (never) or a round number")
+        need(0 <= self.world_shift_share <= 1, "world-shift-share", "must lie in [0, 1]")
+        need(0 <= self.world_new_item_share < 1, "world-new-item-share", "must lie in [0, 1)")
+        need(0 <= self.world_shift_time <= 1, "world-shift-time", "must lie in [0, 1]")
+        need(0 <= self.world_burst_time <= 1, "world-burst-time", "must lie in [0, 1]")
+        need(self.world_bursts >= 0, "world-bursts", "must be 0 or more")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")

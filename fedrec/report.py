@@ -35,6 +35,20 @@ class RunRecorder:
         self.info: dict = {}
         self.notes: list[str] = []
         self._f = open(self.out / "metrics.jsonl", "w")
+        self.per_round: list[PrequentialCounts] = []
+        self.drift_rounds: list[PrequentialCounts] = []
+        self.probe_tally: dict[int, dict[int, list[int]]] = {}  # item -> round -> [hits, probed]
+        self._truth_users: set[int] | None = None
+        self._stream = None
+        try:  # ground truth of a synthetic world (simulation only; the server never sees it in deployment)
+            from .data.source import load_stream
+
+            self._stream = load_stream(cfg)
+            truth = self._stream.log.meta.get("world") or {}
+            if truth.get("shifted_users") and 0 < cfg.world_shift_time < 1:
+                self._truth_users = set(truth["shifted_users"])
+        except Exception:
+            self._stream = None
 
     def start(self, **info) -> None:
         self.info = info
@@ -44,12 +58,15 @@ class RunRecorder:
         self.notes.append(msg)
         print(f"fedrec: {msg}", flush=True)
 
-    def round(self, r: int, *, done: list[int], counts: PrequentialCounts, failed: list, extra: dict) -> dict:
+    def round(self, r: int, *, done: list[int], counts: PrequentialCounts, failed: list, extra: dict,
+              per_device: list | None = None, probes: list | None = None) -> dict:
         self.schedule.append(list(done))
         self.total.add(counts)
         k = self.cfg.k
         row = {"round": r, f"hr@{k}": _finite(counts.hr), f"ndcg@{k}": _finite(counts.ndcg_mean),
-               "events_scored": counts.n, "devices": len(done), "failed": len(failed), **extra}
+               "events_scored": counts.n, "devices": len(done), "failed": len(failed)}
+        row.update(self._freshness_row(r, counts, per_device or [], probes or []))
+        row.update(extra)
         if failed:
             row["failures"] = [f"{who}: {why}" for who, why in failed[:5]]
         return self._write(row)
@@ -58,8 +75,62 @@ class RunRecorder:
         self.schedule.append([])
         k = self.cfg.k
         return self._write({"round": r, f"hr@{k}": None, f"ndcg@{k}": None, "events_scored": 0, "devices": 0,
-                            "failed": 0, "skipped": reason, "epsilon": self.rows[-1]["epsilon"] if self.rows else 0.0,
-                            "wall_s": round(wall_s, 3)})
+                            "failed": 0, **self._freshness_row(r, PrequentialCounts(), [], []), "skipped": reason,
+                            "epsilon": self.rows[-1]["epsilon"] if self.rows else 0.0, "wall_s": round(wall_s, 3)})
+
+    def _freshness_row(self, r: int, counts: PrequentialCounts, per_device: list, probes: list) -> dict:
+        """Windowed HR (all devices, and the devices whose taste the world shifted) and probe tallies."""
+        from .eval.freshness import windowed_rate
+
+        k, w = self.cfg.k, self.cfg.freshness_window
+        self.per_round.append(counts)
+        out = {f"whr@{k}": windowed_rate([c.hits for c in self.per_round[-w:]], [c.n for c in self.per_round[-w:]],
+                                         len(self.per_round[-w:]))[-1]}
+        if self._truth_users is not None:
+            dc = PrequentialCounts()
+            for d, c in per_device:
+                if d in self._truth_users:
+                    dc.add(c)
+            self.drift_rounds.append(dc)
+            tail = self.drift_rounds[-w:]
+            out[f"drift_hr@{k}"] = _finite(dc.hr)
+            out[f"drift_whr@{k}"] = windowed_rate([c.hits for c in tail], [c.n for c in tail], len(tail))[-1]
+        for items, hits in probes:
+            for i, h in zip(items, hits, strict=True):
+                t = self.probe_tally.setdefault(int(i), {}).setdefault(r, [0, 0])
+                t[0] += int(h)
+                t[1] += 1
+        return out
+
+    def freshness(self) -> dict:
+        """The run's freshness block (DESIGN.md, "Freshness, defined")."""
+        from .eval.freshness import tracked_items, uptake_summary
+
+        k = self.cfg.k
+        rows = self.rows
+        stale = [row.get("staleness") for row in rows if row.get("staleness") is not None]
+        out: dict = {"window": self.cfg.freshness_window, "staleness_mean": float(np.mean(stale)) if stale else None,
+                     f"whr@{k}_final": rows[-1].get(f"whr@{k}") if rows else None, "drift_round": None}
+        st = self._stream
+        if st is None:
+            return out
+        truth = st.log.meta.get("world") or {}
+        if self._truth_users is not None:
+            out["drift_round"] = st.round_at(truth["shift_time"])
+            out["drift_users"] = len(self._truth_users)
+        if self.cfg.uptake_probe:
+            start, groups = tracked_items(st)
+            n = len(rows)
+            for name, items in groups.items():
+                if not items:
+                    continue
+                shares = {}
+                for i in items:
+                    tally = self.probe_tally.get(i, {})
+                    shares[i] = [tally[r][0] / tally[r][1] if r in tally and tally[r][1] else None
+                                 for r in range(1, n + 1)]
+                out[f"uptake_{name}"] = uptake_summary({i: int(start[i]) for i in items}, shares)
+        return out
 
     def _write(self, row: dict) -> dict:
         self.rows.append(row)
@@ -72,6 +143,7 @@ class RunRecorder:
         cfg, k = self.cfg, self.cfg.k
         baselines = {}
         pop_rounds: list[PrequentialCounts] = []
+        recent_rounds: list[PrequentialCounts] = []
         try:
             from .data.source import load_stream
             from .eval.baselines import popularity_prequential
@@ -84,10 +156,20 @@ class RunRecorder:
             baselines["popularity"] = {f"hr@{k}": _finite(pop.hr), f"ndcg@{k}": _finite(pop.ndcg_mean),
                                        "events_scored": pop.n,
                                        "what": "counts of all events in earlier rounds, centralised, non-private"}
+            w = cfg.freshness_window
+            recent_rounds = popularity_prequential(stream, self.schedule, k, window=w)
+            rec = PrequentialCounts()
+            for c in recent_rounds:
+                rec.add(c)
+            baselines["recent_popularity"] = {f"hr@{k}": _finite(rec.hr), f"ndcg@{k}": _finite(rec.ndcg_mean),
+                                              "events_scored": rec.n, "window": w,
+                                              "what": f"counts of the events of the last {w} rounds only"}
         except Exception as e:  # the server may not see the data (deployment): say so, do not fail the run
             baselines["popularity"] = {"unavailable": f"{type(e).__name__}: {e}"}
         for row, c in zip(self.rows, pop_rounds, strict=False):
             row[f"popularity_hr@{k}"] = _finite(c.hr)
+        for row, c in zip(self.rows, recent_rounds, strict=False):
+            row[f"recent_popularity_hr@{k}"] = _finite(c.hr)
         hr_key = f"hr@{k}"
         last = [r[hr_key] for r in self.rows[-5:] if r.get(hr_key) is not None]
         summary = {
@@ -101,6 +183,7 @@ class RunRecorder:
                         "what": "prequential (test-then-train), full ranking over all items, seen items excluded"},
             "baselines": baselines,
             "privacy": privacy,
+            "freshness": self.freshness(),
             "notes": self.notes,
             "timings": {"wall_s": round(time.time() - self.t0, 2),
                         "mean_round_s": round(float(np.mean([r["wall_s"] for r in self.rows])), 3) if self.rows else 0,

@@ -30,6 +30,7 @@ from fedrec.privacy.report import privacy_report
 from fedrec.privacy.user_level import delta_norm, noisy_mean, poisson_cohort
 from fedrec.report import RunRecorder
 from fedrec.server_aggregate import pick_device, server_aggregate
+from fedrec.server_lr import ServerLR
 
 
 class FederationError(RuntimeError):
@@ -90,6 +91,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     noise_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 11, earlier]).generate_state(1)[0]))
     rec.start(population=len(population), n_items=n_items, noise_multiplier=z_event or z_user, device=str(dev))
     last_fresh, stopped = 0, ""
+    lr_ctl = ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive")
     for r in range(1, cfg.rounds + 1):
         t0 = time.time()
         period = (r - 1) // cfg.budget_period if cfg.budget_period else 0
@@ -127,19 +129,23 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                                 sample_rate=cfg.sample_rate, steps=m["steps"], clip=cfg.event_clip,
                                 subject=f"device-{d}", max_steps_per_event=m["max-exposure"])
                         for d, m in zip(got.done, got.metrics, strict=True) if z_event and m["steps"]])
+        # the static baseline freezes the served model after `freeze_after` rounds (devices still
+        # personalise their own vectors); the adaptive schedule reads only the aggregated counts
+        lr = 0.0 if cfg.freeze_after and r > cfg.freeze_after else lr_ctl.step(got.counts)
         if user_dp:
             mean, diag = noisy_mean(gstate, got.deltas, clip=cfg.clip, noise_multiplier=z_user,
                                     expected_devices=q_user * len(population), generator=noise_gen)
             ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=z_user,
                                   sample_rate=q_user, steps=1, clip=cfg.clip, period=period))
-            gstate = {k: gstate[k] + cfg.server_lr * mean[k] for k in gstate}
-            diag["update_norm"] = float(torch.sqrt(sum((cfg.server_lr * m).pow(2).sum() for m in mean.values())))
+            gstate = {k: gstate[k] + lr * mean[k] for k in gstate}
+            diag["update_norm"] = float(torch.sqrt(sum((lr * m).pow(2).sum() for m in mean.values())))
         else:
-            gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=cfg.server_lr, inplace=True)
+            gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=lr, inplace=True)
         if got.new_events:
             last_fresh = r
         ev = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values()) if z_event else []
-        row = rec.round(r, done=got.done, counts=got.counts, failed=got.failed, extra={
+        row = rec.round(r, done=got.done, counts=got.counts, failed=got.failed, per_device=got.per_device,
+                        probes=got.probes, extra={
             "epsilon": _num(max(ev)) if ev else (_num(ledger.user_epsilon(cfg.delta, cfg.accountant)) if user_dp else 0.0),
             "epsilon_median": _num(statistics.median(ev)) if ev else 0.0,
             "epsilon_user": _num(ledger.user_epsilon(cfg.delta, cfg.accountant)) if user_dp else None,
@@ -150,7 +156,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             "frac_clipped": (sum(got.clipped) / len(got.clipped)) if user_dp and got.clipped else None,
             "mean_preclip_norm": float(np.mean(got.preclip)) if user_dp and got.preclip else None,
             "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
-            "update_norm": diag.get("update_norm", 0.0), "wall_s": round(time.time() - t0, 3)})
+            "update_norm": diag.get("update_norm", 0.0), "server_lr": lr, "wall_s": round(time.time() - t0, 3)})
         if on_round:
             on_round(row)
     final = {k: v.detach().cpu() for k, v in gstate.items()}
@@ -195,6 +201,8 @@ class _Replies:
     clipped: list = field(default_factory=list)
     preclip: list = field(default_factory=list)
     counts: PrequentialCounts = field(default_factory=PrequentialCounts)
+    per_device: list = field(default_factory=list)  #: (device, PrequentialCounts) of each completed device
+    probes: list = field(default_factory=list)  #: (items, hits) uptake probes (simulation measurement)
     bytes_up: int = 0
     new_events: int = 0
     skipped: int = 0
@@ -230,7 +238,12 @@ def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _R
             out.deltas.append(delta)
             out.weights.append(1.0 if clip is not None else float(m["num-examples"]))
             out.metrics.append({"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])})
-            out.counts.add(PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"])))
+            c = PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"]))
+            out.counts.add(c)
+            out.per_device.append((d, c))
+            if f"probe-{d}" in rep.content:
+                p = rep.content[f"probe-{d}"]
+                out.probes.append((list(p["items"]), list(p["hits"])))
             out.new_events += int(m["n-new"])
             out.clipped.append(bool(m["clipped"]))
             out.preclip.append(float(m["preclip-norm"]))

@@ -178,3 +178,22 @@ def test_device_events(world):
             np.testing.assert_array_equal(idx[: len(prev)], prev)  # a prefix grows
             prev = idx
     assert len(s.device_events(0, 0)) == 0
+
+
+def test_trending_burst_really_spikes_then_fades():
+    """Ground truth vs generated events: the trending items' share peaks at the burst time and fades."""
+    spec = WorldSpec(users=300, items=300, topics=6, events_per_user=60, horizon=30.0, seed=3, bursts=3,
+                     burst_time=0.5, burst_width=0.05, burst_share=0.3)
+    log = make_world(spec)
+    truth = log.meta["world"]
+    hot = np.isin(log.item, truth["burst_items"])
+    assert len(truth["burst_items"]) == 3 and not set(truth["burst_items"]) & set(truth["new_items"])
+    t = log.timestamp
+    peak = np.abs(t - truth["burst_time"]) < truth["burst_width"]
+    far = np.abs(t - truth["burst_time"]) > 4 * truth["burst_width"]
+    share_peak, share_far = hot[peak].mean(), hot[far].mean()
+    assert share_peak > 0.15  # about burst_share of the events at the peak
+    assert share_far < share_peak / 5  # and it fades
+    # with no bursts the world is exactly the one before bursts existed (same RNG draws)
+    base = make_world(WorldSpec(users=50, items=120, topics=4, events_per_user=20, seed=1))
+    assert base.meta["world"]["burst_items"] == []

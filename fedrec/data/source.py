@@ -12,7 +12,10 @@ from .world import WorldSpec, make_world
 
 def world_spec(cfg: RunConfig) -> WorldSpec:
     return WorldSpec(users=cfg.world_users, items=cfg.world_items, topics=cfg.world_topics,
-                     events_per_user=cfg.world_events_per_user, horizon=float(cfg.rounds), seed=cfg.seed)
+                     events_per_user=cfg.world_events_per_user, horizon=float(cfg.rounds), seed=cfg.seed,
+                     shift_share=cfg.world_shift_share, shift_time=cfg.world_shift_time,
+                     new_item_share=cfg.world_new_item_share, bursts=cfg.world_bursts,
+                     burst_time=cfg.world_burst_time)
 
 
 def load_stream(cfg: RunConfig) -> RoundStream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -51,6 +52,22 @@ class RoundStream:
         """Indices of the device's events in rounds ``<= upto_round``, in time order."""
         idx = self.by_user[device]
         return idx[self.round_of[idx] <= upto_round]
+
+    @cached_property
+    def launch_round(self) -> np.ndarray:
+        """Per item, the round that holds its first event (0 for items never seen)."""
+        first = np.zeros(self.log.n_items, np.int64)
+        order = np.argsort(self.round_of, kind="stable")[::-1]  # later rounds first: earliest written last
+        first[self.log.item[order]] = self.round_of[order]
+        return first
+
+    def round_at(self, t: float) -> int:
+        """The round whose window holds event time ``t`` (clamped to 1..rounds)."""
+        ts = self.log.timestamp
+        if len(ts) == 0:
+            return 1
+        i = int(np.searchsorted(ts, t, side="left"))
+        return int(self.round_of[min(i, len(ts) - 1)])
 
     def round_end_time(self, r: int) -> float:
         """Timestamp of the last event in rounds ``<= r`` (for staleness in event time)."""

@@ -1,7 +1,8 @@
 """A seeded synthetic world with ground-truth drift: the embedded default data.
 
 Users hold latent interests over topics; items belong to topics and have a quality. At known
-times a share of users shift their interest to another topic, and new items launch mid-stream.
+times a share of users shift their interest to another topic, new items launch mid-stream, and a
+few existing items trend (a burst of interest from everyone that spikes, then fades).
 Everything the generator decided is recorded in ``EventLog.meta["world"]`` so tests and
 freshness metrics can compare what the model learned with what really happened.
 """
@@ -33,12 +34,20 @@ class WorldSpec:
     novelty_boost: float = 6.0  #: extra appeal of an item right after launch, decaying
     novelty_decay: float = 0.1  #: decay time of the boost, as a fraction of the horizon
     zipf: float = 1.0  #: item quality within a topic ~ 1 / rank**zipf
+    bursts: int = 0  #: number of items that trend
+    burst_time: float = 0.6  #: peak of the burst, as a fraction of the horizon
+    burst_width: float = 0.06  #: its width (std of a Gaussian bump), as a fraction of the horizon
+    burst_share: float = 0.25  #: at the peak, this share of all events goes to the trending items
 
     def __post_init__(self) -> None:
         if self.topics < 2:
             raise ValueError("A world needs at least 2 topics.")
         if self.items < 2 * self.topics:
             raise ValueError("A world needs at least 2 items per topic.")
+        if not 0 <= self.shift_share <= 1 or not 0 <= self.new_item_share < 1:
+            raise ValueError("shift_share must lie in [0, 1] and new_item_share in [0, 1).")
+        if not 0 <= self.bursts <= self.items * (1 - self.new_item_share) / 2 or not 0 <= self.burst_share < 1:
+            raise ValueError("bursts must be at most half the items launched at the start; burst_share in [0, 1).")
         if self.events_per_user >= self.items * (1 - self.new_item_share):
             raise ValueError("events_per_user must be below the number of items launched at the start.")
 
@@ -66,6 +75,10 @@ def make_world(spec: WorldSpec) -> EventLog:
     offs = rng.integers(1, T, size=U)
     new_topic[shifted] = (main_topic[shifted] + offs[shifted]) % T
 
+    old_items = np.setdiff1d(np.arange(V), new_items)
+    burst_items = np.sort(rng.choice(old_items, size=spec.bursts, replace=False)) if spec.bursts else np.zeros(0, int)
+    t_burst, w_burst = spec.burst_time * H, max(spec.burst_width * H, 1e-9)
+
     users, items, times = [], [], []
     decay = max(spec.novelty_decay * H, 1e-9)
     for u in range(U):
@@ -77,6 +90,15 @@ def make_world(spec: WorldSpec) -> EventLog:
                 topic = rng.integers(0, T)
             age = t - launch
             avail = (age >= 0) & ~seen
+            if len(burst_items) and rng.random() < spec.burst_share * np.exp(-0.5 * ((t - t_burst) / w_burst) ** 2):
+                hot = burst_items[avail[burst_items]]
+                if len(hot):  # a trending item, whatever the user's topic
+                    i = rng.choice(hot)
+                    seen[i] = True
+                    users.append(u)
+                    items.append(i)
+                    times.append(t)
+                    continue
             appeal = quality * (1.0 + spec.novelty_boost * np.exp(-np.maximum(age, 0) / decay) * (launch > 0))
             w = np.where(avail & (item_topic == topic), appeal, 0.0)
             if w.sum() <= 0:
@@ -95,6 +117,9 @@ def make_world(spec: WorldSpec) -> EventLog:
         "shift_time": shift_time,
         "shifted_users": np.flatnonzero(shifted).tolist(),
         "new_topic": new_topic.tolist(),
+        "burst_items": burst_items.tolist(),
+        "burst_time": t_burst,
+        "burst_width": w_burst,
     }
     u_arr = np.asarray(users, np.int64)
     i_arr = np.asarray(items, np.int64)

@@ -78,3 +78,52 @@ def staleness(reflected: Sequence[bool]) -> list[int | None]:
         if reflected[r - 1]:
             newest = r
     return out
+
+
+_TRACKED: dict[int, tuple[object, np.ndarray, dict[str, list[int]]]] = {}
+
+
+def tracked_items(stream, min_users: int = 5) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Items whose uptake a run measures, with the round each one starts to matter.
+
+    Returns ``(start, groups)``: ``start[i]`` is item ``i``'s start round (0 = not tracked) and
+    ``groups`` names them: ``"new"`` items first seen after round 1 (the round of the first event
+    is the launch round; at least ``min_users`` events in all), and ``"burst"``, the synthetic
+    world's trending items, which start two widths before the burst's peak.
+    """
+    hit = _TRACKED.get(id(stream))
+    if hit is not None and hit[0] is stream:
+        return hit[1], hit[2]
+    launch = stream.launch_round
+    counts = np.bincount(stream.log.item, minlength=stream.log.n_items)
+    start = np.where((launch >= 2) & (counts >= min_users), launch, 0)
+    groups = {"new": np.flatnonzero(start).tolist(), "burst": []}
+    truth = stream.log.meta.get("world") or {}
+    if truth.get("burst_items"):
+        b = stream.round_at(truth["burst_time"] - 2 * truth["burst_width"])
+        start[truth["burst_items"]] = b
+        groups["burst"] = sorted(int(i) for i in truth["burst_items"])
+        groups["new"] = [i for i in groups["new"] if i not in set(groups["burst"])]
+    _TRACKED[id(stream)] = (stream, start, groups)
+    return start, groups
+
+
+def uptake_summary(start: dict[int, int], shares: dict[int, list[float | None]], threshold: float = 0.5) -> dict:
+    """Per-item uptake (see :func:`uptake_rounds`) and its summary over a group of items.
+
+    ``shares[i]`` is item ``i``'s per-round share of probed future users with it in their top-K
+    (None where no such user was probed). The median counts never-taken-up items as infinitely
+    late, so it is None when half or more never get there (right-censored).
+    """
+    per = {i: uptake_rounds(start[i], shares.get(i, []), threshold) for i in start}
+    got = [v for v in per.values() if v is not None]
+    n = len(per)
+    ranked = sorted(got) + [None] * (n - len(got))
+    median = None
+    if n and len(got) > n / 2:
+        median = float(np.median([float("inf") if v is None else v for v in ranked]))
+    peak = [max((x for x in shares.get(i, []) if x is not None), default=0.0) for i in start]
+    return {"items": n, "taken_up": len(got), "rate": len(got) / n if n else None, "median_rounds": median,
+            "mean_rounds_taken_up": float(np.mean(got)) if got else None, "threshold": threshold,
+            "peak_share_median": float(np.median(peak)) if peak else None,
+            "per_item": {str(i): v for i, v in sorted(per.items())}}

@@ -22,6 +22,19 @@ def target_rank(scores: np.ndarray, target: int, exclude: np.ndarray | None = No
     return int(above.sum())
 
 
+def in_topk(scores: np.ndarray, items: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+    """For each of ``items``: is it in the top-``k`` of ``scores`` with ``exclude`` items removed?
+
+    Ties count against the item (as in :func:`target_rank`); an excluded item is never in the top-K.
+    """
+    items = np.asarray(items, dtype=np.int64)
+    live = np.sort(np.asarray(scores, np.float64)[~exclude])
+    s = np.asarray(scores, np.float64)[items]
+    # items scored >= s among the live ones, minus the item itself
+    ranks = len(live) - np.searchsorted(live, s, side="left") - 1
+    return (ranks < k) & ~exclude[items]
+
+
 def ranking_metrics(
     scores: np.ndarray, targets: Sequence[Iterable[int]], k: int, exclude: Sequence[Iterable[int]] | None = None
 ) -> dict[str, np.ndarray]:

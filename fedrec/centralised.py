@@ -1,0 +1,103 @@
+"""The freshness ceiling: centralised online learning on all events, non-private, every round.
+
+A server that saw every event would, each round, score each user's new events with the model it
+holds (prequential, as devices do) and then train on them. This runs that, with the same MF
+scoring rule (``<p_u, q_i> + b_i``), the same full-ranking metrics and the same run outputs as a
+federated run (``metrics.jsonl``, ``summary.json`` with freshness and baselines), so a sweep can
+put it beside the federated cells. It is a baseline, not a deployment mode: it needs all raw data.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .data.source import load_stream
+from .eval.freshness import tracked_items
+from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
+from .report import RunRecorder
+
+EPOCHS = 3  #: passes over each round's training events (new + replay windows)
+BATCH = 256
+
+
+def run_centralised(cfg: RunConfig, on_round=None) -> dict:
+    """Run the centralised online baseline for ``cfg`` (its data, rounds, dim, seed); returns the summary."""
+    stream = load_stream(cfg)
+    log = stream.log
+    U, V, D = log.n_users, log.n_items, cfg.dim
+    g = torch.Generator().manual_seed(cfg.seed)
+    item = (torch.randn(V, D + 1, generator=g) * cfg.init_scale).requires_grad_(False)
+    item[:, D] = 0.0
+    user = torch.randn(U, D, generator=g) * cfg.init_scale
+    item.requires_grad_(True)
+    user.requires_grad_(True)
+    opt = torch.optim.Adam([item, user], lr=0.02)
+    rec = RunRecorder(cfg)
+    rec.start(population=U, n_items=V, noise_multiplier=0.0, device="cpu")
+    start = tracked_items(stream)[0] if cfg.uptake_probe else None
+    seen = np.zeros((U, V), bool)
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.time()
+        idx = np.flatnonzero(stream.round_of == r)
+        users = np.unique(log.user[idx])
+        with torch.no_grad():
+            scores = (user @ item[:, :D].T + item[:, D]).numpy()
+        counts, per_user, probes = PrequentialCounts(), [], []
+        for u in users:
+            mine = log.item[idx[log.user[idx] == u]]
+            c = prequential_counts(scores[u], seen[u], mine, cfg.k)
+            counts.add(c)
+            per_user.append((int(u), c))
+        if start is not None:
+            probes = _probes(stream, start, scores, seen, r, cfg)
+        for u in users:
+            seen[u, log.item[idx[log.user[idx] == u]]] = True
+        train = np.flatnonzero((stream.round_of <= r) & (stream.round_of > r - 1 - cfg.replay_rounds))
+        _train(item, user, opt, log.user[train], log.item[train], seen, D, g)
+        row = rec.round(r, done=[int(u) for u in users], counts=counts, failed=[], per_device=per_user,
+                        probes=probes, extra={"epsilon": 0.0, "staleness": 1, "new_events": int(len(idx)),
+                                              "bytes_up": 0, "bytes_down": 0, "server_lr": 0.0,
+                                              "wall_s": round(time.time() - t0, 3)})
+        if on_round:
+            on_round(row)
+    final = {"item.weight": item.detach().clone()}
+    return rec.finish(final, {"unit": "none", "what": "centralised, non-private: every raw event on the server"})
+
+
+def _probes(stream, start: np.ndarray, scores: np.ndarray, seen: np.ndarray, r: int, cfg: RunConfig) -> list:
+    """For every user with a tracked, launched item in their next window: is it in their top-K now?"""
+    log = stream.log
+    nxt = np.flatnonzero((stream.round_of > r) & (stream.round_of <= r + cfg.freshness_window))
+    keep = nxt[(start[log.item[nxt]] >= 1) & (start[log.item[nxt]] <= r)]
+    out = []
+    for u in np.unique(log.user[keep]):
+        items = np.unique(log.item[keep[log.user[keep] == u]])
+        out.append((items.tolist(), in_topk(scores[u], items, seen[u], cfg.k).astype(int).tolist()))
+    return out
+
+
+def _train(item, user, opt, us: np.ndarray, its: np.ndarray, seen: np.ndarray, D: int, g: torch.Generator) -> None:
+    """BPR with one uniform negative per event (not one the user has had), ``EPOCHS`` shuffled passes."""
+    n = len(us)
+    if n == 0:
+        return
+    u_t, i_t = torch.from_numpy(us.astype(np.int64)), torch.from_numpy(its.astype(np.int64))
+    V = item.shape[0]
+    for _ in range(EPOCHS):
+        neg = torch.randint(0, V, (n,), generator=g)
+        bad = torch.from_numpy(seen[us, neg.numpy()])
+        neg[bad] = torch.randint(0, V, (int(bad.sum()),), generator=g)  # one redraw is enough at these densities
+        perm = torch.randperm(n, generator=g)
+        for b in range(0, n, BATCH):
+            j = perm[b:b + BATCH]
+            p = user[u_t[j]]
+            ei, en = item[i_t[j]], item[neg[j]]
+            diff = (p * (ei[:, :D] - en[:, :D])).sum(-1) + ei[:, D] - en[:, D]
+            loss = torch.nn.functional.softplus(-diff).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()

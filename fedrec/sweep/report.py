@@ -1,0 +1,622 @@
+"""Turn the results of a privacy-budget sweep into tables, PNG plots and a ``report.md``.
+
+The only input is ``results.csv`` (one row per cell x seed) plus the per-round ``metrics.jsonl`` files, and the
+code is numpy/scipy/matplotlib only, so a report can be rebuilt from a finished sweep on any machine without Flower.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import stats
+
+PARAM_COLUMNS = ["cell", "seed", "scenario", "method", "unit", "epsilon_target", "epsilon", "delta", "accountant",
+                 "noise_multiplier", "cohort", "rounds", "events_per_round", "lr_schedule"]
+STR_COLUMNS = {"cell", "scenario", "method", "unit", "accountant", "lr_schedule"}
+INT_COLUMNS = {"seed", "cohort", "rounds", "lag_censored"}
+# Metric columns the sweep is known to write: a bad value there is an error, not a sign of a non-metric column.
+KNOWN_METRICS = ["hr@10", "ndcg@10", "whr_final", "popularity_hr@10", "adaptation_lag", "lag_censored", "lag_max",
+                 "uptake_median", "uptake_rate", "staleness_mean", "wall_s", "bytes_up_per_device_round"]
+DEFAULT_METRICS = ["adaptation_lag", "uptake_median", "uptake_rate", "whr_final", "hr@10", "ndcg@10",
+                   "staleness_mean", "epsilon", "wall_s"]
+LABELS = {"adaptation_lag": "adaptation lag (rounds)", "uptake_median": "uptake median (rounds)",
+          "uptake_rate": "uptake rate", "whr_final": "windowed HR@10 (end)", "hr@10": "HR@10", "ndcg@10": "NDCG@10",
+          "staleness_mean": "staleness", "epsilon": "ε spent", "wall_s": "wall (s)"}
+BASELINES = ("static", "centralised")
+DPI = 110
+MAX_CURVES = 12
+MISSING = "—"
+
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    # temp file in the same directory + os.replace: readers see the old file or the new one, never half of one
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _parse(value: str, col: str, kind: str, where: str) -> str | int | float | None:
+    if value == "":
+        return None
+    if kind == "str":
+        return value
+    try:
+        if kind == "int":
+            try:
+                return int(value)
+            except ValueError:
+                f = float(value)  # tolerate "3.0" from other writers, but not "3.5"
+                if not f.is_integer():
+                    raise
+                return int(f)
+        return float(value)
+    except ValueError:
+        what = "an integer" if kind == "int" else "a number"
+        raise ValueError(f"{where}: column '{col}' holds {value!r}, which is not {what}.") from None
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Read a sweep's ``results.csv``.
+
+    Parameters
+    ----------
+    path : path-like
+        The CSV file (header row, then one row per cell x seed).
+
+    Returns
+    -------
+    list of dict
+        One dict per row: ``seed``/``cohort``/``rounds``/``lag_censored`` as int, the string parameters as str,
+        every other known or numeric column as float (``inf`` kept), and ``None`` for empty fields. Unknown columns
+        whose values are not all numbers are kept as strings.
+
+    Raises
+    ------
+    ValueError
+        When the file is malformed; the message names ``path:line``.
+    """
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"{path}:1: the file is empty, expected a header row.")
+            for col in ("cell", "seed"):
+                if col not in header:
+                    raise ValueError(f"{path}:1: the header has no '{col}' column.")
+            if len(set(header)) != len(header):
+                raise ValueError(f"{path}:1: the header repeats a column name.")
+            raw: list[tuple[int, list[str]]] = []
+            for fields in reader:
+                if not fields:  # a blank line carries no row
+                    continue
+                if len(fields) != len(header):
+                    raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} fields, found {len(fields)}.")
+                raw.append((reader.line_num, fields))
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({e}).") from None
+
+    def numeric(i: int) -> bool:
+        try:
+            for _, fields in raw:
+                if fields[i] != "":
+                    float(fields[i])
+        except ValueError:
+            return False
+        return True
+
+    kinds = []
+    for i, col in enumerate(header):
+        if col in STR_COLUMNS:
+            kinds.append("str")
+        elif col in INT_COLUMNS:
+            kinds.append("int")
+        elif col in PARAM_COLUMNS or col in KNOWN_METRICS or numeric(i):
+            kinds.append("float")
+        else:
+            kinds.append("str")  # an unknown non-numeric column: keep it, but it is not a metric
+    return [{col: _parse(v, col, k, f"{path}:{line}") for col, k, v in zip(header, kinds, fields, strict=True)}
+            for line, fields in raw]
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return str(int(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return repr(float(value))  # shortest string that parses back to the same float: 'inf', '1e-05', '0.1'
+    return str(value)
+
+
+def write_results(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Write rows as CSV, the inverse of :func:`read_results` (temp file + ``os.replace``, never half a file).
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Rows as returned by :func:`read_results` (or :func:`summarize`).
+    path : path-like
+        Destination. Columns: the parameter columns present in :data:`PARAM_COLUMNS` order, then the rest in
+        first-seen order; ``None`` becomes an empty field and floats use ``repr``, so a round trip is exact.
+    """
+    present = {k for r in rows for k in r}
+    columns = [c for c in PARAM_COLUMNS if c in present]
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_text(r.get(c)) for c in columns])
+    _atomic_write(Path(path), buf.getvalue())
+
+
+
+def mean_ci(values: Iterable[float | None], confidence: float = 0.95) -> tuple[float | None, float | None, int]:
+    """Mean and half-width of the Student-t confidence interval.
+
+    Parameters
+    ----------
+    values : iterable of float or None
+        One value per seed; ``None`` and NaN are dropped.
+    confidence : float
+        Two-sided confidence level in (0, 1).
+
+    Returns
+    -------
+    (mean, half_width, n)
+        ``half_width`` is ``t.ppf((1 + confidence) / 2, n - 1) * s / sqrt(n)``; it is ``None`` when ``n == 1`` or a
+        value is infinite, and both are ``None`` when ``n == 0``.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
+    xs = np.array([float(v) for v in values if v is not None and not math.isnan(float(v))], dtype=float)
+    n = int(xs.size)
+    if n == 0:
+        return None, None, 0
+    mean = float(xs.mean())
+    if n == 1 or not np.isfinite(xs).all():  # one seed, or ε = ∞: no spread to speak of
+        return mean, None, n
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * xs.std(ddof=1) / math.sqrt(n))
+    return mean, half, n
+
+
+def _row_lag(row: dict) -> float | None:
+    # a censored seed never recovered: its largest observable lag is a lower bound, which is what we average
+    if row.get("lag_censored"):
+        return row["lag_max"] if row.get("lag_max") is not None else row.get("adaptation_lag")
+    return row.get("adaptation_lag")
+
+
+def summarize(rows: Sequence[dict], metrics: Sequence[str] = DEFAULT_METRICS) -> list[dict]:
+    """One summary dict per cell, in first-seen cell order.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Rows of ``results.csv`` (one per cell x seed).
+    metrics : sequence of str
+        Metric columns to summarise.
+
+    Returns
+    -------
+    list of dict
+        The parameter columns of the cell's first row, ``n_seeds``, and per metric ``<m>_mean``, ``<m>_ci`` (95%
+        half-width) and ``<m>_n``. Censored adaptation lags count at ``lag_max`` and ``adaptation_lag_censored``
+        says how many seeds were censored.
+    """
+    groups: dict[object, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("cell"), []).append(r)
+    out = []
+    for rs in groups.values():
+        s = {c: rs[0].get(c) for c in PARAM_COLUMNS if c in rs[0]}
+        s["n_seeds"] = len(rs)
+        for m in metrics:
+            vals = [_row_lag(r) if m == "adaptation_lag" else r.get(m) for r in rs]
+            s[f"{m}_mean"], s[f"{m}_ci"], s[f"{m}_n"] = mean_ci(vals)
+            if m == "adaptation_lag":
+                s["adaptation_lag_censored"] = sum(1 for r in rs if r.get("lag_censored") and _row_lag(r) is not None)
+        out.append(s)
+    return out
+
+
+
+def _sig(x: float | None) -> str:
+    """Three significant digits in fixed notation where that stays short."""
+    if x is None or math.isnan(x):
+        return MISSING
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    r = float(f"{x:.3g}")  # round first, so 9.996 becomes 10.0 and not 10.00
+    if r == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(r)))
+    if mag < -3 or mag >= 6:
+        return f"{r:.2e}"
+    return f"{r:.{max(0, 2 - mag)}f}"
+
+
+def _eps(x: float | None) -> str:
+    return MISSING if x is None else "∞" if math.isinf(x) else f"{x:g}"
+
+
+def format_stat(summary: dict, metric: str) -> str:
+    """``mean ± ci`` of a metric in a :func:`summarize` dict (3 significant digits, "≥" for a censored lag)."""
+    mean, ci = summary.get(f"{metric}_mean"), summary.get(f"{metric}_ci")
+    if mean is None:
+        return MISSING
+    text = _sig(mean) + (f" ± {_sig(ci)}" if ci is not None else "")
+    return "≥" + text if metric == "adaptation_lag" and summary.get("adaptation_lag_censored") else text
+
+
+def write_tables(rows: Sequence[dict], out_dir: str | os.PathLike) -> str:
+    """Write ``summary.csv`` and ``tables.md`` into ``out_dir`` and return the Markdown.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Rows of ``results.csv``; the same rows always give byte-identical files.
+    out_dir : path-like
+        Destination folder (created if needed).
+    """
+    out = Path(out_dir)
+    summary = summarize(rows)
+    write_results(summary, out / "summary.csv")
+    metrics = [m for m in DEFAULT_METRICS if m != "epsilon"]  # ε spent has its own column
+    head = ["cell", "unit", "ε target", "ε spent", *[LABELS.get(m, m) for m in metrics]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        vals = [str(s.get("cell")), s.get("unit") or MISSING, _eps(s.get("epsilon_target")),
+                _sig(s.get("epsilon_mean")), *[format_stat(s, m) for m in metrics]]
+        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in vals) + " |")
+    lines += ["", "Mean ± half-width of the 95% Student-t interval over seeds; ≥: some seeds never recovered and "
+                  "count at the largest lag observable in their run (a lower bound)."]
+    text = "\n".join(lines) + "\n"
+    _atomic_write(out / "tables.md", text)
+    return text
+
+
+
+def _private(s: dict) -> bool:
+    eps = s.get("epsilon_target")
+    return s.get("unit") not in (None, "none") and eps is not None and math.isfinite(eps)
+
+
+def _federated(s: dict, lr: str) -> bool:
+    return s.get("method") not in BASELINES and (s.get("lr_schedule") or "fixed") == lr
+
+
+def _nonprivate(summary: list[dict]) -> dict | None:
+    return next((s for s in summary if _federated(s, "fixed") and not _private(s)), None)
+
+
+def _units(summary: list[dict]) -> list[str]:
+    found = list(dict.fromkeys(s["unit"] for s in summary if _private(s)))
+    return [u for u in ("user", "event") if u in found] + [u for u in found if u not in ("user", "event")]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    _atomic_write(path, buf.getvalue())
+    return path
+
+
+def _errorbar(ax, pts: list[tuple[float, dict]], m: str, **style) -> bool:
+    pts = [(x, s) for x, s in pts if s.get(f"{m}_mean") is not None and math.isfinite(s[f"{m}_mean"])]
+    if not pts:
+        return False
+    xs, ys = [x for x, _ in pts], [s[f"{m}_mean"] for _, s in pts]
+    ax.errorbar(xs, ys, yerr=[s.get(f"{m}_ci") or 0.0 for _, s in pts], capsize=3, **style)
+    if m == "adaptation_lag":  # hollow triangles mark lower bounds (censored seeds)
+        cens = [(x, y) for (x, s), y in zip(pts, ys, strict=True) if s.get("adaptation_lag_censored")]
+        if cens:
+            ax.scatter(*zip(*cens, strict=True), marker="^", s=90, facecolors="none", edgecolors=style.get("color"))
+    return True
+
+
+def plot_freshness(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """Freshness against the privacy budget: ``freshness_vs_epsilon.png`` with lag, uptake and end-of-run HR.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Rows of ``results.csv``.
+    out_dir : path-like
+        Destination folder; the list of PNG files written is returned.
+    """
+    summary = summarize(rows)
+    fed = [s for s in summary if s.get("method") not in BASELINES]
+    finite = sorted({s["epsilon_target"] for s in fed if _private(s)})
+    x_inf = finite[-1] * 4 if finite else 1.0  # ε = ∞ gets its own slot right of the largest finite ε
+    ref = _nonprivate(summary)
+    panels = [("adaptation_lag", "adaptation lag (rounds; △ = censored seeds)"),
+              ("uptake_median", "new-item uptake, median (rounds)"), ("whr_final", "windowed HR@10 at the end")]
+    fig = Figure(figsize=(15, 4.6))
+    FigureCanvasAgg(fig)
+    adaptive = [s for s in fed if _federated(s, "adaptive")]
+    adaptive_units = list(dict.fromkeys(s["unit"] if _private(s) else "none" for s in adaptive))
+    n_series = len(_units(summary)) + len(adaptive_units)
+
+    def dodge(k: int) -> float:  # nudge series apart on the log axis so equal values do not hide each other
+        return 1.05 ** (k - (n_series - 1) / 2)
+
+    for ax, (m, title) in zip(fig.subplots(1, 3), panels, strict=True):
+        drawn = False
+        for i, unit in enumerate(_units(summary)):
+            pts = sorted(((s["epsilon_target"], s) for s in fed
+                          if _private(s) and s["unit"] == unit and _federated(s, "fixed")), key=lambda p: p[0])
+            pts += [(x_inf, ref)] if ref else []  # the non-private run closes every unit's curve at ∞
+            pts = [(x * dodge(i), s) for x, s in pts]
+            drawn |= _errorbar(ax, pts, m, color=f"C{i}", marker="o", label=f"{unit}-level DP")
+        if ref and not _units(summary):
+            drawn |= _errorbar(ax, [(x_inf, ref)], m, color="C0", marker="o", label="no DP")
+        for j, unit in enumerate(adaptive_units):
+            k = len(_units(summary)) + j
+            pts = sorted(((dodge(k) * (s["epsilon_target"] if _private(s) else x_inf), s) for s in adaptive
+                          if (s["unit"] if _private(s) else "none") == unit), key=lambda p: p[0])
+            drawn |= _errorbar(ax, pts, m, color=f"C{4 + j}", marker="s", ls="--", label=f"adaptive lr ({unit})")
+        for k, base in enumerate(BASELINES):
+            s = next((s for s in summary if s.get("method") == base), None)
+            mean, ci = (s.get(f"{m}_mean"), s.get(f"{m}_ci")) if s else (None, None)
+            if mean is not None and math.isfinite(mean):
+                ax.axhline(mean, ls="--", color=f"C{2 + k}", label=base)
+                if ci:
+                    ax.axhspan(mean - ci, mean + ci, color=f"C{2 + k}", alpha=0.12, lw=0)
+                drawn = True
+        ticks = [*finite, x_inf]
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, labels=[f"{e:g}" for e in finite] + ["∞"])
+        ax.set_xticks([], minor=True)
+        ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
+        ax.set(title=title, xlabel="ε target")
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    fig.tight_layout()
+    return [_save(fig, Path(out_dir) / "freshness_vs_epsilon.png")]
+
+
+def _curve(path: Path, metric: str) -> dict[int, float]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: dict[int, float] = {}
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # a run killed mid-write leaves a truncated last line; earlier rounds still count
+                break
+            raise ValueError(f"{path}:{i}: not a JSON object.") from None
+        if obj.get(metric) is not None and obj.get("round") is not None:
+            out[int(obj["round"])] = float(obj[metric])
+    return out
+
+
+def plot_rounds(sweep_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str | os.PathLike,
+                drift_round: int | None = None, metric: str = "whr@10") -> Path:
+    """Per-round metric, mean over seeds, one line per cell: ``hr_over_rounds.png``.
+
+    Parameters
+    ----------
+    sweep_dir : path-like
+        Sweep folder holding ``cells/<cell>/seed-<seed>/metrics.jsonl``; cells without files are skipped.
+    rows : sequence of dict
+        Rows of ``results.csv`` (they say which cells and seeds exist, and in which order to draw them).
+    out_dir : path-like
+        Destination folder.
+    drift_round : int, optional
+        Round of the drift, drawn as a dotted vertical line.
+    metric : str
+        Key of the per-round metric in ``metrics.jsonl``.
+
+    Returns
+    -------
+    Path
+        The PNG written. At most :data:`MAX_CURVES` cells are drawn, the first ones in row order.
+    """
+    seeds: dict[str, list] = {}
+    for r in rows:
+        seeds.setdefault(r["cell"], [])
+        if r.get("seed") not in seeds[r["cell"]]:
+            seeds[r["cell"]].append(r.get("seed"))
+    fig = Figure(figsize=(9, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn, truncated = 0, False
+    for cell, cell_seeds in seeds.items():
+        files = [Path(sweep_dir) / "cells" / cell / f"seed-{s}" / "metrics.jsonl" for s in cell_seeds]
+        curves = [_curve(f, metric) for f in files if f.is_file()]
+        rounds = sorted({r for c in curves for r in c})
+        if not rounds:
+            continue
+        if drawn == MAX_CURVES:  # past a dozen lines the legend is unreadable
+            truncated = True
+            break
+        mean = [float(np.mean([c[r] for c in curves if r in c])) for r in rounds]
+        ax.plot(rounds, mean, lw=1.3, color=f"C{drawn % 10}", ls="-" if drawn < 10 else "--", label=cell)
+        drawn += 1
+    if drift_round is not None:
+        ax.axvline(drift_round, ls=":", color="k", label="drift")
+    ax.set(xlabel="round", ylabel=f"{metric} (mean over seeds)",
+           title=f"{metric} per round" + (f" (first {MAX_CURVES} cells)" if truncated else ""))
+    if drawn:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    fig.tight_layout()
+    return _save(fig, Path(out_dir) / "hr_over_rounds.png")
+
+
+
+def _lag(s: dict, verb: bool) -> str:
+    """The adaptation lag of a cell as a verb phrase ("adapts in …") or a noun phrase ("… rounds")."""
+    mean, n, cens = s.get("adaptation_lag_mean"), s.get("adaptation_lag_n", 0), s.get("adaptation_lag_censored", 0)
+    if mean is None:
+        return "has no lag measured" if verb else "no lag measured"
+    if cens == n:
+        return f"never recovers (≥ {_sig(mean)} rounds)" if verb else f"≥ {_sig(mean)} rounds (never recovers)"
+    text = f"{format_stat(s, 'adaptation_lag')} rounds" + (f" ({cens} of {n} seeds never recovered)" if cens else "")
+    return f"adapts in {text}" if verb else text
+
+
+def _uptake(s: dict) -> str:
+    med, rate, ci = s.get("uptake_median_mean"), s.get("uptake_rate_mean"), s.get("uptake_rate_ci")
+    share = f"{_sig(100 * rate)}{f' ± {_sig(100 * ci)}' if ci is not None else ''}%" if rate is not None else None
+    if med is not None:
+        return f"{format_stat(s, 'uptake_median')} rounds" + (f" ({share} taken up)" if share else "")
+    # no median: fewer than half of the new items were ever taken up
+    return f"no median (only {share} taken up)" if share else "not measured"
+
+
+def _at(s: dict) -> str:
+    return f"at ε={_eps(s['epsilon_target'])}"
+
+
+def _overlap(a: dict, b: dict, m: str) -> str:
+    ma, ca, mb, cb = a.get(f"{m}_mean"), a.get(f"{m}_ci"), b.get(f"{m}_mean"), b.get(f"{m}_ci")
+    if ca is None or cb is None:
+        return "no interval to compare"
+    apart = ma + ca < mb - cb or mb + cb < ma - ca
+    return "the 95% intervals do not overlap" if apart else "the 95% intervals overlap"
+
+
+def _findings(summary: list[dict], drift_round: int | None) -> list[str]:
+    ref = _nonprivate(summary)
+    drift = any(s.get("adaptation_lag_n") for s in summary)
+    new_items = any(s.get("uptake_median_n") or s.get("uptake_rate_n") for s in summary)
+    whr = any(s.get("whr_final_n") for s in summary)
+    out = []
+    if not drift:
+        out.append("Adaptation lag: no drift in this scenario, so there is no lag to report.")
+    elif drift_round is not None:
+        out.append(f"Lags count rounds after the drift at round {drift_round}.")
+    if not new_items:
+        out.append("Uptake: no new items in this scenario.")
+    if not _units(summary):
+        out.append("No cell in this sweep uses differential privacy, so there is no privacy curve.")
+    vs_ref = (lambda text: f", against {text} without DP.") if ref else (lambda text: " (no non-private cell).")
+    for unit in _units(summary):
+        cells = sorted((s for s in summary if _private(s) and s["unit"] == unit and _federated(s, "fixed")),
+                       key=lambda s: s["epsilon_target"])
+        if not cells:  # only adaptive-lr cells at this unit: they get their own sentence below
+            continue
+        picks = [cells[-1], cells[0]] if len(cells) > 1 else cells  # the largest and the smallest finite ε
+        name = f"{unit}-level DP"
+        if drift:
+            out.append(f"{name[0].upper()}{name[1:]} " + " and ".join(f"{_at(s)} {_lag(s, True)}" for s in picks)
+                       + vs_ref(ref and _lag(ref, False)))
+        if new_items:
+            out.append(f"Median uptake of new items with {name}: "
+                       + " and ".join(f"{_uptake(s)} {_at(s)}" for s in picks) + vs_ref(ref and _uptake(ref)))
+        if whr:
+            out.append(f"With {name}, windowed HR@10 ends at "
+                       + " and ".join(f"{format_stat(s, 'whr_final')} {_at(s)}" for s in picks)
+                       + vs_ref(ref and format_stat(ref, "whr_final")))
+    for base in BASELINES:
+        s = next((s for s in summary if s.get("method") == base), None)
+        if s is None:
+            out.append(f"There is no {base} baseline in this sweep.")
+        elif drift or new_items:
+            parts = ([_lag(s, True)] if drift else []) + ([f"median uptake of new items: {_uptake(s)}"]
+                                                          if new_items else [])
+            out.append(f"The {base} model {'; '.join(parts)}.")
+    for a in (s for s in summary if _federated(s, "adaptive")):
+        unit = a["unit"] if _private(a) else None
+        f = next((s for s in summary if _federated(s, "fixed") and _private(s) and s["unit"] == unit
+                  and s["epsilon_target"] == a["epsilon_target"]), None) if unit else ref
+        who = f"{unit}-level DP {_at(a)}" if unit else "no DP"
+        if f is None:  # nothing to compare with, but the cell's numbers still belong in the text
+            if drift:
+                out.append(f"With an adaptive learning rate, the model with {who} {_lag(a, True)} (no fixed-rate cell "
+                           "to compare with).")
+            continue
+        if drift:
+            out.append(f"With an adaptive learning rate, the model with {who} {_lag(a, True)}; with the fixed rate "
+                       f"it {_lag(f, True)} ({_overlap(a, f, 'adaptation_lag')}).")
+        if a.get("whr_final_mean") is not None and f.get("whr_final_mean") is not None:
+            out.append(f"With an adaptive learning rate, the model with {who} ends at windowed HR@10 "
+                       f"{format_stat(a, 'whr_final')} against {format_stat(f, 'whr_final')} with the fixed rate "
+                       f"({_overlap(a, f, 'whr_final')}).")
+    return out
+
+
+def _privacy(rows: Sequence[dict], note: str) -> list[str]:
+    out = [note.strip(), ""] if note and note.strip() else []
+    units: dict[str, list[dict]] = {}
+    for r in rows:
+        if _private(r):
+            units.setdefault(r["unit"], []).append(r)
+    for unit, rs in units.items():
+        deltas = ", ".join(f"{d:g}" for d in sorted({r["delta"] for r in rs if r.get("delta") is not None}))
+        accs = ", ".join(sorted({r["accountant"] for r in rs if r.get("accountant")}))
+        eps = ", ".join(_eps(e) for e in sorted({r["epsilon_target"] for r in rs}))
+        out.append(f"- {unit}-level DP (unit `{unit}`): δ = {deltas or MISSING}, accountant {accs or MISSING}, "
+                   f"ε targets {eps}.")
+    plain = list(dict.fromkeys(r["cell"] for r in rows if not _private(r)))
+    if plain:
+        out.append(f"- without DP: {', '.join(f'`{c}`' for c in plain)}.")
+    return out
+
+
+def write_report(sweep_dir: str | os.PathLike, *, title: str, scenario_text: str, drift_round: int | None = None,
+                 privacy_note: str) -> Path:
+    """Build the tables, plots and ``report.md`` of a finished sweep from its ``results.csv``.
+
+    Parameters
+    ----------
+    sweep_dir : path-like
+        Sweep folder holding ``results.csv`` (and ``cells/`` for the per-round plot); outputs go there too.
+    title : str
+        Report title.
+    scenario_text : str
+        Markdown describing the scenario.
+    drift_round : int, optional
+        Round of the drift, marked on the per-round plot.
+    privacy_note : str
+        Markdown opening the "Privacy" section; δ, accountant and ε targets per unit are added from the rows.
+
+    Returns
+    -------
+    Path
+        ``sweep_dir/report.md``.
+    """
+    sweep = Path(sweep_dir)
+    rows = read_results(sweep / "results.csv")
+    table = write_tables(rows, sweep)
+    images = [*plot_freshness(rows, sweep), plot_rounds(sweep, rows, sweep, drift_round=drift_round)]
+    alt = {"freshness_vs_epsilon.png": "Freshness against the privacy budget",
+           "hr_over_rounds.png": "Windowed HR@10 per round"}
+    parts = [f"# {title}", "", scenario_text.strip(), "", "## Privacy", "", *_privacy(rows, privacy_note), "",
+             "## Results", "", table.rstrip("\n"), "", *[f"![{alt.get(p.name, p.stem)}]({p.name})\n" for p in images],
+             "## What the curve says", "", *[f"- {s}" for s in _findings(summarize(rows), drift_round)], ""]
+    path = sweep / "report.md"
+    _atomic_write(path, "\n".join(parts))
+    return path

@@ -1,0 +1,188 @@
+"""Run a sweep: every cell x seed as its own ``fedrec simulate`` process, resumable, in parallel.
+
+Each run writes into ``OUT/cells/<cell>/seed-<seed>/``; a run counts as finished when its
+``summary.json`` exists (written last, atomically), so a killed sweep restarts where it stopped and
+never redoes a finished run. An unfinished run's folder is cleared before it runs again (its
+half-written outputs were never results). When all runs are done, ``results.csv`` gets one row per
+cell x seed with every metric, and the report (tables, plots, ``report.md``) is built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from ..eval.freshness import adaptation_lag
+from .report import read_results, write_report, write_results
+from .spec import Cell, SweepSpec, load_sweep
+
+
+def run_dir(out: Path, cell: Cell, seed: int) -> Path:
+    return out / "cells" / cell.name / f"seed-{seed}"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def _launch(spec: SweepSpec, cell: Cell, seed: int, out: Path, procs: dict, lock: threading.Lock) -> tuple[str, int, str]:
+    d = run_dir(out, cell, seed)
+    if d.exists():
+        shutil.rmtree(d)  # an unfinished earlier attempt: start clean (fresh ledger, fresh outputs)
+    d.mkdir(parents=True)
+    cfg = spec.config(cell, seed, d)
+    (d / "config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(d / "log.txt", "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", "--config", str(d / "config.toml"),
+                              "--no-progress"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        with lock:
+            procs[(cell.name, seed)] = p
+        rc = p.wait()
+        with lock:
+            procs.pop((cell.name, seed), None)
+    if rc != 0 or not (d / "summary.json").is_file():
+        tail = (d / "log.txt").read_text()[-600:].strip().splitlines()
+        return cell.name, seed, f"exit {rc}: {tail[-1] if tail else 'no output'} (see {d / 'log.txt'})"
+    return cell.name, seed, ""
+
+
+def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, progress: bool = True) -> Path:
+    """Run (or resume) the sweep in ``path``; returns the sweep folder holding ``report.md``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    spec = load_sweep(path)
+    out = Path(out) if out else Path("runs") / spec.path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec.path, out / "sweep.toml")
+    todo = [(c, s) for c in spec.cells for s in spec.seeds]
+    done = [(c, s) for c, s in todo if (run_dir(out, c, s) / "summary.json").is_file()]
+    pending = [(c, s) for c, s in todo if (c, s) not in done]
+    console = Console()
+    console.print(f"fedrec sweep {spec.path}: {len(spec.cells)} cells x {len(spec.seeds)} seeds = {len(todo)} runs; "
+                  f"{len(done)} already finished; {jobs} at a time -> {out}")
+    failures: list[str] = []
+    procs: dict = {}
+    lock = threading.Lock()
+    bar = Progress(TextColumn("[bold]runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, disable=not progress)
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        with bar:
+            task = bar.add_task("", total=len(todo), completed=len(done))
+            futs = {pool.submit(_launch, spec, c, s, out, procs, lock): (c, s) for c, s in pending}
+            t0 = time.time()
+            while futs:
+                finished, _ = wait(futs, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    futs.pop(f)
+                    name, seed, err = f.result()
+                    if err:
+                        failures.append(f"{name} seed {seed}: {err}")
+                    bar.update(task, advance=1, description=f"{name} seed {seed} {'FAILED' if err else 'done'} "
+                                                            f"({time.time() - t0:.0f} s)")
+                    if not progress:
+                        print(f"{name} seed {seed}: {'FAILED ' + err if err else 'done'}", flush=True)
+    except KeyboardInterrupt:
+        with lock:
+            for p in procs.values():
+                p.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    rows = collect(spec, out)
+    write_results(rows, out / "results.csv")
+    build_report(out, spec)
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed; the report covers the others. First: {failures[0]}")
+    return out
+
+
+def collect(spec: SweepSpec, out: Path) -> list[dict]:
+    """One row per finished cell x seed, every metric; adaptation lag against the reference cell."""
+    runs = {}
+    for c in spec.cells:
+        for s in spec.seeds:
+            f = run_dir(out, c, s) / "summary.json"
+            if f.is_file():
+                m = run_dir(out, c, s) / "metrics.jsonl"
+                runs[(c.name, s)] = (c, json.loads(f.read_text()),
+                                     [json.loads(line) for line in m.read_text().splitlines() if line.strip()])
+    rows = []
+    for (_, seed), (cell, summ, per_round) in runs.items():
+        ref = runs.get((spec.reference, seed))
+        rows.append(result_row(cell, seed, summ, per_round, ref[2] if ref else None, spec.path.stem))
+    return rows
+
+
+def result_row(cell: Cell, seed: int, summ: dict, per_round: list[dict], ref_rounds: list[dict] | None,
+               scenario: str) -> dict:
+    cfg, fresh, priv = summ["config"], summ.get("freshness", {}), summ.get("privacy", {})
+    k = cfg["k"]
+    unit = cell.unit
+    p = priv.get(unit, {}) if unit in ("user", "event") else {}
+    drift = fresh.get("drift_round")
+    key = f"drift_whr@{k}" if drift else f"whr@{k}"
+    lag = censored = lag_max = None
+    if drift and ref_rounds is not None:
+        series = [r.get(key) for r in per_round]
+        reference = [r.get(key) for r in ref_rounds]
+        n = min(len(series), len(reference))
+        lag = adaptation_lag(series[:n], reference[:n], drift)
+        lag_max = n - drift
+        censored = int(lag is None)
+    up = fresh.get("uptake_new") or {}
+    burst = fresh.get("uptake_burst") or {}
+    rounds = summ.get("rounds") or cfg["rounds"]
+    devices = sum(r.get("devices", 0) for r in per_round) or 1
+    return {
+        "cell": cell.name, "seed": seed, "scenario": scenario, "method": cell.method, "unit": unit,
+        "epsilon_target": cell.epsilon_target,
+        "epsilon": float(p["epsilon"]) if p.get("epsilon") is not None else (math.inf if unit == "none" else None),
+        "delta": cfg["delta"], "accountant": cfg["accountant"],
+        "noise_multiplier": float(p.get("noise_multiplier", 0.0)), "cohort": cfg["cohort"], "rounds": cfg["rounds"],
+        "events_per_round": summ["metrics"].get("events_scored", 0) / max(rounds, 1),
+        "lr_schedule": cfg.get("lr-schedule", "fixed"),
+        f"hr@{k}": summ["metrics"].get(f"hr@{k}"), f"ndcg@{k}": summ["metrics"].get(f"ndcg@{k}"),
+        "whr_final": fresh.get(f"whr@{k}_final"),
+        f"popularity_hr@{k}": (summ["baselines"].get("popularity") or {}).get(f"hr@{k}"),
+        f"recent_popularity_hr@{k}": (summ["baselines"].get("recent_popularity") or {}).get(f"hr@{k}"),
+        "adaptation_lag": lag, "lag_censored": censored, "lag_max": lag_max,
+        "uptake_median": up.get("median_rounds"), "uptake_rate": up.get("rate"),
+        "burst_uptake_median": burst.get("median_rounds"), "burst_uptake_rate": burst.get("rate"),
+        "staleness_mean": fresh.get("staleness_mean"), "wall_s": summ["timings"]["wall_s"],
+        "bytes_up_per_device_round": summ["bytes"]["up"] / devices,
+    }
+
+
+def build_report(out: Path, spec: SweepSpec | None = None) -> Path:
+    """Tables, plots and report.md from ``out/results.csv`` (and ``out/sweep.toml`` for the words)."""
+    out = Path(out)
+    if spec is None and (out / "sweep.toml").is_file():
+        spec = load_sweep(out / "sweep.toml")
+    read_results(out / "results.csv")  # fail here, naming the line, on a malformed file
+    drift = None
+    for c in (spec.cells if spec else []):
+        for s in spec.seeds:
+            f = run_dir(out, c, s) / "summary.json"
+            if drift is None and f.is_file():
+                drift = json.loads(f.read_text()).get("freshness", {}).get("drift_round")
+    note = (spec.privacy_note if spec else "") or (
+        "User-level ε protects all of one device's events over the whole run (DP-FedAvg: the device clips its "
+        "whole delta, the server adds Gaussian noise, Poisson-sampled cohorts); event-level ε protects each "
+        "single event (Opacus DP-SGD on the device), reported as the maximum over devices.")
+    return write_report(out, title=spec.title if spec else out.name, scenario_text=spec.scenario if spec else "",
+                        drift_round=drift, privacy_note=note)
