@@ -21,6 +21,7 @@ from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
 from fedrec.eval.freshness import tracked_items
 from fedrec.models.mf import build_model
+from fedrec.serving import ServeInput, serve_round
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -69,6 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     mine = set(hosted_devices(context, stream.n_devices))
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
+    cohort_start = None if cfg.serve_eval else start  # with serving, the probes come from every device
     out = RecordDict()
     for d in [int(x) for x in conf["devices"]]:
         skey = f"device-{d}"
@@ -78,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
             state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else DeviceState()
             idx = stream.device_events(d, round_)
             res = client_update(model, global_state, state, log.item[idx], stream.round_of[idx], round_, cfg,
-                                device_id=d, noise_multiplier=noise, probe=_probe(stream, start, d, round_, cfg.freshness_window))
+                                device_id=d, noise_multiplier=noise, probe=_probe(stream, cohort_start, d, round_, cfg.freshness_window))
         except Exception as e:  # one failing device must not sink its node's other devices
             out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
                                               "trace": traceback.format_exc()[-2000:]})
@@ -97,9 +99,46 @@ def train(msg: Message, context: Context) -> Message:
             "skipped": 0,
         })
         if res.probe_hits is not None:
-            out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in _probe(stream, start, d, round_, cfg.freshness_window)],
+            out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in _probe(stream, cohort_start, d, round_,
+                                                                                   cfg.freshness_window)],
                                               "hits": [int(h) for h in res.probe_hits]})
+    if cfg.serve_eval:
+        _serve(out, context, stream, cfg, global_state, round_, mine, start)
     return Message(out, reply_to=msg)
+
+
+def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, global_state: dict, round_: int,
+           mine: set[int], start: np.ndarray | None) -> None:
+    """Score every hosted device's events of this round with the newest version (see fedrec.serving)."""
+    log = stream.log
+    idx = np.flatnonzero(stream.round_of == round_)
+    active = sorted(set(int(u) for u in np.unique(log.user[idx])) & mine)
+    vec = context.state["serve-vectors"] if "serve-vectors" in context.state else None
+    vectors = {}
+    if vec is not None:
+        ids, mat = vec["ids"].numpy(), vec["vectors"].numpy()
+        vectors = {int(d): mat[j] for j, d in enumerate(ids)}
+    inputs = []
+    for d in active:
+        di = stream.by_user[d]
+        r = stream.round_of[di]
+        inputs.append(ServeInput(device=d, history=log.item[di[r < round_]], new=log.item[di[r == round_]],
+                                 probe=_probe(stream, start, d, round_ - 1, cfg.freshness_window)))
+    res = serve_round(global_state["item.weight"], cfg.dim, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
+                      fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
+                      init_scale=cfg.init_scale, negatives=cfg.negatives)
+    for x in res:
+        vectors[x.device] = x.vector
+    if vectors:
+        keys = sorted(vectors)
+        context.state["serve-vectors"] = ArrayRecord({"ids": _array(np.asarray(keys, np.int64)),
+                                                     "vectors": _array(np.stack([vectors[d] for d in keys]))})
+    out["serve"] = MetricRecord({"devices": [x.device for x in res], "n": [x.counts.n for x in res],
+                                 "hits": [float(x.counts.hits) for x in res],
+                                 "ndcg": [float(x.counts.ndcg) for x in res]})
+    items = [int(i) for x, s in zip(res, inputs, strict=True) if x.probe_hits is not None for i in s.probe]
+    hits = [int(h) for x in res if x.probe_hits is not None for h in x.probe_hits]
+    out["serve-probe"] = MetricRecord({"items": items, "hits": hits})
 
 
 def _probe(stream, start: np.ndarray | None, device: int, round_: int, window: int) -> np.ndarray | None:

@@ -77,6 +77,7 @@ class RunConfig:
     # evaluation and output
     k: int = 10
     freshness_window: int = 3  #: rounds in the sliding window of windowed HR@K
+    serve_eval: bool = True  #: every round, every device with new events scores them with the newest version
     uptake_probe: bool = True  #: simulation only: devices report new-item top-K membership (a measurement)
     out: str = "runs/latest"
     device: str = "auto"  #: torch device for server aggregation: auto, cpu, cuda

@@ -59,8 +59,10 @@ class RunRecorder:
         print(f"fedrec: {msg}", flush=True)
 
     def round(self, r: int, *, done: list[int], counts: PrequentialCounts, failed: list, extra: dict,
-              per_device: list | None = None, probes: list | None = None) -> dict:
-        self.schedule.append(list(done))
+              per_device: list | None = None, probes: list | None = None, scored: list[int] | None = None) -> dict:
+        """One finished round. ``counts`` are the round's scored events; ``scored`` the devices whose
+        events they are (default: the devices that trained), for baselines scored on the same events."""
+        self.schedule.append(list(done if scored is None else scored))
         self.total.add(counts)
         k = self.cfg.k
         row = {"round": r, f"hr@{k}": _finite(counts.hr), f"ndcg@{k}": _finite(counts.ndcg_mean),
@@ -191,6 +193,8 @@ class RunRecorder:
             "bytes": {"up": int(sum(r.get("bytes_up", 0) for r in self.rows)),
                       "down": int(sum(r.get("bytes_down", 0) for r in self.rows))},
         }
+        # the final global model, for reuse and for tests that hold two engines to the same result
+        np.savez(self.out / "global_model.npz", **{k: v.detach().cpu().numpy() for k, v in final_state.items()})
         # rewrite once with the per-round popularity column (the streamed lines stay until then)
         with open(self.out / "metrics.jsonl", "w") as f:
             for row in self.rows:

@@ -75,6 +75,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     base_conf = {**cfg.to_flat(), "effective-noise-multiplier": z_event}
     home, n_items = _discover(grid, cfg, base_conf)
     population = sorted(home)
+    nodes = sorted(set(home.values()))
     user_dp = cfg.privacy in ("user", "both")
     q_user = min(1.0, cfg.cohort / len(population))
     z_user = user_noise(cfg, q_user)
@@ -117,8 +118,11 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         by_node: dict[int, list[int]] = {}
         for d in cohort:
             by_node.setdefault(home[d], []).append(d)
+        if cfg.serve_eval:  # every node serves its devices the new version, sampled for training or not
+            for n in nodes:
+                by_node.setdefault(n, [])
         msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base_conf, "round": r, "devices": ds})}),
-                        dst_node_id=n, message_type="train") for n, ds in by_node.items()]
+                        dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
         got = _collect(grid.send_and_receive(msgs) if msgs else [], gstate, cfg.clip if user_dp else None)
         if not got.deltas and got.failed and not user_dp:
             raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
@@ -131,7 +135,8 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                         for d, m in zip(got.done, got.metrics, strict=True) if z_event and m["steps"]])
         # the static baseline freezes the served model after `freeze_after` rounds (devices still
         # personalise their own vectors); the adaptive schedule reads only the aggregated counts
-        lr = 0.0 if cfg.freeze_after and r > cfg.freeze_after else lr_ctl.step(got.counts)
+        served = got.served if cfg.serve_eval else None
+        lr = 0.0 if cfg.freeze_after and r > cfg.freeze_after else lr_ctl.step(served.counts if served else got.counts)
         if user_dp:
             mean, diag = noisy_mean(gstate, got.deltas, clip=cfg.clip, noise_multiplier=z_user,
                                     expected_devices=q_user * len(population), generator=noise_gen)
@@ -144,15 +149,19 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         if got.new_events:
             last_fresh = r
         ev = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values()) if z_event else []
-        row = rec.round(r, done=got.done, counts=got.counts, failed=got.failed, per_device=got.per_device,
-                        probes=got.probes, extra={
+        row = rec.round(r, done=got.done, counts=served.counts if served else got.counts, failed=got.failed,
+                        per_device=served.per_device if served else got.per_device,
+                        probes=served.probes if served else got.probes,
+                        scored=[d for d, _ in served.per_device] if served else None, extra={
+            "cohort_hr@10": _num(got.counts.hr), "cohort_events_scored": got.counts.n,
             "epsilon": _num(max(ev)) if ev else (_num(ledger.user_epsilon(cfg.delta, cfg.accountant)) if user_dp else 0.0),
             "epsilon_median": _num(statistics.median(ev)) if ev else 0.0,
             "epsilon_user": _num(ledger.user_epsilon(cfg.delta, cfg.accountant)) if user_dp else None,
             "epsilon_user_period": _num(ledger.user_epsilon(cfg.delta, cfg.accountant, period=period))
             if user_dp else None,
             "staleness": r + 1 - last_fresh, "new_events": got.new_events, "bytes_up": got.bytes_up,
-            "bytes_down": down * len(cohort), "sampled": len(cohort), "skipped_budget": got.skipped,
+            "bytes_down": down * len(cohort), "sampled": len(cohort),
+            "bytes_down_serving": down * len(served.per_device) if served else 0, "skipped_budget": got.skipped,
             "frac_clipped": (sum(got.clipped) / len(got.clipped)) if user_dp and got.clipped else None,
             "mean_preclip_norm": float(np.mean(got.preclip)) if user_dp and got.preclip else None,
             "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
@@ -192,6 +201,13 @@ def _discover(grid: Grid, cfg: RunConfig, base_conf: dict) -> tuple[dict[int, in
 
 
 @dataclass
+class _Served:
+    counts: PrequentialCounts = field(default_factory=PrequentialCounts)
+    per_device: list = field(default_factory=list)
+    probes: list = field(default_factory=list)
+
+
+@dataclass
 class _Replies:
     done: list = field(default_factory=list)
     deltas: list = field(default_factory=list)
@@ -203,6 +219,7 @@ class _Replies:
     counts: PrequentialCounts = field(default_factory=PrequentialCounts)
     per_device: list = field(default_factory=list)  #: (device, PrequentialCounts) of each completed device
     probes: list = field(default_factory=list)  #: (items, hits) uptake probes (simulation measurement)
+    served: _Served | None = None  #: what every device with events this round was served (serve-eval)
     bytes_up: int = 0
     new_events: int = 0
     skipped: int = 0
@@ -218,6 +235,15 @@ def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _R
         if rep.has_error():
             out.failed.append((rep.metadata.src_node_id, rep.error.reason))
             continue
+        if "serve" in rep.content:
+            sv = rep.content["serve"]
+            out.served = out.served or _Served()
+            for d, n, h, g in zip(sv["devices"], sv["n"], sv["hits"], sv["ndcg"], strict=True):
+                c = PrequentialCounts(int(n), float(h), float(g))
+                out.served.counts.add(c)
+                out.served.per_device.append((int(d), c))
+            pr = rep.content["serve-probe"]
+            out.served.probes.append((list(pr["items"]), list(pr["hits"])))
         for key in rep.content.keys():
             if key.startswith("error-"):
                 out.failed.append((int(key[6:]), rep.content[key]["reason"]))

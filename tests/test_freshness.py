@@ -62,3 +62,75 @@ def test_uptake_by_hand():
 def test_staleness_by_hand():
     assert staleness([True, True, False, False, True]) == [None, 1, 1, 2, 3]
     assert staleness([False, False]) == [None, None]
+
+
+# ---- uptake summaries, top-K membership, launch rounds, recent popularity -------------------------
+
+def test_uptake_summary_by_hand():
+    from fedrec.eval.freshness import uptake_summary
+
+    start = {5: 2, 6: 3, 7: 1}
+    shares = {5: [None, 0.2, 0.6, 0.9],  # launched round 2: reaches 0.5 at round 3 -> 1 round
+              6: [None, None, None, 0.5],  # launched round 3: 0.5 at round 4 -> 1 round
+              7: [0.1, 0.1, 0.1, 0.1]}  # never
+    s = uptake_summary(start, shares)
+    assert s["per_item"] == {"5": 1, "6": 1, "7": None}
+    assert s["items"] == 3 and s["taken_up"] == 2 and s["rate"] == pytest.approx(2 / 3)
+    assert s["median_rounds"] == 1.0  # [1, 1, inf] -> 1
+    assert s["peak_share_median"] == pytest.approx(0.5)
+    # half or more never taken up: the median is censored, so None
+    assert uptake_summary({1: 1, 2: 1}, {1: [1.0], 2: [0.0]})["median_rounds"] is None
+
+
+def test_in_topk_agrees_with_brute_force_ranks():
+    import numpy as np
+
+    from fedrec.eval.metrics import in_topk, target_rank
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        s = rng.integers(0, 6, size=25).astype(float)  # many ties
+        ex = rng.random(25) < 0.3
+        items = rng.integers(0, 25, size=5)
+        k = int(rng.integers(1, 8))
+        want = [bool(not ex[i] and target_rank(s, int(i), ex) < k) for i in items]
+        assert in_topk(s, items, ex, k).tolist() == want
+
+
+def test_launch_round_and_tracked_items():
+    import numpy as np
+
+    from fedrec.data.events import EventLog
+    from fedrec.data.stream import RoundStream
+    from fedrec.eval.freshness import tracked_items
+
+    # item 0 from round 1; item 1 first seen in round 2 with 5 events; item 2 first seen in round 3 once
+    items = [0, 0, 1, 1, 1, 1, 1, 2, 0]
+    users = [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    ts = [0, 0.1, 1.0, 1.1, 1.2, 1.3, 2.5, 2.6, 2.7]
+    log = EventLog.from_arrays(user=np.array(users), item=np.array(items), timestamp=np.array(ts, float))
+    st = RoundStream.build(log, 3, "time")
+    assert st.launch_round.tolist() == [1, 2, 3]
+    start, groups = tracked_items(st, min_users=5)
+    assert start.tolist() == [0, 2, 0] and groups == {"new": [1], "burst": []}
+    assert st.round_at(0.05) == 1 and st.round_at(2.55) == 3
+
+
+def test_recent_window_popularity_forgets():
+    import numpy as np
+
+    from fedrec.data.events import EventLog
+    from fedrec.data.stream import RoundStream
+    from fedrec.eval.baselines import popularity_prequential
+
+    # rounds 1-2: item 0 is the hit; round 3: item 1 is; device 9 is scored in round 4 on item 1
+    items = [0] * 6 + [0] * 6 + [1] * 3 + [1]
+    users = list(range(6)) + list(range(6)) + [6, 7, 8] + [9]
+    ts = [0.0] * 6 + [1.0] * 6 + [2.0] * 3 + [3.0]
+    log = EventLog.from_arrays(user=np.array(users), item=np.array(items), timestamp=np.array(ts, float))
+    st = RoundStream.build(log, 4, "time")
+    sched = [[], [], [], [9]]  # ids are remapped in order of first appearance: user 9 stays 9
+    all_time = popularity_prequential(st, sched, k=1)[3]
+    recent = popularity_prequential(st, sched, k=1, window=1)[3]
+    assert all_time.n == recent.n == 1
+    assert all_time.hits == 0 and recent.hits == 1  # only the recent window puts item 1 first

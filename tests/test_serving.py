@@ -1,0 +1,51 @@
+"""Serving evaluation: every device scored with the newest version and its own fitted vector."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedrec.serving import ServeInput, serve_round
+
+KW = dict(round_=3, seed=0, k=2, fit_steps=40, lr=0.5, init_scale=0.1)
+
+
+def _table() -> np.ndarray:
+    # 8 items, dim 2: items 0-3 point along x, items 4-7 along y; no bias
+    t = np.zeros((8, 3), np.float32)
+    t[:4, 0] = 1.0
+    t[4:, 1] = 1.0
+    t[:, :2] += np.linspace(0, 0.01, 8)[:, None]  # break exact ties
+    return t
+
+
+def test_fit_personalises_to_the_device_history():
+    d = ServeInput(device=7, history=np.array([0, 1]), new=np.array([2, 5]))
+    (res,) = serve_round(_table(), 2, [d], {}, **KW)
+    # the vector learnt "x": item 2 (x cluster, not yet had) ranks in the top-2, item 5 does not
+    assert res.vector[0] > res.vector[1]
+    assert res.counts.n == 2 and res.counts.hits == 1.0
+
+
+def test_devices_do_not_depend_on_their_batch():
+    devs = [ServeInput(device=1, history=np.array([0, 1, 2]), new=np.array([3]), probe=np.array([3, 4])),
+            ServeInput(device=2, history=np.array([4]), new=np.array([5, 6])),
+            ServeInput(device=3, history=np.array([], np.int64), new=np.array([7]))]
+    prev = {2: np.array([0.0, 0.3], np.float32)}
+    together = serve_round(_table(), 2, devs, prev, **KW)
+    for d, t in zip(devs, together, strict=True):
+        (alone,) = serve_round(_table(), 2, [d], prev, **KW)
+        assert alone.device == t.device and alone.counts == t.counts
+        assert np.allclose(alone.vector, t.vector, atol=1e-6)
+        assert (alone.probe_hits is None) == (t.probe_hits is None)
+    assert together[0].probe_hits[0]  # item 3, the last x item it has not had, is in its top-2
+    assert together[1].probe_hits is None
+
+
+def test_same_seed_same_result_and_inputs_untouched():
+    h = np.array([0, 4])
+    d = ServeInput(device=4, history=h, new=np.array([1]))
+    prev = {4: np.array([0.1, 0.1], np.float32)}
+    a = serve_round(_table(), 2, [d], prev, **KW)[0]
+    b = serve_round(_table(), 2, [d], prev, **KW)[0]
+    assert np.array_equal(a.vector, b.vector) and a.counts == b.counts
+    assert h.tolist() == [0, 4] and prev[4].tolist() == [np.float32(0.1)] * 2
