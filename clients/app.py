@@ -22,6 +22,7 @@ from fedrec.data.source import load_stream
 from fedrec.eval.freshness import tracked_items
 from fedrec.models.mf import build_model
 from fedrec.serving import ServeInput, serve_round
+from fedrec.wire import encode_delta, wire_mode
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -70,6 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     mine = set(hosted_devices(context, stream.n_devices))
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
+    wire = wire_mode(cfg.wire, cfg.privacy)
     cohort_start = None if cfg.serve_eval else start  # with serving, the probes come from every device
     out = RecordDict()
     for d in [int(x) for x in conf["devices"]]:
@@ -90,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             out[f"skip-{d}"] = ConfigRecord({"reason": res.skipped})
             continue
         context.state[skey] = ConfigRecord(res.state.to_config())
-        out[f"delta-{d}"] = ArrayRecord({k: _array(v) for k, v in res.delta.items()})
+        out[f"delta-{d}"] = ArrayRecord({k: _array(v) for k, v in encode_delta(res.delta, wire).items()})
         out[f"metrics-{d}"] = MetricRecord({
             "num-examples": res.n_train, "n-new": res.n_new, "eval-n": res.counts.n,
             "eval-hits": float(res.counts.hits), "eval-ndcg": float(res.counts.ndcg),

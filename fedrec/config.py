@@ -64,6 +64,7 @@ class RunConfig:
     replay_rounds: int = 2  #: an event is replayed in at most this many later updates
     server_lr: float = 10.0
     lr_schedule: str = "fixed"  #: fixed, or adaptive (server lr raised when windowed HR drops)
+    wire: str = "auto"  #: delta encoding: auto (sparse rows without event DP, fp16 with), dense, fp16, sparse
     # privacy
     privacy: str = "user"
     noise_multiplier: float = 1.0
@@ -117,6 +118,9 @@ class RunConfig:
         need(self.budget_period >= 0, "budget-period", "must be 0 (whole run) or a number of rounds")
         need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        need(self.wire in ("auto", "dense", "fp16", "sparse"), "wire", "must be one of auto, dense, fp16, sparse")
+        need(not (self.wire == "sparse" and self.privacy in ("event", "both")), "wire",
+             "cannot be sparse under event-level DP (it would reveal which item rows a device touched)")
         need(self.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
         need(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"must be one of {', '.join(LR_SCHEDULES)}")

@@ -31,6 +31,7 @@ from fedrec.privacy.user_level import delta_norm, noisy_mean, poisson_cohort
 from fedrec.report import RunRecorder
 from fedrec.server_aggregate import pick_device, server_aggregate
 from fedrec.server_lr import ServerLR
+from fedrec.wire import decode_delta
 
 
 class FederationError(RuntimeError):
@@ -254,12 +255,17 @@ def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _R
             if m.get("skipped", 0):
                 out.skipped += 1
                 continue
-            delta = {k: v.numpy() for k, v in rep.content[f"delta-{d}"].items()}
+            raw = {k: v.numpy() for k, v in rep.content[f"delta-{d}"].items()}
+            try:
+                delta = decode_delta(raw)
+            except ValueError as e:
+                out.failed.append((d, str(e)))
+                continue
             problem = _validate(delta, gstate, clip)
             if problem:
                 out.failed.append((d, problem))
                 continue
-            out.bytes_up += sum(v.nbytes for v in delta.values())
+            out.bytes_up += sum(v.nbytes for v in raw.values())
             out.done.append(d)
             out.deltas.append(delta)
             out.weights.append(1.0 if clip is not None else float(m["num-examples"]))
@@ -276,12 +282,21 @@ def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _R
     return out
 
 
-def _validate(delta: dict[str, np.ndarray], gstate: dict[str, torch.Tensor], clip: float | None = None) -> str | None:
+def _validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = None) -> str | None:
+    """Why a decoded delta (dense arrays or sparse ``(ids, rows)``) cannot be aggregated, or None."""
     if set(delta) != set(gstate):
         return f"delta has keys {sorted(delta)}, expected {sorted(gstate)}"
     for k, v in delta.items():
-        if tuple(v.shape) != tuple(gstate[k].shape):
-            return f"delta {k} has shape {tuple(v.shape)}, expected {tuple(gstate[k].shape)}"
+        shape = tuple(gstate[k].shape)
+        if isinstance(v, tuple):
+            ids, rows = v
+            if ids.ndim != 1 or ids.dtype.kind not in "iu" or tuple(rows.shape) != (len(ids), *shape[1:]):
+                return f"sparse delta {k} has ids {ids.shape} and rows {rows.shape}, expected rows of shape {shape[1:]}"
+            if len(ids) and (ids.min() < 0 or ids.max() >= shape[0] or len(np.unique(ids)) != len(ids)):
+                return f"sparse delta {k} has row ids out of range [0, {shape[0]}) or repeated"
+            v = rows
+        elif tuple(v.shape) != shape:
+            return f"delta {k} has shape {tuple(v.shape)}, expected {shape}"
         if not np.all(np.isfinite(v)):
             return f"delta {k} has non-finite values"
     if clip is not None:

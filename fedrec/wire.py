@@ -1,0 +1,71 @@
+"""How a device's delta travels: dense float32, dense float16, or sparse item rows.
+
+* ``sparse``: for each 2-D table, the ids of the rows the update touched and those rows
+  (``<name>.ids`` int64, ``<name>.rows`` float32). Without event-level noise a device's delta is
+  zero outside the rows its events and sampled negatives touched, so nothing is lost — but the
+  server learns *which* rows were touched. That is allowed where the trust model already shows
+  the server each device's delta: no DP, or user-level DP without secure aggregation (the dense
+  delta's zero rows reveal the same set). It is refused under event-level DP, whose noise covers
+  every row precisely so the touched set stays hidden.
+* ``fp16``: dense, half precision: event-level DP-SGD noise is spread over every row, so the
+  delta is dense; half the bytes, and the rounding (relative 1e-3) sits far below the noise.
+* ``dense``: float32 as computed.
+
+``auto`` picks sparse for ``none``/``user``, fp16 for ``event``, and dense float32 for ``both``
+(the server checks the user-level clip on what it receives; half precision could round a
+clipped delta's norm above the clip).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WIRES = ("auto", "dense", "fp16", "sparse")
+
+
+def wire_mode(wire: str, privacy: str) -> str:
+    """The encoding a device uses for ``wire`` (a config value) under ``privacy``."""
+    if wire == "auto":
+        return {"none": "sparse", "user": "sparse", "event": "fp16", "both": "dense"}[privacy]
+    if wire == "sparse" and privacy in ("event", "both"):
+        raise ValueError("Sparse deltas would reveal which item rows a device touched, which event-level DP hides; "
+                         "use wire = \"fp16\" or \"dense\" with privacy event/both.")
+    return wire
+
+
+def encode_delta(delta: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    """Flat arrays (for one Flower ArrayRecord) of a dense delta in ``mode``."""
+    if mode == "dense":
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in delta.items()}
+    if mode == "fp16":
+        return {k: np.ascontiguousarray(v, dtype=np.float16) for k, v in delta.items()}
+    if mode != "sparse":
+        raise ValueError(f"Unknown wire mode {mode!r}; expected one of dense, fp16, sparse.")
+    out = {}
+    for k, v in delta.items():
+        v = np.asarray(v, dtype=np.float32)
+        if v.ndim != 2:
+            out[k] = np.ascontiguousarray(v)
+            continue
+        ids = np.flatnonzero(np.any(v != 0, axis=1)).astype(np.int64)
+        out[f"{k}.ids"] = ids
+        out[f"{k}.rows"] = np.ascontiguousarray(v[ids])
+    return out
+
+
+def decode_delta(arrays: dict[str, np.ndarray]) -> dict:
+    """The inverse: ``name -> dense float32 array`` or ``name -> (ids, rows)`` for sparse tables."""
+    out: dict = {}
+    for k, v in arrays.items():
+        if k.endswith(".ids"):
+            name = k[:-4]
+            rows = arrays.get(f"{name}.rows")
+            if rows is None:
+                raise ValueError(f"sparse delta {name} has ids but no rows")
+            out[name] = (np.asarray(v), np.asarray(rows, dtype=np.float32))
+        elif k.endswith(".rows"):
+            if f"{k[:-5]}.ids" not in arrays:
+                raise ValueError(f"sparse delta {k[:-5]} has rows but no ids")
+        else:
+            out[k] = np.asarray(v, dtype=np.float32)
+    return out
