@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean bench
 
 $(BIN)/fedrec: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,15 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check fedrec clients server tests
+	$(BIN)/ruff check fedrec clients server tests benchmarks scenarios
+
+# Speed and memory benchmarks (by hand; several minutes). Each prints ratios against a baseline
+# measured in the same run; see README "Performance".
+bench: venv
+	$(BIN)/python benchmarks/bench_aggregate.py
+	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/bench_throughput.py
+	$(BIN)/python benchmarks/bench_rss.py
 
 clean:
 	rm -rf runs .pytest_cache

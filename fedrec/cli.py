@@ -17,7 +17,7 @@ FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few m
     "local-steps": int, "sample-rate": float, "lr": float, "server-lr": float, "dim": int,
     "replay-rounds": int, "accountant": str, "device": str, "event-clip": float, "budget-period": int,
     "user-lr": float, "init-scale": float, "user-fit-steps": int, "engine": str, "method": str,
-    "freeze-after": int, "lr-schedule": str, "freshness-window": int, "world-users": int, "world-items": int,
+    "freeze-after": int, "lr-schedule": str, "server-opt": str, "wire": str, "freshness-window": int, "world-users": int, "world-items": int,
     "world-bursts": int, "world-shift-share": float, "world-new-item-share": float,
 }
 

@@ -64,6 +64,7 @@ class RunConfig:
     replay_rounds: int = 2  #: an event is replayed in at most this many later updates
     server_lr: float = 10.0
     lr_schedule: str = "fixed"  #: fixed, or adaptive (server lr raised when windowed HR drops)
+    server_opt: str = "fedavg"  #: fedavg, fedadagrad, fedadam, fedyogi (adaptive ones want server-lr ~0.01-0.1)
     wire: str = "auto"  #: delta encoding: auto (sparse rows without event DP, fp16 with), dense, fp16, sparse
     # privacy
     privacy: str = "user"
@@ -121,6 +122,8 @@ class RunConfig:
         need(self.wire in ("auto", "dense", "fp16", "sparse"), "wire", "must be one of auto, dense, fp16, sparse")
         need(not (self.wire == "sparse" and self.privacy in ("event", "both")), "wire",
              "cannot be sparse under event-level DP (it would reveal which item rows a device touched)")
+        need(self.server_opt in ("fedavg", "fedadagrad", "fedadam", "fedyogi"), "server-opt",
+             "must be one of fedavg, fedadagrad, fedadam, fedyogi")
         need(self.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
         need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
         need(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"must be one of {', '.join(LR_SCHEDULES)}")

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.checkpoint import save_checkpoint
 from fedrec.config import RunConfig
 from fedrec.eval.metrics import PrequentialCounts
 from fedrec.models.mf import build_model
@@ -29,8 +30,9 @@ from fedrec.privacy.ledger import Ledger, Release
 from fedrec.privacy.report import privacy_report
 from fedrec.privacy.user_level import delta_norm, noisy_mean, poisson_cohort
 from fedrec.report import RunRecorder
-from fedrec.server_aggregate import pick_device, server_aggregate
+from fedrec.server_aggregate import pick_device, server_aggregate, weighted_sum
 from fedrec.server_lr import ServerLR
+from fedrec.server_opt import ServerOptimizer
 from fedrec.wire import decode_delta
 
 
@@ -94,6 +96,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     rec.start(population=len(population), n_items=n_items, noise_multiplier=z_event or z_user, device=str(dev))
     last_fresh, stopped = 0, ""
     lr_ctl = ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive")
+    opt = ServerOptimizer(cfg.server_opt)
     for r in range(1, cfg.rounds + 1):
         t0 = time.time()
         period = (r - 1) // cfg.budget_period if cfg.budget_period else 0
@@ -143,11 +146,16 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                                     expected_devices=q_user * len(population), generator=noise_gen)
             ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=z_user,
                                   sample_rate=q_user, steps=1, clip=cfg.clip, period=period))
-            gstate = {k: gstate[k] + lr * mean[k] for k in gstate}
-            diag["update_norm"] = float(torch.sqrt(sum((lr * m).pow(2).sum() for m in mean.values())))
-        else:
+            diag["update_norm"] = opt.step(gstate, mean, lr)  # post-processing of the DP release
+        elif cfg.server_opt == "fedavg":
             gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=lr, inplace=True)
-        if got.new_events:
+        else:
+            total = float(sum(got.weights))
+            diag = {"weight": total, "update_norm": 0.0}
+            if total > 0:
+                mean = weighted_sum(gstate, got.deltas, [w / total for w in got.weights])
+                diag["update_norm"] = opt.step(gstate, mean, lr)
+        if got.new_events and lr > 0:  # a frozen (static) or skipped update reflects nothing new
             last_fresh = r
         ev = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values()) if z_event else []
         row = rec.round(r, done=got.done, counts=served.counts if served else got.counts, failed=got.failed,
@@ -167,6 +175,8 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             "mean_preclip_norm": float(np.mean(got.preclip)) if user_dp and got.preclip else None,
             "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
             "update_norm": diag.get("update_norm", 0.0), "server_lr": lr, "wall_s": round(time.time() - t0, 3)})
+        save_checkpoint(Path(cfg.out) / "checkpoint.npz", round_=r, global_state=gstate,
+                        optimizer=opt.state_dict(), lr_schedule=lr_ctl.state_dict())
         if on_round:
             on_round(row)
     final = {k: v.detach().cpu() for k, v in gstate.items()}

@@ -35,3 +35,15 @@ def test_local_and_ray_engines_give_the_same_global_model(tmp_path, privacy):
     for key in ("hr@10", "ndcg@10", "events_scored"):
         assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-6)
     assert a["privacy"][privacy]["epsilon"] == pytest.approx(b["privacy"][privacy]["epsilon"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_sharded_and_one_node_per_device_runs_give_the_same_global_model(tmp_path):
+    """One node hosting every device, 40 nodes hosting one device each, and Ray's 2 shards agree."""
+    one = _simulate(tmp_path / "one", "--engine", "local", "--privacy", "user", "--nodes", "1")
+    per_device = _simulate(tmp_path / "each", "--engine", "local", "--privacy", "user", "--nodes", "40")
+    ray2 = _simulate(tmp_path / "ray2", "--engine", "ray", "--privacy", "user", "--nodes", "2")
+    m = [np.load(tmp_path / d / "global_model.npz")["item.weight"] for d in ("one", "each", "ray2")]
+    assert np.allclose(m[0], m[1], atol=1e-5) and np.allclose(m[0], m[2], atol=1e-5)
+    assert one["metrics"]["hr@10"] == pytest.approx(per_device["metrics"]["hr@10"], rel=1e-6)
+    assert one["metrics"]["hr@10"] == pytest.approx(ray2["metrics"]["hr@10"], rel=1e-6)

@@ -44,6 +44,11 @@ def test_adaptation_lag_by_hand():
     assert adaptation_lag(ref, ref, 3) == 0  # the reference never lags itself
     assert adaptation_lag([0.1] * 6, ref, 3) is None  # never recovers: censored, not a number
     assert adaptation_lag([None, None, None, 0.5, 0.5, 0.5], ref, 3) == 1  # missing rounds skipped
+    # level with the reference while it dips, then left behind as it recovers: not adapted, and
+    # a recovery that does not last does not count either
+    assert adaptation_lag([0.5, 0.5, 0.3, 0.3, 0.3, 0.3], ref, 3) is None
+    assert adaptation_lag([0.5, 0.5, 0.3, 0.3, 0.5, 0.3], ref, 3) is None
+    assert adaptation_lag([0.5, 0.5, 0.3, 0.3, 0.3, 0.48], ref, 3) == 3
 
 
 def test_adaptation_lag_rejects_a_drift_outside_the_run():

@@ -29,23 +29,30 @@ def windowed_rate(hits: Sequence[float], n: Sequence[float], window: int) -> lis
 
 def adaptation_lag(series: Sequence[float | None], reference: Sequence[float | None], drift_round: int,
                    tolerance: float = 0.1) -> int | None:
-    """Rounds after ``drift_round`` until ``series`` is back within ``tolerance`` of ``reference``.
+    """Rounds after ``drift_round`` until ``series`` is back within ``tolerance`` of ``reference``, to stay.
 
-    Both are per-round windowed HR@K (the reference: the non-private, every-round run). The lag is
-    the smallest ``t >= 0`` with ``series[d+t] >= (1 - tolerance) * reference[d+t]``; rounds where
-    either value is missing are skipped. None if it never recovers within the run.
+    Both are per-round windowed HR@K (the reference: the non-private, every-round run). A round is
+    *within* when ``series[r] >= (1 - tolerance) * reference[r]``. The lag is ``t - drift_round`` for
+    the first round ``t >= drift_round`` from which every later round is within: a model that never
+    falls behind has lag 0, and one that looks level only because the reference dipped too, then
+    falls behind as the reference recovers, has not adapted. Rounds where either value is missing
+    are skipped. None (right-censored) if it is not within at the last round.
     """
     if len(series) != len(reference):
         raise ValueError("series and reference need one value per round each.")
     if not 1 <= drift_round <= len(series):
         raise ValueError(f"The drift round {drift_round} lies outside the run's rounds 1..{len(series)}.")
+    lag = None
     for r in range(drift_round, len(series) + 1):
         s, ref = series[r - 1], reference[r - 1]
         if s is None or ref is None:
             continue
         if s >= (1.0 - tolerance) * ref:
-            return r - drift_round
-    return None
+            if lag is None:
+                lag = r - drift_round
+        else:
+            lag = None
+    return lag
 
 
 def uptake_rounds(launch_round: int, share_in_topk: Sequence[float | None], threshold: float = 0.5) -> int | None:

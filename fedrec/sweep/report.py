@@ -421,7 +421,7 @@ def _curve(path: Path, metric: str) -> dict[int, float]:
 
 
 def plot_rounds(sweep_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str | os.PathLike,
-                drift_round: int | None = None, metric: str = "whr@10") -> Path:
+                drift_round: int | None = None, metric: str = "whr@10", name: str = "hr_over_rounds.png") -> Path:
     """Per-round metric, mean over seeds, one line per cell: ``hr_over_rounds.png``.
 
     Parameters
@@ -472,7 +472,7 @@ def plot_rounds(sweep_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.4")
     fig.tight_layout()
-    return _save(fig, Path(out_dir) / "hr_over_rounds.png")
+    return _save(fig, Path(out_dir) / name)
 
 
 
@@ -612,8 +612,12 @@ def write_report(sweep_dir: str | os.PathLike, *, title: str, scenario_text: str
     rows = read_results(sweep / "results.csv")
     table = write_tables(rows, sweep)
     images = [*plot_freshness(rows, sweep), plot_rounds(sweep, rows, sweep, drift_round=drift_round)]
+    if drift_round is not None:  # the series the lag is measured on: the devices whose taste shifted
+        images.append(plot_rounds(sweep, rows, sweep, drift_round=drift_round, metric="drift_whr@10",
+                                  name="drift_hr_over_rounds.png"))
     alt = {"freshness_vs_epsilon.png": "Freshness against the privacy budget",
-           "hr_over_rounds.png": "Windowed HR@10 per round"}
+           "hr_over_rounds.png": "Windowed HR@10 per round",
+           "drift_hr_over_rounds.png": "Windowed HR@10 of the devices whose taste shifted, per round"}
     parts = [f"# {title}", "", scenario_text.strip(), "", "## Privacy", "", *_privacy(rows, privacy_note), "",
              "## Results", "", table.rstrip("\n"), "", *[f"![{alt.get(p.name, p.stem)}]({p.name})\n" for p in images],
              "## What the curve says", "", *[f"- {s}" for s in _findings(summarize(rows), drift_round)], ""]

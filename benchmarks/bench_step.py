@@ -1,0 +1,101 @@
+"""One DP local step against the non-private step, at item tables of 2k, 20k and 200k rows.
+
+Run by hand: ``python benchmarks/bench_step.py [--rows 2000 20000 200000] [--events 64] [--dim 32]``.
+Times fedrec's own device update (``fedrec.client_update._local_sgd``: Opacus ghost clipping, one
+``make_private`` per update, ``--steps`` Poisson-sampled steps) per local step, with and without
+event-level DP, on one torch thread, and for reference Opacus's default ``hooks`` mode (the stock
+pattern's, which materialises a dense per-sample gradient of the whole table) where it fits.
+Every ratio compares two figures measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedrec.client_update import _local_sgd  # noqa: E402
+from fedrec.config import RunConfig  # noqa: E402
+from fedrec.models.base import BPRLoss  # noqa: E402
+from fedrec.models.mf import build_model  # noqa: E402
+
+
+def _ours(rows: int, dim: int, events: int, steps: int, private: bool, repeats: int) -> float:
+    cfg = dataclasses.replace(RunConfig(), dim=dim, local_steps=steps, sample_rate=0.5, privacy="event" if private else "none")
+    model = build_model("mf", rows, dim, seed=0)
+    rng = np.random.default_rng(0)
+    pos = torch.from_numpy(rng.choice(rows, size=events, replace=False).astype(np.int64))
+    seen = np.zeros(rows, bool)
+    seen[pos.numpy()] = True
+    times = []
+    for rep in range(repeats + 1):
+        g = torch.Generator().manual_seed(rep)
+        t0 = time.perf_counter()
+        _local_sgd(model, pos, seen, cfg, g, 1.0 if private else 0.0, private)
+        if rep:  # the first is a warm-up
+            times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
+def _hooks(rows: int, dim: int, events: int, steps: int) -> float:
+    """Opacus's default per-sample gradients (hooks), a new PrivacyEngine per update: the stock way."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = build_model("mf", rows, dim, seed=0)
+    rng = np.random.default_rng(0)
+    items = torch.from_numpy(rng.integers(0, rows, size=(events, 2)))
+    user = torch.zeros(events, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")
+        dp_model, opt, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(user, items), batch_size=max(1, events // 2)),
+            noise_multiplier=1.0, max_grad_norm=1.0)
+        crit = BPRLoss()
+        t0 = time.perf_counter()
+        done = 0
+        for u, it in loader:
+            if len(u) == 0:
+                continue
+            opt.zero_grad()
+            s = dp_model(u, it)
+            crit(s[:, :1] - s[:, 1:]).backward()
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+    return (time.perf_counter() - t0) / max(done, 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[2_000, 20_000, 200_000])
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--events", type=int, default=64, help="events in the device's update")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hooks-max-rows", type=int, default=20_000, help="largest table to time hooks mode on")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; {args.events} events, dim {args.dim}, {args.steps} steps per update")
+    print(f"{'rows':>8} {'plain ms':>9} {'DP ms':>8} {'DP/plain':>9} {'hooks ms':>9} {'hooks/DP':>9}")
+    for n in args.rows:
+        plain = _ours(n, args.dim, args.events, args.steps, False, args.repeats)
+        dp = _ours(n, args.dim, args.events, args.steps, True, args.repeats)
+        hooks = _hooks(n, args.dim, args.events, 3) if n <= args.hooks_max_rows else None
+        print(f"{n:>8} {plain * 1e3:9.2f} {dp * 1e3:8.2f} {dp / plain:9.1f} "
+              + (f"{hooks * 1e3:9.1f} {hooks / dp:9.1f}" if hooks else f"{'-':>9} {'-':>9}"))
+
+
+if __name__ == "__main__":
+    main()
