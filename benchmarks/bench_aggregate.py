@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for n in args.rows:
             for r in bench_size(n, args.dim, args.cohort, args.touched, dev, args.repeats, seed=0):
                 rows.append(r)
+                print(f"{r['device']:6} {r['rows']:>7} {r['kind']:8} {r['bytes'] / 1e6:8.1f} {r['agg_gbps']:9.2f} "
+                      f"{r['copy_gbps']:9.2f} {r['ratio']:8.2f}", flush=True)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-                print(f"{r['device']:6} {r['rows']:>7} {r['kind']:8} {r['bytes'] / 1e6:8.1f} {r['agg_gbps']:9.2f} "
-                      f"{r['copy_gbps']:9.2f} {r['ratio']:8.2f}")
     by = {(r["device"], r["rows"], r["kind"]): r for r in rows}
     for n in args.rows:
         if ("cuda", n, "dense") in by:

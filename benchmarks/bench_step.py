@@ -78,6 +78,7 @@ def _hooks(rows: int, dim: int, events: int, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[2_000, 20_000, 200_000])
     ap.add_argument("--dim", type=int, default=32)
