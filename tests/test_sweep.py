@@ -72,6 +72,22 @@ def test_grid_expands_and_inf_runs_once(tmp_path):
     assert cfg.privacy == "event" and cfg.epsilon == 4.0 and cfg.seed == 1 and cfg.world_users == 120
 
 
+def test_grid_over_cohort_and_round_interval(tmp_path):
+    text = TINY + """
+[[grid]]
+name = "user-eps{epsilon}-c{cohort}-r{rounds}"
+privacy = ["user"]
+epsilon = [2]
+cohort = [20, 40]
+rounds = [5, 10]
+"""
+    spec = load_sweep(_write(tmp_path, text))
+    grid = [c for c in spec.cells if c.name.startswith("user-eps2-")]
+    assert [c.name for c in grid] == ["user-eps2-c20-r5", "user-eps2-c20-r10", "user-eps2-c40-r5", "user-eps2-c40-r10"]
+    cfg = spec.config(grid[1], 0, tmp_path)
+    assert (cfg.cohort, cfg.rounds, cfg.epsilon, cfg.privacy) == (20, 10, 2.0, "user")
+
+
 @pytest.mark.parametrize("change, words", [
     (("world-users = 120", "world-userz = 120"), "world-userz"),
     (('reference = "none-epsinf"', 'reference = "nope"'), "reference cell 'nope'"),

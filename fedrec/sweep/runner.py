@@ -137,7 +137,9 @@ def result_row(cell: Cell, seed: int, summ: dict, per_round: list[dict], ref_rou
     drift = fresh.get("drift_round")
     key = f"drift_whr@{k}" if drift else f"whr@{k}"
     lag = censored = lag_max = None
-    if drift and ref_rounds is not None:
+    # the lag compares round by round, so only against a reference cut into the same rounds (a grid
+    # over the round interval needs one non-private reference per interval: left empty otherwise)
+    if drift and ref_rounds is not None and len(ref_rounds) == len(per_round):
         series = [r.get(key) for r in per_round]
         reference = [r.get(key) for r in ref_rounds]
         n = min(len(series), len(reference))
