@@ -81,8 +81,9 @@ def train(msg: Message, context: Context) -> Message:
                 raise ValueError(f"device {d} is not hosted on this node")
             state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else DeviceState()
             idx = stream.device_events(d, round_)
+            probe = _probe(stream, cohort_start, d, round_, cfg.freshness_window)
             res = client_update(model, global_state, state, log.item[idx], stream.round_of[idx], round_, cfg,
-                                device_id=d, noise_multiplier=noise, probe=_probe(stream, cohort_start, d, round_, cfg.freshness_window))
+                                device_id=d, noise_multiplier=noise, probe=probe)
         except Exception as e:  # one failing device must not sink its node's other devices
             out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
                                               "trace": traceback.format_exc()[-2000:]})
@@ -101,9 +102,7 @@ def train(msg: Message, context: Context) -> Message:
             "skipped": 0,
         })
         if res.probe_hits is not None:
-            out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in _probe(stream, cohort_start, d, round_,
-                                                                                   cfg.freshness_window)],
-                                              "hits": [int(h) for h in res.probe_hits]})
+            out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in probe], "hits": [int(h) for h in res.probe_hits]})
     if cfg.serve_eval:
         _serve(out, context, stream, cfg, global_state, round_, mine, start)
     return Message(out, reply_to=msg)

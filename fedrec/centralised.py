@@ -30,8 +30,8 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     log = stream.log
     U, V, D = log.n_users, log.n_items, cfg.dim
     g = torch.Generator().manual_seed(cfg.seed)
-    item = (torch.randn(V, D + 1, generator=g) * cfg.init_scale).requires_grad_(False)
-    item[:, D] = 0.0
+    item = torch.randn(V, D + 1, generator=g) * cfg.init_scale
+    item[:, D] = 0.0  # biases start at zero, as in MF
     user = torch.randn(U, D, generator=g) * cfg.init_scale
     item.requires_grad_(True)
     user.requires_grad_(True)

@@ -174,15 +174,20 @@ class RunConfig:
     def from_toml(cls, path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
         """Read a TOML file: keys at top level or under ``[run]``/``[tool.flwr.app.config]``."""
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"No such config file: {p}.")
-        try:
-            doc = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML ({e}).") from None
+        doc = read_toml(p, "config file")
         table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc.get("run", doc))
         table = {k: v for k, v in table.items() if not isinstance(v, dict)}
         return cls.from_mapping(table, where=str(p), base=base)
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file a user named; a missing file or bad TOML is a :class:`ConfigError` naming it."""
+    if not path.is_file():
+        raise ConfigError(f"No such {what}: {path}.")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}).") from None
 
 
 def _type_of(f: dataclasses.Field) -> type:

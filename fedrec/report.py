@@ -39,16 +39,16 @@ class RunRecorder:
         self.drift_rounds: list[PrequentialCounts] = []
         self.probe_tally: dict[int, dict[int, list[int]]] = {}  # item -> round -> [hits, probed]
         self._truth_users: set[int] | None = None
-        self._stream = None
-        try:  # ground truth of a synthetic world (simulation only; the server never sees it in deployment)
+        self._stream, self._no_stream = None, ""
+        try:  # the data, for baselines and a synthetic world's ground truth (the server has it in simulation only)
             from .data.source import load_stream
 
             self._stream = load_stream(cfg)
-            truth = self._stream.log.meta.get("world") or {}
-            if truth.get("shifted_users") and 0 < cfg.world_shift_time < 1:
-                self._truth_users = set(truth["shifted_users"])
-        except Exception:
-            self._stream = None
+        except Exception as e:  # the server may not see the data (deployment): say so in the summary, never fail
+            self._no_stream = f"{type(e).__name__}: {e}"
+        truth = (self._stream.log.meta.get("world") or {}) if self._stream is not None else {}
+        if truth.get("shifted_users") and 0 < cfg.world_shift_time < 1:
+            self._truth_users = set(truth["shifted_users"])
 
     def start(self, **info) -> None:
         self.info = info
@@ -147,10 +147,11 @@ class RunRecorder:
         pop_rounds: list[PrequentialCounts] = []
         recent_rounds: list[PrequentialCounts] = []
         try:
-            from .data.source import load_stream
             from .eval.baselines import popularity_prequential
 
-            stream = load_stream(cfg)
+            stream = self._stream
+            if stream is None:
+                raise RuntimeError(self._no_stream)
             pop_rounds = popularity_prequential(stream, self.schedule, k)
             pop = PrequentialCounts()
             for c in pop_rounds:

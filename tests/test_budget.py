@@ -15,13 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _oracle import opacus_epsilon
 from fedrec.server.app import event_noise, user_noise
-from opacus.accountants import create_accountant
 
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
@@ -198,12 +197,6 @@ class Sim:
         return [json.loads(x) for x in (self.out / "privacy_ledger.jsonl").read_text().splitlines() if x.strip()]
 
 
-def opacus_epsilon(z: float, q: float, steps: int, delta: float) -> float:
-    acc = create_accountant("prv")
-    acc.history = [(z, q, steps)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
 
 
 # server budget: cohort 10 of 30 devices (q = 1/3), z = 1, clip 1; the budget admits 3, then 5, releases

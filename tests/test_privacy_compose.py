@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
-import warnings
 
 import numpy as np
 import pytest
-from opacus.accountants import create_accountant
+from _oracle import opacus_epsilon
 
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
@@ -53,14 +51,6 @@ def _device_with_round1_events(stream) -> int:
     raise AssertionError("no device with events in rounds 1-3")
 
 
-@functools.cache
-def opacus_epsilon(z: float, q: float, steps: int, delta: float) -> float:
-    """ε straight from Opacus's PRV accountant (memoised: PRV takes ~0.1-0.5 s a call)."""
-    acc = create_accountant("prv")
-    acc.history = [(z, q, steps)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
 
 
 def _run_rounds(stream, cfg, device, rounds, model=None):

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, load_pyproject_defaults
+from ..config import ConfigError, RunConfig, load_pyproject_defaults, read_toml
 
 
 @dataclass(frozen=True)
@@ -97,12 +96,7 @@ def _cell(name: str, values: dict, where: str) -> Cell:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Parse and validate a sweep file (every cell's config is built once here)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"No such sweep file: {p}.")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML ({e}).") from None
+    doc = read_toml(p, "sweep file")
     unknown = set(doc) - {"sweep", "base", "cells", "grid"}
     if unknown:
         raise ConfigError(f"{p}: unknown table(s) {sorted(unknown)}; expected [sweep], [base], [[cells]], [[grid]].")
