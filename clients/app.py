@@ -8,6 +8,7 @@ privacy history stay in the node's ``context.state``.
 
 from __future__ import annotations
 
+import math
 import traceback
 import warnings
 
@@ -23,6 +24,8 @@ from fedrec.eval.freshness import tracked_items
 from fedrec.models.mf import build_model
 from fedrec.serving import ServeInput, serve_round
 from fedrec.wire import encode_delta, wire_mode
+
+from .device import Device
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -46,14 +49,24 @@ def hosted_devices(context: Context, n_devices: int) -> list[int]:
     return list(range(pid, n_devices, n))
 
 
+def store_path(context: Context) -> str | None:
+    """The device store of this node (deployment: ``--node-config "store='PATH'"``), else None."""
+    p = context.node_config.get("store")
+    return str(p) if p else None
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which devices this node hosts and the size of the item catalogue."""
-    cfg = run_config(msg)
-    stream = load_stream(cfg)
-    devices = hosted_devices(context, stream.n_devices)
-    return Message(RecordDict({"info": ConfigRecord({"devices": devices, "n-items": stream.log.n_items})}),
-                   reply_to=msg)
+    """Tell the server which devices this node hosts, the catalogue size, and whether their state is durable."""
+    path = store_path(context)
+    if path:
+        with Device(path) as dev:
+            info = {"devices": [dev.device_id], "n-items": dev.n_items, "durable": True}
+    else:
+        cfg = run_config(msg)
+        stream = load_stream(cfg)
+        info = {"devices": hosted_devices(context, stream.n_devices), "n-items": stream.log.n_items, "durable": False}
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
 
 @app.train()
@@ -62,6 +75,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run_config(msg)
     conf = msg.content["config"]
     round_, noise = int(conf["round"]), float(conf["effective-noise-multiplier"])
+    if store_path(context):
+        return _train_store(msg, context, cfg, round_, noise)
     stream = load_stream(cfg)
     log = stream.log
     key = (cfg.model, log.n_items, cfg.dim, cfg.init_scale)
@@ -88,23 +103,57 @@ def train(msg: Message, context: Context) -> Message:
             out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
                                               "trace": traceback.format_exc()[-2000:]})
             continue
-        if res.skipped:  # the budget guard said no: not an error, and nothing was consumed
-            out[f"metrics-{d}"] = MetricRecord({"skipped": 1, "epsilon": float(res.epsilon)})
-            out[f"skip-{d}"] = ConfigRecord({"reason": res.skipped})
-            continue
-        context.state[skey] = ConfigRecord(res.state.to_config())
-        out[f"delta-{d}"] = ArrayRecord({k: _array(v) for k, v in encode_delta(res.delta, wire).items()})
-        out[f"metrics-{d}"] = MetricRecord({
-            "num-examples": res.n_train, "n-new": res.n_new, "eval-n": res.counts.n,
-            "eval-hits": float(res.counts.hits), "eval-ndcg": float(res.counts.ndcg),
-            "epsilon": float(res.epsilon) if np.isfinite(res.epsilon) else -1.0, "steps": res.steps,
-            "max-exposure": res.state.max_exposure, "clipped": int(res.clipped), "preclip-norm": res.preclip_norm,
-            "skipped": 0,
-        })
-        if res.probe_hits is not None:
-            out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in probe], "hits": [int(h) for h in res.probe_hits]})
+        if not res.skipped:
+            context.state[skey] = ConfigRecord(res.state.to_config())
+        _reply_update(out, d, res, wire, probe)
     if cfg.serve_eval:
         _serve(out, context, stream, cfg, global_state, round_, mine, start)
+    return Message(out, reply_to=msg)
+
+
+def _reply_update(out: RecordDict, d: int, res, wire: str, probe: np.ndarray | None = None) -> None:
+    """Device ``d``'s reply: its delta of global parameters and its counts (or why it skipped)."""
+    if res.skipped:  # the budget guard said no: not an error, and nothing was consumed
+        out[f"metrics-{d}"] = MetricRecord({"skipped": 1, "epsilon": float(res.epsilon)})
+        out[f"skip-{d}"] = ConfigRecord({"reason": res.skipped})
+        return
+    out[f"delta-{d}"] = ArrayRecord({k: _array(v) for k, v in encode_delta(res.delta, wire).items()})
+    out[f"metrics-{d}"] = MetricRecord({
+        "num-examples": res.n_train, "n-new": res.n_new, "eval-n": res.counts.n,
+        "eval-hits": float(res.counts.hits), "eval-ndcg": float(res.counts.ndcg),
+        "epsilon": float(res.epsilon) if np.isfinite(res.epsilon) else -1.0, "steps": res.steps,
+        "max-exposure": res.state.max_exposure, "clipped": int(res.clipped), "preclip-norm": res.preclip_norm,
+        "skipped": 0,
+    })
+    if res.probe_hits is not None and probe is not None:
+        out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in probe], "hits": [int(h) for h in res.probe_hits]})
+
+
+def _train_store(msg: Message, context: Context, cfg: RunConfig, round_: int, noise: float) -> Message:
+    """Deployment: one device whose events and private state live in its SQLite store."""
+    conf = msg.content["config"]
+    asked = [int(x) for x in conf["devices"]]
+    clock = float(conf["round-clock"]) if "round-clock" in conf else math.inf
+    out = RecordDict()
+    with Device(store_path(context)) as dev:  # type: ignore[arg-type]
+        d = dev.device_id
+        try:
+            if any(x != d for x in asked):
+                raise ValueError(f"this node hosts device {d}, not {[x for x in asked if x != d]}")
+            global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            res = dev.run_round(global_state, cfg, round_, train=d in asked, noise_multiplier=noise, clock=clock)
+        except Exception as e:  # an error reply names the device; the store rolled the round back
+            out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
+                                              "trace": traceback.format_exc()[-2000:]})
+            return Message(out, reply_to=msg)
+    if res.update is not None:
+        _reply_update(out, d, res.update, wire_mode(cfg.wire, cfg.privacy))
+    if cfg.serve_eval:
+        sv = [res.served] if res.served is not None else []
+        out["serve"] = MetricRecord({"devices": [d for _ in sv], "n": [x.counts.n for x in sv],
+                                     "hits": [float(x.counts.hits) for x in sv],
+                                     "ndcg": [float(x.counts.ndcg) for x in sv]})
+        out["serve-probe"] = MetricRecord({"items": [], "hits": []})
     return Message(out, reply_to=msg)
 
 

@@ -3,7 +3,10 @@
 One ``.npz`` file, replaced atomically (temp file + ``os.replace``) so a crash leaves the previous
 round's checkpoint whole. Keys: ``round``; ``global:<name>`` per global parameter; ``opt:<key>``
 for the server optimizer (its name, step count, and ``m``/``v`` moments of the adaptive ones);
-``lr:<key>`` for the learning-rate schedule. The privacy ledger is its own append-only file.
+``lr`` for the learning-rate schedule (JSON); ``run`` (JSON) for what a resumed server needs beyond
+the model: the run's config, whether the run finished, and the recorder's state (rows written so
+far, the devices scored each round, running counts). The privacy ledger is its own append-only
+file, written before each version is published, so it is never behind the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ import numpy as np
 import torch
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used; the message names it."""
+
+
 def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, torch.Tensor], optimizer: dict,
-                    lr_schedule: dict) -> None:
+                    lr_schedule: dict, run: dict | None = None) -> None:
     path = Path(path)
     arrays: dict[str, np.ndarray] = {"round": np.asarray(round_)}
     arrays.update({f"global:{k}": v.detach().cpu().numpy() for k, v in global_state.items()})
     for k, v in optimizer.items():
         arrays[f"opt:{k}"] = np.asarray(v)
     arrays["lr"] = np.asarray(json.dumps(lr_schedule))
+    arrays["run"] = np.asarray(json.dumps(run or {}))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -33,9 +41,20 @@ def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, to
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """``{"round", "global": {name: array}, "optimizer": {...}, "lr_schedule": {...}}``."""
-    with np.load(path, allow_pickle=False) as z:
-        out = {"round": int(z["round"]), "global": {}, "optimizer": {}, "lr_schedule": json.loads(str(z["lr"]))}
+    """``{"round", "global": {name: array}, "optimizer": {...}, "lr_schedule": {...}, "run": {...}}``.
+
+    A file that is not a whole checkpoint raises :class:`CheckpointError` naming it.
+    """
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # OSError, BadZipFile, ValueError: all mean the same to the user
+        raise CheckpointError(f"{path} is not a readable fedrec checkpoint ({e}).") from None
+    with z:
+        try:
+            out = {"round": int(z["round"]), "global": {}, "optimizer": {}, "lr_schedule": json.loads(str(z["lr"])),
+                   "run": json.loads(str(z["run"])) if "run" in z.files else {}}
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a whole fedrec checkpoint ({e}).") from None
         for k in z.files:
             if k.startswith("global:"):
                 out["global"][k[7:]] = z[k]

@@ -98,11 +98,14 @@ def simulate(cfg: RunConfig) -> dict:
             from .clients.app import app as client_app
             from .server.app import make_server_app
 
-            run_simulation(server_app=make_server_app(cfg, on_round=on_round), client_app=client_app,
+            errors: list[BaseException] = []
+            run_simulation(server_app=make_server_app(cfg, on_round=on_round, errors=errors), client_app=client_app,
                            num_supernodes=cfg.nodes,
                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                            "init_args": {"num_cpus": cfg.nodes, "include_dashboard": False,
                                                          "logging_level": "ERROR", "log_to_driver": True}})
+            if errors:  # the ServerApp ran in Flower's thread: its error is ours to report
+                raise errors[0]
     summ = Path(cfg.out) / "summary.json"
     if not summ.is_file():
         raise RuntimeError(f"The simulation ended without writing {summ}; see the log above.")
@@ -149,6 +152,16 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _run_errors() -> tuple[type[Exception], ...]:
+    """Errors a user's setup causes mid-run (checkpoint, ledger, device store, federation): one sentence each."""
+    from .checkpoint import CheckpointError
+    from .clients.store import StoreError
+    from .privacy.ledger import LedgerError
+    from .server.app import FederationError
+
+    return CheckpointError, LedgerError, StoreError, FederationError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"No results.csv in {d}; run `fedrec sweep FILE --out {d}` first.")
             print(f"fedrec report: {build_report(d)}")
         return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, *_run_errors()) as e:
         print(f"fedrec: {e}", file=sys.stderr)
         return 2
     except OSError as e:

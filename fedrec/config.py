@@ -82,6 +82,9 @@ class RunConfig:
     serve_eval: bool = True  #: every round, every device with new events scores them with the newest version
     uptake_probe: bool = True  #: simulation only: devices report new-item top-K membership (a measurement)
     out: str = "runs/latest"
+    resume: bool = True  #: continue an unfinished run from the checkpoint in `out` (same config), else start anew
+    clock: str = "replay"  #: deployment: a round takes in device events up to the data's time of that round
+    #                         (replay, the server needs the data) or everything recorded so far (live)
     device: str = "auto"  #: torch device for server aggregation: auto, cpu, cuda
     progress: bool = True
 
@@ -133,6 +136,7 @@ class RunConfig:
         need(0 <= self.world_shift_time <= 1, "world-shift-time", "must lie in [0, 1]")
         need(0 <= self.world_burst_time <= 1, "world-burst-time", "must lie in [0, 1]")
         need(self.world_bursts >= 0, "world-bursts", "must be 0 or more")
+        need(self.clock in ("replay", "live"), "clock", "must be replay or live")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")

@@ -50,8 +50,43 @@ class RunRecorder:
         if truth.get("shifted_users") and 0 < cfg.world_shift_time < 1:
             self._truth_users = set(truth["shifted_users"])
 
+    @property
+    def stream(self):
+        """The run's event stream, or None where the server cannot load the data (deployment)."""
+        return self._stream
+
     def start(self, **info) -> None:
         self.info = info
+
+    # ---- resume ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed server needs to go on writing the same run (JSON-ready)."""
+        def counts(cs: list[PrequentialCounts]) -> list[list[float]]:
+            return [[c.n, float(c.hits), float(c.ndcg)] for c in cs]
+
+        return {"rows": self.rows, "schedule": self.schedule, "total": counts([self.total])[0],
+                "per_round": counts(self.per_round), "drift_rounds": counts(self.drift_rounds),
+                "probe_tally": {str(i): {str(r): t for r, t in by.items()} for i, by in self.probe_tally.items()},
+                "notes": self.notes, "elapsed_s": time.time() - self.t0}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue from :meth:`state_dict`: rows after it are dropped from ``metrics.jsonl``."""
+        def counts(xs: list) -> list[PrequentialCounts]:
+            return [PrequentialCounts(int(n), float(h), float(g)) for n, h, g in xs]
+
+        self.rows = list(d["rows"])
+        self.schedule = [list(s) for s in d["schedule"]]
+        self.total = counts([d["total"]])[0]
+        self.per_round = counts(d["per_round"])
+        self.drift_rounds = counts(d["drift_rounds"])
+        self.probe_tally = {int(i): {int(r): list(t) for r, t in by.items()} for i, by in d["probe_tally"].items()}
+        self.notes = list(d["notes"]) + self.notes
+        self.t0 = time.time() - float(d["elapsed_s"])
+        self._f.seek(0)
+        self._f.truncate()
+        for row in self.rows:
+            self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
 
     def note(self, msg: str) -> None:
         """Something the user must know (budget spent, ledger continued): on screen and in the summary."""

@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.checkpoint import save_checkpoint
+from fedrec.checkpoint import load_checkpoint, save_checkpoint
 from fedrec.config import RunConfig
 from fedrec.eval.metrics import PrequentialCounts
 from fedrec.models.mf import build_model
@@ -76,7 +76,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     rec = RunRecorder(cfg)
     z_event = event_noise(cfg)
     base_conf = {**cfg.to_flat(), "effective-noise-multiplier": z_event}
-    home, n_items = _discover(grid, cfg, base_conf)
+    home, n_items, durable = _discover(grid, cfg, base_conf)
     population = sorted(home)
     nodes = sorted(set(home.values()))
     user_dp = cfg.privacy in ("user", "both")
@@ -97,7 +97,38 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     last_fresh, stopped = 0, ""
     lr_ctl = ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive")
     opt = ServerOptimizer(cfg.server_opt)
-    for r in range(1, cfg.rounds + 1):
+    ckpt_path = Path(cfg.out) / "checkpoint.npz"
+    first = 1
+    if cfg.resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        if not ck["run"].get("finished", True):
+            _check_resumable(ck, cfg, gstate, ckpt_path)
+            if z_event and not durable:
+                raise FederationError(
+                    f"Cannot resume {ckpt_path} under event-level DP: these nodes keep device state in memory "
+                    "(simulation), so each device's record of how often its events were used would restart; "
+                    "start anew (resume = false) or deploy devices with stores.")
+            gstate = {k: torch.as_tensor(v).to(dev) for k, v in ck["global"].items()}
+            opt.load_state_dict(ck["optimizer"], dev)
+            lr_ctl.load_state_dict(ck["lr_schedule"])
+            rec.load_state_dict(ck["run"]["recorder"])
+            last_fresh, stopped, first = int(ck["run"]["last_fresh"]), ck["run"]["stopped"], ck["round"] + 1
+            rec.note(f"resuming after round {ck['round']} from the checkpoint {ckpt_path}; "
+                     f"the privacy ledger holds {earlier} earlier releases")
+            # fresh randomness for the rounds still to come: never a replay of earlier cohorts or noise
+            rng = np.random.default_rng([cfg.seed, 7, earlier, first])
+            noise_gen = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([cfg.seed, 11, earlier, first]).generate_state(1)[0]))
+
+    def checkpoint(r: int, finished: bool = False) -> None:
+        save_checkpoint(ckpt_path, round_=r, global_state=gstate, optimizer=opt.state_dict(),
+                        lr_schedule=lr_ctl.state_dict(),
+                        run={"finished": finished, "last_fresh": last_fresh, "stopped": stopped,
+                             "config": _resume_key(cfg), "recorder": rec.state_dict()})
+
+    clock_of = _clock(cfg, rec)
+    r = first - 1
+    for r in range(first, cfg.rounds + 1):
         t0 = time.time()
         period = (r - 1) // cfg.budget_period if cfg.budget_period else 0
         if user_dp and cfg.epsilon > 0:
@@ -109,6 +140,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                 if not cfg.budget_period:
                     break
                 row = rec.skip(r, reason="budget", wall_s=time.time() - t0)
+                checkpoint(r)
                 if on_round:
                     on_round(row)
                 continue
@@ -125,7 +157,8 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         if cfg.serve_eval:  # every node serves its devices the new version, sampled for training or not
             for n in nodes:
                 by_node.setdefault(n, [])
-        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base_conf, "round": r, "devices": ds})}),
+        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base_conf, "round": r, "devices": ds,
+                                                                   "round-clock": clock_of(r)})}),
                         dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
         got = _collect(grid.send_and_receive(msgs) if msgs else [], gstate, cfg.clip if user_dp else None)
         if not got.deltas and got.failed and not user_dp:
@@ -175,40 +208,84 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             "mean_preclip_norm": float(np.mean(got.preclip)) if user_dp and got.preclip else None,
             "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
             "update_norm": diag.get("update_norm", 0.0), "server_lr": lr, "wall_s": round(time.time() - t0, 3)})
-        save_checkpoint(Path(cfg.out) / "checkpoint.npz", round_=r, global_state=gstate,
-                        optimizer=opt.state_dict(), lr_schedule=lr_ctl.state_dict())
+        checkpoint(r)
         if on_round:
             on_round(row)
+    checkpoint(r, finished=True)
     final = {k: v.detach().cpu() for k, v in gstate.items()}
     report = privacy_report(cfg, ledger, z_event=z_event, z_user=z_user, q_user=q_user,
                             population=len(population), stopped=stopped)
     return rec.finish(final, report)
 
 
+_NOT_RESUME_KEYS = ("rounds", "out", "resume", "progress", "device")
+
+
+def _resume_key(cfg: RunConfig) -> dict:
+    """The config a checkpoint must match to be resumed (the number of rounds may grow)."""
+    return {k: v for k, v in cfg.to_flat().items() if k not in _NOT_RESUME_KEYS}
+
+
+def _check_resumable(ck: dict, cfg: RunConfig, gstate: dict[str, torch.Tensor], path: Path) -> None:
+    was = ck["run"].get("config", {})
+    diff = [k for k, v in _resume_key(cfg).items() if k in was and was[k] != v]
+    if diff:
+        k = diff[0]
+        raise FederationError(f"The checkpoint {path} belongs to a run with {k} = {was[k]!r}, not {cfg.to_flat()[k]!r}; "
+                              "use another --out, or resume = false to start anew there.")
+    shapes = {k: tuple(np.shape(v)) for k, v in ck["global"].items()}
+    want = {k: tuple(v.shape) for k, v in gstate.items()}
+    if shapes != want:
+        raise FederationError(f"The checkpoint {path} holds a model of shapes {shapes}, this run builds {want}.")
+
+
+def _clock(cfg: RunConfig, rec: RunRecorder) -> Callable[[int], float]:
+    """The time up to which device stores take in events in round r (deployment; simulation ignores it)."""
+    if cfg.clock == "live":
+        return lambda r: math.inf
+    stream = rec.stream
+    if stream is None:
+        rec.note("clock = replay, but the server cannot load the data; devices take in every recorded event "
+                 "(as with clock = live)")
+
+    def replay(r: int) -> float:
+        if stream is None:  # only a deployed device uses the clock; tell it to take everything
+            return math.inf
+        t = stream.round_end_time(r)
+        return t if math.isfinite(t) else -math.inf
+
+    return replay
+
+
 def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _discover(grid: Grid, cfg: RunConfig, base_conf: dict) -> tuple[dict[int, int], int]:
-    """Ask every node which devices it hosts: device -> node id, and the catalogue size."""
+def _discover(grid: Grid, cfg: RunConfig, base_conf: dict) -> tuple[dict[int, int], int, bool]:
+    """Ask every node which devices it hosts: device -> node id, the catalogue size, and whether
+    every node keeps its devices' state durably (device stores) rather than in memory."""
     nodes = _wait_for_nodes(grid, cfg.nodes)
     replies = list(grid.send_and_receive([
         Message(RecordDict({"config": ConfigRecord(base_conf)}), dst_node_id=n, message_type="query")
         for n in nodes]))
     home: dict[int, int] = {}
     n_items = None
+    durable = True
     for rep in replies:
         if rep.has_error():
             raise FederationError(f"Node {rep.metadata.src_node_id} failed to report its devices: {rep.error.reason}")
         info = rep.content["info"]
         for d in info["devices"]:
+            if int(d) in home:
+                raise FederationError(f"Device {d} is hosted by two nodes; each device store must be on one node.")
             home[int(d)] = rep.metadata.src_node_id
         if n_items is not None and int(info["n-items"]) != n_items:
             raise FederationError("Nodes disagree on the item catalogue size; they must load the same data.")
         n_items = int(info["n-items"])
+        durable = durable and bool(info.get("durable", False))
     if not home or n_items is None:
         raise FederationError("No node reported any device.")
-    return home, n_items
+    return home, n_items, durable
 
 
 @dataclass
@@ -316,14 +393,24 @@ def _validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None =
     return None
 
 
-def make_server_app(cfg: RunConfig | None = None, on_round: Callable[[dict], None] | None = None) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (``fedrec simulate``) or reading Flower's run config (``flwr run``)."""
+def make_server_app(cfg: RunConfig | None = None, on_round: Callable[[dict], None] | None = None,
+                    errors: list[BaseException] | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (``fedrec simulate``) or reading Flower's run config (``flwr run``).
+
+    With ``errors``, an exception of the run is appended there instead of raised into Flower's
+    thread (the caller reports it); without, it propagates (Flower marks the run failed).
+    """
     sapp = ServerApp()
 
     @sapp.main()
     def main(grid: Grid, context: Context) -> None:
-        c = cfg or RunConfig.from_mapping(dict(context.run_config), where="[tool.flwr.app.config]")
-        run_federation(grid, c, on_round)
+        try:
+            c = cfg or RunConfig.from_mapping(dict(context.run_config), where="[tool.flwr.app.config]")
+            run_federation(grid, c, on_round)
+        except Exception as e:
+            if errors is None:
+                raise
+            errors.append(e)
 
     return sapp
 

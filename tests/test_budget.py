@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _oracle import opacus_epsilon
-from fedrec.server.app import event_noise, user_noise
 
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
@@ -28,6 +27,7 @@ from fedrec.data.stream import RoundStream
 from fedrec.data.world import WorldSpec, make_world
 from fedrec.models.mf import build_model
 from fedrec.privacy.accounting import epsilon
+from fedrec.server.app import event_noise, user_noise
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Full backward hook.*:UserWarning")
 

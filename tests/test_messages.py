@@ -12,8 +12,8 @@ import json
 
 import numpy as np
 import pytest
-from fedrec.clients import app as client_module
 
+from fedrec.clients import app as client_module
 from fedrec.config import RunConfig
 
 
@@ -91,8 +91,9 @@ def _b64(s: str) -> bytes:
 
 @pytest.mark.slow
 def test_user_parameters_never_leave_the_device(tmp_path):
-    from fedrec.server.app import make_server_app
     from flwr.simulation import run_simulation
+
+    from fedrec.server.app import make_server_app
 
     rec_dir = tmp_path / "sent"
     rec_dir.mkdir()

@@ -63,6 +63,7 @@ def test_aggregating_sparse_wire_deltas_equals_dense():
 ])
 def test_server_refuses_malformed_sparse_deltas(bad, words):
     import torch
+
     from fedrec.server.app import _validate
 
     problem = _validate(decode_delta(bad), {"item.weight": torch.zeros(10, 3)})

@@ -1,0 +1,164 @@
+"""The device SDK: a device records its own behaviour, trains when the server asks, recommends locally.
+
+A :class:`Device` wraps one :class:`~fedrec.clients.store.EventStore`. Everything a round needs
+and produces is read from and written to that store inside one SQLite transaction, so a device
+(or the SuperNode hosting it) can be killed at any moment and restarts where it was: no event,
+cursor, user vector or privacy record is lost, and a round that did not commit consumed nothing.
+
+The round itself is the same code the simulation runs: :func:`fedrec.client_update.client_update`
+(evaluate-before-train, DP local update, clipping) and :func:`fedrec.serving.serve_round`.
+
+Example
+-------
+>>> dev = Device("phone.sqlite", create=True, device_id=7, n_items=400)   # doctest: +SKIP
+>>> dev.record(42, kind="click")                                           # doctest: +SKIP
+>>> dev.recommend(10)                                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrec.client_update import DeviceState, UpdateResult, client_update
+from fedrec.config import RunConfig
+from fedrec.models.mf import build_model
+from fedrec.serving import ServeInput, ServeResult, serve_round
+
+from .store import DEFAULT_MAX_EVENTS, EventStore, StoreError
+
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+@dataclass
+class DeviceRound:
+    """What one server round did on this device."""
+
+    taken: int  #: events this round took in (recorded up to the round's clock)
+    update: UpdateResult | None  #: the local update (None when the device was not asked to train)
+    served: ServeResult | None  #: the serving evaluation of this round's events (None if none/off)
+
+
+class Device:
+    """One device: its event store, its private state and its part of each round.
+
+    Parameters
+    ----------
+    path : the device's SQLite store.
+    create : make a new store; needs ``device_id`` and ``n_items``.
+    max_events : retention bound of the store (see :class:`EventStore`).
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = False, device_id: int | None = None,
+                 n_items: int | None = None, max_events: int = DEFAULT_MAX_EVENTS) -> None:
+        self.store = EventStore(path, create=create, device_id=device_id, n_items=n_items, max_events=max_events)
+        self.device_id = self.store.device_id
+        self.n_items = self.store.n_items
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- recording ------------------------------------------------------------------------------
+    def record(self, item: int, *, timestamp: float | None = None, kind: str = "event", weight: float = 1.0) -> int:
+        """Record one behaviour event durably (now, unless ``timestamp`` is given)."""
+        return self.store.record(item, timestamp=timestamp, kind=kind, weight=weight)
+
+    def record_many(self, events) -> int:
+        """Record ``(item, timestamp, kind, weight)`` rows in one transaction."""
+        return self.store.record_many(events)
+
+    # ---- a server round ------------------------------------------------------------------------
+    def run_round(self, global_state: dict[str, np.ndarray], cfg: RunConfig, round_: int, *, train: bool,
+                  noise_multiplier: float = 0.0, clock: float = math.inf) -> DeviceRound:
+        """Take in the events recorded up to ``clock``, serve them, and train if asked; all in one commit.
+
+        ``clock`` is the server's time of the round: events with a later timestamp wait for a later
+        round (a replayed dataset releases its events round by round; live devices use ``inf``).
+        """
+        w = np.asarray(global_state.get("item.weight"))
+        if w.ndim != 2 or w.shape[0] != self.n_items:
+            raise StoreError(f"The global model has {w.shape[0] if w.ndim == 2 else '?'} items but the device store "
+                             f"{self.store.path} was made for {self.n_items}.")
+        private = cfg.privacy in ("event", "both")
+        with self.store.transaction():
+            taken = self.store.take(round_, clock)
+            items, rounds = self.store.events()
+            served = None
+            if cfg.serve_eval and (rounds == round_).any():
+                vec = self.store.get_arrays("serve-vector")
+                served = serve_round(w, cfg.dim, [ServeInput(self.device_id, items[rounds < round_],
+                                                             items[rounds == round_])],
+                                     {self.device_id: vec[1]["vector"]} if vec else {}, round_=round_, seed=cfg.seed,
+                                     k=cfg.k, fit_steps=cfg.user_fit_steps, lr=cfg.user_lr or cfg.lr,
+                                     init_scale=cfg.init_scale, negatives=cfg.negatives)[0]
+                self.store.put_arrays("serve-vector", round_, {"vector": served.vector})
+            update = None
+            if train:
+                raw = self.store.load_state()
+                state = DeviceState.from_config(raw) if raw is not None else DeviceState()
+                update = client_update(_model(cfg, self.n_items), global_state, state, items, rounds, round_, cfg,
+                                       device_id=self.device_id, noise_multiplier=noise_multiplier)
+                if not update.skipped:
+                    self.store.save_state(update.state.to_config())
+                    if private and update.steps:
+                        self.store.append_privacy(round_=round_, noise_multiplier=noise_multiplier,
+                                                  sample_rate=cfg.sample_rate, steps=update.steps,
+                                                  max_exposure=update.state.max_exposure, epsilon=update.epsilon,
+                                                  delta=cfg.delta, accountant=cfg.accountant)
+                    self.store.retain(update.state.cursors[0])
+            self.store.put_arrays("global", round_, {k: np.asarray(v) for k, v in global_state.items()})
+            self.store.set_meta("config", json.dumps(cfg.to_flat()))
+        return DeviceRound(taken=taken, update=update, served=served)
+
+    # ---- local recommendation ------------------------------------------------------------------
+    def recommend(self, k: int = 10) -> list[int]:
+        """The top-``k`` items for this user, ranked on the device with the newest global version.
+
+        The user vector is the device's serving vector (or its training vector), refitted on the
+        spot to every event recorded so far, including those no round has taken yet: what the user
+        just did shapes what they see next. Items already had are excluded. Nothing is written.
+        """
+        got = self.store.get_arrays("global")
+        if got is None:
+            raise StoreError(f"The device {self.store.path} has not received a global model yet; "
+                             "it can recommend after its first round.")
+        round_, glob = got
+        cfg = RunConfig.from_mapping(json.loads(self.store.meta("config")), where=f"{self.store.path} meta")
+        w = glob["item.weight"]
+        vec = self.store.get_arrays("serve-vector")
+        vectors = {self.device_id: vec[1]["vector"]} if vec else {}
+        if not vectors:
+            raw = self.store.load_state()
+            if raw is not None:
+                vectors[self.device_id] = DeviceState.from_config(raw).local["user.weight"][0]
+        history = self.store.all_items()
+        res = serve_round(w, cfg.dim, [ServeInput(self.device_id, history, np.zeros(0, np.int64))], vectors,
+                          round_=round_ + 1, seed=cfg.seed, k=k, fit_steps=cfg.user_fit_steps,
+                          lr=cfg.user_lr or cfg.lr, init_scale=cfg.init_scale, negatives=cfg.negatives)[0]
+        scores = w[:, : cfg.dim] @ res.vector + w[:, cfg.dim]
+        scores[history] = -np.inf
+        order = np.argsort(-scores, kind="stable")
+        return [int(i) for i in order[: min(k, int(np.isfinite(scores).sum()))]]
+
+    def epsilon(self) -> float:
+        """This device's event-level ε so far (0 if it never released a DP-SGD update)."""
+        led = self.store.privacy_ledger()
+        return float(led[-1]["epsilon"]) if led else 0.0
+
+
+def _model(cfg: RunConfig, n_items: int) -> torch.nn.Module:
+    key = (cfg.model, n_items, cfg.dim, cfg.init_scale, cfg.seed)
+    if key not in _MODELS:
+        _MODELS[key] = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
+    return _MODELS[key]
