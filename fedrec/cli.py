@@ -1,4 +1,4 @@
-"""``fedrec`` command line: simulate, sweep, report."""
+"""``fedrec`` command line: simulate, deploy local, sweep, report."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     for flag, typ in FLAGS.items():
         s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), default=None)
     s.add_argument("--no-progress", action="store_true", help="plain per-round lines instead of a progress bar")
+    d = sub.add_parser("deploy", help="run a real Flower Deployment Engine federation")
+    dsub = d.add_subparsers(dest="where", required=True)
+    loc = dsub.add_parser("local", help="SuperLink + one SuperNode per device as processes on 127.0.0.1")
+    loc.add_argument("--devices", type=int, default=4, help="devices, one SuperNode and one store each (default 4)")
+    loc.add_argument("--tls", action="store_true", help="TLS with a throw-away CA, and SuperNode authentication")
+    loc.add_argument("--config", help="a TOML file of run config keys (kebab-case)")
+    for flag, typ in FLAGS.items():
+        loc.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), default=None)
+    loc.add_argument("--no-progress", action="store_true", help="plain per-round lines")
     w = sub.add_parser("sweep", help="run every cell x seed of a sweep file (resumable), then the report")
     w.add_argument("file", help="a sweep TOML file, e.g. scenarios/freshness_vs_privacy.toml")
     w.add_argument("--out", help="output folder (default runs/<file name>)")
@@ -116,6 +125,58 @@ def simulate(cfg: RunConfig) -> dict:
     return summary
 
 
+def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: bool) -> dict:
+    """``fedrec deploy local``: real SuperLink and SuperNode processes on loopback (fedrec.deploy.local)."""
+    import dataclasses
+    import signal
+
+    from rich.console import Console
+
+    from .deploy.local import run_local
+
+    if devices < 1:
+        raise ConfigError(f"--devices must be at least 1 (got {devices}).")
+    if not cfg.data and not world_users_given:
+        cfg = dataclasses.replace(cfg, world_users=devices)  # the synthetic world: one user per device
+    # one SuperNode per device; uptake probes need the future of the stream, which devices never have
+    cfg = dataclasses.replace(cfg, nodes=devices, uptake_probe=False)
+    console = Console()
+    console.print(f"fedrec deploy local: {devices} devices, {cfg.rounds} rounds, privacy {cfg.privacy}, "
+                  f"{'TLS + node authentication' if tls else 'no TLS'} -> {cfg.out}")
+    k = cfg.k
+
+    def on_round(row: dict) -> None:
+        hr = row.get(f"hr@{k}")
+        console.print(f"round {row['round']:>3}  HR@{k} {hr if hr is not None else float('nan'):.3f}  "
+                      f"eps {row.get('epsilon') or 0.0:.2f}  devices {row['devices']}  failed {row['failed']}  "
+                      f"{row['wall_s']:.1f}s")
+
+    def on_term(signum, frame):  # `kill` of this command: stop the federation like Ctrl-C does
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with console.status("starting the federation…", spinner="dots") if cfg.progress else _Null() as st:
+            def status(msg: str) -> None:
+                console.print(msg)
+                if st is not None:
+                    st.update(msg)
+            summary = run_local(cfg, devices, tls=tls, on_round=on_round, on_status=status)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    _print_summary(console, summary, k)
+    console.print(f"device stores: {Path(cfg.out) / 'devices'}; logs: {Path(cfg.out) / 'deploy' / 'logs'}")
+    return summary
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _print_summary(console, s: dict, k: int) -> None:
     from rich.table import Table
 
@@ -156,10 +217,11 @@ def _run_errors() -> tuple[type[Exception], ...]:
     """Errors a user's setup causes mid-run (checkpoint, ledger, device store, federation): one sentence each."""
     from .checkpoint import CheckpointError
     from .clients.store import StoreError
+    from .deploy.local import DeployError
     from .privacy.ledger import LedgerError
     from .server.app import FederationError
 
-    return CheckpointError, LedgerError, StoreError, FederationError
+    return CheckpointError, LedgerError, StoreError, FederationError, DeployError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "simulate":
             simulate(build_config(args))
+        elif args.cmd == "deploy":
+            deploy_local(build_config(args), args.devices, args.tls, args.world_users is not None)
         elif args.cmd == "sweep":
             from .sweep.runner import run_sweep
 
@@ -194,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedrec: {e}", file=sys.stderr)  # a malformed results.csv or metrics file: it names its place
         return 2
     except KeyboardInterrupt:
-        print("fedrec: interrupted; finished rounds are in metrics.jsonl.", file=sys.stderr)
+        print("fedrec: interrupted; every process it started is stopped; finished rounds are in metrics.jsonl.",
+              file=sys.stderr)
         return 130
 
 

@@ -50,6 +50,7 @@ class RunConfig:
     engine: str = "ray"  #: simulation transport: Flower's Simulation Engine (ray) or in-process (local)
     method: str = "federated"  #: federated, or centralised (the non-private freshness ceiling, all events)
     freeze_after: int = 0  #: static baseline: the global model stops changing after this round (0 = never)
+    round_timeout: float = 600.0  #: seconds the server waits for a node's reply before counting it failed
     seed: int = 0
     # model and local update
     model: str = "mf"
@@ -136,6 +137,7 @@ class RunConfig:
         need(0 <= self.world_shift_time <= 1, "world-shift-time", "must lie in [0, 1]")
         need(0 <= self.world_burst_time <= 1, "world-burst-time", "must lie in [0, 1]")
         need(self.world_bursts >= 0, "world-bursts", "must be 0 or more")
+        need(self.round_timeout > 0, "round-timeout", "must be a positive number of seconds")
         need(self.clock in ("replay", "live"), "clock", "must be replay or live")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",

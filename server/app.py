@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.checkpoint import load_checkpoint, save_checkpoint
@@ -58,6 +58,36 @@ def user_noise(cfg: RunConfig, q: float) -> float:
         rounds = min(cfg.budget_period or cfg.rounds, cfg.rounds)
         return calibrate_noise(cfg.epsilon, q, rounds, cfg.delta, cfg.accountant)
     return cfg.noise_multiplier
+
+
+def exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
+    """Push ``msgs`` and pull their replies; a node silent for ``timeout`` s gets an error reply.
+
+    Flower's ``send_and_receive`` over a SuperLink polls every 3 s; a round of small device
+    updates takes well under that, so this polls every 0.1 s at first, backing off to 1 s.
+    """
+    if not msgs:
+        return []
+    want = {m.metadata.dst_node_id: m for m in msgs}
+    ids = set(grid.push_messages(msgs))
+    out: list[Message] = []
+    t0, wait = time.time(), 0.05
+    while ids:
+        got = list(grid.pull_messages(ids))
+        out.extend(got)
+        ids -= {m.metadata.reply_to_message_id for m in got}
+        if not ids:
+            break
+        if timeout and time.time() - t0 > timeout:
+            answered = {m.metadata.src_node_id for m in out}
+            for n, m in want.items():
+                if n not in answered:
+                    out.append(Message(Error(code=408, reason=f"node {n} sent no reply within {timeout:g} s"),
+                                       reply_to=m))
+            break
+        time.sleep(wait)
+        wait = min(1.0, wait * 1.5)
+    return out
 
 
 def _wait_for_nodes(grid: Grid, want: int, timeout: float = 120.0) -> list[int]:
@@ -160,7 +190,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base_conf, "round": r, "devices": ds,
                                                                    "round-clock": clock_of(r)})}),
                         dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
-        got = _collect(grid.send_and_receive(msgs) if msgs else [], gstate, cfg.clip if user_dp else None)
+        got = _collect(exchange(grid, msgs, cfg.round_timeout), gstate, cfg.clip if user_dp else None)
         if not got.deltas and got.failed and not user_dp:
             raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
 
@@ -265,9 +295,8 @@ def _discover(grid: Grid, cfg: RunConfig, base_conf: dict) -> tuple[dict[int, in
     """Ask every node which devices it hosts: device -> node id, the catalogue size, and whether
     every node keeps its devices' state durably (device stores) rather than in memory."""
     nodes = _wait_for_nodes(grid, cfg.nodes)
-    replies = list(grid.send_and_receive([
-        Message(RecordDict({"config": ConfigRecord(base_conf)}), dst_node_id=n, message_type="query")
-        for n in nodes]))
+    replies = exchange(grid, [Message(RecordDict({"config": ConfigRecord(base_conf)}), dst_node_id=n,
+                                      message_type="query") for n in nodes], cfg.round_timeout)
     home: dict[int, int] = {}
     n_items = None
     durable = True

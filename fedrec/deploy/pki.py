@@ -56,7 +56,7 @@ def node_key_pair(dir_: Path, name: str) -> tuple[Path, Path]:
 def make_pki(dir_: str | Path, nodes: int) -> Pki:
     d = Path(dir_)
     d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrec deploy local CA")])

@@ -12,8 +12,6 @@ import warnings
 from collections.abc import Iterable
 from functools import lru_cache
 
-from opacus.accountants import create_accountant
-
 Record = tuple[float, float, int]
 
 
@@ -42,6 +40,8 @@ def epsilon(history: Iterable[Record], delta: float, accountant: str = "prv") ->
 
 @lru_cache(maxsize=4096)
 def _epsilon_cached(h: tuple[Record, ...], delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant  # imported on use: a device process without DP never needs it
+
     acc = create_accountant(accountant)
     acc.history = [(z, q, n) for z, q, n in h]
     with warnings.catch_warnings():

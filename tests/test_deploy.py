@@ -1,0 +1,155 @@
+"""The Deployment Engine on loopback, with real processes: flower-superlink, flower-supernode, flwr.
+
+Slow (tens of seconds each): every message starts a fresh ``flwr-clientapp`` process, as in a
+real deployment. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedrec.checkpoint import load_checkpoint
+from fedrec.clients.store import EventStore
+from fedrec.config import RunConfig
+from fedrec.deploy.local import LocalFederation, write_app
+from fedrec.deploy.pki import node_key_pair
+from fedrec.deploy.stores import fill_stores
+from fedrec.privacy.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+
+
+def _ours(path: Path) -> list[str]:
+    """Live processes whose environment or command line mentions ``path`` (what a run left behind)."""
+    needle = str(path).encode()
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+            if stat[stat.rfind(")") + 2] == "Z":
+                continue
+            if needle in (p / "environ").read_bytes() or needle in (p / "cmdline").read_bytes():
+                found.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:150])
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_deploy_local_with_tls_runs_its_rounds_and_leaves_no_process(tmp_path):
+    out = tmp_path / "dep"
+    r = subprocess.run([sys.executable, "-m", "fedrec.cli", "deploy", "local", "--devices", "3", "--rounds", "2",
+                        "--tls", "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = _rows(out)
+    assert [x["round"] for x in rows] == [1, 2]
+    assert all(x["failed"] == 0 and x["devices"] == 3 for x in rows)  # every device trained, over TLS
+    assert all(x["events_scored"] > 0 for x in rows)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["privacy"]["user"]["releases"] == 2 and s["privacy"]["user"]["epsilon"] > 0
+    assert (out / "hr_epsilon.png").is_file() and (out / "checkpoint.npz").is_file()
+    log = (out / "deploy" / "logs" / "superlink-0.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in log  # TLS, loopback only
+    for i in range(3):  # the devices' own state and the newest global version live in their stores
+        with EventStore(out / "devices" / f"device-{i}.sqlite") as st:
+            assert st.load_state() is not None and st.get_arrays("global")[0] == 2
+            assert st.count(pending=True) < st.count()
+    assert _ours(out) == []
+
+
+def test_an_unregistered_supernode_is_refused(tmp_path):
+    fed = LocalFederation(tmp_path / "fed", tls=True)
+    try:
+        fed.make_keys(1)
+        fed.start_superlink()
+        fed.start_devices([tmp_path / "unused.sqlite"])  # registered: joins (no run, so no store is opened)
+        fed.wait_online(1, timeout=120)
+        key, _pub = node_key_pair(tmp_path / "fed" / "keys", "intruder")  # never registered
+        intruder = fed.start_supernode("intruder", "device-id=9", key)
+        intruder.popen.wait(120)
+        assert intruder.popen.returncode != 0
+        assert "Failed to activate SuperNode" in intruder.text()
+        listing = fed.flwr("supernode", "list", "fedrec-local", "--format", "json")
+        nodes = json.loads(listing[listing.find("{"):])["nodes"]
+        assert [n["status"] for n in nodes] == ["online"]  # only the registered device
+    finally:
+        left = fed.stop()
+    assert left == [] and _ours(tmp_path / "fed") == []
+
+
+def test_a_sigkilled_server_restarts_and_resumes_from_its_last_round(tmp_path):
+    out = tmp_path / "run"
+    cfg = RunConfig(world_users=3, nodes=3, rounds=4, uptake_probe=False, out=str(out), progress=False)
+    stores = fill_stores(cfg, 3, out / "devices")
+    fed = LocalFederation(out / "deploy", tls=True)
+    app = write_app(out / "deploy" / "app", {**cfg.to_flat(), "out": str(out)})
+    try:
+        fed.make_keys(3)
+        fed.start_superlink()
+        fed.start_devices(stores)
+        fed.wait_online(3)
+        fed.submit(app)
+        t0 = time.time()
+        while True:  # kill the server (SuperLink and its ServerApp) once round 1 or 2 is checkpointed
+            try:
+                done = load_checkpoint(out / "checkpoint.npz")["round"]
+            except Exception:
+                done = 0
+            if done >= 1:
+                break
+            assert time.time() - t0 < 300, "no round finished"
+            time.sleep(0.1)
+        fed.kill_superlink()
+        killed_at = load_checkpoint(out / "checkpoint.npz")["round"]
+        assert 1 <= killed_at < 4
+        eps_before = Ledger(out / "privacy_ledger.jsonl").user_epsilon(cfg.delta)
+
+        fed.start_superlink()  # same database and port: the SuperNodes reconnect by themselves
+        fed.wait_online(3, timeout=180)
+        run2 = fed.submit(app)
+        t0 = time.time()
+        while not fed.status(run2)["status"].startswith("finished"):
+            assert time.time() - t0 < 400
+            time.sleep(1)
+        assert fed.status(run2)["status"] == "finished:completed", fed.serverapp_log(run2)[-3000:]
+    finally:
+        left = fed.stop()
+    assert left == [] and _ours(out) == []
+    rows = _rows(out)
+    assert [x["round"] for x in rows] == [1, 2, 3, 4]  # from the last complete round: none lost or doubled
+    eps = [x["epsilon_user"] for x in rows]
+    assert all(b >= a for a, b in zip(eps, eps[1:], strict=False)) and eps[-1] >= eps_before
+    summary = json.loads((out / "summary.json").read_text())
+    assert any(f"resuming after round {killed_at}" in n for n in summary["notes"])
+    assert summary["privacy"]["user"]["epsilon"] >= eps_before
+    ck = load_checkpoint(out / "checkpoint.npz")
+    assert ck["round"] == 4 and ck["run"]["finished"]
+
+
+def test_deploy_local_stops_everything_on_ctrl_c(tmp_path):
+    out = tmp_path / "dep"
+    proc = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "deploy", "local", "--devices", "2", "--rounds", "50",
+                             "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    t0 = time.time()
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() - t0 < 300
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "every process it started is stopped" in text
+    assert "Traceback" not in text
+    assert _ours(out) == []
