@@ -15,7 +15,10 @@ import warnings
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
@@ -23,7 +26,7 @@ from fedrec.data.source import load_stream
 from fedrec.eval.freshness import tracked_items
 from fedrec.models.mf import build_model
 from fedrec.serving import ServeInput, serve_round
-from fedrec.wire import encode_delta, wire_mode
+from fedrec.wire import SECURE_METRICS, decode_delta, encode_delta, wire_mode
 
 from .device import Device
 
@@ -31,7 +34,15 @@ warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
 
-app = ClientApp()
+
+def _secagg_gate(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ client mod, for the messages of a secure round only."""
+    if msg.metadata.message_type == "train" and "secaggplus_configs" in msg.content:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_secagg_gate])
 _MODELS: dict[tuple, torch.nn.Module] = {}
 
 
@@ -71,25 +82,42 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train the named devices (and serve every hosted device, with serving evaluation on)."""
+    if "fitins.parameters" in msg.content:  # a SecAgg+ round (server.secagg): Flower's legacy FitIns
+        return Message(_train_secure(msg.content, context), reply_to=msg)
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    return Message(handle(arrays, dict(msg.content["config"]), context), reply_to=msg)
+
+
+@app.query("serve")
+def serve(msg: Message, context: Context) -> Message:
+    """Serving evaluation only (the secure-aggregation rounds train in separate messages)."""
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    return Message(handle(arrays, {**dict(msg.content["config"]), "devices": []}, context, train=False),
+                   reply_to=msg)
+
+
+def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *, train: bool = True,
+           serve: bool = True) -> RecordDict:
+    """One round on this node: the devices in ``conf["devices"]`` train; every hosted device is served."""
     torch.set_num_threads(1)
-    cfg = run_config(msg)
-    conf = msg.content["config"]
+    cfg = RunConfig.from_mapping({k: v for k, v in conf.items() if k in RunConfig.keys()}, where="server message")
     round_, noise = int(conf["round"]), float(conf["effective-noise-multiplier"])
+    serve = serve and cfg.serve_eval
     if store_path(context):
-        return _train_store(msg, context, cfg, round_, noise)
+        return _train_store(global_state, conf, context, cfg, round_, noise, train=train, serve=serve)
     stream = load_stream(cfg)
     log = stream.log
     key = (cfg.model, log.n_items, cfg.dim, cfg.init_scale)
     if key not in _MODELS:
         _MODELS[key] = build_model(cfg.model, log.n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
     model = _MODELS[key]
-    global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     mine = set(hosted_devices(context, stream.n_devices))
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
     wire = wire_mode(cfg.wire, cfg.privacy)
     cohort_start = None if cfg.serve_eval else start  # with serving, the probes come from every device
     out = RecordDict()
-    for d in [int(x) for x in conf["devices"]]:
+    for d in [int(x) for x in conf["devices"]] if train else []:
         skey = f"device-{d}"
         try:
             if d not in mine:
@@ -106,9 +134,35 @@ def train(msg: Message, context: Context) -> Message:
         if not res.skipped:
             context.state[skey] = ConfigRecord(res.state.to_config())
         _reply_update(out, d, res, wire, probe)
-    if cfg.serve_eval:
+    if serve:
         _serve(out, context, stream, cfg, global_state, round_, mine, start)
-    return Message(out, reply_to=msg)
+    return out
+
+
+def _train_secure(content: RecordDict, context: Context) -> RecordDict:
+    """The SecAgg+ collect stage: this node's devices train; the reply is their MEAN delta as a legacy
+    FitRes with weight = number of devices (secaggplus_mod masks ``weight * mean`` = their sum)."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    conf = dict(fitins.config)
+    keys = str(conf.pop("global-keys")).split(",")
+    conf["devices"] = [int(x) for x in str(conf["devices"]).split(",") if x]
+    conf["wire"] = "dense"  # the masked vector is dense whatever the wire setting
+    arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    out = handle(arrays, conf, context, serve=False)
+    done = [int(k[6:]) for k in out.keys() if k.startswith("delta-")]
+    total = [np.zeros_like(arrays[k], dtype=np.float32) for k in keys]
+    metrics: dict = {"devices": ",".join(str(d) for d in done)}
+    for d in done:
+        delta = decode_delta({k: v.numpy() for k, v in out[f"delta-{d}"].items()})
+        for j, k in enumerate(keys):
+            total[j] += delta[k]
+        m = out[f"metrics-{d}"]
+        for name in SECURE_METRICS:
+            metrics[f"{name}:{d}"] = float(m[name])
+    mean = [t / max(len(done), 1) for t in total]
+    res = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(mean),
+                 num_examples=len(done), metrics=metrics)
+    return compat.fitres_to_recorddict(res, keep_input=True)
 
 
 def _reply_update(out: RecordDict, d: int, res, wire: str, probe: np.ndarray | None = None) -> None:
@@ -129,10 +183,10 @@ def _reply_update(out: RecordDict, d: int, res, wire: str, probe: np.ndarray | N
         out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in probe], "hits": [int(h) for h in res.probe_hits]})
 
 
-def _train_store(msg: Message, context: Context, cfg: RunConfig, round_: int, noise: float) -> Message:
+def _train_store(global_state: dict[str, np.ndarray], conf: dict, context: Context, cfg: RunConfig, round_: int,
+                 noise: float, *, train: bool, serve: bool) -> RecordDict:
     """Deployment: one device whose events and private state live in its SQLite store."""
-    conf = msg.content["config"]
-    asked = [int(x) for x in conf["devices"]]
+    asked = [int(x) for x in conf["devices"]] if train else []
     clock = float(conf["round-clock"]) if "round-clock" in conf else math.inf
     out = RecordDict()
     with Device(store_path(context)) as dev:  # type: ignore[arg-type]
@@ -140,21 +194,21 @@ def _train_store(msg: Message, context: Context, cfg: RunConfig, round_: int, no
         try:
             if any(x != d for x in asked):
                 raise ValueError(f"this node hosts device {d}, not {[x for x in asked if x != d]}")
-            global_state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            res = dev.run_round(global_state, cfg, round_, train=d in asked, noise_multiplier=noise, clock=clock)
+            res = dev.run_round(global_state, cfg, round_, train=d in asked, noise_multiplier=noise, clock=clock,
+                                serve=serve)
         except Exception as e:  # an error reply names the device; the store rolled the round back
             out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
                                               "trace": traceback.format_exc()[-2000:]})
-            return Message(out, reply_to=msg)
+            return out
     if res.update is not None:
         _reply_update(out, d, res.update, wire_mode(cfg.wire, cfg.privacy))
-    if cfg.serve_eval:
+    if serve:
         sv = [res.served] if res.served is not None else []
         out["serve"] = MetricRecord({"devices": [d for _ in sv], "n": [x.counts.n for x in sv],
                                      "hits": [float(x.counts.hits) for x in sv],
                                      "ndcg": [float(x.counts.ndcg) for x in sv]})
         out["serve-probe"] = MetricRecord({"items": [], "hits": []})
-    return Message(out, reply_to=msg)
+    return out
 
 
 def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, global_state: dict, round_: int,

@@ -80,7 +80,7 @@ class Device:
 
     # ---- a server round ------------------------------------------------------------------------
     def run_round(self, global_state: dict[str, np.ndarray], cfg: RunConfig, round_: int, *, train: bool,
-                  noise_multiplier: float = 0.0, clock: float = math.inf) -> DeviceRound:
+                  noise_multiplier: float = 0.0, clock: float = math.inf, serve: bool = True) -> DeviceRound:
         """Take in the events recorded up to ``clock``, serve them, and train if asked; all in one commit.
 
         ``clock`` is the server's time of the round: events with a later timestamp wait for a later
@@ -95,7 +95,7 @@ class Device:
             taken = self.store.take(round_, clock)
             items, rounds = self.store.events()
             served = None
-            if cfg.serve_eval and (rounds == round_).any():
+            if serve and cfg.serve_eval and (rounds == round_).any():
                 vec = self.store.get_arrays("serve-vector")
                 served = serve_round(w, cfg.dim, [ServeInput(self.device_id, items[rounds < round_],
                                                              items[rounds == round_])],

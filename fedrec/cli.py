@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     for flag, typ in FLAGS.items():
         loc.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), default=None)
     loc.add_argument("--no-progress", action="store_true", help="plain per-round lines")
+    for sp in (s, loc):
+        sp.add_argument("--secure-aggregation", action="store_true", default=None,
+                        help="Flower SecAgg+: the server sees only the sum of the cohort's deltas (privacy user)")
     w = sub.add_parser("sweep", help="run every cell x seed of a sweep file (resumable), then the report")
     w.add_argument("file", help="a sweep TOML file, e.g. scenarios/freshness_vs_privacy.toml")
     w.add_argument("--out", help="output folder (default runs/<file name>)")
@@ -58,6 +61,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     flags = {k: v for k, v in flags.items() if v is not None}
     if args.no_progress:
         flags["progress"] = False
+    if getattr(args, "secure_aggregation", None):
+        flags["secure_aggregation"] = True
     return RunConfig.from_mapping(flags, where="command line", base=cfg)
 
 

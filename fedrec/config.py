@@ -70,6 +70,7 @@ class RunConfig:
     # privacy
     privacy: str = "user"
     noise_multiplier: float = 1.0
+    secure_aggregation: bool = False  #: Flower SecAgg+: the server sees only the sum of the cohort's deltas
     clip: float = 1.0  #: user-level: L2 bound of a device's whole delta
     event_clip: float = 1.0  #: event-level: per-event gradient clip of DP-SGD
     epsilon: float = 0.0  #: budget per period (0 = none); see `calibrate`
@@ -137,6 +138,8 @@ class RunConfig:
         need(0 <= self.world_shift_time <= 1, "world-shift-time", "must lie in [0, 1]")
         need(0 <= self.world_burst_time <= 1, "world-burst-time", "must lie in [0, 1]")
         need(self.world_bursts >= 0, "world-bursts", "must be 0 or more")
+        need(not self.secure_aggregation or self.privacy in ("user", "both"), "secure-aggregation",
+             "needs privacy = user or both (it protects the user-level DP sum)")
         need(self.round_timeout > 0, "round-timeout", "must be a positive number of seconds")
         need(self.clock in ("replay", "live"), "clock", "must be replay or live")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")

@@ -69,3 +69,8 @@ def decode_delta(arrays: dict[str, np.ndarray]) -> dict:
         else:
             out[k] = np.asarray(v, dtype=np.float32)
     return out
+
+
+#: per-device metrics a node reports in a secure-aggregation round (FitRes metrics "<name>:<device>")
+SECURE_METRICS = ("num-examples", "n-new", "eval-n", "eval-hits", "eval-ndcg", "steps", "max-exposure", "clipped",
+                  "preclip-norm")

@@ -187,10 +187,13 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         if cfg.serve_eval:  # every node serves its devices the new version, sampled for training or not
             for n in nodes:
                 by_node.setdefault(n, [])
-        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base_conf, "round": r, "devices": ds,
-                                                                   "round-clock": clock_of(r)})}),
-                        dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
-        got = _collect(exchange(grid, msgs, cfg.round_timeout), gstate, cfg.clip if user_dp else None)
+        conf_r = {**base_conf, "round": r, "round-clock": clock_of(r)}
+        if cfg.secure_aggregation:
+            got = _secure(grid, by_node, nodes, arrays, gstate, conf_r, cfg)
+        else:
+            msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf_r, "devices": ds})}),
+                            dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
+            got = _collect(exchange(grid, msgs, cfg.round_timeout), gstate, cfg.clip if user_dp else None)
         if not got.deltas and got.failed and not user_dp:
             raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
 
@@ -206,7 +209,8 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         lr = 0.0 if cfg.freeze_after and r > cfg.freeze_after else lr_ctl.step(served.counts if served else got.counts)
         if user_dp:
             mean, diag = noisy_mean(gstate, got.deltas, clip=cfg.clip, noise_multiplier=z_user,
-                                    expected_devices=q_user * len(population), generator=noise_gen)
+                                    expected_devices=q_user * len(population), generator=noise_gen,
+                                    presummed=got.presummed)
             ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=z_user,
                                   sample_rate=q_user, steps=1, clip=cfg.clip, period=period))
             diag["update_norm"] = opt.step(gstate, mean, lr)  # post-processing of the DP release
@@ -340,6 +344,43 @@ class _Replies:
     bytes_up: int = 0
     new_events: int = 0
     skipped: int = 0
+    presummed: int | None = None  #: secure aggregation: ``deltas`` is one sum of this many devices' deltas
+
+
+def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], arrays: ArrayRecord,
+            gstate: dict[str, torch.Tensor], conf: dict, cfg: RunConfig) -> _Replies:
+    """A round under SecAgg+: serving in plain messages, then the masked sum of the cohort's deltas."""
+    from .secagg import secure_round
+
+    serve = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf, "devices": []})}),
+                     dst_node_id=n, message_type="query.serve") for n in nodes] if cfg.serve_eval else []
+    got = _collect(exchange(grid, serve, cfg.round_timeout), gstate, cfg.clip)
+    host = {k: v.detach().cpu().numpy() for k, v in gstate.items()}
+    sec = secure_round(grid, {n: ds for n, ds in by_node.items() if ds}, host, conf, int(conf["round"]),
+                       timeout=cfg.round_timeout)
+    got.failed += [("secure aggregation", f) for f in sec.failures]
+    if sec.total is not None:
+        problem = _validate(sec.total, gstate)
+        norm = delta_norm(sec.total)
+        if problem is None and norm > len(sec.devices) * cfg.clip * (1 + 1e-3) + 1e-3:
+            problem = f"the sum of {len(sec.devices)} clipped deltas has norm {norm:.4g} > {len(sec.devices)} x clip"
+        if problem:
+            got.failed.append(("secure aggregation", problem))
+        else:
+            got.deltas, got.presummed = [sec.total], len(sec.devices)
+            got.bytes_up = sum(v.nbytes for v in host.values()) * len(by_node)  # masked vectors: about dense size
+    for d in sec.devices if got.presummed else []:
+        m = sec.metrics[d]
+        c = PrequentialCounts(int(m["eval-n"]), m["eval-hits"], m["eval-ndcg"])
+        got.done.append(d)
+        got.weights.append(1.0)
+        got.metrics.append({"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])})
+        got.counts.add(c)
+        got.per_device.append((d, c))
+        got.new_events += int(m["n-new"])
+        got.clipped.append(bool(m["clipped"]))
+        got.preclip.append(m["preclip-norm"])
+    return got
 
 
 def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _Replies:

@@ -12,7 +12,9 @@ the same global model for the same seed.
 
 from __future__ import annotations
 
+import copy
 import traceback
+import uuid
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -58,7 +60,8 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            key = f"local-{len(self._replies)}"
+            key = str(uuid.uuid4())  # as Flower's grids do: the reply's reply_to_message_id names it
+            msg.metadata.__dict__["_message_id"] = key
             self._replies[key] = self._deliver(msg)
             ids.append(key)
         return ids
@@ -74,8 +77,8 @@ class LocalGrid(Grid):
         ctx = self._contexts.get(msg.metadata.dst_node_id)
         if ctx is None:
             return Message(Error(code=404, reason=f"no node {msg.metadata.dst_node_id}"), reply_to=msg)
-        try:
-            return self._app(msg, ctx)
+        try:  # a node gets its own copy, as over the network (Flower's SecAgg+ mod edits what it receives)
+            return self._app(copy.deepcopy(msg), ctx)
         except Exception as e:  # a failing handler is an error reply, as in Flower, never a crash
             return Message(Error(code=500, reason=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"),
                            reply_to=msg)

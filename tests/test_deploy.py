@@ -49,10 +49,12 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_deploy_local_with_tls_runs_its_rounds_and_leaves_no_process(tmp_path):
+def test_deploy_local_with_tls_and_secure_aggregation_runs_its_rounds_and_leaves_no_process(tmp_path):
+    """The acceptance command with --secure-aggregation: TLS, node authentication and SecAgg+ together."""
     out = tmp_path / "dep"
     r = subprocess.run([sys.executable, "-m", "fedrec.cli", "deploy", "local", "--devices", "3", "--rounds", "2",
-                        "--tls", "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
+                        "--tls", "--secure-aggregation", "--out", str(out), "--no-progress"], capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     rows = _rows(out)
     assert [x["round"] for x in rows] == [1, 2]
@@ -60,6 +62,7 @@ def test_deploy_local_with_tls_runs_its_rounds_and_leaves_no_process(tmp_path):
     assert all(x["events_scored"] > 0 for x in rows)
     s = json.loads((out / "summary.json").read_text())
     assert s["privacy"]["user"]["releases"] == 2 and s["privacy"]["user"]["epsilon"] > 0
+    assert s["privacy"]["user"]["trust"].startswith("secure aggregation (Flower SecAgg+)")
     assert (out / "hr_epsilon.png").is_file() and (out / "checkpoint.npz").is_file()
     log = (out / "deploy" / "logs" / "superlink-0.log").read_text()
     assert "Uvicorn running on https://127.0.0.1" in log  # TLS, loopback only

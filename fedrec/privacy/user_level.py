@@ -54,10 +54,13 @@ def noisy_mean(
     noise_multiplier: float,
     expected_devices: float,
     generator: torch.Generator,
+    presummed: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """``(sum of deltas + N(0, (z*clip)^2 I)) / expected_devices`` on the device of ``global_state``.
 
     Every delta must already be clipped to ``clip`` (the server checks: a larger one raises).
+    With ``presummed=n`` (secure aggregation) ``deltas`` is one sum of ``n`` clipped deltas that
+    the server cannot see apart; only its norm can be checked against ``n * clip``.
     Noise is drawn on the CPU from ``generator`` (reproducible), then moved.
     Returns the mean update and diagnostics (noise std of the mean, signal norm, SNR).
     """
@@ -65,7 +68,8 @@ def noisy_mean(
         raise ValueError("The expected number of devices should be a positive value.")
     for d in deltas:
         norm = delta_norm(d)
-        if norm > clip * (1 + 1e-4):
+        bound = clip * (1 + 1e-4) if presummed is None else presummed * clip * (1 + 1e-3) + 1e-3
+        if norm > bound:
             raise ValueError(f"A delta of norm {norm:.4g} exceeds the clip {clip}; user-level DP needs clipped deltas.")
     acc = weighted_sum(global_state, deltas, [1.0] * len(deltas))
     signal = float(torch.sqrt(sum(a.double().pow(2).sum() for a in acc.values())).item())
