@@ -350,7 +350,9 @@ def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, ti
         for f in work.glob("superlink.db*"):
             f.unlink()
     fed = LocalFederation(work, tls=tls)
-    app = write_app(work / "app", {**cfg.to_flat(), "out": str(out)})
+    # absolute paths: the ServerApp runs in a process of the SuperLink's, from another folder
+    app = write_app(work / "app", {**cfg.to_flat(), "out": str(out),
+                                   "data": str(Path(cfg.data).resolve()) if cfg.data else ""})
     rows_seen = 0
     try:
         if tls:
