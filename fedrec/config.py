@@ -66,6 +66,9 @@ class RunConfig:
     server_lr: float = 10.0
     lr_schedule: str = "fixed"  #: fixed, or adaptive (server lr raised when windowed HR drops)
     server_opt: str = "fedavg"  #: fedavg, fedadagrad, fedadam, fedyogi (adaptive ones want server-lr ~0.01-0.1)
+    aggregator: str = "mean"  #: mean (FedAvg), or per item row: trimmed-mean, median (not under user-level DP)
+    trim: float = 0.1  #: share trimmed from each end by the trimmed mean
+    max_update_norm: float = 0.0  #: the server scales a larger delta down to this L2 norm (0 = off)
     wire: str = "auto"  #: delta encoding: auto (sparse rows without event DP, fp16 with), dense, fp16, sparse
     # privacy
     privacy: str = "user"
@@ -140,6 +143,12 @@ class RunConfig:
         need(self.world_bursts >= 0, "world-bursts", "must be 0 or more")
         need(not self.secure_aggregation or self.privacy in ("user", "both"), "secure-aggregation",
              "needs privacy = user or both (it protects the user-level DP sum)")
+        need(self.aggregator in ("mean", "trimmed-mean", "median"), "aggregator",
+             "must be one of mean, trimmed-mean, median")
+        need(self.aggregator == "mean" or self.privacy in ("none", "event"), "aggregator",
+             "must be mean under user-level DP (the noise is calibrated to the sum of clipped deltas)")
+        need(0 <= self.trim < 0.5, "trim", "must lie in [0, 0.5)")
+        need(self.max_update_norm >= 0, "max-update-norm", "must be 0 (off) or positive")
         need(self.round_timeout > 0, "round-timeout", "must be a positive number of seconds")
         need(self.clock in ("replay", "live"), "clock", "must be replay or live")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")

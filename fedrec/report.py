@@ -105,7 +105,7 @@ class RunRecorder:
         row.update(self._freshness_row(r, counts, per_device or [], probes or []))
         row.update(extra)
         if failed:
-            row["failures"] = [f"{who}: {why}" for who, why in failed[:5]]
+            row["failures"] = [f"{who}: {why}" for who, why in failed[:20]]
         return self._write(row)
 
     def skip(self, r: int, *, reason: str, wall_s: float) -> dict:

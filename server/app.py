@@ -30,6 +30,7 @@ from fedrec.privacy.ledger import Ledger, Release
 from fedrec.privacy.report import privacy_report
 from fedrec.privacy.user_level import delta_norm, noisy_mean, poisson_cohort
 from fedrec.report import RunRecorder
+from fedrec.robust import bound_norm, robust_mean
 from fedrec.server_aggregate import pick_device, server_aggregate, weighted_sum
 from fedrec.server_lr import ServerLR
 from fedrec.server_opt import ServerOptimizer
@@ -194,6 +195,10 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf_r, "devices": ds})}),
                             dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
             got = _collect(exchange(grid, msgs, cfg.round_timeout), gstate, cfg.clip if user_dp else None)
+        if cfg.max_update_norm > 0 and not user_dp:  # norm bounding (under user-level DP the clip is enforced)
+            bounded = [bound_norm(d, cfg.max_update_norm) for d in got.deltas]
+            got.deltas = [d for d, _ in bounded]
+            got.bounded = sum(b for _, b in bounded)
         if not got.deltas and got.failed and not user_dp:
             raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
 
@@ -214,6 +219,9 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=z_user,
                                   sample_rate=q_user, steps=1, clip=cfg.clip, period=period))
             diag["update_norm"] = opt.step(gstate, mean, lr)  # post-processing of the DP release
+        elif cfg.aggregator != "mean":
+            mean, diag = robust_mean(gstate, got.deltas, method=cfg.aggregator, trim=cfg.trim)
+            diag["update_norm"] = opt.step(gstate, mean, lr)
         elif cfg.server_opt == "fedavg":
             gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=lr, inplace=True)
         else:
@@ -241,7 +249,8 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             "frac_clipped": (sum(got.clipped) / len(got.clipped)) if user_dp and got.clipped else None,
             "mean_preclip_norm": float(np.mean(got.preclip)) if user_dp and got.preclip else None,
             "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
-            "update_norm": diag.get("update_norm", 0.0), "server_lr": lr, "wall_s": round(time.time() - t0, 3)})
+            "update_norm": diag.get("update_norm", 0.0), "server_lr": lr, "bounded": got.bounded,
+            "robust_trimmed_share": diag.get("robust_trimmed_share"), "wall_s": round(time.time() - t0, 3)})
         checkpoint(r)
         if on_round:
             on_round(row)
@@ -345,6 +354,7 @@ class _Replies:
     new_events: int = 0
     skipped: int = 0
     presummed: int | None = None  #: secure aggregation: ``deltas`` is one sum of this many devices' deltas
+    bounded: int = 0  #: deltas the server scaled down to ``max-update-norm``
 
 
 def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], arrays: ArrayRecord,

@@ -148,9 +148,11 @@ def test_deploy_local_stops_everything_on_ctrl_c(tmp_path):
                              "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     t0 = time.time()
-    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+    logs = out / "deploy" / "logs"
+    while not (logs / "device-1.log").exists() or "SuperNode" not in (logs / "device-1.log").read_text():
         assert proc.poll() is None and time.time() - t0 < 300
         time.sleep(0.2)
+    time.sleep(3)  # the federation is up (and may be mid-round): interrupt it
     proc.send_signal(signal.SIGINT)
     text = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "every process it started is stopped" in text
