@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from fedrec.attack import attack_target, attacker_set
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
@@ -116,6 +117,7 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
     wire = wire_mode(cfg.wire, cfg.privacy)
     cohort_start = None if cfg.serve_eval else start  # with serving, the probes come from every device
+    fake, target = _attack(stream, cfg)
     out = RecordDict()
     for d in [int(x) for x in conf["devices"]] if train else []:
         skey = f"device-{d}"
@@ -125,8 +127,11 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
             state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else DeviceState()
             idx = stream.device_events(d, round_)
             probe = _probe(stream, cohort_start, d, round_, cfg.freshness_window)
-            res = client_update(model, global_state, state, log.item[idx], stream.round_of[idx], round_, cfg,
+            items = log.item[idx] if d not in fake else np.full(len(idx), target, dtype=log.item.dtype)
+            res = client_update(model, global_state, state, items, stream.round_of[idx], round_, cfg,
                                 device_id=d, noise_multiplier=noise, probe=probe)
+            if d in fake and cfg.attack_boost != 1.0:  # model-replacement boosting
+                res.delta = {k: (v * cfg.attack_boost).astype(np.float32) for k, v in res.delta.items()}
         except Exception as e:  # one failing device must not sink its node's other devices
             out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
                                               "trace": traceback.format_exc()[-2000:]})
@@ -222,12 +227,18 @@ def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, global_sta
     if vec is not None:
         ids, mat = vec["ids"].numpy(), vec["vectors"].numpy()
         vectors = {int(d): mat[j] for j, d in enumerate(ids)}
+    fake, target = _attack(stream, cfg)
     inputs = []
     for d in active:
+        if d in fake:  # fake devices are not users: nobody is served there
+            continue
         di = stream.by_user[d]
         r = stream.round_of[di]
+        probe = _probe(stream, start, d, round_ - 1, cfg.freshness_window)
+        if target is not None:  # the poisoning target's exposure: is it in this benign user's top-K?
+            probe = np.union1d(probe, [target]) if probe is not None else np.asarray([target])
         inputs.append(ServeInput(device=d, history=log.item[di[r < round_]], new=log.item[di[r == round_]],
-                                 probe=_probe(stream, start, d, round_ - 1, cfg.freshness_window)))
+                                 probe=probe))
     res = serve_round(global_state["item.weight"], cfg.dim, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
                       fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
                       init_scale=cfg.init_scale, negatives=cfg.negatives)
@@ -243,6 +254,14 @@ def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, global_sta
     items = [int(i) for x, s in zip(res, inputs, strict=True) if x.probe_hits is not None for i in s.probe]
     hits = [int(h) for x in res if x.probe_hits is not None for h in x.probe_hits]
     out["serve-probe"] = MetricRecord({"items": items, "hits": hits})
+
+
+def _attack(stream, cfg: RunConfig) -> tuple[frozenset[int], int | None]:
+    """Simulation-only poisoning experiment (fedrec.attack): the fake devices and their target."""
+    if not (cfg.attackers or cfg.attack_measure):
+        return frozenset(), None
+    return (attacker_set(stream.n_devices, cfg.attackers, cfg.seed),
+            attack_target(stream.log.item, stream.round_of, stream.log.n_items))
 
 
 def _probe(stream, start: np.ndarray | None, device: int, round_: int, window: int) -> np.ndarray | None:

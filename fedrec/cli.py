@@ -19,6 +19,8 @@ FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few m
     "user-lr": float, "init-scale": float, "user-fit-steps": int, "engine": str, "method": str,
     "freeze-after": int, "lr-schedule": str, "server-opt": str, "wire": str, "freshness-window": int, "world-users": int, "world-items": int,
     "world-bursts": int, "world-shift-share": float, "world-new-item-share": float,
+    "aggregator": str, "trim": float, "max-update-norm": float, "attackers": float, "attack-boost": float,
+    "round-timeout": float, "clock": str,
 }
 
 

@@ -69,6 +69,9 @@ class RunConfig:
     aggregator: str = "mean"  #: mean (FedAvg), or per item row: trimmed-mean, median (not under user-level DP)
     trim: float = 0.1  #: share trimmed from each end by the trimmed mean
     max_update_norm: float = 0.0  #: the server scales a larger delta down to this L2 norm (0 = off)
+    attackers: float = 0.0  #: simulation only: share of fake devices pushing one item (fedrec.attack)
+    attack_boost: float = 1.0  #: fake devices scale their deltas by this (model-replacement boosting)
+    attack_measure: bool = False  #: measure the target's exposure even without attackers (a no-attack baseline)
     wire: str = "auto"  #: delta encoding: auto (sparse rows without event DP, fp16 with), dense, fp16, sparse
     # privacy
     privacy: str = "user"
@@ -148,6 +151,8 @@ class RunConfig:
         need(self.aggregator == "mean" or self.privacy in ("none", "event"), "aggregator",
              "must be mean under user-level DP (the noise is calibrated to the sum of clipped deltas)")
         need(0 <= self.trim < 0.5, "trim", "must lie in [0, 0.5)")
+        need(0 <= self.attackers < 1, "attackers", "must lie in [0, 1)")
+        need(self.attack_boost > 0, "attack-boost", "must be positive")
         need(self.max_update_norm >= 0, "max-update-norm", "must be 0 (off) or positive")
         need(self.round_timeout > 0, "round-timeout", "must be a positive number of seconds")
         need(self.clock in ("replay", "live"), "clock", "must be replay or live")

@@ -46,6 +46,12 @@ class RunRecorder:
             self._stream = load_stream(cfg)
         except Exception as e:  # the server may not see the data (deployment): say so in the summary, never fail
             self._no_stream = f"{type(e).__name__}: {e}"
+        self._target = None
+        if (cfg.attackers or cfg.attack_measure) and self._stream is not None:
+            from .attack import attack_target
+
+            st = self._stream
+            self._target = attack_target(st.log.item, st.round_of, st.log.n_items)
         truth = (self._stream.log.meta.get("world") or {}) if self._stream is not None else {}
         if truth.get("shifted_users") and 0 < cfg.world_shift_time < 1:
             self._truth_users = set(truth["shifted_users"])
@@ -67,7 +73,8 @@ class RunRecorder:
         return {"rows": self.rows, "schedule": self.schedule, "total": counts([self.total])[0],
                 "per_round": counts(self.per_round), "drift_rounds": counts(self.drift_rounds),
                 "probe_tally": {str(i): {str(r): t for r, t in by.items()} for i, by in self.probe_tally.items()},
-                "notes": self.notes, "elapsed_s": time.time() - self.t0}
+                "notes": self.notes,
+            **({"attack": self._attack_summary()} if self._target is not None else {}), "elapsed_s": time.time() - self.t0}
 
     def load_state_dict(self, d: dict) -> None:
         """Continue from :meth:`state_dict`: rows after it are dropped from ``metrics.jsonl``."""
@@ -137,6 +144,9 @@ class RunRecorder:
                 t = self.probe_tally.setdefault(int(i), {}).setdefault(r, [0, 0])
                 t[0] += int(h)
                 t[1] += 1
+        if self._target is not None:
+            t = self.probe_tally.get(self._target, {}).get(r)
+            out["target_exposure"] = t[0] / t[1] if t and t[1] else None
         return out
 
     def freshness(self) -> dict:
@@ -168,6 +178,19 @@ class RunRecorder:
                                  for r in range(1, n + 1)]
                 out[f"uptake_{name}"] = uptake_summary({i: int(start[i]) for i in items}, shares)
         return out
+
+    def _attack_summary(self) -> dict:
+        from .attack import attacker_set
+
+        exp = [r.get("target_exposure") for r in self.rows]
+        last = [x for x in exp[-3:] if x is not None]
+        return {"target": self._target, "attackers_share": self.cfg.attackers,
+                "attackers": len(attacker_set(self._stream.n_devices, self.cfg.attackers, self.cfg.seed)),
+                "boost": self.cfg.attack_boost, "aggregator": self.cfg.aggregator,
+                "max_update_norm": self.cfg.max_update_norm,
+                "exposure_last3": float(np.mean(last)) if last else None,
+                "what": "share of benign served devices whose top-K holds the target item, per round "
+                        "(metrics.jsonl target_exposure); fake devices are never served"}
 
     def _write(self, row: dict) -> dict:
         self.rows.append(row)
@@ -223,6 +246,7 @@ class RunRecorder:
             "privacy": privacy,
             "freshness": self.freshness(),
             "notes": self.notes,
+            **({"attack": self._attack_summary()} if self._target is not None else {}),
             "timings": {"wall_s": round(time.time() - self.t0, 2),
                         "mean_round_s": round(float(np.mean([r["wall_s"] for r in self.rows])), 3) if self.rows else 0,
                         "aggregation_device": self.info.get("device")},

@@ -1,11 +1,13 @@
-"""Robust aggregation: norm bounding, and a coordinate-wise trimmed mean or median per item row.
+"""Robust aggregation: norm bounding, and a coordinate-wise trimmed mean or median of the deltas.
 
-A device "contributes" to an item row when it sent that row (sparse delta) or the row is not
-all zero (dense delta). For each row the robust statistic is taken over the contributors only,
-then scaled by ``contributors / devices``: without trimming, the trimmed mean is then exactly the
-unweighted mean of the deltas (rows a device did not touch count as zero), so the server
-learning rate keeps its meaning. Robust aggregators ignore the event-count weights (a weight is
-what a poisoner would inflate).
+Both statistics are taken per coordinate of every item row over **all** the round's devices; a
+device that did not touch a row (it did not send it, or its dense row is zero) counts as zero
+there, which is what it proposed for that row. So a row moves only when enough devices push it:
+the median needs more than half of the cohort, the trimmed mean (``trim`` from each end) trims a
+push by fewer than ``trim * devices``. That is the defence against a few fake devices pushing one
+item, and also the price: long-tail items that few real devices touch in a round move less.
+Without trimming the trimmed mean is exactly the unweighted mean. Robust aggregators ignore the
+event-count weights (a weight is what a poisoner would inflate).
 
 Not under user-level DP: the noise there is calibrated to the sensitivity of the *sum* of
 clipped deltas; a median has another sensitivity, so the config refuses the combination.
@@ -38,8 +40,8 @@ def bound_norm(delta: Delta, bound: float) -> tuple[dict, bool]:
 
 
 def _stack(like: torch.Tensor, deltas: Sequence[Delta], key: str) -> torch.Tensor:
-    """``(devices, *shape)`` with NaN in every row a device did not contribute."""
-    out = torch.full((len(deltas), *like.shape), float("nan"), dtype=torch.float32)
+    """``(devices, *shape)``: each device's delta as a dense tensor (untouched rows are zero)."""
+    out = torch.zeros((len(deltas), *like.shape), dtype=torch.float32)
     for j, d in enumerate(deltas):
         v = d[key]
         if isinstance(v, tuple):
@@ -47,39 +49,29 @@ def _stack(like: torch.Tensor, deltas: Sequence[Delta], key: str) -> torch.Tenso
             if len(ids):
                 out[j, torch.from_numpy(np.asarray(ids, np.int64))] = torch.from_numpy(np.asarray(rows, np.float32))
         else:
-            t = torch.from_numpy(np.asarray(v, np.float32))
-            touched = t.reshape(t.shape[0], -1).ne(0).any(1) if t.dim() > 1 else t.ne(0)
-            out[j, touched] = t[touched]
+            out[j] = torch.from_numpy(np.asarray(v, np.float32))
     return out
 
 
 def robust_mean(like: Mapping[str, torch.Tensor], deltas: Sequence[Delta], *, method: str,
                 trim: float = 0.1) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The per-row robust estimate of the mean update (see the module docstring), on ``like``'s device."""
+    """The coordinate-wise median or trimmed mean of the deltas, on ``like``'s device."""
     if method not in ("trimmed-mean", "median"):
         raise ValueError(f"Unknown robust aggregator {method!r}; expected trimmed-mean or median.")
     if not 0 <= trim < 0.5:
         raise ValueError("The trimmed share must lie in [0, 0.5).")
     n = len(deltas)
     out: dict[str, torch.Tensor] = {}
-    trimmed_share = []
     for key, ref in like.items():
         if n == 0:
             out[key] = torch.zeros_like(ref)
             continue
-        x = _stack(ref, deltas, key)
-        k = (~torch.isnan(x)).sum(0)  # contributors per coordinate
+        srt, _ = torch.sort(_stack(ref, deltas, key), dim=0)
         if method == "median":
-            est = torch.nanmedian(x, dim=0).values
+            est = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
         else:
-            srt, _ = torch.sort(x, dim=0)  # NaN sort last
-            t = torch.floor(trim * k.to(torch.float32)).to(torch.long)
-            pos = torch.arange(n).view(-1, *([1] * (x.dim() - 1)))
-            keep = (pos >= t) & (pos < k - t)
-            kept = keep.sum(0)
-            est = torch.where(keep, srt.nan_to_num(0.0), torch.zeros(())).sum(0) / kept.clamp(min=1)
-            trimmed_share.append(float((1 - kept.sum() / k.sum().clamp(min=1)).item()))
-        est = torch.nan_to_num(est, nan=0.0) * (k.to(torch.float32) / n)
+            t = int(np.floor(trim * n))
+            est = srt[t:n - t].mean(0)
         out[key] = est.to(ref.device, ref.dtype)
-    diag = {"robust_trimmed_share": float(np.mean(trimmed_share)) if trimmed_share else None}
-    return out, diag
+    trimmed = 2 * int(np.floor(trim * n)) if method == "trimmed-mean" else max(n - 2 + n % 2, 0)
+    return out, {"robust_trimmed_share": trimmed / n if n else None}

@@ -20,20 +20,19 @@ from fedrec.server_aggregate import weighted_sum
 # ---- robust aggregators, by hand and against the plain mean -------------------------------------
 
 
-def test_median_and_trimmed_mean_per_row_by_hand():
+def test_median_and_trimmed_mean_per_coordinate_by_hand():
     like = {"t": torch.zeros(3, 2)}
-    deltas = [  # row 0: touched by three devices (one of them poisoned); row 1 by one; row 2 by none
+    deltas = [  # row 0: pushed by three devices (one hard); row 1 by one device; row 2 by none
         {"t": (np.array([0]), np.array([[1.0, 1.0]], np.float32))},
         {"t": (np.array([0, 1]), np.array([[2.0, 2.0], [4.0, 4.0]], np.float32))},
-        {"t": np.array([[100.0, 100.0], [0, 0], [0, 0]], np.float32)},  # dense: zero rows are untouched
-        {"t": (np.zeros(0, np.int64), np.zeros((0, 2), np.float32))},
+        {"t": np.array([[100.0, 100.0], [0, 0], [0, 0]], np.float32)},
+        {"t": (np.zeros(0, np.int64), np.zeros((0, 2), np.float32))},  # touched nothing: zeros everywhere
     ]
-    med, _ = robust_mean(like, deltas, method="median")
-    # per row: the statistic over its contributors, times contributors / devices
-    np.testing.assert_allclose(med["t"].numpy(), [[2 * 3 / 4] * 2, [4 * 1 / 4] * 2, [0, 0]])
-    tm, diag = robust_mean(like, deltas, method="trimmed-mean", trim=0.34)  # trims one of three at each end
-    np.testing.assert_allclose(tm["t"].numpy(), [[2 * 3 / 4] * 2, [4 * 1 / 4] * 2, [0, 0]])
-    assert 0 < diag["robust_trimmed_share"] < 1
+    med, _ = robust_mean(like, deltas, method="median")  # row 0: sorted 0, 1, 2, 100 -> (1 + 2) / 2
+    np.testing.assert_allclose(med["t"].numpy(), [[1.5, 1.5], [0, 0], [0, 0]])
+    tm, diag = robust_mean(like, deltas, method="trimmed-mean", trim=0.25)  # one of four from each end
+    np.testing.assert_allclose(tm["t"].numpy(), [[1.5, 1.5], [0, 0], [0, 0]])
+    assert diag["robust_trimmed_share"] == 0.5
     with pytest.raises(ValueError, match="trimmed share"):
         robust_mean(like, deltas, method="trimmed-mean", trim=0.5)
 
