@@ -181,7 +181,7 @@ class RunConfig:
             if name not in known:
                 close = [k for k in cls.keys() if k.split("-")[0] == str(raw).replace("_", "-").split("-")[0]]
                 hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ConfigError(f"Unknown config key '{raw}' in {where}.{hint}")
+                raise ConfigError(f"Unknown config key {str(raw)!r} in {where}.{hint}")
             want = _type_of(known[name])
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
@@ -208,9 +208,11 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"No such {what}: {path}.")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}).") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8.") from None
 
 
 def _type_of(f: dataclasses.Field) -> type:
