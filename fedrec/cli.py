@@ -136,6 +136,7 @@ def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: boo
     """``fedrec deploy local``: real SuperLink and SuperNode processes on loopback (fedrec.deploy.local)."""
     import dataclasses
     import signal
+    from contextlib import nullcontext
 
     from rich.console import Console
 
@@ -163,7 +164,7 @@ def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: boo
 
     old = signal.signal(signal.SIGTERM, on_term)
     try:
-        with console.status("starting the federation…", spinner="dots") if cfg.progress else _Null() as st:
+        with console.status("starting the federation…", spinner="dots") if cfg.progress else nullcontext() as st:
             def status(msg: str) -> None:
                 console.print(msg)
                 if st is not None:
@@ -174,14 +175,6 @@ def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: boo
     _print_summary(console, summary, k)
     console.print(f"device stores: {Path(cfg.out) / 'devices'}; logs: {Path(cfg.out) / 'deploy' / 'logs'}")
     return summary
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _print_summary(console, s: dict, k: int) -> None:
