@@ -25,11 +25,10 @@ from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
 from fedrec.eval.freshness import tracked_items
-from fedrec.models.mf import build_model
 from fedrec.serving import ServeInput, serve_round
 from fedrec.wire import SECURE_METRICS, decode_delta, encode_delta, wire_mode
 
-from .device import Device
+from .device import Device, shared_model
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -44,12 +43,11 @@ def _secagg_gate(msg: Message, context: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[_secagg_gate])
-_MODELS: dict[tuple, torch.nn.Module] = {}
 
 
-def run_config(msg: Message) -> RunConfig:
-    c = dict(msg.content["config"])
-    return RunConfig.from_mapping({k: v for k, v in c.items() if k in RunConfig.keys()}, where="server message")
+def run_config(conf: dict) -> RunConfig:
+    """The run config a server message carries (its other entries are per-round instructions)."""
+    return RunConfig.from_mapping({k: v for k, v in conf.items() if k in RunConfig.keys()}, where="server message")
 
 
 def hosted_devices(context: Context, n_devices: int) -> list[int]:
@@ -75,7 +73,7 @@ def query(msg: Message, context: Context) -> Message:
         with Device(path) as dev:
             info = {"devices": [dev.device_id], "n-items": dev.n_items, "durable": True}
     else:
-        cfg = run_config(msg)
+        cfg = run_config(dict(msg.content["config"]))
         stream = load_stream(cfg)
         info = {"devices": hosted_devices(context, stream.n_devices), "n-items": stream.log.n_items, "durable": False}
     return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
@@ -102,17 +100,14 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
            serve: bool = True) -> RecordDict:
     """One round on this node: the devices in ``conf["devices"]`` train; every hosted device is served."""
     torch.set_num_threads(1)
-    cfg = RunConfig.from_mapping({k: v for k, v in conf.items() if k in RunConfig.keys()}, where="server message")
+    cfg = run_config(conf)
     round_, noise = int(conf["round"]), float(conf["effective-noise-multiplier"])
     serve = serve and cfg.serve_eval
     if store_path(context):
         return _train_store(global_state, conf, context, cfg, round_, noise, train=train, serve=serve)
     stream = load_stream(cfg)
     log = stream.log
-    key = (cfg.model, log.n_items, cfg.dim, cfg.init_scale)
-    if key not in _MODELS:
-        _MODELS[key] = build_model(cfg.model, log.n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
-    model = _MODELS[key]
+    model = shared_model(cfg, log.n_items)
     mine = set(hosted_devices(context, stream.n_devices))
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
     wire = wire_mode(cfg.wire, cfg.privacy)

@@ -107,7 +107,7 @@ class Device:
             if train:
                 raw = self.store.load_state()
                 state = DeviceState.from_config(raw) if raw is not None else DeviceState()
-                update = client_update(_model(cfg, self.n_items), global_state, state, items, rounds, round_, cfg,
+                update = client_update(shared_model(cfg, self.n_items), global_state, state, items, rounds, round_, cfg,
                                        device_id=self.device_id, noise_multiplier=noise_multiplier)
                 if not update.skipped:
                     self.store.save_state(update.state.to_config())
@@ -157,7 +157,8 @@ class Device:
         return float(led[-1]["epsilon"]) if led else 0.0
 
 
-def _model(cfg: RunConfig, n_items: int) -> torch.nn.Module:
+def shared_model(cfg: RunConfig, n_items: int) -> torch.nn.Module:
+    """One reused model object per process and shape (every update overwrites its parameters)."""
     key = (cfg.model, n_items, cfg.dim, cfg.init_scale, cfg.seed)
     if key not in _MODELS:
         _MODELS[key] = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)

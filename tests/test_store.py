@@ -58,6 +58,13 @@ def test_record_survives_sigkill_of_the_recording_process(tmp_path):
         assert s.count(pending=True) == s.count()  # no round took anything
 
 
+def _sql(path, statement: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute(statement)
+    db.commit()
+    db.close()
+
+
 def test_corrupt_wrong_version_and_foreign_files_are_refused_with_the_path(tmp_path):
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"not a database at all " * 200)
@@ -69,18 +76,12 @@ def test_corrupt_wrong_version_and_foreign_files_are_refused_with_the_path(tmp_p
         d.record_many([(i % N_ITEMS, float(i), "view", 1.0) for i in range(3000)])
     old = tmp_path / "old.sqlite"
     old.write_bytes(good.read_bytes())
-    db = sqlite3.connect(old)
-    db.execute("PRAGMA user_version = 7")
-    db.commit()
-    db.close()
+    _sql(old, "PRAGMA user_version = 7")
     with pytest.raises(StoreError, match=r"old\.sqlite has device-store schema version 7; this fedrec reads version 1"):
         EventStore(old)
 
     foreign = tmp_path / "foreign.sqlite"
-    db = sqlite3.connect(foreign)
-    db.execute("CREATE TABLE t (x)")
-    db.commit()
-    db.close()
+    _sql(foreign, "CREATE TABLE t (x)")
     with pytest.raises(StoreError, match=r"foreign\.sqlite is an SQLite database but not a fedrec device store"):
         EventStore(foreign)
 
