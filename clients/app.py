@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from fedrec.asynchrony import lateness, slow_set
 from fedrec.attack import attack_target, attacker_set
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
@@ -114,11 +115,16 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
     cohort_start = None if cfg.serve_eval else start  # with serving, the probes come from every device
     fake, target = _attack(stream, cfg)
     out = RecordDict()
+    slow = slow_set(stream.n_devices, cfg.slow_devices, cfg.seed) if cfg.slow_devices else frozenset()
+    _hand_in(out, context, round_)
     for d in [int(x) for x in conf["devices"]] if train else []:
         skey = f"device-{d}"
         try:
             if d not in mine:
                 raise ValueError(f"device {d} is not hosted on this node")
+            if f"held-metrics-{d}" in context.state:
+                base = int(context.state[f"held-metrics-{d}"]["base-round"])
+                raise ValueError(f"device {d} is still busy with its update of round {base}")
             state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else DeviceState()
             idx = stream.device_events(d, round_)
             probe = _probe(stream, cohort_start, d, round_, cfg.freshness_window)
@@ -133,10 +139,37 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
             continue
         if not res.skipped:
             context.state[skey] = ConfigRecord(res.state.to_config())
+        if d in slow and not res.skipped:  # a straggler: its finished update comes in a later round
+            _hold(context, out, d, res, wire, round_, round_ + lateness(d, round_, cfg.slow_rounds, cfg.seed))
+            continue
         _reply_update(out, d, res, wire, probe)
     if serve:
         _serve(out, context, stream, cfg, global_state, round_, mine, start)
     return out
+
+
+def _hold(context: Context, out: RecordDict, d: int, res, wire: str, round_: int, due: int) -> None:
+    """Simulation of a slow device: keep its finished update in the node's state until round ``due``
+    and tell the server it is in flight (the server does not sample it again meanwhile)."""
+    held = RecordDict()
+    _reply_update(held, d, res, wire)
+    context.state[f"held-delta-{d}"] = held[f"delta-{d}"]
+    metrics = dict(held[f"metrics-{d}"])
+    context.state[f"held-metrics-{d}"] = MetricRecord({**metrics, "base-round": round_, "due": due})
+    out[f"inflight-{d}"] = ConfigRecord({"base-round": round_, "due": due})
+
+
+def _hand_in(out: RecordDict, context: Context, round_: int) -> None:
+    """Reply with the held updates of slow devices that are due by this round (tagged with their round)."""
+    for key in [k for k in context.state.keys() if k.startswith("held-metrics-")]:
+        m = context.state[key]
+        if int(m["due"]) > round_:
+            continue
+        d = key[len("held-metrics-"):]
+        out[f"delta-{d}"] = context.state[f"held-delta-{d}"]
+        out[f"metrics-{d}"] = MetricRecord({k: v for k, v in m.items() if k != "due"})
+        del context.state[key]
+        del context.state[f"held-delta-{d}"]
 
 
 def _train_secure(content: RecordDict, context: Context) -> RecordDict:

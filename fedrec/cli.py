@@ -15,12 +15,13 @@ FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few m
     "data": str, "rounds": int, "cohort": int, "privacy": str, "epsilon": float, "delta": float,
     "noise-multiplier": float, "clip": float, "model": str, "seed": int, "out": str, "nodes": int,
     "local-steps": int, "sample-rate": float, "lr": float, "server-lr": float, "dim": int,
-    "replay-rounds": int, "accountant": str, "device": str, "event-clip": float, "budget-period": int,
+    "replay-rounds": int, "accountant": str, "device": str, "event-clip": float, "update-backend": str, "budget-period": int,
     "user-lr": float, "init-scale": float, "user-fit-steps": int, "engine": str, "method": str,
     "freeze-after": int, "lr-schedule": str, "server-opt": str, "wire": str, "freshness-window": int, "world-users": int, "world-items": int,
     "world-bursts": int, "world-shift-share": float, "world-new-item-share": float,
-    "aggregator": str, "trim": float, "max-update-norm": float, "attackers": float, "attack-boost": float,
-    "round-timeout": float, "clock": str,
+    "aggregator": str, "trim": float, "max-update-norm": float, "max-row-norm": float, "attackers": float, "attack-boost": float,
+    "round-timeout": float, "clock": str, "min-reply-share": float, "async-buffer": int, "max-staleness": int,
+    "slow-devices": float, "slow-rounds": int,
 }
 
 

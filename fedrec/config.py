@@ -50,7 +50,12 @@ class RunConfig:
     engine: str = "ray"  #: simulation transport: Flower's Simulation Engine (ray) or in-process (local)
     method: str = "federated"  #: federated, or centralised (the non-private freshness ceiling, all events)
     freeze_after: int = 0  #: static baseline: the global model stops changing after this round (0 = never)
-    round_timeout: float = 600.0  #: seconds the server waits for a node's reply before counting it failed
+    round_timeout: float = 600.0  #: round deadline: seconds the server waits for replies; later ones are late
+    min_reply_share: float = 1.0  #: the round closes once this share of the sampled devices has replied
+    async_buffer: int = 0  #: 0 = synchronous rounds (late updates dropped); K = FedBuff, apply once K are buffered
+    max_staleness: int = 8  #: async: a buffered update older than this many versions is dropped
+    slow_devices: float = 0.0  #: simulation only: share of devices whose updates arrive rounds late
+    slow_rounds: int = 2  #: a slow device's update arrives 1..slow-rounds rounds after it was asked for
     seed: int = 0
     # model and local update
     model: str = "mf"
@@ -69,6 +74,7 @@ class RunConfig:
     aggregator: str = "mean"  #: mean (FedAvg), or per item row: trimmed-mean, median (not under user-level DP)
     trim: float = 0.1  #: share trimmed from each end by the trimmed mean
     max_update_norm: float = 0.0  #: the server scales a larger delta down to this L2 norm (0 = off)
+    max_row_norm: float = 0.0  #: the server scales each item row of a delta down to this L2 norm (0 = off)
     attackers: float = 0.0  #: simulation only: share of fake devices pushing one item (fedrec.attack)
     attack_boost: float = 1.0  #: fake devices scale their deltas by this (model-replacement boosting)
     attack_measure: bool = False  #: measure the target's exposure even without attackers (a no-attack baseline)
@@ -79,6 +85,8 @@ class RunConfig:
     secure_aggregation: bool = False  #: Flower SecAgg+: the server sees only the sum of the cohort's deltas
     clip: float = 1.0  #: user-level: L2 bound of a device's whole delta
     event_clip: float = 1.0  #: event-level: per-event gradient clip of DP-SGD
+    update_backend: str = "auto"  #: local update: auto (closed form for mf; DP noise drawn lazily) or
+    #                                 autograd (torch autograd; Opacus ghost clipping under event-level DP)
     epsilon: float = 0.0  #: budget per period (0 = none); see `calibrate`
     calibrate: bool = True  #: with a budget, pick the noise multiplier that fits it (else enforce only)
     budget_period: int = 0  #: rounds per user-level budget period (0 = the whole run)
@@ -154,8 +162,24 @@ class RunConfig:
         need(0 <= self.attackers < 1, "attackers", "must lie in [0, 1)")
         need(self.attack_boost > 0, "attack-boost", "must be positive")
         need(self.max_update_norm >= 0, "max-update-norm", "must be 0 (off) or positive")
+        need(self.max_row_norm >= 0, "max-row-norm", "must be 0 (off) or positive")
+        need(not (self.secure_aggregation and self.max_row_norm), "max-row-norm",
+             "must be 0 with secure-aggregation (the server sees only the masked sum)")
         need(self.round_timeout > 0, "round-timeout", "must be a positive number of seconds")
+        need(0 < self.min_reply_share <= 1, "min-reply-share", "must lie in (0, 1]")
+        need(self.async_buffer >= 0, "async-buffer", "must be 0 (synchronous) or a number of updates")
+        need(self.max_staleness >= 0, "max-staleness", "must be 0 or more")
+        need(0 <= self.slow_devices < 1, "slow-devices", "must lie in [0, 1)")
+        need(self.slow_rounds >= 1, "slow-rounds", "must be at least 1")
+        need(not (self.async_buffer and self.privacy in ("user", "both")), "async-buffer",
+             "must be 0 under user-level DP (each noisy sum must hold only the devices sampled for it)")
+        for key in ("async-buffer", "slow-devices"):
+            need(not (self.secure_aggregation and getattr(self, key.replace("-", "_"))), key,
+                 "must be 0 with secure-aggregation (a masked sum covers one round's replies)")
+        need(not (self.secure_aggregation and self.min_reply_share < 1), "min-reply-share",
+             "must be 1 with secure-aggregation (SecAgg+ sets its own reply threshold)")
         need(self.clock in ("replay", "live"), "clock", "must be replay or live")
+        need(self.update_backend in ("auto", "autograd"), "update-backend", "must be auto or autograd")
         need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")

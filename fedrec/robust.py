@@ -39,6 +39,26 @@ def bound_norm(delta: Delta, bound: float) -> tuple[dict, bool]:
             else (np.asarray(v) * s).astype(np.float32) for k, v in delta.items()}, True
 
 
+def bound_rows(delta: Delta, bound: float) -> tuple[dict, int]:
+    """Scale every row of every table (dense or sparse ``(ids, rows)``; 1-D tensors per entry) to
+    L2 norm <= ``bound``; how many rows were scaled. One device can then move any single item's
+    row by at most ``bound`` however it concentrates its update, while the many small rows of an
+    ordinary update pass untouched."""
+    out, scaled = {}, 0
+    for k, v in delta.items():
+        ids, rows = v if isinstance(v, tuple) else (None, v)
+        rows = np.asarray(rows, np.float32)
+        norms = np.abs(rows) if rows.ndim == 1 else np.sqrt(np.square(rows, dtype=np.float64).sum(axis=1))
+        over = norms > bound
+        if over.any():
+            rows = rows.copy()
+            f = (bound / norms[over]).astype(np.float32)
+            rows[over] *= f if rows.ndim == 1 else f[:, None]
+            scaled += int(over.sum())
+        out[k] = (ids, rows) if ids is not None else rows
+    return out, scaled
+
+
 def _stack(like: torch.Tensor, deltas: Sequence[Delta], key: str) -> torch.Tensor:
     """``(devices, *shape)``: each device's delta as a dense tensor (untouched rows are zero)."""
     out = torch.zeros((len(deltas), *like.shape), dtype=torch.float32)

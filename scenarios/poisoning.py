@@ -4,7 +4,8 @@
 
 A share of the devices (0, 1%, 5%, 10%) is fake (fedrec.attack): each trains on its own events
 with every item replaced by the target, and boosts its delta. Defences: none (FedAvg mean),
-norm bounding at the server (`max-update-norm`), and per-item-row trimmed mean and median.
+norm bounding at the server of each whole delta (`max-update-norm`) and of each item row of a
+delta (`max-row-norm`), and per-item-row trimmed mean and median.
 Measured per run, in the same world and seed: the target's exposure (share of benign served
 devices whose top-10 holds it, mean of the last 3 rounds) and the clean HR@10 as served.
 Writes results.csv, results.md and exposure.png into --out; a finished run is not redone.
@@ -25,6 +26,8 @@ SHARES = (0.0, 0.01, 0.05, 0.10)
 DEFENCES = {  # name -> config keys
     "none": {"aggregator": "mean"},
     "norm bound": {"aggregator": "mean", "max-update-norm": 2.0},
+    "row bound 1.0": {"aggregator": "mean", "max-row-norm": 1.0},
+    "row bound 0.5": {"aggregator": "mean", "max-row-norm": 0.5},
     "trimmed mean": {"aggregator": "trimmed-mean", "trim": 0.1},
     "median": {"aggregator": "median"},
 }

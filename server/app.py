@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.asynchrony import Buffer, Update, discounted
 from fedrec.checkpoint import load_checkpoint, save_checkpoint
 from fedrec.config import RunConfig
 from fedrec.eval.metrics import PrequentialCounts
@@ -30,7 +31,7 @@ from fedrec.privacy.ledger import Ledger, Release
 from fedrec.privacy.report import privacy_report
 from fedrec.privacy.user_level import delta_norm, noisy_mean, poisson_cohort
 from fedrec.report import RunRecorder
-from fedrec.robust import bound_norm, robust_mean
+from fedrec.robust import bound_norm, bound_rows, robust_mean
 from fedrec.server_aggregate import pick_device, server_aggregate, weighted_sum
 from fedrec.server_lr import ServerLR
 from fedrec.server_opt import ServerOptimizer
@@ -61,34 +62,63 @@ def user_noise(cfg: RunConfig, q: float) -> float:
     return cfg.noise_multiplier
 
 
-def exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
-    """Push ``msgs`` and pull their replies; a node silent for ``timeout`` s gets an error reply.
+def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | None = None,
+             late: dict[str, tuple[int, Message]] | None = None, round_: int = 0) -> list[Message]:
+    """Push ``msgs`` and pull their replies until all are in or ``timeout`` s pass.
+
+    Without ``late`` a node still silent at the deadline gets an error reply. With ``late`` (a dict
+    the round loop keeps across rounds) the exchange also closes once the replies cover ``enough``
+    devices (``min-reply-share``), and each message still unanswered goes into ``late`` as
+    ``id -> (round_, message)``: its reply is *late* (see :func:`pull_late`), not an error.
 
     Flower's ``send_and_receive`` over a SuperLink polls every 3 s; a round of small device
-    updates takes well under that, so this polls every 0.1 s at first, backing off to 1 s.
+    updates takes well under that, so this polls every 0.05 s at first, backing off to 1 s.
     """
     if not msgs:
         return []
-    want = {m.metadata.dst_node_id: m for m in msgs}
-    ids = set(grid.push_messages(msgs))
+    sent = dict(zip(grid.push_messages(msgs), msgs, strict=True))
+    ids = set(sent)
     out: list[Message] = []
+    covered = 0
     t0, wait = time.time(), 0.05
     while ids:
         got = list(grid.pull_messages(ids))
         out.extend(got)
-        ids -= {m.metadata.reply_to_message_id for m in got}
+        for m in got:
+            mid = m.metadata.reply_to_message_id
+            ids.discard(mid)
+            covered += len(sent[mid].content["config"].get("devices", [])) if mid in sent else 0
         if not ids:
             break
-        if timeout and time.time() - t0 > timeout:
-            answered = {m.metadata.src_node_id for m in out}
-            for n, m in want.items():
-                if n not in answered:
-                    out.append(Message(Error(code=408, reason=f"node {n} sent no reply within {timeout:g} s"),
-                                       reply_to=m))
+        closed = late is not None and enough is not None and covered >= enough
+        if closed or time.time() - t0 > timeout:
+            for mid in ids:
+                if late is not None:
+                    late[mid] = (round_, sent[mid])
+                else:
+                    out.append(Message(Error(code=408, reason=f"node {sent[mid].metadata.dst_node_id} sent no reply "
+                                                              f"within {timeout:g} s"), reply_to=sent[mid]))
             break
         time.sleep(wait)
         wait = min(1.0, wait * 1.5)
     return out
+
+
+def pull_late(grid: Grid, late: dict[str, tuple[int, Message]], round_: int,
+              patience: int) -> tuple[list[tuple[int, Message]], list[tuple[int, str]]]:
+    """The late replies that have come in since, each with the round it was asked for, and the
+    nodes given up on: silent for more than ``patience`` rounds after their round closed."""
+    if not late:
+        return [], []
+    got = [(late.pop(m.metadata.reply_to_message_id)[0], m) for m in grid.pull_messages(list(late))
+           if m.metadata.reply_to_message_id in late]
+    gone = []
+    for mid, (r, msg) in list(late.items()):
+        if round_ - r > patience:
+            del late[mid]
+            gone.append((msg.metadata.dst_node_id, f"node {msg.metadata.dst_node_id} sent no reply for round {r} "
+                                                   f"within {patience} rounds"))
+    return got, gone
 
 
 def _wait_for_nodes(grid: Grid, want: int, timeout: float = 120.0) -> list[int]:
@@ -125,7 +155,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     rng = np.random.default_rng([cfg.seed, 7, earlier])
     noise_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, 11, earlier]).generate_state(1)[0]))
     rec.start(population=len(population), n_items=n_items, noise_multiplier=z_event or z_user, device=str(dev))
-    last_fresh, stopped = 0, ""
+    last_fresh, stopped, version = 0, "", 0
     lr_ctl = ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive")
     opt = ServerOptimizer(cfg.server_opt)
     ckpt_path = Path(cfg.out) / "checkpoint.npz"
@@ -144,6 +174,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             lr_ctl.load_state_dict(ck["lr_schedule"])
             rec.load_state_dict(ck["run"]["recorder"])
             last_fresh, stopped, first = int(ck["run"]["last_fresh"]), ck["run"]["stopped"], ck["round"] + 1
+            version = int(ck["run"].get("version", ck["round"]))
             rec.note(f"resuming after round {ck['round']} from the checkpoint {ckpt_path}; "
                      f"the privacy ledger holds {earlier} earlier releases")
             # fresh randomness for the rounds still to come: never a replay of earlier cohorts or noise
@@ -154,13 +185,23 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     def checkpoint(r: int, finished: bool = False) -> None:
         save_checkpoint(ckpt_path, round_=r, global_state=gstate, optimizer=opt.state_dict(),
                         lr_schedule=lr_ctl.state_dict(),
-                        run={"finished": finished, "last_fresh": last_fresh, "stopped": stopped,
+                        run={"finished": finished, "last_fresh": last_fresh, "stopped": stopped, "version": version,
                              "config": _resume_key(cfg), "recorder": rec.state_dict()})
 
     clock_of = _clock(cfg, rec)
+    # stragglers (fedrec.asynchrony): messages unanswered when their round closed, devices whose
+    # update is in flight, and the version each round sent (staleness counts versions)
+    late_msgs: dict[str, tuple[int, Message]] = {}
+    busy: dict[int, int] = {}
+    version_of: dict[int, int] = {}
+    buffer = Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None
+    patience = max(1, cfg.max_staleness)
     r = first - 1
     for r in range(first, cfg.rounds + 1):
         t0 = time.time()
+        version_of[r] = version
+        arrived, gone = pull_late(grid, late_msgs, r, patience)
+        busy_nodes = {m.metadata.dst_node_id for _, m in late_msgs.values()}
         period = (r - 1) // cfg.budget_period if cfg.budget_period else 0
         if user_dp and cfg.epsilon > 0:
             eps_next = ledger.user_epsilon(cfg.delta, cfg.accountant, period=period, extra=(z_user, q_user, 1))
@@ -175,31 +216,59 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                 if on_round:
                     on_round(row)
                 continue
+        # a device whose update is still in flight is not asked again (under user-level DP this only
+        # lowers its chance of being in a round below q: the accounting stays an upper bound)
+        free = [d for d in population if d not in busy and home[d] not in busy_nodes] if busy or busy_nodes \
+            else population
         if user_dp:
-            cohort = poisson_cohort(population, q_user, rng)
+            cohort = poisson_cohort(free, q_user, rng)
         else:
-            cohort = sorted(int(d) for d in rng.choice(population, size=min(cfg.cohort, len(population)),
-                                                       replace=False))
+            cohort = sorted(int(d) for d in rng.choice(free, size=min(cfg.cohort, len(free)), replace=False))
         arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in gstate.items()})
         down = sum(a.numpy().nbytes for a in arrays.values())
         by_node: dict[int, list[int]] = {}
         for d in cohort:
             by_node.setdefault(home[d], []).append(d)
+        for d, due in busy.items():  # a node hands in its slow devices' updates in a reply
+            if due <= r:
+                by_node.setdefault(home[d], [])
         if cfg.serve_eval:  # every node serves its devices the new version, sampled for training or not
             for n in nodes:
                 by_node.setdefault(n, [])
+        for n in busy_nodes:  # a node still working on an earlier round's message gets no new one
+            by_node.pop(n, None)
         conf_r = {**base_conf, "round": r, "round-clock": clock_of(r)}
         if cfg.secure_aggregation:
             got = _secure(grid, by_node, nodes, arrays, gstate, conf_r, cfg)
         else:
             msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf_r, "devices": ds})}),
                             dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
-            got = _collect(exchange(grid, msgs, cfg.round_timeout), gstate, cfg.clip if user_dp else None)
+            replies = exchange(grid, msgs, cfg.round_timeout, late=late_msgs, round_=r,
+                               enough=math.ceil(cfg.min_reply_share * len(cohort)))
+            # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
+            # on the order, and the same seed must give the same model on any engine
+            got = _collect(sorted([(r, m) for m in replies] + arrived, key=lambda x: (x[0], x[1].metadata.src_node_id)),
+                           gstate, cfg.clip if user_dp else None, r)
+            got.failed += gone
+        late_now = sorted({int(d) for rr, m in late_msgs.values() if rr == r for d in m.content["config"]["devices"]}
+                          | set(got.inflight))
+        for u in got.late:
+            busy.pop(u.device, None)
+            u.base_version = version_of.get(u.base_round, version)
+        busy.update(got.inflight)
         if cfg.max_update_norm > 0 and not user_dp:  # norm bounding (under user-level DP the clip is enforced)
-            bounded = [bound_norm(d, cfg.max_update_norm) for d in got.deltas]
-            got.deltas = [d for d, _ in bounded]
+            bounded = [bound_norm(d, cfg.max_update_norm) for d in got.deltas + [u.delta for u in got.late]]
+            got.deltas = [d for d, _ in bounded[:len(got.deltas)]]
+            for u, (d, _) in zip(got.late, bounded[len(got.deltas):], strict=True):
+                u.delta = d
             got.bounded = sum(b for _, b in bounded)
-        if not got.deltas and got.failed and not user_dp:
+        if cfg.max_row_norm > 0 and got.presummed is None:  # per-row bounding (fedrec.robust.bound_rows)
+            rows = [bound_rows(d, cfg.max_row_norm) for d in got.deltas + [u.delta for u in got.late]]
+            got.deltas = [d for d, _ in rows[:len(got.deltas)]]
+            for u, (d, _) in zip(got.late, rows[len(got.deltas):], strict=True):
+                u.delta = d
+            got.rows_bounded = sum(n for _, n in rows)
+        if not got.deltas and not got.late and not late_now and got.failed and not user_dp:
             raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
 
         # device releases (event level) are recorded as reported; the server's own release is written
@@ -207,31 +276,54 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         ledger.append(*[Release(kind="device-dpsgd", unit="event", round=r, noise_multiplier=z_event,
                                 sample_rate=cfg.sample_rate, steps=m["steps"], clip=cfg.event_clip,
                                 subject=f"device-{d}", max_steps_per_event=m["max-exposure"])
-                        for d, m in zip(got.done, got.metrics, strict=True) if z_event and m["steps"]])
+                        for d, m in zip(got.done + [u.device for u in got.late], got.metrics + got.late_metrics,
+                                        strict=True) if z_event and m["steps"]])
+        # which updates this round applies: synchronous rounds take the on-time ones and drop late
+        # ones; the async buffered mode (FedBuff) buffers every update and applies the buffer once full
+        deltas, weights, dropped, applied = got.deltas, got.weights, len(got.late), got.done
+        fresh_rounds = [r] if got.new_events else []
+        staleness: list[int] = []
+        if buffer is not None:
+            dropped = 0
+            ontime = [Update(d, x, w, version, new_events=1 if m_new else 0, base_round=r)
+                      for d, x, w, m_new in zip(got.done, got.deltas, got.weights, got.n_new, strict=True)]
+            for u in ontime + got.late:
+                dropped += 0 if buffer.add(u, version) else 1
+            deltas, weights, applied, fresh_rounds = [], [], [], []
+            if buffer.ready():
+                ups, staleness = buffer.take(version)
+                deltas, weights = discounted(ups, staleness)
+                applied = [u.device for u in ups]
+                fresh_rounds = [u.base_round for u in ups if u.new_events]
         # the static baseline freezes the served model after `freeze_after` rounds (devices still
         # personalise their own vectors); the adaptive schedule reads only the aggregated counts
         served = got.served if cfg.serve_eval else None
         lr = 0.0 if cfg.freeze_after and r > cfg.freeze_after else lr_ctl.step(served.counts if served else got.counts)
+        diag: dict = {"update_norm": 0.0}
         if user_dp:
-            mean, diag = noisy_mean(gstate, got.deltas, clip=cfg.clip, noise_multiplier=z_user,
+            mean, diag = noisy_mean(gstate, deltas, clip=cfg.clip, noise_multiplier=z_user,
                                     expected_devices=q_user * len(population), generator=noise_gen,
                                     presummed=got.presummed)
             ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=z_user,
                                   sample_rate=q_user, steps=1, clip=cfg.clip, period=period))
             diag["update_norm"] = opt.step(gstate, mean, lr)  # post-processing of the DP release
+        elif not deltas:  # nothing to apply (async: the buffer is still filling)
+            pass
         elif cfg.aggregator != "mean":
-            mean, diag = robust_mean(gstate, got.deltas, method=cfg.aggregator, trim=cfg.trim)
+            mean, diag = robust_mean(gstate, deltas, method=cfg.aggregator, trim=cfg.trim)
             diag["update_norm"] = opt.step(gstate, mean, lr)
         elif cfg.server_opt == "fedavg":
-            gstate, diag = server_aggregate(gstate, got.deltas, got.weights, server_lr=lr, inplace=True)
+            gstate, diag = server_aggregate(gstate, deltas, weights, server_lr=lr, inplace=True)
         else:
-            total = float(sum(got.weights))
+            total = float(sum(weights))
             diag = {"weight": total, "update_norm": 0.0}
             if total > 0:
-                mean = weighted_sum(gstate, got.deltas, [w / total for w in got.weights])
+                mean = weighted_sum(gstate, deltas, [w / total for w in weights])
                 diag["update_norm"] = opt.step(gstate, mean, lr)
-        if got.new_events and lr > 0:  # a frozen (static) or skipped update reflects nothing new
-            last_fresh = r
+        if buffer is None or deltas:  # a new version is published (async: only when the buffer is applied)
+            version += 1
+        if fresh_rounds and lr > 0:  # a frozen (static) or skipped update reflects nothing new
+            last_fresh = max(last_fresh, *fresh_rounds)
         ev = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values()) if z_event else []
         row = rec.round(r, done=got.done, counts=served.counts if served else got.counts, failed=got.failed,
                         per_device=served.per_device if served else got.per_device,
@@ -250,10 +342,20 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             "mean_preclip_norm": float(np.mean(got.preclip)) if user_dp and got.preclip else None,
             "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
             "update_norm": diag.get("update_norm", 0.0), "server_lr": lr, "bounded": got.bounded,
-            "robust_trimmed_share": diag.get("robust_trimmed_share"), "wall_s": round(time.time() - t0, 3)})
+            "rows_bounded": got.rows_bounded,
+            "robust_trimmed_share": diag.get("robust_trimmed_share"), "late": len(late_now),
+            "late_arrived": len(got.late), "late_dropped": dropped, "applied": len(applied), "version": version,
+            "buffered": len(buffer.items) if buffer is not None else None,
+            "mean_staleness": float(np.mean(staleness)) if staleness else None,
+            "wall_s": round(time.time() - t0, 3)})
         checkpoint(r)
         if on_round:
             on_round(row)
+    waiting = (len(buffer.items) if buffer is not None else 0, len(busy) + sum(
+        len(m.content["config"]["devices"]) for _, m in late_msgs.values()))
+    if any(waiting):
+        rec.note(f"at the end {waiting[0]} updates were still buffered and {waiting[1]} devices' updates still "
+                 "in flight; they were not applied")
     checkpoint(r, finished=True)
     final = {k: v.detach().cpu() for k, v in gstate.items()}
     report = privacy_report(cfg, ledger, z_event=z_event, z_user=z_user, q_user=q_user,
@@ -355,6 +457,11 @@ class _Replies:
     skipped: int = 0
     presummed: int | None = None  #: secure aggregation: ``deltas`` is one sum of this many devices' deltas
     bounded: int = 0  #: deltas the server scaled down to ``max-update-norm``
+    rows_bounded: int = 0  #: item rows the server scaled down to ``max-row-norm``
+    late: list = field(default_factory=list)  #: Update of devices asked in an earlier round (stragglers)
+    late_metrics: list = field(default_factory=list)  #: their metrics (for the privacy ledger)
+    n_new: list = field(default_factory=list)  #: new events of each on-time device
+    inflight: dict = field(default_factory=dict)  #: device -> round its update is due (simulated slow devices)
 
 
 def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], arrays: ArrayRecord,
@@ -364,7 +471,8 @@ def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], arrays:
 
     serve = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf, "devices": []})}),
                      dst_node_id=n, message_type="query.serve") for n in nodes] if cfg.serve_eval else []
-    got = _collect(exchange(grid, serve, cfg.round_timeout), gstate, cfg.clip)
+    r = int(conf["round"])
+    got = _collect([(r, m) for m in exchange(grid, serve, cfg.round_timeout)], gstate, cfg.clip, r)
     host = {k: v.detach().cpu().numpy() for k, v in gstate.items()}
     sec = secure_round(grid, {n: ds for n, ds in by_node.items() if ds}, host, conf, int(conf["round"]),
                        timeout=cfg.round_timeout)
@@ -393,17 +501,20 @@ def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], arrays:
     return got
 
 
-def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _Replies:
-    """Validate and unpack per-device replies; a bad one is recorded as failed, never fatal.
+def _collect(replies: list[tuple[int, Message]], gstate: dict[str, torch.Tensor], clip: float | None,
+             round_: int) -> _Replies:
+    """Validate and unpack per-device replies, each given with the round it was asked for; a bad
+    one is recorded as failed, never fatal. An update computed for an earlier round than ``round_``
+    (a straggler's) goes to ``late``, not into this round's lists.
 
     With ``clip`` (user-level DP) every device weighs the same; else deltas are weighted by events.
     """
     out = _Replies()
-    for rep in replies:
+    for asked, rep in replies:
         if rep.has_error():
             out.failed.append((rep.metadata.src_node_id, rep.error.reason))
             continue
-        if "serve" in rep.content:
+        if "serve" in rep.content and asked == round_:
             sv = rep.content["serve"]
             out.served = out.served or _Served()
             for d, n, h, g in zip(sv["devices"], sv["n"], sv["hits"], sv["ndcg"], strict=True):
@@ -415,6 +526,8 @@ def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _R
         for key in rep.content.keys():
             if key.startswith("error-"):
                 out.failed.append((int(key[6:]), rep.content[key]["reason"]))
+            if key.startswith("inflight-"):
+                out.inflight[int(key[9:])] = int(rep.content[key]["due"])
             if not key.startswith("metrics-"):
                 continue
             d = int(key[8:])
@@ -433,10 +546,18 @@ def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _R
                 out.failed.append((d, problem))
                 continue
             out.bytes_up += sum(v.nbytes for v in raw.values())
+            weight = 1.0 if clip is not None else float(m["num-examples"])
+            ledger = {"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])}
+            base = int(m.get("base-round", asked))
+            if base < round_:
+                out.late.append(Update(d, delta, weight, base_version=base, new_events=int(m["n-new"]),
+                                       base_round=base))
+                out.late_metrics.append(ledger)
+                continue
             out.done.append(d)
             out.deltas.append(delta)
-            out.weights.append(1.0 if clip is not None else float(m["num-examples"]))
-            out.metrics.append({"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])})
+            out.weights.append(weight)
+            out.metrics.append(ledger)
             c = PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"]))
             out.counts.add(c)
             out.per_device.append((d, c))
@@ -444,6 +565,7 @@ def _collect(replies, gstate: dict[str, torch.Tensor], clip: float | None) -> _R
                 p = rep.content[f"probe-{d}"]
                 out.probes.append((list(p["items"]), list(p["hits"])))
             out.new_events += int(m["n-new"])
+            out.n_new.append(int(m["n-new"]))
             out.clipped.append(bool(m["clipped"]))
             out.preclip.append(float(m["preclip-norm"]))
     return out

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fedrec.clients.app import app as client_app
 from fedrec.config import ConfigError, RunConfig
-from fedrec.robust import bound_norm, robust_mean
+from fedrec.robust import bound_norm, bound_rows, robust_mean
 from fedrec.server.app import run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.server_aggregate import weighted_sum
@@ -64,6 +64,18 @@ def test_bound_norm_scales_sparse_and_dense_deltas():
     assert was and np.isclose(np.linalg.norm(out["a"][1]), 1.0)
     same, was = bound_norm(d, 10.0)
     assert not was and same["a"][1] is d["a"][1]
+
+
+def test_bound_rows_scales_only_the_rows_above_the_bound():
+    d = {"a": (np.array([2, 5]), np.array([[3.0, 4.0], [0.3, 0.4]], np.float32)),
+         "b": np.array([[6.0, 8.0], [0.0, 0.0]], np.float32), "c": np.array([-3.0, 0.5], np.float32)}
+    out, n = bound_rows(d, 1.0)
+    assert n == 3
+    np.testing.assert_array_equal(out["a"][0], [2, 5])
+    np.testing.assert_allclose(out["a"][1], [[0.6, 0.8], [0.3, 0.4]], rtol=1e-6)
+    np.testing.assert_allclose(out["b"], [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(out["c"], [-1.0, 0.5])
+    np.testing.assert_allclose(d["a"][1][0], [3.0, 4.0])  # the input is not mutated
 
 
 def test_robust_aggregators_are_refused_under_user_level_dp():
@@ -167,6 +179,26 @@ def test_thirty_percent_dropping_mid_round_still_completes_with_the_right_epsilo
     want = opacus_epsilon(1.0, 0.5, 2, 1e-5)
     assert s["rounds"] == 2 and s["privacy"]["user"]["releases"] == 2
     assert abs(s["privacy"]["user"]["epsilon"] - want) <= 0.01 * want
+
+
+def test_row_bounding_limits_a_poisoned_row_and_leaves_clean_updates_nearly_alone(tmp_path):
+    def poison(a):
+        rows = a["item.weight.rows"].copy()
+        rows[:] = 5.0
+        return {**a, "item.weight.rows": rows}
+
+    BAD["poison"] = poison
+    try:
+        _run(tmp_path, "mean", {"1": "poison"}, privacy="none")
+        _run(tmp_path, "rows", {"1": "poison"}, privacy="none", max_row_norm=1.0)
+        _run(tmp_path, "clean", {}, privacy="none")
+        _run(tmp_path, "rows-clean", {}, privacy="none", max_row_norm=1.0)
+    finally:
+        del BAD["poison"]
+    base = _model(tmp_path, "clean")
+    poisoned = np.abs(_model(tmp_path, "rows") - base).max()
+    assert poisoned < 0.5 * np.abs(_model(tmp_path, "mean") - base).max()
+    assert np.abs(_model(tmp_path, "rows-clean") - base).max() < poisoned
 
 
 def test_the_median_resists_one_poisoned_row_where_the_mean_does_not(tmp_path):

@@ -48,7 +48,7 @@ def test_the_secure_sum_equals_the_plain_sum_and_no_reply_holds_a_delta():
     msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base, "round": 2, "devices": ds,
                                                                           "round-clock": 0.0})}),
                     dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
-    got = _collect(exchange(grid, msgs, 60), g, cfg.clip)
+    got = _collect([(2, m) for m in exchange(grid, msgs, 60)], g, cfg.clip, 2)
     plain = sum(d["item.weight"] for d in got.deltas)
     # the same devices, the same round, fresh nodes: under SecAgg+
     grid2, base2, g2, by_node2 = _setup(cfg)
