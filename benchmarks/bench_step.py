@@ -1,10 +1,13 @@
 """One DP local step against the non-private step, at item tables of 2k, 20k and 200k rows.
 
 Run by hand: ``python benchmarks/bench_step.py [--rows 2000 20000 200000] [--events 64] [--dim 32]``.
-Times fedrec's own device update (``fedrec.client_update._local_sgd``: Opacus ghost clipping, one
-``make_private`` per update, ``--steps`` Poisson-sampled steps) per local step, with and without
-event-level DP, on one torch thread, and for reference Opacus's default ``hooks`` mode (the stock
-pattern's, which materialises a dense per-sample gradient of the whole table) where it fits.
+Times fedrec's own device update (``fedrec.client_update._local_sgd``, ``--steps`` Poisson-sampled
+steps) per local step, on one torch thread: without DP, with event-level DP as fedrec runs it for
+MF (``update-backend = auto``: closed-form per-event clipping, noise drawn lazily, one dense draw per
+update; ``fedrec.privacy.fast_dpsgd``), and with ``update-backend = autograd`` (Opacus ghost clipping,
+one ``make_private`` per update, dense noise every step); for reference Opacus's default ``hooks``
+mode (the stock pattern's, which materialises a dense per-sample gradient of the whole table)
+where it fits.
 Every ratio compares two figures measured in this run.
 """
 
@@ -28,8 +31,9 @@ from fedrec.models.base import BPRLoss  # noqa: E402
 from fedrec.models.mf import build_model  # noqa: E402
 
 
-def _ours(rows: int, dim: int, events: int, steps: int, private: bool, repeats: int) -> float:
-    cfg = dataclasses.replace(RunConfig(), dim=dim, local_steps=steps, sample_rate=0.5, privacy="event" if private else "none")
+def _ours(rows: int, dim: int, events: int, steps: int, private: bool, repeats: int, backend: str = "auto") -> float:
+    cfg = dataclasses.replace(RunConfig(), dim=dim, local_steps=steps, sample_rate=0.5,
+                              privacy="event" if private else "none", update_backend=backend)
     model = build_model("mf", rows, dim, seed=0)
     rng = np.random.default_rng(0)
     pos = torch.from_numpy(rng.choice(rows, size=events, replace=False).astype(np.int64))
@@ -89,12 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; {args.events} events, dim {args.dim}, {args.steps} steps per update")
-    print(f"{'rows':>8} {'plain ms':>9} {'DP ms':>8} {'DP/plain':>9} {'hooks ms':>9} {'hooks/DP':>9}")
+    print(f"{'rows':>8} {'plain ms':>9} {'DP ms':>8} {'DP/plain':>9} {'opacus ms':>10} {'opacus/plain':>13} "
+          f"{'hooks ms':>9} {'hooks/DP':>9}")
     for n in args.rows:
         plain = _ours(n, args.dim, args.events, args.steps, False, args.repeats)
         dp = _ours(n, args.dim, args.events, args.steps, True, args.repeats)
+        opa = _ours(n, args.dim, args.events, args.steps, True, args.repeats, backend="autograd")
         hooks = _hooks(n, args.dim, args.events, 3) if n <= args.hooks_max_rows else None
-        print(f"{n:>8} {plain * 1e3:9.2f} {dp * 1e3:8.2f} {dp / plain:9.1f} "
+        print(f"{n:>8} {plain * 1e3:9.2f} {dp * 1e3:8.2f} {dp / plain:9.1f} {opa * 1e3:10.2f} {opa / plain:13.1f} "
               + (f"{hooks * 1e3:9.1f} {hooks / dp:9.1f}" if hooks else f"{'-':>9} {'-':>9}"))
 
 

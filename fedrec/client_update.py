@@ -16,7 +16,9 @@ import torch
 from .config import RunConfig
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
 from .models.base import BPRLoss, RecModel
+from .models.mf import MF, fit_user_mf, sgd_mf
 from .privacy.accounting import epsilon
+from .privacy.fast_dpsgd import dpsgd_mf
 from .privacy.user_level import clip_delta
 
 
@@ -195,35 +197,55 @@ def _mask(idx: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
+def _closed_form(model: RecModel, cfg: RunConfig) -> bool:
+    """MF trains by closed-form gradients (fedrec.models.mf) unless ``update-backend = autograd``."""
+    return cfg.update_backend == "auto" and isinstance(model, MF)
+
+
 def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator) -> None:
     """``cfg.user_fit_steps`` full-batch steps on the local parameters only (global ones frozen)."""
     params = dict(model.named_parameters())
+    lr = cfg.user_lr if cfg.user_lr > 0 else cfg.lr
+    cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(model.n_items)
+    if _closed_form(model, cfg):
+        fit_user_mf(params["item.weight"].data, params["user.weight"].data, pos, cand, steps=cfg.user_fit_steps,
+                    negatives=cfg.negatives, lr=lr, generator=g)
+        return
     local = [params[n] for n in model.local_names]
     frozen = [params[n] for n in model.global_names]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        opt = torch.optim.SGD(local, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr)
-        cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(model.n_items)
         user = torch.zeros(len(pos), dtype=torch.long)
         crit = BPRLoss()
         for _ in range(cfg.user_fit_steps):
             neg = cand[torch.randint(0, len(cand), (len(pos), cfg.negatives), generator=g)]
-            opt.zero_grad()
+            for p in local:
+                p.grad = None
             crit(_diff(model, user, torch.cat([pos.unsqueeze(1), neg], dim=1))).backward()
-            opt.step()
+            _sgd([(p, lr) for p in local])
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+def _sgd(groups: list[tuple[torch.nn.Parameter, float]]) -> None:
+    """A plain SGD step (what ``torch.optim.SGD`` does without momentum; building one costs ~3 ms)."""
+    with torch.no_grad():
+        for p, lr in groups:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)
 
 
 def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator,
                noise_multiplier: float, private: bool) -> int:
     """``cfg.local_steps`` steps; each takes every example independently with prob ``sample_rate``.
 
-    Under DP the step is Opacus DP-SGD with ghost clipping (per-event clip ``cfg.event_clip``, noise
-    ``noise_multiplier * clip`` on the sum, normalised by the expected batch size). A step whose
-    Poisson batch is empty still adds noise, as the accountant assumes.
+    Under DP the step is DP-SGD (per-event clip ``cfg.event_clip``, noise ``noise_multiplier * clip``
+    on the sum, normalised by the expected batch size). MF takes the steps in closed form
+    (:mod:`fedrec.models.mf`; under DP :mod:`fedrec.privacy.fast_dpsgd`, noise drawn lazily); other
+    models, or ``update-backend = "autograd"``, use torch autograd and under DP Opacus with ghost
+    clipping. A DP step whose Poisson batch is empty still adds noise, as the accountant assumes.
     """
     n = len(pos)
     q = cfg.sample_rate
@@ -233,20 +255,28 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
         cand = torch.arange(model.n_items)
     neg = cand[torch.randint(0, len(cand), (n, cfg.negatives), generator=g)]
     items = torch.cat([pos.unsqueeze(1), neg], dim=1).contiguous()
-    user = torch.zeros(n, dtype=torch.long)
-    crit = BPRLoss()
     # the item table (global) and the user vector (local) take separate step sizes: the user vector
     # receives DP noise of the same std on each step but only its own signal, so it needs a
     # smaller step to average the noise out across steps
+    lr_item, lr_user = cfg.lr, cfg.user_lr if cfg.user_lr > 0 else cfg.lr
     params = dict(model.named_parameters())
-    opt = torch.optim.SGD([
-        {"params": [params[n] for n in model.global_names], "lr": cfg.lr},
-        {"params": [params[n] for n in model.local_names], "lr": cfg.user_lr if cfg.user_lr > 0 else cfg.lr},
-    ])
+    if _closed_form(model, cfg):
+        item_w, user_w = params["item.weight"].data, params["user.weight"].data
+        if private:
+            dpsgd_mf(item_w, user_w, items, steps=cfg.local_steps, sample_rate=q, lr_item=lr_item, lr_user=lr_user,
+                     clip=cfg.event_clip, noise_multiplier=noise_multiplier, generator=g)
+        else:
+            sgd_mf(item_w, user_w, items, steps=cfg.local_steps, sample_rate=q, lr_item=lr_item, lr_user=lr_user,
+                   generator=g)
+        return cfg.local_steps
+    groups = [(params[n], lr_item) for n in model.global_names] + [(params[n], lr_user) for n in model.local_names]
+    user = torch.zeros(n, dtype=torch.long)
+    crit = BPRLoss()
     if private:
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
+        opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in groups])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account per event
@@ -273,10 +303,11 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
         take = torch.rand(n, generator=g) < q
         if not take.any():
             continue
-        opt.zero_grad()
+        for p, _ in groups:
+            p.grad = None
         out = _diff(model, user[take], items[take])
         crit(out).backward()
-        opt.step()
+        _sgd(groups)
     return cfg.local_steps
 
 

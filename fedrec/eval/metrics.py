@@ -105,16 +105,22 @@ def prequential_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence
     item the user already had are not scored (re-consumption). ``seen`` is not modified.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    ex = seen.copy()
-    c = PrequentialCounts()
-    for i in new_items:
-        i = int(i)
-        if ex[i]:
-            continue
-        r = target_rank(scores, i, ex)
-        c.n += 1
-        if r < k:
-            c.hits += 1.0
-            c.ndcg += 1.0 / np.log2(r + 2)
-        ex[i] = True
-    return c
+    items = np.asarray(new_items, dtype=np.int64).reshape(-1)
+    if len(items) == 0:
+        return PrequentialCounts()
+    first = np.zeros(len(items), bool)
+    first[np.unique(items, return_index=True)[1]] = True  # a repeat within the new events is re-consumption
+    items = items[first & ~seen[items]]
+    s = scores[items]
+    live = scores[~seen]
+    # items scoring >= the target among those not seen before (the target itself among them) ...
+    if len(items) <= 8:  # a few targets: one comparison pass each beats sorting the catalogue
+        ranks = (live[None, :] >= s[:, None]).sum(axis=1) - 1
+    else:
+        live = np.sort(live)
+        ranks = len(live) - np.searchsorted(live, s, side="left") - 1
+    # ... less the earlier new events, which the user already had by then
+    earlier = np.tri(len(items), k=-1, dtype=bool)
+    ranks -= (earlier & (s[None, :] >= s[:, None])).sum(axis=1)
+    hit = ranks < k
+    return PrequentialCounts(int(len(items)), float(hit.sum()), float((1.0 / np.log2(ranks[hit] + 2)).sum()))

@@ -50,6 +50,65 @@ class MF(RecModel):
         return w[:, : self.dim] @ self.user.weight[0] + w[:, self.dim]
 
 
+def bpr_event_grads(item: torch.Tensor, user: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each event's gradient of the BPR loss of MF, in closed form (no autograd).
+
+    ``item`` (n_items, d+1), ``user`` (d,), ``idx`` (b, 1 + K): each event's positive item, then its
+    K negatives. With the loss ``l = mean_k softplus(-(s_pos - s_neg_k))`` and ``c_k = dl/d(s_pos -
+    s_neg_k) = -sigmoid(-(s_pos - s_neg_k)) / K``, the gradient on row ``idx[b, j]`` is
+    ``a[b, j] * [user, 1]`` (``a = [sum_k c_k, -c_1, ..., -c_K]``; a row that appears twice in an
+    event gets both terms) and on the user vector ``gu[b] = sum_k c_k (q_pos - q_neg_k)[:d]``.
+    Returns ``(a, gu)`` of shapes (b, 1 + K) and (b, d).
+    """
+    d = user.shape[0]
+    e = item[idx]  # (b, 1 + K, d + 1)
+    s = e[..., :d] @ user + e[..., d]
+    c = -torch.sigmoid(-(s[:, :1] - s[:, 1:])) / (idx.shape[1] - 1)
+    a = torch.cat([c.sum(1, keepdim=True), -c], dim=1)
+    gu = (c.unsqueeze(2) * (e[:, :1, :d] - e[:, 1:, :d])).sum(1)
+    return a, gu
+
+
+def row_grads(a: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+    """The item-row gradients ``a[b, j] * [user, 1]``, flattened to (b * (1 + K), d + 1)."""
+    return a.reshape(-1, 1) * torch.cat([user, user.new_ones(1)]).unsqueeze(0)
+
+
+@torch.no_grad()
+def sgd_mf(item: torch.Tensor, user: torch.Tensor, items: torch.Tensor, *, steps: int, sample_rate: float,
+           lr_item: float, lr_user: float, generator: torch.Generator) -> None:
+    """Non-private local SGD on ``item`` and ``user`` (1, d) in place: each step takes every event of
+    ``items`` (n, 1 + K) with probability ``sample_rate`` and descends the batch-mean BPR loss (what
+    autograd with ``BPRLoss()`` and ``torch.optim.SGD`` computes; an empty step is skipped). Only the
+    rows in the batch are touched, however large the table."""
+    n = items.shape[0]
+    for _ in range(steps):
+        take = torch.rand(n, generator=generator) < sample_rate
+        if not take.any():
+            continue
+        idx = items[take]
+        u = user[0]
+        a, gu = bpr_event_grads(item, u, idx)
+        g_rows = row_grads(a, u)
+        item.index_add_(0, idx.reshape(-1), g_rows, alpha=-lr_item / len(idx))
+        u.add_(gu.sum(0), alpha=-lr_user / len(idx))
+
+
+@torch.no_grad()
+def fit_user_mf(item: torch.Tensor, user: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor, *, steps: int,
+                negatives: int, lr: float, generator: torch.Generator) -> None:
+    """Full-batch steps on the user vector alone (items frozen), fresh negatives from ``cand`` each step."""
+    u = user[0]
+    d = u.shape[0]
+    e_pos = item[pos]  # (n, d+1): the table is frozen here, so the positives are looked up once
+    for _ in range(steps):
+        neg = cand[torch.randint(0, len(cand), (len(pos), negatives), generator=generator)]
+        e_neg = item[neg]  # (n, K, d+1)
+        diff = (e_pos[:, None, :d] - e_neg[..., :d])  # (n, K, d)
+        c = -torch.sigmoid(-(diff @ u + (e_pos[:, None, d] - e_neg[..., d]))) / negatives  # (n, K)
+        u.add_((c.unsqueeze(2) * diff).sum((0, 1)), alpha=-lr / len(pos))
+
+
 def build_model(name: str, n_items: int, dim: int, *, seed: int = 0, init_scale: float = 0.1) -> RecModel:
     """Construct a model by name with a seeded initialisation."""
     g = torch.Generator().manual_seed(seed)
