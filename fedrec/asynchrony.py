@@ -88,6 +88,28 @@ class Buffer:
     def ready(self) -> bool:
         return len(self.items) >= self.size
 
+    def state(self) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """What a checkpoint keeps: each update's fields (JSON) and its delta's arrays."""
+        meta, arrays = [], {}
+        for j, u in enumerate(self.items):
+            meta.append({"device": u.device, "weight": u.weight, "base_version": u.base_version,
+                         "new_events": u.new_events, "base_round": u.base_round, "keys": sorted(u.delta)})
+            for k, v in u.delta.items():
+                if isinstance(v, tuple):
+                    arrays[f"{j}:{k}:ids"], arrays[f"{j}:{k}:rows"] = np.asarray(v[0]), np.asarray(v[1])
+                else:
+                    arrays[f"{j}:{k}"] = np.asarray(v)
+        return meta, arrays
+
+    def load(self, meta: list[dict], arrays: dict[str, np.ndarray]) -> None:
+        """Refill the buffer from :meth:`state`'s output (a resumed server loses no buffered update)."""
+        self.items = []
+        for j, m in enumerate(meta):
+            delta = {k: (arrays[f"{j}:{k}:ids"], arrays[f"{j}:{k}:rows"]) if f"{j}:{k}:ids" in arrays
+                     else arrays[f"{j}:{k}"] for k in m["keys"]}
+            self.items.append(Update(int(m["device"]), delta, float(m["weight"]), int(m["base_version"]),
+                                     int(m["new_events"]), int(m["base_round"])))
+
     def take(self, version: int) -> tuple[list[Update], list[int]]:
         """Empty the buffer: its updates and their stalenesses at ``version`` (all within the bound,
         since the version only moves when the buffer is emptied)."""

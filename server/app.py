@@ -159,6 +159,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     lr_ctl = ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive")
     opt = ServerOptimizer(cfg.server_opt)
     ckpt_path = Path(cfg.out) / "checkpoint.npz"
+    buffer = Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None
     first = 1
     if cfg.resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
@@ -175,6 +176,8 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             rec.load_state_dict(ck["run"]["recorder"])
             last_fresh, stopped, first = int(ck["run"]["last_fresh"]), ck["run"]["stopped"], ck["round"] + 1
             version = int(ck["run"].get("version", ck["round"]))
+            if buffer is not None:  # the updates that were waiting are applied as if no restart happened
+                buffer.load(ck["run"].get("buffer", []), ck["buffer"])
             rec.note(f"resuming after round {ck['round']} from the checkpoint {ckpt_path}; "
                      f"the privacy ledger holds {earlier} earlier releases")
             # fresh randomness for the rounds still to come: never a replay of earlier cohorts or noise
@@ -183,10 +186,11 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                 int(np.random.SeedSequence([cfg.seed, 11, earlier, first]).generate_state(1)[0]))
 
     def checkpoint(r: int, finished: bool = False) -> None:
+        meta, arrays = buffer.state() if buffer is not None else ([], {})
         save_checkpoint(ckpt_path, round_=r, global_state=gstate, optimizer=opt.state_dict(),
-                        lr_schedule=lr_ctl.state_dict(),
+                        lr_schedule=lr_ctl.state_dict(), buffer=arrays,
                         run={"finished": finished, "last_fresh": last_fresh, "stopped": stopped, "version": version,
-                             "config": _resume_key(cfg), "recorder": rec.state_dict()})
+                             "buffer": meta, "config": _resume_key(cfg), "recorder": rec.state_dict()})
 
     clock_of = _clock(cfg, rec)
     # stragglers (fedrec.asynchrony): messages unanswered when their round closed, devices whose
@@ -194,7 +198,6 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     late_msgs: dict[str, tuple[int, Message]] = {}
     busy: dict[int, int] = {}
     version_of: dict[int, int] = {}
-    buffer = Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None
     patience = max(1, cfg.max_staleness)
     r = first - 1
     for r in range(first, cfg.rounds + 1):

@@ -137,3 +137,26 @@ def test_async_mode_applies_the_late_reply_with_its_staleness(tmp_path):
     _, s, rows = _slow_run(tmp_path, "async", min_reply_share=0.5, async_buffer=10)
     assert rows[2]["late_arrived"] == 20 and sum(r["late_dropped"] for r in rows) == 0
     assert rows[2]["mean_staleness"] > 0 and rows[2]["applied"] >= 20
+
+
+def test_a_resumed_async_server_keeps_its_buffered_updates(tmp_path):
+    kw = {"world_users": 60, "nodes": 2, "rounds": 4, "cohort": 10, "uptake_probe": False, "progress": False,
+          "privacy": "none", "out": str(tmp_path / "run"), "engine": "local", "async_buffer": 25}
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_2(row):
+        if row["round"] == 2:
+            raise Crash
+
+    cfg = RunConfig(**kw)
+    with pytest.raises(Crash):  # the server dies after round 2 was checkpointed, 20 updates waiting
+        run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg, on_round=crash_after_2)
+    rows = _rows(tmp_path / "run")
+    assert [r["buffered"] for r in rows] == [10, 20] and rows[-1]["version"] == 0
+    run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    rows = _rows(tmp_path / "run")
+    # round 3 finds the 20 waiting updates and its own 10: 30 >= 25, all applied
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["applied"] == 30 and rows[2]["buffered"] == 0 and rows[2]["version"] == 1
