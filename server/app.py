@@ -104,21 +104,26 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | N
     return out
 
 
-def pull_late(grid: Grid, late: dict[str, tuple[int, Message]], round_: int,
-              patience: int) -> tuple[list[tuple[int, Message]], list[tuple[int, str]]]:
-    """The late replies that have come in since, each with the round it was asked for, and the
-    nodes given up on: silent for more than ``patience`` rounds after their round closed."""
-    if not late:
-        return [], []
-    got = [(late.pop(m.metadata.reply_to_message_id)[0], m) for m in grid.pull_messages(list(late))
-           if m.metadata.reply_to_message_id in late]
+def pull_late(grid: Grid, late: dict[str, tuple[int, Message]],
+              only: set[str] | None = None) -> list[tuple[int, Message]]:
+    """The late replies that have come in (all, or those to the ids in ``only``), each with the
+    round it was asked for; they leave ``late``."""
+    ids = [i for i in late if only is None or i in only]
+    if not ids:
+        return []
+    return [(late.pop(m.metadata.reply_to_message_id)[0], m) for m in grid.pull_messages(ids)
+            if m.metadata.reply_to_message_id in late]
+
+
+def expire_late(late: dict[str, tuple[int, Message]], round_: int, patience: int) -> list[tuple[int, str]]:
+    """Give up on nodes silent for more than ``patience`` rounds after their round closed."""
     gone = []
     for mid, (r, msg) in list(late.items()):
         if round_ - r > patience:
             del late[mid]
             gone.append((msg.metadata.dst_node_id, f"node {msg.metadata.dst_node_id} sent no reply for round {r} "
                                                    f"within {patience} rounds"))
-    return got, gone
+    return gone
 
 
 def _wait_for_nodes(grid: Grid, want: int, timeout: float = 120.0) -> list[int]:
@@ -203,7 +208,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     for r in range(first, cfg.rounds + 1):
         t0 = time.time()
         version_of[r] = version
-        arrived, gone = pull_late(grid, late_msgs, r, patience)
+        arrived, gone = pull_late(grid, late_msgs), expire_late(late_msgs, r, patience)
         busy_nodes = {m.metadata.dst_node_id for _, m in late_msgs.values()}
         period = (r - 1) // cfg.budget_period if cfg.budget_period else 0
         if user_dp and cfg.epsilon > 0:
@@ -246,8 +251,10 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         else:
             msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf_r, "devices": ds})}),
                             dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
+            earlier = set(late_msgs)  # stragglers of earlier rounds may answer while this round runs
             replies = exchange(grid, msgs, cfg.round_timeout, late=late_msgs, round_=r,
                                enough=math.ceil(cfg.min_reply_share * len(cohort)))
+            arrived += pull_late(grid, late_msgs, only=earlier)
             # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
             # on the order, and the same seed must give the same model on any engine
             got = _collect(sorted([(r, m) for m in replies] + arrived, key=lambda x: (x[0], x[1].metadata.src_node_id)),
