@@ -30,9 +30,9 @@ lint: venv
 # Speed and memory benchmarks (by hand; several minutes). Each prints ratios against a baseline
 # measured in the same run; see README "Performance".
 bench: venv
-	$(BIN)/python benchmarks/bench_aggregate.py
-	$(BIN)/python benchmarks/bench_step.py
-	$(BIN)/python benchmarks/bench_throughput.py
+	$(BIN)/python benchmarks/bench_aggregate.py --out runs/bench
+	$(BIN)/python benchmarks/bench_step.py --out runs/bench
+	$(BIN)/python benchmarks/bench_throughput.py --out runs/bench
 	$(BIN)/python benchmarks/bench_rss.py
 
 clean:

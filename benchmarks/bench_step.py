@@ -1,6 +1,6 @@
 """One DP local step against the non-private step, at item tables of 2k, 20k and 200k rows.
 
-Run by hand: ``python benchmarks/bench_step.py [--rows 2000 20000 200000] [--events 64] [--dim 32]``.
+Run by hand: ``python benchmarks/bench_step.py [--rows 2000 20000 200000] [--events 64] [--dim 32] [--out DIR]``.
 Times fedrec's own device update (``fedrec.client_update._local_sgd``, ``--steps`` Poisson-sampled
 steps) per local step, on one torch thread: without DP, with event-level DP as fedrec runs it for
 MF (``update-backend = auto``: closed-form per-event clipping, noise drawn lazily, one dense draw per
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -90,11 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--hooks-max-rows", type=int, default=20_000, help="largest table to time hooks mode on")
+    ap.add_argument("--out", type=Path, default=None, help="write step.json here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; {args.events} events, dim {args.dim}, {args.steps} steps per update")
     print(f"{'rows':>8} {'plain ms':>9} {'DP ms':>8} {'DP/plain':>9} {'opacus ms':>10} {'opacus/plain':>13} "
           f"{'hooks ms':>9} {'hooks/DP':>9}")
+    res = []
     for n in args.rows:
         plain = _ours(n, args.dim, args.events, args.steps, False, args.repeats)
         dp = _ours(n, args.dim, args.events, args.steps, True, args.repeats)
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         hooks = _hooks(n, args.dim, args.events, 3) if n <= args.hooks_max_rows else None
         print(f"{n:>8} {plain * 1e3:9.2f} {dp * 1e3:8.2f} {dp / plain:9.1f} {opa * 1e3:10.2f} {opa / plain:13.1f} "
               + (f"{hooks * 1e3:9.1f} {hooks / dp:9.1f}" if hooks else f"{'-':>9} {'-':>9}"))
+        res.append({"rows": n, "dim": args.dim, "events": args.events, "steps": args.steps, "plain_s": plain,
+                    "dp_s": dp, "dp_autograd_opacus_s": opa, "opacus_hooks_s": hooks, "dp_over_plain": dp / plain})
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "step.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
