@@ -67,8 +67,8 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | N
     """Push ``msgs`` and pull their replies until all are in or ``timeout`` s pass.
 
     Without ``late`` a node still silent at the deadline gets an error reply. With ``late`` (a dict
-    the round loop keeps across rounds) the exchange also closes once the replies cover ``enough``
-    devices (``min-reply-share``), and each message still unanswered goes into ``late`` as
+    the round loop keeps across rounds) each message still unanswered at the deadline, or once the
+    replies cover ``enough`` devices (``min-reply-share``, when given), goes into ``late`` as
     ``id -> (round_, message)``: its reply is *late* (see :func:`pull_late`), not an error.
 
     Flower's ``send_and_receive`` over a SuperLink polls every 3 s; a round of small device
@@ -252,8 +252,9 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf_r, "devices": ds})}),
                             dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
             earlier = set(late_msgs)  # stragglers of earlier rounds may answer while this round runs
+            # (with min-reply-share 1 the round waits for every message, serving-only ones included)
             replies = exchange(grid, msgs, cfg.round_timeout, late=late_msgs, round_=r,
-                               enough=math.ceil(cfg.min_reply_share * len(cohort)))
+                               enough=math.ceil(cfg.min_reply_share * len(cohort)) if cfg.min_reply_share < 1 else None)
             arrived += pull_late(grid, late_msgs, only=earlier)
             # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
             # on the order, and the same seed must give the same model on any engine

@@ -108,6 +108,30 @@ class SlowNodeGrid(LocalGrid):
         return super().pull_messages([i for i in message_ids if self.held.get(i, 0) <= len(self.pushes)])
 
 
+class SlowPullGrid(LocalGrid):
+    """One node's train replies come only at the server's ``lag``-th pull for them (a node that is
+    slow but answers within the round)."""
+
+    def __init__(self, slow_node: int, lag: int, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.slow_node, self.lag, self.pulls = slow_node, lag, {}
+        self.pushes: list[list[int]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.pushes.append(sorted(m.metadata.dst_node_id for m in messages))
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        ready = []
+        for i in message_ids:
+            self.pulls[i] = self.pulls.get(i, 0) + 1
+            if i not in self._replies or self._replies[i].metadata.src_node_id != self.slow_node \
+                    or self.pulls[i] >= self.lag:
+                ready.append(i)
+        return super().pull_messages(ready)
+
+
 def _slow_run(tmp_path, name: str, **kw) -> tuple[SlowNodeGrid, dict, list[dict]]:
     kw = {"world_users": 40, "nodes": 2, "rounds": 3, "cohort": 40, "uptake_probe": False, "progress": False,
           "privacy": "none", "out": str(tmp_path / name), "engine": "local", **kw}
@@ -131,6 +155,27 @@ def test_a_round_closes_without_the_slow_node_and_drops_its_late_reply(tmp_path,
     rounds = [p for p in grid.pushes if p]  # (the discovery query is push 1)
     assert [1002 in p for p in rounds] == [True, True, False, True]
     assert all(r["applied"] == r["devices"] for r in rows)
+
+
+@pytest.mark.parametrize("share,late", [(1.0, 0), (0.5, 20)])
+def test_with_the_whole_share_a_round_waits_for_every_node(tmp_path, share, late):
+    kw = {"world_users": 40, "nodes": 2, "rounds": 2, "cohort": 40, "uptake_probe": False, "progress": False,
+          "privacy": "none", "out": str(tmp_path / f"s{share}"), "engine": "local", "min_reply_share": share}
+    cfg = RunConfig(**kw)
+    run_federation(SlowPullGrid(1002, 4, client_app, cfg.nodes, cfg.to_flat()), cfg)
+    rows = _rows(tmp_path / f"s{share}")
+    assert rows[0]["late"] == late and rows[0]["devices"] == 40 - late
+
+
+def test_a_slow_serving_only_node_is_waited_for_and_asked_again(tmp_path):
+    # 3 nodes of one device each, one device trains per round: the other two nodes only serve; node
+    # 1003 answers late within the round
+    kw = {"world_users": 3, "nodes": 3, "rounds": 3, "cohort": 1, "uptake_probe": False, "progress": False,
+          "privacy": "none", "out": str(tmp_path / "serve"), "engine": "local"}
+    cfg = RunConfig(**kw)
+    grid = SlowPullGrid(1003, 4, client_app, cfg.nodes, cfg.to_flat())
+    run_federation(grid, cfg)
+    assert grid.pushes[1:] == [[1001, 1002, 1003]] * 3  # after the discovery query, every round, every node
 
 
 def test_async_mode_applies_the_late_reply_with_its_staleness(tmp_path):
