@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .attack import device_subset
+
 
 def staleness_weight(staleness: int) -> float:
     """FedBuff's discount of an update computed ``staleness`` versions ago: ``1 / sqrt(1 + s)``."""
@@ -38,11 +40,7 @@ def staleness_weight(staleness: int) -> float:
 
 def slow_set(n_devices: int, share: float, seed: int) -> frozenset[int]:
     """The slow devices of a simulation: ``round(share * n_devices)`` of them, drawn from the seed."""
-    k = int(round(share * n_devices))
-    if k <= 0:
-        return frozenset()
-    rng = np.random.default_rng([seed, 5151])
-    return frozenset(int(d) for d in rng.choice(n_devices, size=min(k, n_devices), replace=False))
+    return device_subset(n_devices, share, seed, 5151)
 
 
 def lateness(device: int, round_: int, slow_rounds: int, seed: int) -> int:

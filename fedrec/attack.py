@@ -13,13 +13,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def attacker_set(n_devices: int, share: float, seed: int) -> frozenset[int]:
-    """The fake devices: ``round(share * n_devices)`` of them, drawn from the run's seed."""
+def device_subset(n_devices: int, share: float, seed: int, salt: int) -> frozenset[int]:
+    """``round(share * n_devices)`` devices drawn from the run's seed (``salt`` names the purpose)."""
     k = int(round(share * n_devices))
     if k <= 0:
         return frozenset()
-    rng = np.random.default_rng([seed, 4242])
+    rng = np.random.default_rng([seed, salt])
     return frozenset(int(d) for d in rng.choice(n_devices, size=min(k, n_devices), replace=False))
+
+
+def attacker_set(n_devices: int, share: float, seed: int) -> frozenset[int]:
+    """The fake devices: ``round(share * n_devices)`` of them, drawn from the run's seed."""
+    return device_subset(n_devices, share, seed, 4242)
 
 
 def attack_target(items: np.ndarray, rounds: np.ndarray, n_items: int) -> int:

@@ -268,17 +268,9 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             u.base_version = version_of.get(u.base_round, version)
         busy.update(got.inflight)
         if cfg.max_update_norm > 0 and not user_dp:  # norm bounding (under user-level DP the clip is enforced)
-            bounded = [bound_norm(d, cfg.max_update_norm) for d in got.deltas + [u.delta for u in got.late]]
-            got.deltas = [d for d, _ in bounded[:len(got.deltas)]]
-            for u, (d, _) in zip(got.late, bounded[len(got.deltas):], strict=True):
-                u.delta = d
-            got.bounded = sum(b for _, b in bounded)
+            got.bounded = sum(got.map_deltas(lambda d: bound_norm(d, cfg.max_update_norm)))
         if cfg.max_row_norm > 0 and got.presummed is None:  # per-row bounding (fedrec.robust.bound_rows)
-            rows = [bound_rows(d, cfg.max_row_norm) for d in got.deltas + [u.delta for u in got.late]]
-            got.deltas = [d for d, _ in rows[:len(got.deltas)]]
-            for u, (d, _) in zip(got.late, rows[len(got.deltas):], strict=True):
-                u.delta = d
-            got.rows_bounded = sum(n for _, n in rows)
+            got.rows_bounded = sum(got.map_deltas(lambda d: bound_rows(d, cfg.max_row_norm)))
         if not got.deltas and not got.late and not late_now and got.failed and not user_dp:
             raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
 
@@ -473,6 +465,15 @@ class _Replies:
     late_metrics: list = field(default_factory=list)  #: their metrics (for the privacy ledger)
     n_new: list = field(default_factory=list)  #: new events of each on-time device
     inflight: dict = field(default_factory=dict)  #: device -> round its update is due (simulated slow devices)
+
+    def map_deltas(self, fn: Callable[[dict], tuple[dict, int]]) -> list[int]:
+        """Replace every delta, on-time and late, by ``fn(delta)[0]``; the list of ``fn(delta)[1]``."""
+        out = [fn(d) for d in self.deltas]
+        self.deltas = [d for d, _ in out]
+        for u in self.late:
+            u.delta, n = fn(u.delta)
+            out.append((u.delta, n))
+        return [int(n) for _, n in out]
 
 
 def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], arrays: ArrayRecord,
