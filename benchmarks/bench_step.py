@@ -28,8 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedrec.client_update import _local_sgd  # noqa: E402
 from fedrec.config import RunConfig  # noqa: E402
+from fedrec.models import build_model  # noqa: E402
 from fedrec.models.base import BPRLoss  # noqa: E402
-from fedrec.models.mf import build_model  # noqa: E402
+
+def _events(pos):
+    """``pos`` as a device's events of one window, all trained on (``_local_sgd``'s arguments)."""
+    items = pos.numpy() if hasattr(pos, "numpy") else np.asarray(pos)
+    return items, np.ones(len(items), np.int64), np.ones(len(items), bool)
+
 
 
 def _ours(rows: int, dim: int, events: int, steps: int, private: bool, repeats: int, backend: str = "auto") -> float:
@@ -44,7 +50,7 @@ def _ours(rows: int, dim: int, events: int, steps: int, private: bool, repeats: 
     for rep in range(repeats + 1):
         g = torch.Generator().manual_seed(rep)
         t0 = time.perf_counter()
-        _local_sgd(model, pos, seen, cfg, g, 1.0 if private else 0.0, private)
+        _local_sgd(model, *_events(pos), seen, cfg, g, 1.0 if private else 0.0, private)
         if rep:  # the first is a warm-up
             times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times)

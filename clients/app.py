@@ -26,7 +26,8 @@ from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
 from fedrec.eval.freshness import tracked_items
-from fedrec.serving import ServeInput, serve_round
+from fedrec.serving import ServeInput
+from fedrec.serving import serve as serve_devices
 from fedrec.wire import SECURE_METRICS, decode_delta, encode_delta, wire_mode
 
 from .device import Device, shared_model
@@ -144,7 +145,7 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
             continue
         _reply_update(out, d, res, wire, probe)
     if serve:
-        _serve(out, context, stream, cfg, global_state, round_, mine, start)
+        _serve(out, context, stream, cfg, model, global_state, round_, mine, start)
     return out
 
 
@@ -244,7 +245,7 @@ def _train_store(global_state: dict[str, np.ndarray], conf: dict, context: Conte
     return out
 
 
-def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, global_state: dict, round_: int,
+def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, model, global_state: dict, round_: int,
            mine: set[int], start: np.ndarray | None) -> None:
     """Score every hosted device's events of this round with the newest version (see fedrec.serving)."""
     log = stream.log
@@ -267,11 +268,11 @@ def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, global_sta
             probe = np.union1d(probe, [target]) if probe is not None else np.asarray([target])
         inputs.append(ServeInput(device=d, history=log.item[di[r < round_]], new=log.item[di[r == round_]],
                                  probe=probe))
-    res = serve_round(global_state["item.weight"], cfg.dim, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
-                      fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
-                      init_scale=cfg.init_scale, negatives=cfg.negatives)
+    res = serve_devices(model, global_state, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
+                        fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives)
     for x in res:
-        vectors[x.device] = x.vector
+        if x.vector.size:  # sasrec keeps no serving vector: its user state is the history
+            vectors[x.device] = x.vector
     if vectors:
         keys = sorted(vectors)
         context.state["serve-vectors"] = ArrayRecord({"ids": _array(np.asarray(keys, np.int64)),

@@ -27,12 +27,25 @@ import torch
 
 from fedrec.client_update import DeviceState, UpdateResult, client_update
 from fedrec.config import RunConfig
-from fedrec.models.mf import build_model
-from fedrec.serving import ServeInput, ServeResult, serve_round
+from fedrec.models import RecModel, model_from_config
+from fedrec.privacy.accounting import event_accountant
+from fedrec.serving import ServeInput, ServeResult
+from fedrec.serving import serve as serve_devices
 
 from .store import DEFAULT_MAX_EVENTS, EventStore, StoreError
 
-_MODELS: dict[tuple, torch.nn.Module] = {}
+_MODELS: dict[tuple, RecModel] = {}
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item, with what supports it (``recommend(k, explain=True)``)."""
+
+    item: int
+    score: float
+    #: items of the user's own history most similar to ``item`` by the model's item representations,
+    #: most similar first, as ``(item, cosine similarity)``; computed on the device
+    because: tuple[tuple[int, float], ...]
 
 
 @dataclass
@@ -86,10 +99,12 @@ class Device:
         ``clock`` is the server's time of the round: events with a later timestamp wait for a later
         round (a replayed dataset releases its events round by round; live devices use ``inf``).
         """
-        w = np.asarray(global_state.get("item.weight"))
-        if w.ndim != 2 or w.shape[0] != self.n_items:
-            raise StoreError(f"The global model has {w.shape[0] if w.ndim == 2 else '?'} items but the device store "
-                             f"{self.store.path} was made for {self.n_items}.")
+        model = shared_model(cfg, self.n_items)
+        want = {n: tuple(v.shape) for n, v in model.global_state().items()}
+        got = {n: tuple(np.shape(v)) for n, v in global_state.items()}
+        if got != want:
+            raise StoreError(f"The global model ({cfg.model}) has parameters {got} but the device store "
+                             f"{self.store.path} ({self.n_items} items) needs {want}.")
         private = cfg.privacy in ("event", "both")
         with self.store.transaction():
             taken = self.store.take(round_, clock)
@@ -97,17 +112,18 @@ class Device:
             served = None
             if serve and cfg.serve_eval and (rounds == round_).any():
                 vec = self.store.get_arrays("serve-vector")
-                served = serve_round(w, cfg.dim, [ServeInput(self.device_id, items[rounds < round_],
-                                                             items[rounds == round_])],
-                                     {self.device_id: vec[1]["vector"]} if vec else {}, round_=round_, seed=cfg.seed,
-                                     k=cfg.k, fit_steps=cfg.user_fit_steps, lr=cfg.user_lr or cfg.lr,
-                                     init_scale=cfg.init_scale, negatives=cfg.negatives)[0]
-                self.store.put_arrays("serve-vector", round_, {"vector": served.vector})
+                served = serve_devices(model, global_state, [ServeInput(self.device_id, items[rounds < round_],
+                                                                items[rounds == round_])],
+                               {self.device_id: vec[1]["vector"]} if vec else {}, round_=round_, seed=cfg.seed,
+                               k=cfg.k, fit_steps=cfg.user_fit_steps, lr=cfg.user_lr or cfg.lr,
+                               negatives=cfg.negatives)[0]
+                if served.vector.size:
+                    self.store.put_arrays("serve-vector", round_, {"vector": served.vector})
             update = None
             if train:
                 raw = self.store.load_state()
                 state = DeviceState.from_config(raw) if raw is not None else DeviceState()
-                update = client_update(shared_model(cfg, self.n_items), global_state, state, items, rounds, round_, cfg,
+                update = client_update(model, global_state, state, items, rounds, round_, cfg,
                                        device_id=self.device_id, noise_multiplier=noise_multiplier)
                 if not update.skipped:
                     self.store.save_state(update.state.to_config())
@@ -115,19 +131,25 @@ class Device:
                         self.store.append_privacy(round_=round_, noise_multiplier=noise_multiplier,
                                                   sample_rate=cfg.sample_rate, steps=update.steps,
                                                   max_exposure=update.state.max_exposure, epsilon=update.epsilon,
-                                                  delta=cfg.delta, accountant=cfg.accountant)
+                                                  delta=cfg.delta, accountant=event_accountant(cfg.model, cfg.accountant))
                     self.store.retain(update.state.cursors[0])
             self.store.put_arrays("global", round_, {k: np.asarray(v) for k, v in global_state.items()})
             self.store.set_meta("config", json.dumps(cfg.to_flat()))
         return DeviceRound(taken=taken, update=update, served=served)
 
     # ---- local recommendation ------------------------------------------------------------------
-    def recommend(self, k: int = 10) -> list[int]:
+    def recommend(self, k: int = 10, *, explain: bool = False, reasons: int = 3) -> list:
         """The top-``k`` items for this user, ranked on the device with the newest global version.
 
-        The user vector is the device's serving vector (or its training vector), refitted on the
-        spot to every event recorded so far, including those no round has taken yet: what the user
-        just did shapes what they see next. Items already had are excluded. Nothing is written.
+        The user's state is refreshed on the spot from every event recorded so far, including those
+        no round has taken yet: what the user just did shapes what they see next (``mf``/``neumf``
+        refit the device's own user embedding, starting from its serving or training state;
+        ``sasrec`` reads the recent history). Items already had are excluded. Nothing is written.
+
+        Returns the item ids, best first; with ``explain=True`` a list of :class:`Recommendation`,
+        each with the ``reasons`` items of the user's own history whose representations in the
+        model are closest (cosine) to the recommended item's: which of the user's items most
+        support it. All of it is computed on the device from its own history and the global model.
         """
         got = self.store.get_arrays("global")
         if got is None:
@@ -135,21 +157,29 @@ class Device:
                              "it can recommend after its first round.")
         round_, glob = got
         cfg = RunConfig.from_mapping(json.loads(self.store.meta("config")), where=f"{self.store.path} meta")
-        w = glob["item.weight"]
+        model = shared_model(cfg, self.n_items)
         vec = self.store.get_arrays("serve-vector")
         vectors = {self.device_id: vec[1]["vector"]} if vec else {}
-        if not vectors:
+        if not vectors and model.local_names:
             raw = self.store.load_state()
-            if raw is not None:
-                vectors[self.device_id] = DeviceState.from_config(raw).local["user.weight"][0]
+            local = DeviceState.from_config(raw).local if raw is not None else {}
+            if set(local) == set(model.local_names):
+                vectors[self.device_id] = np.concatenate([np.ravel(local[n]) for n in model.local_names])
         history = self.store.all_items()
-        res = serve_round(w, cfg.dim, [ServeInput(self.device_id, history, np.zeros(0, np.int64))], vectors,
-                          round_=round_ + 1, seed=cfg.seed, k=k, fit_steps=cfg.user_fit_steps,
-                          lr=cfg.user_lr or cfg.lr, init_scale=cfg.init_scale, negatives=cfg.negatives)[0]
-        scores = w[:, : cfg.dim] @ res.vector + w[:, cfg.dim]
+        res = serve_devices(model, glob, [ServeInput(self.device_id, history, np.zeros(0, np.int64))], vectors,
+                    round_=round_ + 1, seed=cfg.seed, k=k, fit_steps=cfg.user_fit_steps, lr=cfg.user_lr or cfg.lr,
+                    negatives=cfg.negatives)[0]
+        model.load({n: torch.as_tensor(np.asarray(v)) for n, v in glob.items()})
+        if res.vector.size:
+            model.load_local_flat(res.vector)
+        scores = model.score_all(history).numpy().astype(np.float64)
         scores[history] = -np.inf
         order = np.argsort(-scores, kind="stable")
-        return [int(i) for i in order[: min(k, int(np.isfinite(scores).sum()))]]
+        top = [int(i) for i in order[: min(k, int(np.isfinite(scores).sum()))]]
+        if not explain:
+            return top
+        return [Recommendation(item=i, score=float(scores[i]), because=why)
+                for i, why in zip(top, explain_items(model.item_repr().numpy(), top, history, reasons), strict=True)]
 
     def epsilon(self) -> float:
         """This device's event-level ε so far (0 if it never released a DP-SGD update)."""
@@ -159,7 +189,25 @@ class Device:
 
 def shared_model(cfg: RunConfig, n_items: int) -> torch.nn.Module:
     """One reused model object per process and shape (every update overwrites its parameters)."""
-    key = (cfg.model, n_items, cfg.dim, cfg.init_scale, cfg.seed)
+    key = (cfg.model, n_items, cfg.dim, cfg.seq_len, cfg.init_scale, cfg.seed)
     if key not in _MODELS:
-        _MODELS[key] = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
+        _MODELS[key] = model_from_config(cfg, n_items)
     return _MODELS[key]
+
+
+def explain_items(reprs: np.ndarray, items: list[int], history: np.ndarray, n: int = 3
+                  ) -> list[tuple[tuple[int, float], ...]]:
+    """For each of ``items``: the ``n`` items of ``history`` with the highest cosine similarity of their
+    representations ``reprs`` (n_items, d), most similar first (ties: the more recent history item)."""
+    hist = np.asarray(history, np.int64)[::-1]
+    _, first = np.unique(hist, return_index=True)
+    hist = hist[np.sort(first)]  # distinct, most recent first
+    if not len(hist) or not len(items):
+        return [() for _ in items]
+    r = reprs / np.maximum(np.linalg.norm(reprs, axis=1, keepdims=True), 1e-12)
+    sim = r[np.asarray(items, np.int64)] @ r[hist].T  # (len(items), len(hist))
+    out = []
+    for row in sim:
+        best = np.argsort(-row, kind="stable")[:n]
+        out.append(tuple((int(hist[j]), float(row[j])) for j in best))
+    return out

@@ -21,7 +21,7 @@ FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few m
     "world-bursts": int, "world-shift-share": float, "world-new-item-share": float,
     "aggregator": str, "trim": float, "max-update-norm": float, "max-row-norm": float, "attackers": float, "attack-boost": float,
     "round-timeout": float, "clock": str, "min-reply-share": float, "async-buffer": int, "max-staleness": int,
-    "slow-devices": float, "slow-rounds": int,
+    "slow-devices": float, "slow-rounds": int, "seq-len": int, "negatives": int,
 }
 
 

@@ -8,7 +8,7 @@ ClientApp, the sharded simulator and the device SDK all call this same function.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from .config import RunConfig
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
 from .models.base import BPRLoss, RecModel
 from .models.mf import MF, fit_user_mf, sgd_mf
-from .privacy.accounting import epsilon
+from .privacy.accounting import epsilon, event_accountant
 from .privacy.fast_dpsgd import dpsgd_mf
 from .privacy.user_level import clip_delta
 
@@ -115,9 +115,8 @@ def client_update(
     changes what the device trains on or sends as its delta.
     """
     torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_))
-    if not state.local:
-        state = DeviceState(local={k: v.numpy() for k, v in model.init_local(torch_g).items()},
-                            cursors=list(state.cursors))
+    if set(state.local) != set(model.local_names):  # a new device: a fresh local state, the rest kept
+        state = replace(state, local={k: v.numpy() for k, v in model.init_local(torch_g).items()})
     model.load({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
     model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
 
@@ -132,7 +131,7 @@ def client_update(
         # event-level DP this vector is used for local scoring only; training restarts from the DP-trained
         # one, so no non-private step ever shapes a released delta.
         _fit_local(model, torch.from_numpy(items[known].astype(np.int64)), seen, cfg, torch_g)
-    scores = model.score_all().numpy()
+    scores = model.score_all(items[known]).numpy()
     counts = prequential_counts(scores, seen, items[new], cfg.k)
     probe_hits = in_topk(scores, probe, seen, cfg.k) if probe is not None and len(probe) else None
     if cfg.user_fit_steps and known.any() and cfg.privacy in ("event", "both"):
@@ -146,10 +145,10 @@ def client_update(
         # this exposure; the device trains only if the per-event bound stays within the budget
         would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.local_steps
                     if keep > 1 else cfg.local_steps)
-        eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, cfg.accountant)
+        eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, event_accountant(cfg.model, cfg.accountant))
         if eps_next > cfg.epsilon * (1 + 1e-9):
             zero = {k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in global_state.items()}
-            eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, cfg.accountant) \
+            eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, event_accountant(cfg.model, cfg.accountant)) \
                 if state.max_exposure else 0.0
             return UpdateResult(delta=zero, n_train=0, n_new=0, counts=PrequentialCounts(), epsilon=eps_now,
                                 steps=0, state=state,
@@ -159,14 +158,14 @@ def client_update(
     # training set: the new events plus those of the device's last `replay_rounds` windows
     oldest = state.cursors[0]  # cursors holds the last replay_rounds + 1 cursors (initially [0])
     train_mask = (rounds > oldest) & (rounds <= round_)
-    pos = torch.from_numpy(items[train_mask].astype(np.int64))
+    n_train = int(train_mask.sum())
     n_new = int(new.sum())
     before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
 
     steps = 0
-    if len(pos) > 0:
-        steps = _local_sgd(model, pos, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
-                           noise_multiplier if private else 0.0, private)
+    if n_train > 0:
+        steps = _local_sgd(model, items, rounds, train_mask, seen | _mask(items[train_mask], model.n_items), cfg,
+                           torch_g, noise_multiplier if private else 0.0, private)
 
     params = dict(model.named_parameters())
     delta = {k: (params[k].detach() - before[k]).numpy().astype(np.float32) for k in model.global_names}
@@ -186,8 +185,8 @@ def client_update(
     max_exposure = max(state.max_exposure, sum(recent_steps)) if private else 0
     nxt = DeviceState(local=local, cursors=cursors, recent_steps=recent_steps, max_exposure=max_exposure,
                       participations=state.participations + 1, history=history)
-    eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, cfg.accountant) if private and max_exposure else 0.0
-    return UpdateResult(delta=delta, n_train=int(len(pos)), n_new=n_new, counts=counts, epsilon=eps,
+    eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, event_accountant(cfg.model, cfg.accountant)) if private and max_exposure else 0.0
+    return UpdateResult(delta=delta, n_train=n_train, n_new=n_new, counts=counts, epsilon=eps,
                         steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits)
 
 
@@ -204,12 +203,22 @@ def _closed_form(model: RecModel, cfg: RunConfig) -> bool:
 
 def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator) -> None:
     """``cfg.user_fit_steps`` full-batch steps on the local parameters only (global ones frozen)."""
-    params = dict(model.named_parameters())
-    lr = cfg.user_lr if cfg.user_lr > 0 else cfg.lr
     cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(model.n_items)
-    if _closed_form(model, cfg):
-        fit_user_mf(params["item.weight"].data, params["user.weight"].data, pos, cand, steps=cfg.user_fit_steps,
-                    negatives=cfg.negatives, lr=lr, generator=g)
+    fit_local(model, pos, cand, steps=cfg.user_fit_steps, negatives=cfg.negatives,
+              lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, closed_form=_closed_form(model, cfg))
+
+
+def fit_local(model: RecModel, pos: torch.Tensor, cand: torch.Tensor, *, steps: int, negatives: int, lr: float,
+              generator: torch.Generator, closed_form: bool = False) -> None:
+    """``steps`` full-batch SGD steps of the BPR loss of the events ``pos`` on the model's local parameters
+    only (global ones frozen), fresh negatives from ``cand`` each step. Nothing to do for a model
+    without local parameters (``sasrec``: its user state is the history itself)."""
+    if not model.local_names or not steps or not len(pos):
+        return
+    params = dict(model.named_parameters())
+    if closed_form:
+        fit_user_mf(params["item.weight"].data, params["user.weight"].data, pos, cand, steps=steps,
+                    negatives=negatives, lr=lr, generator=generator)
         return
     local = [params[n] for n in model.local_names]
     frozen = [params[n] for n in model.global_names]
@@ -218,8 +227,8 @@ def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
     try:
         user = torch.zeros(len(pos), dtype=torch.long)
         crit = BPRLoss()
-        for _ in range(cfg.user_fit_steps):
-            neg = cand[torch.randint(0, len(cand), (len(pos), cfg.negatives), generator=g)]
+        for _ in range(steps):
+            neg = cand[torch.randint(0, len(cand), (len(pos), negatives), generator=generator)]
             for p in local:
                 p.grad = None
             crit(_diff(model, user, torch.cat([pos.unsqueeze(1), neg], dim=1))).backward()
@@ -237,9 +246,13 @@ def _sgd(groups: list[tuple[torch.nn.Parameter, float]]) -> None:
                 p.add_(p.grad, alpha=-lr)
 
 
-def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator,
-               noise_multiplier: float, private: bool) -> int:
-    """``cfg.local_steps`` steps; each takes every example independently with prob ``sample_rate``.
+def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,
+               cfg: RunConfig, g: torch.Generator, noise_multiplier: float, private: bool) -> int:
+    """``cfg.local_steps`` steps; each takes every sample independently with prob ``sample_rate``.
+
+    The samples are the model's (:meth:`RecModel.samples`): one per training event for ``mf`` and
+    ``neumf``; sequence chunks for ``sasrec`` (under event-level DP one per round window, so that
+    no sample reads an event of another).
 
     Under DP the step is DP-SGD (per-event clip ``cfg.event_clip``, noise ``noise_multiplier * clip``
     on the sum, normalised by the expected batch size). MF takes the steps in closed form
@@ -247,14 +260,14 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
     models, or ``update-backend = "autograd"``, use torch autograd and under DP Opacus with ghost
     clipping. A DP step whose Poisson batch is empty still adds noise, as the accountant assumes.
     """
-    n = len(pos)
     q = cfg.sample_rate
     # negatives: uniform over items the user has not had, fixed for this update
     cand = torch.from_numpy(np.flatnonzero(~seen))
     if len(cand) == 0:
         cand = torch.arange(model.n_items)
-    neg = cand[torch.randint(0, len(cand), (n, cfg.negatives), generator=g)]
-    items = torch.cat([pos.unsqueeze(1), neg], dim=1).contiguous()
+    batch, weight = model.samples(events, rounds, train, cand, negatives=cfg.negatives, generator=g,
+                                  sessions=private)
+    n = len(weight)
     # the item table (global) and the user vector (local) take separate step sizes: the user vector
     # receives DP noise of the same std on each step but only its own signal, so it needs a
     # smaller step to average the noise out across steps
@@ -262,6 +275,7 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
     params = dict(model.named_parameters())
     if _closed_form(model, cfg):
         item_w, user_w = params["item.weight"].data, params["user.weight"].data
+        items = batch[1]
         if private:
             dpsgd_mf(item_w, user_w, items, steps=cfg.local_steps, sample_rate=q, lr_item=lr_item, lr_user=lr_user,
                      clip=cfg.event_clip, noise_multiplier=noise_multiplier, generator=g)
@@ -270,7 +284,6 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
                    generator=g)
         return cfg.local_steps
     groups = [(params[n], lr_item) for n in model.global_names] + [(params[n], lr_user) for n in model.local_names]
-    user = torch.zeros(n, dtype=torch.long)
     crit = BPRLoss()
     if private:
         from opacus import PrivacyEngine
@@ -281,21 +294,23 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account per event
             dp_model, dp_opt, dp_crit, _ = engine.make_private(
-                module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(user), batch_size=max(1, n)),
+                module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(weight), batch_size=max(1, n)),
                 criterion=crit, noise_multiplier=noise_multiplier, max_grad_norm=cfg.event_clip,
                 grad_sample_mode="ghost", poisson_sampling=False, noise_generator=g)
         dp_opt.expected_batch_size = max(q * n, 1e-6)
         try:
-            for _ in range(cfg.local_steps):
-                take = torch.rand(n, generator=g) < q
-                dp_opt.zero_grad()
-                if take.any():
-                    out = _diff(dp_model, user[take], items[take])
-                    dp_crit(out, torch.ones_like(out)).backward()
-                else:
-                    for p in model.parameters():
-                        p.grad = torch.zeros_like(p)
-                dp_opt.step()
+            with warnings.catch_warnings():
+                # Opacus's ghost clipping backward warns that no input requires grad (true: inputs are ids)
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for _ in range(cfg.local_steps):
+                    take = torch.rand(n, generator=g) < q
+                    dp_opt.zero_grad()
+                    if take.any():
+                        dp_crit(_diff(dp_model, *(t[take] for t in batch)), weight[take]).backward()
+                    else:
+                        for p in model.parameters():
+                            p.grad = torch.zeros_like(p)
+                    dp_opt.step()
         finally:
             dp_model.to_standard_module()
         return cfg.local_steps
@@ -305,12 +320,11 @@ def _local_sgd(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
             continue
         for p, _ in groups:
             p.grad = None
-        out = _diff(model, user[take], items[take])
-        crit(out).backward()
+        crit(_diff(model, *(t[take] for t in batch)), weight[take]).backward()
         _sgd(groups)
     return cfg.local_steps
 
 
-def _diff(m: torch.nn.Module, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    s = m(user, items)
-    return s[:, :1] - s[:, 1:]
+def _diff(m: torch.nn.Module, *batch: torch.Tensor) -> torch.Tensor:
+    s = m(*batch)
+    return s[..., :1] - s[..., 1:]

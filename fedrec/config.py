@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 PRIVACY_MODES = ("none", "event", "user", "both")
-MODELS = ("mf",)
+MODELS = ("mf", "neumf", "sasrec")
 ACCOUNTANTS = ("prv", "rdp")
 SPLITS = ("count", "time")
 ENGINES = ("ray", "local")
@@ -60,6 +60,7 @@ class RunConfig:
     # model and local update
     model: str = "mf"
     dim: int = 8
+    seq_len: int = 20  #: sasrec: longest input sequence (the device's recent items it attends over)
     init_scale: float = 0.1  #: std of the initial item and user vectors
     local_steps: int = 10
     sample_rate: float = 0.5  #: Poisson rate of each local step (expected batch = rate x events)
@@ -137,6 +138,9 @@ class RunConfig:
         need(self.privacy in PRIVACY_MODES, "privacy", f"must be one of {', '.join(PRIVACY_MODES)}")
         need(self.budget_period >= 0, "budget-period", "must be 0 (whole run) or a number of rounds")
         need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
+        need(self.seq_len >= 2, "seq-len", "must be at least 2")
+        need(self.method == "federated" or self.model == "mf", "model",
+             "must be mf with method = centralised (the centralised ceiling is written for mf)")
         need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
         need(self.wire in ("auto", "dense", "fp16", "sparse"), "wire", "must be one of auto, dense, fp16, sparse")
         need(not (self.wire == "sparse" and self.privacy in ("event", "both")), "wire",

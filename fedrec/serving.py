@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
+from .models.base import RecModel
+from .models.mf import MF
 
 
 def serve_seed(seed: int, device: int, round_: int) -> int:
@@ -106,4 +108,45 @@ def serve_round(item_table: np.ndarray, dim: int, devices: list[ServeInput], vec
         c = prequential_counts(scores[a], seen[a], s.new, k)
         hits = in_topk(scores[a], s.probe, seen[a], k) if s.probe is not None and len(s.probe) else None
         out.append(ServeResult(device=s.device, counts=c, probe_hits=hits, vector=users[a].numpy().copy()))
+    return out
+
+
+def serve(model: RecModel, global_state: dict[str, np.ndarray], devices: list[ServeInput],
+          vectors: dict[int, np.ndarray], *, round_: int, seed: int, k: int, fit_steps: int, lr: float,
+          negatives: int = 1) -> list[ServeResult]:
+    """:func:`serve_round` for any model: the newest global version, each device's own state, its scores.
+
+    ``mf`` takes the batched path above. Other models are served device by device with the reused
+    ``model``: the global version is loaded once; a device's local parameters (``vectors[d]``, as
+    :meth:`RecModel.local_flat`; absent: fresh ones from its own seed) are fitted to its history with
+    ``fit_steps`` steps of the same BPR rule (nothing to fit for ``sasrec``, whose user state is the
+    history itself), then every item is scored from the device's state and history. ``vector`` in
+    each result is the device's local state after the fit (empty for ``sasrec``).
+    """
+    if isinstance(model, MF):
+        return serve_round(np.asarray(global_state["item.weight"]), model.dim, devices, vectors, round_=round_,
+                           seed=seed, k=k, fit_steps=fit_steps, lr=lr, init_scale=model.init_scale,
+                           negatives=negatives)
+    from .client_update import fit_local  # client_update does not import this module; no cycle
+
+    model.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
+    V = model.n_items
+    out = []
+    for s in devices:
+        g = torch.Generator().manual_seed(serve_seed(seed, s.device, round_))
+        h = np.asarray(s.history, dtype=np.int64)
+        seen = np.zeros(V, bool)
+        seen[h] = True
+        if model.local_names:
+            v = vectors.get(s.device)
+            if v is not None and len(v):
+                model.load_local_flat(v)
+            else:
+                model.load(model.init_local(g))
+            cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(V)
+            fit_local(model, torch.from_numpy(h), cand, steps=fit_steps, negatives=negatives, lr=lr, generator=g)
+        scores = model.score_all(h).numpy()
+        c = prequential_counts(scores, seen, s.new, k)
+        hits = in_topk(scores, s.probe, seen, k) if s.probe is not None and len(s.probe) else None
+        out.append(ServeResult(device=s.device, counts=c, probe_hits=hits, vector=model.local_flat()))
     return out

@@ -25,8 +25,8 @@ from fedrec.asynchrony import Buffer, Update, discounted
 from fedrec.checkpoint import load_checkpoint, save_checkpoint
 from fedrec.config import RunConfig
 from fedrec.eval.metrics import PrequentialCounts
-from fedrec.models.mf import build_model
-from fedrec.privacy.accounting import calibrate_noise
+from fedrec.models import model_from_config
+from fedrec.privacy.accounting import calibrate_noise, event_accountant
 from fedrec.privacy.ledger import Ledger, Release
 from fedrec.privacy.report import privacy_report
 from fedrec.privacy.user_level import delta_norm, noisy_mean, poisson_cohort
@@ -48,7 +48,7 @@ def event_noise(cfg: RunConfig) -> float:
         return 0.0
     if cfg.epsilon > 0 and cfg.calibrate:
         steps = cfg.local_steps * (cfg.replay_rounds + 1)
-        return calibrate_noise(cfg.epsilon, cfg.sample_rate, steps, cfg.delta, cfg.accountant)
+        return calibrate_noise(cfg.epsilon, cfg.sample_rate, steps, cfg.delta, event_accountant(cfg.model, cfg.accountant))
     return cfg.noise_multiplier
 
 
@@ -153,7 +153,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
 
     dev = pick_device(cfg.device)
-    model = build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
+    model = model_from_config(cfg, n_items)
     gstate = {k: v.to(dev) for k, v in model.global_state().items()}
     # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones
     earlier = len(ledger.records)
@@ -327,7 +327,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             version += 1
         if fresh_rounds and lr > 0:  # a frozen (static) or skipped update reflects nothing new
             last_fresh = max(last_fresh, *fresh_rounds)
-        ev = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values()) if z_event else []
+        ev = list(ledger.event_epsilons(cfg.delta, event_accountant(cfg.model, cfg.accountant)).values()) if z_event else []
         row = rec.round(r, done=got.done, counts=served.counts if served else got.counts, failed=got.failed,
                         per_device=served.per_device if served else got.per_device,
                         probes=served.probes if served else got.probes,

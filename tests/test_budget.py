@@ -25,7 +25,7 @@ from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.stream import RoundStream
 from fedrec.data.world import WorldSpec, make_world
-from fedrec.models.mf import build_model
+from fedrec.models import build_model
 from fedrec.privacy.accounting import epsilon
 from fedrec.server.app import event_noise, user_noise
 

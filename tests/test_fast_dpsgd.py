@@ -11,8 +11,14 @@ import torch
 
 from fedrec.client_update import _fit_local, _local_sgd
 from fedrec.config import RunConfig
-from fedrec.models.mf import build_model
+from fedrec.models import build_model
 from fedrec.privacy.fast_dpsgd import dpsgd_mf
+
+def _events(pos):
+    """``pos`` as a device's events of one window, all trained on (``_local_sgd``'s arguments)."""
+    items = pos.numpy() if hasattr(pos, "numpy") else np.asarray(pos)
+    return items, np.ones(len(items), np.int64), np.ones(len(items), bool)
+
 
 
 def _setup(n_items: int, n_pos: int, seed: int = 0):
@@ -33,7 +39,7 @@ def test_without_noise_it_takes_the_same_steps_as_opacus_ghost_clipping(negative
     for backend in ("autograd", "auto"):
         model = build_model("mf", 12, 4, seed=1, init_scale=0.5)
         g = torch.Generator().manual_seed(5)
-        _local_sgd(model, pos, seen, dataclasses.replace(cfg, update_backend=backend), g, 0.0, True)
+        _local_sgd(model, *_events(pos), seen, dataclasses.replace(cfg, update_backend=backend), g, 0.0, True)
         got[backend] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = build_model("mf", 12, 4, seed=1, init_scale=0.5).state_dict()
     assert not torch.allclose(got["auto"]["item.weight"], start["item.weight"])  # it did train
@@ -53,7 +59,7 @@ def test_non_private_steps_and_the_user_fit_equal_autograd(negatives):
         g = torch.Generator().manual_seed(3)
         _fit_local(model, pos, seen, c, g)
         fitted = model.user.weight.detach().clone()
-        _local_sgd(model, pos, seen, c, g, 0.0, False)
+        _local_sgd(model, *_events(pos), seen, c, g, 0.0, False)
         got[backend] = (fitted, {k: v.detach().clone() for k, v in model.state_dict().items()})
     torch.testing.assert_close(got["auto"][0], got["autograd"][0], rtol=1e-5, atol=1e-6)
     for k in got["autograd"][1]:

@@ -19,7 +19,7 @@ from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.stream import RoundStream
 from fedrec.data.world import WorldSpec, make_world
-from fedrec.models.mf import build_model
+from fedrec.models import build_model
 from fedrec.privacy.accounting import calibrate_noise, compress, epsilon
 
 ROUNDS = 8

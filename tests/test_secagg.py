@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedrec.clients.app import app as client_app
 from fedrec.config import ConfigError, RunConfig
-from fedrec.models.mf import build_model
+from fedrec.models import build_model
 from fedrec.server.app import _collect, _discover, event_noise, exchange, run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.server.secagg import secure_round

@@ -16,7 +16,7 @@ from fedrec.client_update import DeviceState, client_update
 from fedrec.clients.device import Device
 from fedrec.clients.store import EventStore, StoreError
 from fedrec.config import RunConfig
-from fedrec.models.mf import build_model
+from fedrec.models import build_model
 
 N_ITEMS = 60
 
@@ -152,7 +152,7 @@ def test_a_failed_round_consumes_nothing(tmp_path):
         with pytest.raises(Exception):  # noqa: B017 - whatever client_update raises, the store must roll back
             d.run_round(bad, cfg, 1, train=True)
         assert d.store.count(pending=True) == 8 and d.store.load_state() is None
-        with pytest.raises(StoreError, match="made for 60"):
+        with pytest.raises(StoreError, match=r"\(60 items\) needs"):
             d.run_round({"item.weight": np.zeros((10, cfg.dim + 1), np.float32)}, cfg, 1, train=True)
         d.run_round(_global(cfg), cfg, 1, train=True)
         assert d.store.count(pending=True) == 0

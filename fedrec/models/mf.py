@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,9 +46,12 @@ class MF(RecModel):
         return (e[..., : self.dim] * p.unsqueeze(1)).sum(-1) + e[..., self.dim]
 
     @torch.no_grad()
-    def score_all(self) -> torch.Tensor:
+    def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
         w = self.item.weight
         return w[:, : self.dim] @ self.user.weight[0] + w[:, self.dim]
+
+    def item_repr(self) -> torch.Tensor:
+        return self.item.weight.detach()[:, : self.dim]
 
 
 def bpr_event_grads(item: torch.Tensor, user: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +111,3 @@ def fit_user_mf(item: torch.Tensor, user: torch.Tensor, pos: torch.Tensor, cand:
         diff = (e_pos[:, None, :d] - e_neg[..., :d])  # (n, K, d)
         c = -torch.sigmoid(-(diff @ u + (e_pos[:, None, d] - e_neg[..., d]))) / negatives  # (n, K)
         u.add_((c.unsqueeze(2) * diff).sum((0, 1)), alpha=-lr / len(pos))
-
-
-def build_model(name: str, n_items: int, dim: int, *, seed: int = 0, init_scale: float = 0.1) -> RecModel:
-    """Construct a model by name with a seeded initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "mf":
-        return MF(n_items, dim, generator=g, init_scale=init_scale)
-    raise ValueError(f"Unknown model {name!r}; expected one of: mf.")

@@ -14,6 +14,39 @@ from functools import lru_cache
 
 Record = tuple[float, float, int]
 
+#: the accountant of a mechanism whose accounted unit is a *session* (one sample per session) reported for
+#: single events by group privacy: an event's add/remove replaces one session, i.e. two add/remove steps
+GROUP2 = "rdp-group2"
+
+
+def event_accountant(model: str, accountant: str) -> str:
+    """The accountant for event-level ε of ``model``.
+
+    ``sasrec`` trains under event-level DP on one sample per session (a device's events of one round
+    window), so what DP-SGD protects is the add/remove of a session; one event's add/remove turns a
+    session into another, two add/remove steps, and its ε comes from RDP group privacy
+    (:func:`group2_epsilon`). The other models have one sample per event and use ``accountant``.
+    """
+    return GROUP2 if model == "sasrec" else accountant
+
+
+def group2_epsilon(h: Iterable[Record], delta: float) -> float:
+    """ε at ``delta`` for neighbours two add/remove steps apart, from the RDP of the composition.
+
+    Mironov (2017), Proposition 2 (group privacy): a mechanism that is (α, ε(α))-RDP for add/remove
+    neighbours is (α/2, 3 ε(α))-RDP for neighbours two steps apart, for α >= 4. The RDP of each
+    Poisson-subsampled Gaussian record is Opacus's (``compute_rdp``); orders β = α/2 >= 2.
+    """
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    betas = [2 + x / 4 for x in range(40)] + list(range(12, 128))
+    rdp = [0.0] * len(betas)
+    for z, q, n in h:
+        r = compute_rdp(q=q, noise_multiplier=z, steps=n, orders=[2 * b for b in betas])
+        rdp = [a + 3 * float(b) for a, b in zip(rdp, r, strict=True)]
+    eps, _ = get_privacy_spent(orders=betas, rdp=rdp, delta=delta)
+    return float(eps)
+
 
 def compress(history: Iterable[Record]) -> tuple[Record, ...]:
     """Merge records with the same (noise multiplier, sample rate), summing their steps."""
@@ -42,10 +75,12 @@ def epsilon(history: Iterable[Record], delta: float, accountant: str = "prv") ->
 def _epsilon_cached(h: tuple[Record, ...], delta: float, accountant: str) -> float:
     from opacus.accountants import create_accountant  # imported on use: a device process without DP never needs it
 
-    acc = create_accountant(accountant)
-    acc.history = [(z, q, n) for z, q, n in h]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if accountant == GROUP2:
+            return group2_epsilon(h, delta)
+        acc = create_accountant(accountant)
+        acc.history = [(z, q, n) for z, q, n in h]
         return float(acc.get_epsilon(delta=delta))
 
 

@@ -6,6 +6,7 @@ import math
 import statistics
 
 from ..config import RunConfig
+from .accounting import GROUP2, event_accountant
 from .ledger import Ledger
 
 
@@ -42,7 +43,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
         }
         units.append("user")
     if cfg.privacy in ("event", "both"):
-        eps = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values())
+        eps = list(ledger.event_epsilons(cfg.delta, event_accountant(cfg.model, cfg.accountant)).values())
         out["event"] = {
             "unit": "event", "epsilon": _f(max(eps)) if eps else 0.0,
             "epsilon_median_device": _f(statistics.median(eps)) if eps else 0.0,
@@ -53,6 +54,15 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
             "trust": "each device's own DP-SGD: the server and anyone who sees a delta learn at most this "
                      "about any single event",
         }
+        if event_accountant(cfg.model, cfg.accountant) == GROUP2:
+            sess = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values())
+            out["event"].update({
+                "accountant": "RDP, group privacy of 2 (Mironov 2017, Prop. 2)",
+                "sampling": f"Poisson sampling of each session (one device's events of one round window, its newest "
+                            f"{cfg.seq_len}) in every local DP-SGD step (Opacus, ghost clipping); a sample reads no "
+                            "event outside its session, and one event's add/remove changes one session",
+                "session_epsilon": _f(max(sess)) if sess else 0.0, "session_accountant": acc,
+            })
         units.append("event")
     if not units:
         out.update({"unit": "none", "epsilon": None, "what": "no differential privacy"})

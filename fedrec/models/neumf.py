@@ -1,0 +1,65 @@
+"""Neural matrix factorisation (He et al., WWW 2017): a GMF tower and an MLP tower, user parts local."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import RecModel, seeded_linear
+
+
+class NeuMF(RecModel):
+    """Score ``s(u, i) = w^T [p_u^G * q_i^G ; MLP([p_u^M ; q_i^M])] + b``.
+
+    Parameters
+    ----------
+    n_items, dim : int
+        The item table ``item.weight`` has shape ``(n_items, 2 * dim)``: the GMF half ``[:dim]`` and
+        the MLP half ``[dim:]``. The MLP is ``2 dim -> dim -> dim // 2`` (ReLU), the output layer
+        ``dim + dim // 2 -> 1``. Item table, MLP and output layer are global.
+    The device's own embedding ``user.weight`` (shape ``(1, 2 * dim)``, same halves) is local. Each
+    forward looks up each table once (Opacus ghost clipping needs that).
+    """
+
+    global_names = ("item.weight", "mlp1.weight", "mlp1.bias", "mlp2.weight", "mlp2.bias", "out.weight", "out.bias")
+    local_names = ("user.weight",)
+
+    def __init__(self, n_items: int, dim: int, *, generator: torch.Generator | None = None,
+                 init_scale: float = 0.1) -> None:
+        super().__init__()
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.n_items, self.dim, self.init_scale = n_items, dim, init_scale
+        h = max(dim // 2, 1)
+        self.item = nn.Embedding(n_items, 2 * dim)
+        self.user = nn.Embedding(1, 2 * dim)
+        self.mlp1 = seeded_linear(2 * dim, dim, g)
+        self.mlp2 = seeded_linear(dim, h, g)
+        self.out = seeded_linear(dim + h, 1, g)
+        with torch.no_grad():
+            self.item.weight.normal_(0.0, init_scale, generator=g)
+            self.user.weight.normal_(0.0, init_scale, generator=g)
+        self.check_partition()
+
+    def init_local(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"user.weight": torch.randn(1, 2 * self.dim, generator=generator) * self.init_scale}
+
+    def _score(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``p``: user embeddings broadcastable to ``q`` (..., 2 dim) -> scores (...)."""
+        d = self.dim
+        p = p.expand_as(q)
+        gmf = p[..., :d] * q[..., :d]
+        z = torch.relu(self.mlp1(torch.cat([p[..., d:], q[..., d:]], dim=-1)))
+        z = torch.relu(self.mlp2(z))
+        return self.out(torch.cat([gmf, z], dim=-1)).squeeze(-1)
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``user``: (B,) zeros (the device's own row); ``items``: (B, m) -> scores (B, m)."""
+        return self._score(self.user(user).unsqueeze(1), self.item(items))
+
+    @torch.no_grad()
+    def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
+        return self._score(self.user.weight[0].unsqueeze(0), self.item.weight)
+
+    def item_repr(self) -> torch.Tensor:
+        return self.item.weight.detach()
