@@ -31,6 +31,7 @@ from fedrec.config import RunConfig  # noqa: E402
 from fedrec.models import build_model  # noqa: E402
 from fedrec.models.base import BPRLoss  # noqa: E402
 
+
 def _events(pos):
     """``pos`` as a device's events of one window, all trained on (``_local_sgd``'s arguments)."""
     items = pos.numpy() if hasattr(pos, "numpy") else np.asarray(pos)

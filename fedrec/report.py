@@ -289,7 +289,10 @@ def plot_run(rows: list[dict], path: Path, *, k: int = 10) -> None:
         ax[1].plot(r, [row.get("epsilon") for row in rows], color="C3", label="event level, max over devices")
         ax[1].plot(r, [row.get("epsilon_median") for row in rows], color="C3", ls=":", label="event level, median")
     ax[1].set(xlabel="round", ylabel="ε", title="Privacy spent")
-    ax[1].legend()
+    if ax[1].get_legend_handles_labels()[0]:
+        ax[1].legend()
+    else:  # no DP in this run: say so rather than draw an empty panel
+        ax[1].text(0.5, 0.5, "no differential privacy", ha="center", va="center", transform=ax[1].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

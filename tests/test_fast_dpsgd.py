@@ -14,6 +14,7 @@ from fedrec.config import RunConfig
 from fedrec.models import build_model
 from fedrec.privacy.fast_dpsgd import dpsgd_mf
 
+
 def _events(pos):
     """``pos`` as a device's events of one window, all trained on (``_local_sgd``'s arguments)."""
     items = pos.numpy() if hasattr(pos, "numpy") else np.asarray(pos)

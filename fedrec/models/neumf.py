@@ -10,13 +10,13 @@ from .base import RecModel, seeded_linear
 
 
 class NeuMF(RecModel):
-    """Score ``s(u, i) = w^T [p_u^G * q_i^G ; MLP([p_u^M ; q_i^M])] + b``.
+    """Score ``s(u, i) = w^T [p_u^G * q_i^G ; MLP([p_u^M ; q_i^M])] + b + b_i``.
 
     Parameters
     ----------
     n_items, dim : int
-        The item table ``item.weight`` has shape ``(n_items, 2 * dim)``: the GMF half ``[:dim]`` and
-        the MLP half ``[dim:]``. The MLP is ``2 dim -> dim -> dim // 2`` (ReLU), the output layer
+        The item table ``item.weight`` has shape ``(n_items, 2 * dim + 1)``: the GMF half ``[:dim]``,
+        the MLP half ``[dim:2 dim]`` and the item bias ``b_i`` (last column; it carries popularity). The MLP is ``2 dim -> dim -> dim // 2`` (ReLU), the output layer
         ``dim + dim // 2 -> 1``. Item table, MLP and output layer are global.
     The device's own embedding ``user.weight`` (shape ``(1, 2 * dim)``, same halves) is local. Each
     forward looks up each table once (Opacus ghost clipping needs that).
@@ -31,13 +31,14 @@ class NeuMF(RecModel):
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         self.n_items, self.dim, self.init_scale = n_items, dim, init_scale
         h = max(dim // 2, 1)
-        self.item = nn.Embedding(n_items, 2 * dim)
+        self.item = nn.Embedding(n_items, 2 * dim + 1)
         self.user = nn.Embedding(1, 2 * dim)
         self.mlp1 = seeded_linear(2 * dim, dim, g)
         self.mlp2 = seeded_linear(dim, h, g)
         self.out = seeded_linear(dim + h, 1, g)
         with torch.no_grad():
             self.item.weight.normal_(0.0, init_scale, generator=g)
+            self.item.weight[:, 2 * dim] = 0.0
             self.user.weight.normal_(0.0, init_scale, generator=g)
         self.check_partition()
 
@@ -45,13 +46,15 @@ class NeuMF(RecModel):
         return {"user.weight": torch.randn(1, 2 * self.dim, generator=generator) * self.init_scale}
 
     def _score(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``p``: user embeddings broadcastable to ``q`` (..., 2 dim) -> scores (...)."""
+        """``p``: user embeddings (..., 2 dim) broadcastable to the item rows ``q`` (..., 2 dim + 1) -> scores (...)."""
         d = self.dim
+        bias = q[..., 2 * d]
+        q = q[..., : 2 * d]
         p = p.expand_as(q)
         gmf = p[..., :d] * q[..., :d]
         z = torch.relu(self.mlp1(torch.cat([p[..., d:], q[..., d:]], dim=-1)))
         z = torch.relu(self.mlp2(z))
-        return self.out(torch.cat([gmf, z], dim=-1)).squeeze(-1)
+        return self.out(torch.cat([gmf, z], dim=-1)).squeeze(-1) + bias
 
     def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``user``: (B,) zeros (the device's own row); ``items``: (B, m) -> scores (B, m)."""
@@ -62,4 +65,4 @@ class NeuMF(RecModel):
         return self._score(self.user.weight[0].unsqueeze(0), self.item.weight)
 
     def item_repr(self) -> torch.Tensor:
-        return self.item.weight.detach()
+        return self.item.weight.detach()[:, : 2 * self.dim]

@@ -41,9 +41,11 @@ class SASRec(RecModel):
     Parameters
     ----------
     n_items, dim : int
-        ``item.weight`` has shape ``(n_items + 2, dim)``: row ``n_items`` is the start token
+        ``item.weight`` has shape ``(n_items + 2, dim + 1)``: row ``n_items`` is the start token
         (``BOS``), row ``n_items + 1`` the padding (``PAD``, masked out of attention and loss). The
-        same table embeds the input sequence and scores the candidates (tied, as in SASRec).
+        same table embeds the input sequence (its first ``dim`` columns) and scores the candidates
+        (tied, as in SASRec); its last column is an item bias added to the score, which lets the
+        model carry popularity from the first rounds on.
     seq_len : int
         ``L``, the longest input sequence (positional table ``pos.weight`` of shape ``(L, dim)``).
     blocks : int
@@ -59,12 +61,13 @@ class SASRec(RecModel):
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         self.n_items, self.dim, self.seq_len, self.init_scale = n_items, dim, seq_len, init_scale
         self.bos, self.pad = n_items, n_items + 1
-        self.item = nn.Embedding(n_items + 2, dim)
+        self.item = nn.Embedding(n_items + 2, dim + 1)
         self.pos = nn.Embedding(seq_len, dim)
         self.blocks = nn.ModuleList([CausalBlock(dim, g) for _ in range(blocks)])
         self.ln = nn.LayerNorm(dim)
         with torch.no_grad():
             self.item.weight.normal_(0.0, init_scale, generator=g)
+            self.item.weight[:, dim] = 0.0
             self.pos.weight.normal_(0.0, init_scale, generator=g)
         self.global_names = tuple(n for n, _ in self.named_parameters())
         self.check_partition()
@@ -90,9 +93,10 @@ class SASRec(RecModel):
         (B, L, 1 + K) the target of each position then K negatives -> scores (B, L, 1 + K)."""
         B, L = seq.shape
         e = self.item(torch.cat([seq, items.reshape(B, -1)], dim=1))  # one lookup of the table, batch first
-        h = self._encode(e[:, :L], seq)
-        c = e[:, L:].reshape(B, L, items.shape[2], -1)
-        return (c * h.unsqueeze(2)).sum(-1)
+        d = self.dim
+        h = self._encode(e[:, :L, :d], seq)
+        c = e[:, L:].reshape(B, L, items.shape[2], d + 1)
+        return (c[..., :d] * h.unsqueeze(2)).sum(-1) + c[..., d]
 
     def context(self, history: np.ndarray | None) -> torch.Tensor:
         """The input sequence that predicts what follows ``history``: BOS then its last L - 1 items."""
@@ -106,11 +110,12 @@ class SASRec(RecModel):
     @torch.no_grad()
     def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
         seq = self.context(history).unsqueeze(0)
-        h = self._encode(self.item(seq), seq)[0, -1]
-        return self.item.weight[: self.n_items] @ h
+        h = self._encode(self.item(seq)[..., : self.dim], seq)[0, -1]
+        w = self.item.weight[: self.n_items]
+        return w[:, : self.dim] @ h + w[:, self.dim]
 
     def item_repr(self) -> torch.Tensor:
-        return self.item.weight.detach()[: self.n_items]
+        return self.item.weight.detach()[: self.n_items, : self.dim]
 
     def samples(self, items: np.ndarray, rounds: np.ndarray, train: np.ndarray, cand: torch.Tensor, *,
                 negatives: int, generator: torch.Generator, sessions: bool = False
