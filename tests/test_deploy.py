@@ -144,9 +144,11 @@ def test_a_sigkilled_server_restarts_and_resumes_from_its_last_round(tmp_path):
 
 def test_deploy_local_stops_everything_on_ctrl_c(tmp_path):
     out = tmp_path / "dep"
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive
+    # shell (nohup ... &) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "deploy", "local", "--devices", "2", "--rounds", "50",
                              "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     logs = out / "deploy" / "logs"
     while not (logs / "device-1.log").exists() or "SuperNode" not in (logs / "device-1.log").read_text():
