@@ -138,6 +138,7 @@ def client_update(
         model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
 
     private = cfg.privacy in ("event", "both")
+    acc = event_accountant(cfg.model, cfg.accountant)  # sasrec: per-event ε by group privacy of its sessions
     keep = cfg.replay_rounds + 1
     q = cfg.sample_rate
     if private and cfg.epsilon > 0:
@@ -145,10 +146,10 @@ def client_update(
         # this exposure; the device trains only if the per-event bound stays within the budget
         would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.local_steps
                     if keep > 1 else cfg.local_steps)
-        eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, event_accountant(cfg.model, cfg.accountant))
+        eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, acc)
         if eps_next > cfg.epsilon * (1 + 1e-9):
             zero = {k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in global_state.items()}
-            eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, event_accountant(cfg.model, cfg.accountant)) \
+            eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, acc) \
                 if state.max_exposure else 0.0
             return UpdateResult(delta=zero, n_train=0, n_new=0, counts=PrequentialCounts(), epsilon=eps_now,
                                 steps=0, state=state,
@@ -185,7 +186,7 @@ def client_update(
     max_exposure = max(state.max_exposure, sum(recent_steps)) if private else 0
     nxt = DeviceState(local=local, cursors=cursors, recent_steps=recent_steps, max_exposure=max_exposure,
                       participations=state.participations + 1, history=history)
-    eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, event_accountant(cfg.model, cfg.accountant)) if private and max_exposure else 0.0
+    eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, acc) if private and max_exposure else 0.0
     return UpdateResult(delta=delta, n_train=n_train, n_new=n_new, counts=counts, epsilon=eps,
                         steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits)
 

@@ -43,7 +43,8 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
         }
         units.append("user")
     if cfg.privacy in ("event", "both"):
-        eps = list(ledger.event_epsilons(cfg.delta, event_accountant(cfg.model, cfg.accountant)).values())
+        ev_acc = event_accountant(cfg.model, cfg.accountant)
+        eps = list(ledger.event_epsilons(cfg.delta, ev_acc).values())
         out["event"] = {
             "unit": "event", "epsilon": _f(max(eps)) if eps else 0.0,
             "epsilon_median_device": _f(statistics.median(eps)) if eps else 0.0,
@@ -54,7 +55,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
             "trust": "each device's own DP-SGD: the server and anyone who sees a delta learn at most this "
                      "about any single event",
         }
-        if event_accountant(cfg.model, cfg.accountant) == GROUP2:
+        if ev_acc == GROUP2:
             sess = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values())
             out["event"].update({
                 "accountant": "RDP, group privacy of 2 (Mironov 2017, Prop. 2)",
