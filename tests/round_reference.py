@@ -1,0 +1,82 @@
+"""The saved reference runs that hold the server round to its behaviour across refactors.
+
+``python tests/round_reference.py --write`` records, for each case below, every round's metrics line
+(minus wall-clock fields) and the final global model of a small in-process federation; the test
+``tests/test_round_reference.py`` runs the same cases and compares. The reference files in
+``tests/data/round_reference/`` were written by the code *before* the server round moved into
+``fedrec/`` (issue 15), so the test checks that the move kept the behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent / "data" / "round_reference"
+SMALL = {"world-users": 240, "world-items": 80, "world-events-per-user": 12, "rounds": 5, "cohort": 40,
+         "nodes": 2, "engine": "local", "progress": False, "dim": 4, "local-steps": 3, "user-fit-steps": 5,
+         "resume": False}
+CASES: dict[str, dict] = {
+    "none": {"privacy": "none"},
+    "user": {"privacy": "user", "noise-multiplier": 0.8, "clip": 0.5},
+    "user-budget": {"privacy": "user", "epsilon": 3.0, "budget-period": 2, "rounds": 6},
+    "user-stop": {"privacy": "user", "epsilon": 3.0, "calibrate": False, "noise-multiplier": 1.0},
+    "secagg": {"privacy": "user", "secure-aggregation": True, "noise-multiplier": 1.0, "rounds": 2},
+    "event": {"privacy": "event", "epsilon": 8.0, "event-clip": 0.2},
+    "both": {"privacy": "both", "noise-multiplier": 1.2},
+    "robust": {"privacy": "none", "aggregator": "trimmed-mean", "trim": 0.2, "max-update-norm": 0.3,
+               "max-row-norm": 0.1},
+    "median": {"privacy": "event", "noise-multiplier": 1.0, "aggregator": "median"},
+    "fedadam": {"privacy": "none", "server-opt": "fedadam", "server-lr": 0.05, "lr-schedule": "adaptive"},
+    "async": {"privacy": "none", "async-buffer": 15, "slow-devices": 0.3, "slow-rounds": 2, "rounds": 7},
+    "slow-sync": {"privacy": "event", "noise-multiplier": 1.0, "slow-devices": 0.3, "rounds": 6},
+    "freeze": {"privacy": "none", "freeze-after": 2, "serve-eval": False},
+    "attack": {"privacy": "none", "attackers": 0.05, "attack-boost": 3.0},
+    "neumf": {"privacy": "event", "model": "neumf", "noise-multiplier": 1.0, "rounds": 3},
+    "sasrec": {"privacy": "user", "model": "sasrec", "noise-multiplier": 1.0, "rounds": 3, "seq-len": 5},
+}
+#: fields of a metrics line that measure the machine, not the algorithm
+VOLATILE = ("wall_s", "ts", "time")
+
+
+def run_case(name: str, out: Path) -> tuple[list[dict], dict, dict[str, np.ndarray]]:
+    """Run one case into ``out``; its metric lines (volatile fields dropped), summary and final model."""
+    from fedrec.checkpoint import load_checkpoint
+    from fedrec.clients.app import app as client_app
+    from fedrec.config import RunConfig
+    from fedrec.server.app import run_federation
+    from fedrec.server.local_grid import LocalGrid
+
+    cfg = RunConfig.from_mapping({**SMALL, **CASES[name], "out": str(out)}, where=name)
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [{k: v for k, v in r.items() if not any(t in k for t in VOLATILE)} for r in rows]
+    model = {k: np.asarray(v) for k, v in load_checkpoint(out / "checkpoint.npz")["global"].items()}
+    return rows, summary, model
+
+
+def stable_summary(summary: dict) -> dict:
+    """The parts of a summary that the algorithm decides (metrics, baselines, privacy)."""
+    keep = {k: summary[k] for k in ("metrics", "baselines", "privacy") if k in summary}
+    return json.loads(json.dumps(keep, default=str))
+
+
+def write(names: list[str]) -> None:
+    import tempfile
+
+    HERE.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, summary, model = run_case(name, Path(tmp) / name)
+        (HERE / f"{name}.json").write_text(json.dumps({"rows": rows, "summary": stable_summary(summary)},
+                                                      indent=1, sort_keys=True, default=str))
+        np.savez(HERE / f"{name}.npz", **model)
+        print(name, "written", flush=True)
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        write([a for a in sys.argv[1:] if not a.startswith("--")] or list(CASES))
