@@ -1,26 +1,43 @@
 """One source of configuration: a frozen, self-validating dataclass.
 
 Keys are kebab-case everywhere (TOML files, ``[tool.flwr.app.config]``, CLI flags); in Python
-they are the snake_case field names. Every invalid value fails with :class:`ConfigError`, one
-sentence naming the key (and the file when it came from one).
+they are the snake_case field names. Each field declares, through :func:`key`, its default, its
+help sentence, its simple bounds and its choices (:class:`KeySpec`); the per-key checks, the CLI
+flags (:mod:`fedrec.cli`) and the pyproject table (``python -m fedrec.config --pyproject``) are
+generated from that. The rules that tie keys together are written out in
+:meth:`RunConfig._check_rules`. Every invalid value fails with :class:`ConfigError`, one sentence
+naming the key (and the file when it came from one).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-PRIVACY_MODES = ("none", "event", "user", "both")
-MODELS = ("mf", "neumf", "sasrec")
-ACCOUNTANTS = ("prv", "rdp")
-SPLITS = ("count", "time")
-ENGINES = ("ray", "local")
-METHODS = ("federated", "centralised")
-LR_SCHEDULES = ("fixed", "adaptive")
+from .registry import (
+    ACCOUNTANTS,
+    AGGREGATORS,
+    CLOCKS,
+    ENGINES,
+    EVENT_DP_MODES,
+    LR_SCHEDULES,
+    METHODS,
+    MODELS,
+    PRIVACY_MODES,
+    ROUND_SPLITS,
+    SERVER_OPTIMIZERS,
+    UPDATE_BACKENDS,
+    USER_DP_MODES,
+    WIRES,
+    Registry,
+)
 
 
 class ConfigError(ValueError):
@@ -28,167 +45,207 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class KeySpec:
+    """What a config key declares besides its type and default: help, bounds, choices.
+
+    ``ge``/``gt``/``le``/``lt`` are inclusive and exclusive bounds; ``choices`` the allowed
+    strings; ``says`` replaces the generated rule sentence where the generated one would not say
+    what 0 means (``"must be 0 (off) or positive"``).
+    """
+
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] = ()
+    says: str = ""
+
+    def holds(self, v: Any) -> bool:
+        """Whether a value of the right type keeps to the bounds and choices."""
+        if self.choices and v not in self.choices:
+            return False
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def rule(self) -> str:
+        """The rule as the end of a sentence ("must lie in (0, 1]"); empty when there is none."""
+        if self.says or self.choices:
+            return self.says or f"must be one of {', '.join(self.choices)}"
+        lo, hi = (self.ge if self.ge is not None else self.gt), (self.le if self.le is not None else self.lt)
+        if lo is not None and hi is not None:
+            if self.gt is not None and self.lt is not None:
+                return f"must lie strictly between {lo:g} and {hi:g}"
+            return f"must lie in {'[' if self.ge is not None else '('}{lo:g}, {hi:g}{']' if self.le is not None else ')'}"
+        if self.gt == 0:
+            return "must be positive"
+        if self.ge is not None:
+            return "must be 0 or more" if self.ge == 0 else f"must be at least {self.ge:g}"
+        if hi is not None:
+            return f"must be at most {hi:g}" if self.le is not None else f"must be below {hi:g}"
+        return f"must be above {lo:g}" if lo is not None else ""
+
+
+def key(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, choices: Registry | None = None, says: str = "") -> Any:
+    """A :class:`RunConfig` field: its default and its :class:`KeySpec` (kept in the field's metadata)."""
+    spec = KeySpec(help, ge=ge, gt=gt, le=le, lt=lt, choices=choices.names() if choices else (), says=says)
+    return dataclasses.field(default=default, metadata={"spec": spec})
+
+
+def spec_of(f: dataclasses.Field[Any]) -> KeySpec:
+    """The :class:`KeySpec` a :class:`RunConfig` field declares."""
+    spec: KeySpec = f.metadata["spec"]
+    return spec
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; defaults are those of ``[tool.flwr.app.config]``."""
 
     # data
-    data: str = ""  #: path to a MovieLens file or generic CSV; empty = synthetic world
-    world_users: int = 3000
-    world_items: int = 400
-    world_topics: int = 10
-    world_events_per_user: int = 25
-    world_shift_share: float = 0.3  #: share of users whose interest shifts (interest-shift scenario)
-    world_shift_time: float = 0.5  #: when, as a fraction of the stream
-    world_new_item_share: float = 0.1  #: share of items launched mid-stream (new-item scenario)
-    world_bursts: int = 0  #: items that trend, spiking then fading (trending-burst scenario)
-    world_burst_time: float = 0.6  #: peak of the burst, as a fraction of the stream
-    rounds: int = 30
-    round_split: str = "count"
+    data: str = key("", "path to a MovieLens file or generic CSV; empty = synthetic world")
+    world_users: int = key(3000, "users (one device each) of the synthetic world", ge=1)
+    world_items: int = key(400, "items of the synthetic world", ge=1)
+    world_topics: int = key(10, "interest topics of the synthetic world (users hold interests, items belong to one)",
+                            ge=1)
+    world_events_per_user: int = key(25, "events of each user of the synthetic world", ge=1)
+    world_shift_share: float = key(0.3, "share of users whose interest shifts (interest-shift scenario)", ge=0, le=1)
+    world_shift_time: float = key(0.5, "when, as a fraction of the stream", ge=0, le=1)
+    world_new_item_share: float = key(0.1, "share of items launched mid-stream (new-item scenario)", ge=0, lt=1)
+    world_bursts: int = key(0, "items that trend, spiking then fading (trending-burst scenario)", ge=0)
+    world_burst_time: float = key(0.6, "peak of the burst, as a fraction of the stream", ge=0, le=1)
+    rounds: int = key(30, "rounds of the federation; the stream is cut into this many windows", ge=1)
+    round_split: str = key("count", "how the stream is cut into rounds: equal event counts or equal time spans",
+                           choices=ROUND_SPLITS)
     # federation
-    cohort: int = 300
-    nodes: int = 2  #: virtual Flower nodes; each hosts a shard of devices in simulation
-    engine: str = "ray"  #: simulation transport: Flower's Simulation Engine (ray) or in-process (local)
-    method: str = "federated"  #: federated, or centralised (the non-private freshness ceiling, all events)
-    freeze_after: int = 0  #: static baseline: the global model stops changing after this round (0 = never)
-    round_timeout: float = 600.0  #: round deadline: seconds the server waits for replies; later ones are late
-    min_reply_share: float = 1.0  #: the round closes once this share of the sampled devices has replied
-    async_buffer: int = 0  #: 0 = synchronous rounds (late updates dropped); K = FedBuff, apply once K are buffered
-    max_staleness: int = 8  #: async: a buffered update older than this many versions is dropped
-    slow_devices: float = 0.0  #: simulation only: share of devices whose updates arrive rounds late
-    slow_rounds: int = 2  #: a slow device's update arrives 1..slow-rounds rounds after it was asked for
-    seed: int = 0
+    cohort: int = key(300, "devices per round (under user-level DP the expected number, Poisson-sampled)", ge=1)
+    nodes: int = key(2, "virtual Flower nodes; each hosts a shard of devices in simulation", ge=1)
+    engine: str = key("ray", "simulation transport: Flower's Simulation Engine (ray) or in-process (local)",
+                      choices=ENGINES)
+    method: str = key("federated", "federated, or centralised (the non-private freshness ceiling, all events)",
+                      choices=METHODS)
+    freeze_after: int = key(0, "static baseline: the global model stops changing after this round (0 = never)",
+                            ge=0, says="must be 0 (never) or a round number")
+    round_timeout: float = key(600.0, "round deadline: seconds the server waits for replies; later ones are late",
+                               gt=0, says="must be a positive number of seconds")
+    min_reply_share: float = key(1.0, "the round closes once this share of the sampled devices has replied",
+                                 gt=0, le=1)
+    async_buffer: int = key(0, "0 = synchronous rounds (late updates dropped); K = FedBuff, apply once K are buffered",
+                            ge=0, says="must be 0 (synchronous) or a number of updates")
+    max_staleness: int = key(8, "async: a buffered update older than this many versions is dropped", ge=0)
+    slow_devices: float = key(0.0, "simulation only: share of devices whose updates arrive rounds late", ge=0, lt=1)
+    slow_rounds: int = key(2, "a slow device's update arrives 1..slow-rounds rounds after it was asked for", ge=1)
+    seed: int = key(0, "seed of every random draw of the run (same seed, same run)")
     # model and local update
-    model: str = "mf"
-    dim: int = 8
-    seq_len: int = 20  #: sasrec: longest input sequence (the device's recent items it attends over)
-    init_scale: float = 0.1  #: std of the initial item and user vectors
-    local_steps: int = 10
-    sample_rate: float = 0.5  #: Poisson rate of each local step (expected batch = rate x events)
-    lr: float = 1.0
-    user_lr: float = 0.0  #: step size of the on-device user vector; 0 = same as lr
-    user_fit_steps: int = 30  #: on-device fit of the user vector before scoring (0 = off)
-    negatives: int = 1
-    replay_rounds: int = 2  #: an event is replayed in at most this many later updates
-    server_lr: float = 10.0
-    lr_schedule: str = "fixed"  #: fixed, or adaptive (server lr raised when windowed HR drops)
-    server_opt: str = "fedavg"  #: fedavg, fedadagrad, fedadam, fedyogi (adaptive ones want server-lr ~0.01-0.1)
-    aggregator: str = "mean"  #: mean (FedAvg), or per item row: trimmed-mean, median (not under user-level DP)
-    trim: float = 0.1  #: share trimmed from each end by the trimmed mean
-    max_update_norm: float = 0.0  #: the server scales a larger delta down to this L2 norm (0 = off)
-    max_row_norm: float = 0.0  #: the server scales each item row of a delta down to this L2 norm (0 = off)
-    attackers: float = 0.0  #: simulation only: share of fake devices pushing one item (fedrec.attack)
-    attack_boost: float = 1.0  #: fake devices scale their deltas by this (model-replacement boosting)
-    attack_measure: bool = False  #: measure the target's exposure even without attackers (a no-attack baseline)
-    wire: str = "auto"  #: delta encoding: auto (sparse rows without event DP, fp16 with), dense, fp16, sparse
+    model: str = key("mf", "recommender: matrix factorisation, neural MF, or a SASRec-style transformer",
+                     choices=MODELS)
+    dim: int = key(8, "embedding dimension", ge=1)
+    seq_len: int = key(20, "sasrec: longest input sequence (the device's recent items it attends over)", ge=2)
+    init_scale: float = key(0.1, "std of the initial item and user vectors", gt=0)
+    local_steps: int = key(10, "local (DP-)SGD steps of each device update", ge=1)
+    sample_rate: float = key(0.5, "Poisson rate of each local step (expected batch = rate x events)", gt=0, le=1)
+    lr: float = key(1.0, "on-device step size", gt=0)
+    user_lr: float = key(0.0, "step size of the on-device user vector; 0 = same as lr",
+                         ge=0, says="must be 0 (same as lr) or positive")
+    user_fit_steps: int = key(30, "on-device fit of the user vector before scoring (0 = off)", ge=0)
+    negatives: int = key(1, "sampled negative items per positive event", ge=1)
+    replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0)
+    server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0)
+    lr_schedule: str = key("fixed", "fixed, or adaptive (server lr raised when windowed HR drops)",
+                           choices=LR_SCHEDULES)
+    server_opt: str = key("fedavg", "server optimizer (adaptive ones want server-lr ~0.01-0.1)",
+                          choices=SERVER_OPTIMIZERS)
+    aggregator: str = key("mean", "mean (FedAvg), or per item row: trimmed-mean, median (not under user-level DP)",
+                          choices=AGGREGATORS)
+    trim: float = key(0.1, "share trimmed from each end by the trimmed mean", ge=0, lt=0.5)
+    max_update_norm: float = key(0.0, "the server scales a larger delta down to this L2 norm (0 = off)",
+                                 ge=0, says="must be 0 (off) or positive")
+    max_row_norm: float = key(0.0, "the server scales each item row of a delta down to this L2 norm (0 = off)",
+                              ge=0, says="must be 0 (off) or positive")
+    attackers: float = key(0.0, "simulation only: share of fake devices pushing one item (fedrec.attack)", ge=0, lt=1)
+    attack_boost: float = key(1.0, "fake devices scale their deltas by this (model-replacement boosting)", gt=0)
+    attack_measure: bool = key(False, "measure the target's exposure even without attackers (a no-attack baseline)")
+    wire: str = key("auto", "delta encoding: auto (sparse rows without event DP, fp16 with), dense, fp16, sparse",
+                    choices=WIRES)
     # privacy
-    privacy: str = "user"
-    noise_multiplier: float = 1.0
-    secure_aggregation: bool = False  #: Flower SecAgg+: the server sees only the sum of the cohort's deltas
-    clip: float = 1.0  #: user-level: L2 bound of a device's whole delta
-    event_clip: float = 1.0  #: event-level: per-event gradient clip of DP-SGD
-    update_backend: str = "auto"  #: local update: auto (closed form for mf; DP noise drawn lazily) or
-    #                                 autograd (torch autograd; Opacus ghost clipping under event-level DP)
-    epsilon: float = 0.0  #: budget per period (0 = none); see `calibrate`
-    calibrate: bool = True  #: with a budget, pick the noise multiplier that fits it (else enforce only)
-    budget_period: int = 0  #: rounds per user-level budget period (0 = the whole run)
-    delta: float = 1e-5
-    accountant: str = "prv"
+    privacy: str = key("user", "DP unit: none, event (DP-SGD on the device), user (noise on the server's sum), both",
+                       choices=PRIVACY_MODES)
+    noise_multiplier: float = key(1.0, "noise std over the clip, where no budget calibrates it", ge=0)
+    secure_aggregation: bool = key(False, "Flower SecAgg+: the server sees only the sum of the cohort's deltas")
+    clip: float = key(1.0, "user-level: L2 bound of a device's whole delta", gt=0)
+    event_clip: float = key(1.0, "event-level: per-event gradient clip of DP-SGD", gt=0)
+    update_backend: str = key("auto", "local update: auto (closed form for mf; DP noise drawn lazily) or autograd "
+                              "(torch autograd; Opacus ghost clipping under event-level DP)",
+                              choices=UPDATE_BACKENDS, says="must be auto or autograd")
+    epsilon: float = key(0.0, "budget per period (0 = none); see calibrate",
+                         ge=0, says="must be 0 (no target) or positive")
+    calibrate: bool = key(True, "with a budget, pick the noise multiplier that fits it (else enforce only)")
+    budget_period: int = key(0, "rounds per user-level budget period (0 = the whole run)",
+                             ge=0, says="must be 0 (whole run) or a number of rounds")
+    delta: float = key(1e-5, "delta of (epsilon, delta)-DP", gt=0, lt=1)
+    accountant: str = key("prv", "privacy accountant (Opacus): privacy random variables or Renyi DP",
+                          choices=ACCOUNTANTS)
     # evaluation and output
-    k: int = 10
-    freshness_window: int = 3  #: rounds in the sliding window of windowed HR@K
-    serve_eval: bool = True  #: every round, every device with new events scores them with the newest version
-    uptake_probe: bool = True  #: simulation only: devices report new-item top-K membership (a measurement)
-    out: str = "runs/latest"
-    resume: bool = True  #: continue an unfinished run from the checkpoint in `out` (same config), else start anew
-    clock: str = "replay"  #: deployment: a round takes in device events up to the data's time of that round
-    #                         (replay, the server needs the data) or everything recorded so far (live)
-    device: str = "auto"  #: torch device for server aggregation: auto, cpu, cuda
-    progress: bool = True
+    k: int = key(10, "length of the top-K lists scored (HR@K, NDCG@K)", ge=1)
+    freshness_window: int = key(3, "rounds in the sliding window of windowed HR@K", ge=1)
+    serve_eval: bool = key(True, "every round, every device with new events scores them with the newest version")
+    uptake_probe: bool = key(True, "simulation only: devices report new-item top-K membership (a measurement)")
+    out: str = key("runs/latest", "output folder: metrics.jsonl, summary.json, checkpoint, privacy ledger")
+    resume: bool = key(True, "continue an unfinished run from the checkpoint in out (same config), else start anew")
+    clock: str = key("replay", "deployment: a round takes in device events up to the data's time of that round "
+                     "(replay, the server needs the data) or everything recorded so far (live)",
+                     choices=CLOCKS, says="must be replay or live")
+    device: str = key("auto", "torch device for server aggregation: auto, cpu, cuda[:N]")
+    progress: bool = key(True, "a progress bar (else plain per-round lines)")
 
     def __post_init__(self) -> None:
-        def need(cond: bool, key: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"Config key '{key}' {what} (got {getattr(self, key.replace('-', '_'))!r}).")
-
         for f in fields(self):
             v = getattr(self, f.name)
-            key = f.name.replace("_", "-")
-            want = _type_of(f)
-            if want is bool:
-                need(isinstance(v, bool), key, "must be true or false")
-            elif want is int:
-                need(isinstance(v, int) and not isinstance(v, bool), key, "must be an integer")
-            elif want is float:
-                need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key,
-                     "must be a finite number")
-            elif want is str:
-                need(isinstance(v, str), key, "must be a string")
-        for key in ("world-users", "world-items", "world-topics", "world-events-per-user", "rounds", "cohort",
-                    "nodes", "dim", "local-steps", "negatives", "k", "freshness-window"):
-            need(getattr(self, key.replace("-", "_")) >= 1, key, "must be at least 1")
-        need(self.user_fit_steps >= 0, "user-fit-steps", "must be 0 or more")
-        need(self.user_lr >= 0, "user-lr", "must be 0 (same as lr) or positive")
-        need(0 < self.sample_rate <= 1, "sample-rate", "must lie in (0, 1]")
-        need(self.replay_rounds >= 0, "replay-rounds", "must be 0 or more")
-        for key in ("lr", "server-lr", "clip", "event-clip", "init-scale"):
-            need(getattr(self, key.replace("-", "_")) > 0, key, "must be positive")
-        need(self.noise_multiplier >= 0, "noise-multiplier", "must be 0 or more")
-        need(self.epsilon >= 0, "epsilon", "must be 0 (no target) or positive")
-        need(0 < self.delta < 1, "delta", "must lie strictly between 0 and 1")
-        need(self.privacy in PRIVACY_MODES, "privacy", f"must be one of {', '.join(PRIVACY_MODES)}")
-        need(self.budget_period >= 0, "budget-period", "must be 0 (whole run) or a number of rounds")
-        need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}")
-        need(self.seq_len >= 2, "seq-len", "must be at least 2")
+            spec = spec_of(f)
+            broken = _type_rule(_type_of(f), v) or ("" if spec.holds(v) else spec.rule())
+            self._need(not broken, f.name.replace("_", "-"), broken)
+        self._check_rules()
+
+    def _need(self, cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"Config key '{key}' {what} (got {getattr(self, key.replace('-', '_'))!r}).")
+
+    def _check_rules(self) -> None:
+        """The rules that tie keys together (each key alone has passed its own checks), in a fixed order."""
+        need = self._need
         need(self.method == "federated" or self.model == "mf", "model",
              "must be mf with method = centralised (the centralised ceiling is written for mf)")
-        need(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
-        need(self.wire in ("auto", "dense", "fp16", "sparse"), "wire", "must be one of auto, dense, fp16, sparse")
-        need(not (self.wire == "sparse" and self.privacy in ("event", "both")), "wire",
+        need(not (self.wire == "sparse" and self.event_dp), "wire",
              "cannot be sparse under event-level DP (it would reveal which item rows a device touched)")
-        need(self.server_opt in ("fedavg", "fedadagrad", "fedadam", "fedyogi"), "server-opt",
-             "must be one of fedavg, fedadagrad, fedadam, fedyogi")
-        need(self.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
-        need(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
-        need(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
-        need(self.freeze_after >= 0, "freeze-after", "must be 0 (never) or a round number")
-        need(0 <= self.world_shift_share <= 1, "world-shift-share", "must lie in [0, 1]")
-        need(0 <= self.world_new_item_share < 1, "world-new-item-share", "must lie in [0, 1)")
-        need(0 <= self.world_shift_time <= 1, "world-shift-time", "must lie in [0, 1]")
-        need(0 <= self.world_burst_time <= 1, "world-burst-time", "must lie in [0, 1]")
-        need(self.world_bursts >= 0, "world-bursts", "must be 0 or more")
-        need(not self.secure_aggregation or self.privacy in ("user", "both"), "secure-aggregation",
+        need(not self.secure_aggregation or self.user_dp, "secure-aggregation",
              "needs privacy = user or both (it protects the user-level DP sum)")
-        need(self.aggregator in ("mean", "trimmed-mean", "median"), "aggregator",
-             "must be one of mean, trimmed-mean, median")
-        need(self.aggregator == "mean" or self.privacy in ("none", "event"), "aggregator",
+        need(self.aggregator == "mean" or not self.user_dp, "aggregator",
              "must be mean under user-level DP (the noise is calibrated to the sum of clipped deltas)")
-        need(0 <= self.trim < 0.5, "trim", "must lie in [0, 0.5)")
-        need(0 <= self.attackers < 1, "attackers", "must lie in [0, 1)")
-        need(self.attack_boost > 0, "attack-boost", "must be positive")
-        need(self.max_update_norm >= 0, "max-update-norm", "must be 0 (off) or positive")
-        need(self.max_row_norm >= 0, "max-row-norm", "must be 0 (off) or positive")
         need(not (self.secure_aggregation and self.max_row_norm), "max-row-norm",
              "must be 0 with secure-aggregation (the server sees only the masked sum)")
-        need(self.round_timeout > 0, "round-timeout", "must be a positive number of seconds")
-        need(0 < self.min_reply_share <= 1, "min-reply-share", "must lie in (0, 1]")
-        need(self.async_buffer >= 0, "async-buffer", "must be 0 (synchronous) or a number of updates")
-        need(self.max_staleness >= 0, "max-staleness", "must be 0 or more")
-        need(0 <= self.slow_devices < 1, "slow-devices", "must lie in [0, 1)")
-        need(self.slow_rounds >= 1, "slow-rounds", "must be at least 1")
-        need(not (self.async_buffer and self.privacy in ("user", "both")), "async-buffer",
+        need(not (self.async_buffer and self.user_dp), "async-buffer",
              "must be 0 under user-level DP (each noisy sum must hold only the devices sampled for it)")
         for key in ("async-buffer", "slow-devices"):
             need(not (self.secure_aggregation and getattr(self, key.replace("-", "_"))), key,
                  "must be 0 with secure-aggregation (a masked sum covers one round's replies)")
         need(not (self.secure_aggregation and self.min_reply_share < 1), "min-reply-share",
              "must be 1 with secure-aggregation (SecAgg+ sets its own reply threshold)")
-        need(self.clock in ("replay", "live"), "clock", "must be replay or live")
-        need(self.update_backend in ("auto", "autograd"), "update-backend", "must be auto or autograd")
-        need(self.round_split in SPLITS, "round-split", f"must be one of {', '.join(SPLITS)}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
+
+    # ---- derived -----------------------------------------------------------------------------
+    @property
+    def event_dp(self) -> bool:
+        """Event-level DP is on: each device runs DP-SGD (privacy ``event`` or ``both``)."""
+        return self.privacy in EVENT_DP_MODES
+
+    @property
+    def user_dp(self) -> bool:
+        """User-level DP is on: the server noises the sum of clipped deltas (privacy ``user`` or ``both``)."""
+        return self.privacy in USER_DP_MODES
 
     # ---- conversions -------------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:
@@ -200,7 +257,13 @@ class RunConfig:
         return [f.name.replace("_", "-") for f in fields(cls)]
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any], *, where: str = "config", base: RunConfig | None = None) -> RunConfig:
+    def specs(cls) -> dict[str, tuple[type, Any, KeySpec]]:
+        """``key -> (type, default, spec)`` for every key, in order: what flags and tables are made from."""
+        return {f.name.replace("_", "-"): (_type_of(f), f.default, spec_of(f)) for f in fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "config",
+                     base: RunConfig | None = None) -> RunConfig:
         """Build from kebab- or snake-case keys; unknown keys fail naming ``where``."""
         known = {f.name: f for f in fields(cls)}
         kw: dict[str, Any] = {}
@@ -243,9 +306,21 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8.") from None
 
 
-def _type_of(f: dataclasses.Field) -> type:
+def _type_of(f: dataclasses.Field[Any]) -> type:
     t = f.type if isinstance(f.type, str) else f.type.__name__
     return {"int": int, "float": float, "str": str, "bool": bool}[t]
+
+
+def _type_rule(want: type, v: Any) -> str:
+    """The rule ``v`` breaks by its type alone ("must be an integer"), or "" if it has the right type."""
+    if want is bool:
+        return "" if isinstance(v, bool) else "must be true or false"
+    if want is int:
+        return "" if isinstance(v, int) and not isinstance(v, bool) else "must be an integer"
+    if want is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return "" if ok else "must be a finite number"
+    return "" if isinstance(v, str) else "must be a string"
 
 
 def load_pyproject_defaults(root: Path | None = None) -> dict[str, Any]:
@@ -254,4 +329,40 @@ def load_pyproject_defaults(root: Path | None = None) -> dict[str, Any]:
     p = root / "pyproject.toml"
     if not p.is_file():
         return {}
-    return tomllib.loads(p.read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    table: dict[str, Any] = tomllib.loads(p.read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    return table
+
+
+# ---- TOML out: the project's one writer ------------------------------------------------------
+def toml_value(v: bool | int | float | str) -> str:
+    """One value as TOML: ``true``/``false``, a number as Python writes it, anything else a basic string."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string
+
+
+def dump_toml(table: Mapping[str, Any]) -> str:
+    """``key = value`` lines of a flat table (no header), each ending in a newline."""
+    return "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items())
+
+
+def pyproject_table() -> str:
+    """The ``[tool.flwr.app.config]`` table of pyproject.toml, generated from RunConfig's defaults."""
+    return "[tool.flwr.app.config]\n" + dump_toml(RunConfig().to_flat())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedrec.config --pyproject``: print the pyproject table to paste over the old one."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["--pyproject"]:
+        print("usage: python -m fedrec.config --pyproject  (prints [tool.flwr.app.config] from RunConfig's defaults)",
+              file=sys.stderr)
+        return 2
+    sys.stdout.write(pyproject_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
