@@ -19,15 +19,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SERVER_OPTS = ("fedavg", "fedadagrad", "fedadam", "fedyogi")
+from .registry import SERVER_OPTIMIZERS
+
+SERVER_OPTS = SERVER_OPTIMIZERS.names()
 
 
 class ServerOptimizer:
     """Applies one round's aggregated delta to the global state, in place."""
 
     def __init__(self, name: str = "fedavg", *, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        if name not in SERVER_OPTS:
-            raise ValueError(f"Unknown server optimizer {name!r}; expected one of {', '.join(SERVER_OPTS)}.")
+        SERVER_OPTIMIZERS.check(name)
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1 and tau > 0):
             raise ValueError("Server optimizer needs 0 <= beta1, beta2 < 1 and tau > 0.")
         self.name, self.beta1, self.beta2, self.tau = name, beta1, beta2, tau

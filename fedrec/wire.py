@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import numpy as np
 
-WIRES = ("auto", "dense", "fp16", "sparse")
+from . import registry
+
+WIRES = registry.WIRES.names()
+#: the encodings themselves (``auto`` only picks one of them)
+MODES = tuple(w for w in WIRES if w != "auto")
 
 
 def wire_mode(wire: str, privacy: str) -> str:
     """The encoding a device uses for ``wire`` (a config value) under ``privacy``."""
-    if wire == "auto":
-        return {"none": "sparse", "user": "sparse", "event": "fp16", "both": "dense"}[privacy]
-    if wire == "sparse" and privacy in ("event", "both"):
+    event = registry.PRIVACY_MODES.check(privacy) in registry.EVENT_DP_MODES
+    if wire == "auto":  # event DP: noise covers every row; with user DP as well the server checks the clip in fp32
+        return ("dense" if privacy in registry.USER_DP_MODES else "fp16") if event else "sparse"
+    if wire == "sparse" and event:
         raise ValueError("Sparse deltas would reveal which item rows a device touched, which event-level DP hides; "
                          "use wire = \"fp16\" or \"dense\" with privacy event/both.")
     return wire
@@ -40,7 +45,7 @@ def encode_delta(delta: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarra
     if mode == "fp16":
         return {k: np.ascontiguousarray(v, dtype=np.float16) for k, v in delta.items()}
     if mode != "sparse":
-        raise ValueError(f"Unknown wire mode {mode!r}; expected one of dense, fp16, sparse.")
+        raise ValueError(f"Unknown wire mode {mode!r}; expected one of {', '.join(MODES)}.")
     out = {}
     for k, v in delta.items():
         v = np.asarray(v, dtype=np.float32)

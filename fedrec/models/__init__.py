@@ -10,14 +10,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from .. import registry
 from .base import BPRLoss, RecModel
 from .mf import MF
 from .neumf import NeuMF
 from .sasrec import SASRec
 
-MODELS = ("mf", "neumf", "sasrec")
+#: the model names, in the order of :data:`fedrec.registry.MODELS` (which maps each to its class)
+MODELS = registry.MODELS.names()
 
 __all__ = ["MODELS", "MF", "NeuMF", "SASRec", "BPRLoss", "RecModel", "build_model"]
 
@@ -25,14 +29,10 @@ __all__ = ["MODELS", "MF", "NeuMF", "SASRec", "BPRLoss", "RecModel", "build_mode
 def build_model(name: str, n_items: int, dim: int, *, seed: int = 0, init_scale: float = 0.1,
                 seq_len: int = 20) -> RecModel:
     """Construct a model by name with a seeded initialisation (same arguments, same parameters)."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "mf":
-        return MF(n_items, dim, generator=g, init_scale=init_scale)
-    if name == "neumf":
-        return NeuMF(n_items, dim, generator=g, init_scale=init_scale)
-    if name == "sasrec":
-        return SASRec(n_items, dim, seq_len=seq_len, generator=g, init_scale=init_scale)
-    raise ValueError(f"Unknown model {name!r}; expected one of: {', '.join(MODELS)}.")
+    cls = registry.MODELS.get(name)
+    extra: dict[str, Any] = {"seq_len": seq_len} if cls is SASRec else {}  # the one model that reads sequences
+    model: RecModel = cls(n_items, dim, generator=torch.Generator().manual_seed(seed), init_scale=init_scale, **extra)
+    return model
 
 
 def model_from_config(cfg, n_items: int) -> RecModel:

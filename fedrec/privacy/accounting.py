@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Iterable
 from functools import lru_cache
 
+from ..registry import ACCOUNTANTS
+
 Record = tuple[float, float, int]
 
 #: the accountant of a mechanism whose accounted unit is a *session* (one sample per session) reported for
@@ -73,13 +75,11 @@ def epsilon(history: Iterable[Record], delta: float, accountant: str = "prv") ->
 
 @lru_cache(maxsize=4096)
 def _epsilon_cached(h: tuple[Record, ...], delta: float, accountant: str) -> float:
-    from opacus.accountants import create_accountant  # imported on use: a device process without DP never needs it
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if accountant == GROUP2:
             return group2_epsilon(h, delta)
-        acc = create_accountant(accountant)
+        acc = ACCOUNTANTS.get(accountant)()  # Opacus imported on use: a device process without DP never needs it
         acc.history = [(z, q, n) for z, q, n in h]
         return float(acc.get_epsilon(delta=delta))
 

@@ -24,7 +24,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
     if stopped:
         out["stopped"] = stopped
     units = []
-    if cfg.privacy in ("user", "both"):
+    if cfg.user_dp:
         periods = sorted({r.period for r in ledger.records if r.kind == "server-gaussian"})
         per_period = {p: ledger.user_epsilon(cfg.delta, cfg.accountant, period=p) for p in periods}
         out["user"] = {
@@ -42,7 +42,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
                       "model is user-level DP"),
         }
         units.append("user")
-    if cfg.privacy in ("event", "both"):
+    if cfg.event_dp:
         ev_acc = event_accountant(cfg.model, cfg.accountant)
         eps = list(ledger.event_epsilons(cfg.delta, ev_acc).values())
         out["event"] = {
