@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import dump_toml
 from .pki import Pki, make_pki, node_key_pair
 
 CONNECTION = "fedrec-local"
@@ -318,18 +319,8 @@ def write_app(dir_: Path, config: dict) -> Path:
              '[tool.flwr.app]', 'publisher = "fedrec"', '',
              '[tool.flwr.app.components]', 'serverapp = "fedrec.server.app:app"', 'clientapp = "fedrec.clients.app:app"',
              '', '[tool.flwr.app.config]']
-    for k, v in config.items():
-        lines.append(f"{k} = {_toml(v)}")
-    (dir_ / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    (dir_ / "pyproject.toml").write_text("\n".join(lines) + "\n" + dump_toml(config))
     return dir_
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))  # a TOML basic string
 
 
 def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, timeout: float = 3600.0) -> dict:

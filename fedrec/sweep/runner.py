@@ -20,6 +20,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from ..config import dump_toml
 from ..eval.freshness import adaptation_lag
 from .report import read_results, write_report, write_results
 from .spec import Cell, SweepSpec, load_sweep
@@ -29,21 +30,13 @@ def run_dir(out: Path, cell: Cell, seed: int) -> Path:
     return out / "cells" / cell.name / f"seed-{seed}"
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 def _launch(spec: SweepSpec, cell: Cell, seed: int, out: Path, procs: dict, lock: threading.Lock) -> tuple[str, int, str]:
     d = run_dir(out, cell, seed)
     if d.exists():
         shutil.rmtree(d)  # an unfinished earlier attempt: start clean (fresh ledger, fresh outputs)
     d.mkdir(parents=True)
     cfg = spec.config(cell, seed, d)
-    (d / "config.toml").write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
+    (d / "config.toml").write_text(dump_toml(cfg.to_flat()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(d / "log.txt", "w") as log:
         p = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", "--config", str(d / "config.toml"),
