@@ -8,7 +8,6 @@ privacy history stay in the node's ``context.state``.
 
 from __future__ import annotations
 
-import math
 import traceback
 import warnings
 
@@ -26,11 +25,27 @@ from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
 from fedrec.eval.freshness import tracked_items
+from fedrec.messages import (
+    CONFIG,
+    INFO,
+    DeviceFailure,
+    DeviceSkip,
+    DeviceUpdate,
+    InFlight,
+    NodeInfo,
+    NodeReply,
+    RoundInstruction,
+    ServeReport,
+    UpdateReport,
+    decode_train,
+    encode_reply,
+)
 from fedrec.serving import ServeInput
 from fedrec.serving import serve as serve_devices
 from fedrec.wire import SECURE_METRICS, decode_delta, encode_delta, wire_mode
 
 from .device import Device, shared_model
+from .records import from_records, to_records
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -73,12 +88,12 @@ def query(msg: Message, context: Context) -> Message:
     path = store_path(context)
     if path:
         with Device(path) as dev:
-            info = {"devices": [dev.device_id], "n-items": dev.n_items, "durable": True}
+            info = NodeInfo((dev.device_id,), dev.n_items, durable=True)
     else:
-        cfg = run_config(dict(msg.content["config"]))
+        cfg = run_config(from_records(msg.content)[CONFIG])
         stream = load_stream(cfg)
-        info = {"devices": hosted_devices(context, stream.n_devices), "n-items": stream.log.n_items, "durable": False}
-    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+        info = NodeInfo(tuple(hosted_devices(context, stream.n_devices)), stream.log.n_items, durable=False)
+    return Message(to_records({INFO: info.to_flat()}), reply_to=msg)
 
 
 @app.train()
@@ -86,27 +101,28 @@ def train(msg: Message, context: Context) -> Message:
     """Train the named devices (and serve every hosted device, with serving evaluation on)."""
     if "fitins.parameters" in msg.content:  # a SecAgg+ round (server.secagg): Flower's legacy FitIns
         return Message(_train_secure(msg.content, context), reply_to=msg)
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    return Message(handle(arrays, dict(msg.content["config"]), context), reply_to=msg)
+    req = decode_train(from_records(msg.content))
+    return Message(to_records(encode_reply(handle(req.global_state, req.config, req.instruction, context))),
+                   reply_to=msg)
 
 
 @app.query("serve")
 def serve(msg: Message, context: Context) -> Message:
     """Serving evaluation only (the secure-aggregation rounds train in separate messages)."""
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    return Message(handle(arrays, {**dict(msg.content["config"]), "devices": []}, context, train=False),
-                   reply_to=msg)
+    req = decode_train(from_records(msg.content))
+    return Message(to_records(encode_reply(handle(req.global_state, req.config, req.instruction, context,
+                                                  train=False))), reply_to=msg)
 
 
-def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *, train: bool = True,
-           serve: bool = True) -> RecordDict:
-    """One round on this node: the devices in ``conf["devices"]`` train; every hosted device is served."""
+def handle(global_state: dict[str, np.ndarray], conf: dict, ins: RoundInstruction, context: Context, *,
+           train: bool = True, serve: bool = True) -> NodeReply:
+    """One round on this node: the devices in ``ins.devices`` train; every hosted device is served."""
     torch.set_num_threads(1)
     cfg = run_config(conf)
-    round_, noise = int(conf["round"]), float(conf["effective-noise-multiplier"])
+    round_, noise = ins.round, ins.noise_multiplier
     serve = serve and cfg.serve_eval
     if store_path(context):
-        return _train_store(global_state, conf, context, cfg, round_, noise, train=train, serve=serve)
+        return _train_store(global_state, ins, context, cfg, train=train, serve=serve)
     stream = load_stream(cfg)
     log = stream.log
     model = shared_model(cfg, log.n_items)
@@ -115,10 +131,10 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
     wire = wire_mode(cfg.wire, cfg.privacy)
     cohort_start = None if cfg.serve_eval else start  # with serving, the probes come from every device
     fake, target = _attack(stream, cfg)
-    out = RecordDict()
+    out = NodeReply()
     slow = slow_set(stream.n_devices, cfg.slow_devices, cfg.seed) if cfg.slow_devices else frozenset()
     _hand_in(out, context, round_)
-    for d in [int(x) for x in conf["devices"]] if train else []:
+    for d in ins.devices if train else ():
         skey = f"device-{d}"
         try:
             if d not in mine:
@@ -135,40 +151,37 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, context: Context, *,
             if d in fake and cfg.attack_boost != 1.0:  # model-replacement boosting
                 res.delta = {k: (v * cfg.attack_boost).astype(np.float32) for k, v in res.delta.items()}
         except Exception as e:  # one failing device must not sink its node's other devices
-            out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
-                                              "trace": traceback.format_exc()[-2000:]})
+            out.failures.append(DeviceFailure(d, f"{type(e).__name__}: {e}", traceback.format_exc()[-2000:]))
             continue
         if not res.skipped:
             context.state[skey] = ConfigRecord(res.state.to_config())
         if d in slow and not res.skipped:  # a straggler: its finished update comes in a later round
-            _hold(context, out, d, res, wire, round_, round_ + lateness(d, round_, cfg.slow_rounds, cfg.seed))
+            _hold(context, out, _device_update(d, res, wire), round_,
+                  round_ + lateness(d, round_, cfg.slow_rounds, cfg.seed))
             continue
         _reply_update(out, d, res, wire, probe)
     if serve:
-        _serve(out, context, stream, cfg, model, global_state, round_, mine, start)
+        out.served = _serve(context, stream, cfg, model, global_state, round_, mine, start)
     return out
 
 
-def _hold(context: Context, out: RecordDict, d: int, res, wire: str, round_: int, due: int) -> None:
+def _hold(context: Context, out: NodeReply, u: DeviceUpdate, round_: int, due: int) -> None:
     """Simulation of a slow device: keep its finished update in the node's state until round ``due``
     and tell the server it is in flight (the server does not sample it again meanwhile)."""
-    held = RecordDict()
-    _reply_update(held, d, res, wire)
-    context.state[f"held-delta-{d}"] = held[f"delta-{d}"]
-    metrics = dict(held[f"metrics-{d}"])
-    context.state[f"held-metrics-{d}"] = MetricRecord({**metrics, "base-round": round_, "due": due})
-    out[f"inflight-{d}"] = ConfigRecord({"base-round": round_, "due": due})
+    context.state[f"held-delta-{u.device}"] = ArrayRecord({k: _array(v) for k, v in u.arrays.items()})
+    context.state[f"held-metrics-{u.device}"] = MetricRecord({**u.report.to_flat(), "base-round": round_, "due": due})
+    out.inflight.append(InFlight(u.device, round_, due))
 
 
-def _hand_in(out: RecordDict, context: Context, round_: int) -> None:
+def _hand_in(out: NodeReply, context: Context, round_: int) -> None:
     """Reply with the held updates of slow devices that are due by this round (tagged with their round)."""
     for key in [k for k in context.state.keys() if k.startswith("held-metrics-")]:
-        m = context.state[key]
+        m = dict(context.state[key])
         if int(m["due"]) > round_:
             continue
         d = key[len("held-metrics-"):]
-        out[f"delta-{d}"] = context.state[f"held-delta-{d}"]
-        out[f"metrics-{d}"] = MetricRecord({k: v for k, v in m.items() if k != "due"})
+        arrays = {k: v.numpy() for k, v in context.state[f"held-delta-{d}"].items()}
+        out.updates.append(DeviceUpdate(int(d), arrays, UpdateReport.from_flat(m)))
         del context.state[key]
         del context.state[f"held-delta-{d}"]
 
@@ -180,73 +193,67 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     conf = dict(fitins.config)
     keys = str(conf.pop("global-keys")).split(",")
     conf["devices"] = [int(x) for x in str(conf["devices"]).split(",") if x]
+    ins = RoundInstruction.from_flat(conf)
     conf["wire"] = "dense"  # the masked vector is dense whatever the wire setting
     arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
-    out = handle(arrays, conf, context, serve=False)
-    done = [int(k[6:]) for k in out.keys() if k.startswith("delta-")]
+    out = handle(arrays, conf, ins, context, serve=False)
     total = [np.zeros_like(arrays[k], dtype=np.float32) for k in keys]
-    metrics: dict = {"devices": ",".join(str(d) for d in done)}
-    for d in done:
-        delta = decode_delta({k: v.numpy() for k, v in out[f"delta-{d}"].items()})
+    metrics: dict = {"devices": ",".join(str(u.device) for u in out.updates)}
+    for u in out.updates:
+        delta = decode_delta(u.arrays)
         for j, k in enumerate(keys):
             total[j] += delta[k]
-        m = out[f"metrics-{d}"]
+        m = u.report.to_flat()
         for name in SECURE_METRICS:
-            metrics[f"{name}:{d}"] = float(m[name])
-    mean = [t / max(len(done), 1) for t in total]
+            metrics[f"{name}:{u.device}"] = float(m[name])
+    mean = [t / max(len(out.updates), 1) for t in total]
     res = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(mean),
-                 num_examples=len(done), metrics=metrics)
+                 num_examples=len(out.updates), metrics=metrics)
     return compat.fitres_to_recorddict(res, keep_input=True)
 
 
-def _reply_update(out: RecordDict, d: int, res, wire: str, probe: np.ndarray | None = None) -> None:
-    """Device ``d``'s reply: its delta of global parameters and its counts (or why it skipped)."""
-    if res.skipped:  # the budget guard said no: not an error, and nothing was consumed
-        out[f"metrics-{d}"] = MetricRecord({"skipped": 1, "epsilon": float(res.epsilon)})
-        out[f"skip-{d}"] = ConfigRecord({"reason": res.skipped})
-        return
-    out[f"delta-{d}"] = ArrayRecord({k: _array(v) for k, v in encode_delta(res.delta, wire).items()})
-    out[f"metrics-{d}"] = MetricRecord({
-        "num-examples": res.n_train, "n-new": res.n_new, "eval-n": res.counts.n,
-        "eval-hits": float(res.counts.hits), "eval-ndcg": float(res.counts.ndcg),
-        "epsilon": float(res.epsilon) if np.isfinite(res.epsilon) else -1.0, "steps": res.steps,
-        "max-exposure": res.state.max_exposure, "clipped": int(res.clipped), "preclip-norm": res.preclip_norm,
-        "skipped": 0,
-    })
-    if res.probe_hits is not None and probe is not None:
-        out[f"probe-{d}"] = MetricRecord({"items": [int(i) for i in probe], "hits": [int(h) for h in res.probe_hits]})
+def _device_update(d: int, res, wire: str, probe: np.ndarray | None = None) -> DeviceUpdate:
+    """Device ``d``'s update as sent: its delta of global parameters and its counts."""
+    report = UpdateReport(num_examples=res.n_train, n_new=res.n_new, counts=res.counts, epsilon=res.epsilon,
+                          steps=res.steps, max_exposure=res.state.max_exposure, clipped=res.clipped,
+                          preclip_norm=res.preclip_norm)
+    hits = ([int(i) for i in probe], [int(h) for h in res.probe_hits]) \
+        if res.probe_hits is not None and probe is not None else None
+    return DeviceUpdate(d, encode_delta(res.delta, wire), report, hits)
 
 
-def _train_store(global_state: dict[str, np.ndarray], conf: dict, context: Context, cfg: RunConfig, round_: int,
-                 noise: float, *, train: bool, serve: bool) -> RecordDict:
+def _reply_update(out: NodeReply, d: int, res, wire: str, probe: np.ndarray | None = None) -> None:
+    """Device ``d``'s reply: its update, or why it skipped (the budget guard said no: not an error)."""
+    if res.skipped:
+        out.skips.append(DeviceSkip(d, float(res.epsilon), res.skipped))
+    else:
+        out.updates.append(_device_update(d, res, wire, probe))
+
+
+def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, context: Context, cfg: RunConfig, *,
+                 train: bool, serve: bool) -> NodeReply:
     """Deployment: one device whose events and private state live in its SQLite store."""
-    asked = [int(x) for x in conf["devices"]] if train else []
-    clock = float(conf["round-clock"]) if "round-clock" in conf else math.inf
-    out = RecordDict()
+    asked = list(ins.devices) if train else []
+    out = NodeReply()
     with Device(store_path(context)) as dev:  # type: ignore[arg-type]
         d = dev.device_id
         try:
             if any(x != d for x in asked):
                 raise ValueError(f"this node hosts device {d}, not {[x for x in asked if x != d]}")
-            res = dev.run_round(global_state, cfg, round_, train=d in asked, noise_multiplier=noise, clock=clock,
-                                serve=serve)
+            res = dev.run_round(global_state, cfg, ins.round, train=d in asked, noise_multiplier=ins.noise_multiplier,
+                                clock=ins.clock, serve=serve)
         except Exception as e:  # an error reply names the device; the store rolled the round back
-            out[f"error-{d}"] = ConfigRecord({"reason": f"{type(e).__name__}: {e}",
-                                              "trace": traceback.format_exc()[-2000:]})
+            out.failures.append(DeviceFailure(d, f"{type(e).__name__}: {e}", traceback.format_exc()[-2000:]))
             return out
     if res.update is not None:
         _reply_update(out, d, res.update, wire_mode(cfg.wire, cfg.privacy))
     if serve:
-        sv = [res.served] if res.served is not None else []
-        out["serve"] = MetricRecord({"devices": [d for _ in sv], "n": [x.counts.n for x in sv],
-                                     "hits": [float(x.counts.hits) for x in sv],
-                                     "ndcg": [float(x.counts.ndcg) for x in sv]})
-        out["serve-probe"] = MetricRecord({"items": [], "hits": []})
+        out.served = ServeReport([(d, res.served.counts)] if res.served is not None else [])
     return out
 
 
-def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, model, global_state: dict, round_: int,
-           mine: set[int], start: np.ndarray | None) -> None:
+def _serve(context: Context, stream, cfg: RunConfig, model, global_state: dict, round_: int,
+           mine: set[int], start: np.ndarray | None) -> ServeReport:
     """Score every hosted device's events of this round with the newest version (see fedrec.serving)."""
     log = stream.log
     idx = np.flatnonzero(stream.round_of == round_)
@@ -277,12 +284,9 @@ def _serve(out: RecordDict, context: Context, stream, cfg: RunConfig, model, glo
         keys = sorted(vectors)
         context.state["serve-vectors"] = ArrayRecord({"ids": _array(np.asarray(keys, np.int64)),
                                                      "vectors": _array(np.stack([vectors[d] for d in keys]))})
-    out["serve"] = MetricRecord({"devices": [x.device for x in res], "n": [x.counts.n for x in res],
-                                 "hits": [float(x.counts.hits) for x in res],
-                                 "ndcg": [float(x.counts.ndcg) for x in res]})
     items = [int(i) for x, s in zip(res, inputs, strict=True) if x.probe_hits is not None for i in s.probe]
     hits = [int(h) for x in res if x.probe_hits is not None for h in x.probe_hits]
-    out["serve-probe"] = MetricRecord({"items": items, "hits": hits})
+    return ServeReport([(x.device, x.counts) for x in res], items, hits)
 
 
 def _attack(stream, cfg: RunConfig) -> tuple[frozenset[int], int | None]:

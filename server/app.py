@@ -18,13 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.asynchrony import Buffer, Update, discounted
 from fedrec.checkpoint import load_checkpoint, save_checkpoint
+from fedrec.clients.records import from_records, to_records
 from fedrec.config import RunConfig
 from fedrec.eval.metrics import PrequentialCounts
+from fedrec.messages import (
+    INFO,
+    ROUND,
+    DeviceUpdate,
+    MessageError,
+    NodeInfo,
+    RoundInstruction,
+    decode_reply,
+    encode_query,
+    encode_train,
+)
 from fedrec.models import model_from_config
 from fedrec.privacy.accounting import calibrate_noise, event_accountant
 from fedrec.privacy.ledger import Ledger, Release
@@ -87,7 +99,7 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | N
         for m in got:
             mid = m.metadata.reply_to_message_id
             ids.discard(mid)
-            covered += len(sent[mid].content["config"].get("devices", [])) if mid in sent else 0
+            covered += len(sent[mid].content[ROUND].get("devices", [])) if mid in sent and ROUND in sent[mid].content else 0
         if not ids:
             break
         closed = late is not None and enough is not None and covered >= enough
@@ -141,7 +153,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     """Run ``cfg.rounds`` rounds over the nodes of ``grid``; returns the summary dict."""
     rec = RunRecorder(cfg)
     z_event = event_noise(cfg)
-    base_conf = {**cfg.to_flat(), "effective-noise-multiplier": z_event}
+    base_conf = cfg.to_flat()
     home, n_items, durable = _discover(grid, cfg, base_conf)
     population = sorted(home)
     nodes = sorted(set(home.values()))
@@ -232,8 +244,8 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             cohort = poisson_cohort(free, q_user, rng)
         else:
             cohort = sorted(int(d) for d in rng.choice(free, size=min(cfg.cohort, len(free)), replace=False))
-        arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in gstate.items()})
-        down = sum(a.numpy().nbytes for a in arrays.values())
+        host = {k: v.detach().cpu().numpy() for k, v in gstate.items()}
+        down = sum(a.nbytes for a in host.values())
         by_node: dict[int, list[int]] = {}
         for d in cohort:
             by_node.setdefault(home[d], []).append(d)
@@ -245,11 +257,11 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
                 by_node.setdefault(n, [])
         for n in busy_nodes:  # a node still working on an earlier round's message gets no new one
             by_node.pop(n, None)
-        conf_r = {**base_conf, "round": r, "round-clock": clock_of(r)}
         if cfg.secure_aggregation:
-            got = _secure(grid, by_node, nodes, arrays, gstate, conf_r, cfg)
+            got = _secure(grid, by_node, nodes, host, gstate, base_conf, RoundInstruction(r, (), z_event, clock_of(r)),
+                          cfg)
         else:
-            msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf_r, "devices": ds})}),
+            msgs = [Message(to_records(encode_train(host, base_conf, RoundInstruction(r, tuple(ds), z_event, clock_of(r)))),
                             dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
             earlier = set(late_msgs)  # stragglers of earlier rounds may answer while this round runs
             # (with min-reply-share 1 the round waits for every message, serving-only ones included)
@@ -261,7 +273,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
             got = _collect(sorted([(r, m) for m in replies] + arrived, key=lambda x: (x[0], x[1].metadata.src_node_id)),
                            gstate, cfg.clip if user_dp else None, r)
             got.failed += gone
-        late_now = sorted({int(d) for rr, m in late_msgs.values() if rr == r for d in m.content["config"]["devices"]}
+        late_now = sorted({int(d) for rr, m in late_msgs.values() if rr == r for d in m.content[ROUND]["devices"]}
                           | set(got.inflight))
         for u in got.late:
             busy.pop(u.device, None)
@@ -355,7 +367,7 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
         if on_round:
             on_round(row)
     waiting = (len(buffer.items) if buffer is not None else 0, len(busy) + sum(
-        len(m.content["config"]["devices"]) for _, m in late_msgs.values()))
+        len(m.content[ROUND]["devices"]) for _, m in late_msgs.values()))
     if any(waiting):
         rec.note(f"at the end {waiting[0]} updates were still buffered and {waiting[1]} devices' updates still "
                  "in flight; they were not applied")
@@ -413,23 +425,26 @@ def _discover(grid: Grid, cfg: RunConfig, base_conf: dict) -> tuple[dict[int, in
     """Ask every node which devices it hosts: device -> node id, the catalogue size, and whether
     every node keeps its devices' state durably (device stores) rather than in memory."""
     nodes = _wait_for_nodes(grid, cfg.nodes)
-    replies = exchange(grid, [Message(RecordDict({"config": ConfigRecord(base_conf)}), dst_node_id=n,
-                                      message_type="query") for n in nodes], cfg.round_timeout)
+    replies = exchange(grid, [Message(to_records(encode_query(base_conf)), dst_node_id=n, message_type="query")
+                              for n in nodes], cfg.round_timeout)
     home: dict[int, int] = {}
     n_items = None
     durable = True
     for rep in replies:
         if rep.has_error():
             raise FederationError(f"Node {rep.metadata.src_node_id} failed to report its devices: {rep.error.reason}")
-        info = rep.content["info"]
-        for d in info["devices"]:
-            if int(d) in home:
+        try:
+            info = NodeInfo.from_flat(dict(rep.content[INFO]))
+        except (KeyError, MessageError) as e:
+            raise FederationError(f"Node {rep.metadata.src_node_id} sent a malformed device report: {e}") from None
+        for d in info.devices:
+            if d in home:
                 raise FederationError(f"Device {d} is hosted by two nodes; each device store must be on one node.")
-            home[int(d)] = rep.metadata.src_node_id
-        if n_items is not None and int(info["n-items"]) != n_items:
+            home[d] = rep.metadata.src_node_id
+        if n_items is not None and info.n_items != n_items:
             raise FederationError("Nodes disagree on the item catalogue size; they must load the same data.")
-        n_items = int(info["n-items"])
-        durable = durable and bool(info.get("durable", False))
+        n_items = info.n_items
+        durable = durable and info.durable
     if not home or n_items is None:
         raise FederationError("No node reported any device.")
     return home, n_items, durable
@@ -476,18 +491,17 @@ class _Replies:
         return [int(n) for _, n in out]
 
 
-def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], arrays: ArrayRecord,
-            gstate: dict[str, torch.Tensor], conf: dict, cfg: RunConfig) -> _Replies:
+def _secure(grid: Grid, by_node: dict[int, list[int]], nodes: list[int], host: dict[str, np.ndarray],
+            gstate: dict[str, torch.Tensor], conf: dict, ins: RoundInstruction, cfg: RunConfig) -> _Replies:
     """A round under SecAgg+: serving in plain messages, then the masked sum of the cohort's deltas."""
     from .secagg import secure_round
 
-    serve = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**conf, "devices": []})}),
-                     dst_node_id=n, message_type="query.serve") for n in nodes] if cfg.serve_eval else []
-    r = int(conf["round"])
+    serve = [Message(to_records(encode_train(host, conf, ins)), dst_node_id=n, message_type="query.serve")
+             for n in nodes] if cfg.serve_eval else []
+    r = ins.round
     got = _collect([(r, m) for m in exchange(grid, serve, cfg.round_timeout)], gstate, cfg.clip, r)
-    host = {k: v.detach().cpu().numpy() for k, v in gstate.items()}
-    sec = secure_round(grid, {n: ds for n, ds in by_node.items() if ds}, host, conf, int(conf["round"]),
-                       timeout=cfg.round_timeout)
+    flat = {**conf, **{k: v for k, v in ins.to_flat().items() if k != "devices"}}
+    sec = secure_round(grid, {n: ds for n, ds in by_node.items() if ds}, host, flat, r, timeout=cfg.round_timeout)
     got.failed += [("secure aggregation", f) for f in sec.failures]
     if sec.total is not None:
         problem = _validate(sec.total, gstate)
@@ -526,61 +540,57 @@ def _collect(replies: list[tuple[int, Message]], gstate: dict[str, torch.Tensor]
         if rep.has_error():
             out.failed.append((rep.metadata.src_node_id, rep.error.reason))
             continue
-        if "serve" in rep.content and asked == round_:
-            sv = rep.content["serve"]
+        try:
+            node = decode_reply(from_records(rep.content))
+        except MessageError as e:
+            out.failed.append((rep.metadata.src_node_id, f"node {rep.metadata.src_node_id}: {e}"))
+            continue
+        if node.served is not None and asked == round_:
             out.served = out.served or _Served()
-            for d, n, h, g in zip(sv["devices"], sv["n"], sv["hits"], sv["ndcg"], strict=True):
-                c = PrequentialCounts(int(n), float(h), float(g))
+            for d, c in node.served.per_device:
                 out.served.counts.add(c)
-                out.served.per_device.append((int(d), c))
-            pr = rep.content["serve-probe"]
-            out.served.probes.append((list(pr["items"]), list(pr["hits"])))
-        for key in rep.content.keys():
-            if key.startswith("error-"):
-                out.failed.append((int(key[6:]), rep.content[key]["reason"]))
-            if key.startswith("inflight-"):
-                out.inflight[int(key[9:])] = int(rep.content[key]["due"])
-            if not key.startswith("metrics-"):
-                continue
-            d = int(key[8:])
-            m = rep.content[key]
-            if m.get("skipped", 0):
-                out.skipped += 1
-                continue
-            raw = {k: v.numpy() for k, v in rep.content[f"delta-{d}"].items()}
-            try:
-                delta = decode_delta(raw)
-            except ValueError as e:
-                out.failed.append((d, str(e)))
-                continue
-            problem = _validate(delta, gstate, clip)
-            if problem:
-                out.failed.append((d, problem))
-                continue
-            out.bytes_up += sum(v.nbytes for v in raw.values())
-            weight = 1.0 if clip is not None else float(m["num-examples"])
-            ledger = {"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])}
-            base = int(m.get("base-round", asked))
-            if base < round_:
-                out.late.append(Update(d, delta, weight, base_version=base, new_events=int(m["n-new"]),
-                                       base_round=base))
-                out.late_metrics.append(ledger)
-                continue
-            out.done.append(d)
-            out.deltas.append(delta)
-            out.weights.append(weight)
-            out.metrics.append(ledger)
-            c = PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"]))
-            out.counts.add(c)
-            out.per_device.append((d, c))
-            if f"probe-{d}" in rep.content:
-                p = rep.content[f"probe-{d}"]
-                out.probes.append((list(p["items"]), list(p["hits"])))
-            out.new_events += int(m["n-new"])
-            out.n_new.append(int(m["n-new"]))
-            out.clipped.append(bool(m["clipped"]))
-            out.preclip.append(float(m["preclip-norm"]))
+                out.served.per_device.append((d, c))
+            out.served.probes.append((node.served.probe_items, node.served.probe_hits))
+        out.failed += [(f.device, f.reason) for f in node.failures]
+        out.inflight.update({i.device: i.due for i in node.inflight})
+        out.skipped += len(node.skips)
+        for u in node.updates:
+            _take_update(out, u, asked, round_, gstate, clip)
     return out
+
+
+def _take_update(out: _Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
+                 clip: float | None) -> None:
+    d, m = u.device, u.report
+    try:
+        delta = decode_delta(u.arrays)
+    except ValueError as e:
+        out.failed.append((d, str(e)))
+        return
+    problem = _validate(delta, gstate, clip)
+    if problem:
+        out.failed.append((d, problem))
+        return
+    out.bytes_up += sum(v.nbytes for v in u.arrays.values())
+    weight = 1.0 if clip is not None else float(m.num_examples)
+    ledger = {"steps": m.steps, "max-exposure": m.max_exposure}
+    base = m.base_round if m.base_round is not None else asked
+    if base < round_:
+        out.late.append(Update(d, delta, weight, base_version=base, new_events=m.n_new, base_round=base))
+        out.late_metrics.append(ledger)
+        return
+    out.done.append(d)
+    out.deltas.append(delta)
+    out.weights.append(weight)
+    out.metrics.append(ledger)
+    out.counts.add(m.counts)
+    out.per_device.append((d, m.counts))
+    if u.probe is not None:
+        out.probes.append(u.probe)
+    out.new_events += m.n_new
+    out.n_new.append(m.n_new)
+    out.clipped.append(m.clipped)
+    out.preclip.append(m.preclip_norm)
 
 
 def _validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = None) -> str | None:

@@ -1,0 +1,315 @@
+"""Every message a node sends or receives, encoded and decoded in this one module.
+
+The server sends three kinds of request, each a Flower ``RecordDict``:
+
+* ``query`` (which devices do you host?): record ``config``, the run config (``RunConfig.to_flat()``);
+  the reply is a :class:`NodeInfo` in record ``info``.
+* ``train`` (serve every hosted device, train the named ones): records ``arrays`` (the global
+  parameters), ``config`` (the run config) and ``round`` (a :class:`RoundInstruction`: what changes
+  from round to round, kept apart from the run config).
+* ``query.serve`` (serving only, the plain half of a SecAgg+ round): as ``train``, with no devices.
+
+A node replies with a :class:`NodeReply`: per device ``delta-<d>`` (the wire-encoded delta of
+global parameters, :mod:`fedrec.wire`) and ``metrics-<d>`` (:class:`UpdateReport`), or
+``skip-<d>``, ``error-<d>`` or ``inflight-<d>``; per node ``serve`` and ``serve-probe`` (what every
+hosted device with new events scored). Whatever a node sends is hostile until checked: a malformed
+entry decodes to a :class:`DeviceFailure` of that device, or, when the node cannot be told apart,
+raises :class:`MessageError`, which fails that reply alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .eval.metrics import PrequentialCounts
+
+#: record names of a request
+ARRAYS, CONFIG, ROUND, INFO = "arrays", "config", "round", "info"
+#: record names of a reply (per device ``<kind>-<device>``; per node ``serve``, ``serve-probe``)
+DELTA, METRICS, PROBE, SKIP, ERROR, INFLIGHT = "delta", "metrics", "probe", "skip", "error", "inflight"
+SERVE, SERVE_PROBE = "serve", "serve-probe"
+#: the metrics of one device's update, in the order they are sent
+REPORT_KEYS = ("num-examples", "n-new", "eval-n", "eval-hits", "eval-ndcg", "epsilon", "steps", "max-exposure",
+               "clipped", "preclip-norm", "skipped")
+
+
+#: which Flower record type carries each record (the adapters in ``fedrec.clients.records`` build them)
+_RECORD_TYPE = {ARRAYS: "arrays", DELTA: "arrays", METRICS: "metrics", PROBE: "metrics", SERVE: "metrics",
+                SERVE_PROBE: "metrics"}
+
+
+def record_type(name: str) -> str:
+    """``arrays``, ``metrics`` or ``config``: the Flower record type of the record called ``name``."""
+    kind = name if name in _RECORD_TYPE else name.rpartition("-")[0]
+    return _RECORD_TYPE.get(kind, "config")
+
+
+class MessageError(ValueError):
+    """A message that cannot be decoded; the text says what is wrong with it."""
+
+
+def record_name(kind: str, device: int | str) -> str:
+    """The record of one device's ``kind`` in a reply: ``delta-7``, ``metrics-7``, ..."""
+    return f"{kind}-{device}"
+
+
+# ---- requests --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundInstruction:
+    """What the server asks of a node in one round, apart from the run config."""
+
+    round: int
+    devices: tuple[int, ...] = ()  #: the node's devices sampled to train (the others are only served)
+    noise_multiplier: float = 0.0  #: the event-level DP-SGD noise the devices use (0 = none)
+    clock: float = math.inf  #: deployment: a device takes in its events recorded up to this time
+
+    def to_flat(self) -> dict[str, Any]:
+        return {"round": self.round, "devices": [int(d) for d in self.devices],
+                "effective-noise-multiplier": float(self.noise_multiplier), "round-clock": float(self.clock)}
+
+    @classmethod
+    def from_flat(cls, d: Mapping[str, Any]) -> RoundInstruction:
+        try:
+            return cls(round=int(d["round"]), devices=tuple(int(x) for x in d.get("devices", [])),
+                       noise_multiplier=float(d["effective-noise-multiplier"]),
+                       clock=float(d.get("round-clock", math.inf)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise MessageError(f"a round instruction lacks or garbles {e}") from None
+
+
+@dataclass
+class TrainRequest:
+    """A decoded ``train`` (or ``query.serve``) request."""
+
+    global_state: dict[str, np.ndarray]
+    config: dict[str, Any]  #: the run config, kebab-case (``RunConfig.from_mapping`` builds it)
+    instruction: RoundInstruction
+
+
+def encode_query(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``query`` request: the run config only."""
+    return {CONFIG: dict(config)}
+
+
+def encode_train(global_state: Mapping[str, np.ndarray], config: Mapping[str, Any],
+                 instruction: RoundInstruction) -> dict[str, Any]:
+    """The records of a ``train`` request: global arrays, run config, round instruction."""
+    return {ARRAYS: {k: np.ascontiguousarray(v) for k, v in global_state.items()}, CONFIG: dict(config),
+            ROUND: instruction.to_flat()}
+
+
+def decode_train(records: Mapping[str, Any]) -> TrainRequest:
+    """The request a node received (records as plain mappings: arrays as numpy, configs as dicts)."""
+    if ARRAYS not in records or CONFIG not in records or ROUND not in records:
+        raise MessageError(f"a train request needs records {ARRAYS}, {CONFIG} and {ROUND}; got {sorted(records)}")
+    return TrainRequest(dict(records[ARRAYS]), dict(records[CONFIG]), RoundInstruction.from_flat(records[ROUND]))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node's answer to ``query``: the devices it hosts, the catalogue size, durable state or not."""
+
+    devices: tuple[int, ...]
+    n_items: int
+    durable: bool
+
+    def to_flat(self) -> dict[str, Any]:
+        return {"devices": [int(d) for d in self.devices], "n-items": int(self.n_items), "durable": self.durable}
+
+    @classmethod
+    def from_flat(cls, d: Mapping[str, Any]) -> NodeInfo:
+        try:
+            return cls(tuple(int(x) for x in d["devices"]), int(d["n-items"]), bool(d.get("durable", False)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise MessageError(f"the node's device report lacks or garbles {e}") from None
+
+
+# ---- replies --------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateReport:
+    """The numbers a device sends with its delta: counts only, never its local state."""
+
+    num_examples: int  #: events in the local update (new + replay): the FedAvg weight
+    n_new: int  #: events new this round
+    counts: PrequentialCounts  #: prequential scores of the new events, before training
+    epsilon: float  #: the device's event-level ε so far (-1: not finite)
+    steps: int  #: DP-SGD steps taken (the ledger's record)
+    max_exposure: int  #: most DP steps any one of its events has been used in
+    clipped: bool  #: user-level: the whole delta was clipped
+    preclip_norm: float
+    base_round: int | None = None  #: a straggler's update: the round it was asked for
+
+    def to_flat(self) -> dict[str, Any]:
+        d = {"num-examples": self.num_examples, "n-new": self.n_new, "eval-n": self.counts.n,
+             "eval-hits": float(self.counts.hits), "eval-ndcg": float(self.counts.ndcg),
+             "epsilon": float(self.epsilon) if np.isfinite(self.epsilon) else -1.0, "steps": self.steps,
+             "max-exposure": self.max_exposure, "clipped": int(self.clipped), "preclip-norm": float(self.preclip_norm),
+             "skipped": 0}
+        if self.base_round is not None:
+            d["base-round"] = self.base_round
+        return d
+
+    @classmethod
+    def from_flat(cls, m: Mapping[str, Any]) -> UpdateReport:
+        try:
+            base = m.get("base-round")
+            return cls(num_examples=int(m["num-examples"]), n_new=int(m["n-new"]),
+                       counts=PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"])),
+                       epsilon=float(m["epsilon"]), steps=int(m["steps"]), max_exposure=int(m["max-exposure"]),
+                       clipped=bool(m["clipped"]), preclip_norm=float(m["preclip-norm"]),
+                       base_round=int(base) if base is not None else None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MessageError(f"its metrics lack or garble {e}") from None
+
+
+@dataclass
+class DeviceUpdate:
+    """One device's update as sent: its wire-encoded delta and its report."""
+
+    device: int
+    arrays: dict[str, np.ndarray]  #: :func:`fedrec.wire.encode_delta` output
+    report: UpdateReport
+    probe: tuple[list[int], list[int]] | None = None  #: simulation only: (items, in top-K before training)
+
+
+@dataclass(frozen=True)
+class DeviceSkip:
+    """A device that did not train (its budget guard said no); not an error."""
+
+    device: int
+    epsilon: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeviceFailure:
+    """A device whose round failed on its node, or whose reply entry could not be decoded."""
+
+    device: int
+    reason: str
+    trace: str = ""
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A device whose finished update the node holds back until round ``due`` (simulated slow device)."""
+
+    device: int
+    base_round: int
+    due: int
+
+
+@dataclass
+class ServeReport:
+    """What every hosted device with new events scored this round with the newest version."""
+
+    per_device: list[tuple[int, PrequentialCounts]] = field(default_factory=list)
+    probe_items: list[int] = field(default_factory=list)
+    probe_hits: list[int] = field(default_factory=list)
+
+
+@dataclass
+class NodeReply:
+    """Everything one node answered to one ``train`` request, in the order it was written."""
+
+    updates: list[DeviceUpdate] = field(default_factory=list)
+    skips: list[DeviceSkip] = field(default_factory=list)
+    failures: list[DeviceFailure] = field(default_factory=list)
+    inflight: list[InFlight] = field(default_factory=list)
+    served: ServeReport | None = None
+
+
+def encode_update(u: DeviceUpdate) -> dict[str, Any]:
+    """The records of one device's update (also what a node holds back for a slow device)."""
+    out: dict[str, Any] = {record_name(DELTA, u.device): {k: np.ascontiguousarray(v) for k, v in u.arrays.items()},
+                           record_name(METRICS, u.device): u.report.to_flat()}
+    if u.probe is not None:
+        out[record_name(PROBE, u.device)] = {"items": [int(i) for i in u.probe[0]],
+                                             "hits": [int(h) for h in u.probe[1]]}
+    return out
+
+
+def encode_reply(reply: NodeReply) -> dict[str, Any]:
+    """The records of a node's reply (record name -> arrays dict or flat values)."""
+    out: dict[str, Any] = {}
+    for f in reply.failures:
+        out[record_name(ERROR, f.device)] = {"reason": f.reason, "trace": f.trace}
+    for s in reply.skips:
+        out[record_name(METRICS, s.device)] = {"skipped": 1, "epsilon": float(s.epsilon)}
+        out[record_name(SKIP, s.device)] = {"reason": s.reason}
+    for u in reply.updates:
+        out.update(encode_update(u))
+    for i in reply.inflight:
+        out[record_name(INFLIGHT, i.device)] = {"base-round": i.base_round, "due": i.due}
+    if reply.served is not None:
+        sv = reply.served
+        out[SERVE] = {"devices": [d for d, _ in sv.per_device], "n": [c.n for _, c in sv.per_device],
+                      "hits": [float(c.hits) for _, c in sv.per_device],
+                      "ndcg": [float(c.ndcg) for _, c in sv.per_device]}
+        out[SERVE_PROBE] = {"items": [int(i) for i in sv.probe_items], "hits": [int(h) for h in sv.probe_hits]}
+    return out
+
+
+def decode_reply(records: Mapping[str, Any]) -> NodeReply:
+    """A node's reply (records as plain mappings, in the order the node wrote them).
+
+    A device entry that cannot be decoded becomes a :class:`DeviceFailure`; a record name that
+    names no device, or a garbled ``serve`` report, raises :class:`MessageError` (the whole reply
+    fails: the server cannot tell which device it belongs to).
+    """
+    out = NodeReply()
+    for name, rec in records.items():
+        kind, _, dev = str(name).rpartition("-")
+        if name in (SERVE, SERVE_PROBE):
+            continue
+        if kind not in (DELTA, METRICS, PROBE, SKIP, ERROR, INFLIGHT) or not dev.lstrip("-").isdigit():
+            raise MessageError(f"the reply holds a record {name!r} that names no device")
+        _decode_entry(out, kind, int(dev), rec, records)
+    if SERVE in records:
+        out.served = _decode_serve(records[SERVE], records.get(SERVE_PROBE, {}))
+    return out
+
+
+def _decode_entry(out: NodeReply, kind: str, d: int, rec: Mapping[str, Any], records: Mapping[str, Any]) -> None:
+    try:
+        if kind == ERROR:
+            out.failures.append(DeviceFailure(d, str(rec["reason"]), str(rec.get("trace", ""))))
+        elif kind == INFLIGHT:
+            out.inflight.append(InFlight(d, int(rec["base-round"]), int(rec["due"])))
+        elif kind == METRICS and rec.get("skipped", 0):
+            skip = records.get(record_name(SKIP, d), {})
+            out.skips.append(DeviceSkip(d, float(rec.get("epsilon", 0.0)), str(skip.get("reason", ""))))
+        elif kind == METRICS:
+            arrays = records.get(record_name(DELTA, d))
+            if arrays is None:
+                raise MessageError(f"device {d} sent metrics without a delta")
+            probe = records.get(record_name(PROBE, d))
+            out.updates.append(DeviceUpdate(d, dict(arrays), UpdateReport.from_flat(rec),
+                                            (list(probe["items"]), list(probe["hits"])) if probe else None))
+    except (KeyError, TypeError, ValueError) as e:
+        out.failures.append(DeviceFailure(d, f"device {d}: malformed {kind} entry ({e})"))
+
+
+def _decode_serve(sv: Mapping[str, Any], probe: Mapping[str, Any]) -> ServeReport:
+    try:
+        rep = ServeReport(probe_items=[int(i) for i in probe.get("items", [])],
+                          probe_hits=[int(h) for h in probe.get("hits", [])])
+        for d, n, h, g in zip(sv["devices"], sv["n"], sv["hits"], sv["ndcg"], strict=True):
+            rep.per_device.append((int(d), PrequentialCounts(int(n), float(h), float(g))))
+        return rep
+    except (KeyError, TypeError, ValueError) as e:
+        raise MessageError(f"the serving report is malformed ({e})") from None
+
+
+def devices_of(instructions: Sequence[RoundInstruction]) -> int:
+    """How many devices a set of instructions asks to train."""
+    return sum(len(i.devices) for i in instructions)
