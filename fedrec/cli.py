@@ -7,44 +7,53 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, RunConfig, load_pyproject_defaults
+from .config import ConfigError, KeySpec, RunConfig, load_pyproject_defaults, toml_value
 from .data.events import DataError
 
-FLAGS = {  # flag -> config key (DESIGN.md "Interfaces users see"), plus a few more
-    "data": str, "rounds": int, "cohort": int, "privacy": str, "epsilon": float, "delta": float,
-    "noise-multiplier": float, "clip": float, "model": str, "seed": int, "out": str, "nodes": int,
-    "local-steps": int, "sample-rate": float, "lr": float, "server-lr": float, "dim": int,
-    "replay-rounds": int, "accountant": str, "device": str, "event-clip": float, "update-backend": str, "budget-period": int,
-    "user-lr": float, "init-scale": float, "user-fit-steps": int, "engine": str, "method": str,
-    "freeze-after": int, "lr-schedule": str, "server-opt": str, "wire": str, "freshness-window": int, "world-users": int, "world-items": int,
-    "world-bursts": int, "world-shift-share": float, "world-new-item-share": float,
-    "aggregator": str, "trim": float, "max-update-norm": float, "max-row-norm": float, "attackers": float, "attack-boost": float,
-    "round-timeout": float, "clock": str, "min-reply-share": float, "async-buffer": int, "max-staleness": int,
-    "slow-devices": float, "slow-rounds": int, "seq-len": int, "negatives": int,
-}
+#: metavars of the flags by the key's type
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def _flag_help(default: Any, spec: KeySpec) -> str:
+    """A key's help, then its default and its choices or bounds: ``rounds of ... (default 30; at least 1)``."""
+    rule = f"one of {', '.join(spec.choices)}" if spec.choices else spec.rule().removeprefix("must ")
+    rule = rule.removeprefix("be ").removeprefix("lie ")
+    text = f"{spec.help} (default {toml_value(default)}{'; ' + rule if rule else ''})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """``--config`` and one ``--kebab-key`` flag per RunConfig key (bools as ``--key/--no-key``).
+
+    Every flag defaults to None, so a flag the user did not give leaves the TOML's value or the
+    pyproject default alone (:func:`build_config`). Values are not checked against the choices
+    here: RunConfig does that, with the sentence it gives everywhere else.
+    """
+    p.add_argument("--config", metavar="FILE", help="a TOML file of run config keys (kebab-case)")
+    g = p.add_argument_group("run config keys", "each flag overrides --config, which overrides the defaults of "
+                             "pyproject.toml [tool.flwr.app.config]")
+    for key, (typ, default, spec) in RunConfig.specs().items():
+        if typ is bool:
+            g.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=None,
+                           help=_flag_help(default, spec))
+        else:
+            g.add_argument(f"--{key}", type=typ, default=None, metavar="NAME" if spec.choices else _METAVARS[typ],
+                           help=_flag_help(default, spec))
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedrec", description="Federated, differentially private online recommenders.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("simulate", help="run a simulated federation (Flower Simulation Engine)")
-    s.add_argument("--config", help="a TOML file of run config keys (kebab-case)")
-    for flag, typ in FLAGS.items():
-        s.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), default=None)
-    s.add_argument("--no-progress", action="store_true", help="plain per-round lines instead of a progress bar")
+    _add_config_flags(s)
     d = sub.add_parser("deploy", help="run a real Flower Deployment Engine federation")
     dsub = d.add_subparsers(dest="where", required=True)
     loc = dsub.add_parser("local", help="SuperLink + one SuperNode per device as processes on 127.0.0.1")
-    loc.add_argument("--devices", type=int, default=4, help="devices, one SuperNode and one store each (default 4)")
+    loc.add_argument("--devices", type=int, default=4, metavar="N", help="devices, one SuperNode and one store each (default 4)")
     loc.add_argument("--tls", action="store_true", help="TLS with a throw-away CA, and SuperNode authentication")
-    loc.add_argument("--config", help="a TOML file of run config keys (kebab-case)")
-    for flag, typ in FLAGS.items():
-        loc.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), default=None)
-    loc.add_argument("--no-progress", action="store_true", help="plain per-round lines")
-    for sp in (s, loc):
-        sp.add_argument("--secure-aggregation", action="store_true", default=None,
-                        help="Flower SecAgg+: the server sees only the sum of the cohort's deltas (privacy user)")
+    _add_config_flags(loc)
     w = sub.add_parser("sweep", help="run every cell x seed of a sweep file (resumable), then the report")
     w.add_argument("file", help="a sweep TOML file, e.g. scenarios/freshness_vs_privacy.toml")
     w.add_argument("--out", help="output folder (default runs/<file name>)")
@@ -60,13 +69,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig.from_mapping(load_pyproject_defaults(), where="pyproject.toml [tool.flwr.app.config]")
     if args.config:
         cfg = RunConfig.from_toml(args.config, base=cfg)
-    flags = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in FLAGS}
-    flags = {k: v for k, v in flags.items() if v is not None}
-    if args.no_progress:
-        flags["progress"] = False
-    if getattr(args, "secure_aggregation", None):
-        flags["secure_aggregation"] = True
-    return RunConfig.from_mapping(flags, where="command line", base=cfg)
+    flags = {key: getattr(args, key.replace("-", "_")) for key in RunConfig.keys()}
+    return RunConfig.from_mapping({k: v for k, v in flags.items() if v is not None}, where="command line", base=cfg)
 
 
 def simulate(cfg: RunConfig) -> dict:

@@ -123,7 +123,7 @@ class RunConfig:
     nodes: int = key(2, "virtual Flower nodes; each hosts a shard of devices in simulation", ge=1)
     engine: str = key("ray", "simulation transport: Flower's Simulation Engine (ray) or in-process (local)",
                       choices=ENGINES)
-    method: str = key("federated", "federated, or centralised (the non-private freshness ceiling, all events)",
+    method: str = key("federated", "federated, or centralised: the non-private freshness ceiling, trained on all events",
                       choices=METHODS)
     freeze_after: int = key(0, "static baseline: the global model stops changing after this round (0 = never)",
                             ge=0, says="must be 0 (never) or a round number")
@@ -152,7 +152,7 @@ class RunConfig:
     negatives: int = key(1, "sampled negative items per positive event", ge=1)
     replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0)
     server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0)
-    lr_schedule: str = key("fixed", "fixed, or adaptive (server lr raised when windowed HR drops)",
+    lr_schedule: str = key("fixed", "fixed, or adaptive: the server lr is raised when windowed HR drops",
                            choices=LR_SCHEDULES)
     server_opt: str = key("fedavg", "server optimizer (adaptive ones want server-lr ~0.01-0.1)",
                           choices=SERVER_OPTIMIZERS)
@@ -166,10 +166,10 @@ class RunConfig:
     attackers: float = key(0.0, "simulation only: share of fake devices pushing one item (fedrec.attack)", ge=0, lt=1)
     attack_boost: float = key(1.0, "fake devices scale their deltas by this (model-replacement boosting)", gt=0)
     attack_measure: bool = key(False, "measure the target's exposure even without attackers (a no-attack baseline)")
-    wire: str = key("auto", "delta encoding: auto (sparse rows without event DP, fp16 with), dense, fp16, sparse",
+    wire: str = key("auto", "delta encoding on the wire; auto: sparse rows without event DP, fp16 with",
                     choices=WIRES)
     # privacy
-    privacy: str = key("user", "DP unit: none, event (DP-SGD on the device), user (noise on the server's sum), both",
+    privacy: str = key("user", "DP unit: event (DP-SGD on the device), user (noise on the server's sum), both, or none",
                        choices=PRIVACY_MODES)
     noise_multiplier: float = key(1.0, "noise std over the clip, where no budget calibrates it", ge=0)
     secure_aggregation: bool = key(False, "Flower SecAgg+: the server sees only the sum of the cohort's deltas")
