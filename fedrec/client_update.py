@@ -7,7 +7,6 @@ ClientApp, the sharded simulator and the device SDK all call this same function.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -15,10 +14,8 @@ import torch
 
 from .config import RunConfig
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
-from .models.base import BPRLoss, RecModel
-from .models.mf import MF, fit_user_mf, sgd_mf
+from .models.base import RecModel
 from .privacy.accounting import epsilon, event_accountant
-from .privacy.fast_dpsgd import dpsgd_mf
 from .privacy.user_level import clip_delta
 
 
@@ -134,10 +131,10 @@ def client_update(
     scores = model.score_all(items[known]).numpy()
     counts = prequential_counts(scores, seen, items[new], cfg.k)
     probe_hits = in_topk(scores, probe, seen, cfg.k) if probe is not None and len(probe) else None
-    if cfg.user_fit_steps and known.any() and cfg.privacy in ("event", "both"):
+    if cfg.user_fit_steps and known.any() and cfg.event_dp:
         model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
 
-    private = cfg.privacy in ("event", "both")
+    private = cfg.event_dp
     acc = event_accountant(cfg.model, cfg.accountant)  # sasrec: per-event ε by group privacy of its sessions
     keep = cfg.replay_rounds + 1
     q = cfg.sample_rate
@@ -172,7 +169,7 @@ def client_update(
     delta = {k: (params[k].detach() - before[k]).numpy().astype(np.float32) for k in model.global_names}
     local = {k: params[k].detach().numpy().copy() for k in model.local_names}
     preclip, was_clipped = 0.0, False
-    if cfg.privacy in ("user", "both"):
+    if cfg.user_dp:
         delta, preclip, was_clipped = clip_delta(delta, cfg.clip)
 
     # Bookkeeping. Each participation opens one event window (cursor..round_); a window is trained on
@@ -197,54 +194,11 @@ def _mask(idx: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-def _closed_form(model: RecModel, cfg: RunConfig) -> bool:
-    """MF trains by closed-form gradients (fedrec.models.mf) unless ``update-backend = autograd``."""
-    return cfg.update_backend == "auto" and isinstance(model, MF)
-
-
 def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator) -> None:
     """``cfg.user_fit_steps`` full-batch steps on the local parameters only (global ones frozen)."""
     cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(model.n_items)
-    fit_local(model, pos, cand, steps=cfg.user_fit_steps, negatives=cfg.negatives,
-              lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, closed_form=_closed_form(model, cfg))
-
-
-def fit_local(model: RecModel, pos: torch.Tensor, cand: torch.Tensor, *, steps: int, negatives: int, lr: float,
-              generator: torch.Generator, closed_form: bool = False) -> None:
-    """``steps`` full-batch SGD steps of the BPR loss of the events ``pos`` on the model's local parameters
-    only (global ones frozen), fresh negatives from ``cand`` each step. Nothing to do for a model
-    without local parameters (``sasrec``: its user state is the history itself)."""
-    if not model.local_names or not steps or not len(pos):
-        return
-    params = dict(model.named_parameters())
-    if closed_form:
-        fit_user_mf(params["item.weight"].data, params["user.weight"].data, pos, cand, steps=steps,
-                    negatives=negatives, lr=lr, generator=generator)
-        return
-    local = [params[n] for n in model.local_names]
-    frozen = [params[n] for n in model.global_names]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        user = torch.zeros(len(pos), dtype=torch.long)
-        crit = BPRLoss()
-        for _ in range(steps):
-            neg = cand[torch.randint(0, len(cand), (len(pos), negatives), generator=generator)]
-            for p in local:
-                p.grad = None
-            crit(_diff(model, user, torch.cat([pos.unsqueeze(1), neg], dim=1))).backward()
-            _sgd([(p, lr) for p in local])
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
-def _sgd(groups: list[tuple[torch.nn.Parameter, float]]) -> None:
-    """A plain SGD step (what ``torch.optim.SGD`` does without momentum; building one costs ~3 ms)."""
-    with torch.no_grad():
-        for p, lr in groups:
-            if p.grad is not None:
-                p.add_(p.grad, alpha=-lr)
+    model.fit_local(pos, cand, steps=cfg.user_fit_steps, negatives=cfg.negatives,
+                    lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, backend=cfg.update_backend)
 
 
 def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,
@@ -253,79 +207,22 @@ def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: n
 
     The samples are the model's (:meth:`RecModel.samples`): one per training event for ``mf`` and
     ``neumf``; sequence chunks for ``sasrec`` (under event-level DP one per round window, so that
-    no sample reads an event of another).
-
-    Under DP the step is DP-SGD (per-event clip ``cfg.event_clip``, noise ``noise_multiplier * clip``
-    on the sum, normalised by the expected batch size). MF takes the steps in closed form
-    (:mod:`fedrec.models.mf`; under DP :mod:`fedrec.privacy.fast_dpsgd`, noise drawn lazily); other
-    models, or ``update-backend = "autograd"``, use torch autograd and under DP Opacus with ghost
-    clipping. A DP step whose Poisson batch is empty still adds noise, as the accountant assumes.
+    no sample reads an event of another). The steps are the model's own (:meth:`RecModel.train_local`:
+    autograd, and Opacus with ghost clipping under DP; ``mf`` overrides it with its closed-form
+    trainer unless ``update-backend = "autograd"``). Under DP the step is DP-SGD (per-event clip
+    ``cfg.event_clip``, noise ``noise_multiplier * clip`` on the sum, normalised by the expected batch
+    size); a DP step whose Poisson batch is empty still adds noise, as the accountant assumes.
     """
-    q = cfg.sample_rate
     # negatives: uniform over items the user has not had, fixed for this update
     cand = torch.from_numpy(np.flatnonzero(~seen))
     if len(cand) == 0:
         cand = torch.arange(model.n_items)
     batch, weight = model.samples(events, rounds, train, cand, negatives=cfg.negatives, generator=g,
                                   sessions=private)
-    n = len(weight)
     # the item table (global) and the user vector (local) take separate step sizes: the user vector
     # receives DP noise of the same std on each step but only its own signal, so it needs a
     # smaller step to average the noise out across steps
-    lr_item, lr_user = cfg.lr, cfg.user_lr if cfg.user_lr > 0 else cfg.lr
-    params = dict(model.named_parameters())
-    if _closed_form(model, cfg):
-        item_w, user_w = params["item.weight"].data, params["user.weight"].data
-        items = batch[1]
-        if private:
-            dpsgd_mf(item_w, user_w, items, steps=cfg.local_steps, sample_rate=q, lr_item=lr_item, lr_user=lr_user,
-                     clip=cfg.event_clip, noise_multiplier=noise_multiplier, generator=g)
-        else:
-            sgd_mf(item_w, user_w, items, steps=cfg.local_steps, sample_rate=q, lr_item=lr_item, lr_user=lr_user,
-                   generator=g)
-        return cfg.local_steps
-    groups = [(params[n], lr_item) for n in model.global_names] + [(params[n], lr_user) for n in model.local_names]
-    crit = BPRLoss()
-    if private:
-        from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader, TensorDataset
-
-        opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in groups])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account per event
-            dp_model, dp_opt, dp_crit, _ = engine.make_private(
-                module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(weight), batch_size=max(1, n)),
-                criterion=crit, noise_multiplier=noise_multiplier, max_grad_norm=cfg.event_clip,
-                grad_sample_mode="ghost", poisson_sampling=False, noise_generator=g)
-        dp_opt.expected_batch_size = max(q * n, 1e-6)
-        try:
-            with warnings.catch_warnings():
-                # Opacus's ghost clipping backward warns that no input requires grad (true: inputs are ids)
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                for _ in range(cfg.local_steps):
-                    take = torch.rand(n, generator=g) < q
-                    dp_opt.zero_grad()
-                    if take.any():
-                        dp_crit(_diff(dp_model, *(t[take] for t in batch)), weight[take]).backward()
-                    else:
-                        for p in model.parameters():
-                            p.grad = torch.zeros_like(p)
-                    dp_opt.step()
-        finally:
-            dp_model.to_standard_module()
-        return cfg.local_steps
-    for _ in range(cfg.local_steps):
-        take = torch.rand(n, generator=g) < q
-        if not take.any():
-            continue
-        for p, _ in groups:
-            p.grad = None
-        crit(_diff(model, *(t[take] for t in batch)), weight[take]).backward()
-        _sgd(groups)
+    model.train_local(batch, weight, steps=cfg.local_steps, sample_rate=cfg.sample_rate, lr_global=cfg.lr,
+                      lr_local=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, backend=cfg.update_backend,
+                      private=private, clip=cfg.event_clip, noise_multiplier=noise_multiplier)
     return cfg.local_steps
-
-
-def _diff(m: torch.nn.Module, *batch: torch.Tensor) -> torch.Tensor:
-    s = m(*batch)
-    return s[..., :1] - s[..., 1:]

@@ -26,7 +26,7 @@ import torch
 
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
 from .models.base import RecModel
-from .models.mf import MF
+from .models.mf import fit_users
 
 
 def serve_seed(seed: int, device: int, round_: int) -> int:
@@ -51,12 +51,29 @@ class ServeResult:
     vector: np.ndarray  #: the device's serving vector after this round's fit (kept on the device)
 
 
+def _generators(devices: list[ServeInput], seed: int, round_: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(serve_seed(seed, s.device, round_)) for s in devices]
+
+
+def _results(devices: list[ServeInput], fitted: list[tuple[np.ndarray, np.ndarray]], n_items: int,
+             k: int) -> list[ServeResult]:
+    """Each device's prequential counts of its new events (and probe hits) from its scores of every item."""
+    out = []
+    for s, (scores, vector) in zip(devices, fitted, strict=True):
+        seen = np.zeros(n_items, bool)
+        seen[np.asarray(s.history, dtype=np.int64)] = True
+        c = prequential_counts(scores, seen, s.new, k)
+        hits = in_topk(scores, s.probe, seen, k) if s.probe is not None and len(s.probe) else None
+        out.append(ServeResult(device=s.device, counts=c, probe_hits=hits, vector=vector))
+    return out
+
+
 def serve_round(item_table: np.ndarray, dim: int, devices: list[ServeInput], vectors: dict[int, np.ndarray], *,
                 round_: int, seed: int, k: int, fit_steps: int, lr: float, init_scale: float,
                 negatives: int = 1) -> list[ServeResult]:
     """Fit each device's serving vector to its history (warm start), then score its new events.
 
-    ``item_table`` is the MF item table ``(n_items, dim + 1)`` (last column: bias), the newest
+    ``item_table`` is a factorised item table ``(n_items, dim + 1)`` (last column: bias), the newest
     published version. ``vectors[d]`` is device ``d``'s serving vector from its previous round
     (absent: a fresh one from its own seed). The fit is ``fit_steps`` steps of SGD at ``lr`` on the
     BPR loss of the device's own history against uniform negatives it has not had, the same rule
@@ -64,89 +81,26 @@ def serve_round(item_table: np.ndarray, dim: int, devices: list[ServeInput], vec
     """
     if not devices:
         return []
-    V = item_table.shape[0]
-    A = len(devices)
-    items_t = torch.from_numpy(np.ascontiguousarray(item_table[:, :dim], dtype=np.float32))
-    bias_t = torch.from_numpy(np.ascontiguousarray(item_table[:, dim], dtype=np.float32))
-    L = max(1, max(len(s.history) for s in devices))
-    pos = torch.zeros((A, L), dtype=torch.long)
-    valid = torch.zeros((A, L))
-    seen = np.zeros((A, V), bool)
-    neg = torch.zeros((max(fit_steps, 1), A, L, negatives), dtype=torch.long)
-    users = torch.zeros((A, dim))
-    for a, s in enumerate(devices):
-        g = torch.Generator().manual_seed(serve_seed(seed, s.device, round_))
-        h = np.asarray(s.history, dtype=np.int64)
-        pos[a, : len(h)] = torch.from_numpy(h)
-        valid[a, : len(h)] = 1.0
-        seen[a, h] = True
-        v = vectors.get(s.device)
-        users[a] = torch.from_numpy(v) if v is not None else torch.randn(dim, generator=g) * init_scale
-        cand = np.flatnonzero(~seen[a])
-        if len(cand) == 0:
-            cand = np.arange(V)
-        # drawn per device with its own length, so the draws do not depend on the batch
-        draw = torch.randint(0, len(cand), (max(fit_steps, 1), len(h), negatives), generator=g)
-        neg[:, a, : len(h)] = torch.from_numpy(cand)[draw]
-    n_valid = valid.sum(1).clamp(min=1.0)
-    fit = [a for a, s in enumerate(devices) if len(s.history)]
-    if fit_steps and fit:
-        users.requires_grad_(True)
-        for t in range(fit_steps):
-            # per-device mean BPR loss, summed over devices: each device's gradient is its own
-            p = (users.unsqueeze(1) * items_t[pos]).sum(-1) + bias_t[pos]  # (A, L)
-            q = (users.unsqueeze(1).unsqueeze(2) * items_t[neg[t]]).sum(-1) + bias_t[neg[t]]  # (A, L, m)
-            loss = torch.nn.functional.softplus(-(p.unsqueeze(-1) - q)).mean(-1)
-            total = ((loss * valid).sum(1) / n_valid).sum()
-            (grad,) = torch.autograd.grad(total, users)
-            with torch.no_grad():
-                users -= lr * grad * (valid.sum(1, keepdim=True) > 0)
-        users = users.detach()
-    scores = (users @ items_t.T + bias_t).numpy()
-    out = []
-    for a, s in enumerate(devices):
-        c = prequential_counts(scores[a], seen[a], s.new, k)
-        hits = in_topk(scores[a], s.probe, seen[a], k) if s.probe is not None and len(s.probe) else None
-        out.append(ServeResult(device=s.device, counts=c, probe_hits=hits, vector=users[a].numpy().copy()))
-    return out
+    scores, users = fit_users(item_table, dim, [s.history for s in devices], [vectors.get(s.device) for s in devices],
+                              _generators(devices, seed, round_), fit_steps=fit_steps, lr=lr, init_scale=init_scale,
+                              negatives=negatives)
+    return _results(devices, [(scores[a], users[a].copy()) for a in range(len(devices))], item_table.shape[0], k)
 
 
 def serve(model: RecModel, global_state: dict[str, np.ndarray], devices: list[ServeInput],
           vectors: dict[int, np.ndarray], *, round_: int, seed: int, k: int, fit_steps: int, lr: float,
           negatives: int = 1) -> list[ServeResult]:
-    """:func:`serve_round` for any model: the newest global version, each device's own state, its scores.
+    """The newest global version, each device's own state, its scores: for any model.
 
-    ``mf`` takes the batched path above. Other models are served device by device with the reused
-    ``model``: the global version is loaded once; a device's local parameters (``vectors[d]``, as
-    :meth:`RecModel.local_flat`; absent: fresh ones from its own seed) are fitted to its history with
-    ``fit_steps`` steps of the same BPR rule (nothing to fit for ``sasrec``, whose user state is the
-    history itself), then every item is scored from the device's state and history. ``vector`` in
-    each result is the device's local state after the fit (empty for ``sasrec``).
+    The model serves the batch (:meth:`RecModel.fit_and_score`: ``mf`` fits every device's vector at
+    once; other models go device by device with the reused ``model``): a device's local parameters
+    (``vectors[d]``, as :meth:`RecModel.local_flat`; absent: fresh ones from its own seed) are fitted
+    to its history with ``fit_steps`` steps of the BPR rule (nothing to fit for ``sasrec``, whose user
+    state is the history itself), then every item is scored. ``vector`` in each result is the device's
+    local state after the fit (empty for ``sasrec``).
     """
-    if isinstance(model, MF):
-        return serve_round(np.asarray(global_state["item.weight"]), model.dim, devices, vectors, round_=round_,
-                           seed=seed, k=k, fit_steps=fit_steps, lr=lr, init_scale=model.init_scale,
-                           negatives=negatives)
-    from .client_update import fit_local  # client_update does not import this module; no cycle
-
-    model.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
-    V = model.n_items
-    out = []
-    for s in devices:
-        g = torch.Generator().manual_seed(serve_seed(seed, s.device, round_))
-        h = np.asarray(s.history, dtype=np.int64)
-        seen = np.zeros(V, bool)
-        seen[h] = True
-        if model.local_names:
-            v = vectors.get(s.device)
-            if v is not None and len(v):
-                model.load_local_flat(v)
-            else:
-                model.load(model.init_local(g))
-            cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(V)
-            fit_local(model, torch.from_numpy(h), cand, steps=fit_steps, negatives=negatives, lr=lr, generator=g)
-        scores = model.score_all(h).numpy()
-        c = prequential_counts(scores, seen, s.new, k)
-        hits = in_topk(scores, s.probe, seen, k) if s.probe is not None and len(s.probe) else None
-        out.append(ServeResult(device=s.device, counts=c, probe_hits=hits, vector=model.local_flat()))
-    return out
+    if not devices:
+        return []
+    fitted = model.fit_and_score(global_state, [s.history for s in devices], [vectors.get(s.device) for s in devices],
+                                 _generators(devices, seed, round_), fit_steps=fit_steps, negatives=negatives, lr=lr)
+    return _results(devices, fitted, model.n_items, k)

@@ -1,4 +1,4 @@
-"""The model contract (fedrec.models.checks) over every registered model, and model-specific properties."""
+"""The model contract (fedrec.checks) over every registered model, and model-specific properties."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedrec.checks import yield_checks
 from fedrec.models import MODELS, build_model
-from fedrec.models.checks import yield_checks
 
 CASES = [(name, check) for name in MODELS for check in yield_checks(name)]
 

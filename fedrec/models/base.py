@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -123,6 +126,136 @@ class RecModel(nn.Module):
     def item_repr(self) -> torch.Tensor:
         """``(n_items, d)``: the model's representation of each item (explanations compare these)."""
         raise NotImplementedError
+
+    # ---- the model's own local steps (a subclass may override them with a faster exact trainer) ----
+    def train_local(self, batch: tuple[torch.Tensor, ...], weight: torch.Tensor, *, steps: int, sample_rate: float,
+                    lr_global: float, lr_local: float, generator: torch.Generator, backend: str = "auto",
+                    private: bool = False, clip: float = 1.0, noise_multiplier: float = 0.0) -> None:
+        """``steps`` local steps on the samples ``batch`` (from :meth:`samples`) and their ``weight``, in place.
+
+        Each step takes every sample independently with probability ``sample_rate`` (``torch.rand(n) < q``
+        from ``generator``) and descends the batch-mean BPR loss; global parameters step at ``lr_global``,
+        local ones at ``lr_local``. With ``private`` the step is DP-SGD through Opacus with ghost clipping
+        (per-sample clip ``clip``, noise ``noise_multiplier * clip`` on the sum, normalised by the expected
+        batch size ``q n``; an empty step still adds noise, as the accountant assumes). ``backend`` names
+        the trainer (``"auto"`` or ``"autograd"``); this one is autograd, whatever it says.
+        """
+        params = dict(self.named_parameters())
+        groups = [(params[n], lr_global) for n in self.global_names] + [(params[n], lr_local) for n in self.local_names]
+        if private:
+            self._dp_steps(batch, weight, groups, steps=steps, sample_rate=sample_rate, generator=generator,
+                           clip=clip, noise_multiplier=noise_multiplier)
+            return
+        n = len(weight)
+        crit = BPRLoss()
+        for _ in range(steps):
+            take = torch.rand(n, generator=generator) < sample_rate
+            if not take.any():
+                continue
+            for p, _ in groups:
+                p.grad = None
+            crit(score_diff(self, *(t[take] for t in batch)), weight[take]).backward()
+            sgd_step(groups)
+
+    def _dp_steps(self, batch: tuple[torch.Tensor, ...], weight: torch.Tensor,
+                  groups: list[tuple[nn.Parameter, float]], *, steps: int, sample_rate: float,
+                  generator: torch.Generator, clip: float, noise_multiplier: float) -> None:
+        """DP-SGD steps through Opacus (ghost clipping; its own accountant unused: fedrec accounts per event)."""
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        n = len(weight)
+        opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in groups])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="rdp")
+            dp_model, dp_opt, dp_crit, _ = engine.make_private(
+                module=self, optimizer=opt, data_loader=DataLoader(TensorDataset(weight), batch_size=max(1, n)),
+                criterion=BPRLoss(), noise_multiplier=noise_multiplier, max_grad_norm=clip,
+                grad_sample_mode="ghost", poisson_sampling=False, noise_generator=generator)
+        dp_opt.expected_batch_size = max(sample_rate * n, 1e-6)
+        try:
+            with warnings.catch_warnings():
+                # Opacus's ghost clipping backward warns that no input requires grad (true: inputs are ids)
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for _ in range(steps):
+                    take = torch.rand(n, generator=generator) < sample_rate
+                    dp_opt.zero_grad()
+                    if take.any():
+                        dp_crit(score_diff(dp_model, *(t[take] for t in batch)), weight[take]).backward()
+                    else:
+                        for p in self.parameters():
+                            p.grad = torch.zeros_like(p)
+                    dp_opt.step()
+        finally:
+            dp_model.to_standard_module()
+
+    def fit_local(self, pos: torch.Tensor, cand: torch.Tensor, *, steps: int, negatives: int, lr: float,
+                  generator: torch.Generator, backend: str = "auto") -> None:
+        """``steps`` full-batch SGD steps of the BPR loss of the events ``pos`` on the local parameters only
+        (global ones frozen), fresh negatives from ``cand`` each step. Nothing to do for a model without
+        local parameters (``sasrec``: its user state is the history itself)."""
+        if not self.local_names or not steps or not len(pos):
+            return
+        params = dict(self.named_parameters())
+        local = [params[n] for n in self.local_names]
+        frozen = [params[n] for n in self.global_names]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            user = torch.zeros(len(pos), dtype=torch.long)
+            crit = BPRLoss()
+            for _ in range(steps):
+                neg = cand[torch.randint(0, len(cand), (len(pos), negatives), generator=generator)]
+                for p in local:
+                    p.grad = None
+                crit(score_diff(self, user, torch.cat([pos.unsqueeze(1), neg], dim=1))).backward()
+                sgd_step([(p, lr) for p in local])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
+                      vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
+                      fit_steps: int, negatives: int, lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Serve a batch of devices: for each, its scores of every item and its local state after the fit.
+
+        The global version is loaded once; device ``a``'s local parameters (``vectors[a]``, as
+        :meth:`local_flat`; None or empty: fresh ones from ``generators[a]``) are fitted to its history
+        ``histories[a]`` with ``fit_steps`` steps of :meth:`fit_local` against items it has not had, then
+        every item is scored from its state and history. Devices are independent (each draws from its own
+        generator), so the result does not depend on the batch. The vector is empty without local parameters.
+        """
+        self.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
+        out = []
+        for h, v, g in zip(histories, vectors, generators, strict=True):
+            h = np.asarray(h, dtype=np.int64)
+            if self.local_names:
+                if v is not None and len(v):
+                    self.load_local_flat(v)
+                else:
+                    self.load(self.init_local(g))
+                seen = np.zeros(self.n_items, bool)
+                seen[h] = True
+                cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(self.n_items)
+                self.fit_local(torch.from_numpy(h), cand, steps=fit_steps, negatives=negatives, lr=lr, generator=g,
+                               backend="autograd")
+            out.append((self.score_all(h).numpy(), self.local_flat()))
+        return out
+
+
+def score_diff(m: nn.Module, *batch: torch.Tensor) -> torch.Tensor:
+    """The positive's score minus each negative's, from a model's ``(..., 1 + K)`` scores."""
+    s = m(*batch)
+    return s[..., :1] - s[..., 1:]
+
+
+def sgd_step(groups: list[tuple[nn.Parameter, float]]) -> None:
+    """A plain SGD step (what ``torch.optim.SGD`` does without momentum; building one costs ~3 ms)."""
+    with torch.no_grad():
+        for p, lr in groups:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)
 
 
 def seeded_linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -52,6 +54,94 @@ class MF(RecModel):
 
     def item_repr(self) -> torch.Tensor:
         return self.item.weight.detach()[:, : self.dim]
+
+    def train_local(self, batch: tuple[torch.Tensor, ...], weight: torch.Tensor, *, steps: int, sample_rate: float,
+                    lr_global: float, lr_local: float, generator: torch.Generator, backend: str = "auto",
+                    private: bool = False, clip: float = 1.0, noise_multiplier: float = 0.0) -> None:
+        """:meth:`RecModel.train_local` in closed form (:func:`sgd_mf`; under DP
+        :func:`fedrec.privacy.fast_dpsgd.dpsgd_mf`, the same mechanism as Opacus's with its noise drawn
+        lazily); ``backend = "autograd"`` takes the generic autograd / Opacus path instead."""
+        if backend != "auto":
+            super().train_local(batch, weight, steps=steps, sample_rate=sample_rate, lr_global=lr_global,
+                                lr_local=lr_local, generator=generator, backend=backend, private=private, clip=clip,
+                                noise_multiplier=noise_multiplier)
+            return
+        items = batch[1]
+        if private:
+            from ..privacy.fast_dpsgd import dpsgd_mf  # it builds on this module's closed-form gradients
+
+            dpsgd_mf(self.item.weight.data, self.user.weight.data, items, steps=steps, sample_rate=sample_rate,
+                     lr_item=lr_global, lr_user=lr_local, clip=clip, noise_multiplier=noise_multiplier,
+                     generator=generator)
+        else:
+            sgd_mf(self.item.weight.data, self.user.weight.data, items, steps=steps, sample_rate=sample_rate,
+                   lr_item=lr_global, lr_user=lr_local, generator=generator)
+
+    def fit_local(self, pos: torch.Tensor, cand: torch.Tensor, *, steps: int, negatives: int, lr: float,
+                  generator: torch.Generator, backend: str = "auto") -> None:
+        """:meth:`RecModel.fit_local` in closed form (:func:`fit_user_mf`) unless ``backend = "autograd"``."""
+        if backend != "auto":
+            super().fit_local(pos, cand, steps=steps, negatives=negatives, lr=lr, generator=generator, backend=backend)
+            return
+        if not steps or not len(pos):
+            return
+        fit_user_mf(self.item.weight.data, self.user.weight.data, pos, cand, steps=steps, negatives=negatives, lr=lr,
+                    generator=generator)
+
+    def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
+                      vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
+                      fit_steps: int, negatives: int, lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`RecModel.fit_and_score` batched over the devices (:func:`fit_users`); the model is untouched."""
+        scores, users = fit_users(np.asarray(global_state["item.weight"]), self.dim, histories, vectors, generators,
+                                  fit_steps=fit_steps, lr=lr, init_scale=self.init_scale, negatives=negatives)
+        return [(scores[a], users[a].copy()) for a in range(len(histories))]
+
+
+def fit_users(item_table: np.ndarray, dim: int, histories: Sequence[np.ndarray], vectors: Sequence[np.ndarray | None],
+              generators: Sequence[torch.Generator], *, fit_steps: int, lr: float, init_scale: float,
+              negatives: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Fit A devices' user vectors to their histories together, then score every item for each.
+
+    ``item_table`` ``(n_items, dim + 1)`` (last column: bias); ``vectors[a]`` device ``a``'s vector from
+    its previous round (None: a fresh one from ``generators[a]``). The fit is ``fit_steps`` steps of SGD
+    at ``lr`` on each device's mean BPR loss of its history against uniform negatives it has not had,
+    drawn per device from its own generator with its own length, so the result does not depend on the
+    batch. Returns the scores ``(A, n_items)`` and the fitted vectors ``(A, dim)``.
+    """
+    V, A = item_table.shape[0], len(histories)
+    items_t = torch.from_numpy(np.ascontiguousarray(item_table[:, :dim], dtype=np.float32))
+    bias_t = torch.from_numpy(np.ascontiguousarray(item_table[:, dim], dtype=np.float32))
+    L = max(1, max(len(h) for h in histories))
+    pos = torch.zeros((A, L), dtype=torch.long)
+    valid = torch.zeros((A, L))
+    neg = torch.zeros((max(fit_steps, 1), A, L, negatives), dtype=torch.long)
+    users = torch.zeros((A, dim))
+    for a, (hist, v, g) in enumerate(zip(histories, vectors, generators, strict=True)):
+        h = np.asarray(hist, dtype=np.int64)
+        pos[a, : len(h)] = torch.from_numpy(h)
+        valid[a, : len(h)] = 1.0
+        seen = np.zeros(V, bool)
+        seen[h] = True
+        users[a] = torch.from_numpy(v) if v is not None else torch.randn(dim, generator=g) * init_scale
+        cand = np.flatnonzero(~seen)
+        if len(cand) == 0:
+            cand = np.arange(V)
+        draw = torch.randint(0, len(cand), (max(fit_steps, 1), len(h), negatives), generator=g)
+        neg[:, a, : len(h)] = torch.from_numpy(cand)[draw]
+    n_valid = valid.sum(1).clamp(min=1.0)
+    if fit_steps and any(len(h) for h in histories):
+        users.requires_grad_(True)
+        for t in range(fit_steps):
+            # per-device mean BPR loss, summed over devices: each device's gradient is its own
+            p = (users.unsqueeze(1) * items_t[pos]).sum(-1) + bias_t[pos]  # (A, L)
+            q = (users.unsqueeze(1).unsqueeze(2) * items_t[neg[t]]).sum(-1) + bias_t[neg[t]]  # (A, L, m)
+            loss = torch.nn.functional.softplus(-(p.unsqueeze(-1) - q)).mean(-1)
+            total = ((loss * valid).sum(1) / n_valid).sum()
+            (grad,) = torch.autograd.grad(total, users)
+            with torch.no_grad():
+                users -= lr * grad * (valid.sum(1, keepdim=True) > 0)
+        users = users.detach()
+    return (users @ items_t.T + bias_t).numpy(), users.numpy()
 
 
 def bpr_event_grads(item: torch.Tensor, user: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,21 +12,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..client_update import DeviceState, client_update
 from ..config import RunConfig
+from ..models import build_model, model_from_config
+from ..models.base import BPRLoss
 from ..wire import encode_delta, wire_mode
-from . import build_model, model_from_config
 
 N_ITEMS = 40
 Check = Callable[[str, Path], None]
 
 
-def _cfg(name: str, **kw) -> RunConfig:
-    base = dict(model=name, dim=8, seq_len=6, local_steps=4, sample_rate=0.5, user_fit_steps=5, privacy="none",
+def _cfg(name: str, **kw: Any) -> RunConfig:
+    base: dict[str, Any] = dict(model=name, dim=8, seq_len=6, local_steps=4, sample_rate=0.5, user_fit_steps=5, privacy="none",
                 noise_multiplier=1.0, lr=0.5, seed=3)
     base.update(kw)
     return RunConfig(**base)
@@ -66,8 +68,6 @@ def check_partition(name: str, tmp: Path) -> None:
     s = model(*batch)
     assert s.shape[0] == len(weight) and s.shape[-1] == 3, f"{name}: scores of shape {tuple(s.shape)}"
     diff = s[..., :1] - s[..., 1:]
-    from .base import BPRLoss
-
     BPRLoss()(diff, weight).backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert not unused, f"{name}: parameters without a gradient (Opacus ghost clipping fails on them): {unused}"
