@@ -36,7 +36,7 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     item.requires_grad_(True)
     user.requires_grad_(True)
     opt = torch.optim.Adam([item, user], lr=0.02)
-    rec = RunRecorder(cfg)
+    rec = RunRecorder(cfg, stream=stream)
     rec.start(population=U, n_items=V, noise_multiplier=0.0, device="cpu")
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
     seen = np.zeros((U, V), bool)

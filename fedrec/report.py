@@ -7,6 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,9 @@ def _finite(x: float) -> float | None:
 class RunRecorder:
     """Writes ``metrics.jsonl`` as rounds finish (flushed, so a crash loses no finished round)."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, *, stream: Any = None, no_stream: str = "no event stream was given") -> None:
+        """``stream``: the run's events (for baselines and a synthetic world's ground truth), or None where
+        the server cannot see them (deployment; ``no_stream`` says why, in the summary)."""
         self.cfg = cfg
         self.out = Path(cfg.out)
         try:
@@ -39,13 +42,7 @@ class RunRecorder:
         self.drift_rounds: list[PrequentialCounts] = []
         self.probe_tally: dict[int, dict[int, list[int]]] = {}  # item -> round -> [hits, probed]
         self._truth_users: set[int] | None = None
-        self._stream, self._no_stream = None, ""
-        try:  # the data, for baselines and a synthetic world's ground truth (the server has it in simulation only)
-            from .data.source import load_stream
-
-            self._stream = load_stream(cfg)
-        except Exception as e:  # the server may not see the data (deployment): say so in the summary, never fail
-            self._no_stream = f"{type(e).__name__}: {e}"
+        self._stream, self._no_stream = stream, no_stream
         self._target = None
         if (cfg.attackers or cfg.attack_measure) and self._stream is not None:
             from .attack import attack_target

@@ -29,6 +29,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from fedrec.federation.replies import SecureSum
 from fedrec.wire import SECURE_METRICS
 
 
@@ -58,18 +59,8 @@ class _RoundStrategy:
         return results[0][1].parameters, {}
 
 
-@dataclass
-class SecureRound:
-    """What a secure round produced: the sum of the devices' deltas and their reported metrics."""
-
-    total: dict[str, np.ndarray] | None  #: sum of the clipped deltas (None: the protocol halted)
-    devices: list[int]
-    metrics: dict[int, dict[str, float]]
-    failures: list[str]
-
-
 def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[str, np.ndarray], config: dict,
-                 round_: int, *, timeout: float) -> SecureRound:
+                 round_: int, *, timeout: float) -> SecureSum:
     """Run SecAgg+ over the nodes of ``by_node`` (node -> its sampled devices) for one round.
 
     Quantisation: each node sends the mean of its devices' clipped deltas, whose coordinates lie in
@@ -89,14 +80,14 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
                         strategy=strategy)  # type: ignore[arg-type]
     failures: list[str] = []
     if len(fitins) < 2:
-        return SecureRound(None, [], {}, [f"round {round_}: SecAgg+ needs at least 2 nodes with sampled devices, "
+        return SecureSum(None, [], {}, [f"round {round_}: SecAgg+ needs at least 2 nodes with sampled devices, "
                                           f"got {len(fitins)}; no update this round"])
     clip = float(config["clip"])
     SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.66, max_weight=float(max(map(len, by_node.values()))),
                        clipping_range=clip, timeout=timeout)(grid, ctx)
     failures += [str(f) for f in strategy.failures]
     if strategy.aggregate is None:
-        return SecureRound(None, [], {}, failures or [f"round {round_}: SecAgg+ halted (too few nodes answered)"])
+        return SecureSum(None, [], {}, failures or [f"round {round_}: SecAgg+ halted (too few nodes answered)"])
     devices: list[int] = []
     metrics: dict[int, dict[str, float]] = {}
     weight = 0
@@ -109,4 +100,4 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
                 metrics[d] = {m: float(res.metrics[f"{m}:{d}"]) for m in SECURE_METRICS}
     # the workflow returns the weighted mean with weights = devices per node: times the total = the sum
     total = {k: a.astype(np.float32) * weight for k, a in zip(keys, strategy.aggregate, strict=True)}
-    return SecureRound(total, devices, metrics, failures)
+    return SecureSum(total, devices, metrics, failures)

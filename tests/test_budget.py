@@ -25,9 +25,9 @@ from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
 from fedrec.data.stream import RoundStream
 from fedrec.data.world import WorldSpec, make_world
+from fedrec.federation.run import event_noise, user_noise
 from fedrec.models import build_model
 from fedrec.privacy.accounting import epsilon
-from fedrec.server.app import event_noise, user_noise
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Full backward hook.*:UserWarning")
 

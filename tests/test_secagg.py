@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 
 from fedrec.clients.app import app as client_app
 from fedrec.config import ConfigError, RunConfig
+from fedrec.federation.replies import collect
+from fedrec.federation.run import discover, event_noise
+from fedrec.messages import RoundInstruction
 from fedrec.models import build_model
-from fedrec.server.app import _collect, _discover, event_noise, exchange, run_federation
+from fedrec.server.app import FlowerTransport, run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.server.secagg import secure_round
 
@@ -30,32 +33,30 @@ class RecordingGrid(LocalGrid):
 
 def _setup(cfg: RunConfig):
     grid = RecordingGrid(client_app, cfg.nodes, cfg.to_flat())
-    base = {**cfg.to_flat(), "effective-noise-multiplier": event_noise(cfg)}
-    home, n_items, _ = _discover(grid, cfg, base)
-    g = {k: v for k, v in build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed).global_state().items()}
+    transport = FlowerTransport(grid, cfg)
+    fed = discover(transport, cfg, event_noise(cfg))
+    g = {k: v for k, v in build_model(cfg.model, fed.n_items, cfg.dim, seed=cfg.seed).global_state().items()}
     by_node: dict[int, list[int]] = {}
-    for d in sorted(home)[:12]:
-        by_node.setdefault(home[d], []).append(d)
-    return grid, base, g, by_node
+    for d in sorted(fed.home)[:12]:
+        by_node.setdefault(fed.home[d], []).append(d)
+    return grid, transport, g, by_node
 
 
 def test_the_secure_sum_equals_the_plain_sum_and_no_reply_holds_a_delta():
     cfg = RunConfig(world_users=60, nodes=3, rounds=4, privacy="user", secure_aggregation=True, serve_eval=False, wire="dense",
                     uptake_probe=False)
     # the plain protocol: every device's clipped delta reaches the server, which sums them
-    grid, base, g, by_node = _setup(cfg)
-    arrays = ArrayRecord(torch_state_dict=g)
-    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**base, "round": 2, "devices": ds,
-                                                                          "round-clock": 0.0})}),
-                    dst_node_id=n, message_type="train") for n, ds in sorted(by_node.items())]
-    got = _collect([(2, m) for m in exchange(grid, msgs, 60)], g, cfg.clip, 2)
+    grid, transport, g, by_node = _setup(cfg)
+    host = {k: v.numpy() for k, v in g.items()}
+    requests = {n: RoundInstruction(2, tuple(ds), 0.0, 0.0) for n, ds in sorted(by_node.items())}
+    got = collect(transport.exchange(2, requests, host, cfg.to_flat(), None), g, cfg.clip, 2)
     plain = sum(d["item.weight"] for d in got.deltas)
     # the same devices, the same round, fresh nodes: under SecAgg+
-    grid2, base2, g2, by_node2 = _setup(cfg)
+    grid2, _, g2, by_node2 = _setup(cfg)
     assert by_node2 == by_node
     grid2.seen.clear()
-    sec = secure_round(grid2, by_node2, {k: v.numpy() for k, v in g2.items()}, {**base2, "round-clock": 0.0}, 2,
-                       timeout=60)
+    sec = secure_round(grid2, by_node2, {k: v.numpy() for k, v in g2.items()},
+                       {**cfg.to_flat(), **RoundInstruction(2, (), 0.0, 0.0).to_flat()}, 2, timeout=60)
     assert sec.failures == [] and sorted(sec.devices) == sorted(got.done)
     # quantisation: 2^22 levels over [-clip, clip] times the largest device count of a node
     np.testing.assert_allclose(sec.total["item.weight"], plain, atol=1e-4)

@@ -64,9 +64,9 @@ def test_aggregating_sparse_wire_deltas_equals_dense():
 def test_server_refuses_malformed_sparse_deltas(bad, words):
     import torch
 
-    from fedrec.server.app import _validate
+    from fedrec.federation.replies import validate
 
-    problem = _validate(decode_delta(bad), {"item.weight": torch.zeros(10, 3)})
+    problem = validate(decode_delta(bad), {"item.weight": torch.zeros(10, 3)})
     assert problem and words in problem
 
 

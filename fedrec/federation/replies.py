@@ -1,0 +1,203 @@
+"""What the devices of one round sent, checked: every number a node sends is hostile until checked.
+
+:func:`collect` turns the decoded replies of a round (:class:`fedrec.messages.NodeReply`, each with the
+round it was asked for) into one :class:`Replies`: validated deltas with their weights, counts and
+ledger facts; a bad entry is recorded in ``failed`` and never fails the round. An update computed for
+an earlier round (a straggler's) goes to ``late``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..asynchrony import Update
+from ..eval.metrics import PrequentialCounts
+from ..messages import DeviceUpdate, NodeReply
+from ..privacy.user_level import delta_norm
+from ..wire import decode_delta
+
+
+@dataclass
+class Reply:
+    """One node's answer to the request of round ``asked``: decoded, or why it failed."""
+
+    asked: int
+    node: int
+    body: NodeReply | None
+    error: str = ""
+
+
+@dataclass
+class SecureSum:
+    """What a SecAgg+ round produced: the sum of the devices' deltas and their reported metrics."""
+
+    total: dict[str, np.ndarray] | None  #: sum of the clipped deltas (None: the protocol halted)
+    devices: list[int]
+    metrics: dict[int, dict[str, float]]
+    failures: list[str]
+
+
+@dataclass
+class Served:
+    """What every device with new events was served this round (serving evaluation)."""
+
+    counts: PrequentialCounts = field(default_factory=PrequentialCounts)
+    per_device: list = field(default_factory=list)
+    probes: list = field(default_factory=list)
+
+
+@dataclass
+class Replies:
+    """One round's checked replies."""
+
+    done: list = field(default_factory=list)
+    deltas: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    clipped: list = field(default_factory=list)
+    preclip: list = field(default_factory=list)
+    counts: PrequentialCounts = field(default_factory=PrequentialCounts)
+    per_device: list = field(default_factory=list)  #: (device, PrequentialCounts) of each completed device
+    probes: list = field(default_factory=list)  #: (items, hits) uptake probes (simulation measurement)
+    served: Served | None = None  #: what every device with events this round was served (serve-eval)
+    bytes_up: int = 0
+    new_events: int = 0
+    skipped: int = 0
+    presummed: int | None = None  #: secure aggregation: ``deltas`` is one sum of this many devices' deltas
+    bounded: int = 0  #: deltas the server scaled down to ``max-update-norm``
+    rows_bounded: int = 0  #: item rows the server scaled down to ``max-row-norm``
+    late: list = field(default_factory=list)  #: Update of devices asked in an earlier round (stragglers)
+    late_metrics: list = field(default_factory=list)  #: their metrics (for the privacy ledger)
+    n_new: list = field(default_factory=list)  #: new events of each on-time device
+    inflight: dict = field(default_factory=dict)  #: device -> round its update is due (simulated slow devices)
+
+    def map_deltas(self, fn: Callable[[dict], tuple[dict, int]]) -> list[int]:
+        """Replace every delta, on-time and late, by ``fn(delta)[0]``; the list of ``fn(delta)[1]``."""
+        out = [fn(d) for d in self.deltas]
+        self.deltas = [d for d, _ in out]
+        for u in self.late:
+            u.delta, n = fn(u.delta)
+            out.append((u.delta, n))
+        return [int(n) for _, n in out]
+
+
+def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: float | None, round_: int) -> Replies:
+    """Validate and unpack the replies of round ``round_`` (see the module docstring).
+
+    With ``clip`` (user-level DP) every device weighs the same and a delta above the clip is refused;
+    else deltas are weighted by their events.
+    """
+    out = Replies()
+    for rep in replies:
+        if rep.body is None:
+            out.failed.append((rep.node, rep.error))
+            continue
+        node = rep.body
+        if node.served is not None and rep.asked == round_:
+            out.served = out.served or Served()
+            for d, c in node.served.per_device:
+                out.served.counts.add(c)
+                out.served.per_device.append((d, c))
+            out.served.probes.append((node.served.probe_items, node.served.probe_hits))
+        out.failed += [(f.device, f.reason) for f in node.failures]
+        out.inflight.update({i.device: i.due for i in node.inflight})
+        out.skipped += len(node.skips)
+        for u in node.updates:
+            _take(out, u, rep.asked, round_, gstate, clip)
+    return out
+
+
+def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
+          clip: float | None) -> None:
+    d, m = u.device, u.report
+    try:
+        delta = decode_delta(u.arrays)
+    except ValueError as e:
+        out.failed.append((d, str(e)))
+        return
+    problem = validate(delta, gstate, clip)
+    if problem:
+        out.failed.append((d, problem))
+        return
+    out.bytes_up += sum(v.nbytes for v in u.arrays.values())
+    weight = 1.0 if clip is not None else float(m.num_examples)
+    ledger = {"steps": m.steps, "max-exposure": m.max_exposure}
+    base = m.base_round if m.base_round is not None else asked
+    if base < round_:
+        out.late.append(Update(d, delta, weight, base_version=base, new_events=m.n_new, base_round=base))
+        out.late_metrics.append(ledger)
+        return
+    out.done.append(d)
+    out.deltas.append(delta)
+    out.weights.append(weight)
+    out.metrics.append(ledger)
+    out.counts.add(m.counts)
+    out.per_device.append((d, m.counts))
+    if u.probe is not None:
+        out.probes.append(u.probe)
+    out.new_events += m.n_new
+    out.n_new.append(m.n_new)
+    out.clipped.append(m.clipped)
+    out.preclip.append(m.preclip_norm)
+
+
+def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], clip: float, nodes: int) -> None:
+    """Take in a SecAgg+ round's sum: checked for shape and for the norm ``len(devices) x clip`` it can have."""
+    out.failed += [("secure aggregation", f) for f in sec.failures]
+    if sec.total is not None:
+        problem = validate(sec.total, gstate)
+        norm = delta_norm(sec.total)
+        if problem is None and norm > len(sec.devices) * clip * (1 + 1e-3) + 1e-3:
+            problem = f"the sum of {len(sec.devices)} clipped deltas has norm {norm:.4g} > {len(sec.devices)} x clip"
+        if problem:
+            out.failed.append(("secure aggregation", problem))
+        else:
+            out.deltas, out.presummed = [sec.total], len(sec.devices)
+            # masked vectors: about the dense size, from each node with sampled devices
+            out.bytes_up = sum(v.nbytes for v in sec.total.values()) * nodes
+    for d in sec.devices if out.presummed else []:
+        m = sec.metrics[d]
+        c = PrequentialCounts(int(m["eval-n"]), m["eval-hits"], m["eval-ndcg"])
+        out.done.append(d)
+        out.weights.append(1.0)
+        out.metrics.append({"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])})
+        out.counts.add(c)
+        out.per_device.append((d, c))
+        out.new_events += int(m["n-new"])
+        out.clipped.append(bool(m["clipped"]))
+        out.preclip.append(m["preclip-norm"])
+
+
+def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = None) -> str | None:
+    """Why a decoded delta (dense arrays or sparse ``(ids, rows)``) cannot be aggregated, or None."""
+    if set(delta) != set(gstate):
+        return f"delta has keys {sorted(delta)}, expected {sorted(gstate)}"
+    for k, v in delta.items():
+        problem = _check_array(k, v, tuple(gstate[k].shape))
+        if problem:
+            return problem
+    if clip is not None:
+        norm = delta_norm(delta)
+        if norm > clip * (1 + 1e-4):
+            return f"delta norm {norm:.4g} exceeds the clip {clip}"
+    return None
+
+
+def _check_array(k: str, v, shape: tuple[int, ...]) -> str | None:
+    if isinstance(v, tuple):
+        ids, rows = v
+        if ids.ndim != 1 or ids.dtype.kind not in "iu" or tuple(rows.shape) != (len(ids), *shape[1:]):
+            return f"sparse delta {k} has ids {ids.shape} and rows {rows.shape}, expected rows of shape {shape[1:]}"
+        if len(ids) and (ids.min() < 0 or ids.max() >= shape[0] or len(np.unique(ids)) != len(ids)):
+            return f"sparse delta {k} has row ids out of range [0, {shape[0]}) or repeated"
+        v = rows
+    elif tuple(v.shape) != shape:
+        return f"delta {k} has shape {tuple(v.shape)}, expected {shape}"
+    if not np.all(np.isfinite(v)):
+        return f"delta {k} has non-finite values"
+    return None

@@ -1,0 +1,277 @@
+"""The server's run: set up, then plan -> exchange -> collect -> apply, round after round.
+
+:func:`run_federation` drives the round functions of this package over a :class:`Transport`, the only
+part that moves messages (the Flower ServerApp in ``fedrec.server.app``, or any other). It owns the
+run's randomness (cohorts and server noise, seeded from the config and the ledger's length so a
+continued run never replays earlier draws), the checkpoint after every round, and the metrics lines.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .. import aggregation
+from ..config import RunConfig
+from ..messages import NodeInfo, RoundInstruction
+from ..privacy.accounting import calibrate_noise, event_accountant
+from ..privacy.ledger import Ledger
+from ..privacy.report import privacy_report
+from ..report import RunRecorder
+from .apply import apply_round, round_metrics
+from .plan import Federation, RoundPlan, budget_spent, plan_round
+from .replies import Replies, Reply, SecureSum, add_secure_sum, collect
+from .state import FederationError, ServerState, init_state, unfinished_checkpoint
+
+
+class Transport(Protocol):
+    """Moves one run's messages; :mod:`fedrec.messages` defines what they hold."""
+
+    def discover(self, config: dict) -> list[tuple[int, NodeInfo]]:
+        """Every node and the devices it hosts (raises :class:`FederationError` when it cannot)."""
+        ...
+
+    def start_round(self, r: int, patience: int) -> tuple[list[Reply], list[tuple[int, str]]]:
+        """Late replies that came in since the last round, and nodes given up on (silent > patience rounds)."""
+        ...
+
+    def busy_nodes(self) -> set[int]:
+        """Nodes still working on an earlier round's message."""
+        ...
+
+    def exchange(self, r: int, requests: dict[int, RoundInstruction], host: dict[str, np.ndarray], config: dict,
+                 enough: int | None) -> list[Reply]:
+        """Send round ``r``'s requests; the replies by the round's close (late ones of earlier rounds too)."""
+        ...
+
+    def late_devices(self, r: int) -> set[int]:
+        """Devices of round ``r``'s messages still unanswered when it closed."""
+        ...
+
+    def in_flight(self) -> int:
+        """Devices whose messages are still unanswered."""
+        ...
+
+    def secure(self, r: int, requests: dict[int, RoundInstruction], host: dict[str, np.ndarray],
+               config: dict) -> tuple[list[Reply], SecureSum]:
+        """A SecAgg+ round: the serving replies, and the masked sum of the sampled devices' deltas."""
+        ...
+
+
+def event_noise(cfg: RunConfig) -> float:
+    """DP-SGD noise multiplier of the devices: given, or calibrated to the per-event ε budget."""
+    if not cfg.event_dp:
+        return 0.0
+    if cfg.epsilon > 0 and cfg.calibrate:
+        steps = cfg.local_steps * (cfg.replay_rounds + 1)
+        return calibrate_noise(cfg.epsilon, cfg.sample_rate, steps, cfg.delta,
+                               event_accountant(cfg.model, cfg.accountant))
+    return cfg.noise_multiplier
+
+
+def user_noise(cfg: RunConfig, q: float) -> float:
+    """Server noise multiplier: given, or calibrated so one budget period's rounds spend the budget."""
+    if not cfg.user_dp:
+        return 0.0
+    if cfg.epsilon > 0 and cfg.calibrate:
+        rounds = min(cfg.budget_period or cfg.rounds, cfg.rounds)
+        return calibrate_noise(cfg.epsilon, q, rounds, cfg.delta, cfg.accountant)
+    return cfg.noise_multiplier
+
+
+def discover(transport: Transport, cfg: RunConfig, z_event: float) -> Federation:
+    """Ask every node which devices it hosts; the federation the run works with."""
+    home: dict[int, int] = {}
+    n_items: int | None = None
+    durable = True
+    for node, info in transport.discover(cfg.to_flat()):
+        for d in info.devices:
+            if d in home:
+                raise FederationError(f"Device {d} is hosted by two nodes; each device store must be on one node.")
+            home[d] = node
+        if n_items is not None and info.n_items != n_items:
+            raise FederationError("Nodes disagree on the item catalogue size; they must load the same data.")
+        n_items = info.n_items
+        durable = durable and info.durable
+    if not home or n_items is None:
+        raise FederationError("No node reported any device.")
+    q_user = min(1.0, cfg.cohort / len(home))
+    return Federation(cfg, home, n_items, durable, z_event, user_noise(cfg, q_user), q_user)
+
+
+def run_federation(transport: Transport, cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run ``cfg.rounds`` rounds over the nodes ``transport`` reaches; returns the summary dict."""
+    run = _Run.start(transport, cfg)
+    for r in range(run.state.round + 1, cfg.rounds + 1):
+        row = run.round(r)
+        if row is None:
+            break
+        if on_round:
+            on_round(row)
+    return run.finish()
+
+
+@dataclass
+class _Run:
+    """One run's moving parts; :meth:`round` is one round, top to bottom."""
+
+    transport: Transport
+    fed: Federation
+    state: ServerState
+    ledger: Ledger
+    rec: RunRecorder
+    rng: np.random.Generator
+    aggregator: aggregation.Aggregator
+    clock: Callable[[int], float]
+    busy: dict[int, int] = field(default_factory=dict)  #: device -> round its held update is due
+    version_of: dict[int, int] = field(default_factory=dict)  #: round -> the version it sent
+
+    @classmethod
+    def start(cls, transport: Transport, cfg: RunConfig) -> _Run:
+        stream, why = _load_stream(cfg)
+        rec = RunRecorder(cfg, stream=stream, no_stream=why)
+        fed = discover(transport, cfg, event_noise(cfg))
+        ledger = Ledger(Path(cfg.out) / "privacy_ledger.jsonl")
+        if ledger.records:
+            rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
+        state = init_state(cfg, fed.n_items)
+        rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
+                  device=str(next(iter(state.global_state.values())).device))
+        first = _resume(fed, state, rec, len(ledger.records))
+        # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones
+        seeds = [cfg.seed, len(ledger.records)] + ([first] if first > 1 else [])
+        noise_gen = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seeds[0], 11, *seeds[1:]]).generate_state(1)[0]))
+        agg = aggregation.from_config(cfg, noise_multiplier=fed.z_user, expected_devices=fed.q_user * len(fed.home),
+                                      generator=noise_gen)
+        return cls(transport, fed, state, ledger, rec, np.random.default_rng([seeds[0], 7, *seeds[1:]]), agg,
+                   _clock(cfg, stream, rec))
+
+    def round(self, r: int) -> dict | None:
+        """Round ``r``: its metrics line, or None when the run stops here (user-level budget spent)."""
+        cfg, t0 = self.fed.cfg, time.time()
+        self.version_of[r] = self.state.version
+        arrived, gone = self.transport.start_round(r, max(1, cfg.max_staleness))
+        stop = budget_spent(self.fed, self.ledger, r)
+        if stop:
+            return self._skip(r, stop, t0)
+        busy_nodes = self.transport.busy_nodes()
+        plan = plan_round(self.fed, r, self.rng, busy=self.busy, busy_nodes=busy_nodes,
+                          due=[d for d, due in self.busy.items() if due <= r])
+        host = self.state.host_state()
+        got = self._exchange(plan, host, arrived)
+        got.failed += gone
+        late_now = sorted(self.transport.late_devices(r) | set(got.inflight))
+        for u in got.late:
+            self.busy.pop(u.device, None)
+            u.base_version = self.version_of.get(u.base_round, self.state.version)
+        self.busy.update(got.inflight)
+        self.state, step = apply_round(self.state, self.fed, got, self.ledger, self.aggregator, plan,
+                                       late_now=len(late_now))
+        down = sum(a.nbytes for a in host.values())
+        extra = round_metrics(self.fed, self.state, got, step, self.ledger, plan, down=down, late_now=len(late_now))
+        row = self._record(r, got, {**extra, "wall_s": round(time.time() - t0, 3)})
+        self._checkpoint()
+        return row
+
+    def _exchange(self, plan: RoundPlan, host: dict[str, np.ndarray], arrived: list[Reply]) -> Replies:
+        cfg, r = self.fed.cfg, plan.round
+        requests = {n: RoundInstruction(r, tuple(ds), self.fed.z_event, self.clock(r)) for n, ds in plan.by_node.items()}
+        clip = cfg.clip if cfg.user_dp else None
+        if cfg.secure_aggregation:
+            served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
+            got = collect(served, self.state.global_state, clip, r)
+            add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node))
+            return got
+        enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
+        replies = self.transport.exchange(r, requests, host, cfg.to_flat(), enough)
+        # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
+        # on the order, and the same seed must give the same model on any engine
+        return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r)
+
+    def _record(self, r: int, got: Replies, extra: dict) -> dict:
+        served = got.served if self.fed.cfg.serve_eval else None
+        return self.rec.round(r, done=got.done, counts=served.counts if served else got.counts, failed=got.failed,
+                              per_device=served.per_device if served else got.per_device,
+                              probes=served.probes if served else got.probes,
+                              scored=[d for d, _ in served.per_device] if served else None, extra=extra)
+
+    def _skip(self, r: int, reason: str, t0: float) -> dict | None:
+        """A round whose budget period is spent: the run stops, or (with budget periods) skips the round."""
+        self.state.stopped = reason
+        self.rec.note(reason)
+        if not self.fed.cfg.budget_period:
+            return None
+        row = self.rec.skip(r, reason="budget", wall_s=time.time() - t0)
+        self.state.round = r
+        self._checkpoint()
+        return row
+
+    def _checkpoint(self, finished: bool = False) -> None:
+        self.state.run_info = self.rec.state_dict()
+        self.state.save(Path(self.fed.cfg.out) / "checkpoint.npz", self.fed.cfg, finished=finished)
+
+    def finish(self) -> dict:
+        waiting = (len(self.state.buffer.items) if self.state.buffer is not None else 0,
+                   len(self.busy) + self.transport.in_flight())
+        if any(waiting):
+            self.rec.note(f"at the end {waiting[0]} updates were still buffered and {waiting[1]} devices' updates "
+                          "still in flight; they were not applied")
+        self._checkpoint(finished=True)
+        final = {k: v.detach().cpu() for k, v in self.state.global_state.items()}
+        fed = self.fed
+        report = privacy_report(fed.cfg, self.ledger, z_event=fed.z_event, z_user=fed.z_user, q_user=fed.q_user,
+                                population=len(fed.population), stopped=self.state.stopped)
+        return self.rec.finish(final, report)
+
+
+def _resume(fed: Federation, state: ServerState, rec: RunRecorder, earlier: int) -> int:
+    """Continue an unfinished run from the checkpoint in ``out``, if any; the first round to run."""
+    path = Path(fed.cfg.out) / "checkpoint.npz"
+    ck = unfinished_checkpoint(fed.cfg, state, path)
+    if ck is None:
+        return 1
+    if fed.z_event and not fed.durable:
+        raise FederationError(
+            f"Cannot resume {path} under event-level DP: these nodes keep device state in memory "
+            "(simulation), so each device's record of how often its events were used would restart; "
+            "start anew (resume = false) or deploy devices with stores.")
+    state.load_state_dict(ck)
+    rec.load_state_dict(state.run_info)
+    rec.note(f"resuming after round {state.round} from the checkpoint {path}; "
+             f"the privacy ledger holds {earlier} earlier releases")
+    return state.round + 1
+
+
+def _load_stream(cfg: RunConfig) -> tuple[Any, str]:
+    """The run's events, for baselines and the replay clock; the server may not see them (deployment)."""
+    try:
+        from ..data.source import load_stream
+
+        return load_stream(cfg), ""
+    except Exception as e:  # say so in the summary, never fail the run
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _clock(cfg: RunConfig, stream: Any, rec: RunRecorder) -> Callable[[int], float]:
+    """The time up to which device stores take in events in round r (deployment; simulation ignores it)."""
+    if cfg.clock == "live":
+        return lambda r: math.inf
+    if stream is None:
+        rec.note("clock = replay, but the server cannot load the data; devices take in every recorded event "
+                 "(as with clock = live)")
+
+    def replay(r: int) -> float:
+        if stream is None:  # only a deployed device uses the clock; tell it to take everything
+            return math.inf
+        t = stream.round_end_time(r)
+        return t if math.isfinite(t) else -math.inf
+
+    return replay

@@ -1,0 +1,112 @@
+"""The server's state between rounds, in one object whose ``state_dict`` is the checkpoint.
+
+As FedJAX's ``ServerState``: the global model, the server optimizer and learning-rate schedule, the
+FedBuff buffer, the published version and the last finished round, and what the run has learned
+about itself (the newest round reflected in the model, why user-level releases stopped). The round
+functions (:mod:`.plan`, :mod:`.apply`) read and update it; nothing else carries state across rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..asynchrony import Buffer
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import RunConfig
+from ..models import model_from_config
+from ..server_aggregate import pick_device
+from ..server_lr import ServerLR
+from ..server_opt import ServerOptimizer
+
+#: config keys a resumed run may change (the number of rounds may grow)
+NOT_RESUME_KEYS = ("rounds", "out", "resume", "progress", "device")
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (no nodes, every reply failed, a checkpoint it cannot continue)."""
+
+
+class ResumeError(FederationError):
+    """A checkpoint that this run cannot continue; the message says why and what to do."""
+
+
+@dataclass
+class ServerState:
+    """Everything the server keeps between rounds."""
+
+    global_state: dict[str, torch.Tensor]
+    optimizer: ServerOptimizer
+    lr: ServerLR
+    buffer: Buffer | None = None
+    round: int = 0  #: the last finished round
+    version: int = 0  #: global versions published (async: only when the buffer is applied)
+    last_fresh: int = 0  #: the newest round whose events the published model reflects
+    stopped: str = ""  #: why user-level releases stopped (budget spent), else empty
+    run_info: dict = field(default_factory=dict)  #: the run's own record (metrics so far), kept for a resume
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        """The global parameters as numpy arrays on the CPU (what is sent to the nodes)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.global_state.items()}
+
+    def state_dict(self, cfg: RunConfig, *, finished: bool = False) -> dict:
+        """The checkpoint: what :func:`fedrec.checkpoint.save_checkpoint` writes."""
+        meta, arrays = self.buffer.state() if self.buffer is not None else ([], {})
+        return {"round_": self.round, "global_state": self.global_state, "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.lr.state_dict(), "buffer": arrays,
+                "run": {"finished": finished, "last_fresh": self.last_fresh, "stopped": self.stopped,
+                        "version": self.version, "buffer": meta, "config": resume_key(cfg), "recorder": self.run_info}}
+
+    def save(self, path: Path, cfg: RunConfig, *, finished: bool = False) -> None:
+        save_checkpoint(path, **self.state_dict(cfg, finished=finished))
+
+    def load_state_dict(self, ck: dict) -> None:
+        """Continue from a checkpoint (:func:`fedrec.checkpoint.load_checkpoint`'s output)."""
+        dev = next(iter(self.global_state.values())).device
+        self.global_state = {k: torch.as_tensor(v).to(dev) for k, v in ck["global"].items()}
+        self.optimizer.load_state_dict(ck["optimizer"], dev)
+        self.lr.load_state_dict(ck["lr_schedule"])
+        run = ck["run"]
+        self.run_info = run["recorder"]
+        self.round, self.last_fresh, self.stopped = int(ck["round"]), int(run["last_fresh"]), run["stopped"]
+        self.version = int(run.get("version", ck["round"]))
+        if self.buffer is not None:  # the updates that were waiting are applied as if no restart happened
+            self.buffer.load(run.get("buffer", []), ck["buffer"])
+
+
+def init_state(cfg: RunConfig, n_items: int) -> ServerState:
+    """A new server: the model's initial global parameters on the aggregation device."""
+    dev = pick_device(cfg.device)
+    model = model_from_config(cfg, n_items)
+    return ServerState(global_state={k: v.to(dev) for k, v in model.global_state().items()},
+                       optimizer=ServerOptimizer(cfg.server_opt),
+                       lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
+                       buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None)
+
+
+def unfinished_checkpoint(cfg: RunConfig, state: ServerState, path: Path) -> dict | None:
+    """The checkpoint in ``path`` this run continues (same config and shapes), or None to start anew."""
+    if not (cfg.resume and path.exists()):
+        return None
+    ck = load_checkpoint(path)
+    if ck["run"].get("finished", True):
+        return None
+    was = ck["run"].get("config", {})
+    diff = [k for k, v in resume_key(cfg).items() if k in was and was[k] != v]
+    if diff:
+        k = diff[0]
+        raise ResumeError(f"The checkpoint {path} belongs to a run with {k} = {was[k]!r}, not {cfg.to_flat()[k]!r}; "
+                          "use another --out, or resume = false to start anew there.")
+    shapes = {k: tuple(np.shape(v)) for k, v in ck["global"].items()}
+    want = {k: tuple(v.shape) for k, v in state.global_state.items()}
+    if shapes != want:
+        raise ResumeError(f"The checkpoint {path} holds a model of shapes {shapes}, this run builds {want}.")
+    return ck
+
+
+def resume_key(cfg: RunConfig) -> dict:
+    """The config a checkpoint must match to be resumed."""
+    return {k: v for k, v in cfg.to_flat().items() if k not in NOT_RESUME_KEYS}
