@@ -24,8 +24,12 @@ deploy: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# ruff (style, imports, complexity <= 15), mypy with the package-dir mapping (see [tool.mypy] in
+# pyproject.toml), then no function in the package longer than 60 lines.
 lint: venv
-	$(BIN)/ruff check fedrec clients server tests benchmarks scenarios
+	$(BIN)/ruff check fedrec clients server tests benchmarks scenarios tools
+	$(BIN)/python tools/typecheck.py fedrec clients server
+	$(BIN)/python tools/check_shape.py fedrec clients server
 
 # Speed and memory benchmarks (by hand; several minutes). Each prints ratios against a baseline
 # measured in the same run; see README "Performance".
