@@ -104,7 +104,7 @@ class RunRecorder:
         self.schedule.append(list(done if scored is None else scored))
         self.total.add(counts)
         k = self.cfg.k
-        row = {"round": r, f"hr@{k}": _finite(counts.hr), f"ndcg@{k}": _finite(counts.ndcg_mean),
+        row: dict[str, Any] = {"round": r, f"hr@{k}": _finite(counts.hr), f"ndcg@{k}": _finite(counts.ndcg_mean),
                "events_scored": counts.n, "devices": len(done), "failed": len(failed)}
         row.update(self._freshness_row(r, counts, per_device or [], probes or []))
         row.update(extra)
@@ -142,8 +142,8 @@ class RunRecorder:
                 t[0] += int(h)
                 t[1] += 1
         if self._target is not None:
-            t = self.probe_tally.get(self._target, {}).get(r)
-            out["target_exposure"] = t[0] / t[1] if t and t[1] else None
+            seen = self.probe_tally.get(self._target, {}).get(r)
+            out["target_exposure"] = seen[0] / seen[1] if seen and seen[1] else None
         return out
 
     def freshness(self) -> dict:
@@ -152,7 +152,7 @@ class RunRecorder:
 
         k = self.cfg.k
         rows = self.rows
-        stale = [row.get("staleness") for row in rows if row.get("staleness") is not None]
+        stale = [float(row["staleness"]) for row in rows if row.get("staleness") is not None]
         out: dict = {"window": self.cfg.freshness_window, "staleness_mean": float(np.mean(stale)) if stale else None,
                      f"whr@{k}_final": rows[-1].get(f"whr@{k}") if rows else None, "drift_round": None}
         st = self._stream
@@ -196,38 +196,10 @@ class RunRecorder:
         return row
 
     def finish(self, final_state: dict, privacy: dict) -> dict:
+        """Write ``summary.json`` (with the baselines measured on the same events), the final model and plots."""
         self._f.close()
         cfg, k = self.cfg, self.cfg.k
-        baselines = {}
-        pop_rounds: list[PrequentialCounts] = []
-        recent_rounds: list[PrequentialCounts] = []
-        try:
-            from .eval.baselines import popularity_prequential
-
-            stream = self._stream
-            if stream is None:
-                raise RuntimeError(self._no_stream)
-            pop_rounds = popularity_prequential(stream, self.schedule, k)
-            pop = PrequentialCounts()
-            for c in pop_rounds:
-                pop.add(c)
-            baselines["popularity"] = {f"hr@{k}": _finite(pop.hr), f"ndcg@{k}": _finite(pop.ndcg_mean),
-                                       "events_scored": pop.n,
-                                       "what": "counts of all events in earlier rounds, centralised, non-private"}
-            w = cfg.freshness_window
-            recent_rounds = popularity_prequential(stream, self.schedule, k, window=w)
-            rec = PrequentialCounts()
-            for c in recent_rounds:
-                rec.add(c)
-            baselines["recent_popularity"] = {f"hr@{k}": _finite(rec.hr), f"ndcg@{k}": _finite(rec.ndcg_mean),
-                                              "events_scored": rec.n, "window": w,
-                                              "what": f"counts of the events of the last {w} rounds only"}
-        except Exception as e:  # the server may not see the data (deployment): say so, do not fail the run
-            baselines["popularity"] = {"unavailable": f"{type(e).__name__}: {e}"}
-        for row, c in zip(self.rows, pop_rounds, strict=False):
-            row[f"popularity_hr@{k}"] = _finite(c.hr)
-        for row, c in zip(self.rows, recent_rounds, strict=False):
-            row[f"recent_popularity_hr@{k}"] = _finite(c.hr)
+        baselines = self._baselines()
         hr_key = f"hr@{k}"
         last = [r[hr_key] for r in self.rows[-5:] if r.get(hr_key) is not None]
         summary = {
@@ -250,6 +222,34 @@ class RunRecorder:
             "bytes": {"up": int(sum(r.get("bytes_up", 0) for r in self.rows)),
                       "down": int(sum(r.get("bytes_down", 0) for r in self.rows))},
         }
+        self._write_files(final_state, summary)
+        return summary
+
+    def _baselines(self) -> dict:
+        """Popularity and recent popularity, scored on the same events as the model; per round in the rows too."""
+        from .eval.baselines import popularity_prequential
+
+        k, w = self.cfg.k, self.cfg.freshness_window
+        if self._stream is None:  # the server may not see the data (deployment): say so, do not fail the run
+            return {"popularity": {"unavailable": f"RuntimeError: {self._no_stream}"}}
+        out = {}
+        for name, window, what in (
+                ("popularity", 0, "counts of all events in earlier rounds, centralised, non-private"),
+                ("recent_popularity", w, f"counts of the events of the last {w} rounds only")):
+            try:
+                rounds = popularity_prequential(self._stream, self.schedule, k, window=window)
+            except Exception as e:  # a baseline that cannot be measured is said, never fatal
+                return {**out, "popularity": out.get("popularity", {"unavailable": f"{type(e).__name__}: {e}"})}
+            total = PrequentialCounts()
+            for c in rounds:
+                total.add(c)
+            out[name] = {f"hr@{k}": _finite(total.hr), f"ndcg@{k}": _finite(total.ndcg_mean), "events_scored": total.n,
+                         **({"window": w} if window else {}), "what": what}
+            for row, c in zip(self.rows, rounds, strict=False):
+                row[f"{name}_hr@{k}"] = _finite(c.hr)
+        return out
+
+    def _write_files(self, final_state: dict, summary: dict) -> None:
         # the final global model, for reuse and for tests that hold two engines to the same result
         np.savez(self.out / "global_model.npz", **{k: v.detach().cpu().numpy() for k, v in final_state.items()})
         # rewrite once with the per-round popularity column (the streamed lines stay until then)
@@ -260,10 +260,9 @@ class RunRecorder:
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.out / "summary.json")
         try:
-            plot_run(self.rows, self.out / "hr_epsilon.png", k=k)
+            plot_run(self.rows, self.out / "hr_epsilon.png", k=self.cfg.k)
         except Exception as e:  # a plot must never lose the numbers
             summary["plot_error"] = str(e)
-        return summary
 
 
 def plot_run(rows: list[dict], path: Path, *, k: int = 10) -> None:

@@ -78,14 +78,15 @@ def _devices(msg: Message | None) -> list[int]:
     """The devices a request asked to train."""
     if msg is None or ROUND not in msg.content:
         return []
-    return [int(d) for d in msg.content[ROUND].get("devices", [])]
+    devices = msg.content[ROUND].get("devices", [])
+    return [int(d) for d in devices] if isinstance(devices, list) else []
 
 
 def _reply(asked: int, m: Message) -> Reply:
     """A Flower reply as the core sees it: decoded, or the reason it failed (a bad one fails alone)."""
     node = m.metadata.src_node_id
     if m.has_error():
-        return Reply(asked, node, None, m.error.reason)
+        return Reply(asked, node, None, str(m.error.reason))
     try:
         return Reply(asked, node, decode_reply(from_records(m.content)))
     except MessageError as e:
