@@ -22,8 +22,6 @@ import torch
 
 from .server_aggregate import Delta
 
-METHODS = ("mean", "trimmed-mean", "median")
-
 
 def bound_norm(delta: Delta, bound: float) -> tuple[dict, bool]:
     """Scale a delta (dense arrays or sparse ``(ids, rows)``) to L2 norm <= ``bound``; was it scaled?"""
