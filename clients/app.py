@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,10 +21,20 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fedrec.asynchrony import lateness, slow_set
-from fedrec.attack import attack_target, attacker_set
-from fedrec.client_update import DeviceState, client_update
+from fedrec.attack import attack_target, attacker_set, boosted, poisoned
+from fedrec.client_update import DeviceState, UpdateResult
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
+from fedrec.data.stream import RoundStream
+from fedrec.device_round import (
+    DeviceData,
+    device_reply,
+    device_update,
+    next_state,
+    serve_input,
+    shard_serve,
+    train_device,
+)
 from fedrec.eval.freshness import tracked_items
 from fedrec.messages import (
     CONFIG,
@@ -40,9 +51,8 @@ from fedrec.messages import (
     decode_train,
     encode_reply,
 )
-from fedrec.serving import ServeInput
-from fedrec.serving import serve as serve_devices
-from fedrec.wire import SECURE_METRICS, decode_delta, encode_delta, wire_mode
+from fedrec.models import RecModel
+from fedrec.wire import SECURE_METRICS, decode_delta, wire_mode
 
 from .device import Device, shared_model
 from .records import from_records, to_records
@@ -119,50 +129,87 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, ins: RoundInstructio
     """One round on this node: the devices in ``ins.devices`` train; every hosted device is served."""
     torch.set_num_threads(1)
     cfg = run_config(conf)
-    round_, noise = ins.round, ins.noise_multiplier
     serve = serve and cfg.serve_eval
     if store_path(context):
         return _train_store(global_state, ins, context, cfg, train=train, serve=serve)
+    return _train_shard(global_state, ins, context, cfg, train=train, serve=serve)
+
+
+@dataclass(frozen=True)
+class _Instruments:
+    """Simulation-only instruments of a run: fake devices and their target (fedrec.attack), slow devices
+    (fedrec.asynchrony) and the uptake probes' launch rounds (fedrec.eval.freshness)."""
+
+    fake: frozenset[int]
+    target: int | None
+    slow: frozenset[int]
+    start: np.ndarray | None  #: per item, its launch round (uptake probes on), else None
+
+    @classmethod
+    def of(cls, stream: RoundStream, cfg: RunConfig) -> _Instruments:
+        fake, target = _attack(stream, cfg)
+        slow = slow_set(stream.n_devices, cfg.slow_devices, cfg.seed) if cfg.slow_devices else frozenset()
+        return cls(fake, target, slow, tracked_items(stream)[0] if cfg.uptake_probe else None)
+
+
+def _train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, context: Context, cfg: RunConfig, *,
+                 train: bool, serve: bool) -> NodeReply:
+    """Simulation: a shard of devices whose private state lives in ``context.state``; the round of each is
+    :mod:`fedrec.device_round`'s, its serving batched over the shard."""
     stream = load_stream(cfg)
-    log = stream.log
-    model = shared_model(cfg, log.n_items)
+    model = shared_model(cfg, stream.log.n_items)
     mine = set(hosted_devices(context, stream.n_devices))
-    start = tracked_items(stream)[0] if cfg.uptake_probe else None
+    sim = _Instruments.of(stream, cfg)
     wire = wire_mode(cfg.wire, cfg.privacy)
-    cohort_start = None if cfg.serve_eval else start  # with serving, the probes come from every device
-    fake, target = _attack(stream, cfg)
     out = NodeReply()
-    slow = slow_set(stream.n_devices, cfg.slow_devices, cfg.seed) if cfg.slow_devices else frozenset()
-    _hand_in(out, context, round_)
+    _hand_in(out, context, ins.round)
     for d in ins.devices if train else ():
-        skey = f"device-{d}"
         try:
-            if d not in mine:
-                raise ValueError(f"device {d} is not hosted on this node")
-            if f"held-metrics-{d}" in context.state:
-                base = int(context.state[f"held-metrics-{d}"]["base-round"])
-                raise ValueError(f"device {d} is still busy with its update of round {base}")
-            state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else DeviceState()
-            idx = stream.device_events(d, round_)
-            probe = _probe(stream, cohort_start, d, round_, cfg.freshness_window)
-            items = log.item[idx] if d not in fake else np.full(len(idx), target, dtype=log.item.dtype)
-            res = client_update(model, global_state, state, items, stream.round_of[idx], round_, cfg,
-                                device_id=d, noise_multiplier=noise, probe=probe)
-            if d in fake and cfg.attack_boost != 1.0:  # model-replacement boosting
-                res.delta = {k: (v * cfg.attack_boost).astype(np.float32) for k, v in res.delta.items()}
+            res, probe = _train_one(model, global_state, stream, d, mine, ins, cfg, context, sim)
         except Exception as e:  # one failing device must not sink its node's other devices
             out.failures.append(DeviceFailure(d, f"{type(e).__name__}: {e}", traceback.format_exc()[-2000:]))
             continue
-        if not res.skipped:
-            context.state[skey] = ConfigRecord(res.state.to_config())
-        if d in slow and not res.skipped:  # a straggler: its finished update comes in a later round
-            _hold(context, out, _device_update(d, res, wire), round_,
-                  round_ + lateness(d, round_, cfg.slow_rounds, cfg.seed))
+        state = next_state(res)
+        if state is not None:
+            context.state[f"device-{d}"] = ConfigRecord(state.to_config())
+        if d in sim.slow and not res.skipped:  # a straggler: its finished update comes in a later round
+            _hold(context, out, device_update(d, res, wire), ins.round,
+                  ins.round + lateness(d, ins.round, cfg.slow_rounds, cfg.seed))
             continue
-        _reply_update(out, d, res, wire, probe)
+        _add_reply(out, device_reply(d, res, wire, probe))
     if serve:
-        out.served = _serve(context, stream, cfg, model, global_state, round_, mine, start)
+        out.served = _serve(context, stream, cfg, model, global_state, ins.round, mine, sim)
     return out
+
+
+def _train_one(model: RecModel, global_state: dict[str, np.ndarray], stream: RoundStream, d: int, mine: set[int],
+               ins: RoundInstruction, cfg: RunConfig, context: Context, sim: _Instruments
+               ) -> tuple[UpdateResult, np.ndarray | None]:
+    """Device ``d``'s local update on this node (and the uptake probe it measured, if any)."""
+    if d not in mine:
+        raise ValueError(f"device {d} is not hosted on this node")
+    if f"held-metrics-{d}" in context.state:
+        base = int(context.state[f"held-metrics-{d}"]["base-round"])
+        raise ValueError(f"device {d} is still busy with its update of round {base}")
+    skey = f"device-{d}"
+    state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else None
+    idx = stream.device_events(d, ins.round)
+    # with serving evaluation on, the uptake probes come from every served device instead
+    probe = _probe(stream, None if cfg.serve_eval else sim.start, d, ins.round, cfg.freshness_window)
+    items = stream.log.item[idx]
+    if d in sim.fake and sim.target is not None:
+        items = poisoned(items, sim.target)
+    res = train_device(model, global_state, DeviceData(d, items, stream.round_of[idx], state), cfg, ins, probe)
+    if d in sim.fake:
+        res.delta = boosted(res.delta, cfg.attack_boost)
+    return res, probe
+
+
+def _add_reply(out: NodeReply, reply: DeviceUpdate | DeviceSkip) -> None:
+    if isinstance(reply, DeviceSkip):
+        out.skips.append(reply)
+    else:
+        out.updates.append(reply)
 
 
 def _hold(context: Context, out: NodeReply, u: DeviceUpdate, round_: int, due: int) -> None:
@@ -212,24 +259,6 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     return compat.fitres_to_recorddict(res, keep_input=True)
 
 
-def _device_update(d: int, res, wire: str, probe: np.ndarray | None = None) -> DeviceUpdate:
-    """Device ``d``'s update as sent: its delta of global parameters and its counts."""
-    report = UpdateReport(num_examples=res.n_train, n_new=res.n_new, counts=res.counts, epsilon=res.epsilon,
-                          steps=res.steps, max_exposure=res.state.max_exposure, clipped=res.clipped,
-                          preclip_norm=res.preclip_norm)
-    hits = ([int(i) for i in probe], [int(h) for h in res.probe_hits]) \
-        if res.probe_hits is not None and probe is not None else None
-    return DeviceUpdate(d, encode_delta(res.delta, wire), report, hits)
-
-
-def _reply_update(out: NodeReply, d: int, res, wire: str, probe: np.ndarray | None = None) -> None:
-    """Device ``d``'s reply: its update, or why it skipped (the budget guard said no: not an error)."""
-    if res.skipped:
-        out.skips.append(DeviceSkip(d, float(res.epsilon), res.skipped))
-    else:
-        out.updates.append(_device_update(d, res, wire, probe))
-
-
 def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, context: Context, cfg: RunConfig, *,
                  train: bool, serve: bool) -> NodeReply:
     """Deployment: one device whose events and private state live in its SQLite store."""
@@ -246,50 +275,51 @@ def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, con
             out.failures.append(DeviceFailure(d, f"{type(e).__name__}: {e}", traceback.format_exc()[-2000:]))
             return out
     if res.update is not None:
-        _reply_update(out, d, res.update, wire_mode(cfg.wire, cfg.privacy))
+        _add_reply(out, device_reply(d, res.update, wire_mode(cfg.wire, cfg.privacy)))
     if serve:
         out.served = ServeReport([(d, res.served.counts)] if res.served is not None else [])
     return out
 
 
-def _serve(context: Context, stream, cfg: RunConfig, model, global_state: dict, round_: int,
-           mine: set[int], start: np.ndarray | None) -> ServeReport:
-    """Score every hosted device's events of this round with the newest version (see fedrec.serving)."""
+def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecModel, global_state: dict, round_: int,
+           mine: set[int], sim: _Instruments) -> ServeReport:
+    """Score every hosted device's events of this round with the newest version, as one batch."""
     log = stream.log
     idx = np.flatnonzero(stream.round_of == round_)
     active = sorted(set(int(u) for u in np.unique(log.user[idx])) & mine)
-    vec = context.state["serve-vectors"] if "serve-vectors" in context.state else None
-    vectors = {}
-    if vec is not None:
-        ids, mat = vec["ids"].numpy(), vec["vectors"].numpy()
-        vectors = {int(d): mat[j] for j, d in enumerate(ids)}
-    fake, target = _attack(stream, cfg)
     inputs = []
     for d in active:
-        if d in fake:  # fake devices are not users: nobody is served there
+        if d in sim.fake:  # fake devices are not users: nobody is served there
             continue
         di = stream.by_user[d]
-        r = stream.round_of[di]
-        probe = _probe(stream, start, d, round_ - 1, cfg.freshness_window)
-        if target is not None:  # the poisoning target's exposure: is it in this benign user's top-K?
-            probe = np.union1d(probe, [target]) if probe is not None else np.asarray([target])
-        inputs.append(ServeInput(device=d, history=log.item[di[r < round_]], new=log.item[di[r == round_]],
-                                 probe=probe))
-    res = serve_devices(model, global_state, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
-                        fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives)
-    for x in res:
-        if x.vector.size:  # sasrec keeps no serving vector: its user state is the history
-            vectors[x.device] = x.vector
+        di = di[stream.round_of[di] <= round_]
+        probe = _probe(stream, sim.start, d, round_ - 1, cfg.freshness_window)
+        if sim.target is not None:  # the poisoning target's exposure: is it in this benign user's top-K?
+            probe = np.union1d(probe, [sim.target]) if probe is not None else np.asarray([sim.target])
+        s = serve_input(DeviceData(d, log.item[di], stream.round_of[di]), round_, probe)
+        if s is not None:
+            inputs.append(s)
+    res, vectors = shard_serve(model, global_state, inputs, _vectors(context), cfg, round_)
     if vectors:
         keys = sorted(vectors)
         context.state["serve-vectors"] = ArrayRecord({"ids": _array(np.asarray(keys, np.int64)),
                                                      "vectors": _array(np.stack([vectors[d] for d in keys]))})
-    items = [int(i) for x, s in zip(res, inputs, strict=True) if x.probe_hits is not None for i in s.probe]
+    items = [int(i) for x, s in zip(res, inputs, strict=True) if x.probe_hits is not None and s.probe is not None
+             for i in s.probe]
     hits = [int(h) for x in res if x.probe_hits is not None for h in x.probe_hits]
     return ServeReport([(x.device, x.counts) for x in res], items, hits)
 
 
-def _attack(stream, cfg: RunConfig) -> tuple[frozenset[int], int | None]:
+def _vectors(context: Context) -> dict[int, np.ndarray]:
+    """The shard's serving vectors, as the node keeps them in its state."""
+    if "serve-vectors" not in context.state:
+        return {}
+    vec = context.state["serve-vectors"]
+    ids, mat = vec["ids"].numpy(), vec["vectors"].numpy()
+    return {int(d): mat[j] for j, d in enumerate(ids)}
+
+
+def _attack(stream: RoundStream, cfg: RunConfig) -> tuple[frozenset[int], int | None]:
     """Simulation-only poisoning experiment (fedrec.attack): the fake devices and their target."""
     if not (cfg.attackers or cfg.attack_measure):
         return frozenset(), None
@@ -297,7 +327,7 @@ def _attack(stream, cfg: RunConfig) -> tuple[frozenset[int], int | None]:
             attack_target(stream.log.item, stream.round_of, stream.log.n_items))
 
 
-def _probe(stream, start: np.ndarray | None, device: int, round_: int, window: int) -> np.ndarray | None:
+def _probe(stream: RoundStream, start: np.ndarray | None, device: int, round_: int, window: int) -> np.ndarray | None:
     """Simulation-only measurement: tracked items, already launched, that this device will use later."""
     if start is None:
         return None

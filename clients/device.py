@@ -5,8 +5,9 @@ and produces is read from and written to that store inside one SQLite transactio
 (or the SuperNode hosting it) can be killed at any moment and restarts where it was: no event,
 cursor, user vector or privacy record is lost, and a round that did not commit consumed nothing.
 
-The round itself is the same code the simulation runs: :func:`fedrec.client_update.client_update`
-(evaluate-before-train, DP local update, clipping) and :func:`fedrec.serving.serve_round`.
+The round itself is the same code the simulation runs: :func:`fedrec.device_round.device_round`
+(serving evaluation with the newest version, then :func:`fedrec.client_update.client_update`:
+evaluate-before-train, DP local update, clipping).
 
 Example
 -------
@@ -25,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrec.client_update import DeviceState, UpdateResult, client_update
+from fedrec.client_update import DeviceState, UpdateResult
 from fedrec.config import RunConfig
+from fedrec.device_round import DeviceData, DeviceOutcome, device_round, next_state
+from fedrec.messages import RoundInstruction
 from fedrec.models import RecModel, model_from_config
 from fedrec.privacy.accounting import event_accountant
 from fedrec.serving import ServeInput, ServeResult
@@ -105,37 +108,36 @@ class Device:
         if got != want:
             raise StoreError(f"The global model ({cfg.model}) has parameters {got} but the device store "
                              f"{self.store.path} ({self.n_items} items) needs {want}.")
-        private = cfg.privacy in ("event", "both")
+        ins = RoundInstruction(round_, (self.device_id,) if train else (), noise_multiplier, clock)
         with self.store.transaction():
             taken = self.store.take(round_, clock)
             items, rounds = self.store.events()
-            served = None
-            if serve and cfg.serve_eval and (rounds == round_).any():
-                vec = self.store.get_arrays("serve-vector")
-                served = serve_devices(model, global_state, [ServeInput(self.device_id, items[rounds < round_],
-                                                                items[rounds == round_])],
-                               {self.device_id: vec[1]["vector"]} if vec else {}, round_=round_, seed=cfg.seed,
-                               k=cfg.k, fit_steps=cfg.user_fit_steps, lr=cfg.user_lr or cfg.lr,
-                               negatives=cfg.negatives)[0]
-                if served.vector.size:
-                    self.store.put_arrays("serve-vector", round_, {"vector": served.vector})
-            update = None
-            if train:
-                raw = self.store.load_state()
-                state = DeviceState.from_config(raw) if raw is not None else DeviceState()
-                update = client_update(model, global_state, state, items, rounds, round_, cfg,
-                                       device_id=self.device_id, noise_multiplier=noise_multiplier)
-                if not update.skipped:
-                    self.store.save_state(update.state.to_config())
-                    if private and update.steps:
-                        self.store.append_privacy(round_=round_, noise_multiplier=noise_multiplier,
-                                                  sample_rate=cfg.sample_rate, steps=update.steps,
-                                                  max_exposure=update.state.max_exposure, epsilon=update.epsilon,
-                                                  delta=cfg.delta, accountant=event_accountant(cfg.model, cfg.accountant))
-                    self.store.retain(update.state.cursors[0])
-            self.store.put_arrays("global", round_, {k: np.asarray(v) for k, v in global_state.items()})
-            self.store.set_meta("config", json.dumps(cfg.to_flat()))
-        return DeviceRound(taken=taken, update=update, served=served)
+            raw = self.store.load_state() if train else None
+            dev = DeviceData(self.device_id, items, rounds, DeviceState.from_config(raw) if raw is not None else None)
+            vec = self.store.get_arrays("serve-vector")
+            out = device_round(model, global_state, dev, vec[1]["vector"] if vec else None, ins, cfg, train=train,
+                               serve=serve)
+            self._keep(out, global_state, cfg, ins)
+        return DeviceRound(taken=taken, update=out.update, served=out.served)
+
+    def _keep(self, out: DeviceOutcome, global_state: dict[str, np.ndarray], cfg: RunConfig,
+              ins: RoundInstruction) -> None:
+        """Write what the round leaves on the device (inside the round's transaction): the serving vector,
+        the training state, the privacy record of a DP update, the retention cut, the global version."""
+        if out.served is not None and out.served.vector.size:
+            self.store.put_arrays("serve-vector", ins.round, {"vector": out.served.vector})
+        update = out.update
+        state = next_state(update) if update is not None else None
+        if update is not None and state is not None:
+            self.store.save_state(state.to_config())
+            if cfg.event_dp and update.steps:
+                self.store.append_privacy(round_=ins.round, noise_multiplier=ins.noise_multiplier,
+                                          sample_rate=cfg.sample_rate, steps=update.steps,
+                                          max_exposure=state.max_exposure, epsilon=update.epsilon,
+                                          delta=cfg.delta, accountant=event_accountant(cfg.model, cfg.accountant))
+            self.store.retain(state.cursors[0])
+        self.store.put_arrays("global", ins.round, {k: np.asarray(v) for k, v in global_state.items()})
+        self.store.set_meta("config", json.dumps(cfg.to_flat()))
 
     # ---- local recommendation ------------------------------------------------------------------
     def recommend(self, k: int = 10, *, explain: bool = False, reasons: int = 3) -> list:

@@ -37,3 +37,15 @@ def attack_target(items: np.ndarray, rounds: np.ndarray, n_items: int) -> int:
     if len(cand) == 0:
         cand = np.arange(n_items)
     return int(cand[np.argmin(counts[cand])])
+
+
+def poisoned(items: np.ndarray, target: int) -> np.ndarray:
+    """A fake device's events: every item replaced by the target (its user "clicked" it over and over)."""
+    return np.full(len(items), target, dtype=items.dtype)
+
+
+def boosted(delta: dict[str, np.ndarray], boost: float) -> dict[str, np.ndarray]:
+    """A fake device's delta scaled by ``boost`` (model-replacement boosting; 1 leaves it as it is)."""
+    if boost == 1.0:
+        return delta
+    return {k: (v * boost).astype(np.float32) for k, v in delta.items()}

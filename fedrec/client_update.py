@@ -107,74 +107,110 @@ def client_update(
     nothing consumed) and says so in ``skipped``. Under ``user``/``both`` the whole delta of
     global parameters is clipped to ``cfg.clip`` before it leaves the device.
 
-    ``probe`` (simulation only, a measuring instrument): item ids whose membership in the device's
-    top-K, as served before training, is reported in ``probe_hits`` (new-item uptake). It never
-    changes what the device trains on or sends as its delta.
+    ``probe`` (simulation only, a measuring instrument): items whose membership in the device's top-K
+    before training is reported in ``probe_hits`` (new-item uptake); it changes nothing trained or sent.
     """
     torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_))
-    if set(state.local) != set(model.local_names):  # a new device: a fresh local state, the rest kept
-        state = replace(state, local={k: v.numpy() for k, v in model.init_local(torch_g).items()})
-    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
-    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
-
+    state = _load(model, global_state, state, torch_g)
     cur = state.cursors[-1]
     known = rounds <= cur
     new = (rounds > cur) & (rounds <= round_)
     seen = np.zeros(model.n_items, bool)
     seen[items[known]] = True
-    if cfg.user_fit_steps and known.any():
-        # Instant on-device personalisation: fit the local vector to the device's past events against the
-        # global version just received, before scoring the new ones (nothing new is looked at). Under
-        # event-level DP this vector is used for local scoring only; training restarts from the DP-trained
-        # one, so no non-private step ever shapes a released delta.
-        _fit_local(model, torch.from_numpy(items[known].astype(np.int64)), seen, cfg, torch_g)
-    scores = model.score_all(items[known]).numpy()
-    counts = prequential_counts(scores, seen, items[new], cfg.k)
-    probe_hits = in_topk(scores, probe, seen, cfg.k) if probe is not None and len(probe) else None
-    if cfg.user_fit_steps and known.any() and cfg.event_dp:
-        model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
+    counts, probe_hits = _evaluate(model, state, items, known, new, seen, cfg, torch_g, probe)
 
     private = cfg.event_dp
-    acc = event_accountant(cfg.model, cfg.accountant)  # sasrec: per-event ε by group privacy of its sessions
-    keep = cfg.replay_rounds + 1
-    q = cfg.sample_rate
-    if private and cfg.epsilon > 0:
-        # budget guard: the events of the last `replay_rounds` windows and the new ones would reach
-        # this exposure; the device trains only if the per-event bound stays within the budget
-        would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.local_steps
-                    if keep > 1 else cfg.local_steps)
-        eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, acc)
-        if eps_next > cfg.epsilon * (1 + 1e-9):
-            zero = {k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in global_state.items()}
-            eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, acc) \
-                if state.max_exposure else 0.0
-            return UpdateResult(delta=zero, n_train=0, n_new=0, counts=PrequentialCounts(), epsilon=eps_now,
-                                steps=0, state=state,
-                                skipped=f"budget: this update would bring per-event epsilon to {eps_next:.3f} "
-                                        f"> budget {cfg.epsilon}", probe_hits=probe_hits)
+    skipped = _budget_guard(global_state, state, cfg, noise_multiplier) if private and cfg.epsilon > 0 else None
+    if skipped is not None:
+        skipped.probe_hits = probe_hits
+        return skipped
 
-    # training set: the new events plus those of the device's last `replay_rounds` windows
-    oldest = state.cursors[0]  # cursors holds the last replay_rounds + 1 cursors (initially [0])
-    train_mask = (rounds > oldest) & (rounds <= round_)
+    # training set: the new events plus those of the device's last `replay_rounds` windows (cursors holds the
+    # last replay_rounds + 1 cursors, initially [0])
+    train_mask = (rounds > state.cursors[0]) & (rounds <= round_)
     n_train = int(train_mask.sum())
-    n_new = int(new.sum())
     before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
 
-    steps = 0
-    if n_train > 0:
-        steps = _local_sgd(model, items, rounds, train_mask, seen | _mask(items[train_mask], model.n_items), cfg,
-                           torch_g, noise_multiplier if private else 0.0, private)
+    steps = 0 if n_train == 0 else _local_sgd(
+        model, items, rounds, train_mask, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
+        noise_multiplier if private else 0.0, private)
+    delta, local, preclip, was_clipped = _delta(model, before, cfg)
+    nxt, eps = _next_state(state, local, round_, steps, cfg, noise_multiplier)
+    return UpdateResult(delta=delta, n_train=n_train, n_new=int(new.sum()), counts=counts, epsilon=eps,
+                        steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits)
 
+
+def _load(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState,
+          g: torch.Generator) -> DeviceState:
+    """Load the global version and the device's local state (a new device: a fresh one from ``g``)."""
+    if set(state.local) != set(model.local_names):  # a new device: a fresh local state, the rest kept
+        state = replace(state, local={k: v.numpy() for k, v in model.init_local(g).items()})
+    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
+    return state
+
+
+def _delta(model: RecModel, before: dict[str, torch.Tensor], cfg: RunConfig
+           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, bool]:
+    """The delta of global parameters (clipped under user-level DP), the local state, the norm before the
+    clip and whether the clip bit."""
     params = dict(model.named_parameters())
     delta = {k: (params[k].detach() - before[k]).numpy().astype(np.float32) for k in model.global_names}
     local = {k: params[k].detach().numpy().copy() for k in model.local_names}
     preclip, was_clipped = 0.0, False
     if cfg.user_dp:
         delta, preclip, was_clipped = clip_delta(delta, cfg.clip)
+    return delta, local, preclip, was_clipped
 
-    # Bookkeeping. Each participation opens one event window (cursor..round_); a window is trained on
-    # in its own participation and the next `replay_rounds` ones, so an event's DP steps are the sum
-    # of at most replay_rounds + 1 consecutive participations' steps (a suffix sum of recent_steps).
+
+def _evaluate(model: RecModel, state: DeviceState, items: np.ndarray, known: np.ndarray, new: np.ndarray,
+              seen: np.ndarray, cfg: RunConfig, g: torch.Generator, probe: np.ndarray | None
+              ) -> tuple[PrequentialCounts, np.ndarray | None]:
+    """Score the new events (and the probe) before training, with the device's state as of its past events."""
+    if cfg.user_fit_steps and known.any():
+        # Instant on-device personalisation: fit the local vector to the device's past events against the
+        # global version just received, before scoring the new ones (nothing new is looked at). Under
+        # event-level DP this vector is used for local scoring only; training restarts from the DP-trained
+        # one, so no non-private step ever shapes a released delta.
+        _fit_local(model, torch.from_numpy(items[known].astype(np.int64)), seen, cfg, g)
+    scores = model.score_all(items[known]).numpy()
+    counts = prequential_counts(scores, seen, items[new], cfg.k)
+    probe_hits = in_topk(scores, probe, seen, cfg.k) if probe is not None and len(probe) else None
+    if cfg.user_fit_steps and known.any() and cfg.event_dp:
+        model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
+    return counts, probe_hits
+
+
+def _budget_guard(global_state: dict[str, np.ndarray], state: DeviceState, cfg: RunConfig,
+                  noise_multiplier: float) -> UpdateResult | None:
+    """The event-level budget guard: a skipped result if this update would exceed ``cfg.epsilon``, else None.
+
+    The events of the last ``replay_rounds`` windows and the new ones would reach this exposure; the
+    device trains only if the per-event bound stays within the budget.
+    """
+    acc = event_accountant(cfg.model, cfg.accountant)  # sasrec: per-event ε by group privacy of its sessions
+    keep, q = cfg.replay_rounds + 1, cfg.sample_rate
+    would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.local_steps
+                if keep > 1 else cfg.local_steps)
+    eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, acc)
+    if eps_next <= cfg.epsilon * (1 + 1e-9):
+        return None
+    zero = {k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in global_state.items()}
+    eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, acc) if state.max_exposure else 0.0
+    return UpdateResult(delta=zero, n_train=0, n_new=0, counts=PrequentialCounts(), epsilon=eps_now, steps=0,
+                        state=state, skipped=f"budget: this update would bring per-event epsilon to {eps_next:.3f} "
+                                             f"> budget {cfg.epsilon}")
+
+
+def _next_state(state: DeviceState, local: dict[str, np.ndarray], round_: int, steps: int, cfg: RunConfig,
+                noise_multiplier: float) -> tuple[DeviceState, float]:
+    """The device's state after an update of ``steps`` steps, and its event-level ε so far.
+
+    Each participation opens one event window (cursor..round_); a window is trained on in its own
+    participation and the next ``replay_rounds`` ones, so an event's DP steps are the sum of at most
+    replay_rounds + 1 consecutive participations' steps (a suffix sum of recent_steps).
+    """
+    private, keep, q = cfg.event_dp, cfg.replay_rounds + 1, cfg.sample_rate
     cursors = (list(state.cursors) + [round_])[-keep:]
     recent_steps = (list(state.recent_steps) + [steps])[-keep:]
     history = list(state.history)
@@ -183,9 +219,9 @@ def client_update(
     max_exposure = max(state.max_exposure, sum(recent_steps)) if private else 0
     nxt = DeviceState(local=local, cursors=cursors, recent_steps=recent_steps, max_exposure=max_exposure,
                       participations=state.participations + 1, history=history)
+    acc = event_accountant(cfg.model, cfg.accountant)
     eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, acc) if private and max_exposure else 0.0
-    return UpdateResult(delta=delta, n_train=n_train, n_new=n_new, counts=counts, epsilon=eps,
-                        steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits)
+    return nxt, eps
 
 
 def _mask(idx: np.ndarray, n: int) -> np.ndarray:

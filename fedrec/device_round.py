@@ -1,0 +1,119 @@
+"""A device's part of one server round, written once for the simulation and the device SDK.
+
+Each device, in each round: 1. its events of the round are scored before it has them
+(prequential HR/NDCG), with the newest global version and its own serving vector fitted to its
+events before the round (:mod:`fedrec.serving`); 2. if the server sampled it, it runs its local
+update (:func:`fedrec.client_update.client_update`); 3. it keeps its private state and serving
+vector, and replies with its delta of GLOBAL parameters and its counts only.
+
+These are pure functions over the device's events, its :class:`DeviceState`, its serving vector
+and the server's :class:`~fedrec.messages.RoundInstruction`; they return what to reply and the
+device's next state. Where that state lives is the caller's business: a simulated node keeps a
+shard of devices in Flower's ``context.state`` (and serves them as one batch: :func:`serve_devices`
+takes a list, and each device's result does not depend on the batch), a deployed device keeps its
+own in its SQLite store (:meth:`fedrec.clients.device.Device.run_round`, one transaction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .client_update import DeviceState, UpdateResult, client_update
+from .config import RunConfig
+from .messages import DeviceSkip, DeviceUpdate, RoundInstruction, UpdateReport
+from .models.base import RecModel
+from .serving import ServeInput, ServeResult, serve
+from .wire import encode_delta
+
+
+@dataclass
+class DeviceData:
+    """One device as its round sees it (nothing here is ever sent)."""
+
+    device: int
+    items: np.ndarray  #: item ids of its events so far (rounds ``<=`` the current one), time order
+    rounds: np.ndarray  #: the round window of each event
+    state: DeviceState | None = None  #: its private training state (None: a device that never trained)
+
+
+def serve_input(dev: DeviceData, round_: int, probe: np.ndarray | None = None) -> ServeInput | None:
+    """What serving needs of ``dev`` in ``round_``: its history and its new events (None without new events)."""
+    new = dev.rounds == round_
+    if not new.any():
+        return None
+    return ServeInput(device=dev.device, history=dev.items[dev.rounds < round_], new=dev.items[new], probe=probe)
+
+
+def serve_devices(model: RecModel, global_state: Mapping[str, np.ndarray], inputs: list[ServeInput],
+                  vectors: dict[int, np.ndarray], cfg: RunConfig, round_: int) -> list[ServeResult]:
+    """Step 1 for a batch of devices: score their new events with the newest version (see :func:`serve`)."""
+    return serve(model, dict(global_state), inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
+                 fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives)
+
+
+def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: DeviceData, cfg: RunConfig,
+                 ins: RoundInstruction, probe: np.ndarray | None = None) -> UpdateResult:
+    """Step 2: the device's local update on its events, from its state (a new device: a fresh one)."""
+    return client_update(model, dict(global_state), dev.state if dev.state is not None else DeviceState(),
+                         dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
+                         noise_multiplier=ins.noise_multiplier, probe=probe)
+
+
+def device_update(device: int, res: UpdateResult, wire: str, probe: np.ndarray | None = None) -> DeviceUpdate:
+    """Device ``device``'s update as sent: its delta of global parameters, wire-encoded, and its counts."""
+    report = UpdateReport(num_examples=res.n_train, n_new=res.n_new, counts=res.counts, epsilon=res.epsilon,
+                          steps=res.steps, max_exposure=res.state.max_exposure, clipped=res.clipped,
+                          preclip_norm=res.preclip_norm)
+    hits = ([int(i) for i in probe], [int(h) for h in res.probe_hits]) \
+        if res.probe_hits is not None and probe is not None else None
+    return DeviceUpdate(device, encode_delta(res.delta, wire), report, hits)
+
+
+def device_reply(device: int, res: UpdateResult, wire: str,
+                 probe: np.ndarray | None = None) -> DeviceUpdate | DeviceSkip:
+    """Step 3: the device's reply: its update, or why it skipped (its budget guard said no: not an error)."""
+    if res.skipped:
+        return DeviceSkip(device, float(res.epsilon), res.skipped)
+    return device_update(device, res, wire, probe)
+
+
+def next_state(res: UpdateResult) -> DeviceState | None:
+    """The state the device keeps after its update (None: keep the old one; a skipped round consumed nothing)."""
+    return None if res.skipped else res.state
+
+
+@dataclass
+class DeviceOutcome:
+    """What one device's round produced: its served result and its update (each None when not run)."""
+
+    served: ServeResult | None
+    update: UpdateResult | None
+
+
+def device_round(model: RecModel, global_state: Mapping[str, np.ndarray], dev: DeviceData,
+                 vector: np.ndarray | None, ins: RoundInstruction, cfg: RunConfig, *, train: bool,
+                 serve: bool = True) -> DeviceOutcome:
+    """One device's whole round: serve its new events (with serving evaluation on), then train if asked."""
+    served = None
+    if serve and cfg.serve_eval:
+        s = serve_input(dev, ins.round)
+        if s is not None:
+            (served,) = serve_devices(model, global_state, [s], {dev.device: vector} if vector is not None else {},
+                                      cfg, ins.round)
+    update = train_device(model, global_state, dev, cfg, ins) if train else None
+    return DeviceOutcome(served, update)
+
+
+def shard_serve(model: RecModel, global_state: Mapping[str, np.ndarray], inputs: Sequence[ServeInput],
+                vectors: dict[int, np.ndarray], cfg: RunConfig, round_: int
+                ) -> tuple[list[ServeResult], dict[int, np.ndarray]]:
+    """Step 1 over a shard of devices at once, and the shard's serving vectors after it (a new mapping)."""
+    res = serve_devices(model, global_state, list(inputs), vectors, cfg, round_)
+    after = dict(vectors)
+    for x in res:
+        if x.vector.size:  # sasrec keeps no serving vector: its user state is the history
+            after[x.device] = x.vector
+    return res, after
