@@ -32,6 +32,7 @@ from array import array
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,23 +123,26 @@ def load_events(path: str | os.PathLike, *, max_rows: int | None = None) -> Even
         if isinstance(fmt, _Numeric):
             if fmt.name != "movielens-csv":  # headerless: the first line is data
                 fh.seek(offset)
-                first_body_line = header_line
-            else:
-                first_body_line = header_line + 1
-            cols = _read_numeric(fh, fmt, src, first_body_line, limit)
-            n = len(cols["user"])
-            if n == 0:
-                raise DataError(f"{src}: the file has a header but no data rows.")
-            return EventLog.from_arrays(
-                cols["user"],
-                cols["item"],
-                cols["timestamp"],
-                cols["weight"],
-                np.full(n, _KIND_CODE["rating"], np.int8),
-                source=src,
-                meta={"format": fmt.name},
-            )
+                return _load_numeric(fh, fmt, src, header_line, limit)
+            return _load_numeric(fh, fmt, src, header_line + 1, limit)
         return _read_generic(fh, fmt, src, header_line, limit)
+
+
+def _load_numeric(fh: io.BufferedReader, fmt: _Numeric, src: str, first_body_line: int, limit: int | None) -> EventLog:
+    """The events of a MovieLens file, ``fh`` positioned at its first data line (``first_body_line``)."""
+    cols = _read_numeric(fh, fmt, src, first_body_line, limit)
+    n = len(cols["user"])
+    if n == 0:
+        raise DataError(f"{src}: the file has a header but no data rows.")
+    return EventLog.from_arrays(
+        cols["user"],
+        cols["item"],
+        cols["timestamp"],
+        cols["weight"],
+        np.full(n, _KIND_CODE["rating"], np.int8),
+        source=src,
+        meta={"format": fmt.name},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +354,7 @@ def _slow_numeric(
         checked = False
     sep = fmt.sep.decode()
     ncols = len(fmt.roles)
-    store = {r: array("q") if r in ("user", "item") else array("d") for r in fmt.roles}
+    store: dict[str, array[Any]] = {r: array("q") if r in ("user", "item") else array("d") for r in fmt.roles}
     n = 0
     lines = text.replace("\r\n", "\n").split("\n")
     if lines and lines[-1] == "":
@@ -403,15 +407,7 @@ def _read_generic(
     fh: io.BufferedReader, roles: tuple[str, ...], src: str, header_line: int, limit: int | None
 ) -> EventLog:
     """Read the rows of a generic CSV file (``fh`` positioned just after the header)."""
-    ncols = len(roles)
-    ui, ii, ti = roles.index("user"), roles.index("item"), roles.index("timestamp")
-    wi = roles.index("weight") if "weight" in roles else None
-    ki = roles.index("kind") if "kind" in roles else None
-    users: dict[str, int] = {}
-    items: dict[str, int] = {}
-    u_col, i_col, k_col = array("q"), array("q"), array("b")
-    t_col, w_col = array("d"), array("d")
-    event_code = _KIND_CODE["event"]
+    rows = _GenericRows(roles, src)
     text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
     reader = csv.reader(text)
     prev_end = header_line  # physical line where the previous record ended
@@ -424,39 +420,7 @@ def _read_generic(
                 continue  # blank line
             if limit is not None and n >= limit:
                 break
-            if len(row) != ncols:
-                raise DataError(
-                    f"{src}:{line_no}: expected {ncols} comma-separated fields ({', '.join(roles)}) "
-                    f"but found {len(row)} in {_show(','.join(row))}."
-                )
-            u = row[ui].strip()
-            if not u:
-                raise DataError(f"{src}:{line_no}: the user id is empty.")
-            it = row[ii].strip()
-            if not it:
-                raise DataError(f"{src}:{line_no}: the item id is empty.")
-            code = users.get(u)
-            if code is None:
-                _check_id(u, "user", src, line_no)
-                code = users[u] = len(users)
-            u_col.append(code)
-            code = items.get(it)
-            if code is None:
-                _check_id(it, "item", src, line_no)
-                code = items[it] = len(items)
-            i_col.append(code)
-            t_col.append(_parse_timestamp(row[ti], src, line_no))
-            w_col.append(1.0 if wi is None else _parse_weight(row[wi], src, line_no))
-            if ki is None:
-                k_col.append(event_code)
-            else:
-                kind = _KIND_CODE.get(row[ki].strip().lower())
-                if kind is None:
-                    raise DataError(
-                        f"{src}:{line_no}: unknown kind {_show(row[ki])} "
-                        f"(expected one of {', '.join(KINDS)})."
-                    )
-                k_col.append(kind)
+            rows.add(row, line_no)
             n += 1
     except csv.Error as exc:
         raise DataError(f"{src}:{header_line + reader.line_num}: unreadable CSV ({exc}).") from None
@@ -464,18 +428,70 @@ def _read_generic(
         text.detach()
     if n == 0:
         raise DataError(f"{src}: the file has a header but no data rows.")
-    log = EventLog.from_arrays(
-        np.frombuffer(u_col, np.int64),
-        np.frombuffer(i_col, np.int64),
-        np.frombuffer(t_col, np.float64),
-        np.frombuffer(w_col, np.float64),
-        np.frombuffer(k_col, np.int8),
-        source=src,
-        meta={"format": "generic-csv"},
-    )
-    user_names = np.array(list(users), dtype=str)
-    item_names = np.array(list(items), dtype=str)
-    return replace(log, user_ids=user_names[log.user_ids], item_ids=item_names[log.item_ids])
+    return rows.event_log()
+
+
+class _GenericRows:
+    """The columns of a generic CSV file, filled row by row; ids get dense codes as first seen."""
+
+    def __init__(self, roles: tuple[str, ...], src: str) -> None:
+        self.roles, self.src = roles, src
+        self.ui, self.ii, self.ti = roles.index("user"), roles.index("item"), roles.index("timestamp")
+        self.wi = roles.index("weight") if "weight" in roles else None
+        self.ki = roles.index("kind") if "kind" in roles else None
+        self.users: dict[str, int] = {}
+        self.items: dict[str, int] = {}
+        self.u_col, self.i_col, self.k_col = array("q"), array("q"), array("b")
+        self.t_col, self.w_col = array("d"), array("d")
+
+    def add(self, row: list[str], line_no: int) -> None:
+        """Check and append one non-blank record, which starts on physical line ``line_no``."""
+        src, roles = self.src, self.roles
+        if len(row) != len(roles):
+            raise DataError(
+                f"{src}:{line_no}: expected {len(roles)} comma-separated fields ({', '.join(roles)}) "
+                f"but found {len(row)} in {_show(','.join(row))}."
+            )
+        u = row[self.ui].strip()
+        if not u:
+            raise DataError(f"{src}:{line_no}: the user id is empty.")
+        it = row[self.ii].strip()
+        if not it:
+            raise DataError(f"{src}:{line_no}: the item id is empty.")
+        self.u_col.append(self._code(self.users, u, "user", line_no))
+        self.i_col.append(self._code(self.items, it, "item", line_no))
+        self.t_col.append(_parse_timestamp(row[self.ti], src, line_no))
+        self.w_col.append(1.0 if self.wi is None else _parse_weight(row[self.wi], src, line_no))
+        self.k_col.append(_KIND_CODE["event"] if self.ki is None else self._kind(row[self.ki], line_no))
+
+    def _code(self, codes: dict[str, int], name: str, role: str, line_no: int) -> int:
+        code = codes.get(name)
+        if code is None:
+            _check_id(name, role, self.src, line_no)
+            code = codes[name] = len(codes)
+        return code
+
+    def _kind(self, field: str, line_no: int) -> int:
+        kind = _KIND_CODE.get(field.strip().lower())
+        if kind is None:
+            raise DataError(
+                f"{self.src}:{line_no}: unknown kind {_show(field)} (expected one of {', '.join(KINDS)})."
+            )
+        return kind
+
+    def event_log(self) -> EventLog:
+        log = EventLog.from_arrays(
+            np.frombuffer(self.u_col, np.int64),
+            np.frombuffer(self.i_col, np.int64),
+            np.frombuffer(self.t_col, np.float64),
+            np.frombuffer(self.w_col, np.float64),
+            np.frombuffer(self.k_col, np.int8),
+            source=self.src,
+            meta={"format": "generic-csv"},
+        )
+        user_names = np.array(list(self.users), dtype=str)
+        item_names = np.array(list(self.items), dtype=str)
+        return replace(log, user_ids=user_names[log.user_ids], item_ids=item_names[log.item_ids])
 
 
 def _parse_timestamp(field: str, src: str, line_no: int) -> float:

@@ -55,6 +55,32 @@ class WorldSpec:
 def make_world(spec: WorldSpec) -> EventLog:
     """Generate the world's event log (dense ids; ``meta['world']`` holds the ground truth)."""
     rng = np.random.default_rng(spec.seed)
+    layout = _draw_layout(spec, rng)
+    users, items, times = [], [], []
+    for u in range(spec.users):
+        for t, i in _user_events(spec, layout, u, rng):
+            users.append(u)
+            items.append(i)
+            times.append(t)
+    return _event_log(spec, layout, users, items, times)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the generator draws before any event (the world's ground truth, with the spec)."""
+
+    item_topic: np.ndarray
+    quality: np.ndarray
+    launch: np.ndarray  #: launch time of each item (0 for the items there from the start)
+    new_items: np.ndarray
+    main_topic: np.ndarray
+    shifted: np.ndarray  #: bool per user: does the user's interest shift at ``shift_time``
+    new_topic: np.ndarray
+    burst_items: np.ndarray
+
+
+def _draw_layout(spec: WorldSpec, rng: np.random.Generator) -> _Layout:
+    """Items (topic, quality, launch), users (topic, shift) and trending items, drawn in that order."""
     U, V, T, H = spec.users, spec.items, spec.topics, spec.horizon
 
     item_topic = rng.permutation(np.arange(V) % T)
@@ -69,7 +95,6 @@ def make_world(spec: WorldSpec) -> EventLog:
     launch[new_items] = rng.uniform(lo * H, hi * H, size=n_new)
 
     main_topic = rng.integers(0, T, size=U)
-    shift_time = spec.shift_time * H
     shifted = rng.random(U) < spec.shift_share
     new_topic = main_topic.copy()
     offs = rng.integers(1, T, size=U)
@@ -77,49 +102,56 @@ def make_world(spec: WorldSpec) -> EventLog:
 
     old_items = np.setdiff1d(np.arange(V), new_items)
     burst_items = np.sort(rng.choice(old_items, size=spec.bursts, replace=False)) if spec.bursts else np.zeros(0, int)
-    t_burst, w_burst = spec.burst_time * H, max(spec.burst_width * H, 1e-9)
+    return _Layout(item_topic, quality, launch, new_items, main_topic, shifted, new_topic, burst_items)
 
-    users, items, times = [], [], []
+
+def _user_events(spec: WorldSpec, w: _Layout, u: int, rng: np.random.Generator) -> list[tuple[float, int]]:
+    """``(time, item)`` of each of user ``u``'s events, in time order; a user never sees an item twice."""
+    V, T, H = spec.items, spec.topics, spec.horizon
+    shift_time = spec.shift_time * H
+    t_burst, w_burst = spec.burst_time * H, max(spec.burst_width * H, 1e-9)
     decay = max(spec.novelty_decay * H, 1e-9)
-    for u in range(U):
-        ts = np.sort(rng.uniform(0, H, size=spec.events_per_user))
-        seen = np.zeros(V, bool)
-        for t in ts:
-            topic = new_topic[u] if t >= shift_time else main_topic[u]
-            if rng.random() >= spec.focus:
-                topic = rng.integers(0, T)
-            age = t - launch
-            avail = (age >= 0) & ~seen
-            if len(burst_items) and rng.random() < spec.burst_share * np.exp(-0.5 * ((t - t_burst) / w_burst) ** 2):
-                hot = burst_items[avail[burst_items]]
-                if len(hot):  # a trending item, whatever the user's topic
-                    i = rng.choice(hot)
-                    seen[i] = True
-                    users.append(u)
-                    items.append(i)
-                    times.append(t)
-                    continue
-            appeal = quality * (1.0 + spec.novelty_boost * np.exp(-np.maximum(age, 0) / decay) * (launch > 0))
-            w = np.where(avail & (item_topic == topic), appeal, 0.0)
-            if w.sum() <= 0:
-                w = np.where(avail, appeal, 0.0)
-            i = rng.choice(V, p=w / w.sum())
-            seen[i] = True
-            users.append(u)
-            items.append(i)
-            times.append(t)
+    events = []
+    ts = np.sort(rng.uniform(0, H, size=spec.events_per_user))
+    seen = np.zeros(V, bool)
+    for t in ts:
+        topic = w.new_topic[u] if t >= shift_time else w.main_topic[u]
+        if rng.random() >= spec.focus:
+            topic = rng.integers(0, T)
+        age = t - w.launch
+        avail = (age >= 0) & ~seen
+        if len(w.burst_items) and rng.random() < spec.burst_share * np.exp(-0.5 * ((t - t_burst) / w_burst) ** 2):
+            hot = w.burst_items[avail[w.burst_items]]
+            if len(hot):  # a trending item, whatever the user's topic
+                i = rng.choice(hot)
+                seen[i] = True
+                events.append((t, i))
+                continue
+        appeal = w.quality * (1.0 + spec.novelty_boost * np.exp(-np.maximum(age, 0) / decay) * (w.launch > 0))
+        p = np.where(avail & (w.item_topic == topic), appeal, 0.0)
+        if p.sum() <= 0:
+            p = np.where(avail, appeal, 0.0)
+        i = rng.choice(V, p=p / p.sum())
+        seen[i] = True
+        events.append((t, i))
+    return events
+
+
+def _event_log(spec: WorldSpec, w: _Layout, users: list, items: list, times: list) -> EventLog:
+    """The events sorted by time, with the ground truth in ``meta['world']``."""
+    U, V, T, H = spec.users, spec.items, spec.topics, spec.horizon
     truth = {
         "spec": asdict(spec),
-        "item_topic": item_topic.tolist(),
-        "launch_time": launch.tolist(),
-        "new_items": sorted(int(i) for i in new_items),
-        "main_topic": main_topic.tolist(),
-        "shift_time": shift_time,
-        "shifted_users": np.flatnonzero(shifted).tolist(),
-        "new_topic": new_topic.tolist(),
-        "burst_items": burst_items.tolist(),
-        "burst_time": t_burst,
-        "burst_width": w_burst,
+        "item_topic": w.item_topic.tolist(),
+        "launch_time": w.launch.tolist(),
+        "new_items": sorted(int(i) for i in w.new_items),
+        "main_topic": w.main_topic.tolist(),
+        "shift_time": spec.shift_time * H,
+        "shifted_users": np.flatnonzero(w.shifted).tolist(),
+        "new_topic": w.new_topic.tolist(),
+        "burst_items": w.burst_items.tolist(),
+        "burst_time": spec.burst_time * H,
+        "burst_width": max(spec.burst_width * H, 1e-9),
     }
     u_arr = np.asarray(users, np.int64)
     i_arr = np.asarray(items, np.int64)
