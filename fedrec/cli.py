@@ -103,30 +103,7 @@ def simulate(cfg: RunConfig) -> dict:
     _quiet()
     with progress:
         task = progress.add_task("", total=cfg.rounds)
-        if cfg.method == "centralised":
-            from .centralised import run_centralised
-
-            run_centralised(cfg, on_round=on_round)
-        elif cfg.engine == "local":
-            from .clients.app import app as client_app
-            from .server.app import run_federation
-            from .server.local_grid import LocalGrid
-
-            run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg, on_round=on_round)
-        else:
-            from flwr.simulation import run_simulation
-
-            from .clients.app import app as client_app
-            from .server.app import make_server_app
-
-            errors: list[BaseException] = []
-            run_simulation(server_app=make_server_app(cfg, on_round=on_round, errors=errors), client_app=client_app,
-                           num_supernodes=cfg.nodes,
-                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                           "init_args": {"num_cpus": cfg.nodes, "include_dashboard": False,
-                                                         "logging_level": "ERROR", "log_to_driver": True}})
-            if errors:  # the ServerApp ran in Flower's thread: its error is ours to report
-                raise errors[0]
+        _run_engine(cfg, on_round)
     summ = Path(cfg.out) / "summary.json"
     if not summ.is_file():
         raise RuntimeError(f"The simulation ended without writing {summ}; see the log above.")
@@ -135,6 +112,35 @@ def simulate(cfg: RunConfig) -> dict:
     summary = json.loads(summ.read_text())
     _print_summary(console, summary, k)
     return summary
+
+
+def _run_engine(cfg: RunConfig, on_round) -> None:
+    """The run itself: the centralised ceiling, the in-process engine, or Flower's Simulation Engine (Ray)."""
+    if cfg.method == "centralised":
+        from .centralised import run_centralised
+
+        run_centralised(cfg, on_round=on_round)
+        return
+    from .clients.app import app as client_app
+
+    if cfg.engine == "local":
+        from .server.app import run_federation
+        from .server.local_grid import LocalGrid
+
+        run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg, on_round=on_round)
+        return
+    from flwr.simulation import run_simulation
+
+    from .server.app import make_server_app
+
+    errors: list[BaseException] = []
+    run_simulation(server_app=make_server_app(cfg, on_round=on_round, errors=errors), client_app=client_app,
+                   num_supernodes=cfg.nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": cfg.nodes, "include_dashboard": False,
+                                                 "logging_level": "ERROR", "log_to_driver": True}})
+    if errors:  # the ServerApp ran in Flower's thread: its error is ours to report
+        raise errors[0]
 
 
 def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: bool) -> dict:
@@ -223,8 +229,8 @@ def _run_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .clients.store import StoreError
     from .deploy.local import DeployError
+    from .federation.state import FederationError
     from .privacy.ledger import LedgerError
-    from .server.app import FederationError
 
     return CheckpointError, LedgerError, StoreError, FederationError, DeployError
 
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"No results.csv in {d}; run `fedrec sweep FILE --out {d}` first.")
             print(f"fedrec report: {build_report(d)}")
         return 0
-    except (ConfigError, DataError, *_run_errors()) as e:
+    except (ConfigError, DataError, *_run_errors()) as e:  # type: ignore[misc]  # a tuple built at run time
         print(f"fedrec: {e}", file=sys.stderr)
         return 2
     except OSError as e:
