@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from fedrec.asynchrony import lateness, slow_set
 from fedrec.attack import attack_target, attacker_set, boosted, poisoned
 from fedrec.client_update import DeviceState, UpdateResult
 from fedrec.config import RunConfig
@@ -29,7 +28,6 @@ from fedrec.data.stream import RoundStream
 from fedrec.device_round import (
     DeviceData,
     device_reply,
-    device_update,
     next_state,
     serve_input,
     shard_serve,
@@ -42,12 +40,10 @@ from fedrec.messages import (
     DeviceFailure,
     DeviceSkip,
     DeviceUpdate,
-    InFlight,
     NodeInfo,
     NodeReply,
     RoundInstruction,
     ServeReport,
-    UpdateReport,
     decode_train,
     encode_reply,
 )
@@ -55,6 +51,7 @@ from fedrec.models import RecModel
 from fedrec.wire import SECURE_METRICS, decode_delta, wire_mode
 
 from .device import Device, shared_model
+from .mods import slow_devices
 from .records import from_records, to_records
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
@@ -69,7 +66,8 @@ def _secagg_gate(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[_secagg_gate])
+#: the simulation's instruments wrap the handlers as mods; they pass a deployed node's messages through
+app = ClientApp(mods=[_secagg_gate, slow_devices])
 
 
 def run_config(conf: dict) -> RunConfig:
@@ -137,19 +135,17 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, ins: RoundInstructio
 
 @dataclass(frozen=True)
 class _Instruments:
-    """Simulation-only instruments of a run: fake devices and their target (fedrec.attack), slow devices
-    (fedrec.asynchrony) and the uptake probes' launch rounds (fedrec.eval.freshness)."""
+    """Simulation-only instruments of a run: fake devices and their target (fedrec.attack) and the uptake
+    probes' launch rounds (fedrec.eval.freshness). Slow devices are a client mod (fedrec.clients.mods)."""
 
     fake: frozenset[int]
     target: int | None
-    slow: frozenset[int]
     start: np.ndarray | None  #: per item, its launch round (uptake probes on), else None
 
     @classmethod
     def of(cls, stream: RoundStream, cfg: RunConfig) -> _Instruments:
         fake, target = _attack(stream, cfg)
-        slow = slow_set(stream.n_devices, cfg.slow_devices, cfg.seed) if cfg.slow_devices else frozenset()
-        return cls(fake, target, slow, tracked_items(stream)[0] if cfg.uptake_probe else None)
+        return cls(fake, target, tracked_items(stream)[0] if cfg.uptake_probe else None)
 
 
 def _train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, context: Context, cfg: RunConfig, *,
@@ -162,7 +158,6 @@ def _train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, con
     sim = _Instruments.of(stream, cfg)
     wire = wire_mode(cfg.wire, cfg.privacy)
     out = NodeReply()
-    _hand_in(out, context, ins.round)
     for d in ins.devices if train else ():
         try:
             res, probe = _train_one(model, global_state, stream, d, mine, ins, cfg, context, sim)
@@ -172,10 +167,6 @@ def _train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, con
         state = next_state(res)
         if state is not None:
             context.state[f"device-{d}"] = ConfigRecord(state.to_config())
-        if d in sim.slow and not res.skipped:  # a straggler: its finished update comes in a later round
-            _hold(context, out, device_update(d, res, wire), ins.round,
-                  ins.round + lateness(d, ins.round, cfg.slow_rounds, cfg.seed))
-            continue
         _add_reply(out, device_reply(d, res, wire, probe))
     if serve:
         out.served = _serve(context, stream, cfg, model, global_state, ins.round, mine, sim)
@@ -188,9 +179,6 @@ def _train_one(model: RecModel, global_state: dict[str, np.ndarray], stream: Rou
     """Device ``d``'s local update on this node (and the uptake probe it measured, if any)."""
     if d not in mine:
         raise ValueError(f"device {d} is not hosted on this node")
-    if f"held-metrics-{d}" in context.state:
-        base = int(context.state[f"held-metrics-{d}"]["base-round"])
-        raise ValueError(f"device {d} is still busy with its update of round {base}")
     skey = f"device-{d}"
     state = DeviceState.from_config(dict(context.state[skey])) if skey in context.state else None
     idx = stream.device_events(d, ins.round)
@@ -210,27 +198,6 @@ def _add_reply(out: NodeReply, reply: DeviceUpdate | DeviceSkip) -> None:
         out.skips.append(reply)
     else:
         out.updates.append(reply)
-
-
-def _hold(context: Context, out: NodeReply, u: DeviceUpdate, round_: int, due: int) -> None:
-    """Simulation of a slow device: keep its finished update in the node's state until round ``due``
-    and tell the server it is in flight (the server does not sample it again meanwhile)."""
-    context.state[f"held-delta-{u.device}"] = ArrayRecord({k: _array(v) for k, v in u.arrays.items()})
-    context.state[f"held-metrics-{u.device}"] = MetricRecord({**u.report.to_flat(), "base-round": round_, "due": due})
-    out.inflight.append(InFlight(u.device, round_, due))
-
-
-def _hand_in(out: NodeReply, context: Context, round_: int) -> None:
-    """Reply with the held updates of slow devices that are due by this round (tagged with their round)."""
-    for key in [k for k in context.state.keys() if k.startswith("held-metrics-")]:
-        m = dict(context.state[key])
-        if int(m["due"]) > round_:
-            continue
-        d = key[len("held-metrics-"):]
-        arrays = {k: v.numpy() for k, v in context.state[f"held-delta-{d}"].items()}
-        out.updates.append(DeviceUpdate(int(d), arrays, UpdateReport.from_flat(m)))
-        del context.state[key]
-        del context.state[f"held-delta-{d}"]
 
 
 def _train_secure(content: RecordDict, context: Context) -> RecordDict:
