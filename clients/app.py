@@ -11,6 +11,7 @@ from __future__ import annotations
 import traceback
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -204,7 +205,7 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     """The SecAgg+ collect stage: this node's devices train; the reply is their MEAN delta as a legacy
     FitRes with weight = number of devices (secaggplus_mod masks ``weight * mean`` = their sum)."""
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
-    conf = dict(fitins.config)
+    conf: dict[str, Any] = dict(fitins.config)
     keys = str(conf.pop("global-keys")).split(",")
     conf["devices"] = [int(x) for x in str(conf["devices"]).split(",") if x]
     ins = RoundInstruction.from_flat(conf)
@@ -281,7 +282,7 @@ def _vectors(context: Context) -> dict[int, np.ndarray]:
     """The shard's serving vectors, as the node keeps them in its state."""
     if "serve-vectors" not in context.state:
         return {}
-    vec = context.state["serve-vectors"]
+    vec = cast(ArrayRecord, context.state["serve-vectors"])
     ids, mat = vec["ids"].numpy(), vec["vectors"].numpy()
     return {int(d): mat[j] for j, d in enumerate(ids)}
 

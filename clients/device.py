@@ -189,7 +189,7 @@ class Device:
         return float(led[-1]["epsilon"]) if led else 0.0
 
 
-def shared_model(cfg: RunConfig, n_items: int) -> torch.nn.Module:
+def shared_model(cfg: RunConfig, n_items: int) -> RecModel:
     """One reused model object per process and shape (every update overwrites its parameters)."""
     key = (cfg.model, n_items, cfg.dim, cfg.seq_len, cfg.init_scale, cfg.seed)
     if key not in _MODELS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
@@ -74,7 +75,7 @@ def slow_devices(msg: Message, context: Context, call_next: CallNext) -> Message
 
 def _busy(context: Context, d: int) -> DeviceFailure:
     """The failure of a device asked to train while its previous update is still held."""
-    base = int(context.state[f"held-metrics-{d}"]["base-round"])
+    base = int(_held(context, f"held-metrics-{d}")["base-round"])
     try:
         raise ValueError(f"device {d} is still busy with its update of round {base}")
     except ValueError as e:
@@ -94,12 +95,17 @@ def _hand_in(context: Context, round_: int) -> list[DeviceUpdate]:
     """The held updates of slow devices that are due by this round (tagged with their round), released."""
     out = []
     for key in [k for k in context.state.keys() if k.startswith("held-metrics-")]:
-        m = dict(context.state[key])
+        m = _held(context, key)
         if int(m["due"]) > round_:
             continue
         d = key[len("held-metrics-"):]
-        arrays = {k: v.numpy() for k, v in context.state[f"held-delta-{d}"].items()}
+        arrays = {k: v.numpy() for k, v in cast(ArrayRecord, context.state[f"held-delta-{d}"]).items()}
         out.append(DeviceUpdate(int(d), arrays, UpdateReport.from_flat(m)))
         del context.state[key]
         del context.state[f"held-delta-{d}"]
     return out
+
+
+def _held(context: Context, key: str) -> dict[str, Any]:
+    """A held update's metrics record, as a plain mapping."""
+    return dict(cast(MetricRecord, context.state[key]))
