@@ -281,7 +281,7 @@ class EventStore:
 
     def put_arrays(self, key: str, round_: int, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=True, **arrays)  # the default, named so mypy cannot read a key of **arrays as filling it
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (key, int(round_), buf.getvalue()))
 

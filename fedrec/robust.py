@@ -72,7 +72,7 @@ def _stack(like: torch.Tensor, deltas: Sequence[Delta], key: str) -> torch.Tenso
 
 
 def robust_mean(like: Mapping[str, torch.Tensor], deltas: Sequence[Delta], *, method: str,
-                trim: float = 0.1) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                trim: float = 0.1) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
     """The coordinate-wise median or trimmed mean of the deltas, on ``like``'s device."""
     if method not in ("trimmed-mean", "median"):
         raise ValueError(f"Unknown robust aggregator {method!r}; expected trimmed-mean or median.")

@@ -9,6 +9,7 @@ subsampled Gaussian mechanism that Opacus's accountants compose. The sum is divi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,7 +73,7 @@ def noisy_mean(
         if norm > bound:
             raise ValueError(f"A delta of norm {norm:.4g} exceeds the clip {clip}; user-level DP needs clipped deltas.")
     acc = weighted_sum(global_state, deltas, [1.0] * len(deltas))
-    signal = float(torch.sqrt(sum(a.double().pow(2).sum() for a in acc.values())).item())
+    signal = math.sqrt(float(sum(a.double().pow(2).sum() for a in acc.values())))
     std = noise_multiplier * clip
     dim = 0
     for a in acc.values():
