@@ -96,6 +96,14 @@ def read_results(path: str | os.PathLike) -> list[dict]:
         When the file is malformed; the message names ``path:line``.
     """
     path = Path(path)
+    header, raw = _read_csv_rows(path)
+    kinds = _column_kinds(header, [fields for _, fields in raw])
+    return [{col: _parse(v, col, k, f"{path}:{line}") for col, k, v in zip(header, kinds, fields, strict=True)}
+            for line, fields in raw]
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and ``(line, fields)`` of each non-blank row, checked for shape only."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         try:
@@ -116,10 +124,15 @@ def read_results(path: str | os.PathLike) -> list[dict]:
                 raw.append((reader.line_num, fields))
         except csv.Error as e:
             raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({e}).") from None
+    return header, raw
+
+
+def _column_kinds(header: list[str], rows: list[list[str]]) -> list[str]:
+    """``"str"``, ``"int"`` or ``"float"`` for each column: known columns by name, unknown ones by content."""
 
     def numeric(i: int) -> bool:
         try:
-            for _, fields in raw:
+            for fields in rows:
                 if fields[i] != "":
                     float(fields[i])
         except ValueError:
@@ -136,8 +149,7 @@ def read_results(path: str | os.PathLike) -> list[dict]:
             kinds.append("float")
         else:
             kinds.append("str")  # an unknown non-numeric column: keep it, but it is not a metric
-    return [{col: _parse(v, col, k, f"{path}:{line}") for col, k, v in zip(header, kinds, fields, strict=True)}
-            for line, fields in raw]
+    return kinds
 
 
 def _text(value: object) -> str:
@@ -340,6 +352,20 @@ def _errorbar(ax, pts: list[tuple[float, dict]], m: str, **style) -> bool:
     return True
 
 
+def _baseline_lines(ax, summary: list[dict], m: str) -> bool:
+    """A dashed line (and its CI band) per baseline with a finite mean of ``m``; whether any was drawn."""
+    drawn = False
+    for k, base in enumerate(BASELINES):
+        s = next((s for s in summary if s.get("method") == base), None)
+        mean, ci = (s.get(f"{m}_mean"), s.get(f"{m}_ci")) if s else (None, None)
+        if mean is not None and math.isfinite(mean):
+            ax.axhline(mean, ls="--", color=f"C{2 + k}", label=base)
+            if ci:
+                ax.axhspan(mean - ci, mean + ci, color=f"C{2 + k}", alpha=0.12, lw=0)
+            drawn = True
+    return drawn
+
+
 def plot_freshness(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[Path]:
     """Freshness against the privacy budget: ``freshness_vs_epsilon.png`` with lag, uptake and end-of-run HR.
 
@@ -381,14 +407,7 @@ def plot_freshness(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[Pat
             pts = sorted(((dodge(k) * (s["epsilon_target"] if _private(s) else x_inf), s) for s in adaptive
                           if (s["unit"] if _private(s) else "none") == unit), key=lambda p: p[0])
             drawn |= _errorbar(ax, pts, m, color=f"C{4 + j}", marker="s", ls="--", label=f"adaptive lr ({unit})")
-        for k, base in enumerate(BASELINES):
-            s = next((s for s in summary if s.get("method") == base), None)
-            mean, ci = (s.get(f"{m}_mean"), s.get(f"{m}_ci")) if s else (None, None)
-            if mean is not None and math.isfinite(mean):
-                ax.axhline(mean, ls="--", color=f"C{2 + k}", label=base)
-                if ci:
-                    ax.axhspan(mean - ci, mean + ci, color=f"C{2 + k}", alpha=0.12, lw=0)
-                drawn = True
+        drawn |= _baseline_lines(ax, summary, m)
         ticks = [*finite, x_inf]
         ax.set_xscale("log")
         ax.set_xticks(ticks, labels=[f"{e:g}" for e in finite] + ["∞"])
@@ -522,11 +541,20 @@ def _findings(summary: list[dict], drift_round: int | None) -> list[str]:
         out.append("Uptake: no new items in this scenario.")
     if not _units(summary):
         out.append("No cell in this sweep uses differential privacy, so there is no privacy curve.")
+    out += _unit_findings(summary, ref, drift=drift, new_items=new_items, whr=whr)
+    out += _baseline_findings(summary, drift=drift, new_items=new_items)
+    out += _adaptive_findings(summary, ref, drift=drift)
+    return out
+
+
+def _unit_findings(summary: list[dict], ref: dict | None, *, drift: bool, new_items: bool, whr: bool) -> list[str]:
+    """Per privacy unit, the largest and the smallest finite ε (fixed learning rate) against no DP."""
+    out = []
     vs_ref = (lambda text: f", against {text} without DP.") if ref else (lambda text: " (no non-private cell).")
     for unit in _units(summary):
         cells = sorted((s for s in summary if _private(s) and s["unit"] == unit and _federated(s, "fixed")),
                        key=lambda s: s["epsilon_target"])
-        if not cells:  # only adaptive-lr cells at this unit: they get their own sentence below
+        if not cells:  # only adaptive-lr cells at this unit: they get their own sentence
             continue
         picks = [cells[-1], cells[0]] if len(cells) > 1 else cells  # the largest and the smallest finite ε
         name = f"{unit}-level DP"
@@ -540,6 +568,11 @@ def _findings(summary: list[dict], drift_round: int | None) -> list[str]:
             out.append(f"With {name}, windowed HR@10 ends at "
                        + " and ".join(f"{format_stat(s, 'whr_final')} {_at(s)}" for s in picks)
                        + vs_ref(ref and format_stat(ref, "whr_final")))
+    return out
+
+
+def _baseline_findings(summary: list[dict], *, drift: bool, new_items: bool) -> list[str]:
+    out = []
     for base in BASELINES:
         s = next((s for s in summary if s.get("method") == base), None)
         if s is None:
@@ -548,6 +581,12 @@ def _findings(summary: list[dict], drift_round: int | None) -> list[str]:
             parts = ([_lag(s, True)] if drift else []) + ([f"median uptake of new items: {_uptake(s)}"]
                                                           if new_items else [])
             out.append(f"The {base} model {'; '.join(parts)}.")
+    return out
+
+
+def _adaptive_findings(summary: list[dict], ref: dict | None, *, drift: bool) -> list[str]:
+    """Each adaptive-learning-rate cell against the fixed-rate cell at the same unit and ε."""
+    out = []
     for a in (s for s in summary if _federated(s, "adaptive")):
         unit = a["unit"] if _private(a) else None
         f = next((s for s in summary if _federated(s, "fixed") and _private(s) and s["unit"] == unit

@@ -171,7 +171,7 @@ def build_report(out: Path, spec: SweepSpec | None = None) -> Path:
     read_results(out / "results.csv")  # fail here, naming the line, on a malformed file
     drift = None
     for c in (spec.cells if spec else []):
-        for s in spec.seeds:
+        for s in (spec.seeds if spec else ()):  # spec is set here; mypy cannot tell
             f = run_dir(out, c, s) / "summary.json"
             if drift is None and f.is_file():
                 drift = json.loads(f.read_text()).get("freshness", {}).get("drift_round")

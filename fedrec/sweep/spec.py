@@ -107,14 +107,38 @@ def load_sweep(path: str | Path) -> SweepSpec:
     seeds = head.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"{p} [sweep]: 'seeds' must be a non-empty list of integers.")
-    cells: list[Cell] = []
-    for i, c in enumerate(doc.get("cells", [])):
+    uniq = _unique_cells(_listed_cells(doc.get("cells", []), p) + _grid_cells(doc.get("grid", []), p), p)
+    ref = head.get("reference", "")
+    if ref and ref not in uniq:
+        raise ConfigError(f"{p} [sweep]: reference cell '{ref}' is not one of the cells ({', '.join(uniq)}).")
+    base = dict(doc.get("base", {}))
+    if isinstance(base.get("data"), str) and base["data"] and not Path(base["data"]).is_absolute():
+        # a data path in a sweep file is relative to that file (scenarios travel with their data paths)
+        base["data"] = str((p.parent / base["data"]).resolve())
+    spec = SweepSpec(path=p, title=str(head.get("title", p.stem)), scenario=str(head.get("scenario", "")),
+                     seeds=tuple(seeds), reference=ref, base=base, cells=tuple(uniq.values()),
+                     privacy_note=str(head.get("privacy_note", "")))
+    for c in spec.cells:  # fail now, naming the cell, rather than in a worker later
+        spec.config(c, spec.seeds[0], Path("/nonexistent"))
+    return spec
+
+
+def _listed_cells(tables: list[dict], p: Path) -> list[Cell]:
+    """The ``[[cells]]`` tables, one cell each."""
+    cells = []
+    for i, c in enumerate(tables):
         c = dict(c)
         name = c.pop("name", None)
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{p}: [[cells]] number {i + 1} needs a name.")
         cells.append(_cell(name, c, str(p)))
-    for i, g in enumerate(doc.get("grid", [])):
+    return cells
+
+
+def _grid_cells(tables: list[dict], p: Path) -> list[Cell]:
+    """The ``[[grid]]`` tables: one cell per combination of their list values, named by the template."""
+    cells = []
+    for i, g in enumerate(tables):
         g = dict(g)
         template = g.pop("name", None)
         if not isinstance(template, str):
@@ -130,7 +154,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
             except (KeyError, IndexError) as e:
                 raise ConfigError(f"{p}: [[grid]] name template {template!r} uses {e}, which the grid does not set.") from None
             cells.append(_cell(name, values, str(p)))
-    # the same configuration reached twice (epsilon=inf under both units) runs once, under its first name
+    return cells
+
+
+def _unique_cells(cells: list[Cell], p: Path) -> dict[str, Cell]:
+    """The cells by name; the same configuration reached twice (epsilon=inf under both units) runs once,
+    under its first name."""
     uniq: dict[str, Cell] = {}
     seen_values: set = set()
     for c in cells:
@@ -146,16 +175,4 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for c in uniq.values():
         if "/" in c.name or c.name.startswith("."):
             raise ConfigError(f"{p}: cell name '{c.name}' cannot be a folder name.")
-    ref = head.get("reference", "")
-    if ref and ref not in uniq:
-        raise ConfigError(f"{p} [sweep]: reference cell '{ref}' is not one of the cells ({', '.join(uniq)}).")
-    base = dict(doc.get("base", {}))
-    if isinstance(base.get("data"), str) and base["data"] and not Path(base["data"]).is_absolute():
-        # a data path in a sweep file is relative to that file (scenarios travel with their data paths)
-        base["data"] = str((p.parent / base["data"]).resolve())
-    spec = SweepSpec(path=p, title=str(head.get("title", p.stem)), scenario=str(head.get("scenario", "")),
-                     seeds=tuple(seeds), reference=ref, base=base, cells=tuple(uniq.values()),
-                     privacy_note=str(head.get("privacy_note", "")))
-    for c in spec.cells:  # fail now, naming the cell, rather than in a worker later
-        spec.config(c, spec.seeds[0], Path("/nonexistent"))
-    return spec
+    return uniq
