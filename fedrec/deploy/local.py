@@ -344,7 +344,6 @@ def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, ti
     # absolute paths: the ServerApp runs in a process of the SuperLink's, from another folder
     app = write_app(work / "app", {**cfg.to_flat(), "out": str(out),
                                    "data": str(Path(cfg.data).resolve()) if cfg.data else ""})
-    rows_seen = 0
     try:
         if tls:
             fed.make_keys(devices)
@@ -353,40 +352,51 @@ def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, ti
         fed.start_devices(stores)
         fed.wait_online(devices)
         say(f"{devices} SuperNodes online; submitting the run")
-        summary_file = out / "summary.json"
         t_submit = time.time()
         run_id = fed.submit(app)
-        last_check = 0.0
-        while True:
-            rows = _rows(out / "metrics.jsonl", t_submit)
-            for row in rows[rows_seen:]:
-                if on_round:
-                    on_round(row)
-            rows_seen = max(rows_seen, len(rows))
-            if summary_file.exists() and summary_file.stat().st_mtime >= t_submit:
-                st = fed.status(run_id)
-                if st["status"].startswith("finished"):
-                    break
-            if time.time() - last_check > 5:
-                last_check = time.time()
-                st = fed.status(run_id)
-                if st["status"].startswith("finished"):
-                    if st["status"] != "finished:completed":
-                        log = fed.serverapp_log(run_id)
-                        raise DeployError(f"The run ended {st['status']}: {st.get('status-details') or ''} "
-                                          f"{_last_error(log)} (ServerApp log: {work / 'logs'}/serverapp-{run_id}.log)")
-                    break
-                if not fed.link or not fed.link.alive():
-                    raise DeployError(f"The SuperLink exited mid-run (log {fed.link.log if fed.link else work})")
-            if time.time() - t_submit > timeout:
-                raise DeployError(f"The run did not finish within {timeout:.0f} s (logs in {work / 'logs'}).")
-            time.sleep(0.3)
+        _follow_run(fed, run_id, out, work, t_submit, timeout, on_round)
         fed.serverapp_log(run_id)
     finally:
         left = fed.stop()
         if left:
             raise DeployError(f"Could not stop {len(left)} process(es): {left[:3]}")
     return json.loads((out / "summary.json").read_text())
+
+
+def _follow_run(fed: LocalFederation, run_id: int, out: Path, work: Path, t_submit: float, timeout: float,
+                on_round=None) -> None:
+    """Hand each new metrics row to ``on_round`` until the run finishes.
+
+    Raises :class:`DeployError` when the run ends other than completed, when the SuperLink exits,
+    or when ``timeout`` seconds pass.
+    """
+    summary_file = out / "summary.json"
+    rows_seen = 0
+    last_check = 0.0
+    while True:
+        rows = _rows(out / "metrics.jsonl", t_submit)
+        for row in rows[rows_seen:]:
+            if on_round:
+                on_round(row)
+        rows_seen = max(rows_seen, len(rows))
+        if summary_file.exists() and summary_file.stat().st_mtime >= t_submit:
+            st = fed.status(run_id)
+            if st["status"].startswith("finished"):
+                return
+        if time.time() - last_check > 5:
+            last_check = time.time()
+            st = fed.status(run_id)
+            if st["status"].startswith("finished"):
+                if st["status"] != "finished:completed":
+                    log = fed.serverapp_log(run_id)
+                    raise DeployError(f"The run ended {st['status']}: {st.get('status-details') or ''} "
+                                      f"{_last_error(log)} (ServerApp log: {work / 'logs'}/serverapp-{run_id}.log)")
+                return
+            if not fed.link or not fed.link.alive():
+                raise DeployError(f"The SuperLink exited mid-run (log {fed.link.log if fed.link else work})")
+        if time.time() - t_submit > timeout:
+            raise DeployError(f"The run did not finish within {timeout:.0f} s (logs in {work / 'logs'}).")
+        time.sleep(0.3)
 
 
 def _rows(path: Path, since: float) -> list[dict]:
