@@ -97,7 +97,9 @@ class PrequentialCounts:
         return self.ndcg / self.n if self.n else float("nan")
 
 
-def prequential_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int], k: int) -> PrequentialCounts:
+def prequential_counts(
+    scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] | np.ndarray, k: int
+) -> PrequentialCounts:
     """Test-then-train scoring of a device's new events with one model (Vinagre et al. 2014).
 
     Each new event's item is ranked over all items, excluding those the user already had
