@@ -232,7 +232,7 @@ class RunRecorder:
         k, w = self.cfg.k, self.cfg.freshness_window
         if self._stream is None:  # the server may not see the data (deployment): say so, do not fail the run
             return {"popularity": {"unavailable": f"RuntimeError: {self._no_stream}"}}
-        out = {}
+        out: dict[str, dict] = {}
         for name, window, what in (
                 ("popularity", 0, "counts of all events in earlier rounds, centralised, non-private"),
                 ("recent_popularity", w, f"counts of the events of the last {w} rounds only")):
