@@ -227,6 +227,13 @@ class NodeReply:
     inflight: list[InFlight] = field(default_factory=list)
     served: ServeReport | None = None
 
+    def add(self, reply: DeviceUpdate | DeviceSkip) -> None:
+        """One device's outcome: its update, or why it skipped."""
+        if isinstance(reply, DeviceSkip):
+            self.skips.append(reply)
+        else:
+            self.updates.append(reply)
+
 
 def encode_update(u: DeviceUpdate) -> dict[str, Any]:
     """The records of one device's update (also what a node holds back for a slow device)."""
