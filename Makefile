@@ -17,7 +17,7 @@ venv: $(BIN)/fedrec
 demo: venv
 	$(BIN)/fedrec simulate --out runs/demo
 
-# A real Flower Deployment Engine federation on 127.0.0.1 (README "Deploy"): about 1.5 minutes.
+# A real Flower Deployment Engine federation on 127.0.0.1 (docs/deploy.md): about 1.5 minutes.
 deploy: venv
 	$(BIN)/fedrec deploy local --devices 4 --rounds 3 --tls --out runs/deploy
 
@@ -32,14 +32,14 @@ lint: venv
 	$(BIN)/python tools/check_shape.py fedrec clients server
 
 # Speed and memory benchmarks (by hand; several minutes). Each prints ratios against a baseline
-# measured in the same run; see README "Performance".
+# measured in the same run; see docs/performance.md.
 bench: venv
 	$(BIN)/python benchmarks/bench_aggregate.py --out runs/bench
 	$(BIN)/python benchmarks/bench_step.py --out runs/bench
 	$(BIN)/python benchmarks/bench_throughput.py --out runs/bench
 	$(BIN)/python benchmarks/bench_rss.py
 
-# The README "Models" table: mf, neumf and sasrec on MovieLens replayed by time, with and without DP
+# The docs/models.md table: mf, neumf and sasrec on MovieLens replayed by time, with and without DP
 # (about 25 minutes on 2 cores; DATA=path/to/ratings.csv, default ../shared/data/ml-latest-small).
 DATA ?= ../shared/data/ml-latest-small/ratings.csv
 models: venv

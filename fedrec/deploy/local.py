@@ -4,7 +4,7 @@ Every part is a real process started from Flower's own executables: ``flower-sup
 our ServerApp, which it launches per run), ``flower-supernode`` per device (``--node-config
 "store='…/device-<i>.sqlite'"``: the ClientApp trains from that device's store), and the ``flwr``
 CLI to register node keys and submit the run. Nothing here imports Flower; it only drives those
-commands, so it is also a script of what a platform engineer runs by hand (README, "Deploy").
+commands, so it is also a script of what a platform engineer runs by hand (docs/deploy.md).
 
 All processes carry an environment tag; :meth:`LocalFederation.stop` SIGTERMs them (SuperNodes
 first, so they sign off), SIGKILLs whatever is left (process groups and orphans found by the
