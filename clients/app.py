@@ -29,6 +29,7 @@ from fedrec.device_round import (
 from fedrec.messages import (
     CONFIG,
     INFO,
+    SECURE_METRICS,
     DeviceFailure,
     NodeInfo,
     NodeReply,
@@ -37,7 +38,7 @@ from fedrec.messages import (
     decode_train,
     encode_reply,
 )
-from fedrec.wire import SECURE_METRICS, decode_delta, wire_mode
+from fedrec.wire import decode_delta, wire_mode
 
 from .device import Device
 from .mods import slow_devices

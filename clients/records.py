@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedrec.messages import record_type
+from fedrec.messages import MessageError, record_type
 
 
 def to_records(plain: Mapping[str, Any]) -> RecordDict:
@@ -31,11 +31,25 @@ def to_records(plain: Mapping[str, Any]) -> RecordDict:
 
 
 def from_records(content: RecordDict) -> dict[str, Any]:
-    """The plain mappings of a RecordDict, in its order (ArrayRecords as numpy arrays)."""
+    """The plain mappings of a RecordDict, in its order (ArrayRecords as numpy arrays).
+
+    An array that does not load as a plain numeric numpy array (another serialisation, object arrays,
+    damaged bytes) is a :class:`~fedrec.messages.MessageError` naming its record.
+    """
     out: dict[str, Any] = {}
     for name, rec in content.items():
         if isinstance(rec, ArrayRecord):
-            out[name] = {k: v.numpy() for k, v in rec.items()}
+            out[name] = {k: _array(name, k, v) for k, v in rec.items()}
         else:
             out[name] = dict(rec)
     return out
+
+
+def _array(record: str, key: str, v: Array) -> np.ndarray:
+    try:
+        a = v.numpy()
+    except Exception as e:  # whatever numpy.load raises on hostile bytes
+        raise MessageError(f"array {key!r} of record {record!r} does not load ({type(e).__name__})") from None
+    if a.dtype.kind not in "biuf":
+        raise MessageError(f"array {key!r} of record {record!r} holds {a.dtype}, not numbers")
+    return a

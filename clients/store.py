@@ -281,7 +281,7 @@ class EventStore:
 
     def put_arrays(self, key: str, round_: int, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
-        np.savez(buf, allow_pickle=True, **arrays)  # the default, named so mypy cannot read a key of **arrays as filling it
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # mypy reads a key of **arrays as filling allow_pickle
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (key, int(round_), buf.getvalue()))
 

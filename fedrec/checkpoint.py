@@ -36,7 +36,7 @@ def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, to
     arrays.update({f"buf:{k}": v for k, v in (buffer or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, allow_pickle=True, **arrays)  # the default, named so mypy cannot read a key of **arrays as filling it
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # mypy reads a key of **arrays as filling allow_pickle
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

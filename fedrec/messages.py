@@ -20,7 +20,7 @@ raises :class:`MessageError`, which fails that reply alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,9 @@ SERVE, SERVE_PROBE = "serve", "serve-probe"
 #: the metrics of one device's update, in the order they are sent
 REPORT_KEYS = ("num-examples", "n-new", "eval-n", "eval-hits", "eval-ndcg", "epsilon", "steps", "max-exposure",
                "clipped", "preclip-norm", "skipped")
+#: the part of a report a node sends beside the masked sum in a secure-aggregation round
+#: (legacy FitRes metrics ``"<name>:<device>"``)
+SECURE_METRICS = tuple(k for k in REPORT_KEYS if k not in ("epsilon", "skipped"))
 
 
 #: which Flower record type carries each record (the adapters in ``fedrec.clients.records`` build them)
@@ -51,6 +54,28 @@ def record_type(name: str) -> str:
 
 class MessageError(ValueError):
     """A message that cannot be decoded; the text says what is wrong with it."""
+
+
+#: what converting a hostile value can raise (``int(inf)`` raises OverflowError)
+_GARBLED = (KeyError, TypeError, ValueError, OverflowError, AttributeError)
+
+
+def count(v: Any, what: str, *, most: float = math.inf) -> int:
+    """A non-negative whole number a node sent (at most ``most``), else :class:`MessageError`."""
+    x = number(v, what)
+    if x != int(x) or not 0 <= x <= most:
+        raise MessageError(f"{what} must be a whole number in [0, {most:g}], got {v!r}")
+    return int(x)
+
+
+def number(v: Any, what: str, *, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite number in [low, high] that a node sent, else :class:`MessageError`."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise MessageError(f"{what} must be a number, got {type(v).__name__}")
+    x = float(v)
+    if not (math.isfinite(x) and low <= x <= high):
+        raise MessageError(f"{what} must be finite and in [{low:g}, {high:g}], got {v!r}")
+    return x
 
 
 def record_name(kind: str, device: int | str) -> str:
@@ -80,7 +105,7 @@ class RoundInstruction:
             return cls(round=int(d["round"]), devices=tuple(int(x) for x in d.get("devices", [])),
                        noise_multiplier=float(d["effective-noise-multiplier"]),
                        clock=float(d.get("round-clock", math.inf)))
-        except (KeyError, TypeError, ValueError) as e:
+        except _GARBLED as e:
             raise MessageError(f"a round instruction lacks or garbles {e}") from None
 
 
@@ -126,8 +151,9 @@ class NodeInfo:
     @classmethod
     def from_flat(cls, d: Mapping[str, Any]) -> NodeInfo:
         try:
-            return cls(tuple(int(x) for x in d["devices"]), int(d["n-items"]), bool(d.get("durable", False)))
-        except (KeyError, TypeError, ValueError) as e:
+            return cls(tuple(count(x, "device id") for x in d["devices"]), count(d["n-items"], "n-items"),
+                       bool(d.get("durable", False)))
+        except (MessageError, *_GARBLED) as e:
             raise MessageError(f"the node's device report lacks or garbles {e}") from None
 
 
@@ -160,14 +186,19 @@ class UpdateReport:
 
     @classmethod
     def from_flat(cls, m: Mapping[str, Any]) -> UpdateReport:
+        """Every number checked: counts whole and non-negative, scores within their counts, all finite."""
         try:
+            n = count(m["eval-n"], "eval-n")
             base = m.get("base-round")
-            return cls(num_examples=int(m["num-examples"]), n_new=int(m["n-new"]),
-                       counts=PrequentialCounts(int(m["eval-n"]), float(m["eval-hits"]), float(m["eval-ndcg"])),
-                       epsilon=float(m["epsilon"]), steps=int(m["steps"]), max_exposure=int(m["max-exposure"]),
-                       clipped=bool(m["clipped"]), preclip_norm=float(m["preclip-norm"]),
-                       base_round=int(base) if base is not None else None)
-        except (KeyError, TypeError, ValueError) as e:
+            return cls(num_examples=count(m["num-examples"], "num-examples"), n_new=count(m["n-new"], "n-new"),
+                       counts=PrequentialCounts(n, number(m["eval-hits"], "eval-hits", low=0, high=n),
+                                                number(m["eval-ndcg"], "eval-ndcg", low=0, high=n)),
+                       epsilon=number(m.get("epsilon", -1.0), "epsilon", low=-1.0), steps=count(m["steps"], "steps"),
+                       max_exposure=count(m["max-exposure"], "max-exposure"),
+                       clipped=bool(count(m["clipped"], "clipped", most=1)),
+                       preclip_norm=number(m["preclip-norm"], "preclip-norm", low=0),
+                       base_round=count(base, "base-round") if base is not None else None)
+        except _GARBLED as e:
             raise MessageError(f"its metrics lack or garble {e}") from None
 
 
@@ -251,7 +282,8 @@ def encode_reply(reply: NodeReply) -> dict[str, Any]:
     for f in reply.failures:
         out[record_name(ERROR, f.device)] = {"reason": f.reason, "trace": f.trace}
     for s in reply.skips:
-        out[record_name(METRICS, s.device)] = {"skipped": 1, "epsilon": float(s.epsilon)}
+        out[record_name(METRICS, s.device)] = {"skipped": 1,
+                                               "epsilon": float(s.epsilon) if np.isfinite(s.epsilon) else -1.0}
         out[record_name(SKIP, s.device)] = {"reason": s.reason}
     for u in reply.updates:
         out.update(encode_update(u))
@@ -278,7 +310,7 @@ def decode_reply(records: Mapping[str, Any]) -> NodeReply:
         kind, _, dev = str(name).rpartition("-")
         if name in (SERVE, SERVE_PROBE):
             continue
-        if kind not in (DELTA, METRICS, PROBE, SKIP, ERROR, INFLIGHT) or not dev.lstrip("-").isdigit():
+        if kind not in (DELTA, METRICS, PROBE, SKIP, ERROR, INFLIGHT) or not (dev.isascii() and dev.isdigit()):
             raise MessageError(f"the reply holds a record {name!r} that names no device")
         _decode_entry(out, kind, int(dev), rec, records)
     if SERVE in records:
@@ -291,32 +323,38 @@ def _decode_entry(out: NodeReply, kind: str, d: int, rec: Mapping[str, Any], rec
         if kind == ERROR:
             out.failures.append(DeviceFailure(d, str(rec["reason"]), str(rec.get("trace", ""))))
         elif kind == INFLIGHT:
-            out.inflight.append(InFlight(d, int(rec["base-round"]), int(rec["due"])))
+            out.inflight.append(InFlight(d, count(rec["base-round"], "base-round"), count(rec["due"], "due")))
         elif kind == METRICS and rec.get("skipped", 0):
             skip = records.get(record_name(SKIP, d), {})
-            out.skips.append(DeviceSkip(d, float(rec.get("epsilon", 0.0)), str(skip.get("reason", ""))))
+            out.skips.append(DeviceSkip(d, number(rec.get("epsilon", 0.0), "epsilon", low=-1.0),
+                                        str(skip.get("reason", ""))))
         elif kind == METRICS:
             arrays = records.get(record_name(DELTA, d))
-            if arrays is None:
+            if not isinstance(arrays, Mapping):
                 raise MessageError(f"device {d} sent metrics without a delta")
             probe = records.get(record_name(PROBE, d))
             out.updates.append(DeviceUpdate(d, dict(arrays), UpdateReport.from_flat(rec),
-                                            (list(probe["items"]), list(probe["hits"])) if probe else None))
-    except (KeyError, TypeError, ValueError) as e:
+                                            _probe(probe) if probe else None))
+    except (MessageError, *_GARBLED) as e:
         out.failures.append(DeviceFailure(d, f"device {d}: malformed {kind} entry ({e})"))
+
+
+def _probe(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """Uptake probe lists: as many item ids as 0/1 hits."""
+    items, hits = [count(i, "probe item") for i in p["items"]], [count(h, "probe hit", most=1) for h in p["hits"]]
+    if len(items) != len(hits):
+        raise MessageError(f"a probe holds {len(items)} items but {len(hits)} hits")
+    return items, hits
 
 
 def _decode_serve(sv: Mapping[str, Any], probe: Mapping[str, Any]) -> ServeReport:
     try:
-        rep = ServeReport(probe_items=[int(i) for i in probe.get("items", [])],
-                          probe_hits=[int(h) for h in probe.get("hits", [])])
+        items, hits = _probe(probe) if probe else ([], [])
+        rep = ServeReport(probe_items=items, probe_hits=hits)
         for d, n, h, g in zip(sv["devices"], sv["n"], sv["hits"], sv["ndcg"], strict=True):
-            rep.per_device.append((int(d), PrequentialCounts(int(n), float(h), float(g))))
+            k = count(n, "serve n")
+            rep.per_device.append((count(d, "serve device"), PrequentialCounts(
+                k, number(h, "serve hits", low=0, high=k), number(g, "serve ndcg", low=0, high=k))))
         return rep
-    except (KeyError, TypeError, ValueError) as e:
+    except (MessageError, *_GARBLED) as e:
         raise MessageError(f"the serving report is malformed ({e})") from None
-
-
-def devices_of(instructions: Sequence[RoundInstruction]) -> int:
-    """How many devices a set of instructions asks to train."""
-    return sum(len(i.devices) for i in instructions)

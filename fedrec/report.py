@@ -53,11 +53,6 @@ class RunRecorder:
         if truth.get("shifted_users") and 0 < cfg.world_shift_time < 1:
             self._truth_users = set(truth["shifted_users"])
 
-    @property
-    def stream(self):
-        """The run's event stream, or None where the server cannot load the data (deployment)."""
-        return self._stream
-
     def start(self, **info) -> None:
         self.info = info
 

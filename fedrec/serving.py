@@ -4,7 +4,7 @@ In a deployment every device can download each published global version (it is p
 it is a DP release), and it keeps fitting its own user vector to its own events as they happen;
 only *training* is sampled. So the recommendations a user actually sees in round ``r`` come from
 the global version published at the end of round ``r - 1`` and the device's own vector fitted to
-its events before round ``r``. :func:`serve_round` measures exactly that, for every device that
+its events before round ``r``. :func:`serve` measures exactly that, for every device that
 has events in round ``r``, before any training of that round: prequential HR/NDCG over the
 round's events, and (simulation only) which tracked items are already in the device's top-K.
 
@@ -26,7 +26,6 @@ import torch
 
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
 from .models.base import RecModel
-from .models.mf import fit_users
 
 
 def serve_seed(seed: int, device: int, round_: int) -> int:
@@ -66,25 +65,6 @@ def _results(devices: list[ServeInput], fitted: list[tuple[np.ndarray, np.ndarra
         hits = in_topk(scores, s.probe, seen, k) if s.probe is not None and len(s.probe) else None
         out.append(ServeResult(device=s.device, counts=c, probe_hits=hits, vector=vector))
     return out
-
-
-def serve_round(item_table: np.ndarray, dim: int, devices: list[ServeInput], vectors: dict[int, np.ndarray], *,
-                round_: int, seed: int, k: int, fit_steps: int, lr: float, init_scale: float,
-                negatives: int = 1) -> list[ServeResult]:
-    """Fit each device's serving vector to its history (warm start), then score its new events.
-
-    ``item_table`` is a factorised item table ``(n_items, dim + 1)`` (last column: bias), the newest
-    published version. ``vectors[d]`` is device ``d``'s serving vector from its previous round
-    (absent: a fresh one from its own seed). The fit is ``fit_steps`` steps of SGD at ``lr`` on the
-    BPR loss of the device's own history against uniform negatives it has not had, the same rule
-    as the on-device fit before training.
-    """
-    if not devices:
-        return []
-    scores, users = fit_users(item_table, dim, [s.history for s in devices], [vectors.get(s.device) for s in devices],
-                              _generators(devices, seed, round_), fit_steps=fit_steps, lr=lr, init_scale=init_scale,
-                              negatives=negatives)
-    return _results(devices, [(scores[a], users[a].copy()) for a in range(len(devices))], item_table.shape[0], k)
 
 
 def serve(model: RecModel, global_state: dict[str, np.ndarray], devices: list[ServeInput],

@@ -76,6 +76,3 @@ def decode_delta(arrays: dict[str, np.ndarray]) -> dict:
     return out
 
 
-#: per-device metrics a node reports in a secure-aggregation round (FitRes metrics "<name>:<device>")
-SECURE_METRICS = ("num-examples", "n-new", "eval-n", "eval-hits", "eval-ndcg", "steps", "max-exposure", "clipped",
-                  "preclip-norm")

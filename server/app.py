@@ -82,13 +82,14 @@ def _devices(msg: Message | None) -> list[int]:
     return [int(d) for d in devices] if isinstance(devices, list) else []
 
 
-def _reply(asked: int, m: Message) -> Reply:
-    """A Flower reply as the core sees it: decoded, or the reason it failed (a bad one fails alone)."""
+def _reply(asked: int, m: Message, devices: list[int] | tuple[int, ...]) -> Reply:
+    """A Flower reply as the core sees it (with the devices its request asked for): decoded, or the reason
+    it failed (a bad one fails alone)."""
     node = m.metadata.src_node_id
     if m.has_error():
         return Reply(asked, node, None, str(m.error.reason))
     try:
-        return Reply(asked, node, decode_reply(from_records(m.content)))
+        return Reply(asked, node, decode_reply(from_records(m.content)), devices=frozenset(devices))
     except MessageError as e:
         return Reply(asked, node, None, f"node {node}: {e}")
 
@@ -135,7 +136,8 @@ class FlowerTransport:
         earlier = set(self.late)  # stragglers of earlier rounds may answer while this round runs
         # (with min-reply-share 1 the round waits for every message, serving-only ones included)
         replies = exchange(self.grid, msgs, self.cfg.round_timeout, late=self.late, round_=r, enough=enough)
-        return [_reply(r, m) for m in replies] + self._pull_late(only=earlier)
+        asked = {n: ins.devices for n, ins in requests.items()}
+        return [_reply(r, m, asked.get(m.metadata.src_node_id, ())) for m in replies] + self._pull_late(only=earlier)
 
     def late_devices(self, r: int) -> set[int]:
         return {d for asked, m in self.late.values() if asked == r for d in _devices(m)}
@@ -152,7 +154,7 @@ class FlowerTransport:
                                                                                  ins.clock))),
                          dst_node_id=n, message_type="query.serve") for n in sorted(requests)] \
             if self.cfg.serve_eval else []
-        served = [_reply(r, m) for m in exchange(self.grid, serve, self.cfg.round_timeout)]
+        served = [_reply(r, m, ()) for m in exchange(self.grid, serve, self.cfg.round_timeout)]
         flat = {**config, **{k: v for k, v in ins.to_flat().items() if k != "devices"}}
         sec = secure_round(self.grid, {n: list(i.devices) for n, i in requests.items() if i.devices}, host, flat, r,
                            timeout=self.cfg.round_timeout)
@@ -163,8 +165,12 @@ class FlowerTransport:
         ids = [i for i in self.late if only is None or i in only]
         if not ids:
             return []
-        return [_reply(self.late.pop(m.metadata.reply_to_message_id)[0], m) for m in self.grid.pull_messages(ids)
-                if m.metadata.reply_to_message_id in self.late]
+        out = []
+        for m in self.grid.pull_messages(ids):
+            if m.metadata.reply_to_message_id in self.late:
+                asked, sent = self.late.pop(m.metadata.reply_to_message_id)
+                out.append(_reply(asked, m, _devices(sent)))
+        return out
 
 
 def _wait_for_nodes(grid: Grid, want: int, timeout: float = 120.0) -> list[int]:

@@ -30,7 +30,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedrec.federation.replies import SecureSum
-from fedrec.wire import SECURE_METRICS
+from fedrec.messages import SECURE_METRICS, MessageError, UpdateReport
 
 
 @dataclass
@@ -88,16 +88,26 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
     failures += [str(f) for f in strategy.failures]
     if strategy.aggregate is None:
         return SecureSum(None, [], {}, failures or [f"round {round_}: SecAgg+ halted (too few nodes answered)"])
-    devices: list[int] = []
-    metrics: dict[int, dict[str, float]] = {}
-    weight = 0
-    for _proxy, res in strategy.results:
-        weight += int(res.num_examples)
-        for d in res.metrics.get("devices", "").split(","):
-            if d:
-                d = int(d)
-                devices.append(d)
-                metrics[d] = {m: float(res.metrics[f"{m}:{d}"]) for m in SECURE_METRICS}
+    reports = _device_reports(strategy.results, by_node, failures)
+    weight = sum(int(res.num_examples) for _, res in strategy.results)
     # the workflow returns the weighted mean with weights = devices per node: times the total = the sum
     total = {k: a.astype(np.float32) * weight for k, a in zip(keys, strategy.aggregate, strict=True)}
-    return SecureSum(total, devices, metrics, failures)
+    return SecureSum(total, list(reports), reports, failures)
+
+
+def _device_reports(results: list, by_node: dict[int, list[int]], failures: list[str]) -> dict[int, UpdateReport]:
+    """Each node's per-device reports, checked (:class:`UpdateReport`); a device the node was not asked to
+    train, named twice, or with a garbled report is a failure, never counted."""
+    out: dict[int, UpdateReport] = {}
+    for proxy, res in results:
+        for name in str(res.metrics.get("devices", "")).split(","):
+            if not name:
+                continue
+            try:
+                d = int(name)
+                if d not in by_node.get(proxy.node_id, []) or d in out:
+                    raise MessageError(f"node {proxy.node_id} reports device {d}, which it was not asked to train")
+                out[d] = UpdateReport.from_flat({m: res.metrics[f"{m}:{d}"] for m in SECURE_METRICS})
+            except (MessageError, KeyError, ValueError) as e:
+                failures.append(f"secure aggregation: {e}")
+    return out

@@ -39,20 +39,20 @@ def _setup(cfg: RunConfig):
     by_node: dict[int, list[int]] = {}
     for d in sorted(fed.home)[:12]:
         by_node.setdefault(fed.home[d], []).append(d)
-    return grid, transport, g, by_node
+    return grid, transport, g, by_node, fed
 
 
 def test_the_secure_sum_equals_the_plain_sum_and_no_reply_holds_a_delta():
     cfg = RunConfig(world_users=60, nodes=3, rounds=4, privacy="user", secure_aggregation=True, serve_eval=False, wire="dense",
                     uptake_probe=False)
     # the plain protocol: every device's clipped delta reaches the server, which sums them
-    grid, transport, g, by_node = _setup(cfg)
+    grid, transport, g, by_node, fed = _setup(cfg)
     host = {k: v.numpy() for k, v in g.items()}
     requests = {n: RoundInstruction(2, tuple(ds), 0.0, 0.0) for n, ds in sorted(by_node.items())}
-    got = collect(transport.exchange(2, requests, host, cfg.to_flat(), None), g, cfg.clip, 2)
+    got = collect(transport.exchange(2, requests, host, cfg.to_flat(), None), g, cfg.clip, 2, fed.home)
     plain = sum(d["item.weight"] for d in got.deltas)
     # the same devices, the same round, fresh nodes: under SecAgg+
-    grid2, _, g2, by_node2 = _setup(cfg)
+    grid2, _, g2, by_node2, _ = _setup(cfg)
     assert by_node2 == by_node
     grid2.seen.clear()
     sec = secure_round(grid2, by_node2, {k: v.numpy() for k, v in g2.items()},

@@ -8,7 +8,7 @@ an earlier round (a straggler's) goes to ``late``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 
 from ..asynchrony import Update
 from ..eval.metrics import PrequentialCounts
-from ..messages import DeviceUpdate, NodeReply
+from ..messages import DeviceUpdate, NodeReply, UpdateReport
 from ..privacy.user_level import delta_norm
 from ..wire import decode_delta
 
@@ -29,6 +29,7 @@ class Reply:
     node: int
     body: NodeReply | None
     error: str = ""
+    devices: frozenset[int] = frozenset()  #: the devices the request asked this node to train
 
 
 @dataclass
@@ -37,7 +38,7 @@ class SecureSum:
 
     total: dict[str, np.ndarray] | None  #: sum of the clipped deltas (None: the protocol halted)
     devices: list[int]
-    metrics: dict[int, dict[str, float]]
+    metrics: dict[int, UpdateReport]  #: each device's report, checked
     failures: list[str]
 
 
@@ -86,13 +87,17 @@ class Replies:
         return [int(n) for _, n in out]
 
 
-def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: float | None, round_: int) -> Replies:
+def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: float | None, round_: int,
+            home: Mapping[int, int]) -> Replies:
     """Validate and unpack the replies of round ``round_`` (see the module docstring).
 
     With ``clip`` (user-level DP) every device weighs the same and a delta above the clip is refused;
-    else deltas are weighted by their events.
+    else deltas are weighted by their events. ``home`` (device -> node) holds each reply to its own
+    devices: an update counts only from the node hosting the device, once a round, and on time only
+    when the request asked for it (a straggler's update, computed for an earlier round, is handed in
+    with any later reply of its node).
     """
-    out = Replies()
+    out, seen = Replies(), set[int]()
     for rep in replies:
         if rep.body is None:
             out.failed.append((rep.node, rep.error))
@@ -105,11 +110,42 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
                 out.served.per_device.append((d, c))
             out.served.probes.append((node.served.probe_items, node.served.probe_hits))
         out.failed += [(f.device, f.reason) for f in node.failures]
-        out.inflight.update({i.device: i.due for i in node.inflight})
-        out.skipped += len(node.skips)
+        _take_asked(out, rep, node)
         for u in node.updates:
+            base = u.report.base_round if u.report.base_round is not None else rep.asked
+            problem = _foreign(u.device, rep, home, seen, late=base < rep.asked)
+            if problem:
+                out.failed.append((u.device, problem))
+                continue
+            seen.add(u.device)
             _take(out, u, rep.asked, round_, gstate, clip)
     return out
+
+
+def _take_asked(out: Replies, rep: Reply, node: NodeReply) -> None:
+    """In-flight notices and budget skips, of the devices the request asked for only."""
+    for i in node.inflight:
+        if i.device in rep.devices and i.due > rep.asked:
+            out.inflight[i.device] = i.due
+        else:
+            out.failed.append((i.device, f"node {rep.node} reports device {i.device} in flight, which it was "
+                                         f"not asked to train in round {rep.asked} (or due {i.due} is past)"))
+    for s in node.skips:
+        if s.device in rep.devices:
+            out.skipped += 1
+        else:
+            out.failed.append((s.device, f"node {rep.node} reports a skip of device {s.device}, which it was not asked"))
+
+
+def _foreign(d: int, rep: Reply, home: Mapping[int, int], seen: set[int], *, late: bool) -> str:
+    """Why node ``rep.node`` may not hand in device ``d``'s update in this reply, or ''."""
+    if home.get(d) != rep.node:
+        return f"node {rep.node} sent an update for device {d}, which it does not host"
+    if d in seen:
+        return f"device {d} sent a second update in one round"
+    if not late and d not in rep.devices:
+        return f"node {rep.node} sent an update for device {d}, which it was not asked to train in round {rep.asked}"
+    return ""
 
 
 def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
@@ -162,15 +198,14 @@ def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor]
             out.bytes_up = sum(v.nbytes for v in sec.total.values()) * nodes
     for d in sec.devices if out.presummed else []:
         m = sec.metrics[d]
-        c = PrequentialCounts(int(m["eval-n"]), m["eval-hits"], m["eval-ndcg"])
         out.done.append(d)
         out.weights.append(1.0)
-        out.metrics.append({"steps": int(m["steps"]), "max-exposure": int(m["max-exposure"])})
-        out.counts.add(c)
-        out.per_device.append((d, c))
-        out.new_events += int(m["n-new"])
-        out.clipped.append(bool(m["clipped"]))
-        out.preclip.append(m["preclip-norm"])
+        out.metrics.append({"steps": m.steps, "max-exposure": m.max_exposure})
+        out.counts.add(m.counts)
+        out.per_device.append((d, m.counts))
+        out.new_events += m.n_new
+        out.clipped.append(m.clipped)
+        out.preclip.append(m.preclip_norm)
 
 
 def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = None) -> str | None:

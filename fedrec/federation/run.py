@@ -25,6 +25,7 @@ from ..privacy.accounting import calibrate_noise, event_accountant
 from ..privacy.ledger import Ledger
 from ..privacy.report import privacy_report
 from ..report import RunRecorder
+from ..server_aggregate import pick_device
 from .apply import apply_round, round_metrics
 from .plan import Federation, RoundPlan, budget_spent, plan_round
 from .replies import Replies, Reply, SecureSum, add_secure_sum, collect
@@ -143,7 +144,7 @@ class _Run:
             rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
         state = init_state(cfg, fed.n_items)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
-                  device=str(next(iter(state.global_state.values())).device))
+                  device=str(pick_device(cfg.device)))
         first = _resume(fed, state, rec, len(ledger.records))
         # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones
         seeds = [cfg.seed, len(ledger.records)] + ([first] if first > 1 else [])
@@ -187,14 +188,15 @@ class _Run:
         clip = cfg.clip if cfg.user_dp else None
         if cfg.secure_aggregation:
             served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
-            got = collect(served, self.state.global_state, clip, r)
+            got = collect(served, self.state.global_state, clip, r, self.fed.home)
             add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node))
             return got
         enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
         replies = self.transport.exchange(r, requests, host, cfg.to_flat(), enough)
         # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
         # on the order, and the same seed must give the same model on any engine
-        return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r)
+        return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
+                       self.fed.home)
 
     def _record(self, r: int, got: Replies, extra: dict) -> dict:
         served = got.served if self.fed.cfg.serve_eval else None
