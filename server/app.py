@@ -78,8 +78,7 @@ def _devices(msg: Message | None) -> list[int]:
     """The devices a request asked to train."""
     if msg is None or ROUND not in msg.content:
         return []
-    devices = msg.content[ROUND].get("devices", [])
-    return [int(d) for d in devices] if isinstance(devices, list) else []
+    return list(RoundInstruction.from_flat(dict(msg.content[ROUND])).devices)
 
 
 def _reply(asked: int, m: Message, devices: list[int] | tuple[int, ...]) -> Reply:
