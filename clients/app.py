@@ -152,6 +152,7 @@ def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, con
             if any(x != d for x in asked):
                 raise ValueError(f"this node hosts device {d}, not {[x for x in asked if x != d]}")
             res = dev.run_round(global_state, cfg, ins.round, train=d in asked, noise_multiplier=ins.noise_multiplier,
+                                blend=ins.blend,
                                 clock=ins.clock, serve=serve)
         except Exception as e:  # an error reply names the device; the store rolled the round back
             out.failures.append(DeviceFailure(d, f"{type(e).__name__}: {e}", traceback.format_exc()[-2000:]))

@@ -29,6 +29,8 @@ import torch
 from fedrec.client_update import DeviceState, UpdateResult
 from fedrec.config import RunConfig
 from fedrec.device_round import DeviceData, DeviceOutcome, device_round, next_state
+from fedrec.eval.metrics import BLENDS
+from fedrec.itemgraph import split
 from fedrec.messages import RoundInstruction
 from fedrec.models import RecModel, model_from_config
 from fedrec.privacy.accounting import event_accountant
@@ -96,7 +98,8 @@ class Device:
 
     # ---- a server round ------------------------------------------------------------------------
     def run_round(self, global_state: dict[str, np.ndarray], cfg: RunConfig, round_: int, *, train: bool,
-                  noise_multiplier: float = 0.0, clock: float = math.inf, serve: bool = True) -> DeviceRound:
+                  noise_multiplier: float = 0.0, clock: float = math.inf, serve: bool = True,
+                  blend: int = 0) -> DeviceRound:
         """Take in the events recorded up to ``clock``, serve them, and train if asked; all in one commit.
 
         ``clock`` is the server's time of the round: events with a later timestamp wait for a later
@@ -104,11 +107,11 @@ class Device:
         """
         model = shared_model(cfg, self.n_items)
         want = {n: tuple(v.shape) for n, v in model.global_state().items()}
-        got = {n: tuple(np.shape(v)) for n, v in global_state.items()}
+        got = {n: tuple(np.shape(v)) for n, v in split(global_state)[0].items()}
         if got != want:
             raise StoreError(f"The global model ({cfg.model}) has parameters {got} but the device store "
                              f"{self.store.path} ({self.n_items} items) needs {want}.")
-        ins = RoundInstruction(round_, (self.device_id,) if train else (), noise_multiplier, clock)
+        ins = RoundInstruction(round_, (self.device_id,) if train else (), noise_multiplier, clock, blend)
         with self.store.transaction():
             taken = self.store.take(round_, clock)
             items, rounds = self.store.events()
@@ -138,6 +141,7 @@ class Device:
             self.store.retain(state.cursors[0])
         self.store.put_arrays("global", ins.round, {k: np.asarray(v) for k, v in global_state.items()})
         self.store.set_meta("config", json.dumps(cfg.to_flat()))
+        self.store.set_meta("blend", str(ins.blend))
 
     # ---- local recommendation ------------------------------------------------------------------
     def recommend(self, k: int = 10, *, explain: bool = False, reasons: int = 3) -> list:
@@ -168,13 +172,14 @@ class Device:
             if set(local) == set(model.local_names):
                 vectors[self.device_id] = np.concatenate([np.ravel(local[n]) for n in model.local_names])
         history = self.store.all_items()
-        res = serve_devices(model, glob, [ServeInput(self.device_id, history, np.zeros(0, np.int64))], vectors,
-                    round_=round_ + 1, seed=cfg.seed, k=k, fit_steps=cfg.user_fit_steps, lr=cfg.user_lr or cfg.lr,
-                    negatives=cfg.negatives)[0]
-        model.load({n: torch.as_tensor(np.asarray(v)) for n, v in glob.items()})
-        if res.vector.size:
-            model.load_local_flat(res.vector)
-        scores = model.score_all(history).numpy().astype(np.float64)
+        params, graph = split(glob)
+        # the state after every event recorded so far: the row after the last event, as the serving path has it
+        res = serve_devices(model, params, [ServeInput(self.device_id, history, history[:0])], vectors,
+                            round_=round_ + 1, seed=cfg.seed, k=k, fit_steps=cfg.user_fit_steps,
+                            lr=cfg.user_lr or cfg.lr, negatives=cfg.negatives, graph=graph, context=cfg.session_len,
+                            blend=self._blend())[0]
+        model.load({n: torch.as_tensor(np.asarray(v)) for n, v in params.items()})
+        scores = np.asarray(res.next_scores, np.float64).copy()
         scores[history] = -np.inf
         order = np.argsort(-scores, kind="stable")
         top = [int(i) for i in order[: min(k, int(np.isfinite(scores).sum()))]]
@@ -182,6 +187,14 @@ class Device:
             return top
         return [Recommendation(item=i, score=float(scores[i]), because=why)
                 for i, why in zip(top, explain_items(model.item_repr().numpy(), top, history, reasons), strict=True)]
+
+    def _blend(self) -> int:
+        """The blend the server last said to serve (0 for a store written before blends existed)."""
+        try:
+            b = int(self.store.meta("blend"))
+        except (StoreError, ValueError):
+            return 0
+        return b if 0 <= b < len(BLENDS) else 0
 
     def epsilon(self) -> float:
         """This device's event-level ε so far (0 if it never released a DP-SGD update)."""

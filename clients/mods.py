@@ -11,6 +11,7 @@ straight through), so what they simulate never enters the device's own round.
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections.abc import Callable
 from typing import Any, cast
@@ -25,7 +26,6 @@ from fedrec.messages import (
     DeviceUpdate,
     InFlight,
     NodeReply,
-    RoundInstruction,
     UpdateReport,
     decode_reply,
     decode_train,
@@ -52,8 +52,7 @@ def slow_devices(msg: Message, context: Context, call_next: CallNext) -> Message
     handed = _hand_in(context, ins.round)
     busy = [d for d in ins.devices if f"held-metrics-{d}" in context.state]
     if busy:
-        rest = RoundInstruction(ins.round, tuple(d for d in ins.devices if d not in busy), ins.noise_multiplier,
-                                ins.clock)
+        rest = dataclasses.replace(ins, devices=tuple(d for d in ins.devices if d not in busy))
         msg.content = to_records(encode_train(req.global_state, req.config, rest))
     reply = call_next(msg, context)
     if reply.has_error():
@@ -87,6 +86,9 @@ def _hold(context: Context, out: NodeReply, u: DeviceUpdate, round_: int, due: i
     is in flight (the server does not sample it again meanwhile)."""
     context.state[f"held-delta-{u.device}"] = ArrayRecord({k: Array(np.ascontiguousarray(v))
                                                            for k, v in u.arrays.items()})
+    if u.pairs is not None:  # its item pairs travel with it (the item graph's sums must not lose its events)
+        context.state[f"held-pairs-{u.device}"] = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                                               for k, v in u.pairs.items()})
     context.state[f"held-metrics-{u.device}"] = MetricRecord({**u.report.to_flat(), "base-round": round_, "due": due})
     out.inflight.append(InFlight(u.device, round_, due))
 
@@ -100,7 +102,11 @@ def _hand_in(context: Context, round_: int) -> list[DeviceUpdate]:
             continue
         d = key[len("held-metrics-"):]
         arrays = {k: v.numpy() for k, v in cast(ArrayRecord, context.state[f"held-delta-{d}"]).items()}
-        out.append(DeviceUpdate(int(d), arrays, UpdateReport.from_flat(m)))
+        pairs = None
+        if f"held-pairs-{d}" in context.state:
+            pairs = {k: v.numpy() for k, v in cast(ArrayRecord, context.state[f"held-pairs-{d}"]).items()}
+            del context.state[f"held-pairs-{d}"]
+        out.append(DeviceUpdate(int(d), arrays, UpdateReport.from_flat(m), pairs=pairs))
         del context.state[key]
         del context.state[f"held-delta-{d}"]
     return out

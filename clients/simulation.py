@@ -81,7 +81,7 @@ def train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, cont
             context.state[f"device-{d}"] = ConfigRecord(state.to_config())
         out.add(device_reply(d, res, wire, probe))
     if serve:
-        out.served = _serve(context, stream, cfg, model, global_state, ins.round, mine, sim)
+        out.served = _serve(context, stream, cfg, model, global_state, ins, mine, sim)
     return out
 
 
@@ -105,9 +105,10 @@ def _train_one(model: RecModel, global_state: dict[str, np.ndarray], stream: Rou
     return res, probe
 
 
-def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecModel, global_state: dict, round_: int,
-           mine: set[int], sim: _Instruments) -> ServeReport:
+def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecModel, global_state: dict,
+           ins: RoundInstruction, mine: set[int], sim: _Instruments) -> ServeReport:
     """Score every hosted device's events of this round with the newest version, as one batch."""
+    round_ = ins.round
     log = stream.log
     idx = np.flatnonzero(stream.round_of == round_)
     active = sorted(set(int(u) for u in np.unique(log.user[idx])) & mine)
@@ -123,7 +124,7 @@ def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecMode
         s = serve_input(DeviceData(d, log.item[di], stream.round_of[di]), round_, probe)
         if s is not None:
             inputs.append(s)
-    res, vectors = shard_serve(model, global_state, inputs, _vectors(context), cfg, round_)
+    res, vectors = shard_serve(model, global_state, inputs, _vectors(context), cfg, ins)
     if vectors:
         keys = sorted(vectors)
         context.state["serve-vectors"] = ArrayRecord({"ids": _array(np.asarray(keys, np.int64)),

@@ -1,8 +1,10 @@
 """The freshness ceiling: centralised online learning on all events, non-private, every round.
 
-A server that saw every event would, each round, score each user's new events with the model it
-holds (prequential, as devices do) and then train on them. This runs that, with the same MF
-scoring rule (``<p_u, q_i> + b_i``), the same full-ranking metrics and the same run outputs as a
+A server that saw every event would, each round, score each user's new events with what it holds
+and then train on them. This runs that, served as devices serve (:func:`fedrec.serving.serve`: per
+event with the user's state through the event before, every blend, and at the round's start) from a
+centralised MF (``<p_u, q_i> + b_i``) and, where the federated run would have one, a centralised item
+graph of every event of earlier rounds; with the same full-ranking metrics and the same run outputs as a
 federated run (``metrics.jsonl``, ``summary.json`` with freshness and baselines), so a sweep can
 put it beside the federated cells. It is a baseline, not a deployment mode: it needs all raw data.
 """
@@ -10,15 +12,20 @@ put it beside the federated cells. It is a baseline, not a deployment mode: it n
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from .config import RunConfig
 from .data.source import load_stream
+from .eval.baselines import round_pairs
 from .eval.freshness import tracked_items
-from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
+from .eval.metrics import ServeCounts, in_topk
+from .itemgraph import ItemGraph
+from .models.mf import MF
 from .report import RunRecorder
+from .serving import ServeInput, serve
 
 EPOCHS = 3  #: passes over each round's training events (new + replay windows)
 BATCH = 256
@@ -40,19 +47,19 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     rec.start(population=U, n_items=V, noise_multiplier=0.0, device="cpu")
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
     seen = np.zeros((U, V), bool)
+    graph = ItemGraph(V, cfg.graph_neighbours)
     for r in range(1, cfg.rounds + 1):
         t0 = time.time()
         idx = np.flatnonzero(stream.round_of == r)
         users = np.unique(log.user[idx])
-        with torch.no_grad():
-            scores = (user @ item[:, :D].T + item[:, D]).numpy()
-        counts, per_user, probes = PrequentialCounts(), [], []
-        for u in users:
-            mine = log.item[idx[log.user[idx] == u]]
-            c = prequential_counts(scores[u], seen[u], mine, cfg.k)
-            counts.add(c)
-            per_user.append((int(u), c))
+        if cfg.graph and r > 1:
+            graph.add(round_pairs(stream, r - 1, cfg.graph_window))
+        counts, per_user = _serve_round(stream, r, users, item, user, graph.table() if cfg.graph else None, cfg,
+                                        rec.leader())
+        probes = []
         if start is not None:
+            with torch.no_grad():
+                scores = (user @ item[:, :D].T + item[:, D]).numpy()
             probes = _probes(stream, start, scores, seen, r, cfg)
         for u in users:
             seen[u, log.item[idx[log.user[idx] == u]]] = True
@@ -68,6 +75,28 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     return rec.finish(final, {"unit": "none", "what": "centralised, non-private: every raw event on the server"})
 
 
+def _serve_round(stream, r: int, users: np.ndarray, item: torch.Tensor, user: torch.Tensor,
+                 table: dict[str, np.ndarray] | None, cfg: RunConfig, blend: int) -> tuple[ServeCounts, list]:
+    """Each user's events of round ``r`` served as devices serve them (:func:`fedrec.serving.serve`: per
+    event, every blend, and at the round's start), from the centralised MF (the user's row of the user
+    table as its vector, no refit) and the centralised item graph (``table``: every event of earlier rounds)."""
+    log = stream.log
+    D = cfg.dim
+    model = MF(log.n_items, D, init_scale=cfg.init_scale)
+    inputs = []
+    for u in users:
+        idx = stream.device_events(int(u), r)
+        inputs.append(ServeInput(int(u), log.item[idx[stream.round_of[idx] < r]], log.item[idx[stream.round_of[idx] == r]]))
+    with torch.no_grad():
+        vectors = {int(u): user[u].numpy().copy() for u in users}
+        res = serve(model, {"item.weight": item.detach().numpy()}, inputs, vectors, round_=r, seed=cfg.seed, k=cfg.k,
+                    fit_steps=0, lr=0.0, graph=table, context=cfg.session_len, blend=blend, per_event=cfg.per_event)
+    counts = ServeCounts()
+    for x in res:
+        counts.add(x.counts)
+    return counts, [(x.device, x.counts) for x in res]
+
+
 def _probes(stream, start: np.ndarray, scores: np.ndarray, seen: np.ndarray, r: int, cfg: RunConfig) -> list:
     """For every user with a tracked, launched item in their next window: is it in their top-K now?"""
     log = stream.log
@@ -80,8 +109,9 @@ def _probes(stream, start: np.ndarray, scores: np.ndarray, seen: np.ndarray, r: 
     return out
 
 
-def _train(item, user, opt, us: np.ndarray, its: np.ndarray, seen: np.ndarray, D: int, g: torch.Generator) -> None:
-    """BPR with one uniform negative per event (not one the user has had), ``EPOCHS`` shuffled passes."""
+def _train(item, user, opt, us: np.ndarray, its: np.ndarray, seen: Any, D: int, g: torch.Generator) -> None:
+    """BPR with one uniform negative per event (not one the user has had: ``seen[users, items]`` says, a dense
+    boolean matrix or anything indexed alike), ``EPOCHS`` shuffled passes."""
     n = len(us)
     if n == 0:
         return

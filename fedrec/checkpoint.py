@@ -6,8 +6,9 @@ for the server optimizer (its name, step count, and ``m``/``v`` moments of the a
 ``lr`` for the learning-rate schedule (JSON); ``run`` (JSON) for what a resumed server needs beyond
 the model: the run's config, whether the run finished, and the recorder's state (rows written so
 far, the devices scored each round, running counts); ``buf:<key>`` for the arrays of the updates
-waiting in the async buffer (their fields are in ``run``). The privacy ledger is its own append-only
-file, written before each version is published, so it is never behind the checkpoint.
+waiting in the async buffer (their fields are in ``run``); ``graph:<key>`` for the item graph's sums
+and its published table (:class:`fedrec.itemgraph.ItemGraph`). The privacy ledger is its own
+append-only file, written before each version is published, so it is never behind the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, torch.Tensor], optimizer: dict,
-                    lr_schedule: dict, run: dict | None = None, buffer: dict[str, np.ndarray] | None = None) -> None:
+                    lr_schedule: dict, run: dict | None = None, buffer: dict[str, np.ndarray] | None = None,
+                    graph: dict[str, np.ndarray] | None = None) -> None:
     path = Path(path)
     arrays: dict[str, np.ndarray] = {"round": np.asarray(round_)}
     arrays.update({f"global:{k}": v.detach().cpu().numpy() for k, v in global_state.items()})
@@ -34,6 +36,7 @@ def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, to
     arrays["lr"] = np.asarray(json.dumps(lr_schedule))
     arrays["run"] = np.asarray(json.dumps(run or {}))
     arrays.update({f"buf:{k}": v for k, v in (buffer or {}).items()})
+    arrays.update({f"graph:{k}": np.asarray(v) for k, v in (graph or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]  # mypy reads a key of **arrays as filling allow_pickle
@@ -44,7 +47,7 @@ def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, to
 
 def load_checkpoint(path: str | Path) -> dict:
     """``{"round", "global": {name: array}, "optimizer": {...}, "lr_schedule": {...}, "run": {...},
-    "buffer": {key: array}}``.
+    "buffer": {key: array}, "graph": {key: array}}``.
 
     A file that is not a whole checkpoint raises :class:`CheckpointError` naming it.
     """
@@ -55,7 +58,7 @@ def load_checkpoint(path: str | Path) -> dict:
     with z:
         try:
             out = {"round": int(z["round"]), "global": {}, "optimizer": {}, "lr_schedule": json.loads(str(z["lr"])),
-                   "run": json.loads(str(z["run"])) if "run" in z.files else {}, "buffer": {}}
+                   "run": json.loads(str(z["run"])) if "run" in z.files else {}, "buffer": {}, "graph": {}}
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path} is not a whole fedrec checkpoint ({e}).") from None
         for k in z.files:
@@ -63,6 +66,8 @@ def load_checkpoint(path: str | Path) -> dict:
                 out["global"][k[7:]] = z[k]
             elif k.startswith("buf:"):
                 out["buffer"][k[4:]] = z[k]
+            elif k.startswith("graph:"):
+                out["graph"][k[6:]] = z[k]
             elif k.startswith("opt:"):
                 v = z[k]
                 out["optimizer"][k[4:]] = v.item() if v.ndim == 0 else v

@@ -188,6 +188,10 @@ def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: boo
     return summary
 
 
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
 def _print_summary(console, s: dict, k: int) -> None:
     from rich.table import Table
 
@@ -195,8 +199,10 @@ def _print_summary(console, s: dict, k: int) -> None:
     t.add_column("what")
     t.add_column(f"HR@{k}", justify="right")
     t.add_column(f"NDCG@{k}", justify="right")
-    m = s["metrics"]
-    t.add_row("federated model (prequential)", f"{m[f'hr@{k}']:.4f}", f"{m[f'ndcg@{k}']:.4f}")
+    m, method = s["metrics"], s["config"].get("method", "federated")
+    t.add_row(f"{method}, per event (the headline)", _num(m.get(f"hr@{k}")), _num(m.get(f"ndcg@{k}")))
+    if m.get(f"start_hr@{k}") is not None and m.get("blends"):
+        t.add_row(f"{method}, at the round's start", _num(m[f"start_hr@{k}"]), _num(m.get(f"start_ndcg@{k}")))
     for name, b in s["baselines"].items():
         if f"hr@{k}" in b:
             t.add_row(name, f"{b[f'hr@{k}']:.4f}", f"{b[f'ndcg@{k}']:.4f}")

@@ -14,6 +14,7 @@ import torch
 
 from .config import RunConfig
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
+from .itemgraph import Pairs, device_pairs
 from .models.base import RecModel
 from .privacy.accounting import epsilon, event_accountant
 from .privacy.user_level import clip_delta
@@ -76,6 +77,7 @@ class UpdateResult:
     clipped: bool = False
     skipped: str = ""  #: why the device did not train this round (budget), else empty
     probe_hits: np.ndarray | None = None  #: for each probed item: in this device's top-K before training?
+    pairs: Pairs | None = None  #: item graph on: the item pairs of its new events (sent in clear)
 
 
 def client_update(
@@ -115,8 +117,7 @@ def client_update(
     cur = state.cursors[-1]
     known = rounds <= cur
     new = (rounds > cur) & (rounds <= round_)
-    seen = np.zeros(model.n_items, bool)
-    seen[items[known]] = True
+    seen = _mask(items[known], model.n_items)
     counts, probe_hits = _evaluate(model, state, items, known, new, seen, cfg, torch_g, probe)
 
     private = cfg.event_dp
@@ -136,8 +137,9 @@ def client_update(
         noise_multiplier if private else 0.0, private)
     delta, local, preclip, was_clipped = _delta(model, before, cfg)
     nxt, eps = _next_state(state, local, round_, steps, cfg, noise_multiplier)
-    return UpdateResult(delta=delta, n_train=n_train, n_new=int(new.sum()), counts=counts, epsilon=eps,
-                        steps=steps, state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits)
+    pairs = device_pairs(items, new, cfg.graph_window) if cfg.graph else None
+    return UpdateResult(delta=delta, n_train=n_train, n_new=int(new.sum()), counts=counts, epsilon=eps, steps=steps,
+                        state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits, pairs=pairs)
 
 
 def _load(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState,

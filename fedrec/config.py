@@ -27,6 +27,7 @@ from .registry import (
     CLOCKS,
     ENGINES,
     EVENT_DP_MODES,
+    ITEM_GRAPH_MODES,
     LR_SCHEDULES,
     METHODS,
     MODELS,
@@ -150,6 +151,12 @@ class RunConfig:
                          ge=0, says="must be 0 (same as lr) or positive")
     user_fit_steps: int = key(30, "on-device fit of the user vector before scoring (0 = off)", ge=0)
     negatives: int = key(1, "sampled negative items per positive event", ge=1)
+    session_len: int = key(10, "on-device scoring reads the device's this many newest events before each event", ge=1)
+    item_graph: str = key("auto", "federated item co-occurrence for on-device session scoring (pairs are sent in "
+                          "clear: auto = on without DP, off under DP)", choices=ITEM_GRAPH_MODES)
+    graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
+                            ge=1)
+    graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1)
     replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0)
     server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0)
     lr_schedule: str = key("fixed", "fixed, or adaptive: the server lr is raised when windowed HR drops",
@@ -190,6 +197,8 @@ class RunConfig:
     k: int = key(10, "length of the top-K lists scored (HR@K, NDCG@K)", ge=1)
     freshness_window: int = key(3, "rounds in the sliding window of windowed HR@K", ge=1)
     serve_eval: bool = key(True, "every round, every device with new events scores them with the newest version")
+    per_event: bool = key(True, "serving scores each event with the device's state through the event before "
+                          "(off: only with its state at the round's start)")
     uptake_probe: bool = key(True, "simulation only: devices report new-item top-K membership (a measurement)")
     out: str = key("runs/latest", "output folder: metrics.jsonl, summary.json, checkpoint, privacy ledger")
     resume: bool = key(True, "continue an unfinished run from the checkpoint in out (same config), else start anew")
@@ -233,6 +242,8 @@ class RunConfig:
              "must be 1 with secure-aggregation (SecAgg+ sets its own reply threshold)")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
+        need(not (self.item_graph == "on" and self.privacy != "none"), "item-graph",
+             "must be auto or off under DP (its item pairs are sent in clear)")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
 
@@ -241,6 +252,11 @@ class RunConfig:
     def event_dp(self) -> bool:
         """Event-level DP is on: each device runs DP-SGD (privacy ``event`` or ``both``)."""
         return self.privacy in EVENT_DP_MODES
+
+    @property
+    def graph(self) -> bool:
+        """Devices contribute item pairs and are served the item graph (:mod:`fedrec.itemgraph`)."""
+        return self.item_graph == "on" or (self.item_graph == "auto" and self.privacy == "none")
 
     @property
     def user_dp(self) -> bool:

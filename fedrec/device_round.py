@@ -1,8 +1,8 @@
 """A device's part of one server round, written once for the simulation and the device SDK.
 
-Each device, in each round: 1. its events of the round are scored before it has them
-(prequential HR/NDCG), with the newest global version and its own serving vector fitted to its
-events before the round (:mod:`fedrec.serving`); 2. if the server sampled it, it runs its local
+Each device, in each round: 1. each of its events of the round is scored the moment before it has it
+(prequential HR/NDCG per event), with the newest global version and its own state through the event
+before (:mod:`fedrec.serving`); 2. if the server sampled it, it runs its local
 update (:func:`fedrec.client_update.client_update`); 3. it keeps its private state and serving
 vector, and replies with its delta of GLOBAL parameters and its counts only.
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from .client_update import DeviceState, UpdateResult, client_update
 from .config import RunConfig
+from .itemgraph import split
 from .messages import DeviceSkip, DeviceUpdate, RoundInstruction, UpdateReport
 from .models.base import RecModel
 from .serving import ServeInput, ServeResult, serve
@@ -48,16 +49,19 @@ def serve_input(dev: DeviceData, round_: int, probe: np.ndarray | None = None) -
 
 
 def serve_devices(model: RecModel, global_state: Mapping[str, np.ndarray], inputs: list[ServeInput],
-                  vectors: dict[int, np.ndarray], cfg: RunConfig, round_: int) -> list[ServeResult]:
-    """Step 1 for a batch of devices: score their new events with the newest version (see :func:`serve`)."""
-    return serve(model, dict(global_state), inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
-                 fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives)
+                  vectors: dict[int, np.ndarray], cfg: RunConfig, round_: int, blend: int = 0) -> list[ServeResult]:
+    """Step 1 for a batch of devices: score their new events with the newest version (see :func:`serve`);
+    ``global_state`` is the version as sent (the model's parameters, and the item graph's table if any)."""
+    params, graph = split(global_state)
+    return serve(model, params, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
+                 fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives,
+                 graph=graph, context=cfg.session_len, blend=blend, per_event=cfg.per_event)
 
 
 def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: DeviceData, cfg: RunConfig,
                  ins: RoundInstruction, probe: np.ndarray | None = None) -> UpdateResult:
     """Step 2: the device's local update on its events, from its state (a new device: a fresh one)."""
-    return client_update(model, dict(global_state), dev.state if dev.state is not None else DeviceState(),
+    return client_update(model, split(global_state)[0], dev.state if dev.state is not None else DeviceState(),
                          dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
                          noise_multiplier=ins.noise_multiplier, probe=probe)
 
@@ -69,7 +73,8 @@ def device_update(device: int, res: UpdateResult, wire: str, probe: np.ndarray |
                           preclip_norm=res.preclip_norm)
     hits = ([int(i) for i in probe], [int(h) for h in res.probe_hits]) \
         if res.probe_hits is not None and probe is not None else None
-    return DeviceUpdate(device, encode_delta(res.delta, wire), report, hits)
+    return DeviceUpdate(device, encode_delta(res.delta, wire), report, hits,
+                        res.pairs.arrays() if res.pairs is not None else None)
 
 
 def device_reply(device: int, res: UpdateResult, wire: str,
@@ -102,16 +107,16 @@ def device_round(model: RecModel, global_state: Mapping[str, np.ndarray], dev: D
         s = serve_input(dev, ins.round)
         if s is not None:
             (served,) = serve_devices(model, global_state, [s], {dev.device: vector} if vector is not None else {},
-                                      cfg, ins.round)
+                                      cfg, ins.round, ins.blend)
     update = train_device(model, global_state, dev, cfg, ins) if train else None
     return DeviceOutcome(served, update)
 
 
 def shard_serve(model: RecModel, global_state: Mapping[str, np.ndarray], inputs: Sequence[ServeInput],
-                vectors: dict[int, np.ndarray], cfg: RunConfig, round_: int
+                vectors: dict[int, np.ndarray], cfg: RunConfig, ins: RoundInstruction
                 ) -> tuple[list[ServeResult], dict[int, np.ndarray]]:
     """Step 1 over a shard of devices at once, and the shard's serving vectors after it (a new mapping)."""
-    res = serve_devices(model, global_state, list(inputs), vectors, cfg, round_)
+    res = serve_devices(model, global_state, list(inputs), vectors, cfg, ins.round, ins.blend)
     after = dict(vectors)
     for x in res:
         if x.vector.size:  # sasrec keeps no serving vector: its user state is the history

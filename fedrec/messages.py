@@ -10,7 +10,8 @@ The server sends three kinds of request, each a Flower ``RecordDict``:
 * ``query.serve`` (serving only, the plain half of a SecAgg+ round): as ``train``, with no devices.
 
 A node replies with a :class:`NodeReply`: per device ``delta-<d>`` (the wire-encoded delta of
-global parameters, :mod:`fedrec.wire`) and ``metrics-<d>`` (:class:`UpdateReport`), or
+global parameters, :mod:`fedrec.wire`) and ``metrics-<d>`` (:class:`UpdateReport`), with the item graph
+on also ``pairs-<d>`` (the item pairs of its new events, :meth:`fedrec.itemgraph.Pairs.arrays`), or
 ``skip-<d>``, ``error-<d>`` or ``inflight-<d>``; per node ``serve`` and ``serve-probe`` (what every
 hosted device with new events scored). Whatever a node sends is hostile until checked: a malformed
 entry decodes to a :class:`DeviceFailure` of that device, or, when the node cannot be told apart,
@@ -26,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .eval.metrics import PrequentialCounts
+from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts
 
 #: record names of a request
 ARRAYS, CONFIG, ROUND, INFO = "arrays", "config", "round", "info"
 #: record names of a reply (per device ``<kind>-<device>``; per node ``serve``, ``serve-probe``)
 DELTA, METRICS, PROBE, SKIP, ERROR, INFLIGHT = "delta", "metrics", "probe", "skip", "error", "inflight"
+PAIRS = "pairs"
 SERVE, SERVE_PROBE = "serve", "serve-probe"
 #: the metrics of one device's update, in the order they are sent
 REPORT_KEYS = ("num-examples", "n-new", "eval-n", "eval-hits", "eval-ndcg", "epsilon", "steps", "max-exposure",
@@ -42,7 +44,7 @@ SECURE_METRICS = tuple(k for k in REPORT_KEYS if k not in ("epsilon", "skipped")
 
 
 #: which Flower record type carries each record (the adapters in ``fedrec.clients.records`` build them)
-_RECORD_TYPE = {ARRAYS: "arrays", DELTA: "arrays", METRICS: "metrics", PROBE: "metrics", SERVE: "metrics",
+_RECORD_TYPE = {ARRAYS: "arrays", DELTA: "arrays", PAIRS: "arrays", METRICS: "metrics", PROBE: "metrics", SERVE: "metrics",
                 SERVE_PROBE: "metrics"}
 
 
@@ -94,17 +96,20 @@ class RoundInstruction:
     devices: tuple[int, ...] = ()  #: the node's devices sampled to train (the others are only served)
     noise_multiplier: float = 0.0  #: the event-level DP-SGD noise the devices use (0 = none)
     clock: float = math.inf  #: deployment: a device takes in its events recorded up to this time
+    blend: int = 0  #: the per-event blend devices serve (an index into :data:`fedrec.serving.BLENDS`)
 
     def to_flat(self) -> dict[str, Any]:
         return {"round": self.round, "devices": [int(d) for d in self.devices],
-                "effective-noise-multiplier": float(self.noise_multiplier), "round-clock": float(self.clock)}
+                "effective-noise-multiplier": float(self.noise_multiplier), "round-clock": float(self.clock),
+                "blend": int(self.blend)}
 
     @classmethod
     def from_flat(cls, d: Mapping[str, Any]) -> RoundInstruction:
         try:
             return cls(round=int(d["round"]), devices=tuple(int(x) for x in d.get("devices", [])),
                        noise_multiplier=float(d["effective-noise-multiplier"]),
-                       clock=float(d.get("round-clock", math.inf)))
+                       clock=float(d.get("round-clock", math.inf)),
+                       blend=count(d.get("blend", 0), "blend", most=len(BLENDS) - 1))
         except _GARBLED as e:
             raise MessageError(f"a round instruction lacks or garbles {e}") from None
 
@@ -210,6 +215,9 @@ class DeviceUpdate:
     arrays: dict[str, np.ndarray]  #: :func:`fedrec.wire.encode_delta` output
     report: UpdateReport
     probe: tuple[list[int], list[int]] | None = None  #: simulation only: (items, in top-K before training)
+    #: item graph on: the item pairs of its new events (:meth:`fedrec.itemgraph.Pairs.arrays`; numeric arrays
+    #: here, their values are checked by the server against the catalogue and the report's ``n_new``)
+    pairs: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,7 @@ class InFlight:
 class ServeReport:
     """What every hosted device with new events scored this round with the newest version."""
 
-    per_device: list[tuple[int, PrequentialCounts]] = field(default_factory=list)
+    per_device: list[tuple[int, ServeCounts]] = field(default_factory=list)
     probe_items: list[int] = field(default_factory=list)
     probe_hits: list[int] = field(default_factory=list)
 
@@ -273,6 +281,8 @@ def encode_update(u: DeviceUpdate) -> dict[str, Any]:
     if u.probe is not None:
         out[record_name(PROBE, u.device)] = {"items": [int(i) for i in u.probe[0]],
                                              "hits": [int(h) for h in u.probe[1]]}
+    if u.pairs is not None:
+        out[record_name(PAIRS, u.device)] = {k: np.ascontiguousarray(v) for k, v in u.pairs.items()}
     return out
 
 
@@ -292,8 +302,11 @@ def encode_reply(reply: NodeReply) -> dict[str, Any]:
     if reply.served is not None:
         sv = reply.served
         out[SERVE] = {"devices": [d for d, _ in sv.per_device], "n": [c.n for _, c in sv.per_device],
-                      "hits": [float(c.hits) for _, c in sv.per_device],
-                      "ndcg": [float(c.ndcg) for _, c in sv.per_device]}
+                      "start-hits": [float(c.start.hits) for _, c in sv.per_device],
+                      "start-ndcg": [float(c.start.ndcg) for _, c in sv.per_device],
+                      "per-event-n": [int(b.n) for _, c in sv.per_device for b in c.blends],
+                      "hits": [float(b.hits) for _, c in sv.per_device for b in c.blends],
+                      "ndcg": [float(b.ndcg) for _, c in sv.per_device for b in c.blends]}
         out[SERVE_PROBE] = {"items": [int(i) for i in sv.probe_items], "hits": [int(h) for h in sv.probe_hits]}
     return out
 
@@ -310,7 +323,7 @@ def decode_reply(records: Mapping[str, Any]) -> NodeReply:
         kind, _, dev = str(name).rpartition("-")
         if name in (SERVE, SERVE_PROBE):
             continue
-        if kind not in (DELTA, METRICS, PROBE, SKIP, ERROR, INFLIGHT) or not (dev.isascii() and dev.isdigit()):
+        if kind not in (DELTA, METRICS, PROBE, PAIRS, SKIP, ERROR, INFLIGHT) or not (dev.isascii() and dev.isdigit()):
             raise MessageError(f"the reply holds a record {name!r} that names no device")
         _decode_entry(out, kind, int(dev), rec, records)
     if SERVE in records:
@@ -332,9 +345,14 @@ def _decode_entry(out: NodeReply, kind: str, d: int, rec: Mapping[str, Any], rec
             arrays = records.get(record_name(DELTA, d))
             if not isinstance(arrays, Mapping):
                 raise MessageError(f"device {d} sent metrics without a delta")
-            probe = records.get(record_name(PROBE, d))
+            probe, pairs = records.get(record_name(PROBE, d)), records.get(record_name(PAIRS, d))
             out.updates.append(DeviceUpdate(d, dict(arrays), UpdateReport.from_flat(rec),
-                                            _probe(probe) if probe else None))
+                                            _probe(probe) if probe else None,
+                                            _pairs(pairs) if pairs is not None else None))
+        elif kind == PAIRS and record_name(ERROR, d) not in records:
+            m = records.get(record_name(METRICS, d))  # an update reads its pairs above
+            if not isinstance(m, Mapping) or m.get("skipped", 0):
+                raise MessageError(f"device {d} sent item pairs without an update")
     except (MessageError, *_GARBLED) as e:
         out.failures.append(DeviceFailure(d, f"device {d}: malformed {kind} entry ({e})"))
 
@@ -347,14 +365,46 @@ def _probe(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     return items, hits
 
 
+def _pairs(p: Any) -> dict[str, np.ndarray]:
+    """A pairs record's arrays: numeric numpy arrays by name (their values are the server's to check)."""
+    if not isinstance(p, Mapping):
+        raise MessageError(f"item pairs must be a record of arrays, got {type(p).__name__}")
+    out = {}
+    for k, v in p.items():
+        a = np.asarray(v) if isinstance(v, np.ndarray) else None
+        if a is None or a.dtype.kind not in "biuf":
+            raise MessageError(f"item pairs array {k!r} is not a numeric array")
+        out[str(k)] = a
+    return out
+
+
+def _counts(k: int, hits: Any, ndcg: Any, what: str) -> PrequentialCounts:
+    """Scores of ``k`` events: hits and NDCG sums within [0, k]."""
+    return PrequentialCounts(k, number(hits, f"{what} hits", low=0, high=k),
+                             number(ndcg, f"{what} ndcg", low=0, high=k))
+
+
+def _blend_n(n: Any, k: int) -> int:
+    """A blend's event count: all of the device's scored events, or none (per-event scoring off)."""
+    m = count(n, "per-event n")
+    if m not in (0, k):
+        raise MessageError(f"a blend scored {m} of {k} events")
+    return m
+
+
 def _decode_serve(sv: Mapping[str, Any], probe: Mapping[str, Any]) -> ServeReport:
     try:
         items, hits = _probe(probe) if probe else ([], [])
         rep = ServeReport(probe_items=items, probe_hits=hits)
-        for d, n, h, g in zip(sv["devices"], sv["n"], sv["hits"], sv["ndcg"], strict=True):
+        B = len(BLENDS)
+        hits, ndcg, ns = list(sv["hits"]), list(sv["ndcg"]), list(sv["per-event-n"])
+        if not len(hits) == len(ndcg) == len(ns) == B * len(sv["devices"]):
+            raise MessageError(f"{len(hits)} per-event hits for {len(sv['devices'])} devices x {B} blends")
+        for j, (d, n, h, g) in enumerate(zip(sv["devices"], sv["n"], sv["start-hits"], sv["start-ndcg"], strict=True)):
             k = count(n, "serve n")
-            rep.per_device.append((count(d, "serve device"), PrequentialCounts(
-                k, number(h, "serve hits", low=0, high=k), number(g, "serve ndcg", low=0, high=k))))
+            rep.per_device.append((count(d, "serve device"), ServeCounts(
+                _counts(k, h, g, "serve start"),
+                [_counts(_blend_n(ns[j * B + b], k), hits[j * B + b], ndcg[j * B + b], "serve") for b in range(B)])))
         return rep
     except (MessageError, *_GARBLED) as e:
         raise MessageError(f"the serving report is malformed ({e})") from None

@@ -101,3 +101,5 @@ LR_SCHEDULES = Registry("lr schedule", ("fixed", "adaptive"))
 ROUND_SPLITS = Registry("round split", ("count", "time"))
 CLOCKS = Registry("clock", ("replay", "live"))
 UPDATE_BACKENDS = Registry("update backend", ("auto", "autograd"))
+#: the federated item graph (:mod:`fedrec.itemgraph`): auto = on without DP, off under any DP mode
+ITEM_GRAPH_MODES = Registry("item graph mode", ("auto", "on", "off"))

@@ -12,11 +12,25 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .eval.metrics import PrequentialCounts
+from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts
 
 
 def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+PER_EVENT_BASELINES = ("item_knn", "centralised_mf")  #: baselines that score each round's events per event
+
+
+def _headline(counts: ServeCounts | PrequentialCounts, blend: int | None
+              ) -> tuple[PrequentialCounts, PrequentialCounts, int | None]:
+    """The headline (per event, under ``blend``) and round-start counts, and the blend they are under;
+    round-start counts alone (serving evaluation or per-event scoring off) stand for both, under no blend."""
+    if isinstance(counts, ServeCounts) and (counts.blends[blend or 0].n or not counts.start.n):
+        b = blend or 0
+        return counts.blends[b], counts.start, b
+    start = counts.start if isinstance(counts, ServeCounts) else counts  # per-event scoring off
+    return start, start, None
 
 
 class RunRecorder:
@@ -34,6 +48,8 @@ class RunRecorder:
         self.rows: list[dict] = []
         self.schedule: list[list[int]] = []
         self.total = PrequentialCounts()
+        self.total_start = PrequentialCounts()
+        self.blend_totals = [PrequentialCounts() for _ in BLENDS]  #: per-event counts of every blend so far
         self.t0 = time.time()
         self.info: dict = {}
         self.notes: list[str] = []
@@ -63,6 +79,7 @@ class RunRecorder:
             return [[c.n, float(c.hits), float(c.ndcg)] for c in cs]
 
         return {"rows": self.rows, "schedule": self.schedule, "total": counts([self.total])[0],
+                "total_start": counts([self.total_start])[0], "blend_totals": counts(self.blend_totals),
                 "per_round": counts(self.per_round), "drift_rounds": counts(self.drift_rounds),
                 "probe_tally": {str(i): {str(r): t for r, t in by.items()} for i, by in self.probe_tally.items()},
                 "notes": self.notes,
@@ -76,6 +93,9 @@ class RunRecorder:
         self.rows = list(d["rows"])
         self.schedule = [list(s) for s in d["schedule"]]
         self.total = counts([d["total"]])[0]
+        self.total_start = counts([d["total_start"]])[0]
+        blends = counts(d["blend_totals"])  # written by a version with other blends: start them anew
+        self.blend_totals = blends if len(blends) == len(BLENDS) else [PrequentialCounts() for _ in BLENDS]
         self.per_round = counts(d["per_round"])
         self.drift_rounds = counts(d["drift_rounds"])
         self.probe_tally = {int(i): {int(r): list(t) for r, t in by.items()} for i, by in d["probe_tally"].items()}
@@ -92,16 +112,32 @@ class RunRecorder:
         self.notes.append(msg)
         print(f"fedrec: {msg}", flush=True)
 
-    def round(self, r: int, *, done: list[int], counts: PrequentialCounts, failed: list, extra: dict,
+    def leader(self) -> int:
+        """The blend devices serve next (:data:`fedrec.eval.metrics.BLENDS`): the one with the most per-event
+        hits in the rounds so far (follow the leader; ties and round 1: the first)."""
+        hits = [c.hits for c in self.blend_totals]
+        return int(np.argmax(hits)) if any(hits) else 0
+
+    def round(self, r: int, *, done: list[int], counts: ServeCounts | PrequentialCounts, failed: list, extra: dict,
               per_device: list | None = None, probes: list | None = None, scored: list[int] | None = None) -> dict:
-        """One finished round. ``counts`` are the round's scored events; ``scored`` the devices whose
-        events they are (default: the devices that trained), for baselines scored on the same events."""
+        """One finished round. ``counts`` are the round's scored events: served (per event under every
+        blend, and at the round's start) or, with serving evaluation off, the training devices' round-start
+        counts; ``scored`` the devices whose events they are (default: the devices that trained), for
+        baselines scored on the same events."""
         self.schedule.append(list(done if scored is None else scored))
-        self.total.add(counts)
         k = self.cfg.k
-        row: dict[str, Any] = {"round": r, f"hr@{k}": _finite(counts.hr), f"ndcg@{k}": _finite(counts.ndcg_mean),
-               "events_scored": counts.n, "devices": len(done), "failed": len(failed)}
-        row.update(self._freshness_row(r, counts, per_device or [], probes or []))
+        head, start, b = _headline(counts, self.leader())
+        per = [(d, _headline(c, b)[0]) for d, c in per_device or []]
+        if isinstance(counts, ServeCounts):
+            for mine, got in zip(self.blend_totals, counts.blends, strict=True):
+                mine.add(got)
+        self.total.add(head)
+        self.total_start.add(start)
+        row: dict[str, Any] = {"round": r, f"hr@{k}": _finite(head.hr), f"ndcg@{k}": _finite(head.ndcg_mean),
+                               f"start_hr@{k}": _finite(start.hr), f"start_ndcg@{k}": _finite(start.ndcg_mean),
+                               "blend": BLENDS[b] if b is not None else None,
+                               "events_scored": head.n, "devices": len(done), "failed": len(failed)}
+        row.update(self._freshness_row(r, head, per, probes or []))
         row.update(extra)
         if failed:
             row["failures"] = [f"{who}: {why}" for who, why in failed[:20]]
@@ -110,7 +146,8 @@ class RunRecorder:
     def skip(self, r: int, *, reason: str, wall_s: float) -> dict:
         self.schedule.append([])
         k = self.cfg.k
-        return self._write({"round": r, f"hr@{k}": None, f"ndcg@{k}": None, "events_scored": 0, "devices": 0,
+        return self._write({"round": r, f"hr@{k}": None, f"ndcg@{k}": None, f"start_hr@{k}": None,
+                            f"start_ndcg@{k}": None, "blend": None, "events_scored": 0, "devices": 0,
                             "failed": 0, **self._freshness_row(r, PrequentialCounts(), [], []), "skipped": reason,
                             "epsilon": self.rows[-1]["epsilon"] if self.rows else 0.0, "wall_s": round(wall_s, 3)})
 
@@ -202,10 +239,7 @@ class RunRecorder:
             "data": {"source": cfg.data or "synthetic world", "n_items": self.info.get("n_items"),
                      "population": self.info.get("population")},
             "rounds": len(self.rows),
-            "metrics": {hr_key: _finite(self.total.hr), f"ndcg@{k}": _finite(self.total.ndcg_mean),
-                        "events_scored": self.total.n,
-                        f"last5_{hr_key}": float(np.mean(last)) if last else None,
-                        "what": "prequential (test-then-train), full ranking over all items, seen items excluded"},
+            "metrics": self._metrics(last),
             "baselines": baselines,
             "privacy": privacy,
             "freshness": self.freshness(),
@@ -220,29 +254,76 @@ class RunRecorder:
         self._write_files(final_state, summary)
         return summary
 
-    def _baselines(self) -> dict:
-        """Popularity and recent popularity, scored on the same events as the model; per round in the rows too."""
-        from .eval.baselines import popularity_prequential
+    def _metrics(self, last: list[float]) -> dict:
+        """The summary's metrics: the headline (per event), the round-start one, and every blend's."""
+        k, served = self.cfg.k, any(c.n for c in self.blend_totals)
+        per_event = ("per event (test-then-train): each event ranked by the device's state through the event "
+                     "before it and the newest global version it holds; full ranking, items had before excluded")
+        return {f"hr@{k}": _finite(self.total.hr), f"ndcg@{k}": _finite(self.total.ndcg_mean),
+                "events_scored": self.total.n, f"last5_hr@{k}": float(np.mean(last)) if last else None,
+                f"start_hr@{k}": _finite(self.total_start.hr), f"start_ndcg@{k}": _finite(self.total_start.ndcg_mean),
+                "blends": {w: _finite(c.hr) for w, c in zip(BLENDS, self.blend_totals, strict=True)} if served
+                else None,
+                "what": per_event if served else "per-event scoring or serve-eval is off: the round-start metric",
+                "what_start": "at the round's start: every event of the round ranked by the state the device had "
+                              "when the round began",
+                "what_blends": "per-event hr of each blend: the item graph plus w x the model (graph+w), the model "
+                               "alone (model), the model at the round's start (start); each round serves the one "
+                               "with the most hits in the rounds before"}
 
-        k, w = self.cfg.k, self.cfg.freshness_window
+    def _baselines(self) -> dict:
+        """The baselines (:meth:`_baseline_runs`), each scored on the same events as the model; per round in the
+        rows too (``<name>_hr@K``). One that cannot be measured is said (``unavailable``), never fatal."""
+        k = self.cfg.k
         if self._stream is None:  # the server may not see the data (deployment): say so, do not fail the run
             return {"popularity": {"unavailable": f"RuntimeError: {self._no_stream}"}}
         out: dict[str, dict] = {}
-        for name, window, what in (
-                ("popularity", 0, "counts of all events in earlier rounds, centralised, non-private"),
-                ("recent_popularity", w, f"counts of the events of the last {w} rounds only")):
+        import torch
+
+        threads = torch.get_num_threads()
+        for name, measure, extra, what in self._baseline_runs():
+            if name in PER_EVENT_BASELINES and not (self.cfg.serve_eval and self.cfg.per_event):
+                out[name] = {"unavailable": "it scores every device's events of each round per event, as serving "
+                                            "does; serve-eval or per-event is off in this run"}
+                continue
+            torch.set_num_threads(1)  # small torch work: threads contending for shared cores cost 10x here
             try:
-                rounds = popularity_prequential(self._stream, self.schedule, k, window=window)
+                rounds = measure()
             except Exception as e:  # a baseline that cannot be measured is said, never fatal
-                return {**out, "popularity": out.get("popularity", {"unavailable": f"{type(e).__name__}: {e}"})}
+                out[name] = {"unavailable": f"{type(e).__name__}: {e}"}
+                continue
+            finally:
+                torch.set_num_threads(threads)
             total = PrequentialCounts()
             for c in rounds:
                 total.add(c)
             out[name] = {f"hr@{k}": _finite(total.hr), f"ndcg@{k}": _finite(total.ndcg_mean), "events_scored": total.n,
-                         **({"window": w} if window else {}), "what": what}
+                         **extra, "what": what}
             for row, c in zip(self.rows, rounds, strict=False):
                 row[f"{name}_hr@{k}"] = _finite(c.hr)
         return out
+
+    def _baseline_runs(self) -> list[tuple[str, Any, dict, str]]:
+        """Each baseline: its name, how to measure it (per-round counts), what its summary adds, what it is."""
+        from .eval import baselines as b
+
+        cfg, st, sched, k, w = self.cfg, self._stream, self.schedule, self.cfg.k, self.cfg.freshness_window
+        return [
+            ("popularity", lambda: b.popularity_prequential(st, sched, k), {},
+             "counts of all events in earlier rounds, centralised, non-private"),
+            ("recent_popularity", lambda: b.popularity_prequential(st, sched, k, window=w), {"window": w},
+             f"counts of the events of the last {w} rounds only"),
+            ("item_knn", lambda: b.item_knn_prequential(st, sched, k, window=cfg.graph_window,
+                                                        neighbours=cfg.graph_neighbours, context=cfg.session_len),
+             {}, "centralised item-kNN: co-occurrence of every event of earlier rounds, the same per-event session "
+                 "scoring as the devices (the non-private ceiling of the item graph)"),
+            ("centralised_mf", lambda: b.centralised_mf_prequential(st, sched, k, dim=cfg.dim, seed=cfg.seed,
+                                                                    context=cfg.session_len,
+                                                                    init_scale=cfg.init_scale,
+                                                                    replay=cfg.replay_rounds),
+             {}, "centralised BPR MF on every event of earlier rounds, per-event user refit (the non-private "
+                 "ceiling of the model)"),
+        ]
 
     def _write_files(self, final_state: dict, summary: dict) -> None:
         # the final global model, for reuse and for tests that hold two engines to the same result
@@ -261,7 +342,7 @@ class RunRecorder:
 
 
 def plot_run(rows: list[dict], path: Path, *, k: int = 10) -> None:
-    """HR@K per round (model and popularity) and ε over rounds, one PNG."""
+    """HR@K per round (the model per event and at the round's start, and the baselines) and ε over rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,9 +350,12 @@ def plot_run(rows: list[dict], path: Path, *, k: int = 10) -> None:
 
     r = [row["round"] for row in rows]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax[0].plot(r, [row[f"hr@{k}"] for row in rows], marker="o", ms=3, label="federated model")
-    if rows and f"popularity_hr@{k}" in rows[0]:
-        ax[0].plot(r, [row[f"popularity_hr@{k}"] for row in rows], ls="--", label="popularity")
+    ax[0].plot(r, [row[f"hr@{k}"] for row in rows], marker="o", ms=3, label="federated, per event")
+    if any(row.get(f"start_hr@{k}") is not None for row in rows):
+        ax[0].plot(r, [row.get(f"start_hr@{k}") for row in rows], ls=":", label="federated, at the round's start")
+    for name, style in (("popularity", "--"), ("item_knn", "-."), ("centralised_mf", (0, (1, 3)))):
+        if rows and f"{name}_hr@{k}" in rows[0]:
+            ax[0].plot(r, [row[f"{name}_hr@{k}"] for row in rows], ls=style, label=name.replace("_", " "))
     ax[0].set(xlabel="round", ylabel=f"prequential HR@{k}", title="Recommendation quality")
     ax[0].legend()
     if any(row.get("epsilon_user") is not None for row in rows):

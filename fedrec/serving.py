@@ -1,31 +1,46 @@
-"""What every device is served each round: the newest global version, personalised on the device.
+"""What every device is served, event by event: the newest global version, personalised on the device.
 
 In a deployment every device can download each published global version (it is public: under DP
-it is a DP release), and it keeps fitting its own user vector to its own events as they happen;
-only *training* is sampled. So the recommendations a user actually sees in round ``r`` come from
-the global version published at the end of round ``r - 1`` and the device's own vector fitted to
-its events before round ``r``. :func:`serve` measures exactly that, for every device that
-has events in round ``r``, before any training of that round: prequential HR/NDCG over the
-round's events, and (simulation only) which tracked items are already in the device's top-K.
+it is a DP release), and it knows every one of its own events the moment it happens. So the
+recommendations a user sees just before an event come from the newest global version the device
+holds (published at the end of round ``r - 1``) and the device's own state through the event before.
+:func:`serve` measures exactly that, for every device that has events in round ``r``, before any
+training of that round (Vinagre et al. 2014, prequential test-then-train, per event):
+
+* **per event** (the headline ``hr@K``): each new event is ranked by the device's instant scores
+  through the event before it (:meth:`~fedrec.models.base.RecModel.score_events`: the model's own
+  instant state, e.g. the user vector refit per event), beside the item graph's session scores
+  (:func:`fedrec.itemgraph.session_scores`) where the run has one. How they combine is one of
+  :data:`~fedrec.eval.metrics.BLENDS` (the model's round-start state among them); every blend is
+  scored, and the server serves the one with the most hits in the rounds before (follow the leader:
+  chosen on earlier rounds only, never on the events being scored);
+* **at the round's start** (``start_hr@K``, the second, named metric): every new event ranked by the
+  state the device had when the round began (its vector fitted to its events before the round);
+* and (simulation only) which tracked items are already in the device's top-K at the round's start.
 
 The devices are independent; they are computed together only as a batch (each has its own
 events, its own vector and its own random negatives drawn from a per-device seed), so the result
-does not depend on how devices are grouped into nodes.
+does not depend on how devices are grouped into nodes. The same function serves the device SDK's
+:meth:`~fedrec.clients.device.Device.recommend` (its last row: the state after every event).
 
-Privacy: the serving vector is fitted with plain SGD on the device and used only to rank items on
-the device; it never shapes a released delta (the training update starts from the device's own
-training state). The counts it produces are evaluation counts, sent in clear like the others.
+Privacy: the serving state is fitted on the device and used only to rank items on the device; it
+never shapes a released delta (the training update starts from the device's own training state).
+The counts it produces are evaluation counts, sent in clear like the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
+from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts, event_counts, in_topk, prequential_counts
+from .itemgraph import contexts, session_scores
 from .models.base import RecModel
+
+ROWS = 256  #: events scored per block (bounds the memory of one device's round: ROWS x n_items)
 
 
 def serve_seed(seed: int, device: int, round_: int) -> int:
@@ -45,42 +60,98 @@ class ServeInput:
 @dataclass
 class ServeResult:
     device: int
-    counts: PrequentialCounts
+    counts: ServeCounts
     probe_hits: np.ndarray | None
     vector: np.ndarray  #: the device's serving vector after this round's fit (kept on the device)
+    next_scores: np.ndarray | None = None  #: every item's score after the device's last event (served blend)
 
 
 def _generators(devices: list[ServeInput], seed: int, round_: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(serve_seed(seed, s.device, round_)) for s in devices]
 
 
-def _results(devices: list[ServeInput], fitted: list[tuple[np.ndarray, np.ndarray]], n_items: int,
-             k: int) -> list[ServeResult]:
-    """Each device's prequential counts of its new events (and probe hits) from its scores of every item."""
-    out = []
-    for s, (scores, vector) in zip(devices, fitted, strict=True):
-        seen = np.zeros(n_items, bool)
-        seen[np.asarray(s.history, dtype=np.int64)] = True
-        c = prequential_counts(scores, seen, s.new, k)
-        hits = in_topk(scores, s.probe, seen, k) if s.probe is not None and len(s.probe) else None
-        out.append(ServeResult(device=s.device, counts=c, probe_hits=hits, vector=vector))
-    return out
+def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The per-event scores under the blend ``name`` (see :data:`~fedrec.eval.metrics.BLENDS`): ``session``
+    (the graph's rows, or None), ``model`` (the model's instant rows), ``start`` (its round-start row)."""
+    def z(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(dim=-1, keepdim=True)) / x.std(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    if name == "start":
+        return z(start).expand_as(model)
+    if session is None or name == "model":
+        return z(model)
+    weight = float(name.partition("+")[2] or 0.0)
+    return session + weight * z(model) if weight else session
 
 
-def serve(model: RecModel, global_state: dict[str, np.ndarray], devices: list[ServeInput],
+def event_rows(model: RecModel, s: ServeInput, vector: np.ndarray | None, graph: Mapping[str, np.ndarray] | None,
+               context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's instant scores and the graph's session scores before each new event and after the last."""
+    rows = model.score_events(s.history, s.new, vector, context=context)
+    if graph is None:
+        return rows, None
+    ctx, w = contexts(s.history, s.new, context)
+    return rows, session_scores(graph, ctx, w)
+
+
+def _per_event(model: RecModel, s: ServeInput, vector: np.ndarray | None, start: np.ndarray,
+               graph: Mapping[str, np.ndarray] | None, k: int, context: int, blend: int
+               ) -> tuple[list[PrequentialCounts], np.ndarray]:
+    """Each blend's per-event counts of the device's new events, and the served blend's last row."""
+    seen = np.zeros(model.n_items, bool)
+    seen[np.asarray(s.history, dtype=np.int64)] = True
+    out = [PrequentialCounts() for _ in BLENDS]
+    last = start
+    new = np.asarray(s.new, np.int64)
+    start_row = torch.from_numpy(np.asarray(start, np.float32))
+    for a in range(0, len(new) + 1, ROWS):  # block b holds rows a..a+ROWS (the last block: the row after all)
+        part = ServeInput(s.device, np.concatenate([s.history, new[:a]]), new[a:a + ROWS])
+        rows, session = event_rows(model, part, vector, graph, context)
+        block_seen = seen.copy()
+        block_seen[new[:a]] = True
+        for j, name in enumerate(BLENDS):
+            scores = blend_scores(name, session, rows, start_row).numpy()
+            out[j].add(event_counts(scores, block_seen, part.new, k))
+            if j == blend and a + ROWS > len(new):
+                last = scores[len(part.new)]
+    return out, last
+
+
+def _start(scores: np.ndarray, s: ServeInput, n_items: int, k: int) -> tuple[PrequentialCounts, np.ndarray | None]:
+    """The round-start counts of the device's new events (and probe hits) from its scores at the round's start."""
+    seen = np.zeros(n_items, bool)
+    seen[np.asarray(s.history, dtype=np.int64)] = True
+    hits = in_topk(scores, s.probe, seen, k) if s.probe is not None and len(s.probe) else None
+    return prequential_counts(scores, seen, s.new, k), hits
+
+
+def serve(model: RecModel, global_state: Mapping[str, np.ndarray], devices: list[ServeInput],
           vectors: dict[int, np.ndarray], *, round_: int, seed: int, k: int, fit_steps: int, lr: float,
-          negatives: int = 1) -> list[ServeResult]:
+          negatives: int = 1, graph: Mapping[str, np.ndarray] | None = None, context: int = 10,
+          blend: int = 0, per_event: bool = True) -> list[ServeResult]:
     """The newest global version, each device's own state, its scores: for any model.
 
-    The model serves the batch (:meth:`RecModel.fit_and_score`: ``mf`` fits every device's vector at
-    once; other models go device by device with the reused ``model``): a device's local parameters
-    (``vectors[d]``, as :meth:`RecModel.local_flat`; absent: fresh ones from its own seed) are fitted
-    to its history with ``fit_steps`` steps of the BPR rule (nothing to fit for ``sasrec``, whose user
-    state is the history itself), then every item is scored. ``vector`` in each result is the device's
-    local state after the fit (empty for ``sasrec``).
+    First the round's start, for the batch (:meth:`RecModel.fit_and_score`: ``mf`` fits every device's
+    vector at once; other models go device by device with the reused ``model``): a device's local
+    parameters (``vectors[d]``, as :meth:`RecModel.local_flat`; absent: fresh ones from its own seed) are
+    fitted to its history with ``fit_steps`` steps of the BPR rule (nothing to fit for ``sasrec``, whose
+    user state is the history itself), then every item is scored: the round-start counts. Then each new
+    event, from that vector and the events before it (:meth:`RecModel.score_events`, and ``graph``'s
+    session scores when given): the per-event counts under every blend, and the row after the last event
+    under blend ``blend`` (``next_scores``). ``vector`` in each result is the device's local state after
+    the round-start fit (empty for ``sasrec``). Without ``per_event`` only the round's start is scored
+    (its per-event counts stay empty and ``next_scores`` is the round-start row).
     """
     if not devices:
         return []
     fitted = model.fit_and_score(global_state, [s.history for s in devices], [vectors.get(s.device) for s in devices],
                                  _generators(devices, seed, round_), fit_steps=fit_steps, negatives=negatives, lr=lr)
-    return _results(devices, fitted, model.n_items, k)
+    model.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
+    out = []
+    for s, (scores, vector) in zip(devices, fitted, strict=True):
+        start, hits = _start(scores, s, model.n_items, k)
+        blends, last = _per_event(model, s, vector if vector.size else None, scores, graph, k, context, blend) \
+            if per_event else ([PrequentialCounts() for _ in BLENDS], scores)
+        out.append(ServeResult(device=s.device, counts=ServeCounts(start, blends), probe_hits=hits, vector=vector,
+                               next_scores=last))
+    return out

@@ -5,8 +5,8 @@
 
 One real federation per (model, privacy) cell (the in-process engine, same ServerApp and ClientApp
 as `fedrec simulate`), settings from the TOML. Each run measures the full-ranking prequential HR@10
-and NDCG@10 of what every device was served, and the popularity baseline on exactly the same
-events. Writes results.csv, results.md and results.png into --out (one folder per run beside
+and NDCG@10 of what every device was served, per event and at the round's start, and the baselines
+(popularity, item-kNN) on exactly the same events. Writes results.csv, results.md and results.png into --out (one folder per run beside
 them); a finished run is read back, not redone.
 """
 
@@ -52,23 +52,35 @@ def cells(spec: dict, data: str) -> dict[tuple[str, str], dict]:
 def row(model: str, privacy: str, s: dict) -> dict:
     pr, pop = s["privacy"], s["baselines"]["popularity"]
     ev = pr.get("event", {})
+    knn = s["baselines"].get("item_knn", {})
     return {"model": model, "privacy": privacy, "hr@10": s["metrics"]["hr@10"], "ndcg@10": s["metrics"]["ndcg@10"],
+            "start_hr@10": s["metrics"].get("start_hr@10"), "blend": _served_blend(s),
             "popularity_hr@10": pop["hr@10"], "popularity_ndcg@10": pop["ndcg@10"],
+            "item_knn_hr@10": knn.get("hr@10"),
             "epsilon": pr.get("epsilon"), "unit": pr["unit"], "delta": pr.get("delta"),
             "accountant": ev.get("accountant", pr.get("accountant")), "noise_multiplier": ev.get("noise_multiplier"),
             "session_epsilon": ev.get("session_epsilon"), "events": s["metrics"]["events_scored"],
             "wall_s": s["timings"]["wall_s"]}
 
 
+def _served_blend(s: dict) -> str:
+    """The blend that served best over the run (each round serves the leader of the rounds before)."""
+    blends = s["metrics"].get("blends") or {}
+    return max(blends, key=lambda b: blends[b] or 0.0) if blends else "—"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | privacy | HR@10 | NDCG@10 | popularity HR@10 / NDCG@10 | model / popularity (HR) | ε (δ, accountant) | wall |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | privacy | HR@10 per event | NDCG@10 | HR@10 at round start | best blend | popularity HR@10 / "
+             "NDCG@10 | item-kNN HR@10 | per event / popularity | ε (δ, accountant) | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eps = "none" if r["epsilon"] is None else (
             f"event-level ε = {r['epsilon']:.2f} (δ={r['delta']:g}, {r['accountant']}, z={r['noise_multiplier']:.2f})"
             + (f"; per session {r['session_epsilon']:.2f}" if r["session_epsilon"] else ""))
+        knn = "—" if r["item_knn_hr@10"] is None else f"{r['item_knn_hr@10']:.4f}"
         lines.append(f"| {r['model']} | {r['privacy']} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | "
-                     f"{r['popularity_hr@10']:.4f} / {r['popularity_ndcg@10']:.4f} | "
+                     f"{r['start_hr@10']:.4f} | {r['blend']} | "
+                     f"{r['popularity_hr@10']:.4f} / {r['popularity_ndcg@10']:.4f} | {knn} | "
                      f"{r['hr@10'] / r['popularity_hr@10']:.2f}x | {eps} | {r['wall_s']:.0f} s |")
     return "\n".join(lines)
 

@@ -3,8 +3,13 @@
 ``python tests/round_reference.py --write`` records, for each case below, every round's metrics line
 (minus wall-clock fields) and the final global model of a small in-process federation; the test
 ``tests/test_round_reference.py`` runs the same cases and compares. The reference files in
-``tests/data/round_reference/`` were written by the code *before* the server round moved into
-``fedrec/`` (issue 15), so the test checks that the move kept the behaviour.
+``tests/data/round_reference/`` were first written by the code *before* the server round moved into
+``fedrec/`` (issue 15), so the test checked that the move kept the behaviour. Issue 16 (per-event
+scoring, the item graph, two more baselines) changed what a metrics line holds, so they were written
+again, after checking, case by case, against the issue-15 files: every final global model equal, every
+line's ``start_hr@10``/``start_ndcg@10`` equal to the old ``hr@10``/``ndcg@10`` (the old headline was
+the round-start metric), every other field equal but the bytes (item pairs up, the graph's table down),
+the per-event metrics and the new baseline columns.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def test_fit_personalises_to_the_device_history():
     (res,) = serve_round(_table(), 2, [d], {}, **KW)
     # the vector learnt "x": item 2 (x cluster, not yet had) ranks in the top-2, item 5 does not
     assert res.vector[0] > res.vector[1]
-    assert res.counts.n == 2 and res.counts.hits == 1.0
+    assert res.counts.n == 2 and res.counts.start.hits == 1.0  # at the round start, from the fitted vector
 
 
 def test_devices_do_not_depend_on_their_batch():

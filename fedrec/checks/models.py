@@ -204,6 +204,28 @@ def check_learns(name: str, tmp: Path) -> None:
     assert after > before + 0.05, f"{name}: training did not separate the user's items ({before:.3f} -> {after:.3f})"
 
 
+def check_instant_state(name: str, tmp: Path) -> None:
+    """Per-event scores (:meth:`RecModel.score_events`): row ``j`` reads the events before ``j`` only (a
+    planted later event changes no earlier row), batched rows equal rows computed one prefix at a time,
+    the inputs are not mutated, and the instant state follows the newest events (the row after them
+    differs from the round-start row)."""
+    cfg = _cfg(name)
+    model = model_from_config(cfg, N_ITEMS)
+    items, _ = _events()
+    hist, new = items[:10].copy(), items[10:16].copy()
+    vec = model.local_flat()
+    rows = model.score_events(hist, new, vec, context=cfg.session_len)
+    assert rows.shape == (len(new) + 1, N_ITEMS), f"{name}: score_events gave {tuple(rows.shape)}"
+    planted = np.concatenate([new[:3], [N_ITEMS - 1], new[4:]])  # a different event at position 3
+    other = model.score_events(hist, planted, vec, context=cfg.session_len)
+    assert torch.allclose(rows[:4], other[:4], atol=1e-5), f"{name}: a row reads an event at or after its own"
+    for j in (0, 3, len(new)):
+        one = model.score_events(hist, new[:j], vec, context=cfg.session_len)[-1]
+        assert torch.allclose(rows[j], one, atol=1e-4), f"{name}: row {j} differs when computed alone"
+    assert hist.tolist() == items[:10].tolist() and new.tolist() == items[10:16].tolist(), f"{name}: inputs mutated"
+    assert not torch.allclose(rows[0], rows[-1]), f"{name}: the instant state ignores the newest events"
+
+
 def yield_checks(name: str) -> Iterator[Check]:
     """Every check of the contract, for the model ``name``."""
     yield check_partition
@@ -213,3 +235,4 @@ def yield_checks(name: str) -> Iterator[Check]:
     yield check_save_load_round_trip
     yield check_ranking_excludes_seen
     yield check_learns
+    yield check_instant_state

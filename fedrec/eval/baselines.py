@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 from ..data.stream import RoundStream
-from .metrics import PrequentialCounts, prequential_counts
+from ..itemgraph import ItemGraph, Pairs, contexts, device_pairs, session_scores
+from .metrics import PrequentialCounts, event_counts, prequential_counts
+
+CHUNK = 1024  #: events scored together (rows of ``(CHUNK, n_items)`` scores)
+Piece = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  #: a device's events: contexts, weights, had, items
 
 
 def popularity_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int,
@@ -38,4 +44,166 @@ def popularity_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]
             c.add(prequential_counts(counts, seen, log.item[idx[rounds > cur]], k))
             last[d] = r
         out.append(c)
+    return out
+
+
+def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int, *, window: int,
+                         neighbours: int, context: int) -> list[PrequentialCounts]:
+    """Score a centralised item-kNN per event, on the events the devices are scored on.
+
+    Before round ``r`` an :class:`~fedrec.itemgraph.ItemGraph` holds the pairs of every event of rounds
+    before ``r`` of every user (each with the ``window`` events before it in its user's sequence); each
+    device of ``schedule[r-1]`` scores its events of round ``r`` (what serving scores) one by one from its
+    table, as devices do: event ``j`` by the ``context`` items before it
+    (:func:`~fedrec.itemgraph.contexts`, :func:`~fedrec.itemgraph.session_scores`), excluding what the
+    user had before it. The federated graph hears only from sampled devices: this is its non-private
+    ceiling. The graph grows by one round at a time. Returns per-round counts.
+    """
+    log = stream.log
+    graph = ItemGraph(log.n_items, neighbours)
+    out = []
+    for r, devices in enumerate(schedule, start=1):
+        if r > 1:  # every event of the round before, each paired with its user's earlier events
+            graph.add(round_pairs(stream, r - 1, window))
+        pieces = []
+        for d in devices:
+            pieces.append(_history_and_new(stream, d, r - 1, r))
+        out.append(_knn_round(graph.table(), pieces, k, context) if pieces else PrequentialCounts())
+    return out
+
+
+def _knn_round(table: dict[str, np.ndarray], devices: list[tuple[np.ndarray, np.ndarray]], k: int, context: int
+               ) -> PrequentialCounts:
+    """One round's counts: each device's ``(history, new)`` items scored per event from the graph's table.
+
+    The events go to :func:`~fedrec.itemgraph.session_scores` in batches of at most ``CHUNK`` rows (a
+    device's events may span batches: those of earlier batches count as had), then back to their devices."""
+    n_items = len(table["graph.prior"])
+    c = PrequentialCounts()
+    batch: list[Piece] = []
+    rows = 0
+    for history, new in devices:
+        ctx, weight = contexts(history, new, context)
+        seen = np.zeros(n_items, bool)
+        seen[history] = True
+        for a in range(0, len(new), CHUNK):
+            b = min(a + CHUNK, len(new))
+            if rows + b - a > CHUNK:
+                c.add(_knn_batch(table, batch, k))
+                batch, rows = [], 0
+            batch.append((ctx[a:b], weight[a:b], seen.copy(), new[a:b]))
+            rows += b - a
+            seen[new[a:b]] = True
+    if batch:
+        c.add(_knn_batch(table, batch, k))
+    return c
+
+
+def _knn_batch(table: dict[str, np.ndarray], batch: list[Piece], k: int) -> PrequentialCounts:
+    scores = session_scores(table, np.concatenate([p[0] for p in batch]), np.concatenate([p[1] for p in batch]))
+    c, at = PrequentialCounts(), 0
+    for _, _, seen, new in batch:
+        c.add(event_counts(scores[at:at + len(new)].numpy(), seen, new, k))
+        at += len(new)
+    return c
+
+
+def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int, *, dim: int,
+                               seed: int, context: int, init_scale: float, replay: int = 2
+                               ) -> list[PrequentialCounts]:
+    """Score a centrally trained BPR MF per event, on the events the devices are scored on.
+
+    Before round ``r`` the model has trained on every event of rounds before ``r`` (after each round, on
+    its events and those of the ``replay`` rounds before it, as :func:`fedrec.centralised.run_centralised`
+    does, with its BPR loop). Each device of ``schedule[r-1]`` scores its events of round ``r`` as devices
+    do: :meth:`fedrec.models.mf.MF.score_events` with the item table and
+    the device's row of the user table, event ``j`` from the ``context`` items before it, excluding what
+    the user had before it. The non-private ceiling of the federated model. Returns per-round counts.
+    """
+    from ..centralised import _train  # the centralised learner's own BPR loop (it imports the report)
+    from ..models.mf import MF
+
+    log = stream.log
+    U, V = log.n_users, log.n_items
+    g = torch.Generator().manual_seed(seed)
+    item = torch.randn(V, dim + 1, generator=g) * init_scale
+    item[:, dim] = 0.0  # biases start at zero, as in MF
+    user = torch.randn(U, dim, generator=g) * init_scale
+    item.requires_grad_(True)
+    user.requires_grad_(True)
+    opt = torch.optim.Adam([item, user], lr=0.02)
+    model = MF(V, dim, init_scale=init_scale)
+    had = _Had(V)  # each user's items so far: BPR negatives are drawn among the others
+    out = []
+    for r, devices in enumerate(schedule, start=1):
+        if r > 1:  # learn round r-1, replaying the rounds before it
+            done = stream.round_of == r - 1
+            had.add(log.user[done], log.item[done])
+            train = np.flatnonzero((stream.round_of <= r - 1) & (stream.round_of >= r - 1 - replay))
+            _train(item, user, opt, log.user[train], log.item[train], had, dim, g)
+        model.load({"item.weight": item.detach()})
+        pieces = [_history_and_new(stream, d, r - 1, r) for d in devices]
+        out.append(_mf_round(model, pieces, user.detach()[list(devices)], k, context))
+    return out
+
+
+def _mf_round(model: Any, pieces: list[tuple[np.ndarray, np.ndarray]], users: torch.Tensor, k: int, context: int
+              ) -> PrequentialCounts:
+    """One round's devices scored per event by the MF's instant state (:meth:`MF.score_contexts`): the rows
+    of many devices go in one batch, in blocks of about ``ROWS`` rows; each device's events are ranked
+    against its own history (as :meth:`MF.score_events` and devices do, one device at a time)."""
+    from ..serving import ROWS
+
+    c = PrequentialCounts()
+    rows = [contexts(h, n, context) for h, n in pieces]
+    at = 0
+    while at < len(pieces):
+        take = [at]
+        while take[-1] + 1 < len(pieces) and sum(len(pieces[j][1]) for j in take) < ROWS:
+            take.append(take[-1] + 1)
+        ctx = np.concatenate([rows[j][0][:-1] for j in take])
+        w = np.concatenate([rows[j][1][:-1] for j in take])
+        u0 = torch.cat([users[j].expand(len(pieces[j][1]), -1) for j in take])
+        scores = model.score_contexts(ctx, w, u0).numpy()
+        start = 0
+        for j in take:
+            history, new = pieces[j]
+            seen = np.zeros(model.n_items, bool)
+            seen[history] = True
+            c.add(event_counts(scores[start:start + len(new)], seen, new, k))
+            start += len(new)
+        at = take[-1] + 1
+    return c
+
+
+class _Had:
+    """Which items each user had, as sorted keys ``user * n_items + item`` (memory grows with the events, not
+    with users x items); ``had[users, items]`` is a boolean array, as the dense matrix would give."""
+
+    def __init__(self, n_items: int) -> None:
+        self.V, self.keys = n_items, np.zeros(0, np.int64)
+
+    def add(self, users: np.ndarray, items: np.ndarray) -> None:
+        self.keys = np.union1d(self.keys, users.astype(np.int64) * self.V + items)
+
+    def __getitem__(self, ui: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        key = np.asarray(ui[0], np.int64) * self.V + np.asarray(ui[1], np.int64)
+        at = np.minimum(np.searchsorted(self.keys, key), max(len(self.keys) - 1, 0))
+        return (self.keys[at] == key) if len(self.keys) else np.zeros(key.shape, bool)
+
+
+def _history_and_new(stream: RoundStream, device: int, cur: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The items of ``device``'s events through round ``cur`` (what it had) and of rounds ``cur+1..r`` (new)."""
+    idx = stream.device_events(device, r)
+    old = stream.round_of[idx] <= cur
+    return stream.log.item[idx[old]], stream.log.item[idx[~old]]
+
+
+def round_pairs(stream: RoundStream, r: int, window: int) -> list[Pairs]:
+    """Every user's pairs of its events of round ``r`` with the ``window`` events before each."""
+    users = np.unique(stream.log.user[stream.round_of == r])
+    out = []
+    for u in users:
+        idx = stream.device_events(int(u), r)
+        out.append(device_pairs(stream.log.item[idx], stream.round_of[idx] == r, window))
     return out

@@ -7,9 +7,16 @@ above it, so a model that scores everything alike earns nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+#: What devices score every event with, side by side (:func:`fedrec.serving.blend_scores`): the item
+#: graph's session scores plus ``w`` times the model's instant scores standardised per row (``graph+w``;
+#: ``graph``: the graph alone), the model's instant scores alone (``model``), and the model with the state
+#: at the round's start (``start``). Without an item graph the ``graph`` blends rank as ``model``. The first
+#: is served before any is measured (the model breaks the ties of a graph that knows little yet).
+BLENDS = ("graph+0.01", "graph", "graph+0.1", "graph+1", "model", "start")
 
 
 def target_rank(scores: np.ndarray, target: int, exclude: np.ndarray | None = None) -> int:
@@ -97,6 +104,25 @@ class PrequentialCounts:
         return self.ndcg / self.n if self.n else float("nan")
 
 
+@dataclass
+class ServeCounts:
+    """One device's (or a sum of devices') serving counts: per event under each of :data:`BLENDS`
+    (:mod:`fedrec.serving`), and at the round's start. All score the same events (``n``)."""
+
+    start: PrequentialCounts = field(default_factory=PrequentialCounts)
+    blends: list[PrequentialCounts] = field(default_factory=lambda: [PrequentialCounts() for _ in BLENDS])
+
+    @property
+    def n(self) -> int:
+        return self.start.n
+
+    def add(self, other: ServeCounts) -> None:
+        self.start.add(other.start)
+        for mine, theirs in zip(self.blends, other.blends, strict=True):
+            mine.add(theirs)
+
+
+
 def prequential_counts(
     scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] | np.ndarray, k: int
 ) -> PrequentialCounts:
@@ -126,3 +152,32 @@ def prequential_counts(
     ranks -= (earlier & (s[None, :] >= s[:, None])).sum(axis=1)
     hit = ranks < k
     return PrequentialCounts(int(len(items)), float(hit.sum()), float((1.0 / np.log2(ranks[hit] + 2)).sum()))
+
+
+def event_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] | np.ndarray, k: int
+                 ) -> PrequentialCounts:
+    """Per-event prequential scoring: event ``j`` of ``new_items`` is ranked by its own row ``scores[j]``.
+
+    ``scores`` has one row per new event (more rows are ignored): row ``j`` is what the device would have
+    shown just before event ``j``, from its state through event ``j - 1``. Each event is ranked over all
+    items, excluding those the user had before it (``seen``, a boolean mask of the items before the new
+    events, plus the earlier new events); events whose item the user already had are not scored, as in
+    :func:`prequential_counts`, so both score exactly the same events. Ties count against the target.
+    """
+    items = np.asarray(new_items, dtype=np.int64).reshape(-1)
+    n = len(items)
+    if n == 0:
+        return PrequentialCounts()
+    S = np.asarray(scores[:n])
+    first = np.zeros(n, bool)
+    first[np.unique(items, return_index=True)[1]] = True
+    scored = first & ~seen[items]
+    s = S[np.arange(n), items]
+    ranks = ((S >= s[:, None]) & ~seen[None, :]).sum(axis=1) - 1  # among items not had before the round
+    # less the earlier new events (had by then): those scoring >= the target in the event's own row
+    fresh = first & ~seen[items]  # an earlier new event counts once, if it was not had before the round
+    earlier = np.tri(n, k=-1, dtype=bool) & fresh[None, :]
+    ranks -= (earlier & (S[:, items] >= s[:, None])).sum(axis=1)
+    hit = scored & (ranks < k) & np.isfinite(s)  # a score that is not a number ranks nothing
+    return PrequentialCounts(int(scored.sum()), float(hit.sum()),
+                             float((1.0 / np.log2(ranks[hit] + 2)).sum()))

@@ -90,14 +90,19 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
     # the static baseline freezes the served model after `freeze_after` rounds (devices still
     # personalise their own vectors); the adaptive schedule reads only the aggregated counts
     served = got.served if cfg.serve_eval else None
-    step.lr = 0.0 if cfg.freeze_after and r > cfg.freeze_after else state.lr.step(served.counts if served
+    step.lr = 0.0 if cfg.freeze_after and r > cfg.freeze_after else state.lr.step(served.counts.start if served
                                                                                   else got.counts)
     if cfg.user_dp:  # written before the version it produces is published
         ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=fed.z_user,
                               sample_rate=fed.q_user, steps=1, clip=cfg.clip, period=plan.period))
     step.diag = aggregator.step(state.global_state, state.optimizer, deltas, weights, step.lr, got.presummed)
+    frozen = bool(cfg.freeze_after and r > cfg.freeze_after)  # the static baseline freezes its graph too
+    if state.graph is not None and not frozen:  # sums: summed in as they come, buffered or not
+        state.graph.add(got.pairs)
     if state.buffer is None or deltas:  # a new version is published (async: only when the buffer is applied)
         state.version += 1
+        if state.graph is not None and not frozen:
+            state.graph_table = state.graph.table()
     if fresh and step.lr > 0:  # a frozen (static) or skipped update reflects nothing new
         state.last_fresh = max(state.last_fresh, *fresh)
     state.round = r

@@ -3,7 +3,9 @@
 :func:`collect` turns the decoded replies of a round (:class:`fedrec.messages.NodeReply`, each with the
 round it was asked for) into one :class:`Replies`: validated deltas with their weights, counts and
 ledger facts; a bad entry is recorded in ``failed`` and never fails the round. An update computed for
-an earlier round (a straggler's) goes to ``late``.
+an earlier round (a straggler's) goes to ``late``. With the item graph on, an update's item pairs are
+checked against the catalogue and its new events (:meth:`fedrec.itemgraph.Pairs.from_arrays`); bad pairs
+fail that update.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 
 from ..asynchrony import Update
-from ..eval.metrics import PrequentialCounts
+from ..eval.metrics import PrequentialCounts, ServeCounts
+from ..itemgraph import Pairs
 from ..messages import DeviceUpdate, NodeReply, UpdateReport
 from ..privacy.user_level import delta_norm
 from ..wire import decode_delta
@@ -46,7 +49,7 @@ class SecureSum:
 class Served:
     """What every device with new events was served this round (serving evaluation)."""
 
-    counts: PrequentialCounts = field(default_factory=PrequentialCounts)
+    counts: ServeCounts = field(default_factory=ServeCounts)  #: per event under each blend, and at the start
     per_device: list = field(default_factory=list)
     probes: list = field(default_factory=list)
 
@@ -76,6 +79,9 @@ class Replies:
     late_metrics: list = field(default_factory=list)  #: their metrics (for the privacy ledger)
     n_new: list = field(default_factory=list)  #: new events of each on-time device
     inflight: dict = field(default_factory=dict)  #: device -> round its update is due (simulated slow devices)
+    #: item graph: the checked pairs of every accepted update, on time or late (they are sums: a late device's
+    #: events count as much as any, and it never sends them again)
+    pairs: list[Pairs] = field(default_factory=list)
 
     def map_deltas(self, fn: Callable[[dict], tuple[dict, int]]) -> list[int]:
         """Replace every delta, on-time and late, by ``fn(delta)[0]``; the list of ``fn(delta)[1]``."""
@@ -87,15 +93,24 @@ class Replies:
         return [int(n) for _, n in out]
 
 
+@dataclass(frozen=True)
+class GraphCheck:
+    """What the server checks a device's item pairs against: the catalogue size and the run's window."""
+
+    n_items: int
+    window: int
+
+
 def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: float | None, round_: int,
-            home: Mapping[int, int]) -> Replies:
+            home: Mapping[int, int], graph: GraphCheck | None = None) -> Replies:
     """Validate and unpack the replies of round ``round_`` (see the module docstring).
 
     With ``clip`` (user-level DP) every device weighs the same and a delta above the clip is refused;
     else deltas are weighted by their events. ``home`` (device -> node) holds each reply to its own
     devices: an update counts only from the node hosting the device, once a round, and on time only
     when the request asked for it (a straggler's update, computed for an earlier round, is handed in
-    with any later reply of its node).
+    with any later reply of its node). ``graph`` (the item graph is on) is what item pairs are checked
+    against; without it, an update that carries pairs fails.
     """
     out, seen = Replies(), set[int]()
     for rep in replies:
@@ -118,7 +133,7 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
                 out.failed.append((u.device, problem))
                 continue
             seen.add(u.device)
-            _take(out, u, rep.asked, round_, gstate, clip)
+            _take(out, u, rep.asked, round_, gstate, clip, graph)
     return out
 
 
@@ -149,7 +164,7 @@ def _foreign(d: int, rep: Reply, home: Mapping[int, int], seen: set[int], *, lat
 
 
 def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
-          clip: float | None) -> None:
+          clip: float | None, graph: GraphCheck | None) -> None:
     d, m = u.device, u.report
     try:
         delta = decode_delta(u.arrays)
@@ -157,9 +172,13 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
         out.failed.append((d, str(e)))
         return
     problem = validate(delta, gstate, clip)
-    if problem:
-        out.failed.append((d, problem))
+    pairs, why = _pairs(u, graph) if problem is None else (None, "")
+    if problem or why:
+        out.failed.append((d, problem or why))
         return
+    if pairs is not None:
+        out.pairs.append(pairs)
+        out.bytes_up += sum(v.nbytes for v in (u.pairs or {}).values())
     out.bytes_up += sum(v.nbytes for v in u.arrays.values())
     weight = 1.0 if clip is not None else float(m.num_examples)
     ledger = {"steps": m.steps, "max-exposure": m.max_exposure}
@@ -180,6 +199,22 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
     out.n_new.append(m.n_new)
     out.clipped.append(m.clipped)
     out.preclip.append(m.preclip_norm)
+
+
+def _pairs(u: DeviceUpdate, graph: GraphCheck | None) -> tuple[Pairs | None, str]:
+    """Device ``u.device``'s item pairs, checked (None when it sent none), or why they are refused."""
+    if u.pairs is None:
+        return None, ""
+    if graph is None:
+        return None, f"device {u.device} sent item pairs, but the item graph is off"
+    if u.report.n_new > u.report.num_examples:
+        return None, f"device {u.device} sent pairs of {u.report.n_new} new events but trained on fewer"
+    try:
+        return Pairs.from_arrays(u.pairs, graph.n_items, events=u.report.n_new, window=graph.window), ""
+    except KeyError as e:
+        return None, f"device {u.device} sent item pairs without the array {e}"
+    except ValueError as e:
+        return None, f"device {u.device} sent bad item pairs: {e}"
 
 
 def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], clip: float, nodes: int) -> None:

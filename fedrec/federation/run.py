@@ -28,7 +28,7 @@ from ..report import RunRecorder
 from ..server_aggregate import pick_device
 from .apply import apply_round, round_metrics
 from .plan import Federation, RoundPlan, budget_spent, plan_round
-from .replies import Replies, Reply, SecureSum, add_secure_sum, collect
+from .replies import GraphCheck, Replies, Reply, SecureSum, add_secure_sum, collect
 from .state import FederationError, ServerState, init_state, unfinished_checkpoint
 
 
@@ -184,11 +184,13 @@ class _Run:
 
     def _exchange(self, plan: RoundPlan, host: dict[str, np.ndarray], arrived: list[Reply]) -> Replies:
         cfg, r = self.fed.cfg, plan.round
-        requests = {n: RoundInstruction(r, tuple(ds), self.fed.z_event, self.clock(r)) for n, ds in plan.by_node.items()}
+        requests = {n: RoundInstruction(r, tuple(ds), self.fed.z_event, self.clock(r), self.rec.leader())
+                    for n, ds in plan.by_node.items()}
         clip = cfg.clip if cfg.user_dp else None
+        graph = GraphCheck(self.fed.n_items, cfg.graph_window) if cfg.graph else None
         if cfg.secure_aggregation:
             served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
-            got = collect(served, self.state.global_state, clip, r, self.fed.home)
+            got = collect(served, self.state.global_state, clip, r, self.fed.home, graph)
             add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node))
             return got
         enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
@@ -196,7 +198,7 @@ class _Run:
         # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
         # on the order, and the same seed must give the same model on any engine
         return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
-                       self.fed.home)
+                       self.fed.home, graph)
 
     def _record(self, r: int, got: Replies, extra: dict) -> dict:
         served = got.served if self.fed.cfg.serve_eval else None

@@ -1,9 +1,10 @@
 """The server's state between rounds, in one object whose ``state_dict`` is the checkpoint.
 
 As FedJAX's ``ServerState``: the global model, the server optimizer and learning-rate schedule, the
-FedBuff buffer, the published version and the last finished round, and what the run has learned
-about itself (the newest round reflected in the model, why user-level releases stopped). The round
-functions (:mod:`.plan`, :mod:`.apply`) read and update it; nothing else carries state across rounds.
+FedBuff buffer, the item graph (its sums and the table published with the version), the published
+version and the last finished round, and what the run has learned about itself (the newest round
+reflected in the model, why user-level releases stopped). The round functions (:mod:`.plan`,
+:mod:`.apply`) read and update it; nothing else carries state across rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from ..asynchrony import Buffer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig
+from ..itemgraph import KEYS as GRAPH_KEYS
+from ..itemgraph import ItemGraph
 from ..models import model_from_config
 from ..server_aggregate import pick_device
 from ..server_lr import ServerLR
@@ -42,6 +45,8 @@ class ServerState:
     optimizer: ServerOptimizer
     lr: ServerLR
     buffer: Buffer | None = None
+    graph: ItemGraph | None = None  #: the item graph's sums (None: the graph is off)
+    graph_table: dict[str, np.ndarray] = field(default_factory=dict)  #: the table published (empty before round 1)
     round: int = 0  #: the last finished round
     version: int = 0  #: global versions published (async: only when the buffer is applied)
     last_fresh: int = 0  #: the newest round whose events the published model reflects
@@ -49,14 +54,16 @@ class ServerState:
     run_info: dict = field(default_factory=dict)  #: the run's own record (metrics so far), kept for a resume
 
     def host_state(self) -> dict[str, np.ndarray]:
-        """The global parameters as numpy arrays on the CPU (what is sent to the nodes)."""
-        return {k: v.detach().cpu().numpy() for k, v in self.global_state.items()}
+        """The global parameters as numpy arrays on the CPU and the item graph's table (what is sent to the
+        nodes; :func:`fedrec.itemgraph.split` parts them)."""
+        return {**{k: v.detach().cpu().numpy() for k, v in self.global_state.items()}, **self.graph_table}
 
     def state_dict(self, cfg: RunConfig, *, finished: bool = False) -> dict:
         """The checkpoint: what :func:`fedrec.checkpoint.save_checkpoint` writes."""
         meta, arrays = self.buffer.state() if self.buffer is not None else ([], {})
         return {"round_": self.round, "global_state": self.global_state, "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr.state_dict(), "buffer": arrays,
+                "graph": {**self.graph.state(), **self.graph_table} if self.graph is not None else {},
                 "run": {"finished": finished, "last_fresh": self.last_fresh, "stopped": self.stopped,
                         "version": self.version, "buffer": meta, "config": resume_key(cfg), "recorder": self.run_info}}
 
@@ -75,6 +82,10 @@ class ServerState:
         self.version = int(run.get("version", ck["round"]))
         if self.buffer is not None:  # the updates that were waiting are applied as if no restart happened
             self.buffer.load(run.get("buffer", []), ck["buffer"])
+        graph = ck.get("graph", {})
+        if self.graph is not None and graph:  # the sums, and the table as published (not recomputed)
+            self.graph.load({k: v for k, v in graph.items() if k not in GRAPH_KEYS})
+            self.graph_table = {k: graph[k] for k in GRAPH_KEYS if k in graph}
 
 
 def init_state(cfg: RunConfig, n_items: int) -> ServerState:
@@ -84,7 +95,8 @@ def init_state(cfg: RunConfig, n_items: int) -> ServerState:
     return ServerState(global_state={k: v.to(dev) for k, v in model.global_state().items()},
                        optimizer=ServerOptimizer(cfg.server_opt),
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
-                       buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None)
+                       buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
+                       graph=ItemGraph(n_items, neighbours=cfg.graph_neighbours) if cfg.graph else None)
 
 
 def unfinished_checkpoint(cfg: RunConfig, state: ServerState, path: Path) -> dict | None:

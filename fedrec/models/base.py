@@ -244,6 +244,42 @@ class RecModel(nn.Module):
         return out
 
 
+    @torch.no_grad()
+    def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
+                     context: int) -> torch.Tensor:
+        """The device's instant scores: every item, before each of the ``new`` events and after the last.
+
+        Row ``j`` of the result ``(len(new) + 1, n_items)`` comes from the device's state through event
+        ``j - 1`` (``history`` then ``new[:j]``) and the global version loaded in the model; it never reads
+        ``new[j:]``. ``vector`` is the device's local state at the round's start (:meth:`local_flat`; None:
+        as loaded). ``context``: how many of the newest events a refit reads. This default keeps the local
+        state and reads the growing history through :meth:`score_all`, one row at a time; models override it
+        with a batched instant refit.
+        """
+        if self.local_names and vector is not None and len(vector):
+            self.load_local_flat(vector)
+        seq = np.concatenate([np.asarray(history, np.int64), np.asarray(new, np.int64)])
+        return torch.stack([self.score_all(seq[: len(history) + j]) for j in range(len(new) + 1)])
+
+
+RIDGE = 1.0  #: weight of the round-start user vector in the per-event refit (:func:`ridge_users`)
+
+
+def ridge_users(features: torch.Tensor, ctx: np.ndarray, weight: np.ndarray, u0: torch.Tensor,
+                lam: float = RIDGE) -> torch.Tensor:
+    """Each row's user vector refit in closed form to its context items (``ctx``/``weight``, as
+    :func:`fedrec.itemgraph.contexts` gives them; -1 pads): ``argmin_u sum_l w_l (1 - f_l . u)^2 +
+    lam |u - u0|^2`` with ``f_l = features[ctx_l]``, i.e. ``(lam I + sum w f f^T)^-1 (lam u0 + sum w f)``.
+    Returns ``(rows, d)``; a row without context keeps ``u0``."""
+    d = features.shape[1]
+    w = torch.from_numpy(np.where(ctx >= 0, weight, 0.0)).to(features.dtype)
+    f = features[torch.from_numpy(np.maximum(ctx, 0))]  # (rows, L, d)
+    wf = f * w.unsqueeze(-1)
+    A = lam * torch.eye(d, dtype=features.dtype) + wf.transpose(1, 2) @ f  # (bmm: einsum plans cost more here)
+    rhs = lam * u0.to(features.dtype) + wf.sum(dim=1)
+    return torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
+
+
 def score_diff(m: nn.Module, *batch: torch.Tensor) -> torch.Tensor:
     """The positive's score minus each negative's, from a model's ``(..., 1 + K)`` scores."""
     s = m(*batch)

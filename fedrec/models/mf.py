@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import RecModel
+from ..itemgraph import contexts
+from .base import RecModel, ridge_users
 
 
 class MF(RecModel):
@@ -54,6 +55,22 @@ class MF(RecModel):
 
     def item_repr(self) -> torch.Tensor:
         return self.item.weight.detach()[:, : self.dim]
+
+    @torch.no_grad()
+    def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
+                     context: int) -> torch.Tensor:
+        """:meth:`RecModel.score_events` with the user vector refit per event in closed form
+        (:func:`~fedrec.models.base.ridge_users` over the ``context`` newest items, anchored at ``vector``)."""
+        ctx, w = contexts(history, new, context)
+        u0 = torch.as_tensor(vector) if vector is not None and len(vector) else self.user.weight[0]
+        return self.score_contexts(ctx, w, u0)
+
+    @torch.no_grad()
+    def score_contexts(self, ctx: np.ndarray, weight: np.ndarray, u0: torch.Tensor) -> torch.Tensor:
+        """Every item's score for each context row (:func:`~fedrec.itemgraph.contexts`), the user vector refit
+        to it from ``u0`` (``(d,)``, or ``(rows, d)``: one per row, so rows of many devices go in one batch)."""
+        q, b = self.item.weight[:, : self.dim], self.item.weight[:, self.dim]
+        return ridge_users(q, ctx, weight, u0) @ q.T + b
 
     def train_local(self, batch: tuple[torch.Tensor, ...], weight: torch.Tensor, *, steps: int, sample_rate: float,
                     lr_global: float, lr_local: float, generator: torch.Generator, backend: str = "auto",

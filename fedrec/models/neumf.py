@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import RecModel, seeded_linear
+from ..itemgraph import contexts
+from .base import RecModel, ridge_users, seeded_linear
 
 
 class NeuMF(RecModel):
@@ -66,3 +67,20 @@ class NeuMF(RecModel):
 
     def item_repr(self) -> torch.Tensor:
         return self.item.weight.detach()[:, : 2 * self.dim]
+
+    @torch.no_grad()
+    def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
+                     context: int) -> torch.Tensor:
+        """:meth:`RecModel.score_events` with the GMF half of the user embedding refit per event in closed
+        form: the GMF tower is linear in it, with features ``w_out[:dim] * q^G``
+        (:func:`~fedrec.models.base.ridge_users` over the ``context`` newest items, anchored at ``vector``);
+        the MLP half stays at the round-start state."""
+        d = self.dim
+        ctx, w = contexts(history, new, context)
+        u0 = torch.as_tensor(vector) if vector is not None and len(vector) else self.user.weight[0]
+        feats = self.item.weight[:, :d] * self.out.weight[0, :d]
+        users = torch.cat([ridge_users(feats, ctx, w, u0[:d]), u0[d:].expand(len(ctx), d)], dim=1)
+        table = self.item.weight.unsqueeze(0)
+        rows = [self._score(users[a:a + 32].unsqueeze(1), table.expand(len(users[a:a + 32]), -1, -1))
+                for a in range(0, len(users), 32)]
+        return torch.cat(rows)

@@ -117,6 +117,21 @@ class SASRec(RecModel):
     def item_repr(self) -> torch.Tensor:
         return self.item.weight.detach()[: self.n_items, : self.dim]
 
+    @torch.no_grad()
+    def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
+                     context: int) -> torch.Tensor:
+        """:meth:`RecModel.score_events`: the history grows per event (its user state is the history); all
+        rows are encoded as one batch of sequences (``context`` is not used: the sequence length is)."""
+        seq = np.concatenate([np.asarray(history, np.int64), np.asarray(new, np.int64)])
+        ctx = torch.stack([self.context(seq[: len(history) + j]) for j in range(len(new) + 1)])
+        w = self.item.weight[: self.n_items]
+        rows = []
+        for a in range(0, len(ctx), 256):
+            c = ctx[a:a + 256]
+            h = self._encode(self.item(c)[..., : self.dim], c)[:, -1]
+            rows.append(h @ w[:, : self.dim].T + w[:, self.dim])
+        return torch.cat(rows)
+
     def samples(self, items: np.ndarray, rounds: np.ndarray, train: np.ndarray, cand: torch.Tensor, *,
                 negatives: int, generator: torch.Generator, sessions: bool = False
                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

@@ -25,12 +25,14 @@ PARAM_COLUMNS = ["cell", "seed", "scenario", "method", "unit", "epsilon_target",
 STR_COLUMNS = {"cell", "scenario", "method", "unit", "accountant", "lr_schedule"}
 INT_COLUMNS = {"seed", "cohort", "rounds", "lag_censored"}
 # Metric columns the sweep is known to write: a bad value there is an error, not a sign of a non-metric column.
-KNOWN_METRICS = ["hr@10", "ndcg@10", "whr_final", "popularity_hr@10", "adaptation_lag", "lag_censored", "lag_max",
+KNOWN_METRICS = ["hr@10", "start_hr@10", "ndcg@10", "whr_final", "popularity_hr@10", "item_knn_hr@10",
+                 "adaptation_lag", "lag_censored", "lag_max",
                  "uptake_median", "uptake_rate", "staleness_mean", "wall_s", "bytes_up_per_device_round"]
-DEFAULT_METRICS = ["adaptation_lag", "uptake_median", "uptake_rate", "whr_final", "hr@10", "ndcg@10",
+DEFAULT_METRICS = ["adaptation_lag", "uptake_median", "uptake_rate", "whr_final", "hr@10", "start_hr@10", "ndcg@10",
                    "staleness_mean", "epsilon", "wall_s"]
 LABELS = {"adaptation_lag": "adaptation lag (rounds)", "uptake_median": "uptake median (rounds)",
-          "uptake_rate": "uptake rate", "whr_final": "windowed HR@10 (end)", "hr@10": "HR@10", "ndcg@10": "NDCG@10",
+          "uptake_rate": "uptake rate", "whr_final": "windowed HR@10 (end)", "hr@10": "HR@10 (per event)",
+          "start_hr@10": "HR@10 (round start)", "ndcg@10": "NDCG@10 (per event)",
           "staleness_mean": "staleness", "epsilon": "ε spent", "wall_s": "wall (s)"}
 BASELINES = ("static", "centralised")
 DPI = 110
