@@ -353,11 +353,12 @@ def plot_run(rows: list[dict], path: Path, *, k: int = 10) -> None:
     ax[0].plot(r, [row[f"hr@{k}"] for row in rows], marker="o", ms=3, label="federated, per event")
     if any(row.get(f"start_hr@{k}") is not None for row in rows):
         ax[0].plot(r, [row.get(f"start_hr@{k}") for row in rows], ls=":", label="federated, at the round's start")
-    for name, style in (("popularity", "--"), ("item_knn", "-."), ("centralised_mf", (0, (1, 3)))):
+    for name, style, label in (("popularity", "--", "popularity"), ("item_knn", "-.", "item-kNN (centralised)"),
+                               ("centralised_mf", (0, (1, 3)), "MF (centralised)")):
         if rows and f"{name}_hr@{k}" in rows[0]:
-            ax[0].plot(r, [row[f"{name}_hr@{k}"] for row in rows], ls=style, label=name.replace("_", " "))
+            ax[0].plot(r, [row[f"{name}_hr@{k}"] for row in rows], ls=style, label=label)
     ax[0].set(xlabel="round", ylabel=f"prequential HR@{k}", title="Recommendation quality")
-    ax[0].legend()
+    ax[0].legend(fontsize=7, framealpha=0.7)
     if any(row.get("epsilon_user") is not None for row in rows):
         ax[1].plot(r, [row.get("epsilon_user") for row in rows], color="C2", label="user level")
     if any(row.get("epsilon_median") for row in rows):
