@@ -114,9 +114,11 @@ class RunRecorder:
 
     def leader(self) -> int:
         """The blend devices serve next (:data:`fedrec.eval.metrics.BLENDS`): the one with the most per-event
-        hits in the rounds so far (follow the leader; ties and round 1: the first)."""
-        hits = [c.hits for c in self.blend_totals]
-        return int(np.argmax(hits)) if any(hits) else 0
+        hits in the rounds so far (follow the leader; ties and round 1: the first that may compete)."""
+        # without an item graph the graph blends rank as the model alone: only the model's two states compete
+        allowed = list(range(len(BLENDS))) if self.cfg.graph else [BLENDS.index("model"), BLENDS.index("start")]
+        hits = [self.blend_totals[i].hits for i in allowed]
+        return allowed[int(np.argmax(hits))] if any(hits) else allowed[0]
 
     def round(self, r: int, *, done: list[int], counts: ServeCounts | PrequentialCounts, failed: list, extra: dict,
               per_device: list | None = None, probes: list | None = None, scored: list[int] | None = None) -> dict:

@@ -64,8 +64,11 @@ def row(model: str, privacy: str, s: dict) -> dict:
 
 
 def _served_blend(s: dict) -> str:
-    """The blend that served best over the run (each round serves the leader of the rounds before)."""
-    blends = s["metrics"].get("blends") or {}
+    """The blend that scored best over the run (each round serves the leader of the rounds before); without
+    an item graph (under DP) the graph blends rank as the model, so only ``model`` and ``start`` compete."""
+    blends = dict(s["metrics"].get("blends") or {})
+    if s["config"].get("privacy") != "none":
+        blends = {k: v for k, v in blends.items() if k in ("model", "start")}
     return max(blends, key=lambda b: blends[b] or 0.0) if blends else "—"
 
 
