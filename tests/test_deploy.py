@@ -160,3 +160,27 @@ def test_deploy_local_stops_everything_on_ctrl_c(tmp_path):
     assert proc.returncode == 130 and "every process it started is stopped" in text
     assert "Traceback" not in text
     assert _ours(out) == []
+
+
+def test_deploy_local_without_dp_carries_the_item_graph_both_ways(tmp_path):
+    """Real processes, no DP: devices send their item pairs up, the published neighbour table comes down
+    into every device's store, and the SDK recommends from it."""
+    from fedrec.clients.device import Device
+    from fedrec.itemgraph import KEYS
+
+    out = tmp_path / "dep"
+    r = subprocess.run([sys.executable, "-m", "fedrec.cli", "deploy", "local", "--devices", "3", "--rounds", "2",
+                        "--privacy", "none", "--out", str(out), "--no-progress"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = _rows(out)
+    assert all(x["failed"] == 0 and x["devices"] == 3 for x in rows)
+    assert rows[1]["bytes_down"] > 10 * rows[0]["bytes_down"]  # round 2 carries the table round 1 built
+    assert rows[1]["blend"] is not None and rows[1]["events_scored"] > 0
+    stores = sorted((out / "devices").glob("*.sqlite"))
+    assert len(stores) == 3
+    with Device(stores[0]) as d:
+        got = d.store.get_arrays("global")
+        assert got is not None and set(KEYS) <= set(got[1])
+        top = d.recommend(5)
+        assert len(top) == 5 and not set(top) & set(d.store.all_items().tolist())
