@@ -19,13 +19,14 @@ import torch
 
 from .config import RunConfig
 from .data.source import load_stream
+from .device_round import DeviceData, serve_input
 from .eval.baselines import round_pairs
 from .eval.freshness import tracked_items
 from .eval.metrics import ServeCounts, in_topk
 from .itemgraph import ItemGraph
 from .models.mf import MF
 from .report import RunRecorder
-from .serving import ServeInput, serve
+from .serving import serve
 
 EPOCHS = 3  #: passes over each round's training events (new + replay windows)
 BATCH = 256
@@ -86,7 +87,9 @@ def _serve_round(stream, r: int, users: np.ndarray, item: torch.Tensor, user: to
     inputs = []
     for u in users:
         idx = stream.device_events(int(u), r)
-        inputs.append(ServeInput(int(u), log.item[idx[stream.round_of[idx] < r]], log.item[idx[stream.round_of[idx] == r]]))
+        s = serve_input(DeviceData(int(u), log.item[idx], stream.round_of[idx]), r)  # what a device is served
+        if s is not None:
+            inputs.append(s)
     with torch.no_grad():
         vectors = {int(u): user[u].numpy().copy() for u in users}
         res = serve(model, {"item.weight": item.detach().numpy()}, inputs, vectors, round_=r, seed=cfg.seed, k=cfg.k,

@@ -197,11 +197,18 @@ def contexts(history: np.ndarray, new: np.ndarray, length: int) -> tuple[np.ndar
     return ctx, w
 
 
-def session_scores(graph: Mapping[str, np.ndarray], ctx: np.ndarray, weight: np.ndarray) -> torch.Tensor:
+def prepare(graph: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The table as the tensors :func:`session_scores` reads (ids as int64): convert once per batch of devices,
+    not once per call; a prepared table passes through without a copy."""
+    return {"graph.ids": torch.as_tensor(graph["graph.ids"]).long(), "graph.sim": torch.as_tensor(graph["graph.sim"]).float(),
+            "graph.prior": torch.as_tensor(graph["graph.prior"]).float()}
+
+
+def session_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray, weight: np.ndarray) -> torch.Tensor:
     """Every item's session score for each context row (``ctx``/``weight`` as :func:`contexts` gives):
     ``(rows, n_items)``, each row's neighbour part normalised to a maximum of 1, plus the prior."""
-    ids, sim = torch.from_numpy(graph["graph.ids"].astype(np.int64)), torch.from_numpy(graph["graph.sim"])
-    prior = torch.from_numpy(graph["graph.prior"]).float()
+    g = prepare(graph)  # free when the caller prepared it once for many calls
+    ids, sim, prior = g["graph.ids"], g["graph.sim"], g["graph.prior"]
     rows, L = ctx.shape
     c = torch.from_numpy(np.maximum(ctx, 0))
     vals = (sim[c] * torch.from_numpy(weight).float().unsqueeze(-1)).reshape(rows, -1)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts, event_counts, in_topk, prequential_counts
-from .itemgraph import contexts, session_scores
+from .itemgraph import contexts, prepare, session_scores
 from .models.base import RecModel
 
 ROWS = 256  #: events scored per block (bounds the memory of one device's round: ROWS x n_items)
@@ -92,7 +92,7 @@ def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, s
     return session + weight * (zmodel if zmodel is not None else standardised(model))
 
 
-def event_rows(model: RecModel, s: ServeInput, vector: np.ndarray | None, graph: Mapping[str, np.ndarray] | None,
+def event_rows(model: RecModel, s: ServeInput, vector: np.ndarray | None, graph: Mapping[str, torch.Tensor] | None,
                context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's instant scores and the graph's session scores before each new event and after the last."""
     rows = model.score_events(s.history, s.new, vector, context=context)
@@ -103,7 +103,7 @@ def event_rows(model: RecModel, s: ServeInput, vector: np.ndarray | None, graph:
 
 
 def _per_event(model: RecModel, s: ServeInput, vector: np.ndarray | None, start: np.ndarray,
-               graph: Mapping[str, np.ndarray] | None, k: int, context: int, blend: int
+               graph: Mapping[str, torch.Tensor] | None, k: int, context: int, blend: int
                ) -> tuple[list[PrequentialCounts], np.ndarray]:
     """Each blend's per-event counts of the device's new events, and the served blend's last row."""
     seen = np.zeros(model.n_items, bool)
@@ -156,10 +156,11 @@ def serve(model: RecModel, global_state: Mapping[str, np.ndarray], devices: list
     fitted = model.fit_and_score(global_state, [s.history for s in devices], [vectors.get(s.device) for s in devices],
                                  _generators(devices, seed, round_), fit_steps=fit_steps, negatives=negatives, lr=lr)
     model.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
+    table = prepare(graph) if graph is not None else None  # once for the batch, not per device
     out = []
     for s, (scores, vector) in zip(devices, fitted, strict=True):
         start, hits = _start(scores, s, model.n_items, k)
-        blends, last = _per_event(model, s, vector if vector.size else None, scores, graph, k, context, blend) \
+        blends, last = _per_event(model, s, vector if vector.size else None, scores, table, k, context, blend) \
             if per_event else ([PrequentialCounts() for _ in BLENDS], scores)
         out.append(ServeResult(device=s.device, counts=ServeCounts(start, blends), probe_hits=hits, vector=vector,
                                next_scores=last))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..data.stream import RoundStream
-from ..itemgraph import ItemGraph, Pairs, contexts, device_pairs, session_scores
+from ..itemgraph import ItemGraph, Pairs, contexts, device_pairs, prepare, session_scores
 from .metrics import PrequentialCounts, event_counts, prequential_counts
 
 CHUNK = 1024  #: events scored together (rows of ``(CHUNK, n_items)`` scores)
@@ -68,11 +68,11 @@ def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]],
         pieces = []
         for d in devices:
             pieces.append(_history_and_new(stream, d, r - 1, r))
-        out.append(_knn_round(graph.table(), pieces, k, context) if pieces else PrequentialCounts())
+        out.append(_knn_round(prepare(graph.table()), pieces, k, context) if pieces else PrequentialCounts())
     return out
 
 
-def _knn_round(table: dict[str, np.ndarray], devices: list[tuple[np.ndarray, np.ndarray]], k: int, context: int
+def _knn_round(table: Mapping[str, Any], devices: list[tuple[np.ndarray, np.ndarray]], k: int, context: int
                ) -> PrequentialCounts:
     """One round's counts: each device's ``(history, new)`` items scored per event from the graph's table.
 
@@ -99,7 +99,7 @@ def _knn_round(table: dict[str, np.ndarray], devices: list[tuple[np.ndarray, np.
     return c
 
 
-def _knn_batch(table: dict[str, np.ndarray], batch: list[Piece], k: int) -> PrequentialCounts:
+def _knn_batch(table: Mapping[str, Any], batch: list[Piece], k: int) -> PrequentialCounts:
     scores = session_scores(table, np.concatenate([p[0] for p in batch]), np.concatenate([p[1] for p in batch]))
     c, at = PrequentialCounts(), 0
     for _, _, seen, new in batch:
