@@ -27,6 +27,7 @@ from .registry import (
     CLOCKS,
     ENGINES,
     EVENT_DP_MODES,
+    EVENT_NOISE_MODES,
     ITEM_GRAPH_MODES,
     LR_SCHEDULES,
     METHODS,
@@ -180,6 +181,17 @@ class RunConfig:
                        choices=PRIVACY_MODES)
     noise_multiplier: float = key(1.0, "noise std over the clip, where no budget calibrates it", ge=0)
     secure_aggregation: bool = key(False, "Flower SecAgg+: the server sees only the sum of the cohort's deltas")
+    event_noise: str = key("device", "event-level: noise on each device's DP-SGD (protects against the server), or "
+                           "aggregate: once on the cohort's sum of clipped gradients (trusts the server, or SecAgg+)",
+                           choices=EVENT_NOISE_MODES)
+    count_share: float = key(0.1, "event noise at the aggregate: share of the privacy budget (in 1/z^2) spent on "
+                             "the noisy per-row event counts that select the updated item rows", gt=0, lt=1)
+    row_threshold: float = key(3.0, "event noise at the aggregate: an item row is updated when its noisy event count "
+                               "exceeds this many count-noise stds", ge=0)
+    row_average: bool = key(False, "divide each item row's summed update by its own number of contributors "
+                            "(FedSubAvg), not by the whole cohort's")
+    dropout_tolerance: float = key(0.2, "SecAgg+ with event noise at the aggregate: share of sampled nodes that may "
+                                   "drop while the unmasked sum still carries the full noise", ge=0, lt=1)
     clip: float = key(1.0, "user-level: L2 bound of a device's whole delta", gt=0)
     event_clip: float = key(1.0, "event-level: per-event gradient clip of DP-SGD", gt=0)
     update_backend: str = key("auto", "local update: auto (closed form for mf; DP noise drawn lazily) or autograd "
@@ -225,10 +237,16 @@ class RunConfig:
         need = self._need
         need(self.method == "federated" or self.model == "mf", "model",
              "must be mf with method = centralised (the centralised ceiling is written for mf)")
-        need(not (self.wire == "sparse" and self.event_dp), "wire",
-             "cannot be sparse under event-level DP (it would reveal which item rows a device touched)")
-        need(not self.secure_aggregation or self.user_dp, "secure-aggregation",
-             "needs privacy = user or both (it protects the user-level DP sum)")
+        need(not (self.wire == "sparse" and self.event_dp and not self.aggregate_noise), "wire",
+             "cannot be sparse under event-level DP with noise on the device (it would reveal which item rows a "
+             "device touched)")
+        need(not (self.event_noise == "aggregate" and self.privacy != "event"), "event-noise",
+             "can be aggregate only with privacy = event (user-level noise on the sum already covers each event)")
+        need(not (self.aggregate_noise and self.local_steps != 1), "local-steps",
+             "must be 1 with event-noise = aggregate (noise added once to the sum covers one step per round; "
+             "docs/privacy.md says why)")
+        need(not self.secure_aggregation or self.user_dp or self.aggregate_noise, "secure-aggregation",
+             "needs privacy = user or both, or privacy = event with event-noise = aggregate (it protects a noisy sum)")
         need(self.aggregator == "mean" or not self.user_dp, "aggregator",
              "must be mean under user-level DP (the noise is calibrated to the sum of clipped deltas)")
         need(not (self.secure_aggregation and self.max_row_norm), "max-row-norm",
@@ -257,6 +275,11 @@ class RunConfig:
     def graph(self) -> bool:
         """Devices contribute item pairs and are served the item graph (:mod:`fedrec.itemgraph`)."""
         return self.item_graph == "on" or (self.item_graph == "auto" and self.privacy == "none")
+
+    @property
+    def aggregate_noise(self) -> bool:
+        """Event-level DP with the noise added once to the cohort's sum (:mod:`fedrec.privacy.aggregate`)."""
+        return self.event_dp and self.event_noise == "aggregate"
 
     @property
     def user_dp(self) -> bool:
