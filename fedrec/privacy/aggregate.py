@@ -1,0 +1,188 @@
+"""Event-level DP with the noise added once, on the server, to the cohort's sparse item-row sum.
+
+Mechanism (in the style of DP-AdaFEST, Ghazi et al., NeurIPS 2023, "Sparsity-Preserving
+Differentially Private Training of Large Embedding Models", with FedSubAvg's per-row averaging,
+Ding et al., 2021, "Federated Submodel Averaging"). In one round every device Poisson-samples
+each of its events with rate ``q``, clips each event's gradient (item-table and own user-vector
+coordinates together) to L2 norm ``C`` and releases
+
+* the item rows of ``-lr * sum of clipped gradients`` (sparse ``(ids, rows)``), and
+* per-row event counts: +1 on the row of each sampled event's *positive* item only.
+
+The server (:func:`noisy_rows`) sums both over the cohort, draws noisy counts
+``c~ = c + N(0, z_c^2)`` for *every* item row, selects the rows with ``c~ > threshold * z_c``,
+adds ``N(0, (z_g * lr * C)^2)`` to each coordinate of the selected rows' summed update and divides
+each selected row by a normaliser: its own noisy count clamped to >= 1 (``row_average``) or
+``max(sum of all noisy counts, 1)``. Rows not selected are left unchanged.
+
+Sensitivity. Adding or removing one event changes the gradient sum by at most ``lr * C`` in L2
+(one clipped gradient; its user-vector part is noised on the device and is not released here)
+and the count vector by at most 1 in L2 (one +1). Scale the joint vector as
+``(grad_sum / (z_g lr C), counts / z_c) * z_eff``: the noise becomes ``N(0, z_eff^2 I)`` and one
+event moves it by at most ``z_eff * sqrt(1/z_g^2 + 1/z_c^2) = 1``. So the release is ONE Gaussian
+mechanism with noise multiplier ``z_eff`` (``1/z_eff^2 = 1/z_g^2 + 1/z_c^2``), accounted as one
+Poisson-subsampled Gaussian step at rate ``q`` for every exposure of an event.
+:func:`split` divides a budget ``z_eff`` between the two parts.
+
+Selection is post-processing: it reads only the noisy counts. Drawing gradient noise only for the
+selected rows has the same distribution as noising every row and then dropping the others (the
+noise is independent per coordinate), so the sparse release is a post-processing of the dense
+joint Gaussian release; so is every normaliser, built from noisy counts only, never from a
+realised count in the clear. With no device replying, the release is still made: noisy counts
+still select some rows, which carry pure noise, as the accountant assumes.
+
+Trust model. The server sees each device's clipped sums and counts: it is a *trusted aggregator*
+and only its output is protected. Under SecAgg+ (``noised=True``) the devices add the noise
+themselves as distributed shares, the server sees only the noisy sum, and this function only
+selects and normalises.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Sparse = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Noise multipliers of the two parts of the joint release.
+
+    ``grad``: of the item-row gradient sum (std ``grad * lr * C``); ``count``: of the per-row event
+    counts (std ``count``, the counts' sensitivity being 1).
+    """
+
+    grad: float
+    count: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.grad < math.inf and 0 < self.count < math.inf):  # NaN fails too
+            raise ValueError("Both noise multipliers of a split should be positive, finite values.")
+
+
+def split(z_eff: float, count_share: float) -> Split:
+    """Divide the budget of one Gaussian mechanism with multiplier ``z_eff`` between the two parts.
+
+    ``1/z_c^2 = s / z_eff^2`` and ``1/z_g^2 = (1 - s) / z_eff^2`` with ``s = count_share``, so that
+    ``1/z_g^2 + 1/z_c^2 = 1/z_eff^2`` (:func:`effective` is the inverse).
+    """
+    if not 0 < z_eff < math.inf:
+        raise ValueError("The effective noise multiplier should be a positive, finite value.")
+    if not 0 < count_share < 1:
+        raise ValueError("The count share should lie strictly between 0 and 1.")
+    return Split(grad=z_eff / math.sqrt(1 - count_share), count=z_eff / math.sqrt(count_share))
+
+
+def effective(split: Split) -> float:
+    """The noise multiplier ``z_eff`` of the joint mechanism: ``1/z_eff^2 = 1/z_g^2 + 1/z_c^2``."""
+    return 1.0 / math.sqrt(1.0 / split.grad**2 + 1.0 / split.count**2)
+
+
+def _check(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequence[Sparse], sensitivity: float,
+           noised: bool) -> None:
+    """Reject malformed replies at the edge, naming the device (its index in ``sums``)."""
+    if n_items < 1 or width < 1:
+        raise ValueError("The number of items and the row width should be positive.")
+    if not 0 < sensitivity < math.inf:
+        raise ValueError("The sensitivity (lr * clip) should be a positive, finite value.")
+    if len(sums) != len(counts):
+        raise ValueError(f"Got {len(sums)} row sums but {len(counts)} count vectors; one pair per device.")
+    for d, ((ids, rows), (cids, cnt)) in enumerate(zip(sums, counts, strict=True)):
+        for name, i, v, shape in (("rows", ids, rows, (len(ids), width)), ("counts", cids, cnt, (len(cids),))):
+            if i.ndim != 1 or not np.issubdtype(i.dtype, np.integer) or v.shape != shape:
+                raise ValueError(f"Device {d}: {name} should have 1-d integer ids and values of shape {shape}.")
+            if len(i) and (i.min() < 0 or i.max() >= n_items):
+                raise ValueError(f"Device {d}: a {name} id lies outside [0, {n_items}).")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"Device {d}: {name} hold a non-finite value.")
+        if noised:
+            continue  # noise shares break both bounds below; SecAgg+ checks its inputs itself
+        if np.any(cnt < 0):
+            raise ValueError(f"Device {d}: an event count is negative.")
+        # m sampled events add m to the counts and at most m clipped gradients (lr*C each) to the rows
+        norm = float(np.sqrt(np.sum(np.square(rows, dtype=np.float64))))
+        if norm > sensitivity * float(np.sum(cnt, dtype=np.float64)) * (1 + 1e-3) + 1e-6:  # fp16 on the wire
+            raise ValueError(f"Device {d}: its row sum (norm {norm:.4g}) exceeds its event count times lr*clip.")
+
+
+def noisy_counts(n_items: int, counts: Sequence[Sparse], *, std: float, generator: torch.Generator,
+                 noised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The devices' counts summed into a dense vector, and that vector plus ``N(0, std^2)`` per row.
+
+    Returns ``(summed, noisy)``, float64 of shape ``(n_items,)`` on the CPU. ``summed`` holds the
+    true counts unless ``noised``: a server-side value, never to be published. With ``noised`` the
+    sum already carries the noise and ``noisy`` is ``summed``; nothing is drawn.
+    """
+    summed = torch.zeros(n_items, dtype=torch.float64)
+    for ids, cnt in counts:
+        # copies: a reply decoded from the wire may be a read-only buffer, which torch warns about
+        summed.index_add_(0, torch.from_numpy(np.array(ids, np.int64)), torch.from_numpy(np.array(cnt, np.float64)))
+    if noised:
+        return summed, summed
+    return summed, summed + torch.randn(n_items, generator=generator, dtype=torch.float64) * std
+
+
+def _selected_sum(n_items: int, width: int, sums: Sequence[Sparse], selected: torch.Tensor) -> torch.Tensor:
+    """The cohort's summed rows at ``selected`` only, float64 ``(len(selected), width)``.
+
+    A dense position map (O(n_items)) drops unselected rows as each device is added, so no
+    ``n_items x width`` table is ever built.
+    """
+    pos = np.full(n_items, -1, dtype=np.int64)
+    pos[selected.numpy()] = np.arange(len(selected))
+    out = torch.zeros((len(selected), width), dtype=torch.float64)
+    for ids, rows in sums:
+        p = pos[np.asarray(ids, np.int64)]
+        keep = p >= 0
+        out.index_add_(0, torch.from_numpy(p[keep]), torch.from_numpy(np.asarray(rows, np.float64)[keep]))
+    return out
+
+
+def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequence[Sparse], *, sensitivity: float,
+               split: Split, threshold: float, row_average: bool, generator: torch.Generator,
+               device: torch.device | str = "cpu", noised: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sum the devices' sparse rows and counts, noise both, select rows by noisy count, normalise.
+
+    ``sums[d] = (ids int64 (k,), rows float32 (k, width))`` and ``counts[d] = (ids int64 (j,),
+    counts (j,))`` come from device ``d``; ``sensitivity = lr * C``. Noise is drawn on the CPU from
+    ``generator`` in float64 (counts first, then rows; same seed, same result), then moved.
+
+    Returns
+    -------
+    ids : torch.Tensor
+        int64 ``(m,)``, the selected rows (``c~ > threshold * split.count``), ascending, on ``device``.
+    rows : torch.Tensor
+        float32 ``(m, width)`` on ``device``: (summed rows + noise) / normaliser.
+    diagnostics : dict
+        ``rows_selected``; ``normaliser`` (the global one, or the median of the selected rows' own;
+        NaN when none is selected); ``noise_std`` (gradient noise std / that normaliser);
+        ``grad_noise_std``; ``count_noise_std``; and, unless ``noised``,
+        ``rows_true_positive_server_only``: selected rows whose TRUE count is > 0. It depends on
+        true counts, so it is not DP: keep it on the server, never publish it.
+    """
+    _check(n_items, width, sums, counts, sensitivity, noised)
+    if not math.isfinite(threshold):
+        raise ValueError("The selection threshold should be a finite value.")
+    summed, noisy = noisy_counts(n_items, counts, std=split.count, generator=generator, noised=noised)
+    selected = torch.nonzero(noisy > threshold * split.count).flatten()
+    rows = _selected_sum(n_items, width, sums, selected)
+    grad_std = split.grad * sensitivity
+    if not noised:
+        rows += torch.randn(rows.shape, generator=generator, dtype=torch.float64) * grad_std
+    if row_average:
+        norm = noisy[selected].clamp(min=1.0)
+        rows /= norm[:, None]
+        normaliser = float(norm.median()) if len(norm) else math.nan
+    else:
+        normaliser = max(float(noisy.sum()), 1.0)
+        rows /= normaliser
+    diag: dict = {"rows_selected": len(selected), "normaliser": normaliser, "noise_std": grad_std / normaliser,
+                  "grad_noise_std": grad_std, "count_noise_std": split.count}
+    if not noised:
+        diag["rows_true_positive_server_only"] = int((summed[selected] > 0).sum())
+    return selected.to(device), rows.to(device=device, dtype=torch.float32), diag

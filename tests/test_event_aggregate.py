@@ -1,0 +1,160 @@
+"""Event-level DP with the noise added once to the cohort's sum: the device's release, the server's checks,
+the ledger, and a real federation in that mode.
+
+The mechanism itself (noise, selection, normalisers, accounting against references) is tested in
+``tests/test_aggregate_noise.py``; here: what the device releases against a brute-force per-event
+autograd reference, that every number of that release is checked, that the ledger composes what the
+accountant analyses, and what a user of ``fedrec simulate`` gets.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.clients.app import app as client_app
+from fedrec.config import ConfigError, RunConfig
+from fedrec.eval.metrics import PrequentialCounts
+from fedrec.federation.replies import Reply, RowCheck, collect
+from fedrec.messages import DeviceUpdate, NodeReply, UpdateReport, decode_reply, encode_reply
+from fedrec.privacy.accounting import epsilon
+from fedrec.privacy.aggregate import effective, split
+from fedrec.privacy.fast_dpsgd import clipped_step_mf
+from fedrec.privacy.ledger import Ledger
+from fedrec.server.app import run_federation
+from fedrec.server.local_grid import LocalGrid
+from fedrec.wire import encode_delta
+
+V, D = 12, 3
+
+
+def _brute_force(item: torch.Tensor, user: torch.Tensor, items: torch.Tensor, take: torch.Tensor, clip: float,
+                 lr: float, lr_user: float, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-event autograd: each taken event's BPR gradient (item table and user vector together), clipped to
+    ``clip``, summed; the item release ``-lr * sum`` (dense) and the user vector after its step."""
+    total_i, total_u = torch.zeros_like(item), torch.zeros_like(user)
+    for row in items[take]:
+        it, u = item.clone().requires_grad_(True), user.clone().requires_grad_(True)
+        e = it[row]
+        s = e[:, :D] @ u[0] + e[:, D]
+        loss = torch.nn.functional.softplus(-(s[0] - s[1:])).mean()
+        gi, gu = torch.autograd.grad(loss, [it, u])
+        f = min(1.0, clip / (float(torch.sqrt((gi ** 2).sum() + (gu ** 2).sum())) + 1e-6))
+        total_i += f * gi
+        total_u += f * gu
+    return -lr * total_i, user - lr_user / (q * len(items)) * total_u
+
+
+@pytest.mark.parametrize("clip", [0.05, 10.0])  # clipping binds / never binds
+def test_the_release_is_the_sum_of_clipped_per_event_gradients(clip):
+    g = torch.Generator().manual_seed(3)
+    item, user = torch.randn(V, D + 1, generator=g), torch.randn(1, D, generator=g)
+    items = torch.tensor([[0, 5], [1, 5], [0, 7], [2, 2], [3, 9], [0, 1]])
+    q, lr, lr_user = 0.7, 0.5, 0.3
+    take = torch.rand(len(items), generator=torch.Generator().manual_seed(11)) < q
+    want_rows, want_user = _brute_force(item, user, items, take, clip, lr, lr_user, q)
+    before, u = item.clone(), user.clone()
+    (ids, rows), (cids, counts) = clipped_step_mf(item, u, items, sample_rate=q, lr_item=lr, lr_user=lr_user,
+                                                  clip=clip, noise_multiplier=0.0,
+                                                  generator=torch.Generator().manual_seed(11))
+    assert torch.equal(item, before)  # the item table is not changed on the device: the release is a sum
+    dense = torch.zeros_like(item)
+    dense[ids] = rows
+    torch.testing.assert_close(dense, want_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u, want_user, rtol=1e-5, atol=1e-6)
+    pos = items[take][:, 0]
+    assert cids.tolist() == sorted(set(pos.tolist()))
+    assert counts.tolist() == [int((pos == i).sum()) for i in cids.tolist()]
+    # the release is within its bound: each taken event adds at most lr * clip
+    assert float(rows.norm()) <= lr * clip * float(counts.sum()) * (1 + 1e-5)
+
+
+def test_the_user_vector_takes_its_own_noise_and_the_table_none():
+    g = torch.Generator().manual_seed(0)
+    item, user = torch.randn(V, D + 1, generator=g), torch.randn(1, D, generator=g)
+    items = torch.tensor([[0, 5], [1, 5]])
+    outs = []
+    for z in (0.0, 4.0):
+        u = user.clone()
+        (ids, rows), _ = clipped_step_mf(item, u, items, sample_rate=1.0, lr_item=1.0, lr_user=1.0, clip=1.0,
+                                         noise_multiplier=z, generator=torch.Generator().manual_seed(5))
+        outs.append((rows, u))
+    torch.testing.assert_close(outs[0][0], outs[1][0])  # no item noise on the device
+    assert float((outs[0][1] - outs[1][1]).norm()) > 0.5  # the user vector's step is noised
+
+
+# ---- the server checks every number of a release ---------------------------------------------------------------
+def _update(d: int, ids, rows, cids, counts, n: int = 4) -> DeviceUpdate:
+    report = UpdateReport(num_examples=n, n_new=n, counts=PrequentialCounts(n, 1.0, 0.5), epsilon=0.0, steps=1,
+                          max_exposure=1, clipped=False, preclip_norm=0.0)
+    delta = {"item.weight": (np.asarray(ids, np.int64), np.asarray(rows, np.float32))}
+    rowrec = None if cids is None else {"ids": np.asarray(cids), "counts": np.asarray(counts)}
+    return DeviceUpdate(d, encode_delta(delta, "fp16"), report, None, None, rowrec)
+
+
+def _collect(updates, check=RowCheck(V, 1.0)):
+    body = decode_reply(encode_reply(NodeReply(updates=updates)))
+    reply = Reply(asked=1, node=7, body=body, devices=frozenset(u.device for u in updates))
+    return collect([reply], {"item.weight": torch.zeros(V, 2)}, None, 1, {u.device: 7 for u in updates},
+                   rows=check)
+
+
+def test_good_releases_pass_and_each_bad_one_fails_alone():
+    good = ([1, 4], [[0.3, 0.1], [-0.2, 0.0]], [1], [2])
+    bad = {
+        2: ([1], [[0.1, 0.1]], None, None),  # no counts
+        3: ([1], [[0.1, 0.1]], [V], [1]),  # a row outside the catalogue
+        4: ([1], [[0.1, 0.1]], [1, 1], [1, 1]),  # a row twice
+        5: ([1], [[0.1, 0.1]], [1], [1.5]),  # not whole
+        6: ([1], [[0.1, 0.1]], [1], [0]),  # a listed row with no event
+        7: ([1], [[0.1, 0.1]], [1, 2], [3, 2]),  # more events than it trained on (4)
+        8: ([1], [[5.0, 0.0]], [1], [2]),  # a release larger than 2 events x lr x clip
+        9: ([1], [[0.1, 0.1]], [1], [np.nan]),
+    }
+    got = _collect([_update(1, *good)] + [_update(d, *v) for d, v in bad.items()])
+    assert got.done == [1] and len(got.row_counts) == 1
+    np.testing.assert_array_equal(got.row_counts[0][0], [1])
+    assert sorted(d for d, _ in got.failed) == sorted(bad)
+    assert all(f"device {d}" in why for d, why in got.failed)
+    # and the same counts where event noise is not at the aggregate: refused
+    off = _collect([_update(1, *good)], check=None)
+    assert not off.done and "not at the aggregate" in off.failed[0][1]
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,key", [({"privacy": "user"}, "event-noise"), ({"local_steps": 3}, "local-steps"),
+                                    ({"model": "neumf"}, "event-noise"), ({"async_buffer": 4}, "async-buffer")])
+def test_the_config_refuses_what_the_argument_does_not_cover(kw, key):
+    base = {"privacy": "event", "event_noise": "aggregate", "local_steps": 1}
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        RunConfig(**{**base, **kw})
+
+
+# ---- a real federation -----------------------------------------------------------------------------------------
+def test_a_federation_with_noise_at_the_aggregate(tmp_path):
+    cfg = RunConfig(world_users=60, nodes=2, rounds=3, cohort=30, uptake_probe=False, progress=False, engine="local",
+                    privacy="event", event_noise="aggregate", local_steps=1, epsilon=8.0, item_graph="off",
+                    out=str(tmp_path / "run"))
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    ledger = Ledger(tmp_path / "run" / "privacy_ledger.jsonl")
+    kinds = {r.kind for r in ledger.records}
+    assert kinds == {"aggregate-gaussian"}
+    z = ledger.records[0].noise_multiplier
+    # the ledger composes what the accountant analyses: per device, (z, q, its most-used event's exposures)
+    worst = max(r.max_steps_per_event for r in ledger.records)
+    assert worst <= cfg.replay_rounds + 1
+    ev = summary["privacy"]["event"]
+    assert ev["epsilon"] == pytest.approx(epsilon([(z, cfg.sample_rate, worst)], cfg.delta, "prv"), rel=1e-5)
+    assert ev["epsilon"] <= 8.0 + 1e-6 and ev["noise"] == "aggregate-server" and "trusted aggregator" in ev["trust"]
+    # the selection's noisy counts are paid for in the same record: z is the joint multiplier of both noises
+    parts = split(z, cfg.count_share)
+    assert effective(parts) == pytest.approx(z) and parts.count > z and parts.grad > z
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rows_selected"] is not None for r in rows) and rows[-1]["version"] == 3
+    # uploads are sparse: far below a dense fp16 item table per device
+    dense_fp16 = cfg.world_items * (cfg.dim + 1) * 2
+    per_device = sum(r["bytes_up"] for r in rows) / sum(r["applied"] for r in rows)
+    assert per_device <= dense_fp16 / 10
