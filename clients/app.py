@@ -9,6 +9,7 @@ its counts only. A deployed SuperNode's device keeps its events and private stat
 
 from __future__ import annotations
 
+import secrets
 import traceback
 import warnings
 from typing import Any
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from fedrec.client_update import device_seed
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
 from fedrec.device_round import (
@@ -38,6 +40,7 @@ from fedrec.messages import (
     decode_train,
     encode_reply,
 )
+from fedrec.privacy.shares import SHARE_STREAM, device_vector, share_generator, share_plan
 from fedrec.wire import decode_delta, wire_mode
 
 from .device import Device
@@ -116,8 +119,12 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, ins: RoundInstructio
 
 
 def _train_secure(content: RecordDict, context: Context) -> RecordDict:
-    """The SecAgg+ collect stage: this node's devices train; the reply is their MEAN delta as a legacy
-    FitRes with weight = number of devices (secaggplus_mod masks ``weight * mean`` = their sum)."""
+    """The SecAgg+ collect stage: this node's devices train; the reply is the MEAN of their vectors as a legacy
+    FitRes with weight = number of devices (secaggplus_mod masks ``weight * mean`` = their sum).
+
+    A device's vector is its dense delta (user-level DP), or under event noise at the aggregate its release
+    and counts with its noise share added (:func:`_share_vectors`).
+    """
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     conf: dict[str, Any] = dict(fitins.config)
     keys = str(conf.pop("global-keys")).split(",")
@@ -126,19 +133,42 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     conf["wire"] = "dense"  # the masked vector is dense whatever the wire setting
     arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
     out = handle(arrays, conf, ins, context, serve=False)
-    total = [np.zeros_like(arrays[k], dtype=np.float32) for k in keys]
+    cfg = run_config(conf)
+    if cfg.aggregate_noise:
+        vectors = _share_vectors(out, keys, arrays, cfg, ins, int(conf["share-devices"]), context)
+    else:
+        vectors = [[decode_delta(u.arrays)[k] for k in keys] for u in out.updates]
+        vectors = vectors or [[np.zeros_like(arrays[k], dtype=np.float32) for k in keys]]
     metrics: dict = {"devices": ",".join(str(u.device) for u in out.updates)}
     for u in out.updates:
-        delta = decode_delta(u.arrays)
-        for j, k in enumerate(keys):
-            total[j] += delta[k]
         m = u.report.to_flat()
         for name in SECURE_METRICS:
             metrics[f"{name}:{u.device}"] = float(m[name])
-    mean = [t / max(len(out.updates), 1) for t in total]
+    mean = [np.asarray(sum(parts)) / max(len(out.updates), 1) for parts in zip(*vectors, strict=True)]
     res = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(mean),
                  num_examples=len(out.updates), metrics=metrics)
     return compat.fitres_to_recorddict(res, keep_input=True)
+
+
+def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray], cfg: RunConfig,
+                   ins: RoundInstruction, devices: int, context: Context) -> list[list[np.ndarray]]:
+    """Each trained device's release and counts plus its noise share (:func:`fedrec.privacy.shares.device_vector`).
+
+    Every device in the reply adds its share, also one that took no event: the server counts it among the
+    ``m`` devices whose shares make up the noise. The shares are seeded per device and round (stream
+    ``SHARE_STREAM``); a deployed device (a node with a store) mixes in fresh OS entropy, since the server
+    knows the run's seed and could otherwise draw the same shares and subtract them.
+    """
+    plan = share_plan(ins.noise_multiplier, cfg.count_share, cfg.dropout_tolerance, devices)
+    shapes = {k: tuple(arrays[k].shape) for k in keys}
+    secret = secrets.randbits(128) if store_path(context) else 0
+    vectors = []
+    for u in out.updates:
+        counts = (u.rows or {}).get("ids", np.zeros(0, np.int64)), (u.rows or {}).get("counts", np.zeros(0))
+        gen = share_generator(device_seed(cfg.seed, u.device, ins.round, SHARE_STREAM), secret)
+        vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen))
+    n_items = shapes[keys[0]][0]
+    return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)]]
 
 
 def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, context: Context, cfg: RunConfig, *,

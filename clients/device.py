@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +100,16 @@ class Device:
     # ---- a server round ------------------------------------------------------------------------
     def run_round(self, global_state: dict[str, np.ndarray], cfg: RunConfig, round_: int, *, train: bool,
                   noise_multiplier: float = 0.0, clock: float = math.inf, serve: bool = True,
-                  blend: int = 0) -> DeviceRound:
+                  blend: int = 0, secret: int | None = None) -> DeviceRound:
         """Take in the events recorded up to ``clock``, serve them, and train if asked; all in one commit.
 
         ``clock`` is the server's time of the round: events with a later timestamp wait for a later
         round (a replayed dataset releases its events round by round; live devices use ``inf``).
+        ``secret`` is mixed into the seed of the device's sampling and DP noise; by default fresh OS
+        entropy, so that the server (which knows the run seed) cannot redraw them. Pass 0 only to
+        reproduce a round exactly (tests).
         """
+        secret = secrets.randbits(63) if secret is None else secret
         model = shared_model(cfg, self.n_items)
         want = {n: tuple(v.shape) for n, v in model.global_state().items()}
         got = {n: tuple(np.shape(v)) for n, v in split(global_state)[0].items()}
@@ -119,7 +124,7 @@ class Device:
             dev = DeviceData(self.device_id, items, rounds, DeviceState.from_config(raw) if raw is not None else None)
             vec = self.store.get_arrays("serve-vector")
             out = device_round(model, global_state, dev, vec[1]["vector"] if vec else None, ins, cfg, train=train,
-                               serve=serve)
+                               serve=serve, secret=secret)
             self._keep(out, global_state, cfg, ins)
         return DeviceRound(taken=taken, update=out.update, served=out.served)
 

@@ -5,7 +5,8 @@ the server optimizer (:class:`fedrec.server_opt.ServerOptimizer`), updating the 
 place; it returns the diagnostics of the step. They are picked once from the config
 (:func:`from_config`, names in :data:`fedrec.registry.AGGREGATORS`):
 
-* :class:`Mean`: FedAvg's weighted mean (weights: events; or 1 per device under user-level DP);
+* :class:`Mean`: FedAvg's weighted mean (weights: events; or 1 per device under user-level DP), or
+  with ``row_average`` per item row over the devices that touched it (FedSubAvg);
 * :class:`TrimmedMean`, :class:`Median`: per item row, over the devices (:mod:`fedrec.robust`);
 * :class:`GaussianMean` wraps a :class:`Mean` the way Flower's ``DifferentialPrivacyServerSideFixedClipping``
   wraps a strategy: the sum of clipped deltas plus ``N(0, (z C)^2)``, over the *expected* cohort
@@ -21,12 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .config import RunConfig
+from .privacy.aggregate import Split, noisy_rows, split
 from .privacy.user_level import noisy_mean
 from .robust import robust_mean
-from .server_aggregate import server_aggregate, weighted_sum
+from .server_aggregate import ITEM_TABLES, server_aggregate, weighted_sum
 from .server_opt import ServerOptimizer
 
 State = dict[str, torch.Tensor]
@@ -36,19 +39,34 @@ class Aggregator(Protocol):
     """Aggregates one round's deltas and applies the result through the server optimizer."""
 
     def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
-             lr: float, presummed: int | None = None) -> dict:
-        """Update ``gstate`` in place; the diagnostics (``update_norm`` at least)."""
+             lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
+        """Update ``gstate`` in place; the diagnostics (``update_norm`` at least). ``counts``: each delta's
+        positive-item counts ``(ids, counts)`` where the round carries them (row averaging, event noise at the
+        aggregate)."""
         ...
 
 
 @dataclass(frozen=True)
 class Mean:
-    """FedAvg's weighted mean of the deltas; nothing to do without deltas."""
+    """FedAvg's weighted mean of the deltas; nothing to do without deltas.
+
+    With ``row_average`` each row of the item tables (``tables``, by name: see
+    :data:`fedrec.server_aggregate.ITEM_TABLES`) is the weighted mean over the devices that touched
+    that row (FedSubAvg), not over the whole cohort; other parameters keep the plain mean. Rows are
+    then no longer diluted by the cohort, so the server learning rate that suits it is smaller.
+    A presummed delta (secure aggregation) hides who touched which row: it takes the plain mean.
+    Wrapped by :class:`GaussianMean` the inner mean is not used, so ``row_average`` has no effect there.
+    """
+
+    row_average: bool = False
+    tables: tuple[str, ...] = ITEM_TABLES
 
     def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
-             lr: float, presummed: int | None = None) -> dict:
+             lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
         if not deltas:
             return {"update_norm": 0.0}
+        if self.row_average and counts and presummed is None:
+            return {"update_norm": opt.step(gstate, per_row_mean(gstate, deltas, weights, counts, self.tables), lr)}
         if opt.name == "fedavg":  # x += lr * mean, fused: sparse rows are summed and applied compactly
             _, diag = server_aggregate(gstate, deltas, weights, server_lr=lr, inplace=True)
             return diag
@@ -59,6 +77,44 @@ class Mean:
         return diag
 
 
+def per_row_mean(gstate: State, deltas: Sequence[dict], weights: Sequence[float], counts: Sequence[tuple],
+                 tables: Sequence[str]) -> State:
+    """FedSubAvg: the devices whose events had item ``i`` (``counts[k] = (ids, counts)``: device ``k``'s positive
+    items) average row ``i`` among themselves; every other push on it (a sampled negative) keeps the cohort-wide
+    mean, and so do all other parameters. A row only few devices had moves as fast as a popular one, and the
+    negatives of the many do not swamp it."""
+    total = float(sum(weights))
+    acc = weighted_sum(gstate, deltas, [w / total for w in weights])
+    for k in tables:
+        if k not in acc:
+            continue
+        own = torch.zeros_like(acc[k])  # the devices' pushes on their own items' rows, weighted
+        cover = torch.zeros(len(acc[k]), dtype=acc[k].dtype, device=acc[k].device)
+        for d, (ids, _), w in zip(deltas, counts, weights, strict=True):
+            ids = torch.as_tensor(ids, dtype=torch.int64)
+            own.index_add_(0, ids.to(own.device), _rows_of(d[k], ids).to(own.device, own.dtype), alpha=w)
+            cover.index_add_(0, ids.to(cover.device), torch.full((len(ids),), w, dtype=cover.dtype,
+                                                                 device=cover.device))
+        had = cover > 0
+        # their pushes were divided by the whole cohort's weight in acc: divide them by their own instead
+        acc[k][had] += own[had] * (1.0 / cover[had] - 1.0 / total).unsqueeze(1)
+    return acc
+
+
+def _rows_of(v, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a delta table, dense or sparse ``(ids, rows)`` (a row it did not send is zero)."""
+    if not isinstance(v, tuple):
+        return torch.as_tensor(v)[ids]
+    order = np.argsort(np.asarray(v[0], dtype=np.int64), kind="stable")  # checked unique, not sorted
+    sent = torch.as_tensor(np.asarray(v[0], dtype=np.int64)[order])
+    rows = torch.as_tensor(np.asarray(v[1], dtype=np.float32)[order])
+    out = torch.zeros((len(ids), *rows.shape[1:]), dtype=rows.dtype)
+    pos = torch.searchsorted(sent, ids) if len(sent) else torch.zeros_like(ids)
+    hit = (pos < len(sent)) & (sent[pos.clamp(max=max(len(sent) - 1, 0))] == ids) if len(sent) else pos.bool()
+    out[hit] = rows[pos[hit]]
+    return out
+
+
 @dataclass(frozen=True)
 class TrimmedMean:
     """Per item row, the mean of the devices' values after trimming ``trim`` from each end."""
@@ -67,7 +123,7 @@ class TrimmedMean:
     method: str = "trimmed-mean"
 
     def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
-             lr: float, presummed: int | None = None) -> dict:
+             lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
         if not deltas:
             return {"update_norm": 0.0}
         mean, diag = robust_mean(gstate, deltas, method=self.method, trim=self.trim)
@@ -97,7 +153,7 @@ class GaussianMean:
     generator: torch.Generator
 
     def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
-             lr: float, presummed: int | None = None) -> dict:
+             lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
         mean, diag = noisy_mean(gstate, list(deltas), clip=self.clip, noise_multiplier=self.noise_multiplier,
                                 expected_devices=self.expected_devices, generator=self.generator,
                                 presummed=presummed)
@@ -105,13 +161,52 @@ class GaussianMean:
         return diag
 
 
+@dataclass
+class AggregateGaussian:
+    """Event-level DP with the noise added once to the cohort's sum (:func:`fedrec.privacy.aggregate.noisy_rows`).
+
+    The deltas are the devices' releases (sums of clipped event gradients times ``-lr``, sparse rows of the
+    one item table), ``counts`` their positive-item counts. Noisy counts select the rows that change; those
+    rows get the gradient noise and are divided by their noisy count (``row_average``) or by the noisy total.
+    With ``presummed`` (SecAgg+) the sum already carries the noise, as the devices' shares; ``presummed = 0``
+    (no sum with the full noise could be unmasked) releases nothing. Otherwise it releases even when no
+    device replied (the accountant counts the release either way).
+    """
+
+    table: str
+    sensitivity: float  #: one event's bound on the release: lr x event-clip
+    noise: Split
+    threshold: float
+    row_average: bool
+    generator: torch.Generator
+
+    def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
+             lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
+        if presummed == 0:  # SecAgg+ unmasked no sum that carries the full noise: nothing is released
+            return {"update_norm": 0.0, "rows_selected": 0}
+        like = gstate[self.table]
+        ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [d[self.table] for d in deltas], list(counts),
+                                     sensitivity=self.sensitivity, split=self.noise, threshold=self.threshold,
+                                     row_average=self.row_average, generator=self.generator, device=like.device,
+                                     noised=presummed is not None)
+        mean = {k: torch.zeros_like(v) for k, v in gstate.items()}
+        mean[self.table].index_copy_(0, ids.to(like.device), rows.to(like.device, like.dtype))
+        diag["update_norm"] = opt.step(gstate, mean, lr)
+        return diag
+
+
 def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: float,
                 generator: torch.Generator) -> Aggregator:
-    """The aggregator a run config names, wrapped in DP noise under user-level DP."""
+    """The aggregator a run config names, wrapped in DP noise under user-level DP (or event noise at the
+    aggregate: ``noise_multiplier`` is then the event-level one)."""
+    if cfg.aggregate_noise:
+        return AggregateGaussian("item.weight", sensitivity=cfg.lr * cfg.event_clip,
+                                 noise=split(noise_multiplier, cfg.count_share), threshold=cfg.row_threshold,
+                                 row_average=cfg.row_average, generator=generator)
     if cfg.user_dp:
         return GaussianMean(Mean(), clip=cfg.clip, noise_multiplier=noise_multiplier,
                             expected_devices=expected_devices, generator=generator)
     from .registry import AGGREGATORS
 
     kind = AGGREGATORS.get(cfg.aggregator)
-    return kind() if kind is Mean else kind(trim=cfg.trim)
+    return kind(row_average=cfg.row_average) if kind is Mean else kind(trim=cfg.trim)

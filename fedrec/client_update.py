@@ -16,13 +16,15 @@ from .config import RunConfig
 from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
 from .itemgraph import Pairs, device_pairs
 from .models.base import RecModel
-from .privacy.accounting import epsilon, event_accountant
+from .privacy.accounting import epsilon, event_accountant, graph_records
 from .privacy.user_level import clip_delta
 
 
-def device_seed(seed: int, device: int, round_: int, stream: int = 0) -> int:
-    """A seed for one device in one round, independent of which process runs it."""
-    return int(np.random.SeedSequence([seed, device, round_, stream]).generate_state(1, np.uint64)[0] >> 1)
+def device_seed(seed: int, device: int, round_: int, stream: int = 0, *, secret: int = 0) -> int:
+    """A seed for one device in one round, independent of which process runs it (``secret``: entropy only the
+    device knows, mixed in; 0 keeps the seed a function of the public four)."""
+    entropy = [seed, device, round_, stream] + ([secret] if secret else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -78,6 +80,8 @@ class UpdateResult:
     skipped: str = ""  #: why the device did not train this round (budget), else empty
     probe_hits: np.ndarray | None = None  #: for each probed item: in this device's top-K before training?
     pairs: Pairs | None = None  #: item graph on: the item pairs of its new events (sent in clear)
+    #: event noise at the aggregate: the positive-item counts of the events its release took ``(ids, counts)``
+    row_counts: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def client_update(
@@ -92,6 +96,7 @@ def client_update(
     device_id: int,
     noise_multiplier: float,
     probe: np.ndarray | None = None,
+    secret: int = 0,
 ) -> UpdateResult:
     """Run one device's round.
 
@@ -111,8 +116,9 @@ def client_update(
 
     ``probe`` (simulation only, a measuring instrument): items whose membership in the device's top-K
     before training is reported in ``probe_hits`` (new-item uptake); it changes nothing trained or sent.
+    ``secret``: entropy the server does not know, mixed into the seed (a deployed device; simulation: 0).
     """
-    torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_))
+    torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_, secret=secret))
     state = _load(model, global_state, state, torch_g)
     cur = state.cursors[-1]
     known = rounds <= cur
@@ -130,16 +136,34 @@ def client_update(
     # last replay_rounds + 1 cursors, initially [0])
     train_mask = (rounds > state.cursors[0]) & (rounds <= round_)
     n_train = int(train_mask.sum())
-    before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
-
-    steps = 0 if n_train == 0 else _local_sgd(
-        model, items, rounds, train_mask, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
-        noise_multiplier if private else 0.0, private)
-    delta, local, preclip, was_clipped = _delta(model, before, cfg)
+    steps, delta, local, preclip, was_clipped, row_counts = _train(
+        model, global_state, items, rounds, train_mask, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
+        noise_multiplier)
     nxt, eps = _next_state(state, local, round_, steps, cfg, noise_multiplier)
-    pairs = device_pairs(items, new, cfg.graph_window) if cfg.graph else None
+    pairs = device_pairs(items, new, cfg.pair_window) if cfg.graph else None
     return UpdateResult(delta=delta, n_train=n_train, n_new=int(new.sum()), counts=counts, epsilon=eps, steps=steps,
-                        state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits, pairs=pairs)
+                        state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits, pairs=pairs,
+                        row_counts=row_counts)
+
+
+def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarray, rounds: np.ndarray,
+           train: np.ndarray, seen: np.ndarray, cfg: RunConfig, g: torch.Generator, noise_multiplier: float
+           ) -> tuple[int, dict, dict[str, np.ndarray], float, bool, tuple[np.ndarray, np.ndarray] | None]:
+    """The local update: its steps, the delta to send, the local state after it, the norm before the clip, whether
+    the clip bit, and the positive-item counts where the server needs them (event noise at the aggregate, or
+    per-row averaging without DP)."""
+    if cfg.aggregate_noise:  # one clipped step; the item noise is added once to the cohort's sum
+        steps, delta, local, counts = _release(model, items, rounds, train, seen, cfg, g, noise_multiplier)
+        return steps, delta, local, 0.0, False, counts
+    before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
+    steps = 0 if not train.any() else _local_sgd(model, items, rounds, train, seen, cfg, g,
+                                                 noise_multiplier if cfg.event_dp else 0.0, cfg.event_dp)
+    delta, local, preclip, was_clipped = _delta(model, before, cfg)
+    row_counts = None
+    if cfg.row_average and cfg.privacy == "none":  # FedSubAvg: the server divides each row by its items' devices
+        ids, n = np.unique(items[train].astype(np.int64), return_counts=True)
+        row_counts = (ids, n)
+    return steps, delta, local, preclip, was_clipped, row_counts
 
 
 def _load(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState,
@@ -194,11 +218,12 @@ def _budget_guard(global_state: dict[str, np.ndarray], state: DeviceState, cfg: 
     keep, q = cfg.replay_rounds + 1, cfg.sample_rate
     would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.local_steps
                 if keep > 1 else cfg.local_steps)
-    eps_next = epsilon([(noise_multiplier, q, would)], cfg.delta, acc)
+    eps_next = epsilon([(noise_multiplier, q, would), *graph_records(cfg)], cfg.delta, acc)
     if eps_next <= cfg.epsilon * (1 + 1e-9):
         return None
     zero = {k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in global_state.items()}
-    eps_now = epsilon([(noise_multiplier, q, state.max_exposure)], cfg.delta, acc) if state.max_exposure else 0.0
+    eps_now = epsilon([(noise_multiplier, q, state.max_exposure), *graph_records(cfg)], cfg.delta, acc) \
+        if state.max_exposure else 0.0
     return UpdateResult(delta=zero, n_train=0, n_new=0, counts=PrequentialCounts(), epsilon=eps_now, steps=0,
                         state=state, skipped=f"budget: this update would bring per-event epsilon to {eps_next:.3f} "
                                              f"> budget {cfg.epsilon}")
@@ -222,7 +247,8 @@ def _next_state(state: DeviceState, local: dict[str, np.ndarray], round_: int, s
     nxt = DeviceState(local=local, cursors=cursors, recent_steps=recent_steps, max_exposure=max_exposure,
                       participations=state.participations + 1, history=history)
     acc = event_accountant(cfg.model, cfg.accountant)
-    eps = epsilon([(noise_multiplier, q, max_exposure)], cfg.delta, acc) if private and max_exposure else 0.0
+    eps = epsilon([(noise_multiplier, q, max_exposure), *graph_records(cfg)], cfg.delta, acc) \
+        if private and max_exposure else 0.0
     return nxt, eps
 
 
@@ -237,6 +263,34 @@ def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunCon
     cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(model.n_items)
     model.fit_local(pos, cand, steps=cfg.user_fit_steps, negatives=cfg.negatives,
                     lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, backend=cfg.update_backend)
+
+
+def _release(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,
+             cfg: RunConfig, g: torch.Generator, noise_multiplier: float
+             ) -> tuple[int, dict, dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Event noise at the aggregate: the device's one clipped step (:meth:`RecModel.clipped_release`).
+
+    Returns the steps (1: the step counts even when no event was taken, as the accountant assumes), the
+    release as a sparse delta, the local state after the step (its user vector took its own noise) and
+    the taken events' positive-item counts. The user vector's noise is the gradient share of the split
+    (:func:`fedrec.privacy.aggregate.split`), the noise the item rows get on the server.
+    """
+    from .privacy.aggregate import split
+
+    params = dict(model.named_parameters())
+    if not train.any():  # no event to expose: nothing released, nothing accounted
+        empty = (np.zeros(0, np.int64), np.zeros((0, params[model.global_names[0]].shape[1]), np.float32))
+        return 0, {model.global_names[0]: empty}, \
+            {k: params[k].detach().numpy().copy() for k in model.local_names}, (np.zeros(0, np.int64),) * 2
+    cand = torch.from_numpy(np.flatnonzero(~seen))
+    if len(cand) == 0:
+        cand = torch.arange(model.n_items)
+    batch, _ = model.samples(events, rounds, train, cand, negatives=cfg.negatives, generator=g)
+    delta, counts = model.clipped_release(
+        batch, sample_rate=cfg.sample_rate, lr_global=cfg.lr, lr_local=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
+        clip=cfg.event_clip, noise_multiplier=split(noise_multiplier, cfg.count_share).grad, generator=g)
+    local = {k: params[k].detach().numpy().copy() for k in model.local_names}
+    return 1, delta, local, counts
 
 
 def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,

@@ -157,6 +157,10 @@ class RunConfig:
                           "clear: auto = on without DP, off under DP)", choices=ITEM_GRAPH_MODES)
     graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
                             ge=1)
+    private_graph_window: int = key(5, "item graph under event noise at the aggregate: the window (one event's "
+                                    "pairs move the noisy counts by at most sqrt(3 x window + 1))", ge=1)
+    graph_share: float = key(0.5, "event noise at the aggregate: share of the event-level budget spent on the noisy "
+                             "item graph (0 = no graph)", ge=0, lt=1)
     graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1)
     replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0)
     server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0)
@@ -242,6 +246,15 @@ class RunConfig:
              "device touched)")
         need(not (self.event_noise == "aggregate" and self.privacy != "event"), "event-noise",
              "can be aggregate only with privacy = event (user-level noise on the sum already covers each event)")
+        need(not (self.aggregate_noise and (self.model != "mf" or self.update_backend != "auto")), "event-noise",
+             "can be aggregate only with model = mf and update-backend = auto (the closed-form clipped release)")
+        need(not self.row_average or self.privacy == "none" or self.aggregate_noise, "row-average",
+             "needs privacy = none, or privacy = event with event-noise = aggregate (the only modes whose row "
+             "counts the server has)")
+        need(not (self.row_average and self.async_buffer), "async-buffer",
+             "must be 0 with row-average (row counts hold for one round's replies)")
+        need(not (self.aggregate_noise and self.async_buffer), "async-buffer",
+             "must be 0 with event-noise = aggregate (each noisy sum must hold only its own round's devices)")
         need(not (self.aggregate_noise and self.local_steps != 1), "local-steps",
              "must be 1 with event-noise = aggregate (noise added once to the sum covers one step per round; "
              "docs/privacy.md says why)")
@@ -260,8 +273,9 @@ class RunConfig:
              "must be 1 with secure-aggregation (SecAgg+ sets its own reply threshold)")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
-        need(not (self.item_graph == "on" and self.privacy != "none"), "item-graph",
-             "must be auto or off under DP (its item pairs are sent in clear)")
+        need(not (self.item_graph == "on" and self.privacy != "none" and not self._private_graph), "item-graph",
+             "must be auto or off under DP, except event noise at the aggregate without secure-aggregation and with "
+             "graph-share > 0 (its item pairs are sent in clear; only there does the server noise their sum)")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
 
@@ -272,9 +286,25 @@ class RunConfig:
         return self.privacy in EVENT_DP_MODES
 
     @property
+    def _private_graph(self) -> bool:
+        """A DP item graph is possible: event noise at the aggregate, a trusted server, budget for the graph."""
+        return self.aggregate_noise and not self.secure_aggregation and self.graph_share > 0
+
+    @property
     def graph(self) -> bool:
-        """Devices contribute item pairs and are served the item graph (:mod:`fedrec.itemgraph`)."""
-        return self.item_graph == "on" or (self.item_graph == "auto" and self.privacy == "none")
+        """Devices contribute item pairs and are served the item graph (:mod:`fedrec.itemgraph`); under event
+        noise at the aggregate the server noises its sums (:attr:`graph_noised`)."""
+        return self.item_graph == "on" or (self.item_graph == "auto" and (self.privacy == "none" or self._private_graph))
+
+    @property
+    def graph_noised(self) -> bool:
+        """The item graph's sums get Gaussian noise (event noise at the aggregate)."""
+        return self.graph and self.aggregate_noise
+
+    @property
+    def pair_window(self) -> int:
+        """The window of a device's item pairs: ``graph-window``, or ``private-graph-window`` when noised."""
+        return self.private_graph_window if self.graph_noised else self.graph_window
 
     @property
     def aggregate_noise(self) -> bool:

@@ -59,11 +59,12 @@ def serve_devices(model: RecModel, global_state: Mapping[str, np.ndarray], input
 
 
 def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: DeviceData, cfg: RunConfig,
-                 ins: RoundInstruction, probe: np.ndarray | None = None) -> UpdateResult:
-    """Step 2: the device's local update on its events, from its state (a new device: a fresh one)."""
+                 ins: RoundInstruction, probe: np.ndarray | None = None, secret: int = 0) -> UpdateResult:
+    """Step 2: the device's local update on its events, from its state (a new device: a fresh one); ``secret``:
+    see :func:`~fedrec.client_update.client_update`."""
     return client_update(model, split(global_state)[0], dev.state if dev.state is not None else DeviceState(),
                          dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
-                         noise_multiplier=ins.noise_multiplier, probe=probe)
+                         noise_multiplier=ins.noise_multiplier, probe=probe, secret=secret)
 
 
 def device_update(device: int, res: UpdateResult, wire: str, probe: np.ndarray | None = None) -> DeviceUpdate:
@@ -73,8 +74,9 @@ def device_update(device: int, res: UpdateResult, wire: str, probe: np.ndarray |
                           preclip_norm=res.preclip_norm)
     hits = ([int(i) for i in probe], [int(h) for h in res.probe_hits]) \
         if res.probe_hits is not None and probe is not None else None
+    rows = {"ids": res.row_counts[0], "counts": res.row_counts[1]} if res.row_counts is not None else None
     return DeviceUpdate(device, encode_delta(res.delta, wire), report, hits,
-                        res.pairs.arrays() if res.pairs is not None else None)
+                        res.pairs.arrays() if res.pairs is not None else None, rows)
 
 
 def device_reply(device: int, res: UpdateResult, wire: str,
@@ -100,7 +102,7 @@ class DeviceOutcome:
 
 def device_round(model: RecModel, global_state: Mapping[str, np.ndarray], dev: DeviceData,
                  vector: np.ndarray | None, ins: RoundInstruction, cfg: RunConfig, *, train: bool,
-                 serve: bool = True) -> DeviceOutcome:
+                 serve: bool = True, secret: int = 0) -> DeviceOutcome:
     """One device's whole round: serve its new events (with serving evaluation on), then train if asked."""
     served = None
     if serve and cfg.serve_eval:
@@ -108,7 +110,7 @@ def device_round(model: RecModel, global_state: Mapping[str, np.ndarray], dev: D
         if s is not None:
             (served,) = serve_devices(model, global_state, [s], {dev.device: vector} if vector is not None else {},
                                       cfg, ins.round, ins.blend)
-    update = train_device(model, global_state, dev, cfg, ins) if train else None
+    update = train_device(model, global_state, dev, cfg, ins, secret=secret) if train else None
     return DeviceOutcome(served, update)
 
 

@@ -17,9 +17,32 @@ of DESIGN.md:
   normalised to a maximum of 1, plus ``PRIOR`` times the normalised recent counts (which ranks the
   items no neighbour row reaches). This costs no privacy: nothing it reads leaves the device.
 
-Privacy: the pairs reveal which items a device had, in clear. They are collected only without DP
-(``item-graph = auto`` turns them off under any DP mode and ``on`` refuses one); noise on the sum of
-clipped pair counts is the next step (issue 17), not here.
+Privacy: the pairs reveal which items a device had, in clear, to the server. Without DP they are collected
+as they are. Under event-level DP with the noise at the aggregate (``event-noise = aggregate``: the server is
+trusted) the server releases only noisy sums (``noise_std > 0``), and the run's graph is one Gaussian
+mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.graph_records`):
+
+* *sensitivity*: per device and round the pairs are unordered and capped at ``PAIR_CAP = 1`` (a cell of
+  one device-round is 0 or 1), and a device hands in at most one update a round. Adding or removing one
+  event ``e`` of a device, over the whole run, changes: its own at most ``W`` pairs (``W``: the window,
+  ``private-graph-window``), in the round it is new; for each of the ``W`` events after it (in whatever
+  rounds they are new) one lost pair (with ``e``) and one gained (the event a window further back); and
+  its item's count by 1. Each change moves one (round, cell) by at most 1 (several changes in one cell of
+  one device-round stay within the cap), so the L2 change of every round's sums together is at most
+  ``sqrt(3 W + 1)``. This assumes the rounds an event is new in do not depend on other events: round
+  boundaries by clock, and the device's cursor (an event is new in exactly one update).
+* *noise*: every round, every item count and every unordered pair cell that can be released gets an
+  independent draw of ``N(0, noise_std^2)``, ``noise_std = z_graph * sqrt(3 W + 1)``. Dense noise over
+  ``n_items^2`` pairs would not fit, so the pairs are projected first onto the candidates: items whose
+  *noisy* count, summed over the earlier releases, is ``ENTER`` noise stds or more (at most
+  ``MAX_CANDIDATES``; they stay). Pairs of any other item are dropped in that round, before noise.
+  The projection is chosen from earlier releases only, so it is post-processing: as if all ``n_items^2``
+  cells had been noised and the others thrown away. Round 1 has no candidates and releases item counts only.
+* *table*: built from the released (noisy) sums only. A pair is published when its noisy sum stands above
+  ``t`` stds of its accumulated noise (``noise_std * sqrt(releases since both entered)``), ``t`` set so a
+  candidate expects ``FALSE_NEIGHBOURS`` pure-noise neighbours; its score is the asymmetric cosine of the
+  noisy counts. The prior reads the candidates' noisy recent counts, clamped at 0. The noise of release
+  ``k`` is drawn from ``(seed, k)``: a resumed run, or a round run again after a crash, releases the same.
 
 The constants below were chosen on the first rounds of ml-latest-small and checked on other streams
 (docs/online.md says where); they are properties of how people consume items, not of one catalogue.
@@ -29,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,6 +64,12 @@ PRIOR = 0.02  #: weight of the recent item counts beside the normalised neighbou
 RECENT_ROUNDS = 3  #: rounds whose item counts make the prior
 PAIR_CAP = 1.0  #: most one device's update adds to one pair's count
 KEYS = ("graph.ids", "graph.sim", "graph.prior")  #: what a global version carries of the graph
+#: noised: an item becomes a candidate once its noisy count is this many noise stds of that count
+ENTER = 3.0
+#: noised: expected pure-noise neighbours of a candidate (sets the pair threshold from the candidates' number)
+FALSE_NEIGHBOURS = 0.1
+MAX_CANDIDATES = 2000  #: noised: most candidates (their noisy pair sums are a dense candidates^2 table)
+NOISE_STREAM = 0x67726170  #: noised: the noise of release k is drawn from (seed, NOISE_STREAM, k)
 
 
 @dataclass(frozen=True)
@@ -113,63 +143,141 @@ def device_pairs(items: np.ndarray, new: np.ndarray, window: int) -> Pairs:
 @dataclass
 class ItemGraph:
     """The server's sums: symmetric pair counts ``C`` and item counts ``n`` (all rounds; ``recent``: the
-    last rounds' item counts, newest last)."""
+    last rounds' item counts, newest last).
+
+    With ``noise_std > 0`` (event-level DP, noise at the aggregate) every round's sums are released with
+    Gaussian noise of that std (see the module docstring): all item counts, and the pair counts among the
+    candidates ``cand`` only, kept in the dense ``P`` (``P[i, j]`` is the pair of ``cand[i]`` and ``cand[j]``);
+    ``C`` then stays empty and ``n`` and ``recent`` hold noisy counts. Release ``k`` draws its noise from
+    ``(seed, k)``, so a resumed run draws what the uninterrupted one would.
+    """
 
     n_items: int
     neighbours: int = 100
+    noise_std: float = 0.0  #: std of the Gaussian noise on every round's sums (0: exact sums, no DP)
+    seed: int = 0  #: the run's seed (noised: with the release's number, it seeds that release's noise)
+    max_candidates: int = MAX_CANDIDATES
     C: sp.csr_matrix = field(init=False)
     n: np.ndarray = field(init=False)
     recent: list[np.ndarray] = field(default_factory=list)
+    releases: int = 0  #: rounds summed in
+    cand: np.ndarray = field(init=False)  #: noised: candidate items, in order of entry
+    since: np.ndarray = field(init=False)  #: noised: each candidate's pairs are noised from this release on
+    P: np.ndarray = field(init=False)  #: noised: the noisy pair sums among the candidates
 
     def __post_init__(self) -> None:
+        if self.noise_std < 0 or not np.isfinite(self.noise_std):
+            raise ValueError("The item graph's noise std should be a finite non-negative value.")
         self.C = sp.csr_matrix((self.n_items, self.n_items))
         self.n = np.zeros(self.n_items)
+        self.cand, self.since = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self.P = np.zeros((0, 0))
+
+    @property
+    def noised(self) -> bool:
+        return self.noise_std > 0
 
     def add(self, contributions: Sequence[Pairs]) -> None:
-        """One round's contributions (every accepted update's pairs), summed in."""
+        """One round's contributions (every accepted update's pairs), summed in (noised: released with noise)."""
         V = self.n_items
-        # a device counts at most PAIR_CAP per unordered pair and round: one device (or one liar) cannot make
-        # a pair; (a, b) and (b, a) are one pair
-        keys = [np.unique(np.minimum(p.a, p.b) * V + np.maximum(p.a, p.b), return_inverse=True) for p in contributions]
-        a = np.concatenate([k // V for k, _ in keys] or [np.zeros(0, np.int64)])
-        b = np.concatenate([k % V for k, _ in keys] or [np.zeros(0, np.int64)])
-        w = np.concatenate([np.minimum(np.bincount(inv, weights=p.w, minlength=len(k)), PAIR_CAP)
-                            for (k, inv), p in zip(keys, contributions, strict=True)] or [np.zeros(0)])
-        inc = sp.coo_matrix((np.concatenate([w, w]), (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(V, V))
-        self.C = (self.C + inc.tocsr()).tocsr()
+        a, b, w = capped_pairs(contributions, V)
         now = np.zeros(V)
         for p in contributions:
             np.add.at(now, p.items, p.counts)
+        if self.noised:
+            rng = np.random.default_rng([self.seed, NOISE_STREAM, self.releases])
+            now = now + rng.normal(0.0, self.noise_std, V)  # every item, every round: absent ones too
+            self.P += self._noisy_pairs(a, b, w, rng)
+        else:
+            inc = sp.coo_matrix((np.concatenate([w, w]), (np.concatenate([a, b]), np.concatenate([b, a]))),
+                                shape=(V, V))
+            self.C = (self.C + inc.tocsr()).tocsr()
         self.n += now
         self.recent = (self.recent + [now])[-RECENT_ROUNDS:]
+        self.releases += 1
+        if self.noised:
+            self._enter()
+
+    def _noisy_pairs(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """This round's pair sums among the candidates plus noise, one draw per unordered pair (mirrored);
+        pairs with an item outside the candidates are dropped."""
+        K = len(self.cand)
+        slot = np.full(self.n_items, -1, np.int64)
+        slot[self.cand] = np.arange(K)
+        sa, sb = slot[a], slot[b]
+        keep = (sa >= 0) & (sb >= 0)
+        up = np.zeros((K, K))
+        np.add.at(up, (np.minimum(sa, sb)[keep], np.maximum(sa, sb)[keep]), w[keep])
+        iu = np.triu_indices(K, 1)
+        up[iu] += rng.normal(0.0, self.noise_std, len(iu[0]))
+        return up + up.T
+
+    def _enter(self) -> None:
+        """New candidates, chosen from the noisy counts released so far only (post-processing): the items whose
+        noisy count is ``ENTER`` noise stds or more, largest first, up to ``max_candidates``. They enter for good;
+        their pairs are summed (and noised) from the next release on."""
+        out = np.ones(self.n_items, bool)
+        out[self.cand] = False
+        new = np.flatnonzero(out & (self.n >= ENTER * self.noise_std * np.sqrt(self.releases)))
+        new = new[np.argsort(-self.n[new], kind="stable")][: self.max_candidates - len(self.cand)]
+        if not len(new):
+            return
+        self.cand = np.concatenate([self.cand, new])
+        self.since = np.concatenate([self.since, np.full(len(new), self.releases, np.int64)])
+        self.P = np.pad(self.P, (0, len(new)))
 
     def table(self) -> dict[str, np.ndarray]:
         """The published neighbour table (``graph.ids``/``graph.sim``: ``(n_items, neighbours)``, unused
-        slots with score 0) and prior (``graph.prior``: recent counts, all-time counts breaking ties)."""
-        V, N = self.n_items, self.neighbours
-        C = self.C.tocoo()
+        slots with score 0) and prior (``graph.prior``: recent counts, all-time counts breaking ties; noisy
+        counts below 0 count 0)."""
+        V = self.n_items
         n = np.maximum(self.n, 1.0)
-        s = np.nan_to_num(C.data / (n[C.row] ** ALPHA * n[C.col] ** (1 - ALPHA)), posinf=0.0, neginf=0.0)
-        S = sp.csr_matrix((s, (C.row, C.col)), shape=(V, V))
-        ids, sim = np.zeros((V, N), np.int32), np.zeros((V, N), np.float32)
-        for i in range(V):
-            lo, hi = S.indptr[i], S.indptr[i + 1]
-            cols, vals = S.indices[lo:hi], S.data[lo:hi]
-            if hi - lo > N:
-                top = np.argpartition(-vals, N - 1)[:N]
-                cols, vals = cols[top], vals[top]
-            ids[i, : len(cols)], sim[i, : len(cols)] = cols, vals
-        recent = np.sum(self.recent, axis=0) if self.recent else np.zeros(V)
-        prior = recent + 1e-3 * self.n
+        if self.noised:
+            rows, cols, s = self._noisy_scores(n)
+        else:
+            C = self.C.tocoo()
+            rows, cols = C.row, C.col
+            s = np.nan_to_num(C.data / (n[rows] ** ALPHA * n[cols] ** (1 - ALPHA)), posinf=0.0, neginf=0.0)
+        ids, sim = top_neighbours(sp.csr_matrix((s, (rows, cols)), shape=(V, V)), self.neighbours)
+        prior = self._prior()
         return {"graph.ids": ids, "graph.sim": sim, "graph.prior": (prior / max(prior.max(), 1e-12)).astype(np.float32)}
+
+    def _prior(self) -> np.ndarray:
+        """Recent counts, all-time counts breaking ties. Noised: of the candidates only, negative counts as 0 (the
+        largest of many pure-noise counts would outrank most real ones)."""
+        recent = np.sum(self.recent, axis=0) if self.recent else np.zeros(self.n_items)
+        prior = recent + 1e-3 * self.n
+        if not self.noised:
+            return prior
+        out = np.zeros(self.n_items)
+        out[self.cand] = np.maximum(prior[self.cand], 0.0)
+        return out
+
+    def _noisy_scores(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The asymmetric cosine of the candidates' noisy pair sums that stand above the threshold: ``t`` stds of
+        each sum's accumulated noise, ``t`` such that a candidate expects ``FALSE_NEIGHBOURS`` pure-noise
+        neighbours. Only noisy sums (and the candidates, chosen from them) reach it."""
+        K = len(self.cand)
+        if K < 2:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        rounds = self.releases - np.maximum.outer(self.since, self.since)  # releases that noised each pair
+        t = NormalDist().inv_cdf(1 - FALSE_NEIGHBOURS / (K - 1))
+        i, j = np.nonzero((self.P > t * self.noise_std * np.sqrt(np.maximum(rounds, 0))) & (rounds > 0))
+        c = self.cand
+        s = self.P[i, j] / (n[c[i]] ** ALPHA * n[c[j]] ** (1 - ALPHA))
+        return c[i], c[j], s
 
     def state(self) -> dict[str, np.ndarray]:
         """For the checkpoint: ``C``'s upper triangle (it is symmetric, its diagonal empty) in 32 bits (whole
-        counts below 2^24 are exact in float32)."""
+        counts below 2^24 are exact in float32); noised: also the candidates and their noisy pair sums' upper
+        triangle in 64 bits (a resumed run continues the same sums)."""
         C = sp.triu(self.C, k=1).tocoo()
-        return {"row": C.row.astype(np.int32), "col": C.col.astype(np.int32), "val": C.data.astype(np.float32),
-                "n": self.n,
-                "recent": np.stack(self.recent) if self.recent else np.zeros((0, self.n_items))}
+        out = {"row": C.row.astype(np.int32), "col": C.col.astype(np.int32), "val": C.data.astype(np.float32),
+               "n": self.n, "releases": np.asarray(self.releases, np.int64),
+               "recent": np.stack(self.recent) if self.recent else np.zeros((0, self.n_items))}
+        if self.noised:
+            out |= {"cand": self.cand, "since": self.since, "pairs": self.P[np.triu_indices(len(self.cand), 1)]}
+        return out
 
     def load(self, d: Mapping[str, np.ndarray]) -> None:
         V = self.n_items
@@ -177,6 +285,39 @@ class ItemGraph:
         self.C = (upper + upper.T).tocsr()
         self.n = np.asarray(d["n"], np.float64)
         self.recent = [np.asarray(x) for x in d["recent"]]
+        self.releases = int(d.get("releases", 0))
+        if self.noised:
+            self.cand, self.since = np.asarray(d["cand"], np.int64), np.asarray(d["since"], np.int64)
+            K = len(self.cand)
+            self.P = np.zeros((K, K))
+            self.P[np.triu_indices(K, 1)] = d["pairs"]
+            self.P += self.P.T
+
+
+def capped_pairs(contributions: Sequence[Pairs], n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The round's unordered pairs ``(a < b)`` and counts, each contribution counting at most ``PAIR_CAP`` per
+    pair: one device (or one liar) cannot make a pair, and one event moves one pair's sum by at most 1."""
+    V = n_items
+    keys = [np.unique(np.minimum(p.a, p.b) * V + np.maximum(p.a, p.b), return_inverse=True) for p in contributions]
+    a = np.concatenate([k // V for k, _ in keys] or [np.zeros(0, np.int64)])
+    b = np.concatenate([k % V for k, _ in keys] or [np.zeros(0, np.int64)])
+    w = np.concatenate([np.minimum(np.bincount(inv, weights=p.w, minlength=len(k)), PAIR_CAP)
+                        for (k, inv), p in zip(keys, contributions, strict=True)] or [np.zeros(0)])
+    return a, b, w
+
+
+def top_neighbours(S: sp.csr_matrix, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``neighbours`` highest scores of ``S`` and their columns (unused slots: item 0, score 0)."""
+    V, N = S.shape[0], neighbours
+    ids, sim = np.zeros((V, N), np.int32), np.zeros((V, N), np.float32)
+    for i in range(V):
+        lo, hi = S.indptr[i], S.indptr[i + 1]
+        cols, vals = S.indices[lo:hi], S.data[lo:hi]
+        if hi - lo > N:
+            top = np.argpartition(-vals, N - 1)[:N]
+            cols, vals = cols[top], vals[top]
+        ids[i, : len(cols)], sim[i, : len(cols)] = cols, vals
+    return ids, sim
 
 
 def split(host: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:

@@ -11,7 +11,8 @@ The server sends three kinds of request, each a Flower ``RecordDict``:
 
 A node replies with a :class:`NodeReply`: per device ``delta-<d>`` (the wire-encoded delta of
 global parameters, :mod:`fedrec.wire`) and ``metrics-<d>`` (:class:`UpdateReport`), with the item graph
-on also ``pairs-<d>`` (the item pairs of its new events, :meth:`fedrec.itemgraph.Pairs.arrays`), or
+on also ``pairs-<d>`` (the item pairs of its new events, :meth:`fedrec.itemgraph.Pairs.arrays`), with event noise
+at the aggregate also ``rows-<d>`` (``ids``, ``counts``: the positive items of the events its release took), or
 ``skip-<d>``, ``error-<d>`` or ``inflight-<d>``; per node ``serve`` and ``serve-probe`` (what every
 hosted device with new events scored). Whatever a node sends is hostile until checked: a malformed
 entry decodes to a :class:`DeviceFailure` of that device, or, when the node cannot be told apart,
@@ -33,7 +34,7 @@ from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts
 ARRAYS, CONFIG, ROUND, INFO = "arrays", "config", "round", "info"
 #: record names of a reply (per device ``<kind>-<device>``; per node ``serve``, ``serve-probe``)
 DELTA, METRICS, PROBE, SKIP, ERROR, INFLIGHT = "delta", "metrics", "probe", "skip", "error", "inflight"
-PAIRS = "pairs"
+PAIRS, ROWS = "pairs", "rows"
 SERVE, SERVE_PROBE = "serve", "serve-probe"
 #: the metrics of one device's update, in the order they are sent
 REPORT_KEYS = ("num-examples", "n-new", "eval-n", "eval-hits", "eval-ndcg", "epsilon", "steps", "max-exposure",
@@ -44,7 +45,7 @@ SECURE_METRICS = tuple(k for k in REPORT_KEYS if k not in ("epsilon", "skipped")
 
 
 #: which Flower record type carries each record (the adapters in ``fedrec.clients.records`` build them)
-_RECORD_TYPE = {ARRAYS: "arrays", DELTA: "arrays", PAIRS: "arrays", METRICS: "metrics", PROBE: "metrics", SERVE: "metrics",
+_RECORD_TYPE = {ARRAYS: "arrays", DELTA: "arrays", PAIRS: "arrays", ROWS: "arrays", METRICS: "metrics", PROBE: "metrics", SERVE: "metrics",
                 SERVE_PROBE: "metrics"}
 
 
@@ -218,6 +219,9 @@ class DeviceUpdate:
     #: item graph on: the item pairs of its new events (:meth:`fedrec.itemgraph.Pairs.arrays`; numeric arrays
     #: here, their values are checked by the server against the catalogue and the report's ``n_new``)
     pairs: dict[str, np.ndarray] | None = None
+    #: event noise at the aggregate: ``ids`` and ``counts`` of the positive items its release took (checked by
+    #: the server, :func:`fedrec.privacy.aggregate.check_counts`)
+    rows: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +287,8 @@ def encode_update(u: DeviceUpdate) -> dict[str, Any]:
                                              "hits": [int(h) for h in u.probe[1]]}
     if u.pairs is not None:
         out[record_name(PAIRS, u.device)] = {k: np.ascontiguousarray(v) for k, v in u.pairs.items()}
+    if u.rows is not None:
+        out[record_name(ROWS, u.device)] = {k: np.ascontiguousarray(v) for k, v in u.rows.items()}
     return out
 
 
@@ -323,7 +329,7 @@ def decode_reply(records: Mapping[str, Any]) -> NodeReply:
         kind, _, dev = str(name).rpartition("-")
         if name in (SERVE, SERVE_PROBE):
             continue
-        if kind not in (DELTA, METRICS, PROBE, PAIRS, SKIP, ERROR, INFLIGHT) or not (dev.isascii() and dev.isdigit()):
+        if kind not in (DELTA, METRICS, PROBE, PAIRS, ROWS, SKIP, ERROR, INFLIGHT) or not (dev.isascii() and dev.isdigit()):
             raise MessageError(f"the reply holds a record {name!r} that names no device")
         _decode_entry(out, kind, int(dev), rec, records)
     if SERVE in records:
@@ -346,13 +352,16 @@ def _decode_entry(out: NodeReply, kind: str, d: int, rec: Mapping[str, Any], rec
             if not isinstance(arrays, Mapping):
                 raise MessageError(f"device {d} sent metrics without a delta")
             probe, pairs = records.get(record_name(PROBE, d)), records.get(record_name(PAIRS, d))
+            rows = records.get(record_name(ROWS, d))
             out.updates.append(DeviceUpdate(d, dict(arrays), UpdateReport.from_flat(rec),
                                             _probe(probe) if probe else None,
-                                            _pairs(pairs) if pairs is not None else None))
-        elif kind == PAIRS and record_name(ERROR, d) not in records:
-            m = records.get(record_name(METRICS, d))  # an update reads its pairs above
+                                            _pairs(pairs) if pairs is not None else None,
+                                            _pairs(rows, "row counts") if rows is not None else None))
+        elif kind in (PAIRS, ROWS) and record_name(ERROR, d) not in records:
+            m = records.get(record_name(METRICS, d))  # an update reads its pairs and rows above
             if not isinstance(m, Mapping) or m.get("skipped", 0):
-                raise MessageError(f"device {d} sent item pairs without an update")
+                raise MessageError(f"device {d} sent {'item pairs' if kind == PAIRS else 'row counts'} "
+                                   "without an update")
     except (MessageError, *_GARBLED) as e:
         out.failures.append(DeviceFailure(d, f"device {d}: malformed {kind} entry ({e})"))
 
@@ -365,15 +374,15 @@ def _probe(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     return items, hits
 
 
-def _pairs(p: Any) -> dict[str, np.ndarray]:
-    """A pairs record's arrays: numeric numpy arrays by name (their values are the server's to check)."""
+def _pairs(p: Any, what: str = "item pairs") -> dict[str, np.ndarray]:
+    """A pairs (or rows) record's arrays: numeric numpy arrays by name (their values are the server's to check)."""
     if not isinstance(p, Mapping):
-        raise MessageError(f"item pairs must be a record of arrays, got {type(p).__name__}")
+        raise MessageError(f"{what} must be a record of arrays, got {type(p).__name__}")
     out = {}
     for k, v in p.items():
         a = np.asarray(v) if isinstance(v, np.ndarray) else None
         if a is None or a.dtype.kind not in "biuf":
-            raise MessageError(f"item pairs array {k!r} is not a numeric array")
+            raise MessageError(f"{what} array {k!r} is not a numeric array")
         out[str(k)] = a
     return out
 

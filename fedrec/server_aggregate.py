@@ -16,6 +16,12 @@ Dense = np.ndarray
 Sparse = tuple[np.ndarray, np.ndarray]
 Delta = Mapping[str, "Dense | Sparse"]
 
+#: The item tables of every model in :mod:`fedrec.models`: the ``item`` embedding, one row per item
+#: (SASRec adds its start and padding rows). Recognised by name, not by shape: a hidden layer or a
+#: position table can have as many rows as the catalogue, and its rows are not items. Per-row
+#: averaging (FedSubAvg, :func:`fedrec.aggregation.per_row_mean`) applies to these tables only.
+ITEM_TABLES: tuple[str, ...] = ("item.weight",)
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` takes CUDA when available, else the CPU."""

@@ -38,23 +38,28 @@ def wire_mode(wire: str, privacy: str) -> str:
     return wire
 
 
-def encode_delta(delta: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
-    """Flat arrays (for one Flower ArrayRecord) of a dense delta in ``mode``."""
-    if mode == "dense":
-        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in delta.items()}
-    if mode == "fp16":
-        return {k: np.ascontiguousarray(v, dtype=np.float16) for k, v in delta.items()}
-    if mode != "sparse":
+def encode_delta(delta: dict, mode: str) -> dict[str, np.ndarray]:
+    """Flat arrays (for one Flower ArrayRecord) of a dense delta in ``mode``.
+
+    A table that is sparse by construction (event noise at the aggregate releases ``name -> (ids, rows)``)
+    travels as sparse rows whatever the mode (rows in half precision under ``fp16``): that mode's trust
+    model lets the server see the touched rows (docs/privacy.md).
+    """
+    if mode not in MODES:
         raise ValueError(f"Unknown wire mode {mode!r}; expected one of {', '.join(MODES)}.")
     out = {}
     for k, v in delta.items():
-        v = np.asarray(v, dtype=np.float32)
-        if v.ndim != 2:
-            out[k] = np.ascontiguousarray(v)
-            continue
-        ids = np.flatnonzero(np.any(v != 0, axis=1)).astype(np.int64)
-        out[f"{k}.ids"] = ids
-        out[f"{k}.rows"] = np.ascontiguousarray(v[ids])
+        if isinstance(v, tuple):
+            out[f"{k}.ids"] = np.ascontiguousarray(v[0], dtype=np.int64)
+            out[f"{k}.rows"] = np.ascontiguousarray(v[1], dtype=np.float16 if mode == "fp16" else np.float32)
+        elif mode != "sparse" or np.ndim(v) != 2:
+            out[k] = np.ascontiguousarray(v, dtype=np.float16 if mode == "fp16" else np.float32) \
+                if mode != "sparse" else np.ascontiguousarray(v)
+        else:
+            v = np.asarray(v, dtype=np.float32)
+            ids = np.flatnonzero(np.any(v != 0, axis=1)).astype(np.int64)
+            out[f"{k}.ids"] = ids
+            out[f"{k}.rows"] = np.ascontiguousarray(v[ids])
     return out
 
 

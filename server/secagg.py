@@ -1,4 +1,5 @@
-"""Secure aggregation of one round's device deltas with Flower's SecAgg+ (user-level DP only).
+"""Secure aggregation of one round's device deltas with Flower's SecAgg+ (user-level DP, or event noise
+at the aggregate with distributed noise shares).
 
 Flower ships SecAgg+ only for its legacy API: ``SecAggPlusWorkflow`` needs a ``LegacyContext``
 whose ``strategy`` picks the nodes (``configure_fit``) and receives the unmasked result
@@ -14,6 +15,12 @@ reconstruction threshold of nodes to answer each stage. A node that hosts severa
 simulation shard) masks their mean: secure aggregation then hides nodes, not devices.
 What it cannot check any more: each device's clip. Under secure aggregation the user-level DP
 guarantee assumes the devices clip honestly (docs/privacy.md).
+
+Event noise at the aggregate (``event-noise = "aggregate"``): each node masks its devices' releases (in
+units of one event's bound), their positive-item counts as one more array after the global keys, and one
+noise share per device (:mod:`fedrec.privacy.shares`). The reconstruction threshold is set so that any sum
+the server can unmask holds at least ``m = ceil((1 - dropout-tolerance) x sampled devices)`` devices, whose
+shares add up to the full noise; fewer, and the round releases nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from fedrec.config import RunConfig
 from fedrec.federation.replies import SecureSum
 from fedrec.messages import SECURE_METRICS, MessageError, UpdateReport
+from fedrec.privacy.shares import SharePlan, node_threshold, quantisation_problem, share_plan
 
 
 @dataclass
@@ -63,36 +72,110 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
                  round_: int, *, timeout: float) -> SecureSum:
     """Run SecAgg+ over the nodes of ``by_node`` (node -> its sampled devices) for one round.
 
-    Quantisation: each node sends the mean of its devices' clipped deltas, whose coordinates lie in
-    ``[-clip, clip]``, weighted by its device count; so the clipping range is the user-level clip and
-    the largest weight is the largest device count of a node (1 in a deployment). The resolution
-    on the sum is then ``2 * clip * max_weight / 2**22`` per node.
+    User-level DP: each node sends the mean of its devices' clipped deltas, whose coordinates lie in
+    ``[-clip, clip]``, weighted by its device count; so the clipping range is the user-level clip and the
+    largest weight is the largest device count of a node (1 in a deployment). The resolution on the sum is
+    then ``2 * clip * max_weight / 2**22`` per node. Event noise at the aggregate: the nodes add noise
+    shares (:mod:`fedrec.privacy.shares`, which sets the range and the reconstruction threshold), and a sum
+    is returned only when it holds at least the ``m`` devices whose shares make up the full noise.
     """
     keys = sorted(global_state)
+    by_node = {n: list(ds) for n, ds in by_node.items() if ds}
+    if len(by_node) < 2:
+        return SecureSum(None, [], {}, [f"round {round_}: SecAgg+ needs at least 2 nodes with sampled devices, "
+                                          f"got {len(by_node)}; no update this round"])
+    plan = _share_plan(config, by_node)
+    setting, problem = _setting(config, by_node, plan)
+    required = plan.required if plan is not None else 0
+    if problem:
+        return SecureSum(None, [], {}, [f"round {round_}: {problem}; no update this round"], required=required)
     params = ndarrays_to_parameters([np.asarray(global_state[k], np.float32) for k in keys])
-    fitins = {n: FitIns(params, {**config, "round": round_, "devices": ",".join(str(d) for d in ds),
+    extra = {"share-devices": plan.devices} if plan is not None else {}
+    fitins = {n: FitIns(params, {**config, **extra, "round": round_, "devices": ",".join(str(d) for d in ds),
                                  "global-keys": ",".join(keys)})
-              for n, ds in by_node.items() if ds}
+              for n, ds in by_node.items()}
     strategy = _RoundStrategy(fitins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: round_}),
                         MAIN_PARAMS_RECORD: ArrayRecord()})
     ctx = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                         strategy=strategy)  # type: ignore[arg-type]
-    failures: list[str] = []
-    if len(fitins) < 2:
-        return SecureSum(None, [], {}, [f"round {round_}: SecAgg+ needs at least 2 nodes with sampled devices, "
-                                          f"got {len(fitins)}; no update this round"])
-    clip = float(config["clip"])
-    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.66, max_weight=float(max(map(len, by_node.values()))),
-                       clipping_range=clip, timeout=timeout)(grid, ctx)
-    failures += [str(f) for f in strategy.failures]
+    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=setting.threshold, max_weight=setting.max_weight,
+                       clipping_range=setting.clipping_range, timeout=timeout)(grid, ctx)
+    failures = [str(f) for f in strategy.failures]
     if strategy.aggregate is None:
-        return SecureSum(None, [], {}, failures or [f"round {round_}: SecAgg+ halted (too few nodes answered)"])
+        why = (f"fewer than {setting.threshold} of {len(by_node)} nodes answered every stage (the noise shares "
+               f"need {required} of the {plan.devices} sampled devices)" if plan is not None
+               else "too few nodes answered")
+        return SecureSum(None, [], {}, failures + [f"round {round_}: SecAgg+ halted: {why}; no update this round"],
+                         required=required)
     reports = _device_reports(strategy.results, by_node, failures)
     weight = sum(int(res.num_examples) for _, res in strategy.results)
     # the workflow returns the weighted mean with weights = devices per node: times the total = the sum
-    total = {k: a.astype(np.float32) * weight for k, a in zip(keys, strategy.aggregate, strict=True)}
-    return SecureSum(total, list(reports), reports, failures)
+    if plan is None:
+        return SecureSum({k: a.astype(np.float32) * weight for k, a in zip(keys, strategy.aggregate, strict=True)},
+                         list(reports), reports, failures)
+    arrays = [a.astype(np.float64) * weight for a in strategy.aggregate]
+    return _noisy_sum(arrays, keys, strategy.results, reports, failures, plan, _sensitivity(config), round_)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """SecAgg+'s parameters for one round."""
+
+    threshold: int | float
+    max_weight: float
+    clipping_range: float
+
+
+def _run_config(config: dict) -> RunConfig:
+    return RunConfig.from_mapping({k: v for k, v in config.items() if k in RunConfig.keys()}, where="secure round")
+
+
+def _sensitivity(config: dict) -> float:
+    cfg = _run_config(config)
+    return cfg.lr * cfg.event_clip
+
+
+def _share_plan(config: dict, by_node: dict[int, list[int]]) -> SharePlan | None:
+    """The round's noise shares under event noise at the aggregate (None under user-level DP)."""
+    cfg = _run_config(config)
+    if not cfg.aggregate_noise:
+        return None
+    return share_plan(float(config["effective-noise-multiplier"]), cfg.count_share, cfg.dropout_tolerance,
+                      sum(map(len, by_node.values())))
+
+
+def _setting(config: dict, by_node: dict[int, list[int]], plan: SharePlan | None) -> tuple[_Setting, str]:
+    """The workflow's threshold, weight and range, or why the round cannot run securely."""
+    max_weight = float(max(map(len, by_node.values())))
+    if plan is None:  # user level: a clipped delta never leaves [-clip, clip]
+        return _Setting(0.66, max_weight, float(config["clip"])), ""
+    counts = [len(ds) for ds in by_node.values()]
+    setting = _Setting(node_threshold(counts, plan.required, plan.tolerance), max_weight, plan.clipping_range)
+    return setting, quantisation_problem(plan, len(by_node), max_weight)
+
+
+def _noisy_sum(arrays: list[np.ndarray], keys: list[str], results: list, reports: dict[int, UpdateReport],
+               failures: list[str], plan: SharePlan, sensitivity: float, round_: int) -> SecureSum:
+    """The unmasked sum split into the table sum (back in parameter units) and the counts, if it is whole.
+
+    The sum is refused when a device in it cannot be accounted for (a garbled or missing report, a node
+    whose weight is not its number of devices) or when it holds fewer than ``plan.required`` devices.
+    """
+    listed = sum(int(res.num_examples) for _, res in results)
+    problem = ""
+    if len(arrays) != len(keys) + 1:
+        problem = f"the unmasked sum has {len(arrays)} arrays, expected {len(keys) + 1} (the keys and the counts)"
+    elif listed != len(reports):
+        problem = f"the sum holds {listed} devices but {len(reports)} of them reported soundly"
+    elif len(reports) < plan.required:
+        problem = (f"the sum holds {len(reports)} devices, fewer than the {plan.required} whose noise shares "
+                   f"make up the full noise")
+    if problem:
+        return SecureSum(None, [], {}, failures + [f"round {round_}: {problem}; no update this round"],
+                         required=plan.required)
+    total = {k: (a * sensitivity).astype(np.float32) for k, a in zip(keys, arrays, strict=False)}
+    return SecureSum(total, list(reports), reports, failures, counts=arrays[-1], required=plan.required)
 
 
 def _device_reports(results: list, by_node: dict[int, list[int]], failures: list[str]) -> dict[int, UpdateReport]:

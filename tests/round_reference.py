@@ -9,7 +9,9 @@ scoring, the item graph, two more baselines) changed what a metrics line holds, 
 again, after checking, case by case, against the issue-15 files: every final global model equal, every
 line's ``start_hr@10``/``start_ndcg@10`` equal to the old ``hr@10``/``ndcg@10`` (the old headline was
 the round-start metric), every other field equal but the bytes (item pairs up, the graph's table down),
-the per-event metrics and the new baseline columns.
+the per-event metrics and the new baseline columns. Issue 17 added the ``noise`` field to the privacy
+report's event block (``device`` in these cases): the files were written again after checking that it is
+the only difference, and the two new cases (``aggregate``, ``row-average``) were added.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ CASES: dict[str, dict] = {
     "attack": {"privacy": "none", "attackers": 0.05, "attack-boost": 3.0},
     "neumf": {"privacy": "event", "model": "neumf", "noise-multiplier": 1.0, "rounds": 3},
     "sasrec": {"privacy": "user", "model": "sasrec", "noise-multiplier": 1.0, "rounds": 3, "seq-len": 5},
+    # issue 17: event noise at the aggregate (with the noisy item graph), and per-row averaging without DP
+    "aggregate": {"privacy": "event", "event-noise": "aggregate", "local-steps": 1, "epsilon": 4.0},
+    "row-average": {"privacy": "none", "row-average": True, "server-lr": 1.0},
 }
 #: fields of a metrics line that measure the machine, not the algorithm
 VOLATILE = ("wall_s", "ts", "time")

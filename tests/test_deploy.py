@@ -73,6 +73,27 @@ def test_deploy_local_with_tls_and_secure_aggregation_runs_its_rounds_and_leaves
     assert _ours(out) == []
 
 
+def test_deploy_local_with_event_noise_shares_under_secure_aggregation(tmp_path):
+    """SecAgg+ with distributed noise shares: each device adds its share, the server sees only the noisy sum,
+    applies it (selection by noisy counts) and accounts every device's event-level release."""
+    out = tmp_path / "agg"
+    r = subprocess.run([sys.executable, "-m", "fedrec.cli", "deploy", "local", "--devices", "3", "--rounds", "2",
+                        "--secure-aggregation", "--privacy", "event", "--event-noise", "aggregate", "--local-steps", "1",
+                        "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = _rows(out)
+    assert [x["round"] for x in rows] == [1, 2]
+    assert all(x["failed"] == 0 and x["devices"] == 3 and x["rows_selected"] is not None for x in rows)
+    ev = json.loads((out / "summary.json").read_text())["privacy"]["event"]
+    assert ev["noise"] == "aggregate-secagg" and ev["epsilon"] > 0 and ev["devices"] == 3
+    assert ev["trust"].startswith("SecAgg+ with distributed noise")
+    assert "privacy (event level): epsilon=" in r.stdout
+    led = Ledger(out / "privacy_ledger.jsonl").records
+    assert sorted((x.round, x.subject) for x in led if x.kind == "aggregate-gaussian") == \
+        [(rd, f"device-{i}") for rd in (1, 2) for i in range(3)]  # every device of every sum, once
+    assert _ours(out) == []
+
+
 def test_an_unregistered_supernode_is_refused(tmp_path):
     fed = LocalFederation(tmp_path / "fed", tls=True)
     try:

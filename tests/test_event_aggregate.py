@@ -95,7 +95,10 @@ def _update(d: int, ids, rows, cids, counts, n: int = 4) -> DeviceUpdate:
     return DeviceUpdate(d, encode_delta(delta, "fp16"), report, None, None, rowrec)
 
 
-def _collect(updates, check=RowCheck(V, 1.0)):
+ROWS = RowCheck(V, 1.0)
+
+
+def _collect(updates, check=ROWS):
     body = decode_reply(encode_reply(NodeReply(updates=updates)))
     reply = Reply(asked=1, node=7, body=body, devices=frozenset(u.device for u in updates))
     return collect([reply], {"item.weight": torch.zeros(V, 2)}, None, 1, {u.device: 7 for u in updates},

@@ -1,18 +1,27 @@
-"""Secure aggregation (Flower SecAgg+): the server gets the sum of the deltas and nothing finer."""
+"""Secure aggregation (Flower SecAgg+): the server gets the sum of the deltas and nothing finer.
+
+With event noise at the aggregate the devices add noise shares: the unmasked sum is the sum of their
+releases plus noise of at least the configured variance, or nothing when too many drop.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import Error, Message
 
 from fedrec.clients.app import app as client_app
 from fedrec.config import ConfigError, RunConfig
-from fedrec.federation.replies import collect
+from fedrec.federation.replies import Replies, RowCheck, SecureSum, add_secure_sum, collect
 from fedrec.federation.run import discover, event_noise
 from fedrec.messages import RoundInstruction
 from fedrec.models import build_model
+from fedrec.privacy.aggregate import split
+from fedrec.privacy.ledger import Ledger
+from fedrec.privacy.shares import node_threshold, share_plan
 from fedrec.server.app import FlowerTransport, run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.server.secagg import secure_round
@@ -31,8 +40,19 @@ class RecordingGrid(LocalGrid):
         return rep
 
 
-def _setup(cfg: RunConfig):
-    grid = RecordingGrid(client_app, cfg.nodes, cfg.to_flat())
+class DroppingGrid(RecordingGrid):
+    """Nodes in ``drop`` fail SecAgg+'s collect stage (they never send their masked vector): a dropout."""
+
+    drop: set[int] = set()
+
+    def _deliver(self, msg: Message) -> Message:
+        if msg.metadata.dst_node_id in self.drop and "fitins.parameters" in msg.content:
+            return Message(Error(code=503, reason="node dropped out"), reply_to=msg)
+        return super()._deliver(msg)
+
+
+def _setup(cfg: RunConfig, grid_type: type[RecordingGrid] = RecordingGrid):
+    grid = grid_type(client_app, cfg.nodes, cfg.to_flat())
     transport = FlowerTransport(grid, cfg)
     fed = discover(transport, cfg, event_noise(cfg))
     g = {k: v for k, v in build_model(cfg.model, fed.n_items, cfg.dim, seed=cfg.seed).global_state().items()}
@@ -74,9 +94,122 @@ def test_a_secure_federation_runs_and_accounts_every_release(tmp_path):
     assert summary["metrics"]["events_scored"] > 0  # serving evaluation ran in its own messages
 
 
-def test_secure_aggregation_needs_user_level_dp():
+def test_secure_aggregation_needs_user_level_dp_or_event_noise_at_the_aggregate():
     with pytest.raises(ConfigError, match="secure-aggregation"):
         RunConfig(privacy="event", secure_aggregation=True)
     with pytest.raises(ConfigError, match="secure-aggregation"):
         RunConfig(privacy="none", secure_aggregation=True)
     assert torch.is_tensor(torch.zeros(1))
+
+
+# ---- event noise at the aggregate: distributed noise shares -------------------------------------------------
+
+def _aggregate_cfg(**kw) -> RunConfig:
+    base = dict(world_users=60, world_items=2000, nodes=6, rounds=4, privacy="event", event_noise="aggregate",
+                local_steps=1, secure_aggregation=True, serve_eval=False, wire="dense", uptake_probe=False,
+                noise_multiplier=1.0)
+    return RunConfig(**{**base, **kw})
+
+
+def _plain_and_secure(cfg: RunConfig, per_node: int, drop: set[int] = frozenset()):  # type: ignore[assignment]
+    """The round-2 releases of the chosen devices in the clear (summed), and their SecAgg+ round."""
+    grid, transport, g, by_node, fed = _setup(cfg)
+    by_node = {n: ds[:per_node] for n, ds in sorted(by_node.items())}
+    host = {k: v.numpy() for k, v in g.items()}
+    requests = {n: RoundInstruction(2, tuple(ds), fed.z_event, 0.0) for n, ds in by_node.items()}
+    got = collect(transport.exchange(2, requests, host, cfg.to_flat(), None), g, None, 2, fed.home,
+                  rows=RowCheck(fed.n_items, cfg.lr * cfg.event_clip))
+    assert not got.failed and len(got.done) == sum(map(len, by_node.values()))
+    grid2, _, g2, _, _ = _setup(cfg, DroppingGrid)
+    grid2.drop = {n for i, n in enumerate(sorted(by_node)) if i in drop}  # ``drop``: indices of nodes
+    sec = secure_round(grid2, by_node, {k: v.numpy() for k, v in g2.items()},
+                       {**cfg.to_flat(), **RoundInstruction(2, (), fed.z_event, 0.0).to_flat()}, 2, timeout=60)
+    return got, sec, by_node, fed, grid2
+
+
+def _dense_sum(got, devices, n_items: int, width: int):
+    table, counts = np.zeros((n_items, width)), np.zeros(n_items)
+    for d, delta, (cids, cnt) in zip(got.done, got.deltas, got.row_counts, strict=True):
+        if d in devices:
+            ids, rows = delta["item.weight"]
+            np.add.at(table, ids, rows)
+            np.add.at(counts, cids, cnt)
+    return table, counts
+
+
+def _noise_stds(got, sec: SecureSum, fed) -> tuple[float, float, float]:
+    """The std of (unmasked sum - sum of the releases) over the table and over the counts; and the signal."""
+    table, counts = _dense_sum(got, set(sec.devices), fed.n_items, sec.total["item.weight"].shape[1])
+    return (float(np.std(sec.total["item.weight"] - table)), float(np.std(sec.counts - counts)),
+            float(np.abs(table).max()))
+
+
+def test_noise_shares_of_all_devices_add_up_to_the_configured_noise():
+    cfg = _aggregate_cfg(dropout_tolerance=0.0)  # m = every sampled device: the shares sum to exactly sigma^2
+    got, sec, by_node, fed, grid = _plain_and_secure(cfg, per_node=2)
+    assert sec.failures == [] and sorted(sec.devices) == sorted(got.done) and sec.required == 12
+    z = split(fed.z_event, cfg.count_share)
+    grad_std, count_std, signal = _noise_stds(got, sec, fed)
+    assert signal > 0.1  # a real release was summed
+    # 16000 table coordinates (std estimate within ~0.6%) and 2000 counts (~1.6%)
+    assert grad_std == pytest.approx(z.grad * cfg.lr * cfg.event_clip, rel=0.03)
+    assert count_std == pytest.approx(z.count, rel=0.06)
+    # what the server received: key material and masked vectors, never a device's release or counts
+    assert grid.seen and not any(k.startswith(("delta-", "rows-")) for m in grid.seen for k in m.content.keys())
+    assert all(len(a) == 0 for m in grid.seen if not m.has_error() for a in m.content.array_records.values())
+    # taken in, it is one presummed delta over all rows, which the aggregator does not noise again
+    out = Replies()
+    add_secure_sum(out, sec, {k: torch.as_tensor(v) for k, v in sec.total.items()}, cfg.clip, len(by_node))
+    assert out.presummed == 12 and len(out.deltas) == 1 and out.row_counts[0][1].shape == (fed.n_items,)
+    assert sorted(out.done) == sorted(sec.devices) and all("steps" in m for m in out.metrics)
+
+
+def test_dropouts_within_the_tolerance_still_release_with_the_full_noise():
+    cfg = _aggregate_cfg(dropout_tolerance=0.34)  # 6 devices, one per node: m = ceil(0.66 x 6) = 4
+    assert share_plan(1.0, cfg.count_share, cfg.dropout_tolerance, 6).required == 4
+    assert node_threshold([1] * 6, 4, cfg.dropout_tolerance) == 4
+    got, sec, by_node, fed, _ = _plain_and_secure(cfg, per_node=1, drop={1, 2})
+    assert sec.total is not None and len(sec.devices) == 4  # exactly m survived
+    assert not set(sec.devices) & {d for n in sorted(by_node)[1:3] for d in by_node[n]}
+    z = split(fed.z_event, cfg.count_share)
+    grad_std, count_std, _ = _noise_stds(got, sec, fed)
+    sigma = z.grad * cfg.lr * cfg.event_clip
+    assert sigma * 0.97 <= grad_std <= sigma * 1.03  # 4 shares of sigma^2 / 4: the full noise, no less
+    assert count_std >= z.count * 0.94
+
+
+def test_dropouts_beyond_the_tolerance_release_nothing():
+    cfg = _aggregate_cfg(dropout_tolerance=0.34)
+    _, sec, by_node, _, _ = _plain_and_secure(cfg, per_node=1, drop={1, 2, 3})  # 3 of the 4 needed
+    assert sec.total is None and sec.devices == [] and sec.required == 4
+    assert any("SecAgg+ halted" in f and "need 4 of the 6" in f for f in sec.failures)
+    out = Replies()
+    gstate = {"item.weight": torch.zeros(2000, 8)}
+    add_secure_sum(out, sec, gstate, cfg.clip, len(by_node))
+    assert out.presummed == 0 and out.deltas == [] and out.done == []  # no release, no ledger record
+    assert any("halted" in why for _, why in out.failed)
+
+
+def test_the_server_refuses_a_sum_of_fewer_devices_than_the_shares_need():
+    reports = {}
+    gstate = {"item.weight": torch.zeros(5, 2)}
+    sec = SecureSum({"item.weight": np.zeros((5, 2), np.float32)}, [], reports, [], counts=np.zeros(5), required=3)
+    out = Replies()
+    add_secure_sum(out, sec, gstate, 1.0, 2)
+    assert out.presummed == 0 and out.deltas == []
+    assert any("fewer than the 3" in why for _, why in out.failed)
+    bad = SecureSum({"item.weight": np.zeros((5, 2), np.float32)}, [], reports, [], counts=np.full(4, math.nan),
+                    required=1)
+    add_secure_sum(out := Replies(), bad, gstate, 1.0, 2)
+    assert out.presummed == 0 and any("summed counts" in why for _, why in out.failed)
+
+
+def test_a_secure_federation_with_event_noise_at_the_aggregate_accounts_every_device(tmp_path):
+    cfg = _aggregate_cfg(world_items=400, nodes=3, rounds=2, cohort=12, serve_eval=True, out=str(tmp_path),
+                         progress=False, engine="local", wire="auto")
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    ev = summary["privacy"]["event"]
+    assert summary["rounds"] == 2 and ev["noise"] == "aggregate-secagg" and ev["epsilon"] > 0
+    assert ev["trust"].startswith("SecAgg+ with distributed noise")
+    records = [r for r in Ledger(tmp_path / "privacy_ledger.jsonl").records if r.kind == "aggregate-gaussian"]
+    assert records and {r.round for r in records} == {1, 2}

@@ -122,7 +122,7 @@ def test_rounds_take_events_by_clock_and_the_device_matches_client_update(tmp_pa
     items = rng.integers(0, N_ITEMS, 30)
     with Device(path, create=True, device_id=5, n_items=N_ITEMS) as d:
         d.record_many([(int(i), float(t), "click", 1.0) for t, i in enumerate(items)])
-        r1 = d.run_round(g, cfg, 1, train=True, clock=9.0)
+        r1 = d.run_round(g, cfg, 1, train=True, clock=9.0, secret=0)
     assert r1.taken == 10 and r1.update.n_new == 10
 
     # the same round computed directly from the events, as the simulation does
@@ -132,7 +132,7 @@ def test_rounds_take_events_by_clock_and_the_device_matches_client_update(tmp_pa
     np.testing.assert_array_equal(r1.update.delta["item.weight"], ref.delta["item.weight"])
 
     with Device(path) as d:  # a restarted device continues from its stored state
-        r2 = d.run_round(g, cfg, 2, train=True, clock=19.0)
+        r2 = d.run_round(g, cfg, 2, train=True, clock=19.0, secret=0)
         assert r2.taken == 10 and r2.update.n_new == 10 and r2.update.state.participations == 2
         rounds = np.concatenate([np.ones(10, np.int64), np.full(10, 2)])
         ref2 = client_update(model, g, ref.state, items[:20], rounds, 2, cfg, device_id=5, noise_multiplier=0.0)
@@ -142,6 +142,24 @@ def test_rounds_take_events_by_clock_and_the_device_matches_client_update(tmp_pa
         r3 = d.run_round(g, cfg, 3, train=False, clock=24.0)
         assert r3.taken == 5 and r3.update is None and 0 < r3.served.counts.n <= 5
         assert DeviceState.from_config(d.store.load_state()).cursors[-1] == 2
+
+
+def test_the_server_cannot_redraw_a_deployed_devices_noise(tmp_path):
+    """By default a device mixes fresh entropy into its seed: the run seed, its id and the round (all the server
+    knows) do not determine its Poisson samples and DP noise; the same round with secret 0 is client_update's."""
+    cfg = RunConfig(privacy="event", noise_multiplier=1.0, rounds=1)
+    g = _global(cfg)
+    deltas = []
+    for k, secret in enumerate([None, None, 0]):
+        with Device(tmp_path / f"d{k}.sqlite", create=True, device_id=5, n_items=N_ITEMS) as d:
+            d.record_many([(i % N_ITEMS, float(i), "click", 1.0) for i in range(12)])
+            deltas.append(d.run_round(g, cfg, 1, train=True, noise_multiplier=1.0, secret=secret).update.delta)
+    assert not np.array_equal(deltas[0]["item.weight"], deltas[1]["item.weight"])
+    model = build_model("mf", N_ITEMS, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale)
+    ref = client_update(model, g, DeviceState(), np.arange(12) % N_ITEMS, np.ones(12, np.int64), 1, cfg, device_id=5,
+                        noise_multiplier=1.0)
+    np.testing.assert_array_equal(deltas[2]["item.weight"], ref.delta["item.weight"])
+    assert not np.array_equal(deltas[0]["item.weight"], ref.delta["item.weight"])
 
 
 def test_a_failed_round_consumes_nothing(tmp_path):

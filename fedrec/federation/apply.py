@@ -16,7 +16,7 @@ import numpy as np
 
 from ..aggregation import Aggregator
 from ..asynchrony import Update, discounted
-from ..privacy.accounting import event_accountant
+from ..privacy.accounting import event_accountant, graph_records
 from ..privacy.ledger import Ledger, Release
 from ..robust import bound_norm, bound_rows
 from .plan import Federation, RoundPlan
@@ -38,17 +38,28 @@ class Step:
 def bound(fed: Federation, got: Replies) -> None:
     """Norm bounding of whole deltas (not under user-level DP: the clip is enforced) and of item rows."""
     cfg = fed.cfg
-    if cfg.max_update_norm > 0 and not cfg.user_dp:
+    if cfg.max_update_norm > 0 and not cfg.user_dp and got.presummed is None:  # a secure sum is no one delta
         got.bounded = sum(got.map_deltas(lambda d: bound_norm(d, cfg.max_update_norm)))
     if cfg.max_row_norm > 0 and got.presummed is None:
         got.rows_bounded = sum(got.map_deltas(lambda d: bound_rows(d, cfg.max_row_norm)))
 
 
 def record_device_releases(fed: Federation, ledger: Ledger, got: Replies, r: int) -> None:
-    """Event level: every DP-SGD release a device reports, on time or late, as reported."""
+    """Event level: every DP-SGD release a device reports, on time or late, as reported; with the noise at
+    the aggregate, the round's one noisy sum as it covers each on-time device's events (late ones are dropped)."""
     if not fed.z_event:
         return
     cfg = fed.cfg
+    if cfg.graph_noised and not any(x.kind == "graph-gaussian" for x in ledger.records):
+        (z, q, n), = graph_records(cfg)  # the graph's whole run, written before its first noisy release
+        ledger.append(Release(kind="graph-gaussian", unit="event", round=r, noise_multiplier=z, sample_rate=q,
+                              steps=n, extra={"window": cfg.pair_window}))
+    if cfg.aggregate_noise:
+        ledger.append(*[Release(kind="aggregate-gaussian", unit="event", round=r, noise_multiplier=fed.z_event,
+                                sample_rate=cfg.sample_rate, steps=m["steps"], clip=cfg.event_clip,
+                                subject=f"device-{d}", max_steps_per_event=m["max-exposure"])
+                        for d, m in zip(got.done, got.metrics, strict=True) if m["steps"]])
+        return
     ledger.append(*[Release(kind="device-dpsgd", unit="event", round=r, noise_multiplier=fed.z_event,
                             sample_rate=cfg.sample_rate, steps=m["steps"], clip=cfg.event_clip,
                             subject=f"device-{d}", max_steps_per_event=m["max-exposure"])
@@ -82,7 +93,8 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
                 plan: RoundPlan, *, late_now: int = 0) -> tuple[ServerState, Step]:
     """One round's update of the global model from its checked replies; the state is updated in place."""
     cfg, r = fed.cfg, plan.round
-    if not got.deltas and not got.late and not late_now and got.failed and not cfg.user_dp:
+    if not got.deltas and not got.late and not late_now and got.failed and not cfg.user_dp \
+            and got.presummed is None:  # a refused secure sum is a round without update, not a run error
         raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
     bound(fed, got)
     record_device_releases(fed, ledger, got, r)
@@ -95,7 +107,9 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
     if cfg.user_dp:  # written before the version it produces is published
         ledger.append(Release(kind="server-gaussian", unit="user", round=r, noise_multiplier=fed.z_user,
                               sample_rate=fed.q_user, steps=1, clip=cfg.clip, period=plan.period))
-    step.diag = aggregator.step(state.global_state, state.optimizer, deltas, weights, step.lr, got.presummed)
+    counts = got.row_counts if state.buffer is None else ()  # row counts hold for one round's replies
+    step.diag = aggregator.step(state.global_state, state.optimizer, deltas, weights, step.lr, got.presummed,
+                                counts=counts)
     frozen = bool(cfg.freeze_after and r > cfg.freeze_after)  # the static baseline freezes its graph too
     if state.graph is not None and not frozen:  # sums: summed in as they come, buffered or not
         state.graph.add(got.pairs)
@@ -128,7 +142,8 @@ def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step,
             "robust_trimmed_share": diag.get("robust_trimmed_share"), "late": late_now,
             "late_arrived": len(got.late), "late_dropped": step.dropped, "applied": len(step.applied),
             "version": state.version, "buffered": len(state.buffer.items) if state.buffer is not None else None,
-            "mean_staleness": float(np.mean(step.staleness)) if step.staleness else None}
+            "mean_staleness": float(np.mean(step.staleness)) if step.staleness else None,
+            **({"rows_selected": diag.get("rows_selected")} if cfg.aggregate_noise else {})}
 
 
 def _epsilons(fed: Federation, ledger: Ledger, period: int) -> dict:

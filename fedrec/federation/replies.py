@@ -5,7 +5,8 @@ round it was asked for) into one :class:`Replies`: validated deltas with their w
 ledger facts; a bad entry is recorded in ``failed`` and never fails the round. An update computed for
 an earlier round (a straggler's) goes to ``late``. With the item graph on, an update's item pairs are
 checked against the catalogue and its new events (:meth:`fedrec.itemgraph.Pairs.from_arrays`); bad pairs
-fail that update.
+fail that update. With event noise at the aggregate, an update's row counts and the norm of its release are
+checked against what its events can produce (:class:`RowCheck`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class SecureSum:
     devices: list[int]
     metrics: dict[int, UpdateReport]  #: each device's report, checked
     failures: list[str]
+    #: event noise at the aggregate: the summed positive-item counts, noise shares included (dense, ``n_items``)
+    counts: np.ndarray | None = None
+    #: event noise at the aggregate: devices the sum must hold for its shares to make up the full noise
+    #: (0: user-level DP, the server adds the noise itself)
+    required: int = 0
 
 
 @dataclass
@@ -82,6 +88,8 @@ class Replies:
     #: item graph: the checked pairs of every accepted update, on time or late (they are sums: a late device's
     #: events count as much as any, and it never sends them again)
     pairs: list[Pairs] = field(default_factory=list)
+    #: event noise at the aggregate: the checked ``(ids, counts)`` of each on-time update, as ``deltas``
+    row_counts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def map_deltas(self, fn: Callable[[dict], tuple[dict, int]]) -> list[int]:
         """Replace every delta, on-time and late, by ``fn(delta)[0]``; the list of ``fn(delta)[1]``."""
@@ -94,6 +102,15 @@ class Replies:
 
 
 @dataclass(frozen=True)
+class RowCheck:
+    """What an update's release is checked against under event noise at the aggregate: the catalogue size
+    and one event's bound ``lr * event-clip`` (a release of ``n`` taken events has norm at most ``n`` times it)."""
+
+    n_items: int
+    per_event: float
+
+
+@dataclass(frozen=True)
 class GraphCheck:
     """What the server checks a device's item pairs against: the catalogue size and the run's window."""
 
@@ -102,7 +119,7 @@ class GraphCheck:
 
 
 def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: float | None, round_: int,
-            home: Mapping[int, int], graph: GraphCheck | None = None) -> Replies:
+            home: Mapping[int, int], graph: GraphCheck | None = None, rows: RowCheck | None = None) -> Replies:
     """Validate and unpack the replies of round ``round_`` (see the module docstring).
 
     With ``clip`` (user-level DP) every device weighs the same and a delta above the clip is refused;
@@ -110,7 +127,8 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
     devices: an update counts only from the node hosting the device, once a round, and on time only
     when the request asked for it (a straggler's update, computed for an earlier round, is handed in
     with any later reply of its node). ``graph`` (the item graph is on) is what item pairs are checked
-    against; without it, an update that carries pairs fails.
+    against; without it, an update that carries pairs fails. ``rows`` (event noise at the aggregate): every
+    update must carry its row counts, checked with its release; without it, one that carries them fails.
     """
     out, seen = Replies(), set[int]()
     for rep in replies:
@@ -133,7 +151,7 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
                 out.failed.append((u.device, problem))
                 continue
             seen.add(u.device)
-            _take(out, u, rep.asked, round_, gstate, clip, graph)
+            _take(out, u, rep.asked, round_, gstate, clip, graph, rows)
     return out
 
 
@@ -164,7 +182,7 @@ def _foreign(d: int, rep: Reply, home: Mapping[int, int], seen: set[int], *, lat
 
 
 def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
-          clip: float | None, graph: GraphCheck | None) -> None:
+          clip: float | None, graph: GraphCheck | None, rows: RowCheck | None) -> None:
     d, m = u.device, u.report
     try:
         delta = decode_delta(u.arrays)
@@ -173,6 +191,7 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
         return
     problem = validate(delta, gstate, clip)
     pairs, why = _pairs(u, graph) if problem is None else (None, "")
+    counts, why = _rows(u, delta, rows) if not (problem or why) else (None, why)
     if problem or why:
         out.failed.append((d, problem or why))
         return
@@ -188,6 +207,9 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
         out.late_metrics.append(ledger)
         return
     out.done.append(d)
+    if counts is not None:
+        out.row_counts.append(counts)
+        out.bytes_up += sum(v.nbytes for v in (u.rows or {}).values())
     out.deltas.append(delta)
     out.weights.append(weight)
     out.metrics.append(ledger)
@@ -217,8 +239,40 @@ def _pairs(u: DeviceUpdate, graph: GraphCheck | None) -> tuple[Pairs | None, str
         return None, f"device {u.device} sent bad item pairs: {e}"
 
 
+def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    """Device ``u.device``'s row counts, checked with its release, or why they are refused.
+
+    The counts are whole, at least 1 per listed row, on unique rows of the catalogue, and sum to at most
+    the events it trained on; its release has norm at most ``sum(counts) * per_event``.
+    """
+    d = u.device
+    if check is None:
+        return None, f"device {d} sent row counts, but event noise is not at the aggregate" if u.rows else ""
+    if u.rows is None or "ids" not in u.rows or "counts" not in u.rows:
+        return None, f"device {d} sent no row counts, which event noise at the aggregate needs"
+    ids, counts = u.rows["ids"], u.rows["counts"]
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or counts.shape != ids.shape:
+        return None, f"device {d} sent row counts of shapes {ids.shape} and {counts.shape}"
+    if len(ids) and (ids.min() < 0 or ids.max() >= check.n_items or len(np.unique(ids)) != len(ids)):
+        return None, f"device {d} sent row counts on rows out of range [0, {check.n_items}) or repeated"
+    total = float(np.sum(counts, dtype=np.float64))
+    if not (np.all(np.isfinite(counts)) and np.all(counts >= 1) and np.all(counts == np.round(counts))) \
+            or total > u.report.num_examples:
+        return None, f"device {d} sent row counts that are not whole, positive and within its {u.report.num_examples} events"
+    norm = delta_norm(delta)
+    if norm > total * check.per_event * (1 + 1e-3) + 1e-6:
+        return None, f"device {d} sent a release of norm {norm:.4g} > {total:g} events x {check.per_event:g}"
+    return (ids.astype(np.int64), counts.astype(np.float64)), ""
+
+
 def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], clip: float, nodes: int) -> None:
-    """Take in a SecAgg+ round's sum: checked for shape and for the norm ``len(devices) x clip`` it can have."""
+    """Take in a SecAgg+ round's sum: checked for shape and for the norm ``len(devices) x clip`` it can have.
+
+    Under event noise at the aggregate (``sec.required``) :func:`add_secure_rows` takes it in instead.
+    """
+    if sec.required:
+        add_secure_rows(out, sec, gstate, nodes)
+        return
     out.failed += [("secure aggregation", f) for f in sec.failures]
     if sec.total is not None:
         problem = validate(sec.total, gstate)
@@ -231,6 +285,41 @@ def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor]
             out.deltas, out.presummed = [sec.total], len(sec.devices)
             # masked vectors: about the dense size, from each node with sampled devices
             out.bytes_up = sum(v.nbytes for v in sec.total.values()) * nodes
+    _take_secure_devices(out, sec)
+
+
+def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], nodes: int) -> None:
+    """Take in a SecAgg+ round's noisy sum under event noise at the aggregate (noise shares included).
+
+    The table sum becomes one presummed delta ``(all rows, dense sum)`` and the counts one ``(all rows,
+    counts)`` entry of ``row_counts``, as :class:`fedrec.aggregation.AggregateGaussian` takes them with
+    ``presummed``. A sum of fewer than ``sec.required`` devices (too little noise), of the wrong shape or
+    not finite is refused; then ``presummed = 0``: the round releases nothing (its failure line says why).
+    """
+    out.failed += [("secure aggregation", f) for f in sec.failures]
+    out.presummed = 0
+    if sec.total is None or sec.counts is None:
+        return
+    n_items = next(iter(gstate.values())).shape[0]
+    problem = validate(sec.total, gstate)
+    if problem is None and (sec.counts.shape != (n_items,) or not np.all(np.isfinite(sec.counts))):
+        problem = f"the summed counts have shape {sec.counts.shape} (expected ({n_items},)) or non-finite values"
+    if problem is None and len(sec.devices) < sec.required:
+        problem = (f"the sum holds {len(sec.devices)} devices, fewer than the {sec.required} whose noise shares "
+                   "make up the full noise; nothing is released")
+    if problem:
+        out.failed.append(("secure aggregation", problem))
+        return
+    rows = np.arange(n_items, dtype=np.int64)
+    out.deltas = [{k: (rows, v) if v.ndim == 2 and v.shape[0] == n_items else v for k, v in sec.total.items()}]
+    out.row_counts = [(rows, np.asarray(sec.counts, np.float64))]
+    out.presummed = len(sec.devices)
+    out.bytes_up = (sum(v.nbytes for v in sec.total.values()) + sec.counts.nbytes) * nodes
+    _take_secure_devices(out, sec)
+
+
+def _take_secure_devices(out: Replies, sec: SecureSum) -> None:
+    """The reports of the devices in an accepted secure sum (for metrics and the privacy ledger)."""
     for d in sec.devices if out.presummed else []:
         m = sec.metrics[d]
         out.done.append(d)

@@ -21,14 +21,14 @@ import torch
 from .. import aggregation
 from ..config import RunConfig
 from ..messages import NodeInfo, RoundInstruction
-from ..privacy.accounting import calibrate_noise, event_accountant
+from ..privacy.accounting import calibrate_noise, event_accountant, graph_records
 from ..privacy.ledger import Ledger
 from ..privacy.report import privacy_report
 from ..report import RunRecorder
 from ..server_aggregate import pick_device
 from .apply import apply_round, round_metrics
 from .plan import Federation, RoundPlan, budget_spent, plan_round
-from .replies import GraphCheck, Replies, Reply, SecureSum, add_secure_sum, collect
+from .replies import GraphCheck, Replies, Reply, RowCheck, SecureSum, add_secure_sum, collect
 from .state import FederationError, ServerState, init_state, unfinished_checkpoint
 
 
@@ -70,10 +70,10 @@ def event_noise(cfg: RunConfig) -> float:
     """DP-SGD noise multiplier of the devices: given, or calibrated to the per-event ε budget."""
     if not cfg.event_dp:
         return 0.0
-    if cfg.epsilon > 0 and cfg.calibrate:
+    if cfg.epsilon > 0 and cfg.calibrate:  # with a noisy item graph, what it spends comes first
         steps = cfg.local_steps * (cfg.replay_rounds + 1)
         return calibrate_noise(cfg.epsilon, cfg.sample_rate, steps, cfg.delta,
-                               event_accountant(cfg.model, cfg.accountant))
+                               event_accountant(cfg.model, cfg.accountant), extra=graph_records(cfg))
     return cfg.noise_multiplier
 
 
@@ -150,7 +150,8 @@ class _Run:
         seeds = [cfg.seed, len(ledger.records)] + ([first] if first > 1 else [])
         noise_gen = torch.Generator().manual_seed(
             int(np.random.SeedSequence([seeds[0], 11, *seeds[1:]]).generate_state(1)[0]))
-        agg = aggregation.from_config(cfg, noise_multiplier=fed.z_user, expected_devices=fed.q_user * len(fed.home),
+        agg = aggregation.from_config(cfg, noise_multiplier=fed.z_event if cfg.aggregate_noise else fed.z_user,
+                                      expected_devices=fed.q_user * len(fed.home),
                                       generator=noise_gen)
         return cls(transport, fed, state, ledger, rec, np.random.default_rng([seeds[0], 7, *seeds[1:]]), agg,
                    _clock(cfg, stream, rec))
@@ -187,10 +188,12 @@ class _Run:
         requests = {n: RoundInstruction(r, tuple(ds), self.fed.z_event, self.clock(r), self.rec.leader())
                     for n, ds in plan.by_node.items()}
         clip = cfg.clip if cfg.user_dp else None
-        graph = GraphCheck(self.fed.n_items, cfg.graph_window) if cfg.graph else None
+        graph = GraphCheck(self.fed.n_items, cfg.pair_window) if cfg.graph else None
+        rows = RowCheck(self.fed.n_items, cfg.lr * cfg.event_clip) if cfg.aggregate_noise else \
+            RowCheck(self.fed.n_items, math.inf) if cfg.row_average and cfg.privacy == "none" else None
         if cfg.secure_aggregation:
             served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
-            got = collect(served, self.state.global_state, clip, r, self.fed.home, graph)
+            got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows)
             add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node))
             return got
         enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
@@ -198,7 +201,7 @@ class _Run:
         # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
         # on the order, and the same seed must give the same model on any engine
         return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
-                       self.fed.home, graph)
+                       self.fed.home, graph, rows)
 
     def _record(self, r: int, got: Replies, extra: dict) -> dict:
         served = got.served if self.fed.cfg.serve_eval else None

@@ -9,6 +9,7 @@ reflected in the model, why user-level releases stopped). The round functions (:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..config import RunConfig
 from ..itemgraph import KEYS as GRAPH_KEYS
 from ..itemgraph import ItemGraph
 from ..models import model_from_config
+from ..privacy.accounting import graph_multiplier
 from ..server_aggregate import pick_device
 from ..server_lr import ServerLR
 from ..server_opt import ServerOptimizer
@@ -96,7 +98,20 @@ def init_state(cfg: RunConfig, n_items: int) -> ServerState:
                        optimizer=ServerOptimizer(cfg.server_opt),
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
                        buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
-                       graph=ItemGraph(n_items, neighbours=cfg.graph_neighbours) if cfg.graph else None)
+                       graph=new_graph(cfg, n_items))
+
+
+def new_graph(cfg: RunConfig, n_items: int) -> ItemGraph | None:
+    """The run's item graph (None: off). Under event noise at the aggregate its sums get Gaussian noise of std
+    ``z_graph * sqrt(3 W + 1)``: one event moves them by at most ``sqrt(3 W + 1)`` over the run (``W``: the pair
+    window), so the run's graph is one Gaussian mechanism of multiplier ``z_graph``, as accounted
+    (:func:`fedrec.privacy.accounting.graph_records`); the noise is drawn from the run's seed."""
+    if not cfg.graph:
+        return None
+    std = graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window + 1) if cfg.graph_noised else 0.0
+    if cfg.graph_noised and not std > 0:
+        raise ValueError("The noisy item graph needs a positive noise multiplier (graph-share, epsilon).")
+    return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed)
 
 
 def unfinished_checkpoint(cfg: RunConfig, state: ServerState, path: Path) -> dict | None:

@@ -157,6 +157,19 @@ class RecModel(nn.Module):
             crit(score_diff(self, *(t[take] for t in batch)), weight[take]).backward()
             sgd_step(groups)
 
+    def clipped_release(self, batch: tuple[torch.Tensor, ...], *, sample_rate: float, lr_global: float,
+                        lr_local: float, clip: float, noise_multiplier: float, generator: torch.Generator
+                        ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+        """One step of event-level DP whose item noise is added once to the cohort's sum, by the server.
+
+        Each sample of ``batch`` is taken with probability ``sample_rate`` and its gradient clipped to
+        ``clip`` (global and local parameters together). The local parameters step at once with their own
+        noise ``N(0, (noise_multiplier * clip)^2)``; the global ones are not changed. Returns the release:
+        per item table ``(row ids, -lr_global * summed clipped rows)``, and the taken samples' positive-item
+        counts ``(ids, counts)`` (:mod:`fedrec.privacy.aggregate`). Only ``mf`` has one (the config says so).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no release for event noise at the aggregate.")
+
     def _dp_steps(self, batch: tuple[torch.Tensor, ...], weight: torch.Tensor,
                   groups: list[tuple[nn.Parameter, float]], *, steps: int, sample_rate: float,
                   generator: torch.Generator, clip: float, noise_multiplier: float) -> None:

@@ -94,6 +94,17 @@ class MF(RecModel):
             sgd_mf(self.item.weight.data, self.user.weight.data, items, steps=steps, sample_rate=sample_rate,
                    lr_item=lr_global, lr_user=lr_local, generator=generator)
 
+    def clipped_release(self, batch: tuple[torch.Tensor, ...], *, sample_rate: float, lr_global: float,
+                        lr_local: float, clip: float, noise_multiplier: float, generator: torch.Generator
+                        ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+        """:meth:`RecModel.clipped_release` in closed form (:func:`fedrec.privacy.fast_dpsgd.clipped_step_mf`)."""
+        from ..privacy.fast_dpsgd import clipped_step_mf  # it builds on this module's closed-form gradients
+
+        (ids, rows), (cids, counts) = clipped_step_mf(
+            self.item.weight.data, self.user.weight.data, batch[1], sample_rate=sample_rate, lr_item=lr_global,
+            lr_user=lr_local, clip=clip, noise_multiplier=noise_multiplier, generator=generator)
+        return {"item.weight": (ids.numpy(), rows.numpy().astype(np.float32))}, (cids.numpy(), counts.numpy())
+
     def fit_local(self, pos: torch.Tensor, cand: torch.Tensor, *, steps: int, negatives: int, lr: float,
                   generator: torch.Generator, backend: str = "auto") -> None:
         """:meth:`RecModel.fit_local` in closed form (:func:`fit_user_mf`) unless ``backend = "autograd"``."""

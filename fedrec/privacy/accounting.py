@@ -11,8 +11,12 @@ import math
 import warnings
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from ..registry import ACCOUNTANTS
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 Record = tuple[float, float, int]
 
@@ -85,21 +89,52 @@ def _epsilon_cached(h: tuple[Record, ...], delta: float, accountant: str) -> flo
 
 
 def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta: float,
-                    accountant: str = "prv") -> float:
-    """Smallest noise multiplier whose composition over ``steps`` stays within ``target_epsilon``."""
+                    accountant: str = "prv", extra: tuple[Record, ...] = ()) -> float:
+    """Smallest noise multiplier whose composition over ``steps`` (with the records ``extra``, spent
+    elsewhere on the same unit) stays within ``target_epsilon``."""
     if target_epsilon <= 0:
         raise ValueError("The target epsilon should be a positive value.")
+    if extra and epsilon(extra, delta, accountant) >= target_epsilon:
+        raise ValueError(f"The other releases already spend epsilon={target_epsilon}.")
     lo, hi = 0.05, 1.0
-    while epsilon([(hi, sample_rate, steps)], delta, accountant) > target_epsilon:
+    while epsilon([(hi, sample_rate, steps), *extra], delta, accountant) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
             raise ValueError(f"No noise multiplier reaches epsilon={target_epsilon} in {steps} steps.")
     for _ in range(40):
         mid = (lo + hi) / 2
-        if epsilon([(mid, sample_rate, steps)], delta, accountant) > target_epsilon:
+        if epsilon([(mid, sample_rate, steps), *extra], delta, accountant) > target_epsilon:
             lo = mid
         else:
             hi = mid
         if hi - lo < 1e-3 * hi:
             break
     return hi
+
+
+def graph_records(cfg: RunConfig) -> tuple[Record, ...]:
+    """The noisy item graph's one record on the event unit: empty unless its sums are noised.
+
+    One event's add/remove moves the graph's pair and item counts, over the whole run, by at most
+    ``sqrt(3 W + 1)`` in L2 (:mod:`fedrec.itemgraph`); with noise of std ``z_graph * sqrt(3 W + 1)`` on every
+    round's sums, the run's graph releases compose to one Gaussian mechanism of multiplier ``z_graph``:
+    one record ``(z_graph, 1, 1)``, whatever the number of rounds.
+    """
+    if not cfg.graph_noised:
+        return ()
+    return ((graph_multiplier(cfg), 1.0, 1),)
+
+
+def graph_multiplier(cfg: RunConfig) -> float:
+    """``z_graph``: calibrated so the graph alone spends ``graph-share`` of the event budget, else the given
+    noise multiplier (0 when the graph is not noised)."""
+    if not cfg.graph_noised:
+        return 0.0
+    if cfg.epsilon > 0 and cfg.calibrate:
+        return _graph_calibrated(cfg.graph_share * cfg.epsilon, cfg.delta, cfg.accountant)
+    return cfg.noise_multiplier
+
+
+@lru_cache(maxsize=64)
+def _graph_calibrated(target: float, delta: float, accountant: str) -> float:
+    return calibrate_noise(target, 1.0, 1, delta, accountant)

@@ -88,3 +88,41 @@ def _pay(item: torch.Tensor, rows: torch.Tensor | None, count: torch.Tensor, sca
     else:
         item.index_add_(0, rows, z)
 
+
+
+@torch.no_grad()
+def clipped_step_mf(item: torch.Tensor, user: torch.Tensor, items: torch.Tensor, *, sample_rate: float,
+                    lr_item: float, lr_user: float, clip: float, noise_multiplier: float,
+                    generator: torch.Generator) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """One step of event-level DP with the item noise left to the aggregate (:mod:`fedrec.privacy.aggregate`).
+
+    Each event of ``items`` (n, 1 + K) is taken with probability ``sample_rate``; each taken event's
+    gradient (its item rows and the user vector together, as in :func:`dpsgd_mf`) is clipped to ``clip``.
+    The user vector steps at once, with its own noise ``N(0, (noise_multiplier * clip)^2)`` added here (it
+    stays on the device but shapes later releases, so it must come from a DP step). The item table is not
+    changed: the release is ``-lr_item`` times the sum of the clipped events' row gradients, as
+    ``(row ids, rows)``, and the per-row counts of the taken events' positive items ``(ids, counts)``;
+    the server adds the item noise once to the cohort's sum.
+    """
+    n, _ = items.shape
+    d = user.shape[1]
+    take = torch.rand(n, generator=generator) < sample_rate
+    idx = items[take]
+    u = user[0]
+    gsum_u = torch.zeros(d, dtype=user.dtype)
+    ids, rows = torch.zeros(0, dtype=torch.int64), torch.zeros(0, item.shape[1], dtype=item.dtype)
+    pos_ids, pos_counts = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    if len(idx):
+        a, gu = bpr_event_grads(item, u, idx)
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(a.dtype)  # a row twice in one event adds up
+        item_sq = (u.dot(u) + 1.0) * torch.bmm(torch.bmm(a.unsqueeze(1), same), a.unsqueeze(2)).view(-1)
+        f = (clip / (torch.sqrt(item_sq + (gu * gu).sum(1)) + 1e-6)).clamp(max=1.0)
+        ids, inv = torch.unique(idx.reshape(-1), return_inverse=True)
+        rows = torch.zeros(len(ids), item.shape[1], dtype=item.dtype).index_add_(0, inv, row_grads(f.unsqueeze(1) * a, u))
+        rows.mul_(-lr_item)
+        gsum_u = (f.unsqueeze(1) * gu).sum(0)
+        pos_ids, pos_counts = torch.unique(idx[:, 0], return_counts=True)
+    if noise_multiplier > 0:
+        gsum_u = gsum_u + noise_multiplier * clip * torch.randn(d, generator=generator, dtype=user.dtype)
+    u.add_(gsum_u, alpha=-lr_user / max(sample_rate * n, 1e-6))
+    return (ids, rows), (pos_ids, pos_counts)

@@ -17,6 +17,11 @@ from pathlib import Path
 
 from .accounting import epsilon as compose_epsilon
 
+#: the kinds of release (see :class:`Release`)
+KINDS = ("server-gaussian", "device-dpsgd", "aggregate-gaussian", "graph-gaussian")
+#: the event-level kinds: per device, composed over the steps its most-used event was exposed in
+EVENT_KINDS = ("device-dpsgd", "aggregate-gaussian")
+
 
 class LedgerError(RuntimeError):
     """The ledger file is unusable; the message names the file and line."""
@@ -29,7 +34,12 @@ class Release:
     ``kind``: ``"server-gaussian"`` (user-level: Gaussian noise of std ``noise_multiplier * clip`` on
     the sum of clipped device deltas, devices Poisson-sampled with ``sample_rate``) or
     ``"device-dpsgd"`` (event-level: a device's DP-SGD update, ``steps`` steps at ``sample_rate``;
-    ``max_steps_per_event`` is the most steps any of its events has now been used in).
+    ``max_steps_per_event`` is the most steps any of its events has now been used in) or
+    ``"aggregate-gaussian"`` (event-level with the noise added once to the cohort's sum: the round's release
+    as it covers device ``subject``'s events, one Poisson-subsampled Gaussian step at ``sample_rate`` per
+    exposure, of multiplier ``noise_multiplier``, the gradient and count noises taken together) or
+    ``"graph-gaussian"`` (event-level: the noisy item graph's releases of the whole run, one Gaussian
+    mechanism of multiplier ``noise_multiplier`` on every event; written once, before its first release).
     """
 
     kind: str
@@ -45,7 +55,7 @@ class Release:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("server-gaussian", "device-dpsgd"):
+        if self.kind not in KINDS:
             raise ValueError(f"Unknown release kind {self.kind!r}.")
         if not self.noise_multiplier >= 0 or not 0 < self.sample_rate <= 1 or self.steps < 0:  # NaN fails too
             raise ValueError("A release needs noise_multiplier >= 0, 0 < sample_rate <= 1 and steps >= 0.")
@@ -106,12 +116,14 @@ class Ledger:
         return compose_epsilon(h, delta, accountant)
 
     def event_epsilons(self, delta: float, accountant: str = "prv") -> dict[str, float]:
-        """Per device, the per-event ε bound of its latest reported release."""
+        """Per device, the per-event ε bound of its latest reported release (with the noisy item graph's, if any)."""
         latest: dict[str, Release] = {}
         for r in self.records:
-            if r.kind == "device-dpsgd":
+            if r.kind in EVENT_KINDS:
                 latest[r.subject] = r
-        return {s: compose_epsilon([(r.noise_multiplier, r.sample_rate, r.max_steps_per_event)], delta, accountant)
+        graph = [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.records if r.kind == "graph-gaussian"]
+        return {s: compose_epsilon([(r.noise_multiplier, r.sample_rate, r.max_steps_per_event), *graph], delta,
+                                   accountant)
                 if r.max_steps_per_event else 0.0 for s, r in latest.items()}
 
     def last_round(self) -> int:

@@ -6,12 +6,68 @@ import math
 import statistics
 
 from ..config import RunConfig
-from .accounting import GROUP2, event_accountant
+from .accounting import GROUP2, event_accountant, graph_multiplier
 from .ledger import Ledger
 
 
 def _f(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+def _aggregate_block(cfg: RunConfig, z_event: float) -> dict:
+    """What differs in the event block when the noise is added once to the cohort's sum."""
+    from .aggregate import split
+
+    parts = split(z_event, cfg.count_share)
+    return {
+        "noise": "aggregate-secagg" if cfg.secure_aggregation else "aggregate-server",
+        "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
+        "local_steps": 1, "max_steps_per_event": cfg.replay_rounds + 1,
+        **({"graph_noise_multiplier": graph_multiplier(cfg), "graph_window": cfg.pair_window,
+            "graph": "the item graph's pair and item counts, noised on every round's sum; one event moves them by "
+                     "at most sqrt(3 x window + 1) over the whole run: one Gaussian of graph_noise_multiplier, "
+                     "composed with the model's steps"} if cfg.graph_noised else {}),
+        "sampling": "Poisson sampling of each event in the device's one clipped step per round; the joint release "
+                    "(gradient sum and positive-item counts, noised separately) is one subsampled Gaussian step of "
+                    "noise_multiplier per exposure; device sampling is not counted as amplification",
+        "trust": ("SecAgg+ with distributed noise: each of the n sampled devices adds 1/m of the noise variance, "
+                  f"m = ceil((1 - {cfg.dropout_tolerance:g}) n), and the server can unmask only a sum of at least m "
+                  "devices, which carries at least the full noise; it sees only that noisy sum, and trusts the devices "
+                  "to add their shares" if cfg.secure_aggregation else
+                  "trusted aggregator: the server sees each device's clipped sums and which item rows they touch, "
+                  "and adds the noise once to their sum; the released model is event-level DP, a device's own "
+                  "message to the server is not"),
+    }
+
+
+def _event_block(cfg: RunConfig, ledger: Ledger, z_event: float) -> dict:
+    """The event block: per-device ε (max, median) and the mechanism's assumptions."""
+    acc = cfg.accountant.upper()
+    ev_acc = event_accountant(cfg.model, cfg.accountant)
+    eps = list(ledger.event_epsilons(cfg.delta, ev_acc).values())
+    ev = {
+        "unit": "event", "epsilon": _f(max(eps)) if eps else 0.0,
+        "epsilon_median_device": _f(statistics.median(eps)) if eps else 0.0,
+        "delta": cfg.delta, "accountant": acc, "noise_multiplier": z_event, "clip": cfg.event_clip,
+        "sample_rate": cfg.sample_rate, "local_steps": cfg.local_steps,
+        "max_steps_per_event": cfg.local_steps * (cfg.replay_rounds + 1), "devices": len(eps),
+        "noise": "device",
+        "sampling": "Poisson sampling of each event in every local DP-SGD step (Opacus, ghost clipping)",
+        "trust": "each device's own DP-SGD: the server and anyone who sees a delta learn at most this "
+                 "about any single event",
+    }
+    if cfg.aggregate_noise:
+        ev.update(_aggregate_block(cfg, z_event))
+    if ev_acc == GROUP2:
+        sess = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values())
+        ev.update({
+            "accountant": "RDP, group privacy of 2 (Mironov 2017, Prop. 2)",
+            "sampling": f"Poisson sampling of each session (one device's events of one round window, its newest "
+                        f"{cfg.seq_len}) in every local DP-SGD step (Opacus, ghost clipping); a sample reads no "
+                        "event outside its session, and one event's add/remove changes one session",
+            "session_epsilon": _f(max(sess)) if sess else 0.0, "session_accountant": acc,
+        })
+    return ev
 
 
 def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: float, q_user: float,
@@ -43,27 +99,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
         }
         units.append("user")
     if cfg.event_dp:
-        ev_acc = event_accountant(cfg.model, cfg.accountant)
-        eps = list(ledger.event_epsilons(cfg.delta, ev_acc).values())
-        out["event"] = {
-            "unit": "event", "epsilon": _f(max(eps)) if eps else 0.0,
-            "epsilon_median_device": _f(statistics.median(eps)) if eps else 0.0,
-            "delta": cfg.delta, "accountant": acc, "noise_multiplier": z_event, "clip": cfg.event_clip,
-            "sample_rate": cfg.sample_rate, "local_steps": cfg.local_steps,
-            "max_steps_per_event": cfg.local_steps * (cfg.replay_rounds + 1), "devices": len(eps),
-            "sampling": "Poisson sampling of each event in every local DP-SGD step (Opacus, ghost clipping)",
-            "trust": "each device's own DP-SGD: the server and anyone who sees a delta learn at most this "
-                     "about any single event",
-        }
-        if ev_acc == GROUP2:
-            sess = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values())
-            out["event"].update({
-                "accountant": "RDP, group privacy of 2 (Mironov 2017, Prop. 2)",
-                "sampling": f"Poisson sampling of each session (one device's events of one round window, its newest "
-                            f"{cfg.seq_len}) in every local DP-SGD step (Opacus, ghost clipping); a sample reads no "
-                            "event outside its session, and one event's add/remove changes one session",
-                "session_epsilon": _f(max(sess)) if sess else 0.0, "session_accountant": acc,
-            })
+        out["event"] = _event_block(cfg, ledger, z_event)
         units.append("event")
     if not units:
         out.update({"unit": "none", "epsilon": None, "what": "no differential privacy"})
