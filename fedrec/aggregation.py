@@ -50,10 +50,11 @@ class Aggregator(Protocol):
 class Mean:
     """FedAvg's weighted mean of the deltas; nothing to do without deltas.
 
-    With ``row_average`` each row of the item tables (``tables``, by name: see
-    :data:`fedrec.server_aggregate.ITEM_TABLES`) is the weighted mean over the devices that touched
-    that row (FedSubAvg), not over the whole cohort; other parameters keep the plain mean. Rows are
-    then no longer diluted by the cohort, so the server learning rate that suits it is smaller.
+    With ``row_average`` and the devices' positive-item ``counts``, the pushes on each row of the item tables
+    (``tables``, by name: :data:`fedrec.server_aggregate.ITEM_TABLES`) from the devices that had that item are
+    averaged over those devices only (FedSubAvg, :func:`per_row_mean`); other pushes and parameters keep the
+    plain mean. Rows are then no longer diluted by the cohort, so the server learning rate that suits it is
+    smaller (1 on the synthetic world).
     A presummed delta (secure aggregation) hides who touched which row: it takes the plain mean.
     Wrapped by :class:`GaussianMean` the inner mean is not used, so ``row_average`` has no effect there.
     """
@@ -195,6 +196,50 @@ class AggregateGaussian:
         return diag
 
 
+@dataclass
+class UserRows:
+    """User-level DP with private sparse rows (DP-AdaFEST, Ghazi et al. 2023) around the clipped deltas.
+
+    Each device's delta is clipped to ``clip`` (checked on arrival) and its ``counts`` are an indicator of its
+    positive items of L2 norm at most 1. Noisy counts select the item rows that change; those rows get
+    ``N(0, (z_g clip)^2)``, every other parameter (not an item table) too, all over the *expected* cohort
+    (or each selected row over its noisy count, ``row_average``). One Gaussian of the joint vector, of
+    multiplier ``effective(noise)``: the user-level record the ledger holds.
+    """
+
+    table: str
+    clip: float
+    noise: Split
+    threshold: float
+    row_average: bool
+    expected_devices: float
+    generator: torch.Generator
+
+    def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
+             lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
+        like = gstate[self.table]
+        ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [_sparse(d[self.table]) for d in deltas],
+                                     list(counts), sensitivity=self.clip, split=self.noise, threshold=self.threshold,
+                                     row_average=self.row_average, generator=self.generator, device=like.device,
+                                     total=self.expected_devices)
+        rest = {k: v for k, v in gstate.items() if k != self.table}
+        mean, _ = noisy_mean(rest, [{k: d[k] for k in rest} for d in deltas], clip=self.clip,
+                             noise_multiplier=self.noise.grad, expected_devices=self.expected_devices,
+                             generator=self.generator, check=False) if rest else ({}, {})
+        mean[self.table] = torch.zeros_like(like).index_copy_(0, ids.to(like.device), rows.to(like.device, like.dtype))
+        diag["update_norm"] = opt.step(gstate, mean, lr)
+        return diag
+
+
+def _sparse(v) -> tuple[np.ndarray, np.ndarray]:
+    """A table's delta as ``(ids, rows)``: as sent, or the nonzero rows of a dense one."""
+    if isinstance(v, tuple):
+        return np.asarray(v[0], np.int64), np.asarray(v[1], np.float32)
+    v = np.asarray(v, np.float32)
+    ids = np.flatnonzero(np.any(v != 0, axis=1))
+    return ids, v[ids]
+
+
 def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: float,
                 generator: torch.Generator) -> Aggregator:
     """The aggregator a run config names, wrapped in DP noise under user-level DP (or event noise at the
@@ -203,6 +248,10 @@ def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: fl
         return AggregateGaussian("item.weight", sensitivity=cfg.lr * cfg.event_clip,
                                  noise=split(noise_multiplier, cfg.count_share), threshold=cfg.row_threshold,
                                  row_average=cfg.row_average, generator=generator)
+    if cfg.select_rows:
+        return UserRows(ITEM_TABLES[0], clip=cfg.clip, noise=split(noise_multiplier, cfg.count_share),
+                        threshold=cfg.row_threshold, row_average=cfg.row_average, expected_devices=expected_devices,
+                        generator=generator)
     if cfg.user_dp:
         return GaussianMean(Mean(), clip=cfg.clip, noise_multiplier=noise_multiplier,
                             expected_devices=expected_devices, generator=generator)

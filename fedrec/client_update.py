@@ -159,11 +159,20 @@ def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarr
     steps = 0 if not train.any() else _local_sgd(model, items, rounds, train, seen, cfg, g,
                                                  noise_multiplier if cfg.event_dp else 0.0, cfg.event_dp)
     delta, local, preclip, was_clipped = _delta(model, before, cfg)
-    row_counts = None
-    if cfg.row_average and cfg.privacy == "none":  # FedSubAvg: the server divides each row by its items' devices
-        ids, n = np.unique(items[train].astype(np.int64), return_counts=True)
-        row_counts = (ids, n)
-    return steps, delta, local, preclip, was_clipped, row_counts
+    return steps, delta, local, preclip, was_clipped, _row_counts(items[train], cfg)
+
+
+def _row_counts(trained: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """The positive items of the trained events, where the server asks for them: their counts without DP
+    (FedSubAvg), or under user-level DP with selected rows an indicator of L2 norm 1 (one user moves the
+    count vector by at most 1: ``1 / sqrt(k)`` on each of its ``k`` items)."""
+    if cfg.row_average and cfg.privacy == "none":
+        ids, n = np.unique(trained.astype(np.int64), return_counts=True)
+        return ids, n
+    if cfg.select_rows:
+        ids = np.unique(trained.astype(np.int64))
+        return ids, np.full(len(ids), 1.0 / np.sqrt(max(len(ids), 1)))
+    return None
 
 
 def _load(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState,

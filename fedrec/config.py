@@ -159,7 +159,7 @@ class RunConfig:
                             ge=1)
     private_graph_window: int = key(5, "item graph under event noise at the aggregate: the window (one event's "
                                     "pairs move the noisy counts by at most sqrt(3 x window + 1))", ge=1)
-    graph_share: float = key(0.5, "event noise at the aggregate: share of the event-level budget spent on the noisy "
+    graph_share: float = key(0.9, "event noise at the aggregate: share of the event-level budget spent on the noisy "
                              "item graph (0 = no graph)", ge=0, lt=1)
     graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1)
     replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0)
@@ -192,6 +192,8 @@ class RunConfig:
                              "the noisy per-row event counts that select the updated item rows", gt=0, lt=1)
     row_threshold: float = key(3.0, "event noise at the aggregate: an item row is updated when its noisy event count "
                                "exceeds this many count-noise stds", ge=0)
+    select_rows: bool = key(False, "user-level DP: noisy per-row device counts select the item rows a round updates "
+                            "(DP-AdaFEST); only those rows get noise, the rest of the table does not change")
     row_average: bool = key(False, "divide each item row's summed update by its own number of contributors "
                             "(FedSubAvg), not by the whole cohort's")
     dropout_tolerance: float = key(0.2, "SecAgg+ with event noise at the aggregate: share of sampled nodes that may "
@@ -248,9 +250,11 @@ class RunConfig:
              "can be aggregate only with privacy = event (user-level noise on the sum already covers each event)")
         need(not (self.aggregate_noise and (self.model != "mf" or self.update_backend != "auto")), "event-noise",
              "can be aggregate only with model = mf and update-backend = auto (the closed-form clipped release)")
-        need(not self.row_average or self.privacy == "none" or self.aggregate_noise, "row-average",
-             "needs privacy = none, or privacy = event with event-noise = aggregate (the only modes whose row "
-             "counts the server has)")
+        need(not self.select_rows or (self.privacy == "user" and not self.secure_aggregation), "select-rows",
+             "needs privacy = user without secure-aggregation (the server reads each device's row counts)")
+        need(not self.row_average or self.privacy == "none" or self.aggregate_noise or self.select_rows, "row-average",
+             "needs privacy = none, privacy = event with event-noise = aggregate, or privacy = user with select-rows "
+             "(the modes whose row counts the server has)")
         need(not (self.row_average and self.async_buffer), "async-buffer",
              "must be 0 with row-average (row counts hold for one round's replies)")
         need(not (self.aggregate_noise and self.async_buffer), "async-buffer",

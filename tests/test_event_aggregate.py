@@ -161,3 +161,34 @@ def test_a_federation_with_noise_at_the_aggregate(tmp_path):
     dense_fp16 = cfg.world_items * (cfg.dim + 1) * 2
     per_device = sum(r["bytes_up"] for r in rows) / sum(r["applied"] for r in rows)
     assert per_device <= dense_fp16 / 10
+
+
+# ---- user level: private sparse rows -------------------------------------------------------------------------
+def test_user_level_counts_must_have_norm_at_most_one():
+    soft = RowCheck(V, float("inf"), soft=True)
+    k = 4
+    good = _update(1, [1, 4], [[0.3, 0.1], [-0.2, 0.0]], [1, 2, 3, 4], [1 / np.sqrt(k)] * k)
+    heavy = _update(2, [1], [[0.1, 0.1]], [1, 2], [1.0, 1.0])  # norm sqrt(2): one user would count twice
+    neg = _update(3, [1], [[0.1, 0.1]], [1], [-0.5])
+    got = _collect([good, heavy, neg], check=soft)
+    assert got.done == [1] and sorted(d for d, _ in got.failed) == [2, 3]
+
+
+def test_user_level_selected_rows_change_and_nothing_else(tmp_path):
+    from fedrec.checkpoint import load_checkpoint
+    from fedrec.federation.state import init_state
+
+    cfg = RunConfig(world_users=80, nodes=2, rounds=2, cohort=40, uptake_probe=False, progress=False, engine="local",
+                    privacy="user", select_rows=True, epsilon=8.0, out=str(tmp_path / "run"))
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    ledger = Ledger(tmp_path / "run" / "privacy_ledger.jsonl")
+    assert {r.kind for r in ledger.records} == {"server-gaussian"} and len(ledger.records) == 2
+    user = summary["privacy"]["user"]
+    assert "rows" in user and effective(split(user["noise_multiplier"], cfg.count_share)) == \
+        pytest.approx(user["noise_multiplier"])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    selected = sum(r["rows_selected"] for r in rows)
+    final = load_checkpoint(tmp_path / "run" / "checkpoint.npz")["global"]["item.weight"]
+    start = init_state(cfg, final.shape[0]).global_state["item.weight"].numpy()
+    changed = int(np.any(final != start, axis=1).sum())
+    assert 0 < changed <= selected < final.shape[0]  # a sparse release: most of the table carries no noise

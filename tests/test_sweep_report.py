@@ -9,6 +9,7 @@ import pytest
 
 from fedrec.sweep.report import (
     DEFAULT_METRICS,
+    _curves,
     format_stat,
     mean_ci,
     plot_freshness,
@@ -19,6 +20,7 @@ from fedrec.sweep.report import (
     write_results,
     write_tables,
 )
+from fedrec.sweep.runner import privacy_columns
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # adaptation lags per seed (seeds 0, 1, 2); None = censored at lag_max
@@ -185,11 +187,15 @@ def test_report(tmp_path):
                f"{format_stat(ref, 'adaptation_lag')} rounds without DP." in says
         assert f"Median uptake of new items with {unit}-level DP: {format_stat(hi, 'uptake_median')} rounds " in says
         assert f"{format_stat(lo, 'uptake_median')} rounds (85.0 ± 12.4% taken up) at ε=1" in says
-        assert f"windowed HR@10 ends at {format_stat(hi, 'whr_final')} at ε=8 and {format_stat(lo, 'whr_final')}" \
-               in says
+        assert f"windowed HR@10 ends at {format_stat(hi, 'whr_final')} at ε=8 (" in says
+        assert f"% of no DP), {format_stat(lo, 'whr_final')} at ε=1 (" in says
     # hand-checked: lags 7, 8, 9 -> 8 ± t_{0.975,2} / sqrt(3); uptake medians 3.5, 5, 6.5 -> 5 ± 4.303 * 1.5 / sqrt(3)
     assert "and at ε=1 adapts in 8.00 ± 2.48 rounds" in says and "5.00 ± 3.73 rounds (85.0 ± 12.4% taken up) at ε=1" \
         in says
+    # hand-checked: windowed HR@10 0.262 (lags 3, 4, 5) against 0.278667 (lags 2, 2, 3) without DP
+    assert "ends at 0.262 ± 0.0199 at ε=8 (94.0% of no DP), 0.222 ± 0.0199 at ε=1 (79.7% of no DP), against " \
+           "0.279 ± 0.0103 without DP." in says
+    assert "Trust model of user-level DP: user-level, trusted server." in says  # no trust column: the short label
     assert "The static model never recovers (≥ 12.0 rounds); median uptake of new items: no median " \
            "(only 25.0 ± 12.4% taken up)." in says
     assert f"The centralised model adapts in {format_stat(by['centralised'], 'adaptation_lag')} rounds" in says
@@ -234,3 +240,110 @@ def test_report_on_partial_sweeps(tmp_path):
         in (tmp_path / "0" / "report.md").read_text()
     assert "(no non-private cell)" in (tmp_path / "1" / "report.md").read_text()
     assert "No cell in this sweep uses differential privacy" in (tmp_path / "2" / "report.md").read_text()
+
+
+# Event-level cells with the noise at the aggregate, copied from the device-noise cells at the same ε with a lower
+# windowed HR@10, and a non-private cell with per-row averaging; the rows of make_rows() predate the placement
+# columns (no noise, row_average or trust), as in a results.csv written before them.
+PLACED = {"aggregate-eps8": ("event-eps8", "aggregate-server", False),
+          "aggregate-eps1": ("event-eps1", "aggregate-server", False),
+          "aggregate-rowavg-eps8": ("event-eps8", "aggregate-server", True),
+          "aggregate-rowavg-eps1": ("event-eps1", "aggregate-server", True),
+          "aggregate-secagg-eps8": ("event-eps8", "aggregate-secagg", False),
+          "aggregate-secagg-eps1": ("event-eps1", "aggregate-secagg", False),
+          "rowavg-none": ("nonprivate", "none", True)}
+TRUST = {"aggregate-server": "trusted aggregator: the server adds the noise once to the sum",
+         "aggregate-secagg": "SecAgg+ with distributed noise: the server sees only the noisy sum",
+         "none": "no differential privacy"}
+
+
+def placed_rows() -> list[dict]:
+    rows = make_rows()
+    for cell, (like, noise, avg) in PLACED.items():
+        rows += [dict(r, cell=cell, noise=noise, row_average=avg, trust=TRUST[noise],
+                      whr_final=r["whr_final"] - (0.01 if avg else 0.02)) for r in rows if r["cell"] == like]
+    return rows
+
+
+def test_privacy_columns_from_summaries():
+    trust = "each device's own DP-SGD: the server learns at most this about any single event"
+    old_event = {"event": {"unit": "event", "trust": trust}}  # written before the noise key existed
+    assert privacy_columns("event", {}, old_event) == {"noise": "device", "row_average": False, "trust": trust}
+    agg = {"event": {"noise": "aggregate-secagg", "trust": "SecAgg+ shares"}}
+    assert privacy_columns("event", {"row-average": True}, agg) == {"noise": "aggregate-secagg",
+                                                                     "row_average": True, "trust": "SecAgg+ shares"}
+    user = {"user": {"trust": "secure aggregation"}}
+    assert privacy_columns("user", {"secure-aggregation": True}, user)["noise"] == "user-secagg"
+    assert privacy_columns("user", {"secure-aggregation": False}, user)["noise"] == "user"
+    assert privacy_columns("none", {"row-average": True}, {"unit": "none"}) == {
+        "noise": "none", "row_average": True, "trust": "no differential privacy"}
+    both = privacy_columns("both", {}, {"user": {"trust": "a"}, "event": {"noise": "aggregate-server", "trust": "b"}})
+    assert both == {"noise": "user+aggregate-server", "row_average": False, "trust": "a; b"}
+
+
+def test_placement_columns_round_trip_and_tables(tmp_path):
+    rows = placed_rows()
+    write_results(rows, tmp_path / "results.csv")
+    back = read_results(tmp_path / "results.csv")
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[4:7] == ["unit", "noise", "row_average"] and "trust" in header
+    by = {r["cell"]: r for r in back}
+    assert by["aggregate-rowavg-eps1"]["row_average"] is True and by["aggregate-eps1"]["row_average"] is False
+    assert by["user-eps8"]["noise"] is None and by["user-eps8"]["row_average"] is None  # the old rows: empty
+    assert by["aggregate-secagg-eps8"]["trust"] == TRUST["aggregate-secagg"]
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    (tmp_path / "results.csv").write_text("\n".join([lines[0], lines[-1].replace(",1,", ",maybe,", 1)]) + "\n")
+    with pytest.raises(ValueError, match=r"results\.csv:2: column 'row_average' holds 'maybe'"):
+        read_results(tmp_path / "results.csv")
+    md = write_tables(rows, tmp_path)
+    row = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "| event | device noise (protects against the server) | no |" in row["event-eps8"]
+    assert "| event | noise at the aggregate (trusted server) | yes | 8 |" in row["aggregate-rowavg-eps8"]
+    assert "| SecAgg+ shares (server sees only the noisy sum) | no |" in row["aggregate-secagg-eps1"]
+    assert "| user-level, trusted server | no |" in row["user-eps1"] and "| no DP | yes | ∞ |" in row["rowavg-none"]
+    summary = {s["cell"]: s for s in read_results(tmp_path / "summary.csv")}
+    assert (summary["aggregate-rowavg-eps8"]["noise"], summary["aggregate-rowavg-eps8"]["row_average"]) == (
+        "aggregate-server", True)
+
+
+def test_curves_group_by_unit_noise_and_row_average():
+    summary = summarize(placed_rows())
+    curves = _curves(summary, x_inf=32.0)
+    cells = {style["label"]: [s["cell"] for _, s in pts] for pts, style in curves}
+    assert list(cells) == ["user-level DP", "event-level DP (device noise)", "event-level DP (noise at the aggregate)",
+                           "event-level DP (noise at the aggregate, per-row average)",
+                           "event-level DP (SecAgg+ noise shares)", "adaptive lr (user-level DP)"]
+    # each series closes at ∞ on the non-private cell with the same row averaging
+    assert cells["event-level DP (device noise)"] == ["event-eps1", "event-eps8", "nonprivate"]
+    assert cells["event-level DP (noise at the aggregate)"] == ["aggregate-eps1", "aggregate-eps8", "nonprivate"]
+    assert cells["event-level DP (noise at the aggregate, per-row average)"] == [
+        "aggregate-rowavg-eps1", "aggregate-rowavg-eps8", "rowavg-none"]
+    assert cells["adaptive lr (user-level DP)"] == ["adaptive-user-eps1"]
+    for pts, _ in curves[:5]:
+        dodge = pts[-1][0] / 32.0  # one nudge per series, the same at every ε
+        assert [x / dodge for x, _ in pts] == pytest.approx([1.0, 8.0, 32.0])
+    assert len({style["color"] for _, style in curves}) == len(curves)
+    assert not {"C2", "C3"} & {style["color"] for _, style in curves}  # the baselines' colours
+
+
+def test_report_per_series(tmp_path):
+    rows = placed_rows()
+    write_results(rows, tmp_path / "results.csv")
+    text = write_report(tmp_path, title="t", scenario_text="s", drift_round=10, privacy_note="").read_text()
+    says = text.split("## What the curve says", 1)[1]
+    by = {s["cell"]: s for s in summarize(rows)}
+    assert "- event-level DP (noise at the aggregate, per-row average) (unit `event`, noise `aggregate-server`, " \
+           "per-row average): δ = 1e-05, accountant prv, ε targets 1, 8." in text
+    assert f"Trust model of event-level DP (noise at the aggregate): {TRUST['aggregate-server']}." in says
+    assert f"Trust model of event-level DP (SecAgg+ noise shares): {TRUST['aggregate-secagg']}." in says
+    assert "Trust model of event-level DP (device noise): device noise (protects against the server)." in says
+    hi = by["aggregate-eps8"]
+    assert f"Event-level DP (noise at the aggregate) at ε=8 adapts in {format_stat(hi, 'adaptation_lag')} rounds" \
+           in says
+    assert "Median uptake of new items with event-level DP (SecAgg+ noise shares): " in says
+    # hand-checked: 0.272 - 0.02 = 0.252 against 0.278667 (90.4%); per-row: 0.262 and 0.242 against 0.268667
+    assert "With event-level DP (noise at the aggregate), windowed HR@10 ends at 0.252 ± 0.0199 at ε=8 (90.4% of " \
+           "no DP), " in says
+    assert "ends at 0.262 ± 0.0199 at ε=8 (97.5% of no DP), 0.242 ± 0.0199 at ε=1 (90.1% of no DP), against " \
+           "0.269 ± 0.0103 without DP (per-row average)." in says
+    assert "With event-level DP (device noise), windowed HR@10 ends at " in says

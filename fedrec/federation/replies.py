@@ -108,6 +108,7 @@ class RowCheck:
 
     n_items: int
     per_event: float
+    soft: bool = False  #: user level: counts of L2 norm at most 1 (not whole), whatever the release's norm
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[n
     """
     d = u.device
     if check is None:
-        return None, f"device {d} sent row counts, but event noise is not at the aggregate" if u.rows else ""
+        return None, f"device {d} sent row counts, which this run does not ask for" if u.rows else ""
     if u.rows is None or "ids" not in u.rows or "counts" not in u.rows:
         return None, f"device {d} sent no row counts, which event noise at the aggregate needs"
     ids, counts = u.rows["ids"], u.rows["counts"]
@@ -256,6 +257,11 @@ def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[n
     if len(ids) and (ids.min() < 0 or ids.max() >= check.n_items or len(np.unique(ids)) != len(ids)):
         return None, f"device {d} sent row counts on rows out of range [0, {check.n_items}) or repeated"
     total = float(np.sum(counts, dtype=np.float64))
+    if check.soft:
+        ok = bool(np.all(np.isfinite(counts)) and np.all(counts >= 0)) and \
+            float(np.sqrt(np.sum(np.square(counts, dtype=np.float64)))) <= 1 + 1e-6
+        return ((ids.astype(np.int64), counts.astype(np.float64)), "") if ok else \
+            (None, f"device {d} sent row counts that are not non-negative with L2 norm at most 1")
     if not (np.all(np.isfinite(counts)) and np.all(counts >= 1) and np.all(counts == np.round(counts))) \
             or total > u.report.num_examples:
         return None, f"device {d} sent row counts that are not whole, positive and within its {u.report.num_examples} events"

@@ -77,6 +77,15 @@ def event_noise(cfg: RunConfig) -> float:
     return cfg.noise_multiplier
 
 
+def row_check(cfg: RunConfig, n_items: int) -> RowCheck | None:
+    """What each update's row counts are checked against, where the run asks for them (else None)."""
+    if cfg.aggregate_noise:
+        return RowCheck(n_items, cfg.lr * cfg.event_clip)
+    if cfg.select_rows:
+        return RowCheck(n_items, math.inf, soft=True)
+    return RowCheck(n_items, math.inf) if cfg.row_average and cfg.privacy == "none" else None
+
+
 def user_noise(cfg: RunConfig, q: float) -> float:
     """Server noise multiplier: given, or calibrated so one budget period's rounds spend the budget."""
     if not cfg.user_dp:
@@ -189,8 +198,7 @@ class _Run:
                     for n, ds in plan.by_node.items()}
         clip = cfg.clip if cfg.user_dp else None
         graph = GraphCheck(self.fed.n_items, cfg.pair_window) if cfg.graph else None
-        rows = RowCheck(self.fed.n_items, cfg.lr * cfg.event_clip) if cfg.aggregate_noise else \
-            RowCheck(self.fed.n_items, math.inf) if cfg.row_average and cfg.privacy == "none" else None
+        rows = row_check(cfg, self.fed.n_items)
         if cfg.secure_aggregation:
             served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
             got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows)

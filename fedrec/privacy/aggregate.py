@@ -145,8 +145,12 @@ def _selected_sum(n_items: int, width: int, sums: Sequence[Sparse], selected: to
 
 def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequence[Sparse], *, sensitivity: float,
                split: Split, threshold: float, row_average: bool, generator: torch.Generator,
-               device: torch.device | str = "cpu", noised: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               device: torch.device | str = "cpu", noised: bool = False,
+               total: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Sum the devices' sparse rows and counts, noise both, select rows by noisy count, normalise.
+
+    ``total``: a public normaliser used instead of the noisy total when rows are not averaged on their own
+    (user level: the expected cohort size).
 
     ``sums[d] = (ids int64 (k,), rows float32 (k, width))`` and ``counts[d] = (ids int64 (j,),
     counts (j,))`` come from device ``d``; ``sensitivity = lr * C``. Noise is drawn on the CPU from
@@ -179,7 +183,7 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
         rows /= norm[:, None]
         normaliser = float(norm.median()) if len(norm) else math.nan
     else:
-        normaliser = max(float(noisy.sum()), 1.0)
+        normaliser = total if total is not None else max(float(noisy.sum()), 1.0)
         rows /= normaliser
     diag: dict = {"rows_selected": len(selected), "normaliser": normaliser, "noise_std": grad_std / normaliser,
                   "grad_noise_std": grad_std, "count_noise_std": split.count}

@@ -7,6 +7,7 @@ import statistics
 
 from ..config import RunConfig
 from .accounting import GROUP2, event_accountant, graph_multiplier
+from .aggregate import split
 from .ledger import Ledger
 
 
@@ -16,8 +17,6 @@ def _f(x: float | None) -> float | None:
 
 def _aggregate_block(cfg: RunConfig, z_event: float) -> dict:
     """What differs in the event block when the noise is added once to the cohort's sum."""
-    from .aggregate import split
-
     parts = split(z_event, cfg.count_share)
     return {
         "noise": "aggregate-secagg" if cfg.secure_aggregation else "aggregate-server",
@@ -97,6 +96,13 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
                       "the server sees each device's clipped delta (no secure aggregation); the released "
                       "model is user-level DP"),
         }
+        if cfg.select_rows:
+            parts = split(z_user, cfg.count_share)
+            out["user"].update({
+                "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
+                "rows": "each device also sends an indicator of its positive items of L2 norm 1; noisy counts select "
+                        f"the item rows a round updates (above {cfg.row_threshold:g} count-noise stds); the joint "
+                        "release (clipped deltas and counts) is one Gaussian of noise_multiplier"})
         units.append("user")
     if cfg.event_dp:
         out["event"] = _event_block(cfg, ledger, z_event)

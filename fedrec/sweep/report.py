@@ -16,14 +16,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-PARAM_COLUMNS = ["cell", "seed", "scenario", "method", "unit", "epsilon_target", "epsilon", "delta", "accountant",
-                 "noise_multiplier", "cohort", "rounds", "events_per_round", "lr_schedule"]
-STR_COLUMNS = {"cell", "scenario", "method", "unit", "accountant", "lr_schedule"}
+PARAM_COLUMNS = ["cell", "seed", "scenario", "method", "unit", "noise", "row_average", "epsilon_target", "epsilon",
+                 "delta", "accountant", "noise_multiplier", "cohort", "rounds", "events_per_round", "lr_schedule",
+                 "trust"]
+STR_COLUMNS = {"cell", "scenario", "method", "unit", "noise", "accountant", "lr_schedule", "trust"}
 INT_COLUMNS = {"seed", "cohort", "rounds", "lag_censored"}
+BOOL_COLUMNS = {"row_average"}
 # Metric columns the sweep is known to write: a bad value there is an error, not a sign of a non-metric column.
 KNOWN_METRICS = ["hr@10", "start_hr@10", "ndcg@10", "whr_final", "popularity_hr@10", "item_knn_hr@10",
                  "adaptation_lag", "lag_censored", "lag_max",
@@ -35,6 +38,19 @@ LABELS = {"adaptation_lag": "adaptation lag (rounds)", "uptake_median": "uptake 
           "start_hr@10": "HR@10 (round start)", "ndcg@10": "NDCG@10 (per event)",
           "staleness_mean": "staleness", "epsilon": "ε spent", "wall_s": "wall (s)"}
 BASELINES = ("static", "centralised")
+# Where the noise is added (the ``noise`` column), as the short trust label of the tables, in series order.
+NOISE_LABELS = {"none": "no DP", "user": "user-level, trusted server",
+                "user-secagg": "user-level, SecAgg+ (server sees only the sum)",
+                "device": "device noise (protects against the server)",
+                "aggregate-server": "noise at the aggregate (trusted server)",
+                "aggregate-secagg": "SecAgg+ shares (server sees only the noisy sum)"}
+# The same in a series name; the unit's default placement is named only beside another placement of the unit.
+NOISE_NAMES = {"user": "no secure aggregation", "user-secagg": "SecAgg+", "device": "device noise",
+               "aggregate-server": "noise at the aggregate", "aggregate-secagg": "SecAgg+ noise shares"}
+DEFAULT_NOISE = {"none": "none", "user": "user", "event": "device"}
+# Series colours skip C2 and C3, the baselines' dashed lines.
+COLOURS = ["C0", "C1", "C4", "C5", "C6", "C8", "C9", "C7"]
+MARKERS = {"aggregate-server": "D", "aggregate-secagg": "v", "user-secagg": "v"}
 DPI = 110
 MAX_CURVES = 12
 MISSING = "—"
@@ -57,11 +73,17 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
-def _parse(value: str, col: str, kind: str, where: str) -> str | int | float | None:
+def _parse(value: str, col: str, kind: str, where: str) -> str | bool | int | float | None:
     if value == "":
         return None
     if kind == "str":
         return value
+    if kind == "bool":
+        if value.lower() in ("1", "true"):
+            return True
+        if value.lower() in ("0", "false"):
+            return False
+        raise ValueError(f"{where}: column '{col}' holds {value!r}, which is not a boolean (1 or 0).")
     try:
         if kind == "int":
             try:
@@ -88,9 +110,9 @@ def read_results(path: str | os.PathLike) -> list[dict]:
     Returns
     -------
     list of dict
-        One dict per row: ``seed``/``cohort``/``rounds``/``lag_censored`` as int, the string parameters as str,
-        every other known or numeric column as float (``inf`` kept), and ``None`` for empty fields. Unknown columns
-        whose values are not all numbers are kept as strings.
+        One dict per row: ``seed``/``cohort``/``rounds``/``lag_censored`` as int, ``row_average`` as bool, the
+        string parameters as str, every other known or numeric column as float (``inf`` kept), and ``None`` for
+        empty fields. Unknown columns whose values are not all numbers are kept as strings.
 
     Raises
     ------
@@ -147,6 +169,8 @@ def _column_kinds(header: list[str], rows: list[list[str]]) -> list[str]:
             kinds.append("str")
         elif col in INT_COLUMNS:
             kinds.append("int")
+        elif col in BOOL_COLUMNS:
+            kinds.append("bool")
         elif col in PARAM_COLUMNS or col in KNOWN_METRICS or numeric(i):
             kinds.append("float")
         else:
@@ -279,6 +303,23 @@ def _eps(x: float | None) -> str:
     return MISSING if x is None else "∞" if math.isinf(x) else f"{x:g}"
 
 
+def _noise(s: dict) -> str:
+    """Where a cell adds its noise; rows written before the ``noise`` column get their unit's default."""
+    if s.get("noise"):
+        return str(s["noise"])
+    units = ("user", "event") if s.get("unit") == "both" else str(s.get("unit") or "none").split("+")
+    return "+".join(DEFAULT_NOISE.get(u, u) for u in units)
+
+
+def _row_avg(s: dict) -> bool:
+    return bool(s.get("row_average"))
+
+
+def noise_label(s: dict) -> str:
+    """The short trust label of a cell (``"noise at the aggregate (trusted server)"``) for tables."""
+    return " + ".join(NOISE_LABELS.get(part, part) for part in _noise(s).split("+"))
+
+
 def format_stat(summary: dict, metric: str) -> str:
     """``mean ± ci`` of a metric in a :func:`summarize` dict (3 significant digits, "≥" for a censored lag)."""
     mean, ci = summary.get(f"{metric}_mean"), summary.get(f"{metric}_ci")
@@ -302,14 +343,15 @@ def write_tables(rows: Sequence[dict], out_dir: str | os.PathLike) -> str:
     summary = summarize(rows)
     write_results(summary, out / "summary.csv")
     metrics = [m for m in DEFAULT_METRICS if m != "epsilon"]  # ε spent has its own column
-    head = ["cell", "unit", "ε target", "ε spent", *[LABELS.get(m, m) for m in metrics]]
+    head = ["cell", "unit", "noise (trust)", "row avg", "ε target", "ε spent", *[LABELS.get(m, m) for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        vals = [str(s.get("cell")), s.get("unit") or MISSING, _eps(s.get("epsilon_target")),
-                _sig(s.get("epsilon_mean")), *[format_stat(s, m) for m in metrics]]
+        vals = [str(s.get("cell")), s.get("unit") or MISSING, noise_label(s), "yes" if _row_avg(s) else "no",
+                _eps(s.get("epsilon_target")), _sig(s.get("epsilon_mean")), *[format_stat(s, m) for m in metrics]]
         lines.append("| " + " | ".join(v.replace("|", "\\|") for v in vals) + " |")
     lines += ["", "Mean ± half-width of the 95% Student-t interval over seeds; ≥: some seeds never recovered and "
-                  "count at the largest lag observable in their run (a lower bound)."]
+                  "count at the largest lag observable in their run (a lower bound). Noise (trust): where the noise "
+                  "is added and whom that trusts; row avg: each item row averaged over its own contributors."]
     text = "\n".join(lines) + "\n"
     _atomic_write(out / "tables.md", text)
     return text
@@ -325,13 +367,45 @@ def _federated(s: dict, lr: str) -> bool:
     return s.get("method") not in BASELINES and (s.get("lr_schedule") or "fixed") == lr
 
 
-def _nonprivate(summary: list[dict]) -> dict | None:
-    return next((s for s in summary if _federated(s, "fixed") and not _private(s)), None)
+def _nonprivate(summary: Sequence[dict], row_average: bool = False) -> dict | None:
+    """The non-private reference: the fixed-rate federated cell without DP, with the same row averaging if any."""
+    plain = [s for s in summary if _federated(s, "fixed") and not _private(s)]
+    return next((s for s in plain if _row_avg(s) == row_average), plain[0] if plain else None)
 
 
-def _units(summary: list[dict]) -> list[str]:
-    found = list(dict.fromkeys(s["unit"] for s in summary if _private(s)))
-    return [u for u in ("user", "event") if u in found] + [u for u in found if u not in ("user", "event")]
+Key = tuple[str, str, bool]  #: a series of private cells: (unit, noise, row_average)
+
+
+def _key(s: dict) -> Key:
+    return str(s["unit"]), _noise(s), _row_avg(s)
+
+
+def _series(summary: Sequence[dict]) -> list[Key]:
+    """The series of private cells: user-level first, then event-level, then by noise placement."""
+    units, noises = ["user", "event"], list(NOISE_LABELS)
+    found = list(dict.fromkeys(_key(s) for s in summary if _private(s)))
+    return sorted(found, key=lambda k: (units.index(k[0]) if k[0] in units else len(units),
+                                        noises.index(k[1]) if k[1] in noises else len(noises), k[2]))
+
+
+def _series_name(key: Key, keys: Sequence[Key]) -> str:
+    """``"event-level DP (noise at the aggregate, per-row average)"``; a unit's default placement alone is unnamed."""
+    unit, noise, avg = key
+    alone = noise == DEFAULT_NOISE.get(unit) and all(k[1] == noise for k in keys if k[0] == unit)
+    quals = ([] if alone else [NOISE_NAMES.get(noise, noise)]) + (["per-row average"] if avg else [])
+    return f"{unit}-level DP" + (f" ({', '.join(quals)})" if quals else "")
+
+
+def _series_cells(summary: Sequence[dict], key: Key, lr: str = "fixed") -> list[dict]:
+    """The private cells of a series at one learning-rate schedule, by ascending ε target."""
+    return sorted((s for s in summary if _private(s) and _key(s) == key and _federated(s, lr)),
+                  key=lambda s: s["epsilon_target"])
+
+
+def _trust(cells: Sequence[dict]) -> str:
+    """The trust sentence of a series (the short label where the results predate the ``trust`` column)."""
+    text = next((str(s["trust"]) for s in cells if s.get("trust")), None) or noise_label(cells[0])
+    return text.rstrip(". ")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -368,8 +442,43 @@ def _baseline_lines(ax, summary: list[dict], m: str) -> bool:
     return drawn
 
 
+def _curves(summary: list[dict], x_inf: float) -> list[tuple[list[tuple[float, dict]], dict]]:
+    """Each line of the ε plot: its points ``(x, cell)`` and its matplotlib style, one per series.
+
+    A series is one (unit, noise placement, row averaging) at the fixed learning rate, closed at ε = ∞ by the
+    non-private cell with the same row averaging; adaptive-rate cells are series of their own (dashed).
+    """
+    keys = _series(summary)
+    curves: list[tuple[list[tuple[float, dict]], dict]] = []
+    for key in keys:
+        pts: list[tuple[float, dict]] = [(s["epsilon_target"], s) for s in _series_cells(summary, key)]
+        ref = _nonprivate(summary, key[2])
+        if not pts:  # only adaptive-rate cells: they are drawn below
+            continue
+        pts += [(x_inf, ref)] if ref else []  # the non-private run closes every curve at ∞
+        style = {"marker": MARKERS.get(key[1], "o"), "label": _series_name(key, keys)}
+        curves.append((pts, {**style, "mfc": "none"} if key[2] else style))  # hollow: per-row averaging
+    ref = _nonprivate(summary)
+    if ref and not curves:
+        curves.append(([(x_inf, ref)], {"marker": "o", "label": "no DP"}))
+    adaptive = [s for s in summary if _federated(s, "adaptive")]
+    for akey in dict.fromkeys(_key(s) if _private(s) else None for s in adaptive):
+        pts = sorted(((s["epsilon_target"] if _private(s) else x_inf, s) for s in adaptive
+                      if (_key(s) if _private(s) else None) == akey), key=lambda p: p[0])
+        name = _series_name(akey, keys) if akey else "no DP"
+        curves.append((pts, {"marker": "s", "ls": "--", "label": f"adaptive lr ({name})"}))
+    n = len(curves)
+    # nudge the series apart on the log axis so that equal values do not hide each other
+    return [([(x * 1.05 ** (i - (n - 1) / 2), s) for x, s in pts], {"color": COLOURS[i % len(COLOURS)], **style})
+            for i, (pts, style) in enumerate(curves)]
+
+
 def plot_freshness(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[Path]:
     """Freshness against the privacy budget: ``freshness_vs_epsilon.png`` with lag, uptake and end-of-run HR.
+
+    One line per series, a series being one (privacy unit, noise placement, row averaging), so event-level DP
+    with device noise and with noise at the aggregate are separate lines; each closes at ε = ∞ on the non-private
+    cell (with the same row averaging where there is one). Baselines are dashed horizontal lines.
 
     Parameters
     ----------
@@ -379,36 +488,19 @@ def plot_freshness(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[Pat
         Destination folder; the list of PNG files written is returned.
     """
     summary = summarize(rows)
-    fed = [s for s in summary if s.get("method") not in BASELINES]
-    finite = sorted({s["epsilon_target"] for s in fed if _private(s)})
+    finite = sorted({s["epsilon_target"] for s in summary if _private(s) and s.get("method") not in BASELINES})
     x_inf = finite[-1] * 4 if finite else 1.0  # ε = ∞ gets its own slot right of the largest finite ε
-    ref = _nonprivate(summary)
+    curves = _curves(summary, x_inf)
     panels = [("adaptation_lag", "adaptation lag (rounds; △ = censored seeds)"),
               ("uptake_median", "new-item uptake, median (rounds)"), ("whr_final", "windowed HR@10 at the end")]
-    fig = Figure(figsize=(15, 4.6))
+    legend_rows = math.ceil((len(curves) + len(BASELINES)) / 4)
+    fig = Figure(figsize=(15, 4.4 + 0.22 * legend_rows))
     FigureCanvasAgg(fig)
-    adaptive = [s for s in fed if _federated(s, "adaptive")]
-    adaptive_units = list(dict.fromkeys(s["unit"] if _private(s) else "none" for s in adaptive))
-    n_series = len(_units(summary)) + len(adaptive_units)
-
-    def dodge(k: int) -> float:  # nudge series apart on the log axis so equal values do not hide each other
-        return 1.05 ** (k - (n_series - 1) / 2)
-
+    handles: dict[str, Artist] = {}
     for ax, (m, title) in zip(fig.subplots(1, 3), panels, strict=True):
         drawn = False
-        for i, unit in enumerate(_units(summary)):
-            pts = sorted(((s["epsilon_target"], s) for s in fed
-                          if _private(s) and s["unit"] == unit and _federated(s, "fixed")), key=lambda p: p[0])
-            pts += [(x_inf, ref)] if ref else []  # the non-private run closes every unit's curve at ∞
-            pts = [(x * dodge(i), s) for x, s in pts]
-            drawn |= _errorbar(ax, pts, m, color=f"C{i}", marker="o", label=f"{unit}-level DP")
-        if ref and not _units(summary):
-            drawn |= _errorbar(ax, [(x_inf, ref)], m, color="C0", marker="o", label="no DP")
-        for j, unit in enumerate(adaptive_units):
-            k = len(_units(summary)) + j
-            pts = sorted(((dodge(k) * (s["epsilon_target"] if _private(s) else x_inf), s) for s in adaptive
-                          if (s["unit"] if _private(s) else "none") == unit), key=lambda p: p[0])
-            drawn |= _errorbar(ax, pts, m, color=f"C{4 + j}", marker="s", ls="--", label=f"adaptive lr ({unit})")
+        for pts, style in curves:
+            drawn |= _errorbar(ax, pts, m, **style)
         drawn |= _baseline_lines(ax, summary, m)
         ticks = [*finite, x_inf]
         ax.set_xscale("log")
@@ -416,11 +508,16 @@ def plot_freshness(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[Pat
         ax.set_xticks([], minor=True)
         ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
         ax.set(title=title, xlabel="ε target")
-        if drawn:
-            ax.legend(fontsize=7)
-        else:
+        if not drawn:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.4")
-    fig.tight_layout()
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    # one legend under the panels: a dozen series would cover the points inside any one panel
+    bottom = (0.12 + 0.22 * legend_rows) / fig.get_figheight() if handles else 0.0
+    labels = sorted(handles, key=lambda label: label in BASELINES)  # the series first, the baselines last
+    if labels:
+        fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return [_save(fig, Path(out_dir) / "freshness_vs_epsilon.png")]
 
 
@@ -530,7 +627,6 @@ def _overlap(a: dict, b: dict, m: str) -> str:
 
 
 def _findings(summary: list[dict], drift_round: int | None) -> list[str]:
-    ref = _nonprivate(summary)
     drift = any(s.get("adaptation_lag_n") for s in summary)
     new_items = any(s.get("uptake_median_n") or s.get("uptake_rate_n") for s in summary)
     whr = any(s.get("whr_final_n") for s in summary)
@@ -541,35 +637,52 @@ def _findings(summary: list[dict], drift_round: int | None) -> list[str]:
         out.append(f"Lags count rounds after the drift at round {drift_round}.")
     if not new_items:
         out.append("Uptake: no new items in this scenario.")
-    if not _units(summary):
+    if not _series(summary):
         out.append("No cell in this sweep uses differential privacy, so there is no privacy curve.")
-    out += _unit_findings(summary, ref, drift=drift, new_items=new_items, whr=whr)
+    out += _series_findings(summary, drift=drift, new_items=new_items, whr=whr)
     out += _baseline_findings(summary, drift=drift, new_items=new_items)
-    out += _adaptive_findings(summary, ref, drift=drift)
+    out += _adaptive_findings(summary, drift=drift)
     return out
 
 
-def _unit_findings(summary: list[dict], ref: dict | None, *, drift: bool, new_items: bool, whr: bool) -> list[str]:
-    """Per privacy unit, the largest and the smallest finite ε (fixed learning rate) against no DP."""
+def _share(s: dict, ref: dict | None) -> str:
+    """`` (93.5% of no DP)``: a cell's windowed HR@10 as a share of the non-private reference's."""
+    mean, base = s.get("whr_final_mean"), (ref or {}).get("whr_final_mean")
+    if mean is None or not base or not math.isfinite(base):
+        return ""
+    return f" ({_sig(100 * mean / base)}% of no DP)"
+
+
+def _against(ref: dict | None, text: str | None) -> str:
+    """The end of a finding: the non-private reference's value, or that there is none."""
+    if ref is None:
+        return " (no non-private cell)."
+    return f", against {text} without DP{' (per-row average)' if _row_avg(ref) else ''}."
+
+
+def _series_findings(summary: list[dict], *, drift: bool, new_items: bool, whr: bool) -> list[str]:
+    """Per series (fixed learning rate): its trust model; the lag and the uptake at the largest and the smallest
+    finite ε, and the windowed HR@10 at every ε as a share of the non-private reference's."""
     out = []
-    vs_ref = (lambda text: f", against {text} without DP.") if ref else (lambda text: " (no non-private cell).")
-    for unit in _units(summary):
-        cells = sorted((s for s in summary if _private(s) and s["unit"] == unit and _federated(s, "fixed")),
-                       key=lambda s: s["epsilon_target"])
-        if not cells:  # only adaptive-lr cells at this unit: they get their own sentence
+    keys = _series(summary)
+    for key in keys:
+        cells = _series_cells(summary, key)
+        if not cells:  # only adaptive-lr cells in this series: they get their own sentence
             continue
+        ref = _nonprivate(summary, key[2])
         picks = [cells[-1], cells[0]] if len(cells) > 1 else cells  # the largest and the smallest finite ε
-        name = f"{unit}-level DP"
+        name = _series_name(key, keys)
+        out.append(f"Trust model of {name}: {_trust(cells)}.")
         if drift:
             out.append(f"{name[0].upper()}{name[1:]} " + " and ".join(f"{_at(s)} {_lag(s, True)}" for s in picks)
-                       + vs_ref(ref and _lag(ref, False)))
+                       + _against(ref, _lag(ref, False) if ref else None))
         if new_items:
             out.append(f"Median uptake of new items with {name}: "
-                       + " and ".join(f"{_uptake(s)} {_at(s)}" for s in picks) + vs_ref(ref and _uptake(ref)))
+                       + " and ".join(f"{_uptake(s)} {_at(s)}" for s in picks) + _against(ref, _uptake(ref) if ref else None))
         if whr:
             out.append(f"With {name}, windowed HR@10 ends at "
-                       + " and ".join(f"{format_stat(s, 'whr_final')} {_at(s)}" for s in picks)
-                       + vs_ref(ref and format_stat(ref, "whr_final")))
+                       + ", ".join(f"{format_stat(s, 'whr_final')} {_at(s)}{_share(s, ref)}" for s in cells[::-1])
+                       + _against(ref, format_stat(ref, "whr_final") if ref else None))
     return out
 
 
@@ -586,14 +699,15 @@ def _baseline_findings(summary: list[dict], *, drift: bool, new_items: bool) -> 
     return out
 
 
-def _adaptive_findings(summary: list[dict], ref: dict | None, *, drift: bool) -> list[str]:
-    """Each adaptive-learning-rate cell against the fixed-rate cell at the same unit and ε."""
+def _adaptive_findings(summary: list[dict], *, drift: bool) -> list[str]:
+    """Each adaptive-learning-rate cell against the fixed-rate cell of the same series and ε."""
     out = []
+    keys = _series(summary)
     for a in (s for s in summary if _federated(s, "adaptive")):
-        unit = a["unit"] if _private(a) else None
-        f = next((s for s in summary if _federated(s, "fixed") and _private(s) and s["unit"] == unit
-                  and s["epsilon_target"] == a["epsilon_target"]), None) if unit else ref
-        who = f"{unit}-level DP {_at(a)}" if unit else "no DP"
+        key = _key(a) if _private(a) else None
+        f = next((s for s in _series_cells(summary, key) if s["epsilon_target"] == a["epsilon_target"]),
+                 None) if key else _nonprivate(summary, _row_avg(a))
+        who = f"{_series_name(key, keys)} {_at(a)}" if key else "no DP"
         if f is None:  # nothing to compare with, but the cell's numbers still belong in the text
             if drift:
                 out.append(f"With an adaptive learning rate, the model with {who} {_lag(a, True)} (no fixed-rate cell "
@@ -611,15 +725,14 @@ def _adaptive_findings(summary: list[dict], ref: dict | None, *, drift: bool) ->
 
 def _privacy(rows: Sequence[dict], note: str) -> list[str]:
     out = [note.strip(), ""] if note and note.strip() else []
-    units: dict[str, list[dict]] = {}
-    for r in rows:
-        if _private(r):
-            units.setdefault(r["unit"], []).append(r)
-    for unit, rs in units.items():
+    keys = _series(rows)
+    for key in keys:
+        rs = [r for r in rows if _private(r) and _key(r) == key]
         deltas = ", ".join(f"{d:g}" for d in sorted({r["delta"] for r in rs if r.get("delta") is not None}))
         accs = ", ".join(sorted({r["accountant"] for r in rs if r.get("accountant")}))
         eps = ", ".join(_eps(e) for e in sorted({r["epsilon_target"] for r in rs}))
-        out.append(f"- {unit}-level DP (unit `{unit}`): δ = {deltas or MISSING}, accountant {accs or MISSING}, "
+        out.append(f"- {_series_name(key, keys)} (unit `{key[0]}`, noise `{key[1]}`"
+                   f"{', per-row average' if key[2] else ''}): δ = {deltas or MISSING}, accountant {accs or MISSING}, "
                    f"ε targets {eps}.")
     plain = list(dict.fromkeys(r["cell"] for r in rows if not _private(r)))
     if plain:

@@ -121,6 +121,26 @@ def collect(spec: SweepSpec, out: Path) -> list[dict]:
     return rows
 
 
+def privacy_columns(unit: str, cfg: dict, priv: dict) -> dict:
+    """Where a run adds its noise (``noise``), whether it averages per item row, and whom it trusts (``trust``).
+
+    ``noise`` is ``none``, ``device`` (event level, DP-SGD on each device; also when an older summary has no
+    ``privacy.event.noise``), ``aggregate-server`` or ``aggregate-secagg`` (event level, noise once on the cohort's
+    sum), ``user`` or ``user-secagg`` (user level without or with secure aggregation); both units join with ``+``.
+    """
+    parts, trust = [], []
+    for u in ("user", "event") if unit == "both" else (unit,):
+        block = priv.get(u) or {}
+        if u == "user":
+            parts.append("user-secagg" if cfg.get("secure-aggregation") else "user")
+        elif u == "event":
+            parts.append(block.get("noise", "device"))
+        if block.get("trust"):
+            trust.append(block["trust"])
+    return {"noise": "+".join(parts) or "none", "row_average": bool(cfg.get("row-average", False)),
+            "trust": "; ".join(trust) or ("no differential privacy" if not parts else None)}
+
+
 def result_row(cell: Cell, seed: int, summ: dict, per_round: list[dict], ref_rounds: list[dict] | None,
                scenario: str) -> dict:
     cfg, fresh, priv = summ["config"], summ.get("freshness", {}), summ.get("privacy", {})
@@ -145,6 +165,7 @@ def result_row(cell: Cell, seed: int, summ: dict, per_round: list[dict], ref_rou
     devices = sum(r.get("devices", 0) for r in per_round) or 1
     return {
         "cell": cell.name, "seed": seed, "scenario": scenario, "method": cell.method, "unit": unit,
+        **privacy_columns(unit, cfg, priv),
         "epsilon_target": cell.epsilon_target,
         "epsilon": float(p["epsilon"]) if p.get("epsilon") is not None else (math.inf if unit == "none" else None),
         "delta": cfg["delta"], "accountant": cfg["accountant"],
@@ -180,6 +201,8 @@ def build_report(out: Path, spec: SweepSpec | None = None) -> Path:
     note = (spec.privacy_note if spec else "") or (
         "User-level ε protects all of one device's events over the whole run (DP-FedAvg: the device clips its "
         "whole delta, the server adds Gaussian noise, Poisson-sampled cohorts); event-level ε protects each "
-        "single event (Opacus DP-SGD on the device), reported as the maximum over devices.")
+        "single event, reported as the maximum over devices, with the noise added on each device (Opacus DP-SGD) "
+        "or once to the cohort's sum of clipped gradients (by a trusted server, or as SecAgg+ shares of the "
+        "devices). Each series below says whom it trusts.")
     return write_report(out, title=spec.title if spec else out.name, scenario_text=spec.scenario if spec else "",
                         drift_round=drift, privacy_note=note)
