@@ -538,6 +538,25 @@ def _curve(path: Path, metric: str) -> dict[int, float]:
     return out
 
 
+def _leading(rows: Sequence[dict]) -> list[dict]:
+    """``rows`` with the cells that lead their curve (no DP, or the curve's largest ε) first, each group in
+    row order: past :data:`MAX_CURVES` lines, what is left out is the smaller ε of a curve already drawn."""
+    def eps(r: dict) -> float:
+        try:
+            return float(r.get("epsilon_target", math.inf))
+        except (TypeError, ValueError):
+            return math.inf
+
+    def curve(r: dict) -> tuple:
+        return r.get("unit"), r.get("noise"), r.get("row_average"), r.get("method"), r.get("lr_schedule")
+
+    top: dict[tuple, float] = {}
+    for r in rows:
+        top[curve(r)] = max(top.get(curve(r), -math.inf), eps(r))
+    lead = [r for r in rows if eps(r) == top[curve(r)]]
+    return lead + [r for r in rows if eps(r) != top[curve(r)]]
+
+
 def plot_rounds(sweep_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str | os.PathLike,
                 drift_round: int | None = None, metric: str = "whr@10", name: str = "hr_over_rounds.png") -> Path:
     """Per-round metric, mean over seeds, one line per cell: ``hr_over_rounds.png``.
@@ -558,10 +577,11 @@ def plot_rounds(sweep_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str
     Returns
     -------
     Path
-        The PNG written. At most :data:`MAX_CURVES` cells are drawn, the first ones in row order.
+        The PNG written. At most :data:`MAX_CURVES` cells are drawn: first, in row order, every cell that is
+        the largest ε of its curve (unit, noise, row averaging) or has no DP; then the others.
     """
     seeds: dict[str, list] = {}
-    for r in rows:
+    for r in _leading(rows):
         seeds.setdefault(r["cell"], [])
         if r.get("seed") not in seeds[r["cell"]]:
             seeds[r["cell"]].append(r.get("seed"))
@@ -584,7 +604,7 @@ def plot_rounds(sweep_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str
     if drift_round is not None:
         ax.axvline(drift_round, ls=":", color="k", label="drift")
     ax.set(xlabel="round", ylabel=f"{metric} (mean over seeds)",
-           title=f"{metric} per round" + (f" (first {MAX_CURVES} cells)" if truncated else ""))
+           title=f"{metric} per round" + (f" ({MAX_CURVES} of {len(seeds)} cells: each curve's largest ε first)" if truncated else ""))
     if drawn:
         ax.legend(fontsize=7, ncol=2)
     else:
