@@ -24,7 +24,6 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedrec.client_update import device_seed
 from fedrec.config import RunConfig
-from fedrec.data.source import load_stream
 from fedrec.device_round import (
     device_reply,
 )
@@ -46,7 +45,7 @@ from fedrec.wire import decode_delta, wire_mode
 from .device import Device
 from .mods import slow_devices
 from .records import from_records, to_records
-from .simulation import hosted_devices, train_shard
+from .simulation import hosted_devices, node_stream, train_shard
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -84,7 +83,7 @@ def query(msg: Message, context: Context) -> Message:
             info = NodeInfo((dev.device_id,), dev.n_items, durable=True)
     else:
         cfg = run_config(from_records(msg.content)[CONFIG])
-        stream = load_stream(cfg)
+        stream = node_stream(cfg)
         info = NodeInfo(tuple(hosted_devices(context, stream.n_devices)), stream.log.n_items, durable=False)
     return Message(to_records({INFO: info.to_flat()}), reply_to=msg)
 

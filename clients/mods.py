@@ -20,7 +20,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 
 from fedrec.asynchrony import lateness, slow_set
-from fedrec.data.source import load_stream
 from fedrec.messages import (
     DeviceFailure,
     DeviceUpdate,
@@ -34,6 +33,7 @@ from fedrec.messages import (
 )
 
 from .records import from_records, to_records
+from .simulation import node_stream
 
 CallNext = Callable[[Message, Context], Message]
 
@@ -58,7 +58,7 @@ def slow_devices(msg: Message, context: Context, call_next: CallNext) -> Message
     if reply.has_error():
         return reply
     out = decode_reply(from_records(reply.content))
-    slow = slow_set(load_stream(cfg).n_devices, cfg.slow_devices, cfg.seed)
+    slow = slow_set(node_stream(cfg).n_devices, cfg.slow_devices, cfg.seed)
     late = NodeReply(updates=handed, skips=out.skips, failures=out.failures + [_busy(context, d) for d in busy],
                      served=out.served)
     for u in out.updates:

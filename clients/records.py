@@ -7,11 +7,15 @@ ServerApp, the in-process grid and the SecAgg+ round convert with the two functi
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
+from numpy.lib import format as npformat
 
 from fedrec.messages import MessageError, record_type
 
@@ -46,10 +50,27 @@ def from_records(content: RecordDict) -> dict[str, Any]:
 
 
 def _array(record: str, key: str, v: Array) -> np.ndarray:
+    """The numpy array ``v`` carries, its serialisation, dtype and shape checked before anything is allocated.
+
+    Flower's ``Array.numpy()`` would ``np.load`` whatever header the bytes hold (a header may claim terabytes);
+    here the header must agree with the Array's own dtype and shape and with the length of its bytes first.
+    """
+    where = f"array {key!r} of record {record!r}"
+    if v.stype != SType.NUMPY:
+        raise MessageError(f"{where} has serialisation {str(v.stype)[:40]!r}, not {SType.NUMPY!r}")
     try:
-        a = v.numpy()
-    except Exception as e:  # whatever numpy.load raises on hostile bytes
-        raise MessageError(f"array {key!r} of record {record!r} does not load ({type(e).__name__})") from None
-    if a.dtype.kind not in "biuf":
-        raise MessageError(f"array {key!r} of record {record!r} holds {a.dtype}, not numbers")
-    return a
+        buf = io.BytesIO(v.data)
+        version = npformat.read_magic(buf)
+        read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, fortran, dtype = read(buf)
+        declared = np.dtype(v.dtype)
+    except Exception as e:  # whatever numpy's header parser raises on hostile bytes
+        raise MessageError(f"{where} has no readable numpy header ({type(e).__name__})") from None
+    if dtype.kind not in "biuf" or dtype.hasobject or dtype != declared:
+        raise MessageError(f"{where} holds {dtype}, declared {declared}, not plain numbers")
+    if tuple(shape) != tuple(v.shape) or fortran:
+        raise MessageError(f"{where} has header shape {shape}, declared {tuple(v.shape)}")
+    size = math.prod(shape) * dtype.itemsize
+    if size != len(v.data) - buf.tell():
+        raise MessageError(f"{where} declares {size} bytes but carries {len(v.data) - buf.tell()}")
+    return np.frombuffer(v.data, dtype=dtype, count=math.prod(shape), offset=buf.tell()).reshape(shape).copy()

@@ -36,6 +36,16 @@ from fedrec.wire import wire_mode
 from .device import shared_model
 
 
+def node_stream(cfg: RunConfig) -> RoundStream:
+    """The run's events on a node without a store: the server names the data, so an error names only the
+    path and the kind of failure, never what the file holds (a server could name any file the node can read)."""
+    try:
+        return load_stream(cfg)
+    except Exception as e:
+        raise RuntimeError(f"this node cannot load the run's data {cfg.data!r} ({type(e).__name__}); "
+                           "check the file where the node runs") from None
+
+
 def hosted_devices(context: Context, n_devices: int) -> list[int]:
     """Devices on this node: ``device-id`` from node config (deployment), else a shard by partition."""
     nc = context.node_config
@@ -64,7 +74,7 @@ def train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, cont
                  train: bool, serve: bool) -> NodeReply:
     """Simulation: a shard of devices whose private state lives in ``context.state``; the round of each is
     :mod:`fedrec.device_round`'s, its serving batched over the shard."""
-    stream = load_stream(cfg)
+    stream = node_stream(cfg)
     model = shared_model(cfg, stream.log.n_items)
     mine = set(hosted_devices(context, stream.n_devices))
     sim = _Instruments.of(stream, cfg)

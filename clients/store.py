@@ -25,14 +25,17 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`, ``PRAGMA application_i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
+import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -41,6 +44,7 @@ from fedrec.data.events import KINDS
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x66726563  # "frec"
 DEFAULT_MAX_EVENTS = 50_000
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +77,31 @@ class StoreError(RuntimeError):
     """The device store is missing, corrupt, of another schema version, or was given bad input."""
 
 
+def store_error(path: Path, e: sqlite3.Error, otherwise: str = "") -> StoreError:
+    """An SQLite failure as one sentence naming the store and what the user can do."""
+    text = str(e).lower()
+    if "locked" in text or "busy" in text:
+        why = "is locked by another process (a long round?) for more than 30 s; retry when it is done"
+    elif "readonly" in text or "read-only" in text:
+        why = "is read-only; the device needs to write to it"
+    elif "disk is full" in text or "disk i/o" in text:
+        why = f"cannot be written (SQLite: {e}); check the disk"
+    else:
+        why = otherwise or f"is damaged (SQLite: {e}); restore it from a backup or remove it to start the device anew"
+    return StoreError(f"The device store {path} {why}." if not why.startswith("is not") else f"{path} {why}.")
+
+
+def _guarded(method: _F) -> _F:
+    """A store method whose SQLite failures come out as :class:`StoreError` naming the store."""
+    @functools.wraps(method)
+    def call(self: EventStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from None
+    return cast(_F, call)
+
+
 class EventStore:
     """One device's SQLite store. Open an existing one, or ``create=True`` a new one.
 
@@ -100,6 +129,9 @@ class EventStore:
             raise StoreError("max_events must be at least 1.")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if create:  # a person's raw events: readable by its owner only, from the first byte
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+                os.chmod(self.path, 0o600)
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"Cannot open the device store {self.path}: {e}.") from None
@@ -111,9 +143,9 @@ class EventStore:
                 self._check()
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             self._db.close()
-            raise StoreError(f"{self.path} is not a usable fedrec device store (SQLite: {e}).") from None
+            raise store_error(self.path, e, f"is not a usable fedrec device store (SQLite: {e})") from None
         except StoreError:
             self._db.close()
             raise
@@ -166,21 +198,30 @@ class EventStore:
         if self._db.in_transaction:
             yield self._db
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from None
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from None
 
     # ---- meta -----------------------------------------------------------------------------------
+    @_guarded
     def meta(self, key: str) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise StoreError(f"{self.path} lacks the meta key {key!r}; the store is damaged.")
         return row[0]
 
+    @_guarded
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
@@ -198,6 +239,7 @@ class EventStore:
             raise StoreError(f"Event weight {weight!r} is not a finite number ({self.path}).")
         return int(item), ts, kind, float(weight)
 
+    @_guarded
     def record(self, item: int, *, timestamp: float | None = None, kind: str = "event", weight: float = 1.0) -> int:
         """Append one event durably (committed and synced when this returns); its sequence number."""
         row = self._row(item, timestamp, kind, weight)
@@ -205,6 +247,7 @@ class EventStore:
             cur = db.execute("INSERT INTO events (item, ts, kind, weight) VALUES (?, ?, ?, ?)", row)
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
+    @_guarded
     def record_many(self, events: Iterable[tuple[int, float | None, str, float]]) -> int:
         """Append ``(item, timestamp, kind, weight)`` rows in one transaction (all or none)."""
         rows = [self._row(*e) for e in events]
@@ -212,27 +255,32 @@ class EventStore:
             db.executemany("INSERT INTO events (item, ts, kind, weight) VALUES (?, ?, ?, ?)", rows)
         return len(rows)
 
+    @_guarded
     def take(self, round_: int, clock: float) -> int:
         """Assign every not-yet-taken event with time ``<= clock`` to ``round_``; how many."""
         with self.transaction() as db:
             cur = db.execute("UPDATE events SET round = ? WHERE round IS NULL AND ts <= ?", (int(round_), clock))
         return cur.rowcount
 
+    @_guarded
     def events(self) -> tuple[np.ndarray, np.ndarray]:
         """Item ids and rounds of the events taken by a round so far, in time order."""
         rows = self._db.execute("SELECT item, round FROM events WHERE round IS NOT NULL ORDER BY ts, seq").fetchall()
         a = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
         return a[:, 0].copy(), a[:, 1].copy()
 
+    @_guarded
     def all_items(self) -> np.ndarray:
         """Item ids of every stored event (taken or not), in time order."""
         rows = self._db.execute("SELECT item FROM events ORDER BY ts, seq").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
+    @_guarded
     def count(self, *, pending: bool | None = None) -> int:
         where = "" if pending is None else (" WHERE round IS NULL" if pending else " WHERE round IS NOT NULL")
         return int(self._db.execute(f"SELECT COUNT(*) FROM events{where}").fetchone()[0])
 
+    @_guarded
     def retain(self, oldest_replay_round: int) -> int:
         """Drop the oldest history beyond ``max_events``; unconsumed and replayable events stay."""
         with self.transaction() as db:
@@ -245,6 +293,7 @@ class EventStore:
         return cur.rowcount
 
     # ---- private state, ledger, model -----------------------------------------------------------
+    @_guarded
     def load_state(self) -> dict | None:
         """The device state as :meth:`DeviceState.to_config` gives it, or None for a new device."""
         rows = dict(self._db.execute("SELECT key, value FROM state").fetchall())
@@ -258,6 +307,7 @@ class EventStore:
                 d[f"shape:{k[6:]}"] = list(arr.shape)
         return d
 
+    @_guarded
     def save_state(self, config: dict) -> None:
         plain = {k: v for k, v in config.items() if not k.startswith(("local:", "shape:"))}
         with self.transaction() as db:
@@ -267,6 +317,7 @@ class EventStore:
                     arr = np.frombuffer(v, np.float32).reshape(config[f"shape:{k[6:]}"])
                     db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (k, _npy(arr)))
 
+    @_guarded
     def append_privacy(self, *, round_: int, noise_multiplier: float, sample_rate: float, steps: int,
                        max_exposure: int, epsilon: float, delta: float, accountant: str) -> None:
         with self.transaction() as db:
@@ -274,17 +325,20 @@ class EventStore:
                        "delta, accountant) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (round_, noise_multiplier, sample_rate, steps, max_exposure, epsilon, delta, accountant))
 
+    @_guarded
     def privacy_ledger(self) -> list[dict]:
         cur = self._db.execute("SELECT * FROM privacy ORDER BY seq")
         names = [c[0] for c in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
+    @_guarded
     def put_arrays(self, key: str, round_: int, arrays: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez(buf, **arrays)  # type: ignore[arg-type]  # mypy reads a key of **arrays as filling allow_pickle
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO model VALUES (?, ?, ?)", (key, int(round_), buf.getvalue()))
 
+    @_guarded
     def get_arrays(self, key: str) -> tuple[int, dict[str, np.ndarray]] | None:
         row = self._db.execute("SELECT round, value FROM model WHERE key = ?", (key,)).fetchone()
         if row is None:

@@ -1,24 +1,27 @@
 """The server's checkpoint after each round: global model, server-optimizer and lr-schedule state.
 
-One ``.npz`` file, replaced atomically (temp file + ``os.replace``) so a crash leaves the previous
-round's checkpoint whole. Keys: ``round``; ``global:<name>`` per global parameter; ``opt:<key>``
+One ``.npz`` file, replaced atomically (temp file, fsync, ``os.replace``: :mod:`fedrec.atomic`) so a
+crash leaves the previous round's checkpoint whole. Keys: ``round``; ``global:<name>`` per global parameter; ``opt:<key>``
 for the server optimizer (its name, step count, and ``m``/``v`` moments of the adaptive ones);
 ``lr`` for the learning-rate schedule (JSON); ``run`` (JSON) for what a resumed server needs beyond
 the model: the run's config, whether the run finished, and the recorder's state (rows written so
 far, the devices scored each round, running counts); ``buf:<key>`` for the arrays of the updates
 waiting in the async buffer (their fields are in ``run``); ``graph:<key>`` for the item graph's sums
 and its published table (:class:`fedrec.itemgraph.ItemGraph`). The privacy ledger is its own
-append-only file, written before each version is published, so it is never behind the checkpoint.
+append-only file, written before each version is published, so it is never behind the checkpoint; ``run``
+records how much of it the checkpoint covers (``ledger``: its records, bytes and the SHA-256 of those bytes,
+:meth:`fedrec.privacy.ledger.Ledger.mark`), and a resume refuses a ledger that no longer starts with them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -37,12 +40,7 @@ def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, to
     arrays["run"] = np.asarray(json.dumps(run or {}))
     arrays.update({f"buf:{k}": v for k, v in (buffer or {}).items()})
     arrays.update({f"graph:{k}": np.asarray(v) for k, v in (graph or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]  # mypy reads a key of **arrays as filling allow_pickle
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # mypy: **arrays as allow_pickle
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -82,6 +82,7 @@ def simulate(cfg: RunConfig) -> dict:
 
     console = Console(stderr=False)
     stream = load_stream(cfg)  # fail fast on bad data, before any process starts
+    check_run(cfg, stream.n_devices, stream.log.n_items)
     if cfg.data and cfg.cohort > stream.n_devices:
         console.print(f"[yellow]cohort {cfg.cohort} > {stream.n_devices} devices: every device joins each round")
     console.print(f"fedrec simulate: {len(stream.log)} events, {stream.n_devices} devices, {stream.log.n_items} items, "
@@ -114,8 +115,54 @@ def simulate(cfg: RunConfig) -> dict:
     return summary
 
 
+def check_run(cfg: RunConfig, n_devices: int, n_items: int) -> None:
+    """What only the loaded data and this machine can tell, checked before anything is written.
+
+    The keys bounded by a data file's catalogue, the torch device, and the privacy accounting of the
+    noise the run will use: each failure is a :class:`ConfigError` of one sentence.
+    """
+    if cfg.data:
+        try:
+            cfg.check_catalogue(n_items, cfg.data)
+        except ConfigError as e:
+            raise ConfigError(f"{e} [{cfg.data}]") from None
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Config key 'device' asks for {cfg.device!r} but CUDA is not available on this "
+                              "machine; use auto or cpu.")
+    if cfg.method == "federated" and cfg.privacy != "none":
+        _check_accounting(cfg, n_devices)
+
+
+def _check_accounting(cfg: RunConfig, n_devices: int) -> None:
+    """Calibrate the noise and account one run's worth of it, as the run will; a numeric failure is one sentence."""
+    from .federation.run import event_noise, user_noise
+    from .privacy.accounting import epsilon, event_accountant
+
+    q = min(1.0, cfg.cohort / max(n_devices, 1))
+    try:
+        z_event, z_user = event_noise(cfg), user_noise(cfg, q)
+        if z_event > 0:
+            steps = cfg.local_steps * (cfg.replay_rounds + 1)
+            epsilon([(z_event, cfg.sample_rate, steps)], cfg.delta, event_accountant(cfg.model, cfg.accountant))
+        if z_user > 0:
+            epsilon([(z_user, q, cfg.rounds)], cfg.delta, cfg.accountant)
+    except (ValueError, ArithmeticError) as e:
+        why = str(e).strip().rstrip(".").replace(". I", "; i")
+        if isinstance(e, ArithmeticError) or not why:  # the accountant's own arithmetic: not the user's words
+            why = "the accountant's arithmetic overflows: the noise multiplier is too small or too large"
+        why = why[:1].lower() + why[1:]
+        given = f"epsilon = {cfg.epsilon:g}" if cfg.epsilon > 0 and cfg.calibrate else \
+            f"noise-multiplier = {cfg.noise_multiplier:g}"
+        raise ConfigError(f"The privacy accounting fails for {given}, delta = {cfg.delta:g} and accountant = "
+                          f"{cfg.accountant} ({why}).") from None
+
+
 def _run_engine(cfg: RunConfig, on_round) -> None:
-    """The run itself: the centralised ceiling, the in-process engine, or Flower's Simulation Engine (Ray)."""
+    """The run itself: the centralised ceiling, the in-process engine, or Flower's Simulation Engine (Ray):
+    a local Ray on 127.0.0.1, or the existing cluster ``ray-address`` (or ``RAY_ADDRESS``) names."""
     if cfg.method == "centralised":
         from .centralised import run_centralised
 
@@ -129,16 +176,17 @@ def _run_engine(cfg: RunConfig, on_round) -> None:
 
         run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg, on_round=on_round)
         return
+    from .ray_cluster import backend_config, cluster_address, pin_node_ip
+
+    address = cluster_address(cfg.ray_address)
+    pin_node_ip(address)  # before Flower's ray.init: a local Ray listens on 127.0.0.1 only
     from flwr.simulation import run_simulation
 
     from .server.app import make_server_app
 
     errors: list[BaseException] = []
     run_simulation(server_app=make_server_app(cfg, on_round=on_round, errors=errors), client_app=client_app,
-                   num_supernodes=cfg.nodes,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": cfg.nodes, "include_dashboard": False,
-                                                 "logging_level": "ERROR", "log_to_driver": True}})
+                   num_supernodes=cfg.nodes, backend_config=backend_config(cfg.nodes, address))
     if errors:  # the ServerApp ran in Flower's thread: its error is ours to report
         raise errors[0]
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .ray_cluster import is_ray_address
 from .registry import (
     ACCOUNTANTS,
     AGGREGATORS,
@@ -44,6 +45,11 @@ from .registry import (
 
 class ConfigError(ValueError):
     """A configuration key or value a user supplied is invalid."""
+
+
+#: the most events a synthetic world may hold, and the most numbers an item table may hold
+MAX_EVENTS = 10**8
+MAX_TABLE = 10**9
 
 
 @dataclass(frozen=True)
@@ -70,22 +76,38 @@ class KeySpec:
         return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
                 and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
 
-    def rule(self) -> str:
-        """The rule as the end of a sentence ("must lie in (0, 1]"); empty when there is none."""
-        if self.says or self.choices:
-            return self.says or f"must be one of {', '.join(self.choices)}"
+    def rule(self, value: Any = None) -> str:
+        """The rule as the end of a sentence ("must lie in (0, 1]"); empty when there is none.
+
+        Given the ``value`` that broke it, only the side it broke ("must be at most 4096"); without,
+        the whole rule, as the flags' help shows it ("must be at least 1, at most 4096").
+        """
         lo, hi = (self.ge if self.ge is not None else self.gt), (self.le if self.le is not None else self.lt)
-        if lo is not None and hi is not None:
+        if self.choices:
+            return self.says or f"must be one of {', '.join(self.choices)}"
+        if lo is not None and hi is not None and hi <= 1 and not self.says:  # a share or a probability
             if self.gt is not None and self.lt is not None:
-                return f"must lie strictly between {lo:g} and {hi:g}"
-            return f"must lie in {'[' if self.ge is not None else '('}{lo:g}, {hi:g}{']' if self.le is not None else ')'}"
-        if self.gt == 0:
-            return "must be positive"
-        if self.ge is not None:
-            return "must be 0 or more" if self.ge == 0 else f"must be at least {self.ge:g}"
-        if hi is not None:
-            return f"must be at most {hi:g}" if self.le is not None else f"must be below {hi:g}"
-        return f"must be above {lo:g}" if lo is not None else ""
+                return f"must lie strictly between {_num(lo)} and {_num(hi)}"
+            return f"must lie in {'[' if self.ge is not None else '('}{_num(lo)}, {_num(hi)}{']' if self.le is not None else ')'}"
+        if self.says and "[" in self.says:  # a sentence that states both bounds
+            return self.says
+        cap = "" if hi is None else f"{'at most' if self.le is not None else 'below'} {_num(hi)}"
+        if self.says:
+            low = self.says
+        elif self.gt == 0:
+            low = "must be positive"
+        elif self.ge is not None:
+            low = "must be 0 or more" if self.ge == 0 else f"must be at least {_num(self.ge)}"
+        else:
+            low = f"must be above {_num(lo)}" if lo is not None else ""
+        if value is not None and cap:
+            above = (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)
+            return f"must be {cap}" if above else low
+        return f"{low}, {cap}" if low and cap else low or (cap and f"must be {cap}")
+
+def _num(x: float) -> str:
+    """A bound as a user reads it: ``1000000`` rather than ``1e+06``, ``0.5`` as is."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def key(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -107,63 +129,66 @@ class RunConfig:
 
     # data
     data: str = key("", "path to a MovieLens file or generic CSV; empty = synthetic world")
-    world_users: int = key(3000, "users (one device each) of the synthetic world", ge=1)
-    world_items: int = key(400, "items of the synthetic world", ge=1)
+    world_users: int = key(3000, "users (one device each) of the synthetic world", ge=1, le=10**7)
+    world_items: int = key(400, "items of the synthetic world", ge=1, le=10**7)
     world_topics: int = key(10, "interest topics of the synthetic world (users hold interests, items belong to one)",
-                            ge=1)
-    world_events_per_user: int = key(25, "events of each user of the synthetic world", ge=1)
+                            ge=1, le=10**5)
+    world_events_per_user: int = key(25, "events of each user of the synthetic world", ge=1, le=10**6)
     world_shift_share: float = key(0.3, "share of users whose interest shifts (interest-shift scenario)", ge=0, le=1)
     world_shift_time: float = key(0.5, "when, as a fraction of the stream", ge=0, le=1)
     world_new_item_share: float = key(0.1, "share of items launched mid-stream (new-item scenario)", ge=0, lt=1)
-    world_bursts: int = key(0, "items that trend, spiking then fading (trending-burst scenario)", ge=0)
+    world_bursts: int = key(0, "items that trend, spiking then fading (trending-burst scenario)", ge=0, le=10**6)
     world_burst_time: float = key(0.6, "peak of the burst, as a fraction of the stream", ge=0, le=1)
-    rounds: int = key(30, "rounds of the federation; the stream is cut into this many windows", ge=1)
+    rounds: int = key(30, "rounds of the federation; the stream is cut into this many windows", ge=1, le=10**6)
     round_split: str = key("count", "how the stream is cut into rounds: equal event counts or equal time spans",
                            choices=ROUND_SPLITS)
     # federation
-    cohort: int = key(300, "devices per round (under user-level DP the expected number, Poisson-sampled)", ge=1)
-    nodes: int = key(2, "virtual Flower nodes; each hosts a shard of devices in simulation", ge=1)
+    cohort: int = key(300, "devices per round (under user-level DP the expected number, Poisson-sampled)", ge=1, le=10**8)
+    nodes: int = key(2, "virtual Flower nodes; each hosts a shard of devices in simulation", ge=1, le=10**4)
     engine: str = key("ray", "simulation transport: Flower's Simulation Engine (ray) or in-process (local)",
                       choices=ENGINES)
+    ray_address: str = key("", "engine = ray: the Ray cluster to join, auto or host:port of its head (docs/scale.md); "
+                           "empty = RAY_ADDRESS if set, else a local Ray bound to 127.0.0.1")
     method: str = key("federated", "federated, or centralised: the non-private freshness ceiling, trained on all events",
                       choices=METHODS)
     freeze_after: int = key(0, "static baseline: the global model stops changing after this round (0 = never)",
-                            ge=0, says="must be 0 (never) or a round number")
+                            ge=0, le=10**6, says="must be 0 (never) or a round number")
     round_timeout: float = key(600.0, "round deadline: seconds the server waits for replies; later ones are late",
-                               gt=0, says="must be a positive number of seconds")
+                               gt=0, le=10**7, says="must be a positive number of seconds")
     min_reply_share: float = key(1.0, "the round closes once this share of the sampled devices has replied",
                                  gt=0, le=1)
     async_buffer: int = key(0, "0 = synchronous rounds (late updates dropped); K = FedBuff, apply once K are buffered",
-                            ge=0, says="must be 0 (synchronous) or a number of updates")
-    max_staleness: int = key(8, "async: a buffered update older than this many versions is dropped", ge=0)
+                            ge=0, le=10**8, says="must be 0 (synchronous) or a number of updates")
+    max_staleness: int = key(8, "async: a buffered update older than this many versions is dropped", ge=0, le=10**6)
     slow_devices: float = key(0.0, "simulation only: share of devices whose updates arrive rounds late", ge=0, lt=1)
-    slow_rounds: int = key(2, "a slow device's update arrives 1..slow-rounds rounds after it was asked for", ge=1)
-    seed: int = key(0, "seed of every random draw of the run (same seed, same run)")
+    slow_rounds: int = key(2, "a slow device's update arrives 1..slow-rounds rounds after it was asked for", ge=1, le=10**6)
+    seed: int = key(0, "seed of every random draw of the run (same seed, same run)", ge=0,
+                   le=2**32 - 1, says="must lie in [0, 4294967295]")
     # model and local update
     model: str = key("mf", "recommender: matrix factorisation, neural MF, or a SASRec-style transformer",
                      choices=MODELS)
-    dim: int = key(8, "embedding dimension", ge=1)
-    seq_len: int = key(20, "sasrec: longest input sequence (the device's recent items it attends over)", ge=2)
-    init_scale: float = key(0.1, "std of the initial item and user vectors", gt=0)
-    local_steps: int = key(10, "local (DP-)SGD steps of each device update", ge=1)
+    dim: int = key(8, "embedding dimension", ge=1, le=4096)
+    seq_len: int = key(20, "sasrec: longest input sequence (the device's recent items it attends over)", ge=2, le=10**5)
+    init_scale: float = key(0.1, "std of the initial item and user vectors", gt=0, le=10**3)
+    local_steps: int = key(10, "local (DP-)SGD steps of each device update", ge=1, le=10**6)
     sample_rate: float = key(0.5, "Poisson rate of each local step (expected batch = rate x events)", gt=0, le=1)
-    lr: float = key(1.0, "on-device step size", gt=0)
+    lr: float = key(1.0, "on-device step size", gt=0, le=10**6)
     user_lr: float = key(0.0, "step size of the on-device user vector; 0 = same as lr",
-                         ge=0, says="must be 0 (same as lr) or positive")
-    user_fit_steps: int = key(30, "on-device fit of the user vector before scoring (0 = off)", ge=0)
-    negatives: int = key(1, "sampled negative items per positive event", ge=1)
-    session_len: int = key(10, "on-device scoring reads the device's this many newest events before each event", ge=1)
+                         ge=0, le=10**6, says="must be 0 (same as lr) or positive")
+    user_fit_steps: int = key(30, "on-device fit of the user vector before scoring (0 = off)", ge=0, le=10**6)
+    negatives: int = key(1, "sampled negative items per positive event", ge=1, le=10**6)
+    session_len: int = key(10, "on-device scoring reads the device's this many newest events before each event", ge=1, le=10**6)
     item_graph: str = key("auto", "federated item co-occurrence for on-device session scoring (pairs are sent in "
                           "clear: auto = on without DP, off under DP)", choices=ITEM_GRAPH_MODES)
     graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
-                            ge=1)
+                            ge=1, le=10**6)
     private_graph_window: int = key(5, "item graph under event noise at the aggregate: the window (one event's "
-                                    "pairs move the noisy counts by at most sqrt(3 x window + 1))", ge=1)
+                                    "pairs move the noisy counts by at most sqrt(3 x window + 1))", ge=1, le=10**6)
     graph_share: float = key(0.9, "event noise at the aggregate: share of the event-level budget spent on the noisy "
                              "item graph (0 = no graph)", ge=0, lt=1)
-    graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1)
-    replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0)
-    server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0)
+    graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1, le=10**6)
+    replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0, le=10**3)
+    server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0, le=10**6)
     lr_schedule: str = key("fixed", "fixed, or adaptive: the server lr is raised when windowed HR drops",
                            choices=LR_SCHEDULES)
     server_opt: str = key("fedavg", "server optimizer (adaptive ones want server-lr ~0.01-0.1)",
@@ -172,18 +197,21 @@ class RunConfig:
                           choices=AGGREGATORS)
     trim: float = key(0.1, "share trimmed from each end by the trimmed mean", ge=0, lt=0.5)
     max_update_norm: float = key(0.0, "the server scales a larger delta down to this L2 norm (0 = off)",
-                                 ge=0, says="must be 0 (off) or positive")
+                                 ge=0, le=10**6, says="must be 0 (off) or positive")
     max_row_norm: float = key(0.0, "the server scales each item row of a delta down to this L2 norm (0 = off)",
-                              ge=0, says="must be 0 (off) or positive")
+                              ge=0, le=10**6, says="must be 0 (off) or positive")
+    max_weight: int = key(10_000, "without user-level DP: the most events one device's update may weigh in the mean "
+                          "(and one device may report serving in a round); a larger claim is cut to it",
+                          ge=1, le=10**9)
     attackers: float = key(0.0, "simulation only: share of fake devices pushing one item (fedrec.attack)", ge=0, lt=1)
-    attack_boost: float = key(1.0, "fake devices scale their deltas by this (model-replacement boosting)", gt=0)
+    attack_boost: float = key(1.0, "fake devices scale their deltas by this (model-replacement boosting)", gt=0, le=10**6)
     attack_measure: bool = key(False, "measure the target's exposure even without attackers (a no-attack baseline)")
     wire: str = key("auto", "delta encoding on the wire; auto: sparse rows without event DP, fp16 with",
                     choices=WIRES)
     # privacy
     privacy: str = key("user", "DP unit: event (DP-SGD on the device), user (noise on the server's sum), both, or none",
                        choices=PRIVACY_MODES)
-    noise_multiplier: float = key(1.0, "noise std over the clip, where no budget calibrates it", ge=0)
+    noise_multiplier: float = key(1.0, "noise std over the clip, where no budget calibrates it", ge=0, le=10**4)
     secure_aggregation: bool = key(False, "Flower SecAgg+: the server sees only the sum of the cohort's deltas")
     event_noise: str = key("device", "event-level: noise on each device's DP-SGD (protects against the server), or "
                            "aggregate: once on the cohort's sum of clipped gradients (trusts the server, or SecAgg+)",
@@ -191,29 +219,29 @@ class RunConfig:
     count_share: float = key(0.1, "event noise at the aggregate: share of the privacy budget (in 1/z^2) spent on "
                              "the noisy per-row event counts that select the updated item rows", gt=0, lt=1)
     row_threshold: float = key(3.0, "event noise at the aggregate: an item row is updated when its noisy event count "
-                               "exceeds this many count-noise stds", ge=0)
+                               "exceeds this many count-noise stds", ge=0, le=10**6)
     select_rows: bool = key(False, "user-level DP: noisy per-row device counts select the item rows a round updates "
                             "(DP-AdaFEST); only those rows get noise, the rest of the table does not change")
     row_average: bool = key(False, "divide each item row's summed update by its own number of contributors "
                             "(FedSubAvg), not by the whole cohort's")
     dropout_tolerance: float = key(0.2, "SecAgg+ with event noise at the aggregate: share of sampled nodes that may "
                                    "drop while the unmasked sum still carries the full noise", ge=0, lt=1)
-    clip: float = key(1.0, "user-level: L2 bound of a device's whole delta", gt=0)
-    event_clip: float = key(1.0, "event-level: per-event gradient clip of DP-SGD", gt=0)
+    clip: float = key(1.0, "user-level: L2 bound of a device's whole delta", gt=0, le=10**6)
+    event_clip: float = key(1.0, "event-level: per-event gradient clip of DP-SGD", gt=0, le=10**6)
     update_backend: str = key("auto", "local update: auto (closed form for mf; DP noise drawn lazily) or autograd "
                               "(torch autograd; Opacus ghost clipping under event-level DP)",
                               choices=UPDATE_BACKENDS, says="must be auto or autograd")
     epsilon: float = key(0.0, "budget per period (0 = none); see calibrate",
-                         ge=0, says="must be 0 (no target) or positive")
+                         ge=0, le=10**4, says="must be 0 (no target) or positive")
     calibrate: bool = key(True, "with a budget, pick the noise multiplier that fits it (else enforce only)")
     budget_period: int = key(0, "rounds per user-level budget period (0 = the whole run)",
-                             ge=0, says="must be 0 (whole run) or a number of rounds")
+                             ge=0, le=10**6, says="must be 0 (whole run) or a number of rounds")
     delta: float = key(1e-5, "delta of (epsilon, delta)-DP", gt=0, lt=1)
     accountant: str = key("prv", "privacy accountant (Opacus): privacy random variables or Renyi DP",
                           choices=ACCOUNTANTS)
     # evaluation and output
-    k: int = key(10, "length of the top-K lists scored (HR@K, NDCG@K)", ge=1)
-    freshness_window: int = key(3, "rounds in the sliding window of windowed HR@K", ge=1)
+    k: int = key(10, "length of the top-K lists scored (HR@K, NDCG@K)", ge=1, le=10**4)
+    freshness_window: int = key(3, "rounds in the sliding window of windowed HR@K", ge=1, le=10**6)
     serve_eval: bool = key(True, "every round, every device with new events scores them with the newest version")
     per_event: bool = key(True, "serving scores each event with the device's state through the event before "
                           "(off: only with its state at the round's start)")
@@ -230,7 +258,7 @@ class RunConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             spec = spec_of(f)
-            broken = _type_rule(_type_of(f), v) or ("" if spec.holds(v) else spec.rule())
+            broken = _type_rule(_type_of(f), v) or ("" if spec.holds(v) else spec.rule(v))
             self._need(not broken, f.name.replace("_", "-"), broken)
         self._check_rules()
 
@@ -277,11 +305,42 @@ class RunConfig:
              "must be 1 with secure-aggregation (SecAgg+ sets its own reply threshold)")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
+        need(is_ray_address(self.ray_address), "ray-address",
+             "must be empty (a local Ray), auto, or host:port of a Ray head")
         need(not (self.item_graph == "on" and self.privacy != "none" and not self._private_graph), "item-graph",
              "must be auto or off under DP, except event noise at the aggregate without secure-aggregation and with "
              "graph-share > 0 (its item pairs are sent in clear; only there does the server noise their sum)")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
+        if not self.data:
+            self._check_world()
+        self.check_catalogue(self.world_items if not self.data else None)
+
+    def _check_world(self) -> None:
+        """The synthetic world's keys together (:class:`fedrec.data.world.WorldSpec` needs them so)."""
+        need, items = self._need, self.world_items
+        launched = int(items * (1 - self.world_new_item_share))
+        need(self.world_topics >= 2, "world-topics", "must be at least 2")
+        need(items >= 2 * self.world_topics, "world-items", f"must be at least 2 per topic ({2 * self.world_topics})")
+        need(self.world_events_per_user < launched, "world-events-per-user",
+             f"must be below the items launched at the start ({launched} of world-items)")
+        need(self.world_bursts <= launched / 2, "world-bursts",
+             f"must be at most half the items launched at the start ({launched // 2})")
+        need(self.world_users * self.world_events_per_user <= MAX_EVENTS, "world-users",
+             f"must be at most {MAX_EVENTS // self.world_events_per_user} with world-events-per-user = "
+             f"{self.world_events_per_user} (a synthetic world holds at most {MAX_EVENTS} events)")
+
+    def check_catalogue(self, n_items: int | None, where: str = "") -> None:
+        """The keys bounded by the item catalogue (world-items, or a data file's items once loaded)."""
+        if n_items is None:
+            return
+        of = f"the {n_items} items of {where}" if where else f"world-items ({n_items})"
+        for key, ok, what in (("negatives", self.negatives < n_items, f"must be below {of}"),
+                              ("k", self.k <= n_items, f"must be at most {of}"),
+                              ("dim", self.dim * n_items <= MAX_TABLE,
+                               f"must be at most {MAX_TABLE // n_items} with {of} (an item table holds at most "
+                               f"{MAX_TABLE} numbers)")):
+            self._need(ok, key, what)
 
     # ---- derived -----------------------------------------------------------------------------
     @property
@@ -340,12 +399,17 @@ class RunConfig:
         """Build from kebab- or snake-case keys; unknown keys fail naming ``where``."""
         known = {f.name: f for f in fields(cls)}
         kw: dict[str, Any] = {}
+        spelt: dict[str, str] = {}
         for raw, v in values.items():
             name = str(raw).replace("-", "_")
             if name not in known:
                 close = [k for k in cls.keys() if k.split("-")[0] == str(raw).replace("_", "-").split("-")[0]]
                 hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise ConfigError(f"Unknown config key {str(raw)!r} in {where}.{hint}")
+            if name in spelt:
+                raise ConfigError(f"Config key {name.replace('_', '-')!r} is given twice in {where} "
+                                  f"(as {spelt[name]!r} and {str(raw)!r}); keep one.")
+            spelt[name] = str(raw)
             want = _type_of(known[name])
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
@@ -363,7 +427,10 @@ class RunConfig:
         p = Path(path)
         doc = read_toml(p, "config file")
         table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc.get("run", doc))
-        table = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        for k, v in table.items():  # a sub-table is no key: refused, never silently dropped
+            if isinstance(v, dict):
+                raise ConfigError(f"{p}: {k!r} is a table, but a run config file holds only `key = value` lines "
+                                  "(at top level, under [run] or under [tool.flwr.app.config]).")
         return cls.from_mapping(table, where=str(p), base=base)
 
 

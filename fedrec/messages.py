@@ -192,11 +192,14 @@ class UpdateReport:
 
     @classmethod
     def from_flat(cls, m: Mapping[str, Any]) -> UpdateReport:
-        """Every number checked: counts whole and non-negative, scores within their counts, all finite."""
+        """Every number checked: counts whole and non-negative, scores within their counts, all finite, and
+        ``eval-n <= n-new <= num-examples`` (a device scores its new events, and trains on them and its replay)."""
         try:
-            n = count(m["eval-n"], "eval-n")
+            total = count(m["num-examples"], "num-examples")
+            fresh = count(m["n-new"], "n-new", most=total)
+            n = count(m["eval-n"], "eval-n", most=fresh)
             base = m.get("base-round")
-            return cls(num_examples=count(m["num-examples"], "num-examples"), n_new=count(m["n-new"], "n-new"),
+            return cls(num_examples=total, n_new=fresh,
                        counts=PrequentialCounts(n, number(m["eval-hits"], "eval-hits", low=0, high=n),
                                                 number(m["eval-ndcg"], "eval-ndcg", low=0, high=n)),
                        epsilon=number(m.get("epsilon", -1.0), "epsilon", low=-1.0), steps=count(m["steps"], "steps"),

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
+from .atomic import write_atomic, write_bytes_atomic
 from .config import RunConfig
 from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts
 
@@ -34,7 +35,12 @@ def _headline(counts: ServeCounts | PrequentialCounts, blend: int | None
 
 
 class RunRecorder:
-    """Writes ``metrics.jsonl`` as rounds finish (flushed, so a crash loses no finished round)."""
+    """Writes ``metrics.jsonl`` as rounds finish (flushed, so a crash loses no finished round).
+
+    Nothing in ``out`` is touched before :meth:`begin` (or the first round's line), so a run that fails
+    while it starts leaves an earlier run's files as they were; :meth:`finish` replaces every output
+    atomically (:mod:`fedrec.atomic`).
+    """
 
     def __init__(self, cfg: RunConfig, *, stream: Any = None, no_stream: str = "no event stream was given") -> None:
         """``stream``: the run's events (for baselines and a synthetic world's ground truth), or None where
@@ -53,7 +59,8 @@ class RunRecorder:
         self.t0 = time.time()
         self.info: dict = {}
         self.notes: list[str] = []
-        self._f = open(self.out / "metrics.jsonl", "w")
+        self._f: TextIO = io.StringIO()  # the real file is opened by begin(): nothing is written before
+        self._begun = False
         self.per_round: list[PrequentialCounts] = []
         self.drift_rounds: list[PrequentialCounts] = []
         self.probe_tally: dict[int, dict[int, list[int]]] = {}  # item -> round -> [hits, probed]
@@ -86,7 +93,7 @@ class RunRecorder:
             **({"attack": self._attack_summary()} if self._target is not None else {}), "elapsed_s": time.time() - self.t0}
 
     def load_state_dict(self, d: dict) -> None:
-        """Continue from :meth:`state_dict`: rows after it are dropped from ``metrics.jsonl``."""
+        """Continue from :meth:`state_dict`; :meth:`begin` writes its rows to ``metrics.jsonl`` (later ones dropped)."""
         def counts(xs: list) -> list[PrequentialCounts]:
             return [PrequentialCounts(int(n), float(h), float(g)) for n, h, g in xs]
 
@@ -101,11 +108,14 @@ class RunRecorder:
         self.probe_tally = {int(i): {int(r): list(t) for r, t in by.items()} for i, by in d["probe_tally"].items()}
         self.notes = list(d["notes"]) + self.notes
         self.t0 = time.time() - float(d["elapsed_s"])
-        self._f.seek(0)
-        self._f.truncate()
-        for row in self.rows:
-            self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+
+    def begin(self) -> None:
+        """The run has really started: ``metrics.jsonl`` is replaced by the rows so far (none, or a resumed
+        run's), and each round's line is appended from here on."""
+        write_bytes_atomic(self.out / "metrics.jsonl", _lines(self.rows))
+        self._f.close()
+        self._f = open(self.out / "metrics.jsonl", "a")
+        self._begun = True
 
     def note(self, msg: str) -> None:
         """Something the user must know (budget spent, ledger continued): on screen and in the summary."""
@@ -224,6 +234,8 @@ class RunRecorder:
                         "(metrics.jsonl target_exposure); fake devices are never served"}
 
     def _write(self, row: dict) -> dict:
+        if not self._begun:
+            self.begin()
         self.rows.append(row)
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
@@ -328,22 +340,24 @@ class RunRecorder:
         ]
 
     def _write_files(self, final_state: dict, summary: dict) -> None:
-        # the final global model, for reuse and for tests that hold two engines to the same result
-        np.savez(self.out / "global_model.npz", **{k: v.detach().cpu().numpy() for k, v in final_state.items()})
-        # rewrite once with the per-round popularity column (the streamed lines stay until then)
-        with open(self.out / "metrics.jsonl", "w") as f:
-            for row in self.rows:
-                f.write(json.dumps(row) + "\n")
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.out / "summary.json")
+        """Every output, each replaced atomically; ``summary.json`` last, so it stands for all of them."""
         try:
-            plot_run(self.rows, self.out / "hr_epsilon.png", k=self.cfg.k)
+            write_atomic(self.out / "hr_epsilon.png", lambda f: plot_run(self.rows, f, k=self.cfg.k))
         except Exception as e:  # a plot must never lose the numbers
             summary["plot_error"] = str(e)
+        # the final global model, for reuse and for tests that hold two engines to the same result
+        arrays = {k: v.detach().cpu().numpy() for k, v in final_state.items()}
+        write_atomic(self.out / "global_model.npz", lambda f: np.savez(f, **arrays))
+        # rewrite once with the per-round baseline columns (the streamed lines stay until then)
+        write_bytes_atomic(self.out / "metrics.jsonl", _lines(self.rows))
+        write_bytes_atomic(self.out / "summary.json", json.dumps(summary, indent=2).encode())
 
 
-def plot_run(rows: list[dict], path: Path, *, k: int = 10) -> None:
+def _lines(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def plot_run(rows: list[dict], path: Path | BinaryIO, *, k: int = 10) -> None:
     """HR@K per round (the model per event and at the round's start, and the baselines) and ε over rounds."""
     import matplotlib
 
@@ -372,5 +386,5 @@ def plot_run(rows: list[dict], path: Path, *, k: int = 10) -> None:
     else:  # no DP in this run: say so rather than draw an empty panel
         ax[1].text(0.5, 0.5, "no differential privacy", ha="center", va="center", transform=ax[1].transAxes)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -124,7 +124,7 @@ def test_good_releases_pass_and_each_bad_one_fails_alone():
     assert all(f"device {d}" in why for d, why in got.failed)
     # and the same counts where event noise is not at the aggregate: refused
     off = _collect([_update(1, *good)], check=None)
-    assert not off.done and "not at the aggregate" in off.failed[0][1]
+    assert not off.done and "does not ask for" in off.failed[0][1]
 
 
 # ---- config ----------------------------------------------------------------------------------------------------

@@ -8,20 +8,28 @@ publishes the model of the honest updates alone.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedrec.clients.app import app as client_app
+from fedrec.clients.records import from_records, to_records
+from fedrec.clients.simulation import node_stream
 from fedrec.config import RunConfig
-from fedrec.messages import MessageError, NodeReply, UpdateReport, decode_reply
+from fedrec.eval.metrics import BLENDS, PrequentialCounts
+from fedrec.federation.replies import Limits, Reply, collect
+from fedrec.messages import DeviceUpdate, MessageError, NodeReply, UpdateReport, decode_reply, encode_reply
 from fedrec.server.app import run_federation
 from fedrec.server.local_grid import LocalGrid
+from fedrec.wire import encode_delta
 
 _values = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
                     st.text(max_size=5), st.lists(st.one_of(st.integers(-5, 5), st.floats(), st.text(max_size=2)),
@@ -107,3 +115,153 @@ def test_a_lying_node_fails_alone_and_the_model_is_that_of_the_honest_updates(tm
     run_federation(LocalGrid(_liar({"drop"}), cfg3.nodes, cfg3.to_flat()), cfg3)
     lied, honest = (np.load(tmp_path / n / "global_model.npz")["item.weight"] for n in ("lies", "honest"))
     np.testing.assert_allclose(lied, honest, rtol=1e-5, atol=1e-6)
+
+
+# ---- issue 19: each kind of hostile reply, through the Flower records the server receives ---------------------
+
+_G = {"item.weight": torch.zeros(5, 2)}
+_HOME = {1: 10, 2: 10, 3: 20}
+
+
+def _records() -> RecordDict:
+    """An honest reply of node 10: device 1's update (4 events, 2 new)."""
+    rep = UpdateReport(4, 2, PrequentialCounts(2, 1.0, 0.5), 1.0, 3, 3, False, 0.1)
+    body = NodeReply()
+    body.add(DeviceUpdate(1, encode_delta({"item.weight": np.ones((5, 2), np.float32)}, "dense"), rep))
+    return to_records(encode_reply(body))
+
+
+def _collect(rd: RecordDict, limits: Limits | None = None):
+    """What the server makes of node 10's reply to round 1 (which asked it to train device 1)."""
+    try:
+        body = decode_reply(from_records(rd))
+    except MessageError as e:
+        return collect([Reply(1, 10, None, f"node 10: {e}")], _G, None, 1, _HOME, limits=limits)
+    return collect([Reply(1, 10, body, devices=frozenset({1}))], _G, None, 1, _HOME, limits=limits)
+
+
+def _metrics(**kw):
+    def lie(rd):
+        rd["metrics-1"] = MetricRecord({**dict(rd["metrics-1"]), **kw})
+    return lie
+
+
+def _npy(dtype: str, shape: tuple, payload: bytes, declared: tuple = (5, 2), stype: str = "numpy.ndarray"):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return Array(dtype=np.dtype(dtype).name if dtype != "|O" else "object", shape=declared, stype=stype,
+                 data=buf.getvalue() + payload)
+
+
+def _serve(devices: list[int], n: int):
+    def lie(rd):
+        b, k = len(BLENDS), len(devices)
+        rd["serve"] = MetricRecord({"devices": devices, "n": [n] * k, "start-hits": [float(n)] * k,
+                                    "start-ndcg": [float(n)] * k, "per-event-n": [n] * (b * k),
+                                    "hits": [float(n)] * (b * k), "ndcg": [float(n)] * (b * k)})
+    return lie
+
+
+_KINDS = {  # kind -> (how node 10 lies, what the failure says)
+    "metrics without delta": (lambda rd: rd.__delitem__("delta-1"), "without a delta"),
+    "num-examples -1": (_metrics(**{"num-examples": -1}), "num-examples"),
+    "num-examples nan": (_metrics(**{"num-examples": math.nan}), "num-examples"),
+    "num-examples inf": (_metrics(**{"num-examples": math.inf}), "num-examples"),
+    "n-new nan": (_metrics(**{"n-new": math.nan}), "n-new"),
+    "n-new above num-examples": (_metrics(**{"n-new": 100}), "n-new"),
+    "eval-n above n-new": (_metrics(**{"eval-n": 50, "eval-hits": 50.0}), "eval-n"),
+    "inflight not hosted": (lambda rd: rd.__setitem__("inflight-77", ConfigRecord({"base-round": 1, "due": 2})),
+                            "in flight"),
+    "inflight due for ever": (lambda rd: rd.__setitem__("inflight-1", ConfigRecord({"base-round": 1, "due": 10**9})),
+                              "not within"),
+    "non-integer error id": (lambda rd: rd.__setitem__("error-x", ConfigRecord({"reason": "a"})), "names no device"),
+    "non-integer metrics id": (lambda rd: rd.__setitem__("metrics-1.5", MetricRecord({"skipped": 0})),
+                               "names no device"),
+    "serve lists of unequal length": (lambda rd: (_serve([1], 1)(rd), rd["serve"].__setitem__("n", [1, 1])),
+                                      "serving report"),
+    "object array": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": _npy("|O", (5, 2), b"")})),
+                     "not plain numbers"),
+    "pickle payload": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": Array(
+        dtype="float32", shape=(5, 2), stype="numpy.ndarray", data=pickle.dumps(np.ones((5, 2), np.float32)))})),
+        "no readable numpy header"),
+    "unsupported serialisation": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": _npy(
+        "<f4", (5, 2), bytes(40), stype="torch.raw")})), "serialisation"),
+    "header claims 400 GB": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": _npy(
+        "<f4", (10**11,), bytes(40))})), "header shape"),
+    "array of the wrong shape": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": Array(
+        np.zeros(10**5, np.float32))})), "does not fit"),
+    "update for a device of another node": (lambda rd: (rd.__setitem__("delta-3", rd["delta-1"]),
+                                                        rd.__setitem__("metrics-3", rd["metrics-1"])),
+                                            "does not host"),
+    "update for a device not asked": (lambda rd: (rd.__setitem__("delta-2", rd["delta-1"]),
+                                                  rd.__setitem__("metrics-2", rd["metrics-1"])), "not asked"),
+    "400 fake served devices": (_serve(list(range(100, 500)), 50), "reported serving 400 devices"),
+    "served twice, absurd counts": (_serve([1, 1, 2], 10**9), "reported serving 3 devices"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_each_kind_of_hostile_reply_fails_alone_with_its_reason(kind):
+    lie, why = _KINDS[kind]
+    rd = _records()
+    lie(rd)
+    got = _collect(rd)
+    assert any(why in reason for _, reason in got.failed), got.failed
+    assert not got.inflight and not (got.served and got.served.per_device)
+    assert set(got.done) <= {1} and all(w == 4.0 for w in got.weights)  # the honest update (if its entry survived)
+
+
+def test_a_claimed_weight_is_cut_to_max_weight():
+    rd = _records()
+    _metrics(**{"num-examples": 10**12})(rd)
+    assert _collect(rd).weights == [10_000.0]
+    assert _collect(rd, Limits(max_weight=7, due_within=2)).weights == [7.0]
+    assert RunConfig().max_weight == 10_000 and Limits.of(RunConfig()) == Limits()
+
+
+def test_an_in_flight_notice_within_the_bound_is_taken():
+    rd = _records()
+    rd["inflight-1"] = ConfigRecord({"base-round": 1, "due": 3})
+    assert _collect(rd, Limits(max_weight=10, due_within=2)).inflight == {1: 3}
+    assert "not within" in _collect(rd, Limits(max_weight=10, due_within=1)).failed[0][1]
+
+
+def test_honest_serving_counts_are_taken():
+    rd = _records()
+    _serve([1, 2], 2)(rd)
+    got = _collect(rd)
+    assert [d for d, _ in got.served.per_device] == [1, 2] and not got.failed
+
+
+def test_a_node_without_a_store_never_echoes_the_file_the_server_names(tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:the secret first line\n")
+    with pytest.raises(RuntimeError) as e:
+        node_stream(RunConfig(data=str(secret)))
+    assert "first line" not in str(e.value) and "x:0:0" not in str(e.value) and str(secret) in str(e.value)
+
+
+def test_a_weight_attack_has_no_effect_beyond_the_cap(tmp_path):
+    """A device claiming 10**12 events moves the model exactly as one claiming max-weight events."""
+    kw = {"world_users": 40, "nodes": 2, "rounds": 2, "cohort": 40, "uptake_probe": False, "progress": False,
+          "engine": "local", "privacy": "none"}
+    models = []
+    for name, claim in (("huge", 10**12), ("cap", RunConfig().max_weight)):
+        cfg = RunConfig(**kw, out=str(tmp_path / name))
+        run_federation(LocalGrid(_weigher(claim), cfg.nodes, cfg.to_flat()), cfg)
+        models.append(np.load(tmp_path / name / "global_model.npz")["item.weight"])
+    np.testing.assert_array_equal(models[0], models[1])
+
+
+def _weigher(claim: int):
+    """Node 1001's first device claims ``claim`` events (n-new and eval-n kept within it)."""
+    def node(msg: Message, ctx):
+        rep = client_app(msg, ctx)
+        if rep.has_error() or msg.metadata.message_type != "train" or ctx.node_id != 1001:
+            return rep
+        mine = sorted(int(k[len("metrics-"):]) for k in rep.content.keys() if k.startswith("metrics-"))
+        if mine:
+            d = mine[0]
+            rep.content[f"metrics-{d}"] = MetricRecord({**dict(rep.content[f"metrics-{d}"]), "num-examples": claim})
+        return rep
+    return node

@@ -19,7 +19,7 @@ import pytest
 from opacus.accountants import create_accountant
 
 from fedrec.privacy.accounting import epsilon
-from fedrec.privacy.ledger import Ledger, LedgerError, Release
+from fedrec.privacy.ledger import Ledger, LedgerError, Release, line_hash
 
 DELTA = 1e-5
 
@@ -139,10 +139,11 @@ def test_torn_final_line_is_dropped_and_next_append_works(tmp_path, cut):
     with open(path, "a") as f:  # a crash mid-write: part of a line, no newline
         f.write(whole[:cut])
 
+    before = path.read_bytes()
     led = Ledger(path)
     assert led.torn_tail
     assert led.records == [server(1), server(2)]
-    assert path.read_text() == "".join(json.dumps(asdict(r)) + "\n" for r in (server(1), server(2)))
+    assert path.read_bytes() == before  # reading changes nothing: the torn record is cut by the next write
     led.append(server(4))
     assert [d["round"] for d in _lines(path)] == [1, 2, 4]
     again = Ledger(path)
@@ -165,11 +166,13 @@ def test_torn_line_ending_in_brace_is_dropped(tmp_path):
 def test_final_record_without_newline_then_append(tmp_path):
     path = tmp_path / "privacy_ledger.jsonl"
     Ledger(path).append(server(1))
+    prev = line_hash(path.read_bytes().rstrip(b"\n"))
     with open(path, "a") as f:
-        f.write(json.dumps(asdict(server(2))))  # whole record, newline lost
+        f.write(json.dumps({**asdict(server(2)), "prev": prev}))  # whole record, newline lost
     led = Ledger(path)
+    assert led.records == [server(1), server(2)] and not led.torn_tail
     led.append(server(3))
-    assert Ledger(path).records[-1] == server(3)
+    assert Ledger(path).records == [server(1), server(2), server(3)]
 
 
 @pytest.mark.parametrize("bad", [

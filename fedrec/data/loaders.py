@@ -385,9 +385,12 @@ def _parse_ml_field(field: str, role: str, src: str, line_no: int) -> int | floa
         raise DataError(f"{src}:{line_no}: the {label} is empty.")
     if role in ("user", "item"):
         try:
-            return int(s)
+            v = int(s)
         except ValueError:
             raise DataError(f"{src}:{line_no}: {label} {_show(field)} is not an integer.") from None
+        if not -(2**63) <= v < 2**63:
+            raise DataError(f"{src}:{line_no}: {label} {_show(field)} lies outside the 64-bit integer range.")
+        return v
     try:
         value = float(s)
     except ValueError:

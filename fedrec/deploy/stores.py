@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..clients.store import EventStore, StoreError
@@ -25,15 +28,40 @@ def fill_stores(cfg: RunConfig, devices: int, dir_: str | Path) -> list[Path]:
     paths = []
     for i in range(devices):
         p = d / f"device-{i}.sqlite"
+        if p.exists() and _half_created(p):
+            p.unlink()
         if p.exists():
             with EventStore(p) as s:
                 if s.device_id != i or s.n_items != log.n_items:
                     raise StoreError(f"{p} holds device {s.device_id} with {s.n_items} items, not device {i} with "
                                      f"{log.n_items}; use another --out.")
         else:
-            idx = stream.by_user[i]
-            with EventStore(p, create=True, device_id=i, n_items=log.n_items) as s:
-                s.record_many((int(log.item[e]), float(log.timestamp[e]), KINDS[int(log.kind[e])],
-                               float(log.weight[e])) for e in idx)
+            _create(p, i, log.n_items, ((int(log.item[e]), float(log.timestamp[e]), KINDS[int(log.kind[e])],
+                                         float(log.weight[e])) for e in stream.by_user[i]))
         paths.append(p)
     return paths
+
+
+def _create(p: Path, device: int, n_items: int, events: Iterable[tuple[int, float | None, str, float]]) -> None:
+    """Create and fill a store under a temporary name, then rename it into place.
+
+    A store is thus whole or absent: a fill killed half-way leaves only ``*.part`` files, which the
+    next fill removes and makes again (as it does a store of an older fedrec left empty by a kill).
+    """
+    part = p.with_name(p.name + ".part")
+    for leftover in (part, *(part.with_name(part.name + x) for x in ("-wal", "-shm", "-journal"))):
+        leftover.unlink(missing_ok=True)
+    with EventStore(part, create=True, device_id=device, n_items=n_items) as s:
+        s.record_many(events)
+    os.replace(part, p)
+
+
+def _half_created(p: Path) -> bool:
+    """An empty file, or an SQLite file with no table yet: what a kill during creation leaves behind."""
+    if p.stat().st_size == 0:
+        return True
+    try:
+        with sqlite3.connect(f"file:{p}?mode=ro", uri=True) as db:
+            return db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False  # not ours to remove: opening it says what is wrong

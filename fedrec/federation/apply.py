@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..aggregation import Aggregator
 from ..asynchrony import Update, discounted
@@ -110,6 +111,7 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
     counts = got.row_counts if state.buffer is None else ()  # row counts hold for one round's replies
     step.diag = aggregator.step(state.global_state, state.optimizer, deltas, weights, step.lr, got.presummed,
                                 counts=counts)
+    check_finite(state, r)
     frozen = bool(cfg.freeze_after and r > cfg.freeze_after)  # the static baseline freezes its graph too
     if state.graph is not None and not frozen:  # sums: summed in as they come, buffered or not
         state.graph.add(got.pairs)
@@ -121,6 +123,15 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
         state.last_fresh = max(state.last_fresh, *fresh)
     state.round = r
     return state, step
+
+
+def check_finite(state: ServerState, r: int) -> None:
+    """The server checks its own new version before it is published: a non-finite one stops the run (the last
+    checkpoint keeps the version before it)."""
+    bad = [k for k, v in state.global_state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FederationError(f"Round {r} produced a global model with non-finite values in {', '.join(bad)}, so it "
+                              "was not published and the run stops; lower clip, server-lr or lr.")
 
 
 def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step, ledger: Ledger, plan: RoundPlan,

@@ -112,6 +112,19 @@ class RowCheck:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one node may claim in a reply, from the run config (:meth:`of`); the defaults are the config's."""
+
+    max_weight: int = 10_000  #: ``max-weight``: an update weighs (and a device serves) at most this many events
+    due_within: int = 8  #: an in-flight update is due at most this many rounds after it was asked for
+
+    @classmethod
+    def of(cls, cfg) -> Limits:
+        """``max-weight``; in-flight updates due within ``max(slow-rounds, max-staleness)`` rounds."""
+        return cls(cfg.max_weight, max(cfg.slow_rounds, cfg.max_staleness, 1))
+
+
+@dataclass(frozen=True)
 class GraphCheck:
     """What the server checks a device's item pairs against: the catalogue size and the run's window."""
 
@@ -120,7 +133,8 @@ class GraphCheck:
 
 
 def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: float | None, round_: int,
-            home: Mapping[int, int], graph: GraphCheck | None = None, rows: RowCheck | None = None) -> Replies:
+            home: Mapping[int, int], graph: GraphCheck | None = None, rows: RowCheck | None = None,
+            limits: Limits | None = None) -> Replies:
     """Validate and unpack the replies of round ``round_`` (see the module docstring).
 
     With ``clip`` (user-level DP) every device weighs the same and a delta above the clip is refused;
@@ -130,21 +144,20 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
     with any later reply of its node). ``graph`` (the item graph is on) is what item pairs are checked
     against; without it, an update that carries pairs fails. ``rows`` (event noise at the aggregate): every
     update must carry its row counts, checked with its release; without it, one that carries them fails.
+    ``limits`` (default :class:`Limits`): the weight cap, and how far ahead an in-flight update may be due.
+    Serving counts count only for devices the node hosts, once a round each, of at most ``max_weight`` events.
     """
-    out, seen = Replies(), set[int]()
+    out, seen, served = Replies(), set[int](), set[int]()
+    limits = limits or Limits()
     for rep in replies:
         if rep.body is None:
             out.failed.append((rep.node, rep.error))
             continue
         node = rep.body
         if node.served is not None and rep.asked == round_:
-            out.served = out.served or Served()
-            for d, c in node.served.per_device:
-                out.served.counts.add(c)
-                out.served.per_device.append((d, c))
-            out.served.probes.append((node.served.probe_items, node.served.probe_hits))
+            _take_served(out, rep.node, node, home, served, limits.max_weight)
         out.failed += [(f.device, f.reason) for f in node.failures]
-        _take_asked(out, rep, node)
+        _take_asked(out, rep, node, limits.due_within)
         for u in node.updates:
             base = u.report.base_round if u.report.base_round is not None else rep.asked
             problem = _foreign(u.device, rep, home, seen, late=base < rep.asked)
@@ -152,18 +165,38 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
                 out.failed.append((u.device, problem))
                 continue
             seen.add(u.device)
-            _take(out, u, rep.asked, round_, gstate, clip, graph, rows)
+            _take(out, u, rep.asked, round_, gstate, clip, graph, rows, limits.max_weight)
     return out
 
 
-def _take_asked(out: Replies, rep: Reply, node: NodeReply) -> None:
-    """In-flight notices and budget skips, of the devices the request asked for only."""
+def _take_served(out: Replies, node: int, body: NodeReply, home: Mapping[int, int], served: set[int],
+                 most: int) -> None:
+    """A node's serving report: the devices it hosts, each once a round, with at most ``most`` events each."""
+    assert body.served is not None
+    out.served = out.served or Served()
+    refused = []
+    for d, c in body.served.per_device:
+        if home.get(d) != node or d in served or c.start.n > most or any(b.n > most for b in c.blends):
+            refused.append(d)
+            continue
+        served.add(d)
+        out.served.counts.add(c)
+        out.served.per_device.append((d, c))
+    if refused:
+        out.failed.append((node, f"node {node} reported serving {len(refused)} devices it does not host, twice, or "
+                                 f"with more than {most} events (e.g. {refused[:5]}); they are not counted"))
+    out.served.probes.append((body.served.probe_items, body.served.probe_hits))
+
+
+def _take_asked(out: Replies, rep: Reply, node: NodeReply, due_within: int) -> None:
+    """In-flight notices (due within ``due_within`` rounds) and budget skips, of the devices the request asked for only."""
     for i in node.inflight:
-        if i.device in rep.devices and i.due > rep.asked:
+        if i.device in rep.devices and rep.asked < i.due <= rep.asked + due_within:
             out.inflight[i.device] = i.due
         else:
             out.failed.append((i.device, f"node {rep.node} reports device {i.device} in flight, which it was "
-                                         f"not asked to train in round {rep.asked} (or due {i.due} is past)"))
+                                         f"not asked to train in round {rep.asked} (or due {i.due} is not within "
+                                         f"{due_within} rounds)"))
     for s in node.skips:
         if s.device in rep.devices:
             out.skipped += 1
@@ -183,9 +216,12 @@ def _foreign(d: int, rep: Reply, home: Mapping[int, int], seen: set[int], *, lat
 
 
 def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
-          clip: float | None, graph: GraphCheck | None, rows: RowCheck | None) -> None:
+          clip: float | None, graph: GraphCheck | None, rows: RowCheck | None, max_weight: int) -> None:
     d, m = u.device, u.report
     try:
+        problem = _wire_shapes(u.arrays, gstate)
+        if problem:
+            raise ValueError(problem)
         delta = decode_delta(u.arrays)
     except ValueError as e:
         out.failed.append((d, str(e)))
@@ -200,7 +236,7 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
         out.pairs.append(pairs)
         out.bytes_up += sum(v.nbytes for v in (u.pairs or {}).values())
     out.bytes_up += sum(v.nbytes for v in u.arrays.values())
-    weight = 1.0 if clip is not None else float(m.num_examples)
+    weight = 1.0 if clip is not None else float(min(m.num_examples, max_weight))  # a claim beyond it is cut
     ledger = {"steps": m.steps, "max-exposure": m.max_exposure}
     base = m.base_round if m.base_round is not None else asked
     if base < round_:
@@ -222,6 +258,20 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
     out.n_new.append(m.n_new)
     out.clipped.append(m.clipped)
     out.preclip.append(m.preclip_norm)
+
+
+def _wire_shapes(arrays: Mapping[str, np.ndarray], gstate: dict[str, torch.Tensor]) -> str | None:
+    """Why the wire arrays of a delta cannot be one of ``gstate``'s shape, checked before any is converted."""
+    for k, v in arrays.items():
+        name, _, part = k.rpartition(".") if k.endswith((".ids", ".rows")) else (k, "", "")
+        if name not in gstate:
+            return f"delta has an array {k!r}, which names no global parameter"
+        shape = tuple(gstate[name].shape)
+        ok = (v.shape == shape if not part else v.ndim == 1 and len(v) <= shape[0] if part == "ids"
+              else v.ndim == len(shape) and v.shape[0] <= shape[0] and v.shape[1:] == shape[1:])
+        if not ok:
+            return f"delta array {k!r} has shape {v.shape}, which does not fit {name} of shape {shape}"
+    return None
 
 
 def _pairs(u: DeviceUpdate, graph: GraphCheck | None) -> tuple[Pairs | None, str]:

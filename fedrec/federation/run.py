@@ -28,8 +28,8 @@ from ..report import RunRecorder
 from ..server_aggregate import pick_device
 from .apply import apply_round, round_metrics
 from .plan import Federation, RoundPlan, budget_spent, plan_round
-from .replies import GraphCheck, Replies, Reply, RowCheck, SecureSum, add_secure_sum, collect
-from .state import FederationError, ServerState, init_state, unfinished_checkpoint
+from .replies import GraphCheck, Limits, Replies, Reply, RowCheck, SecureSum, add_secure_sum, collect
+from .state import FederationError, ServerState, checkpoint_to_continue, init_state
 
 
 class Transport(Protocol):
@@ -119,7 +119,8 @@ def discover(transport: Transport, cfg: RunConfig, z_event: float) -> Federation
 def run_federation(transport: Transport, cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -> dict:
     """Run ``cfg.rounds`` rounds over the nodes ``transport`` reaches; returns the summary dict."""
     run = _Run.start(transport, cfg)
-    for r in range(run.state.round + 1, cfg.rounds + 1):
+    last = run.state.round if run.rebuild else cfg.rounds  # a finished run only rebuilds its outputs
+    for r in range(run.state.round + 1, last + 1):
         row = run.round(r)
         if row is None:
             break
@@ -142,9 +143,12 @@ class _Run:
     clock: Callable[[int], float]
     busy: dict[int, int] = field(default_factory=dict)  #: device -> round its held update is due
     version_of: dict[int, int] = field(default_factory=dict)  #: round -> the version it sent
+    rebuild: bool = False  #: a finished run whose outputs are missing: rebuild them, train nothing
 
     @classmethod
     def start(cls, transport: Transport, cfg: RunConfig) -> _Run:
+        """Set the run up. Nothing in ``out`` changes until every check (ledger, checkpoint, calibration) has
+        passed: a run that fails here leaves an earlier run's files as they were."""
         stream, why = _load_stream(cfg)
         rec = RunRecorder(cfg, stream=stream, no_stream=why)
         fed = discover(transport, cfg, event_noise(cfg))
@@ -154,7 +158,7 @@ class _Run:
         state = init_state(cfg, fed.n_items)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
-        first = _resume(fed, state, rec, len(ledger.records))
+        first, rebuild = _resume(fed, state, rec, ledger)
         # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones
         seeds = [cfg.seed, len(ledger.records)] + ([first] if first > 1 else [])
         noise_gen = torch.Generator().manual_seed(
@@ -162,8 +166,10 @@ class _Run:
         agg = aggregation.from_config(cfg, noise_multiplier=fed.z_event if cfg.aggregate_noise else fed.z_user,
                                       expected_devices=fed.q_user * len(fed.home),
                                       generator=noise_gen)
-        return cls(transport, fed, state, ledger, rec, np.random.default_rng([seeds[0], 7, *seeds[1:]]), agg,
-                   _clock(cfg, stream, rec))
+        run = cls(transport, fed, state, ledger, rec, np.random.default_rng([seeds[0], 7, *seeds[1:]]), agg,
+                  _clock(cfg, stream, rec), rebuild=rebuild)
+        rec.begin()
+        return run
 
     def round(self, r: int) -> dict | None:
         """Round ``r``: its metrics line, or None when the run stops here (user-level budget spent)."""
@@ -174,6 +180,9 @@ class _Run:
         if stop:
             return self._skip(r, stop, t0)
         busy_nodes = self.transport.busy_nodes()
+        # a held update that never arrives must not keep its device out of every later cohort
+        grace = max(1, cfg.max_staleness)
+        self.busy = {d: due for d, due in self.busy.items() if due + grace >= r}
         plan = plan_round(self.fed, r, self.rng, busy=self.busy, busy_nodes=busy_nodes,
                           due=[d for d, due in self.busy.items() if due <= r])
         host = self.state.host_state()
@@ -201,7 +210,7 @@ class _Run:
         rows = row_check(cfg, self.fed.n_items)
         if cfg.secure_aggregation:
             served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
-            got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows)
+            got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows, Limits.of(cfg))
             add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node))
             return got
         enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
@@ -209,7 +218,7 @@ class _Run:
         # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
         # on the order, and the same seed must give the same model on any engine
         return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
-                       self.fed.home, graph, rows)
+                       self.fed.home, graph, rows, Limits.of(cfg))
 
     def _record(self, r: int, got: Replies, extra: dict) -> dict:
         served = got.served if self.fed.cfg.serve_eval else None
@@ -230,39 +239,50 @@ class _Run:
         return row
 
     def _checkpoint(self, finished: bool = False) -> None:
+        """The state after a round (with what it holds of the ledger): written after the round's releases."""
         self.state.run_info = self.rec.state_dict()
-        self.state.save(Path(self.fed.cfg.out) / "checkpoint.npz", self.fed.cfg, finished=finished)
+        self.state.save(Path(self.fed.cfg.out) / "checkpoint.npz", self.fed.cfg, finished=finished,
+                        ledger=self.ledger.mark())
 
     def finish(self) -> dict:
+        """Write every output, and only then mark the run finished: a crash before that resumes after the last
+        round, trains nothing and writes the outputs again, so no release is ever spent twice."""
         waiting = (len(self.state.buffer.items) if self.state.buffer is not None else 0,
                    len(self.busy) + self.transport.in_flight())
         if any(waiting):
             self.rec.note(f"at the end {waiting[0]} updates were still buffered and {waiting[1]} devices' updates "
                           "still in flight; they were not applied")
-        self._checkpoint(finished=True)
         final = {k: v.detach().cpu() for k, v in self.state.global_state.items()}
         fed = self.fed
         report = privacy_report(fed.cfg, self.ledger, z_event=fed.z_event, z_user=fed.z_user, q_user=fed.q_user,
                                 population=len(fed.population), stopped=self.state.stopped)
-        return self.rec.finish(final, report)
+        summary = self.rec.finish(final, report)
+        self._checkpoint(finished=True)
+        return summary
 
 
-def _resume(fed: Federation, state: ServerState, rec: RunRecorder, earlier: int) -> int:
-    """Continue an unfinished run from the checkpoint in ``out``, if any; the first round to run."""
+def _resume(fed: Federation, state: ServerState, rec: RunRecorder, ledger: Ledger) -> tuple[int, bool]:
+    """Continue from the checkpoint in ``out``, if any (:func:`.state.checkpoint_to_continue`): the first
+    round to run, and whether the run had finished (its outputs are only rebuilt)."""
     path = Path(fed.cfg.out) / "checkpoint.npz"
-    ck = unfinished_checkpoint(fed.cfg, state, path)
+    ck = checkpoint_to_continue(fed.cfg, state, path, ledger)
     if ck is None:
-        return 1
-    if fed.z_event and not fed.durable:
+        return 1, False
+    finished = bool(ck["run"].get("finished"))
+    if fed.z_event and not fed.durable and not finished and ck["round"] < fed.cfg.rounds:
         raise FederationError(
             f"Cannot resume {path} under event-level DP: these nodes keep device state in memory "
             "(simulation), so each device's record of how often its events were used would restart; "
             "start anew (resume = false) or deploy devices with stores.")
     state.load_state_dict(ck)
     rec.load_state_dict(state.run_info)
-    rec.note(f"resuming after round {state.round} from the checkpoint {path}; "
-             f"the privacy ledger holds {earlier} earlier releases")
-    return state.round + 1
+    if finished:
+        rec.note(f"the run of the checkpoint {path} finished, but some of its outputs are missing; they are "
+                 "written again from it, and nothing is trained")
+    else:
+        rec.note(f"resuming after round {state.round} from the checkpoint {path}; "
+                 f"the privacy ledger holds {len(ledger.records)} earlier releases")
+    return state.round + 1, finished
 
 
 def _load_stream(cfg: RunConfig) -> tuple[Any, str]:

@@ -23,6 +23,7 @@ from ..itemgraph import KEYS as GRAPH_KEYS
 from ..itemgraph import ItemGraph
 from ..models import model_from_config
 from ..privacy.accounting import graph_multiplier
+from ..privacy.ledger import Ledger
 from ..server_aggregate import pick_device
 from ..server_lr import ServerLR
 from ..server_opt import ServerOptimizer
@@ -60,17 +61,19 @@ class ServerState:
         nodes; :func:`fedrec.itemgraph.split` parts them)."""
         return {**{k: v.detach().cpu().numpy() for k, v in self.global_state.items()}, **self.graph_table}
 
-    def state_dict(self, cfg: RunConfig, *, finished: bool = False) -> dict:
-        """The checkpoint: what :func:`fedrec.checkpoint.save_checkpoint` writes."""
+    def state_dict(self, cfg: RunConfig, *, finished: bool = False, ledger: dict | None = None) -> dict:
+        """The checkpoint: what :func:`fedrec.checkpoint.save_checkpoint` writes; ``ledger`` is what it records
+        of the privacy ledger (:meth:`fedrec.privacy.ledger.Ledger.mark`)."""
         meta, arrays = self.buffer.state() if self.buffer is not None else ([], {})
         return {"round_": self.round, "global_state": self.global_state, "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr.state_dict(), "buffer": arrays,
                 "graph": {**self.graph.state(), **self.graph_table} if self.graph is not None else {},
                 "run": {"finished": finished, "last_fresh": self.last_fresh, "stopped": self.stopped,
-                        "version": self.version, "buffer": meta, "config": resume_key(cfg), "recorder": self.run_info}}
+                        "version": self.version, "buffer": meta, "config": resume_key(cfg), "recorder": self.run_info,
+                        "ledger": ledger or {}}}
 
-    def save(self, path: Path, cfg: RunConfig, *, finished: bool = False) -> None:
-        save_checkpoint(path, **self.state_dict(cfg, finished=finished))
+    def save(self, path: Path, cfg: RunConfig, *, finished: bool = False, ledger: dict | None = None) -> None:
+        save_checkpoint(path, **self.state_dict(cfg, finished=finished, ledger=ledger))
 
     def load_state_dict(self, ck: dict) -> None:
         """Continue from a checkpoint (:func:`fedrec.checkpoint.load_checkpoint`'s output)."""
@@ -114,16 +117,27 @@ def new_graph(cfg: RunConfig, n_items: int) -> ItemGraph | None:
     return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed)
 
 
-def unfinished_checkpoint(cfg: RunConfig, state: ServerState, path: Path) -> dict | None:
-    """The checkpoint in ``path`` this run continues (same config and shapes), or None to start anew."""
+#: the outputs a finished run has written (a finished checkpoint without them rebuilds them)
+OUTPUTS = ("metrics.jsonl", "summary.json", "global_model.npz")
+
+
+def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledger: Ledger) -> dict | None:
+    """The checkpoint in ``path`` this run continues, or None to start anew.
+
+    An unfinished checkpoint must have this run's config and shapes; a finished one is continued (to rebuild
+    its outputs, training nothing) only where an output is missing and the config is the same. Either way
+    the privacy ledger must still hold what the checkpoint recorded of it (:meth:`Ledger.check_mark`).
+    """
     if not (cfg.resume and path.exists()):
         return None
     ck = load_checkpoint(path)
-    if ck["run"].get("finished", True):
-        return None
+    ledger.check_mark(ck["run"].get("ledger", {}), path)
     was = ck["run"].get("config", {})
     diff = [k for k, v in resume_key(cfg).items() if k in was and was[k] != v]
-    if diff:
+    if ck["run"].get("finished", True):
+        if diff or all((path.parent / name).is_file() for name in OUTPUTS):
+            return None
+    elif diff:
         k = diff[0]
         raise ResumeError(f"The checkpoint {path} belongs to a run with {k} = {was[k]!r}, not {cfg.to_flat()[k]!r}; "
                           "use another --out, or resume = false to start anew there.")
@@ -131,6 +145,10 @@ def unfinished_checkpoint(cfg: RunConfig, state: ServerState, path: Path) -> dic
     want = {k: tuple(v.shape) for k, v in state.global_state.items()}
     if shapes != want:
         raise ResumeError(f"The checkpoint {path} holds a model of shapes {shapes}, this run builds {want}.")
+    rows = ck["run"].get("recorder", {}).get("rows", [])
+    if (rows[-1].get("round") if rows else 0) != ck["round"]:
+        raise ResumeError(f"The checkpoint {path} is at round {ck['round']} but holds the metrics of round "
+                          f"{rows[-1].get('round') if rows else 0}; it was edited or damaged, so use another --out.")
     return ck
 
 

@@ -100,7 +100,8 @@ def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta
     while epsilon([(hi, sample_rate, steps), *extra], delta, accountant) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise ValueError(f"No noise multiplier reaches epsilon={target_epsilon} in {steps} steps.")
+            raise ValueError(f"No noise multiplier up to 10000 keeps {steps} releases at sampling rate {sample_rate:g} "
+                             f"within epsilon={target_epsilon:g}; raise epsilon or delta, or release less.")
     for _ in range(40):
         mid = (lo + hi) / 2
         if epsilon([(mid, sample_rate, steps), *extra], delta, accountant) > target_epsilon:

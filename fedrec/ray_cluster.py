@@ -1,0 +1,69 @@
+"""Where the Ray engine runs: a local Ray bound to loopback, or an existing Ray cluster.
+
+``fedrec simulate`` (``engine = "ray"``) hands Flower's Simulation Engine a backend config;
+Flower's ``RayBackend`` calls ``ray.init(**init_args)`` with it. With ``ray-address`` empty (and no
+``RAY_ADDRESS`` in the environment) that call starts a private Ray on this machine with one CPU per
+Flower node, every server of it bound to 127.0.0.1; with ``auto`` or ``host:port`` it joins the
+cluster whose head is there, and Ray schedules the nodes' work over every machine of the cluster
+(docs/scale.md). No Flower import here; Ray is imported only by :func:`pin_node_ip`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: hosts that name this machine's loopback interface
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+#: Ray's switch between a loopback node IP and the machine's outward one (read from this variable
+#: at import; named for the platforms where loopback is Ray's default)
+CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def is_ray_address(address: str) -> bool:
+    """Whether a ``ray-address`` value has a form Ray joins: empty (none), ``auto``, or ``host:port``."""
+    if address in ("", "auto"):
+        return True
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and not any(c.isspace() for c in host))
+
+
+def cluster_address(ray_address: str) -> str:
+    """The cluster to join: the ``ray-address`` key, else ``RAY_ADDRESS``, else "" (start a local Ray)."""
+    return ray_address or os.environ.get("RAY_ADDRESS", "").strip()
+
+
+def on_loopback(address: str) -> bool:
+    """Whether Ray's processes on this machine use 127.0.0.1: a local Ray, or a cluster on loopback."""
+    return not address or address.rpartition(":")[0] in LOOPBACK
+
+
+def backend_config(nodes: int, address: str) -> dict[str, Any]:
+    """Flower's Ray backend config: one CPU per virtual node's actor, and the ``ray.init`` arguments.
+
+    A local Ray gets ``nodes`` CPUs, hence ``nodes`` actors. On a cluster Flower creates one actor per
+    CPU of each machine and Ray spreads them; ``num_cpus`` must not be given when joining.
+    """
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True}
+    if address:
+        init["address"] = address
+    else:
+        init.update(num_cpus=nodes, _node_ip_address="127.0.0.1")
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init}
+
+
+def pin_node_ip(address: str) -> None:
+    """Make this process's Ray use 127.0.0.1 as its node IP when the run stays on loopback, else the outward IP.
+
+    On Linux Ray turns 127.0.0.1 (``_node_ip_address``, ``--node-ip-address``) into the machine's
+    outward IP, and its servers (GCS, raylet, workers, object manager) then listen on every
+    interface: anyone who reaches the machine could run code in it. Ray's only switch to a loopback
+    node IP is ``ray_constants.ENABLE_RAY_CLUSTER``, read from :data:`CLUSTER_ENV` at import; it is set
+    here (and in the environment, for the processes Ray starts) before ``ray.init``. When joining a
+    cluster on other machines the outward IP is kept: the cluster's workers must reach this driver.
+    """
+    loopback = on_loopback(address)
+    os.environ[CLUSTER_ENV] = "0" if loopback else "1"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = not loopback
