@@ -133,6 +133,11 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
     out = handle(arrays, conf, ins, context, serve=False)
     cfg = run_config(conf)
+    if cfg.aggregate_noise and len(out.updates) < len(ins.devices):
+        # a device that skipped or failed adds no noise share, yet its node would count towards the threshold
+        # of nodes SecAgg+ unmasks with: the node drops out of this round instead
+        raise RuntimeError(f"{len(ins.devices) - len(out.updates)} of this node's devices have no update this round; "
+                           "the node leaves the secure round (its devices' noise shares would be missing)")
     if cfg.aggregate_noise:
         vectors = _share_vectors(out, keys, arrays, cfg, ins, int(conf["share-devices"]), context)
     else:

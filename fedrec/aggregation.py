@@ -85,6 +85,8 @@ def per_row_mean(gstate: State, deltas: Sequence[dict], weights: Sequence[float]
     mean, and so do all other parameters. A row only few devices had moves as fast as a popular one, and the
     negatives of the many do not swamp it."""
     total = float(sum(weights))
+    if total <= 0:  # no device weighs anything: no update
+        return {k: torch.zeros_like(v) for k, v in gstate.items()}
     acc = weighted_sum(gstate, deltas, [w / total for w in weights])
     for k in tables:
         if k not in acc:
@@ -168,7 +170,8 @@ class AggregateGaussian:
 
     The deltas are the devices' releases (sums of clipped event gradients times ``-lr``, sparse rows of the
     one item table), ``counts`` their positive-item counts. Noisy counts select the rows that change; those
-    rows get the gradient noise and are divided by their noisy count (``row_average``) or by the noisy total.
+    rows get the gradient noise and are divided by their noisy count (``row_average``) or by the selected rows'
+    noisy total.
     With ``presummed`` (SecAgg+) the sum already carries the noise, as the devices' shares; ``presummed = 0``
     (no sum with the full noise could be unmasked) releases nothing. Otherwise it releases even when no
     device replied (the accountant counts the release either way).
@@ -186,7 +189,7 @@ class AggregateGaussian:
         if presummed == 0:  # SecAgg+ unmasked no sum that carries the full noise: nothing is released
             return {"update_norm": 0.0, "rows_selected": 0}
         like = gstate[self.table]
-        ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [d[self.table] for d in deltas], list(counts),
+        ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [_sparse(d[self.table]) for d in deltas], list(counts),
                                      sensitivity=self.sensitivity, split=self.noise, threshold=self.threshold,
                                      row_average=self.row_average, generator=self.generator, device=like.device,
                                      noised=presummed is not None)
@@ -221,7 +224,7 @@ class UserRows:
         ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [_sparse(d[self.table]) for d in deltas],
                                      list(counts), sensitivity=self.clip, split=self.noise, threshold=self.threshold,
                                      row_average=self.row_average, generator=self.generator, device=like.device,
-                                     total=self.expected_devices)
+                                     total=self.expected_devices, bound_by_counts=False)
         rest = {k: v for k, v in gstate.items() if k != self.table}
         mean, _ = noisy_mean(rest, [{k: d[k] for k in rest} for d in deltas], clip=self.clip,
                              noise_multiplier=self.noise.grad, expected_devices=self.expected_devices,

@@ -291,15 +291,21 @@ def _release(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.
         empty = (np.zeros(0, np.int64), np.zeros((0, params[model.global_names[0]].shape[1]), np.float32))
         return 0, {model.global_names[0]: empty}, \
             {k: params[k].detach().numpy().copy() for k in model.local_names}, (np.zeros(0, np.int64),) * 2
-    cand = torch.from_numpy(np.flatnonzero(~seen))
-    if len(cand) == 0:
-        cand = torch.arange(model.n_items)
-    batch, _ = model.samples(events, rounds, train, cand, negatives=cfg.negatives, generator=g)
+    batch, _ = model.samples(events, rounds, train, _negatives(model, seen, cfg), negatives=cfg.negatives, generator=g)
     delta, counts = model.clipped_release(
         batch, sample_rate=cfg.sample_rate, lr_global=cfg.lr, lr_local=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
         clip=cfg.event_clip, noise_multiplier=split(noise_multiplier, cfg.count_share).grad, generator=g)
     local = {k: params[k].detach().numpy().copy() for k in model.local_names}
     return 1, delta, local, counts
+
+
+def _negatives(model: RecModel, seen: np.ndarray, cfg: RunConfig) -> torch.Tensor:
+    """The candidate negatives of an update: the items the user has not had; under event-level DP the whole
+    catalogue, since a candidate set made of the device's other events would let one event shape every other
+    event's sampled negatives, outside the per-event bound (a negative equal to its event's positive adds
+    nothing: the two rows' gradients cancel)."""
+    cand = torch.arange(model.n_items) if cfg.event_dp else torch.from_numpy(np.flatnonzero(~seen))
+    return cand if len(cand) else torch.arange(model.n_items)
 
 
 def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,
@@ -314,11 +320,7 @@ def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: n
     ``cfg.event_clip``, noise ``noise_multiplier * clip`` on the sum, normalised by the expected batch
     size); a DP step whose Poisson batch is empty still adds noise, as the accountant assumes.
     """
-    # negatives: uniform over items the user has not had, fixed for this update
-    cand = torch.from_numpy(np.flatnonzero(~seen))
-    if len(cand) == 0:
-        cand = torch.arange(model.n_items)
-    batch, weight = model.samples(events, rounds, train, cand, negatives=cfg.negatives, generator=g,
+    batch, weight = model.samples(events, rounds, train, _negatives(model, seen, cfg), negatives=cfg.negatives, generator=g,
                                   sessions=private)
     # the item table (global) and the user vector (local) take separate step sizes: the user vector
     # receives DP noise of the same std on each step but only its own signal, so it needs a

@@ -280,9 +280,11 @@ class RunConfig:
              "can be aggregate only with model = mf and update-backend = auto (the closed-form clipped release)")
         need(not self.select_rows or (self.privacy == "user" and not self.secure_aggregation), "select-rows",
              "needs privacy = user without secure-aggregation (the server reads each device's row counts)")
-        need(not self.row_average or self.privacy == "none" or self.aggregate_noise or self.select_rows, "row-average",
-             "needs privacy = none, privacy = event with event-noise = aggregate, or privacy = user with select-rows "
-             "(the modes whose row counts the server has)")
+        need(not (self.select_rows and self.model == "sasrec"), "select-rows",
+             "cannot be used with model = sasrec (its start and padding rows have no item counts)")
+        need(not self.row_average or self.privacy == "none" or self.aggregate_noise, "row-average",
+             "needs privacy = none, or privacy = event with event-noise = aggregate (the modes whose row counts the "
+             "server has)")
         need(not (self.row_average and self.async_buffer), "async-buffer",
              "must be 0 with row-average (row counts hold for one round's replies)")
         need(not (self.aggregate_noise and self.async_buffer), "async-buffer",

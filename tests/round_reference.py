@@ -11,7 +11,10 @@ line's ``start_hr@10``/``start_ndcg@10`` equal to the old ``hr@10``/``ndcg@10`` 
 the round-start metric), every other field equal but the bytes (item pairs up, the graph's table down),
 the per-event metrics and the new baseline columns. Issue 17 added the ``noise`` field to the privacy
 report's event block (``device`` in these cases): the files were written again after checking that it is
-the only difference, and the two new cases (``aggregate``, ``row-average``) were added.
+the only difference, and the two new cases (``aggregate``, ``row-average``) were added. Then event-level
+DP changed on purpose (negatives from the whole catalogue, so that one event shapes no other event's
+negatives; the selected rows' noisy total as the normaliser at the aggregate): exactly the event-level
+cases (event, both, median, neumf, slow-sync, aggregate) were written again; every other case is unchanged.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ def test_toy_row_average() -> None:
 def test_toy_global_normaliser() -> None:
     ids, rows, diag = _toy(threshold=1.5, row_average=False)
     assert ids.tolist() == [0, 2, 4]
-    assert diag["normaliser"] == 7.5  # sum of all noisy counts
-    np.testing.assert_allclose(rows.numpy(), np.array([[1, 2], [4, 5], [0, 0]]) / 7.5, rtol=1e-6)
+    assert diag["normaliser"] == 7.0  # the selected rows' noisy counts: 2 + 2 + 3 (not all rows': 7.5)
+    np.testing.assert_allclose(rows.numpy(), np.array([[1, 2], [4, 5], [0, 0]]) / 7.0, rtol=1e-6)
 
 
 def test_toy_threshold_scales_with_count_noise_and_normaliser_is_clamped() -> None:
@@ -130,7 +130,7 @@ def test_matches_dense_reference(data: st.DataObject) -> None:
         dense[i] += r
         c[ci] += cv
     sel = np.flatnonzero(c > threshold * 1.5)
-    norm = np.maximum(c[sel], 1.0)[:, None] if row_average else max(c.sum(), 1.0)
+    norm = np.maximum(c[sel], 1.0)[:, None] if row_average else max(c[sel].sum(), 1.0)
     assert ids.tolist() == sel.tolist()
     np.testing.assert_allclose(rows.numpy(), dense[sel] / norm, rtol=1e-5, atol=1e-5)
 

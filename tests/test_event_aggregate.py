@@ -192,3 +192,55 @@ def test_user_level_selected_rows_change_and_nothing_else(tmp_path):
     start = init_state(cfg, final.shape[0]).global_state["item.weight"].numpy()
     changed = int(np.any(final != start, axis=1).sum())
     assert 0 < changed <= selected < final.shape[0]  # a sparse release: most of the table carries no noise
+
+
+# ---- what a review found -------------------------------------------------------------------------------------
+def test_a_dense_table_in_a_release_is_summed_not_a_crash():
+    from fedrec.aggregation import AggregateGaussian
+    from fedrec.server_opt import ServerOptimizer
+
+    dense = np.zeros((V, 2), np.float32)
+    dense[3] = [0.5, -0.5]
+    agg = AggregateGaussian("item.weight", sensitivity=1.0, noise=split(1.0, 0.1), threshold=0.0, row_average=True,
+                            generator=torch.Generator().manual_seed(0))
+    g = {"item.weight": torch.zeros(V, 2)}
+    diag = agg.step(g, ServerOptimizer("fedavg"), [{"item.weight": dense}], [1.0], 1.0,
+                    counts=[(np.array([3]), np.array([1.0]))])
+    assert diag["rows_selected"] > 0 and torch.isfinite(g["item.weight"]).all()
+
+
+def test_per_row_mean_with_no_weight_moves_nothing():
+    from fedrec.aggregation import per_row_mean
+
+    g = {"item.weight": torch.zeros(V, 2)}
+    out = per_row_mean(g, [{"item.weight": (np.array([1]), np.ones((1, 2), np.float32))}], [0.0],
+                       [(np.array([1]), np.array([1]))], ("item.weight",))
+    assert float(out["item.weight"].abs().sum()) == 0.0
+
+
+def test_a_new_simulated_event_run_on_an_event_ledger_is_refused(tmp_path):
+    from fedrec.federation.state import FederationError
+
+    cfg = RunConfig(world_users=40, nodes=2, rounds=1, cohort=20, uptake_probe=False, progress=False, engine="local",
+                    privacy="event", event_noise="aggregate", local_steps=1, epsilon=8.0, item_graph="off",
+                    out=str(tmp_path / "run"))
+    run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)  # finished, outputs written
+    before = (tmp_path / "run" / "privacy_ledger.jsonl").read_bytes()
+    again = RunConfig.from_mapping({**cfg.to_flat(), "rounds": 1, "seed": 1})
+    with pytest.raises(FederationError, match="new --out"):
+        run_federation(LocalGrid(client_app, again.nodes, again.to_flat()), again)
+    assert (tmp_path / "run" / "privacy_ledger.jsonl").read_bytes() == before
+
+
+def test_a_deployed_server_keeps_a_secret_in_its_checkpoint(tmp_path):
+    from fedrec.checkpoint import load_checkpoint
+    from fedrec.federation.state import init_state, mixed_seed
+
+    cfg = RunConfig(privacy="event", event_noise="aggregate", local_steps=1, epsilon=8.0)
+    state = init_state(cfg, 50)
+    state.secret = 12345
+    state.save(tmp_path / "ck.npz", cfg)
+    back = init_state(cfg, 50)
+    back.load_state_dict(load_checkpoint(tmp_path / "ck.npz"))
+    assert back.secret == 12345 and back.graph is not None and back.graph.seed == mixed_seed(cfg.seed, 12345)
+    assert mixed_seed(cfg.seed, 0) == cfg.seed and mixed_seed(cfg.seed, 1) != mixed_seed(cfg.seed, 2)

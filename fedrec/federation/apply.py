@@ -51,10 +51,6 @@ def record_device_releases(fed: Federation, ledger: Ledger, got: Replies, r: int
     if not fed.z_event:
         return
     cfg = fed.cfg
-    if cfg.graph_noised and not any(x.kind == "graph-gaussian" for x in ledger.records):
-        (z, q, n), = graph_records(cfg)  # the graph's whole run, written before its first noisy release
-        ledger.append(Release(kind="graph-gaussian", unit="event", round=r, noise_multiplier=z, sample_rate=q,
-                              steps=n, extra={"window": cfg.pair_window}))
     if cfg.aggregate_noise:
         ledger.append(*[Release(kind="aggregate-gaussian", unit="event", round=r, noise_multiplier=fed.z_event,
                                 sample_rate=cfg.sample_rate, steps=m["steps"], clip=cfg.event_clip,
@@ -66,6 +62,15 @@ def record_device_releases(fed: Federation, ledger: Ledger, got: Replies, r: int
                             subject=f"device-{d}", max_steps_per_event=m["max-exposure"])
                     for d, m in zip(got.done + [u.device for u in got.late], got.metrics + got.late_metrics,
                                     strict=True) if m["steps"]])
+
+
+def record_graph(fed: Federation, ledger: Ledger, state: ServerState, r: int) -> None:
+    """The noisy item graph's one record, before its first release: it covers all of this graph's releases
+    (a graph started anew, in a new run on the same ledger, is another mechanism and gets its own)."""
+    if fed.cfg.graph_noised and state.graph is not None and state.graph.releases == 0:
+        (z, q, n), = graph_records(fed.cfg)
+        ledger.append(Release(kind="graph-gaussian", unit="event", round=r, noise_multiplier=z, sample_rate=q,
+                              steps=n, extra={"window": fed.cfg.pair_window}))
 
 
 def select(state: ServerState, got: Replies, r: int) -> tuple[list, list, Step, list[int]]:
@@ -114,6 +119,7 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
     check_finite(state, r)
     frozen = bool(cfg.freeze_after and r > cfg.freeze_after)  # the static baseline freezes its graph too
     if state.graph is not None and not frozen:  # sums: summed in as they come, buffered or not
+        record_graph(fed, ledger, state, r)
         state.graph.add(got.pairs)
     if state.buffer is None or deltas:  # a new version is published (async: only when the buffer is applied)
         state.version += 1
@@ -147,7 +153,7 @@ def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step,
             "bytes_down_serving": down * len(served.per_device) if served else 0, "skipped_budget": got.skipped,
             "frac_clipped": (sum(got.clipped) / len(got.clipped)) if cfg.user_dp and got.clipped else None,
             "mean_preclip_norm": float(np.mean(got.preclip)) if cfg.user_dp and got.preclip else None,
-            "noise_std": diag.get("noise_std"), "snr": _num(diag.get("snr")),
+            "noise_std": _num(diag.get("noise_std")), "snr": _num(diag.get("snr")),
             "update_norm": diag.get("update_norm", 0.0), "server_lr": step.lr, "bounded": got.bounded,
             "rows_bounded": got.rows_bounded,
             "robust_trimmed_share": diag.get("robust_trimmed_share"), "late": late_now,

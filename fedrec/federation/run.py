@@ -9,6 +9,7 @@ continued run never replays earlier draws), the checkpoint after every round, an
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..server_aggregate import pick_device
 from .apply import apply_round, round_metrics
 from .plan import Federation, RoundPlan, budget_spent, plan_round
 from .replies import GraphCheck, Limits, Replies, Reply, RowCheck, SecureSum, add_secure_sum, collect
-from .state import FederationError, ServerState, checkpoint_to_continue, init_state
+from .state import FederationError, ServerState, checkpoint_to_continue, init_state, mixed_seed
 
 
 class Transport(Protocol):
@@ -159,8 +160,12 @@ class _Run:
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)
-        # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones
-        seeds = [cfg.seed, len(ledger.records)] + ([first] if first > 1 else [])
+        if first == 1:
+            _fresh_start(fed, state, ledger)
+        # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones; a
+        # deployed server mixes in its secret (kept in its checkpoint), so no node can redraw the noise
+        seeds = [cfg.seed, len(ledger.records)] + ([first] if first > 1 else []) + \
+            ([state.secret] if state.secret else [])
         noise_gen = torch.Generator().manual_seed(
             int(np.random.SeedSequence([seeds[0], 11, *seeds[1:]]).generate_state(1)[0]))
         agg = aggregation.from_config(cfg, noise_multiplier=fed.z_event if cfg.aggregate_noise else fed.z_user,
@@ -259,6 +264,20 @@ class _Run:
         summary = self.rec.finish(final, report)
         self._checkpoint(finished=True)
         return summary
+
+
+def _fresh_start(fed: Federation, state: ServerState, ledger: Ledger) -> None:
+    """A run that starts at round 1: a new server secret where the server must keep its noise to itself
+    (deployment: the run's seed travels to every node), and no new event-level run in simulation on a ledger
+    that already composes event-level releases (simulated devices restart their exposure counts)."""
+    if fed.z_event and not fed.durable and any(r.unit == "event" for r in ledger.records):
+        raise FederationError(
+            f"Cannot start a new event-level run on the ledger {ledger.path}: it holds an earlier run's event-level "
+            "releases, and simulated devices, which keep their state in memory, would count their events' use "
+            "from zero again; use a new --out.")
+    state.secret = secrets.randbits(63) if fed.durable else 0
+    if state.graph is not None:
+        state.graph.seed = mixed_seed(fed.cfg.seed, state.secret)
 
 
 def _resume(fed: Federation, state: ServerState, rec: RunRecorder, ledger: Ledger) -> tuple[int, bool]:

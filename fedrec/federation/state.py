@@ -55,6 +55,9 @@ class ServerState:
     last_fresh: int = 0  #: the newest round whose events the published model reflects
     stopped: str = ""  #: why user-level releases stopped (budget spent), else empty
     run_info: dict = field(default_factory=dict)  #: the run's own record (metrics so far), kept for a resume
+    #: deployment: entropy only the server knows, mixed into the seeds of its noise (0 in simulation: same seed,
+    #: same run); kept in the checkpoint, so a resumed graph draws what the uninterrupted one would
+    secret: int = 0
 
     def host_state(self) -> dict[str, np.ndarray]:
         """The global parameters as numpy arrays on the CPU and the item graph's table (what is sent to the
@@ -70,7 +73,7 @@ class ServerState:
                 "graph": {**self.graph.state(), **self.graph_table} if self.graph is not None else {},
                 "run": {"finished": finished, "last_fresh": self.last_fresh, "stopped": self.stopped,
                         "version": self.version, "buffer": meta, "config": resume_key(cfg), "recorder": self.run_info,
-                        "ledger": ledger or {}}}
+                        "ledger": ledger or {}, "secret": str(self.secret)}}
 
     def save(self, path: Path, cfg: RunConfig, *, finished: bool = False, ledger: dict | None = None) -> None:
         save_checkpoint(path, **self.state_dict(cfg, finished=finished, ledger=ledger))
@@ -87,10 +90,18 @@ class ServerState:
         self.version = int(run.get("version", ck["round"]))
         if self.buffer is not None:  # the updates that were waiting are applied as if no restart happened
             self.buffer.load(run.get("buffer", []), ck["buffer"])
+        self.secret = int(run.get("secret", "0"))
+        if self.graph is not None and self.secret:
+            self.graph.seed = mixed_seed(self.graph.seed, self.secret)
         graph = ck.get("graph", {})
         if self.graph is not None and graph:  # the sums, and the table as published (not recomputed)
             self.graph.load({k: v for k, v in graph.items() if k not in GRAPH_KEYS})
             self.graph_table = {k: graph[k] for k in GRAPH_KEYS if k in graph}
+
+
+def mixed_seed(seed: int, secret: int) -> int:
+    """``seed`` with the server's ``secret`` mixed in (``seed`` itself when there is none)."""
+    return int(np.random.SeedSequence([seed, secret]).generate_state(1, np.uint64)[0] >> 1) if secret else seed
 
 
 def init_state(cfg: RunConfig, n_items: int) -> ServerState:

@@ -13,7 +13,7 @@ The server (:func:`noisy_rows`) sums both over the cohort, draws noisy counts
 ``c~ = c + N(0, z_c^2)`` for *every* item row, selects the rows with ``c~ > threshold * z_c``,
 adds ``N(0, (z_g * lr * C)^2)`` to each coordinate of the selected rows' summed update and divides
 each selected row by a normaliser: its own noisy count clamped to >= 1 (``row_average``) or
-``max(sum of all noisy counts, 1)``. Rows not selected are left unchanged.
+``max(sum of the selected rows' noisy counts, 1)``. Rows not selected are left unchanged.
 
 Sensitivity. Adding or removing one event changes the gradient sum by at most ``lr * C`` in L2
 (one clipped gradient; its user-vector part is noised on the device and is not released here)
@@ -146,11 +146,12 @@ def _selected_sum(n_items: int, width: int, sums: Sequence[Sparse], selected: to
 def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequence[Sparse], *, sensitivity: float,
                split: Split, threshold: float, row_average: bool, generator: torch.Generator,
                device: torch.device | str = "cpu", noised: bool = False,
-               total: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               total: float | None = None, bound_by_counts: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Sum the devices' sparse rows and counts, noise both, select rows by noisy count, normalise.
 
-    ``total``: a public normaliser used instead of the noisy total when rows are not averaged on their own
-    (user level: the expected cohort size).
+    ``total``: a public normaliser used instead of the selected rows' noisy total when rows are not averaged on
+    their own (user level: the expected cohort size). ``bound_by_counts = False``: a device's rows are not
+    bounded by its counts (user level: its whole delta's clip was checked on arrival).
 
     ``sums[d] = (ids int64 (k,), rows float32 (k, width))`` and ``counts[d] = (ids int64 (j,),
     counts (j,))`` come from device ``d``; ``sensitivity = lr * C``. Noise is drawn on the CPU from
@@ -169,7 +170,7 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
         ``rows_true_positive_server_only``: selected rows whose TRUE count is > 0. It depends on
         true counts, so it is not DP: keep it on the server, never publish it.
     """
-    _check(n_items, width, sums, counts, sensitivity, noised)
+    _check(n_items, width, sums, counts, sensitivity, noised or not bound_by_counts)
     if not math.isfinite(threshold):
         raise ValueError("The selection threshold should be a finite value.")
     summed, noisy = noisy_counts(n_items, counts, std=split.count, generator=generator, noised=noised)
@@ -183,7 +184,8 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
         rows /= norm[:, None]
         normaliser = float(norm.median()) if len(norm) else math.nan
     else:
-        normaliser = total if total is not None else max(float(noisy.sum()), 1.0)
+        # the selected rows' noisy counts: their sum over all n_items rows would carry n_items count noises
+        normaliser = total if total is not None else max(float(noisy[selected].sum()), 1.0)
         rows /= normaliser
     diag: dict = {"rows_selected": len(selected), "normaliser": normaliser, "noise_std": grad_std / normaliser,
                   "grad_noise_std": grad_std, "count_noise_std": split.count}
