@@ -207,6 +207,10 @@ def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: boo
         cfg = dataclasses.replace(cfg, world_users=devices)  # the synthetic world: one user per device
     # one SuperNode per device; uptake probes need the future of the stream, which devices never have
     cfg = dataclasses.replace(cfg, nodes=devices, uptake_probe=False)
+    from .data.source import load_stream
+
+    stream = load_stream(cfg)  # fail fast (bad data, a budget no noise reaches) before any process starts
+    check_run(cfg, stream.n_devices, stream.log.n_items)
     console = Console()
     console.print(f"fedrec deploy local: {devices} devices, {cfg.rounds} rounds, privacy {cfg.privacy}, "
                   f"{'TLS + node authentication' if tls else 'no TLS'} -> {cfg.out}")

@@ -128,6 +128,12 @@ def test_calibration_failures_name_the_budget(tmp_path, capsys):
     assert "epsilon = 1e-06" in line and "raise epsilon or delta" in line
 
 
+def test_deploy_checks_the_run_before_any_process_starts(tmp_path, capsys):
+    line = _run(["deploy", "local", "--devices", "2", "--rounds", "1", "--privacy", "event", "--epsilon", "1e-6"],
+                tmp_path / "out", capsys)
+    assert "epsilon = 1e-06" in line and "raise epsilon or delta" in line
+
+
 # ---- data files ------------------------------------------------------------------------------
 @pytest.mark.parametrize("row, says", [("99999999999999999999999::6::4::101", "user id"),
                                        ("2::99999999999999999999::4::101", "item id"),
