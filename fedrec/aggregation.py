@@ -188,13 +188,11 @@ class AggregateGaussian:
              lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
         if presummed == 0:  # SecAgg+ unmasked no sum that carries the full noise: nothing is released
             return {"update_norm": 0.0, "rows_selected": 0}
-        like = gstate[self.table]
-        ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [_sparse(d[self.table]) for d in deltas], list(counts),
-                                     sensitivity=self.sensitivity, split=self.noise, threshold=self.threshold,
-                                     row_average=self.row_average, generator=self.generator, device=like.device,
-                                     noised=presummed is not None)
         mean = {k: torch.zeros_like(v) for k, v in gstate.items()}
-        mean[self.table].index_copy_(0, ids.to(like.device), rows.to(like.device, like.dtype))
+        mean[self.table], diag = _selected_rows(gstate[self.table], self.table, deltas, counts,
+                                                sensitivity=self.sensitivity, split=self.noise,
+                                                threshold=self.threshold, row_average=self.row_average,
+                                                generator=self.generator, noised=presummed is not None)
         diag["update_norm"] = opt.step(gstate, mean, lr)
         return diag
 
@@ -205,33 +203,38 @@ class UserRows:
 
     Each device's delta is clipped to ``clip`` (checked on arrival) and its ``counts`` are an indicator of its
     positive items of L2 norm at most 1. Noisy counts select the item rows that change; those rows get
-    ``N(0, (z_g clip)^2)``, every other parameter (not an item table) too, all over the *expected* cohort
-    (or each selected row over its noisy count, ``row_average``). One Gaussian of the joint vector, of
-    multiplier ``effective(noise)``: the user-level record the ledger holds.
+    ``N(0, (z_g clip)^2)``, every other parameter (not an item table) too, all over the *expected* cohort.
+    One Gaussian of the joint vector, of multiplier ``effective(noise)``: the user-level record the ledger holds.
     """
 
     table: str
     clip: float
     noise: Split
     threshold: float
-    row_average: bool
     expected_devices: float
     generator: torch.Generator
 
     def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
              lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
-        like = gstate[self.table]
-        ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [_sparse(d[self.table]) for d in deltas],
-                                     list(counts), sensitivity=self.clip, split=self.noise, threshold=self.threshold,
-                                     row_average=self.row_average, generator=self.generator, device=like.device,
-                                     total=self.expected_devices, bound_by_counts=False)
+        table, diag = _selected_rows(gstate[self.table], self.table, deltas, counts, sensitivity=self.clip,
+                                     split=self.noise, threshold=self.threshold, row_average=False,
+                                     generator=self.generator, total=self.expected_devices, bound_by_counts=False)
         rest = {k: v for k, v in gstate.items() if k != self.table}
         mean, _ = noisy_mean(rest, [{k: d[k] for k in rest} for d in deltas], clip=self.clip,
                              noise_multiplier=self.noise.grad, expected_devices=self.expected_devices,
                              generator=self.generator, check=False) if rest else ({}, {})
-        mean[self.table] = torch.zeros_like(like).index_copy_(0, ids.to(like.device), rows.to(like.device, like.dtype))
+        mean[self.table] = table
         diag["update_norm"] = opt.step(gstate, mean, lr)
         return diag
+
+
+def _selected_rows(like: torch.Tensor, table: str, deltas: Sequence[dict], counts: Sequence[tuple],
+                   **kw) -> tuple[torch.Tensor, dict]:
+    """The item table's update from :func:`~fedrec.privacy.aggregate.noisy_rows` (its ``kw``), as a dense tensor
+    shaped and placed like ``like``: the selected rows' noisy mean, zero elsewhere; and the diagnostics."""
+    ids, rows, diag = noisy_rows(like.shape[0], like.shape[1], [_sparse(d[table]) for d in deltas], list(counts),
+                                 device=like.device, **kw)
+    return torch.zeros_like(like).index_copy_(0, ids.to(like.device), rows.to(like.device, like.dtype)), diag
 
 
 def _sparse(v) -> tuple[np.ndarray, np.ndarray]:
@@ -248,13 +251,12 @@ def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: fl
     """The aggregator a run config names, wrapped in DP noise under user-level DP (or event noise at the
     aggregate: ``noise_multiplier`` is then the event-level one)."""
     if cfg.aggregate_noise:
-        return AggregateGaussian("item.weight", sensitivity=cfg.lr * cfg.event_clip,
+        return AggregateGaussian(ITEM_TABLES[0], sensitivity=cfg.lr * cfg.event_clip,
                                  noise=split(noise_multiplier, cfg.count_share), threshold=cfg.row_threshold,
                                  row_average=cfg.row_average, generator=generator)
     if cfg.select_rows:
         return UserRows(ITEM_TABLES[0], clip=cfg.clip, noise=split(noise_multiplier, cfg.count_share),
-                        threshold=cfg.row_threshold, row_average=cfg.row_average, expected_devices=expected_devices,
-                        generator=generator)
+                        threshold=cfg.row_threshold, expected_devices=expected_devices, generator=generator)
     if cfg.user_dp:
         return GaussianMean(Mean(), clip=cfg.clip, noise_multiplier=noise_multiplier,
                             expected_devices=expected_devices, generator=generator)
