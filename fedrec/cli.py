@@ -256,8 +256,8 @@ def _print_summary(console, s: dict, k: int) -> None:
     if m.get(f"start_hr@{k}") is not None and m.get("blends"):
         t.add_row(f"{method}, at the round's start", _num(m[f"start_hr@{k}"]), _num(m.get(f"start_ndcg@{k}")))
     for name, b in s["baselines"].items():
-        if f"hr@{k}" in b:
-            t.add_row(name, f"{b[f'hr@{k}']:.4f}", f"{b[f'ndcg@{k}']:.4f}")
+        if f"hr@{k}" in b:  # None when no round ran (a budget spent before the first release)
+            t.add_row(name, _num(b[f"hr@{k}"]), _num(b.get(f"ndcg@{k}")))
     console.print(t)
     p = s["privacy"]
     if p["unit"] == "none":

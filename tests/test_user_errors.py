@@ -223,3 +223,12 @@ def test_a_half_created_store_is_made_again(leftover, tmp_path):
             assert s.device_id == i and s.count() > 0
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
     assert not list(d.glob("*.part*"))
+
+
+def test_a_budget_spent_before_the_first_round_is_one_sentence_not_a_traceback(tmp_path, capsys):
+    rc = main(["simulate", "--privacy", "user", "--epsilon", "0.05", "--no-calibrate", "--rounds", "2",
+               "--world-users", "60", "--cohort", "30", "--engine", "local", "--no-progress",
+               "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in out.err + out.out  # a budget stop ends the run as planned
+    assert "user-level budget spent: round 1 would bring epsilon to" in out.err + out.out
