@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
+
+from ..atomic import write_bytes_atomic
 
 PARAM_COLUMNS = ["cell", "seed", "scenario", "method", "unit", "noise", "row_average", "epsilon_target", "epsilon",
                  "delta", "accountant", "noise_multiplier", "cohort", "rounds", "events_per_round", "lr_schedule",
@@ -58,19 +59,9 @@ MISSING = "—"
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    # temp file in the same directory + os.replace: readers see the old file or the new one, never half of one
+    """Replace ``path`` whole (:func:`fedrec.atomic.write_bytes_atomic`): readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def _parse(value: str, col: str, kind: str, where: str) -> str | bool | int | float | None:
