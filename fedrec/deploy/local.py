@@ -85,13 +85,17 @@ class LocalFederation:
     link: Proc | None = None
     nodes: dict[str, Proc] = field(default_factory=dict)
     pki: Pki | None = None
-    port: int = 0
+    port: int = 0  #: the SuperLink's, on 127.0.0.1: the operator's (flwr CLI) and its app processes'
+    fleet_port: int = 0  #: the Fleet front's, where the devices connect (fedrec.deploy.front)
+    front: Proc | None = None
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
-        for d in ("logs", "home", "keys"):
+        for d in ("logs", "home"):
             (self.work / d).mkdir(parents=True, exist_ok=True)
+        (self.work / "keys").mkdir(mode=0o700, exist_ok=True)  # make_pki narrows an older one
         self.port = self.port or free_port()
+        self.fleet_port = self.fleet_port or free_port()
         self._procs: list[Proc] = []
 
     # ---- processes ------------------------------------------------------------------------------
@@ -142,6 +146,28 @@ class LocalFederation:
                                   f"(log {self.link.log}).")
             time.sleep(0.2)
         self._write_cli_config()
+        if self.front is None or not self.front.alive():
+            self.start_front(timeout)
+
+    def start_front(self, timeout: float = 90.0) -> None:
+        """The Fleet front on 127.0.0.1:``fleet_port``: the devices' only door, forwarding the Fleet API alone."""
+        argv = [sys.executable, "-m", "fedrec.deploy.front", "--listen", f"127.0.0.1:{self.fleet_port}",
+                "--superlink", f"127.0.0.1:{self.port}"]
+        if self.tls:
+            assert self.pki is not None
+            argv += ["--ssl-certfile", str(self.pki.server_cert), "--ssl-keyfile", str(self.pki.server_key),
+                     "--ssl-ca-certfile", str(self.pki.ca)]
+        else:
+            argv += ["--insecure"]
+        self.front = self._start("front", argv, "front")
+        t0 = time.time()
+        while not _port_open(self.fleet_port):
+            if not self.front.alive():
+                raise DeployError(f"The Fleet front exited at start (log {self.front.log}):\n{self.front.text()[-1500:]}")
+            if time.time() - t0 > timeout:
+                raise DeployError(f"The Fleet front did not listen on 127.0.0.1:{self.fleet_port} within {timeout:.0f} s "
+                                  f"(log {self.front.log}).")
+            time.sleep(0.1)
 
     def _write_cli_config(self) -> None:
         cfg = self.work / "home" / "cli" / "config.toml"
@@ -167,7 +193,7 @@ class LocalFederation:
         return int(out["node-id"])
 
     def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> Proc:
-        argv = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--node-config", node_config,
+        argv = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}", "--node-config", node_config,
                 "--host", "127.0.0.1", "--port", str(free_port())]
         if self.tls:
             assert self.pki is not None
@@ -261,18 +287,23 @@ class LocalFederation:
         return found
 
     def stop(self, grace: float = 10.0) -> list[str]:
-        """Stop every process this federation started; what could not be stopped (empty = all gone)."""
-        order = [p for p in self._procs if p is not self.link and p.name != "superlink"] + \
-                [p for p in self._procs if p is self.link or p.name.startswith("superlink")]
-        for p in order:  # one SIGTERM to the main process: Flower's exit handlers sign the node off
-            if p.alive():
-                try:
-                    p.popen.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        """Stop every process this federation started; what could not be stopped (empty = all gone).
+
+        The SuperNodes get SIGTERM first and a moment to sign off through the front and the SuperLink,
+        which are stopped after them."""
+        last = [p for p in self._procs if p.name == "front" or p.name.startswith("superlink")]
+        first = [p for p in self._procs if p not in last]
         t0 = time.time()
-        while any(p.alive() for p in order) and time.time() - t0 < grace:
-            time.sleep(0.1)
+        for group in (first, last):
+            for p in group:  # one SIGTERM to the main process: Flower's exit handlers sign the node off
+                if p.alive():
+                    try:
+                        p.popen.send_signal(signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            while any(p.alive() for p in group) and time.time() - t0 < grace:
+                time.sleep(0.1)
+        order = first + last
         for p in order:
             try:
                 os.killpg(p.popen.pid, signal.SIGKILL)
@@ -348,7 +379,8 @@ def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, ti
         if tls:
             fed.make_keys(devices)
         fed.start_superlink()
-        say(f"SuperLink on 127.0.0.1:{fed.port} ({'TLS, SuperNode authentication' if tls else 'insecure'})")
+        say(f"SuperLink on 127.0.0.1:{fed.port} ({'TLS, SuperNode authentication' if tls else 'insecure'}); "
+            f"devices reach only its Fleet API, through the front on 127.0.0.1:{fed.fleet_port}")
         fed.start_devices(stores)
         fed.wait_online(devices)
         say(f"{devices} SuperNodes online; submitting the run")

@@ -9,7 +9,7 @@
   private key in OpenSSH PEM, the public key in OpenSSH form), which is what Flower's SuperNode
   authentication reads. Only public keys registered with the SuperLink may join.
 
-Keys are written with mode 0600. They are valid for two days: they belong to one run, not to a
+Private keys are created with mode 0600 (from their first byte) in a folder of mode 0700. They are valid for two days: they belong to one run, not to a
 fleet; a production deployment brings its own CA and key management.
 """
 
@@ -36,9 +36,22 @@ class Pki:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
+    """Write ``data``; a private file is created 0600 from its first byte (``os.open`` with the mode, never a
+    chmod after the fact) and a file left by an earlier run is replaced, not reopened with its old mode."""
     if private:
-        os.chmod(path, 0o600)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def _private_dir(path: Path) -> Path:
+    """The keys' folder, 0700: created so, or narrowed if it existed."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
     return path
 
 
@@ -46,6 +59,7 @@ def node_key_pair(dir_: Path, name: str) -> tuple[Path, Path]:
     """One SuperNode authentication key pair: ``dir_/name`` (private) and ``dir_/name.pub``."""
     k = ec.generate_private_key(ec.SECP384R1())
     pem = serialization.Encoding.PEM
+    _private_dir(dir_)
     priv = _write(dir_ / name, k.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
                   private=True)
     pub = _write(dir_ / f"{name}.pub", k.public_key().public_bytes(serialization.Encoding.OpenSSH,
@@ -54,8 +68,7 @@ def node_key_pair(dir_: Path, name: str) -> tuple[Path, Path]:
 
 
 def make_pki(dir_: str | Path, nodes: int) -> Pki:
-    d = Path(dir_)
-    d.mkdir(parents=True, exist_ok=True)
+    d = _private_dir(Path(dir_))
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2)
     ca_key = ec.generate_private_key(ec.SECP384R1())
