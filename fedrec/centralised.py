@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .data.source import load_stream
+from .data.source import load_features, load_stream
 from .device_round import DeviceData, serve_input
 from .eval.baselines import round_pairs
 from .eval.freshness import tracked_items
@@ -48,7 +48,8 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     rec.start(population=U, n_items=V, noise_multiplier=0.0, device="cpu")
     start = tracked_items(stream)[0] if cfg.uptake_probe else None
     seen = np.zeros((U, V), bool)
-    graph = ItemGraph(V, cfg.graph_neighbours)
+    rec.features = load_features(cfg, log) if cfg.graph else None
+    graph = ItemGraph(V, cfg.graph_neighbours, features=rec.features.normalised() if rec.features is not None else None)
     for r in range(1, cfg.rounds + 1):
         t0 = time.time()
         idx = np.flatnonzero(stream.round_of == r)

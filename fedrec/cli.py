@@ -82,7 +82,7 @@ def simulate(cfg: RunConfig) -> dict:
 
     console = Console(stderr=False)
     stream = load_stream(cfg)  # fail fast on bad data, before any process starts
-    check_run(cfg, stream.n_devices, stream.log.n_items)
+    check_run(cfg, stream.n_devices, stream.log.n_items, stream.log)
     if cfg.data and cfg.cohort > stream.n_devices:
         console.print(f"[yellow]cohort {cfg.cohort} > {stream.n_devices} devices: every device joins each round")
     console.print(f"fedrec simulate: {len(stream.log)} events, {stream.n_devices} devices, {stream.log.n_items} items, "
@@ -115,17 +115,22 @@ def simulate(cfg: RunConfig) -> dict:
     return summary
 
 
-def check_run(cfg: RunConfig, n_devices: int, n_items: int) -> None:
+def check_run(cfg: RunConfig, n_devices: int, n_items: int, log: Any = None) -> None:
     """What only the loaded data and this machine can tell, checked before anything is written.
 
-    The keys bounded by a data file's catalogue, the torch device, and the privacy accounting of the
-    noise the run will use: each failure is a :class:`ConfigError` of one sentence.
+    The keys bounded by a data file's catalogue, the item-features file (with the events ``log``), the torch
+    device, and the privacy accounting of the noise the run will use: each failure is a :class:`ConfigError`
+    or :class:`~fedrec.data.events.DataError` of one sentence.
     """
+    if log is not None:
+        from .data.source import load_features
+
+        load_features(cfg, log)
     if cfg.data:
         try:
             cfg.check_catalogue(n_items, cfg.data)
         except ConfigError as e:
-            raise ConfigError(f"{e} [{cfg.data}]") from None
+            raise (e if cfg.data in str(e) else ConfigError(f"{e} [{cfg.data}]")) from None
     if cfg.device.startswith("cuda"):
         import torch
 
@@ -210,7 +215,7 @@ def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: boo
     from .data.source import load_stream
 
     stream = load_stream(cfg)  # fail fast (bad data, a budget no noise reaches) before any process starts
-    check_run(cfg, stream.n_devices, stream.log.n_items)
+    check_run(cfg, stream.n_devices, stream.log.n_items, stream.log)
     console = Console()
     console.print(f"fedrec deploy local: {devices} devices, {cfg.rounds} rounds, privacy {cfg.privacy}, "
                   f"{'TLS + node authentication' if tls else 'no TLS'} -> {cfg.out}")

@@ -139,6 +139,8 @@ class RunConfig:
     world_new_item_share: float = key(0.1, "share of items launched mid-stream (new-item scenario)", ge=0, lt=1)
     world_bursts: int = key(0, "items that trend, spiking then fading (trending-burst scenario)", ge=0, le=10**6)
     world_burst_time: float = key(0.6, "peak of the burst, as a fraction of the stream", ge=0, le=1)
+    world_feature_noise: float = key(0.3, "share of the world's items whose feature lists a random topic instead of "
+                                     "their own (how informative its item features are)", ge=0, le=1)
     rounds: int = key(30, "rounds of the federation; the stream is cut into this many windows", ge=1, le=10**6)
     round_split: str = key("count", "how the stream is cut into rounds: equal event counts or equal time spans",
                            choices=ROUND_SPLITS)
@@ -187,6 +189,8 @@ class RunConfig:
     graph_share: float = key(0.9, "event noise at the aggregate: share of the event-level budget spent on the noisy "
                              "item graph (0 = no graph)", ge=0, lt=1)
     graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1, le=10**6)
+    item_features: str = key("auto", "public item features for the session scores: auto (movies.csv beside the "
+                             "events, the world's topics), none, or a CSV path (docs/online.md)")
     replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0, le=10**3)
     server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0, le=10**6)
     lr_schedule: str = key("fixed", "fixed, or adaptive: the server lr is raised when windowed HR drops",

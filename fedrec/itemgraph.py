@@ -64,6 +64,11 @@ PRIOR = 0.02  #: weight of the recent item counts beside the normalised neighbou
 RECENT_ROUNDS = 3  #: rounds whose item counts make the prior
 PAIR_CAP = 1.0  #: most one device's update adds to one pair's count
 KEYS = ("graph.ids", "graph.sim", "graph.prior")  #: what a global version carries of the graph
+FEATURES = "graph.features"  #: and, where the run has public item features, their rows (L2-normalised)
+TABLE_KEYS = (*KEYS, FEATURES)
+#: with features: the prior of item c is scaled by exp(FEATURE_BETA * (m_c - 1)), m_c in [0, 1] the match of c's
+#: features to the context's (chosen on rounds 2-5 of ml-latest-small, graph noised at event-level epsilon 8)
+FEATURE_BETA = 2.0
 #: noised: an item becomes a candidate once its noisy count is this many noise stds of that count
 ENTER = 3.0
 #: noised: expected pure-noise neighbours of a candidate (sets the pair threshold from the candidates' number)
@@ -164,6 +169,7 @@ class ItemGraph:
     cand: np.ndarray = field(init=False)  #: noised: candidate items, in order of entry
     since: np.ndarray = field(init=False)  #: noised: each candidate's pairs are noised from this release on
     P: np.ndarray = field(init=False)  #: noised: the noisy pair sums among the candidates
+    features: np.ndarray | None = None  #: public item features, rows L2-normalised (published with the table)
 
     def __post_init__(self) -> None:
         if self.noise_std < 0 or not np.isfinite(self.noise_std):
@@ -240,7 +246,8 @@ class ItemGraph:
             s = np.nan_to_num(C.data / (n[rows] ** ALPHA * n[cols] ** (1 - ALPHA)), posinf=0.0, neginf=0.0)
         ids, sim = top_neighbours(sp.csr_matrix((s, (rows, cols)), shape=(V, V)), self.neighbours)
         prior = self._prior()
-        return {"graph.ids": ids, "graph.sim": sim, "graph.prior": (prior / max(prior.max(), 1e-12)).astype(np.float32)}
+        out = {"graph.ids": ids, "graph.sim": sim, "graph.prior": (prior / max(prior.max(), 1e-12)).astype(np.float32)}
+        return out | ({FEATURES: self.features.astype(np.float16)} if self.features is not None else {})
 
     def _prior(self) -> np.ndarray:
         """Recent counts, all-time counts breaking ties. Noised: of the candidates only, negative counts as 0 (the
@@ -322,9 +329,9 @@ def top_neighbours(S: sp.csr_matrix, neighbours: int) -> tuple[np.ndarray, np.nd
 
 def split(host: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """A global version as sent: the model's parameters, and the graph's table (None when it has none)."""
-    model = {k: v for k, v in host.items() if k not in KEYS}
-    graph = {k: np.asarray(host[k]) for k in KEYS if k in host}
-    return model, (graph if len(graph) == len(KEYS) else None)
+    model = {k: v for k, v in host.items() if k not in TABLE_KEYS}
+    graph = {k: np.asarray(host[k]) for k in TABLE_KEYS if k in host}
+    return model, (graph if all(k in graph for k in KEYS) else None)
 
 
 def contexts(history: np.ndarray, new: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -341,18 +348,34 @@ def contexts(history: np.ndarray, new: np.ndarray, length: int) -> tuple[np.ndar
 def prepare(graph: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
     """The table as the tensors :func:`session_scores` reads (ids as int64): convert once per batch of devices,
     not once per call; a prepared table passes through without a copy."""
-    return {"graph.ids": torch.as_tensor(graph["graph.ids"]).long(), "graph.sim": torch.as_tensor(graph["graph.sim"]).float(),
-            "graph.prior": torch.as_tensor(graph["graph.prior"]).float()}
+    out = {"graph.ids": torch.as_tensor(graph["graph.ids"]).long(), "graph.sim": torch.as_tensor(graph["graph.sim"]).float(),
+           "graph.prior": torch.as_tensor(graph["graph.prior"]).float()}
+    if FEATURES in graph:
+        out[FEATURES] = torch.as_tensor(graph[FEATURES]).float()
+    return out
 
 
 def session_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray, weight: np.ndarray) -> torch.Tensor:
     """Every item's session score for each context row (``ctx``/``weight`` as :func:`contexts` gives):
-    ``(rows, n_items)``, each row's neighbour part normalised to a maximum of 1, plus the prior."""
+    ``(rows, n_items)``, each row's neighbour part normalised to a maximum of 1, plus the prior; with features,
+    the prior personalised by them (:func:`feature_match`)."""
     g = prepare(graph)  # free when the caller prepared it once for many calls
     ids, sim, prior = g["graph.ids"], g["graph.sim"], g["graph.prior"]
     rows, L = ctx.shape
     c = torch.from_numpy(np.maximum(ctx, 0))
-    vals = (sim[c] * torch.from_numpy(weight).float().unsqueeze(-1)).reshape(rows, -1)
+    w = torch.from_numpy(weight).float()
+    vals = (sim[c] * w.unsqueeze(-1)).reshape(rows, -1)
     out = torch.zeros(rows, len(prior)).scatter_add_(1, ids[c].reshape(rows, -1), vals)
     out /= out.max(dim=1, keepdim=True).values.clamp(min=1e-12)
-    return out + PRIOR * prior
+    if FEATURES not in g:
+        return out + PRIOR * prior
+    return out + PRIOR * prior * torch.exp(FEATURE_BETA * (feature_match(g[FEATURES], c, w) - 1.0))
+
+
+def feature_match(features: torch.Tensor, ctx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """How well each item's features match each context row's: the cosine of the item's (L2-normalised)
+    features with the context items' weighted sum, over the row's largest (``(rows, n_items)``, in [0, 1];
+    a row whose context has no features matches nothing: 0)."""
+    profile = (features[ctx] * weight.unsqueeze(-1)).sum(dim=1)
+    m = (profile @ features.T).clamp(min=0.0)
+    return m / m.max(dim=1, keepdim=True).values.clamp(min=1e-12)

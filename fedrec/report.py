@@ -66,6 +66,7 @@ class RunRecorder:
         self.probe_tally: dict[int, dict[int, list[int]]] = {}  # item -> round -> [hits, probed]
         self._truth_users: set[int] | None = None
         self._stream, self._no_stream = stream, no_stream
+        self.features: Any = None  #: the run's public item features (fedrec.data.features.ItemFeatures), if any
         self._target = None
         if (cfg.attackers or cfg.attack_measure) and self._stream is not None:
             from .attack import attack_target
@@ -251,7 +252,8 @@ class RunRecorder:
         summary = {
             "config": cfg.to_flat(),
             "data": {"source": cfg.data or "synthetic world", "n_items": self.info.get("n_items"),
-                     "population": self.info.get("population")},
+                     "population": self.info.get("population"),
+                     "item_features": self.features.info() if self.features is not None else None},
             "rounds": len(self.rows),
             "metrics": self._metrics(last),
             "baselines": baselines,
@@ -322,15 +324,18 @@ class RunRecorder:
         from .eval import baselines as b
 
         cfg, st, sched, k, w = self.cfg, self._stream, self.schedule, self.cfg.k, self.cfg.freshness_window
+        feats = self.features.normalised() if self.features is not None else None
         return [
             ("popularity", lambda: b.popularity_prequential(st, sched, k), {},
              "counts of all events in earlier rounds, centralised, non-private"),
             ("recent_popularity", lambda: b.popularity_prequential(st, sched, k, window=w), {"window": w},
              f"counts of the events of the last {w} rounds only"),
             ("item_knn", lambda: b.item_knn_prequential(st, sched, k, window=cfg.graph_window,
-                                                        neighbours=cfg.graph_neighbours, context=cfg.session_len),
+                                                        neighbours=cfg.graph_neighbours, context=cfg.session_len,
+                                                        features=feats),
              {}, "centralised item-kNN: co-occurrence of every event of earlier rounds, the same per-event session "
-                 "scoring as the devices (the non-private ceiling of the item graph)"),
+                 f"scoring as the devices{' with the same public item features' if feats is not None else ''} "
+                 "(the non-private ceiling of the item graph)"),
             ("centralised_mf", lambda: b.centralised_mf_prequential(st, sched, k, dim=cfg.dim, seed=cfg.seed,
                                                                     context=cfg.session_len,
                                                                     init_scale=cfg.init_scale,

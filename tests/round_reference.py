@@ -28,7 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent / "data" / "round_reference"
 SMALL = {"world-users": 240, "world-items": 80, "world-events-per-user": 12, "rounds": 5, "cohort": 40,
          "nodes": 2, "engine": "local", "progress": False, "dim": 4, "local-steps": 3, "user-fit-steps": 5,
-         "resume": False}
+         "resume": False, "item-features": "none"}  # the references predate item features (tests/test_features.py)
 CASES: dict[str, dict] = {
     "none": {"privacy": "none"},
     "user": {"privacy": "user", "noise-multiplier": 0.8, "clip": 0.5},

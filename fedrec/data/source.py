@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..config import RunConfig
+from .events import EventLog
+from .features import ItemFeatures, item_features
 from .loaders import load_events
 from .stream import RoundStream
 from .world import WorldSpec, make_world
@@ -27,3 +29,8 @@ def load_stream(cfg: RunConfig) -> RoundStream:
 def _load(data: str, spec: WorldSpec | None, rounds: int, split: str) -> RoundStream:
     log = load_events(data) if data else make_world(spec)  # type: ignore[arg-type]
     return RoundStream.build(log, rounds, split)
+
+
+def load_features(cfg: RunConfig, log: EventLog) -> ItemFeatures | None:
+    """The run's public item features (``item-features``), or None; DataError on a bad file."""
+    return item_features(cfg.item_features, cfg.data, log, cfg.world_feature_noise, cfg.seed)

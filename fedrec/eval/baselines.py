@@ -48,7 +48,7 @@ def popularity_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]
 
 
 def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int, *, window: int,
-                         neighbours: int, context: int) -> list[PrequentialCounts]:
+                         neighbours: int, context: int, features: np.ndarray | None = None) -> list[PrequentialCounts]:
     """Score a centralised item-kNN per event, on the events the devices are scored on.
 
     Before round ``r`` an :class:`~fedrec.itemgraph.ItemGraph` holds the pairs of every event of rounds
@@ -57,10 +57,11 @@ def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]],
     table, as devices do: event ``j`` by the ``context`` items before it
     (:func:`~fedrec.itemgraph.contexts`, :func:`~fedrec.itemgraph.session_scores`), excluding what the
     user had before it. The federated graph hears only from sampled devices: this is its non-private
-    ceiling. The graph grows by one round at a time. Returns per-round counts.
+    ceiling. The graph grows by one round at a time. ``features``: the run's public item features (L2-normalised
+    rows), scored as the devices score them. Returns per-round counts.
     """
     log = stream.log
-    graph = ItemGraph(log.n_items, neighbours)
+    graph = ItemGraph(log.n_items, neighbours, features=features)
     out = []
     for r, devices in enumerate(schedule, start=1):
         if r > 1:  # every event of the round before, each paired with its user's earlier events

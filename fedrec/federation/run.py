@@ -157,6 +157,9 @@ class _Run:
         if ledger.records:
             rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
         state = init_state(cfg, fed.n_items)
+        rec.features = _features(cfg, stream, fed.n_items, rec)
+        if state.graph is not None and rec.features is not None:
+            state.graph.features = rec.features.normalised()
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)
@@ -312,6 +315,30 @@ def _load_stream(cfg: RunConfig) -> tuple[Any, str]:
         return load_stream(cfg), ""
     except Exception as e:  # say so in the summary, never fail the run
         return None, f"{type(e).__name__}: {e}"
+
+
+def _features(cfg: RunConfig, stream: Any, n_items: int, rec: RunRecorder) -> Any:
+    """The run's public item features (``item-features``), or None; one the server cannot read is a note, not a
+    failure (``fedrec simulate`` and ``deploy local`` check the file before any process starts)."""
+    if stream is None or cfg.item_features == "none":
+        return None
+    if not cfg.graph:  # they personalise the item graph's session scores; the models do not read them yet
+        if cfg.item_features != "auto":
+            rec.note(f"item features {cfg.item_features} not used: they act in the item graph's session scores, "
+                     "and this run has no item graph (docs/online.md)")
+        return None
+    from ..data.events import DataError
+    from ..data.source import load_features
+
+    try:
+        features = load_features(cfg, stream.log)
+    except DataError as e:
+        rec.note(f"item features not used: {e}")
+        return None
+    if features is not None and features.matrix.shape[0] != n_items:
+        rec.note(f"item features not used: {features.matrix.shape[0]} items in them, {n_items} in the federation")
+        return None
+    return features
 
 
 def _clock(cfg: RunConfig, stream: Any, rec: RunRecorder) -> Callable[[int], float]:

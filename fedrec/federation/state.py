@@ -19,7 +19,7 @@ import torch
 from ..asynchrony import Buffer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig
-from ..itemgraph import KEYS as GRAPH_KEYS
+from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
 from ..itemgraph import ItemGraph
 from ..models import model_from_config
 from ..privacy.accounting import graph_multiplier

@@ -1,0 +1,175 @@
+"""Item features: public facts about items (genres, topics), beside the events.
+
+Features are public: a catalogue's genres are published with it, and nothing in them is about a user.
+So they cost no privacy wherever they are used (docs/privacy.md says what is public and what is
+protected). The key ``item-features`` says where they come from:
+
+``auto`` (default)
+    MovieLens ``movies.csv`` when it sits beside the events file (its ``genres`` column, ``|``-separated;
+    ``(no genres listed)`` is none); the synthetic world's item topics (``world-feature-noise`` of the
+    items list a random topic instead of their own: how informative the features are); else none.
+``none``
+    no features.
+a path
+    MovieLens ``movies.csv`` (header ``movieId,title,genres``), or a generic CSV with the header
+    ``item,feature`` or ``item,feature,value`` (one row per item and feature; value a number, 1 if absent).
+
+Items are matched to the events' item ids (as written in the events file); feature rows of items the
+events never name are skipped and counted. ``tags.csv`` is not read: MovieLens tags carry the id of
+the user who wrote them, so they are behaviour data, not public item facts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .events import DataError, EventLog
+
+MAX_FEATURES = 4096  #: distinct features at most (the table is dense: items x features)
+MAX_CELLS = 50_000_000  #: items x features at most
+ML_HEADER = ("movieid", "title", "genres")
+NO_GENRES = "(no genres listed)"
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """A dense ``(n_items, n_features)`` table (float32; rows of items without features are 0)."""
+
+    matrix: np.ndarray
+    names: tuple[str, ...]
+    source: str  #: the file, or ``synthetic world topics (noise ...)``
+    skipped: int = 0  #: feature rows of items the events never name
+
+    def info(self) -> dict:
+        """What the summary reports of them."""
+        covered = int((self.matrix != 0).any(axis=1).sum())
+        return {"source": self.source, "features": len(self.names), "items_with_features": covered,
+                "items": int(self.matrix.shape[0]), "rows_of_unknown_items": self.skipped,
+                "what": "public item features (no privacy cost): they personalise the session scores' prior"}
+
+    def normalised(self) -> np.ndarray:
+        """Each item's row over its L2 norm (rows of zeros stay 0)."""
+        norm = np.linalg.norm(self.matrix, axis=1, keepdims=True)
+        return (self.matrix / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+
+
+def beside(data: str) -> Path | None:
+    """MovieLens ``movies.csv`` in the folder of the events file ``data`` (or in ``data``, a folder)."""
+    if not data:
+        return None
+    p = Path(data)
+    folder = p if p.is_dir() else p.parent
+    f = folder / "movies.csv"
+    return f if f.is_file() else None
+
+
+def item_features(setting: str, data: str, log: EventLog, world_noise: float = 0.0,
+                  seed: int = 0) -> ItemFeatures | None:
+    """The run's item features (see the module docstring), or None. :class:`DataError` on a bad file."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        if log.meta.get("format") == "synthetic":
+            return world_features(log, world_noise, seed)
+        found = beside(data)
+        return load_item_features(found, log) if found is not None else None
+    return load_item_features(Path(setting), log)
+
+
+def world_features(log: EventLog, noise: float, seed: int) -> ItemFeatures:
+    """The synthetic world's item topics, one-hot; a share ``noise`` of the items list a random topic."""
+    truth = log.meta["world"]
+    topic = np.asarray(truth["item_topic"], np.int64)
+    T = int(truth["spec"]["topics"])
+    rng = np.random.default_rng([seed, 0x66656174])
+    wrong = rng.random(len(topic)) < noise
+    listed = np.where(wrong, rng.integers(0, T, len(topic)), topic)
+    m = np.zeros((log.n_items, T), np.float32)
+    m[np.arange(len(topic)), listed] = 1.0
+    return ItemFeatures(m, tuple(f"topic-{t}" for t in range(T)), f"synthetic world topics (noise {noise:g})")
+
+
+def load_item_features(path: Path, log: EventLog) -> ItemFeatures:
+    """Read ``path`` (MovieLens ``movies.csv`` or generic ``item,feature[,value]``) against the events' items."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such item-features file.")
+    index = {str(x): i for i, x in enumerate(log.item_ids)}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = csv.reader(fh)
+            header = [h.strip().lower() for h in next(rows, [])]
+            pairs, skipped = _rows(rows, header, index, str(path))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a CSV file ({e}).") from None
+    return _table(pairs, log.n_items, str(path), skipped)
+
+
+def _rows(rows, header: list[str], index: dict[str, int], src: str) -> tuple[list[tuple[int, str, float]], int]:
+    if tuple(header[:3]) == ML_HEADER:
+        parse = _movielens
+    elif header in (["item", "feature"], ["item", "feature", "value"]):
+        parse = _generic
+    else:
+        raise DataError(f"{src}:1: expected the header movieId,title,genres (MovieLens movies.csv) or "
+                        f"item,feature[,value], got {','.join(header)[:80]!r}.")
+    pairs, skipped = [], 0
+    for line, row in enumerate(rows, start=2):
+        if not row:
+            continue
+        item, feats = parse(row, len(header), f"{src}:{line}")
+        if item not in index:
+            skipped += 1
+            continue
+        pairs += [(index[item], name, value) for name, value in feats]
+    return pairs, skipped
+
+
+def _movielens(row: list[str], width: int, where: str) -> tuple[str, list[tuple[str, float]]]:
+    if len(row) != width:
+        raise DataError(f"{where}: expected {width} fields (movieId,title,genres), got {len(row)}.")
+    item, genres = row[0].strip(), row[2].strip()
+    if not item.isdigit():
+        raise DataError(f"{where}: movieId {item[:40]!r} is not a whole number.")
+    if genres == NO_GENRES:
+        return item, []
+    names = [g.strip() for g in genres.split("|")]
+    if not all(names):
+        raise DataError(f"{where}: an empty genre in {genres[:80]!r}.")
+    return item, [(g, 1.0) for g in names]
+
+
+def _generic(row: list[str], width: int, where: str) -> tuple[str, list[tuple[str, float]]]:
+    if len(row) != width:
+        raise DataError(f"{where}: expected {width} fields (item,feature{',value' if width == 3 else ''}), "
+                        f"got {len(row)}.")
+    item, name = row[0].strip(), row[1].strip()
+    if not item or not name:
+        raise DataError(f"{where}: an empty item or feature.")
+    if width == 2:
+        return item, [(name, 1.0)]
+    try:
+        value = float(row[2])
+    except ValueError:
+        raise DataError(f"{where}: value {row[2][:40]!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: value {row[2][:40]!r} is not finite.")
+    return item, [(name, value)]
+
+
+def _table(pairs: list[tuple[int, str, float]], n_items: int, src: str, skipped: int) -> ItemFeatures:
+    names = sorted({name for _, name, _ in pairs})
+    if len(names) > MAX_FEATURES or n_items * len(names) > MAX_CELLS:
+        raise DataError(f"{src}: {len(names)} distinct features for {n_items} items is more than fedrec keeps "
+                        f"(at most {MAX_FEATURES}, and items x features at most {MAX_CELLS}).")
+    col = {n: j for j, n in enumerate(names)}
+    m = np.zeros((n_items, len(names)), np.float32)
+    for i, name, value in pairs:
+        m[i, col[name]] = value
+    return ItemFeatures(m, tuple(names), src, skipped)
