@@ -34,6 +34,10 @@ def _headline(counts: ServeCounts | PrequentialCounts, blend: int | None
     return start, start, None
 
 
+#: the order in which tied blends are preferred (:meth:`RunRecorder.leader`)
+PREFER = ("graph", "graph+0.01", "graph+0.1", "graph+1", "model", "start")
+
+
 class RunRecorder:
     """Writes ``metrics.jsonl`` as rounds finish (flushed, so a crash loses no finished round).
 
@@ -125,11 +129,13 @@ class RunRecorder:
 
     def leader(self) -> int:
         """The blend devices serve next (:data:`fedrec.eval.metrics.BLENDS`): the one with the most per-event
-        hits in the rounds so far (follow the leader; ties and round 1: the first that may compete)."""
+        hits in the rounds so far (follow the leader). Ties, round 1 included, go to the first in :data:`PREFER`
+        that may compete: in round 1 no graph was published yet, so every graph blend scored as the model alone
+        and tied; the graph alone is then the one to try first."""
         # without an item graph the graph blends rank as the model alone: only the model's two states compete
-        allowed = list(range(len(BLENDS))) if self.cfg.graph else [BLENDS.index("model"), BLENDS.index("start")]
+        allowed = [BLENDS.index(b) for b in PREFER if self.cfg.graph or b in ("model", "start")]
         hits = [self.blend_totals[i].hits for i in allowed]
-        return allowed[int(np.argmax(hits))] if any(hits) else allowed[0]
+        return allowed[int(np.argmax(hits))]
 
     def round(self, r: int, *, done: list[int], counts: ServeCounts | PrequentialCounts, failed: list, extra: dict,
               per_device: list | None = None, probes: list | None = None, scored: list[int] | None = None) -> dict:
