@@ -150,7 +150,7 @@ def _check_accounting(cfg: RunConfig, n_devices: int) -> None:
     try:
         z_event, z_user = event_noise(cfg), user_noise(cfg, q)
         if z_event > 0:
-            steps = cfg.local_steps * (cfg.replay_rounds + 1)
+            steps = cfg.steps * (cfg.replay_rounds + 1)
             epsilon([(z_event, cfg.sample_rate, steps)], cfg.delta, event_accountant(cfg.model, cfg.accountant))
         if z_user > 0:
             epsilon([(z_user, q, cfg.rounds)], cfg.delta, cfg.accountant)
@@ -275,6 +275,8 @@ def _print_summary(console, s: dict, k: int) -> None:
                           f"accountant={u['accountant']}  noise_multiplier={u['noise_multiplier']:.3f}  "
                           f"clip={u['clip']}  sample_rate={u['sample_rate']:.4g}")
             console.print(f"  sampling: {u['sampling']}" + (f"; releases: {u['releases']}" if "releases" in u else ""))
+            if u.get("trust"):
+                console.print(f"  noise: {u.get('noise', '?')}; trust model: {u['trust']}")
     for n in s.get("notes", []):
         console.print(f"note: {n}")
     console.print(f"outputs: {s['config']['out']}/metrics.jsonl, summary.json, hr_epsilon.png")

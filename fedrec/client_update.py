@@ -225,8 +225,8 @@ def _budget_guard(global_state: dict[str, np.ndarray], state: DeviceState, cfg: 
     """
     acc = event_accountant(cfg.model, cfg.accountant)  # sasrec: per-event ε by group privacy of its sessions
     keep, q = cfg.replay_rounds + 1, cfg.sample_rate
-    would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.local_steps
-                if keep > 1 else cfg.local_steps)
+    would = max(state.max_exposure, sum(state.recent_steps[-(keep - 1):]) + cfg.steps
+                if keep > 1 else cfg.steps)
     eps_next = epsilon([(noise_multiplier, q, would), *graph_records(cfg)], cfg.delta, acc)
     if eps_next <= cfg.epsilon * (1 + 1e-9):
         return None
@@ -310,7 +310,7 @@ def _negatives(model: RecModel, seen: np.ndarray, cfg: RunConfig) -> torch.Tenso
 
 def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,
                cfg: RunConfig, g: torch.Generator, noise_multiplier: float, private: bool) -> int:
-    """``cfg.local_steps`` steps; each takes every sample independently with prob ``sample_rate``.
+    """``cfg.steps`` steps; each takes every sample independently with prob ``sample_rate``.
 
     The samples are the model's (:meth:`RecModel.samples`): one per training event for ``mf`` and
     ``neumf``; sequence chunks for ``sasrec`` (under event-level DP one per round window, so that
@@ -325,7 +325,7 @@ def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: n
     # the item table (global) and the user vector (local) take separate step sizes: the user vector
     # receives DP noise of the same std on each step but only its own signal, so it needs a
     # smaller step to average the noise out across steps
-    model.train_local(batch, weight, steps=cfg.local_steps, sample_rate=cfg.sample_rate, lr_global=cfg.lr,
+    model.train_local(batch, weight, steps=cfg.steps, sample_rate=cfg.sample_rate, lr_global=cfg.lr,
                       lr_local=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, backend=cfg.update_backend,
                       private=private, clip=cfg.event_clip, noise_multiplier=noise_multiplier)
-    return cfg.local_steps
+    return cfg.steps

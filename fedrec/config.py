@@ -172,7 +172,8 @@ class RunConfig:
     dim: int = key(8, "embedding dimension", ge=1, le=4096)
     seq_len: int = key(20, "sasrec: longest input sequence (the device's recent items it attends over)", ge=2, le=10**5)
     init_scale: float = key(0.1, "std of the initial item and user vectors", gt=0, le=10**3)
-    local_steps: int = key(10, "local (DP-)SGD steps of each device update", ge=1, le=10**6)
+    local_steps: int = key(0, "local (DP-)SGD steps of each device update; 0 = auto: 1 with event noise at the "
+                           "aggregate, else 10", ge=0, le=10**6)
     sample_rate: float = key(0.5, "Poisson rate of each local step (expected batch = rate x events)", gt=0, le=1)
     lr: float = key(1.0, "on-device step size", gt=0, le=10**6)
     user_lr: float = key(0.0, "step size of the on-device user vector; 0 = same as lr",
@@ -213,12 +214,14 @@ class RunConfig:
     wire: str = key("auto", "delta encoding on the wire; auto: sparse rows without event DP, fp16 with",
                     choices=WIRES)
     # privacy
-    privacy: str = key("user", "DP unit: event (DP-SGD on the device), user (noise on the server's sum), both, or none",
+    privacy: str = key("user", "DP unit: event (one event; where its noise goes: event-noise), user (noise on the "
+                       "server's sum), both, or none",
                        choices=PRIVACY_MODES)
     noise_multiplier: float = key(1.0, "noise std over the clip, where no budget calibrates it", ge=0, le=10**4)
     secure_aggregation: bool = key(False, "Flower SecAgg+: the server sees only the sum of the cohort's deltas")
-    event_noise: str = key("device", "event-level: noise on each device's DP-SGD (protects against the server), or "
-                           "aggregate: once on the cohort's sum of clipped gradients (trusts the server, or SecAgg+)",
+    event_noise: str = key("auto", "event-level: device, noise on each device's DP-SGD (protects against the server); "
+                           "aggregate, once on the cohort's sum of clipped gradients (trusts the server, or SecAgg+); "
+                           "auto, aggregate where the run allows it (model mf, one local step), else device",
                            choices=EVENT_NOISE_MODES)
     count_share: float = key(0.1, "event noise at the aggregate: share of the privacy budget (in 1/z^2) spent on "
                              "the noisy per-row event counts that select the updated item rows", gt=0, lt=1)
@@ -293,7 +296,7 @@ class RunConfig:
              "must be 0 with row-average (row counts hold for one round's replies)")
         need(not (self.aggregate_noise and self.async_buffer), "async-buffer",
              "must be 0 with event-noise = aggregate (each noisy sum must hold only its own round's devices)")
-        need(not (self.aggregate_noise and self.local_steps != 1), "local-steps",
+        need(not (self.aggregate_noise and self.local_steps > 1), "local-steps",
              "must be 1 with event-noise = aggregate (noise added once to the sum covers one step per round; "
              "docs/privacy.md says why)")
         need(not self.secure_aggregation or self.user_dp or self.aggregate_noise, "secure-aggregation",
@@ -377,8 +380,26 @@ class RunConfig:
 
     @property
     def aggregate_noise(self) -> bool:
-        """Event-level DP with the noise added once to the cohort's sum (:mod:`fedrec.privacy.aggregate`)."""
+        """Event-level DP with the noise added once to the cohort's sum (:mod:`fedrec.privacy.aggregate`):
+        ``event-noise = aggregate``, or ``auto`` where the run allows it. Where it costs least for the guarantee
+        stated: the sum of the cohort carries the noise of one Gaussian, not sqrt(cohort) times it. Its trust
+        model (a trusted server, or SecAgg+ with distributed noise shares) is in the report."""
+        if self.event_noise == "auto":
+            return self.privacy == "event" and self._aggregate_fits
         return self.event_dp and self.event_noise == "aggregate"
+
+    @property
+    def _aggregate_fits(self) -> bool:
+        """What event noise at the aggregate needs of the other keys (the closed-form clipped release of ``mf``,
+        one local step, one round's devices per sum)."""
+        return (self.model == "mf" and self.update_backend == "auto" and self.local_steps <= 1
+                and not self.async_buffer)
+
+    @property
+    def steps(self) -> int:
+        """Local steps of a device update: ``local-steps``, or with 0 (auto) 1 under event noise at the aggregate
+        (the noise on the sum covers one step a round) and 10 otherwise."""
+        return self.local_steps or (1 if self.aggregate_noise else 10)
 
     @property
     def user_dp(self) -> bool:

@@ -104,5 +104,6 @@ UPDATE_BACKENDS = Registry("update backend", ("auto", "autograd"))
 #: the federated item graph (:mod:`fedrec.itemgraph`): auto = on without DP, off under any DP mode
 ITEM_GRAPH_MODES = Registry("item graph mode", ("auto", "on", "off"))
 #: where event-level DP noise is added: on each device (DP-SGD, protects against the server) or once to the
-#: cohort's sum (trusts the server, or SecAgg+ with distributed noise shares): :mod:`fedrec.privacy.aggregate`
-EVENT_NOISE_MODES = Registry("event noise mode", ("device", "aggregate"))
+#: cohort's sum (trusts the server, or SecAgg+ with distributed noise shares): :mod:`fedrec.privacy.aggregate`;
+#: auto: at the aggregate where the run allows it (:attr:`fedrec.config.RunConfig.aggregate_noise`), else on the device
+EVENT_NOISE_MODES = Registry("event noise mode", ("auto", "device", "aggregate"))

@@ -95,7 +95,7 @@ def test_each_key_fails_with_its_sentence(key, value, rule):
 
 
 @pytest.mark.parametrize("mapping, key, rule", [
-    ({"privacy": "event", "wire": "sparse"}, "wire", "cannot be sparse under event-level DP"),
+    ({"privacy": "event", "event-noise": "device", "wire": "sparse"}, "wire", "cannot be sparse under event-level DP"),
     ({"privacy": "none", "secure-aggregation": True}, "secure-aggregation", "needs privacy = user or both"),
     ({"aggregator": "median"}, "aggregator", "must be mean under user-level DP"),
     ({"async-buffer": 2}, "async-buffer", "must be 0 under user-level DP"),
@@ -169,3 +169,16 @@ def test_a_bad_flag_value_is_one_sentence_and_exit_2(capsys):
     assert main(["simulate", "--privacy", "loud"]) == 2  # choices are RunConfig's to check, with its sentence
     err = capsys.readouterr().err
     assert err == "fedrec: Config key 'privacy' must be one of none, event, user, both (got 'loud'). [command line]\n"
+
+
+def test_event_noise_goes_to_the_aggregate_where_the_run_allows_it():
+    auto = RunConfig(privacy="event")
+    assert auto.aggregate_noise and auto.steps == 1  # mf, one local step: noise once on the sum
+    for other in ({"model": "neumf"}, {"local-steps": 5}, {"update-backend": "autograd"}, {"async-buffer": 3}):
+        cfg = RunConfig.from_mapping({"privacy": "event", **other})
+        assert not cfg.aggregate_noise, other  # the closed-form release does not fit: noise on each device
+    assert RunConfig(privacy="event").steps == 1 and RunConfig(privacy="event", event_noise="device").steps == 10
+    assert not RunConfig(privacy="both").aggregate_noise and not RunConfig(privacy="user").aggregate_noise
+    assert RunConfig(privacy="none").steps == 10 and RunConfig(privacy="none", local_steps=3).steps == 3
+    with pytest.raises(ConfigError, match="Config key 'local-steps' must be 1 with event-noise = aggregate"):
+        RunConfig.from_mapping({"privacy": "event", "event-noise": "aggregate", "local-steps": 5})

@@ -202,7 +202,8 @@ def test_from_config_builds_the_row_average_mean_and_refuses_it_under_user_level
     assert from_config(RunConfig(privacy="none"), **kw) == Mean()
     for privacy in ("user", "event"):  # event noise on the device: the server has no row counts either
         with pytest.raises(ConfigError, match="row-average"):
-            RunConfig(privacy=privacy, row_average=True)
+            RunConfig(privacy=privacy, event_noise="device", row_average=True)
+    assert RunConfig(privacy="event", row_average=True).aggregate_noise  # auto: at the aggregate, counts known
     agg = from_config(RunConfig(privacy="event", event_noise="aggregate", local_steps=1, row_average=True),
                       **{**kw, "noise_multiplier": 1.0})
     assert isinstance(agg, AggregateGaussian) and agg.row_average

@@ -96,7 +96,8 @@ def test_a_secure_federation_runs_and_accounts_every_release(tmp_path):
 
 def test_secure_aggregation_needs_user_level_dp_or_event_noise_at_the_aggregate():
     with pytest.raises(ConfigError, match="secure-aggregation"):
-        RunConfig(privacy="event", secure_aggregation=True)
+        RunConfig(privacy="event", event_noise="device", secure_aggregation=True)
+    assert RunConfig(privacy="event", secure_aggregation=True).aggregate_noise  # auto: distributed noise shares
     with pytest.raises(ConfigError, match="secure-aggregation"):
         RunConfig(privacy="none", secure_aggregation=True)
     assert torch.is_tensor(torch.zeros(1))

@@ -147,7 +147,7 @@ def test_rounds_take_events_by_clock_and_the_device_matches_client_update(tmp_pa
 def test_the_server_cannot_redraw_a_deployed_devices_noise(tmp_path):
     """By default a device mixes fresh entropy into its seed: the run seed, its id and the round (all the server
     knows) do not determine its Poisson samples and DP noise; the same round with secret 0 is client_update's."""
-    cfg = RunConfig(privacy="event", noise_multiplier=1.0, rounds=1)
+    cfg = RunConfig(privacy="event", event_noise="device", noise_multiplier=1.0, rounds=1)
     g = _global(cfg)
     deltas = []
     for k, secret in enumerate([None, None, 0]):

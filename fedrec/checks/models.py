@@ -123,15 +123,15 @@ def check_trains_under_every_privacy_mode(name: str, tmp: Path) -> None:
         res = _update(name, cfg)
         flat = np.concatenate([v.ravel() for v in res.delta.values()])
         assert np.isfinite(flat).all() and np.abs(flat).max() > 0, f"{name}/{privacy}: no update"
-        assert res.steps == cfg.local_steps and res.n_train == len(_events()[0]), f"{name}/{privacy}: {res.steps} steps"
+        assert res.steps == cfg.steps and res.n_train == len(_events()[0]), f"{name}/{privacy}: {res.steps} steps"
         if cfg.user_dp:
             assert np.linalg.norm(flat) <= 0.5 * (1 + 1e-5), f"{name}/{privacy}: delta norm {np.linalg.norm(flat)}"
         if cfg.event_dp:
-            assert res.epsilon > 0 and res.state.max_exposure == cfg.local_steps, f"{name}/{privacy}: not accounted"
+            assert res.epsilon > 0 and res.state.max_exposure == cfg.steps, f"{name}/{privacy}: not accounted"
             again = client_update(model_from_config(cfg, N_ITEMS), _global(model_from_config(cfg, N_ITEMS)), res.state,
                                   *_events(), 3 + 1, cfg, device_id=11, noise_multiplier=1.0)
             # the device's state carries its exposure across rounds (a replayed window adds its steps)
-            assert again.state.max_exposure == 2 * cfg.local_steps and again.epsilon > res.epsilon, \
+            assert again.state.max_exposure == 2 * cfg.steps and again.epsilon > res.epsilon, \
                 f"{name}/{privacy}: the exposure was forgotten between rounds"
         else:
             assert res.epsilon == 0.0

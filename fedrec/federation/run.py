@@ -72,7 +72,7 @@ def event_noise(cfg: RunConfig) -> float:
     if not cfg.event_dp:
         return 0.0
     if cfg.epsilon > 0 and cfg.calibrate:  # with a noisy item graph, what it spends comes first
-        steps = cfg.local_steps * (cfg.replay_rounds + 1)
+        steps = cfg.steps * (cfg.replay_rounds + 1)
         return calibrate_noise(cfg.epsilon, cfg.sample_rate, steps, cfg.delta,
                                event_accountant(cfg.model, cfg.accountant), extra=graph_records(cfg))
     return cfg.noise_multiplier

@@ -48,8 +48,8 @@ def _event_block(cfg: RunConfig, ledger: Ledger, z_event: float) -> dict:
         "unit": "event", "epsilon": _f(max(eps)) if eps else 0.0,
         "epsilon_median_device": _f(statistics.median(eps)) if eps else 0.0,
         "delta": cfg.delta, "accountant": acc, "noise_multiplier": z_event, "clip": cfg.event_clip,
-        "sample_rate": cfg.sample_rate, "local_steps": cfg.local_steps,
-        "max_steps_per_event": cfg.local_steps * (cfg.replay_rounds + 1), "devices": len(eps),
+        "sample_rate": cfg.sample_rate, "local_steps": cfg.steps,
+        "max_steps_per_event": cfg.steps * (cfg.replay_rounds + 1), "devices": len(eps),
         "noise": "device",
         "sampling": "Poisson sampling of each event in every local DP-SGD step (Opacus, ghost clipping)",
         "trust": "each device's own DP-SGD: the server and anyone who sees a delta learn at most this "
