@@ -83,10 +83,12 @@ def simulate(cfg: RunConfig) -> dict:
     console = Console(stderr=False)
     stream = load_stream(cfg)  # fail fast on bad data, before any process starts
     check_run(cfg, stream.n_devices, stream.log.n_items, stream.log)
-    if cfg.data and cfg.cohort > stream.n_devices:
-        console.print(f"[yellow]cohort {cfg.cohort} > {stream.n_devices} devices: every device joins each round")
+    cohort = cfg.cohort_for(stream.n_devices)
+    if cfg.data and cohort > stream.n_devices:
+        console.print(f"[yellow]cohort {cohort} > {stream.n_devices} devices: every device joins each round")
     console.print(f"fedrec simulate: {len(stream.log)} events, {stream.n_devices} devices, {stream.log.n_items} items, "
-                  f"{cfg.rounds} rounds, cohort {cfg.cohort}, privacy {cfg.privacy}, model {cfg.model}, "
+                  f"{cfg.rounds} rounds, cohort {min(cohort, stream.n_devices)}{' (auto)' if not cfg.cohort else ''}, "
+                  f"privacy {cfg.privacy}, model {cfg.model}, "
                   f"{cfg.nodes} Flower nodes -> {cfg.out}")
     k = cfg.k
     progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -146,7 +148,7 @@ def _check_accounting(cfg: RunConfig, n_devices: int) -> None:
     from .federation.run import event_noise, user_noise
     from .privacy.accounting import epsilon, event_accountant
 
-    q = min(1.0, cfg.cohort / max(n_devices, 1))
+    q = min(1.0, cfg.cohort_for(n_devices) / max(n_devices, 1))
     try:
         z_event, z_user = event_noise(cfg), user_noise(cfg, q)
         if z_event > 0:

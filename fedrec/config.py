@@ -123,6 +123,9 @@ def spec_of(f: dataclasses.Field[Any]) -> KeySpec:
     return spec
 
 
+AUTO_COHORT_CAP = 5000  #: cohort = 0 under event noise at the aggregate: every device, up to this many a round
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; defaults are those of ``[tool.flwr.app.config]``."""
@@ -145,7 +148,8 @@ class RunConfig:
     round_split: str = key("count", "how the stream is cut into rounds: equal event counts or equal time spans",
                            choices=ROUND_SPLITS)
     # federation
-    cohort: int = key(300, "devices per round (under user-level DP the expected number, Poisson-sampled)", ge=1, le=10**8)
+    cohort: int = key(0, "devices per round (under user-level DP the expected number, Poisson-sampled); 0 = auto: "
+                      "every device up to 5000 under event noise at the aggregate, else 300", ge=0, le=10**8)
     nodes: int = key(2, "virtual Flower nodes; each hosts a shard of devices in simulation", ge=1, le=10**4)
     engine: str = key("ray", "simulation transport: Flower's Simulation Engine (ray) or in-process (local)",
                       choices=ENGINES)
@@ -394,6 +398,15 @@ class RunConfig:
         one local step, one round's devices per sum)."""
         return (self.model == "mf" and self.update_backend == "auto" and self.local_steps <= 1
                 and not self.async_buffer)
+
+    def cohort_for(self, population: int) -> int:
+        """Devices per round: ``cohort``, or with 0 (auto) every device, up to :data:`AUTO_COHORT_CAP`, under event
+        noise at the aggregate (its noise does not grow with the cohort and device sampling is not counted as
+        amplification, so each device left out only delays its events' signal) and 300 otherwise (under
+        user-level DP the cohort sets the sampling rate q of the accounting)."""
+        if self.cohort:
+            return self.cohort
+        return min(population, AUTO_COHORT_CAP) if self.aggregate_noise else 300
 
     @property
     def steps(self) -> int:

@@ -182,3 +182,12 @@ def test_event_noise_goes_to_the_aggregate_where_the_run_allows_it():
     assert RunConfig(privacy="none").steps == 10 and RunConfig(privacy="none", local_steps=3).steps == 3
     with pytest.raises(ConfigError, match="Config key 'local-steps' must be 1 with event-noise = aggregate"):
         RunConfig.from_mapping({"privacy": "event", "event-noise": "aggregate", "local-steps": 5})
+
+
+def test_the_auto_cohort_takes_every_device_only_where_the_noise_is_on_the_sum():
+    assert RunConfig(privacy="event").cohort_for(610) == 610  # noise at the aggregate: no device left out
+    assert RunConfig(privacy="event").cohort_for(10**6) == 5000  # up to the cap, a compute bound
+    assert RunConfig(privacy="user").cohort_for(610) == 300  # the sampling rate of the user-level accounting
+    assert RunConfig(privacy="none").cohort_for(610) == 300
+    assert RunConfig(privacy="event", event_noise="device").cohort_for(610) == 300
+    assert RunConfig(privacy="event", cohort=40).cohort_for(610) == 40

@@ -80,7 +80,7 @@ def test_any_event_is_recorded_or_refused_with_a_store_error(item, ts, kind, wei
        st.sampled_from(["0", "-1", "nan", "inf", "abc", "1e309", "", "2", "/no/such/file", "0.7"]))
 def test_bad_cli_flags_end_in_one_sentence_and_exit_2(capsys, flag, value):
     capsys.readouterr()
-    other = ["--cohort", "0"] if flag != "--cohort" else ["--rounds", "0"]  # never starts a run
+    other = ["--cohort", "-1"] if flag != "--cohort" else ["--rounds", "0"]  # never starts a run
     try:
         code = main(["simulate", flag, value, *other])
     except SystemExit as e:  # argparse refuses a value of the wrong type before fedrec sees it

@@ -79,7 +79,8 @@ def plan_round(fed: Federation, r: int, rng: np.random.Generator, *, busy: Colle
     if cfg.user_dp:
         cohort = poisson_cohort(free, fed.q_user, rng)
     else:
-        cohort = sorted(int(d) for d in rng.choice(free, size=min(cfg.cohort, len(free)), replace=False))
+        size = min(cfg.cohort_for(len(fed.population)), len(free))
+        cohort = sorted(int(d) for d in rng.choice(free, size=size, replace=False))
     by_node: dict[int, list[int]] = {}
     for d in cohort:
         by_node.setdefault(fed.home[d], []).append(d)

@@ -113,7 +113,7 @@ def discover(transport: Transport, cfg: RunConfig, z_event: float) -> Federation
         durable = durable and info.durable
     if not home or n_items is None:
         raise FederationError("No node reported any device.")
-    q_user = min(1.0, cfg.cohort / len(home))
+    q_user = min(1.0, cfg.cohort_for(len(home)) / len(home))
     return Federation(cfg, home, n_items, durable, z_event, user_noise(cfg, q_user), q_user)
 
 
