@@ -129,10 +129,7 @@ def check_run(cfg: RunConfig, n_devices: int, n_items: int, log: Any = None) -> 
 
         load_features(cfg, log)
     if cfg.data:
-        try:
-            cfg.check_catalogue(n_items, cfg.data)
-        except ConfigError as e:
-            raise (e if cfg.data in str(e) else ConfigError(f"{e} [{cfg.data}]")) from None
+        cfg.check_catalogue(n_items, cfg.data)  # its sentences name the data file
     if cfg.device.startswith("cuda"):
         import torch
 

@@ -137,14 +137,7 @@ class LocalFederation:
         else:
             argv += ["--insecure"]
         self.link = self._start(f"superlink-{len(self._procs)}", argv, "superlink")
-        t0 = time.time()
-        while not (_port_open(self.port) and "Uvicorn running" in self.link.text()):
-            if not self.link.alive():
-                raise DeployError(f"The SuperLink exited at start (log {self.link.log}):\n{self.link.text()[-1500:]}")
-            if time.time() - t0 > timeout:
-                raise DeployError(f"The SuperLink did not listen on 127.0.0.1:{self.port} within {timeout:.0f} s "
-                                  f"(log {self.link.log}).")
-            time.sleep(0.2)
+        _await_listening(self.link, self.port, "The SuperLink", timeout, ready="Uvicorn running")
         self._write_cli_config()
         if self.front is None or not self.front.alive():
             self.start_front(timeout)
@@ -160,14 +153,7 @@ class LocalFederation:
         else:
             argv += ["--insecure"]
         self.front = self._start("front", argv, "front")
-        t0 = time.time()
-        while not _port_open(self.fleet_port):
-            if not self.front.alive():
-                raise DeployError(f"The Fleet front exited at start (log {self.front.log}):\n{self.front.text()[-1500:]}")
-            if time.time() - t0 > timeout:
-                raise DeployError(f"The Fleet front did not listen on 127.0.0.1:{self.fleet_port} within {timeout:.0f} s "
-                                  f"(log {self.front.log}).")
-            time.sleep(0.1)
+        _await_listening(self.front, self.fleet_port, "The Fleet front", timeout)
 
     def _write_cli_config(self) -> None:
         cfg = self.work / "home" / "cli" / "config.toml"
@@ -321,6 +307,18 @@ class LocalFederation:
                 _kill(pid)
             time.sleep(0.25)
         return [f"{pid} {cmd[:120]}" for pid, cmd in self.tagged().items()]
+
+
+def _await_listening(proc: Proc, port: int, what: str, timeout: float, ready: str = "") -> None:
+    """Until ``proc`` listens on 127.0.0.1:``port`` (and its log says ``ready``); DeployError if it exits or
+    ``timeout`` passes first."""
+    t0 = time.time()
+    while not (_port_open(port) and ready in proc.text()):
+        if not proc.alive():
+            raise DeployError(f"{what} exited at start (log {proc.log}):\n{proc.text()[-1500:]}")
+        if time.time() - t0 > timeout:
+            raise DeployError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s (log {proc.log}).")
+        time.sleep(0.1)
 
 
 def _kill(pid: int) -> None:
