@@ -11,6 +11,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -98,10 +99,10 @@ def test_allowed_is_an_exact_list():
 
 
 def test_a_bad_front_argument_is_one_sentence(tmp_path):
-    r = subprocess.run(["python", "-m", "fedrec.deploy.front", "--listen", "nowhere", "--superlink", "127.0.0.1:1",
+    r = subprocess.run([sys.executable, "-m", "fedrec.deploy.front", "--listen", "nowhere", "--superlink", "127.0.0.1:1",
                         "--insecure"], capture_output=True, text=True, timeout=60, env=os.environ)
     assert r.returncode == 2 and r.stderr.strip() == "fedrec front: --listen should be host:port (got 'nowhere')."
-    r = subprocess.run(["python", "-m", "fedrec.deploy.front", "--listen", "127.0.0.1:1", "--superlink",
+    r = subprocess.run([sys.executable, "-m", "fedrec.deploy.front", "--listen", "127.0.0.1:1", "--superlink",
                         "127.0.0.1:2", "--ssl-certfile", str(tmp_path / "x"), "--ssl-keyfile", "y",
                         "--ssl-ca-certfile", "z"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a readable file" in r.stderr
