@@ -35,7 +35,7 @@ def _headline(counts: ServeCounts | PrequentialCounts, blend: int | None
 
 
 #: the order in which tied blends are preferred (:meth:`RunRecorder.leader`)
-PREFER = ("graph", "graph+0.01", "graph+0.1", "graph+1", "model", "start")
+PREFER = ("graph", "graph+0.01", "graph+0.1", "graph+1", "features", "model", "start")
 
 
 class RunRecorder:

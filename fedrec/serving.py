@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts, event_counts, in_topk, prequential_counts
-from .itemgraph import contexts, prepare, session_scores
+from .itemgraph import contexts, graph_scores, prepare
 from .models.base import RecModel
 
 ROWS = 256  #: events scored per block (bounds the memory of one device's round: ROWS x n_items)
@@ -77,15 +77,18 @@ def standardised(x: torch.Tensor) -> torch.Tensor:
 
 
 def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, start: torch.Tensor,
-                 zmodel: torch.Tensor | None = None) -> torch.Tensor:
+                 zmodel: torch.Tensor | None = None, content: torch.Tensor | None = None) -> torch.Tensor:
     """The per-event scores under the blend ``name`` (see :data:`~fedrec.eval.metrics.BLENDS`): ``session``
-    (the graph's rows, or None), ``model`` (the model's instant rows), ``start`` (its round-start row);
-    ``zmodel``: ``standardised(model)`` when the caller has it. A row's ranking is all that matters, so a
-    blend of one source ranks by that source as it is."""
+    (the graph's rows, or None), ``model`` (the model's instant rows), ``start`` (its round-start row),
+    ``content`` (the features blend's rows, or None: it then ranks as the graph alone); ``zmodel``:
+    ``standardised(model)`` when the caller has it. A row's ranking is all that matters, so a blend of one
+    source ranks by that source as it is."""
     if name == "start":
         return start.expand_as(model)
     if session is None or name == "model":
         return model
+    if name == "features":
+        return content if content is not None else session
     weight = float(name.partition("+")[2] or 0.0)
     if not weight:
         return session
@@ -93,13 +96,14 @@ def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, s
 
 
 def event_rows(model: RecModel, s: ServeInput, vector: np.ndarray | None, graph: Mapping[str, torch.Tensor] | None,
-               context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's instant scores and the graph's session scores before each new event and after the last."""
+               context: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The model's instant scores, the graph's session scores and its features blend's (None where the run has
+    no graph, or no features) before each new event and after the last."""
     rows = model.score_events(s.history, s.new, vector, context=context)
     if graph is None:
-        return rows, None
+        return rows, None, None
     ctx, w = contexts(s.history, s.new, context)
-    return rows, session_scores(graph, ctx, w)
+    return (rows, *graph_scores(graph, ctx, w))
 
 
 def _per_event(model: RecModel, s: ServeInput, vector: np.ndarray | None, start: np.ndarray,
@@ -114,12 +118,12 @@ def _per_event(model: RecModel, s: ServeInput, vector: np.ndarray | None, start:
     start_row = torch.from_numpy(np.asarray(start, np.float32))
     for a in range(0, len(new) + 1, ROWS):  # block b holds rows a..a+ROWS (the last block: the row after all)
         part = ServeInput(s.device, np.concatenate([s.history, new[:a]]), new[a:a + ROWS])
-        rows, session = event_rows(model, part, vector, graph, context)
+        rows, session, content = event_rows(model, part, vector, graph, context)
         block_seen = seen.copy()
         block_seen[new[:a]] = True
         zmodel = standardised(rows) if session is not None else None
         for j, name in enumerate(BLENDS):
-            scores = blend_scores(name, session, rows, start_row, zmodel).numpy()
+            scores = blend_scores(name, session, rows, start_row, zmodel, content).numpy()
             out[j].add(event_counts(scores, block_seen, part.new, k))
             if j == blend and a + ROWS > len(new):
                 last = scores[len(part.new)]

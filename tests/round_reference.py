@@ -15,6 +15,9 @@ the only difference, and the two new cases (``aggregate``, ``row-average``) were
 DP changed on purpose (negatives from the whole catalogue, so that one event shapes no other event's
 negatives; the selected rows' noisy total as the normaliser at the aggregate): exactly the event-level
 cases (event, both, median, neumf, slow-sync, aggregate) were written again; every other case is unchanged.
+The ``features`` blend (item counts filtered by public features) added one key to every summary's
+``metrics.blends``: all files were written again after checking that it is the only difference (every
+final model equal; secagg's model kept, as its rounding varies between runs).
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ from fedrec.data.events import DataError
 from fedrec.data.features import beside, item_features, load_item_features, world_features
 from fedrec.data.loaders import load_events
 from fedrec.data.world import WorldSpec, make_world
-from fedrec.itemgraph import FEATURES, contexts, feature_match, session_scores
+from fedrec.eval.metrics import BLENDS
+from fedrec.itemgraph import COUNTS, FEATURES, ItemGraph, Pairs, contexts, feature_match, graph_scores, session_scores
+from fedrec.serving import blend_scores
 
 RATINGS = "userId,movieId,rating,timestamp\n" + "".join(
     f"{u},{m},4.0,{1000 + 10 * u + i}\n" for u in range(1, 9) for i, m in enumerate((1, 2, 3, 5, 7)))
@@ -100,6 +102,42 @@ def test_features_rank_the_prior_by_the_sessions_genres():
     assert m.shape == (2, n) and float(m.max()) == 1.0 and float(m.min()) == 0.0
     # after item 4 (genre 1, newest, weighted most) the other genre leads
     assert session_scores({**table, FEATURES: feats.numpy()}, ctx, w)[1][5] > scored[5]
+
+
+def test_the_features_blend_ranks_the_counts_within_the_contexts_features():
+    n = 6
+    feats = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], np.float32)
+    counts = np.array([0.2, 0.5, 0.1, 1.0, 0.9, 0.8], np.float32)  # genre 1 is the more popular
+    table = {"graph.ids": np.zeros((n, 1), np.int32), "graph.sim": np.zeros((n, 1), np.float32),
+             "graph.prior": np.full(n, 0.5, np.float32), FEATURES: feats, COUNTS: counts}
+    ctx, w = contexts(np.array([0, 2]), np.array([1]), 3)  # a genre-0 session
+    session, content = graph_scores(table, ctx, w)
+    assert torch.equal(session, session_scores(table, ctx, w))
+    row = content[0].numpy()
+    assert list(np.argsort(-row)[:3]) == [1, 0, 2]  # the session's genre first, each by its count
+    assert row[1] / row[3] == pytest.approx(0.5 * np.exp(5.0))  # exp(FEATURE_SHARP * (1 - 0)) over the genres
+    no_counts = {k: v for k, v in table.items() if k != COUNTS}
+    assert graph_scores(no_counts, ctx, w)[1] is None
+    assert graph_scores({k: v for k, v in no_counts.items() if k != FEATURES}, ctx, w)[1] is None
+    # served as the blend "features"; without its scores it ranks as the graph alone
+    model, start = torch.zeros_like(session), torch.zeros(n)
+    assert "features" in BLENDS
+    assert torch.equal(blend_scores("features", session, model, start, None, content), content)
+    assert torch.equal(blend_scores("features", session, model, start), session)
+
+
+def test_the_published_counts_are_the_graphs_all_time_counts_clamped():
+    g = ItemGraph(n_items=4, noise_std=0.0, features=np.eye(4, 2, dtype=np.float32))
+    one = Pairs(np.array([0]), np.array([1]), np.ones(1), np.array([0, 1, 1]), np.ones(3))
+    g.add([one])
+    g.add([one])
+    assert np.allclose(g.table()[COUNTS], [0.5, 1.0, 0.0, 0.0])
+    noisy = ItemGraph(n_items=4, noise_std=5.0, seed=3, features=np.eye(4, 2, dtype=np.float32))
+    noisy.add([one])
+    got = noisy.table()[COUNTS]
+    assert got.min() >= 0.0 and got.max() == 1.0
+    assert np.allclose(got, np.maximum(noisy.n, 0) / np.maximum(noisy.n, 0).max())
+    assert COUNTS not in ItemGraph(n_items=4).table()  # no features, no features blend
 
 
 def _simulate(ratings: Path, out: Path, *extra: str) -> dict:

@@ -13,10 +13,11 @@ import numpy as np
 
 #: What devices score every event with, side by side (:func:`fedrec.serving.blend_scores`): the item
 #: graph's session scores plus ``w`` times the model's instant scores standardised per row (``graph+w``;
-#: ``graph``: the graph alone), the model's instant scores alone (``model``), and the model with the state
-#: at the round's start (``start``). Without an item graph the ``graph`` blends rank as ``model``. The first
-#: is served before any is measured (the model breaks the ties of a graph that knows little yet).
-BLENDS = ("graph+0.01", "graph", "graph+0.1", "graph+1", "model", "start")
+#: ``graph``: the graph alone), the model's instant scores alone (``model``), the model with the state
+#: at the round's start (``start``), and the item counts filtered by the public item features' match to the
+#: device's context (``features``, :func:`fedrec.itemgraph.graph_scores`). Without an item graph the ``graph``
+#: blends and ``features`` rank as ``model``; without features ``features`` ranks as ``graph``.
+BLENDS = ("graph+0.01", "graph", "graph+0.1", "graph+1", "model", "start", "features")
 
 
 def target_rank(scores: np.ndarray, target: int, exclude: np.ndarray | None = None) -> int:
