@@ -75,7 +75,7 @@ TABLE_KEYS = (*KEYS, FEATURES, COUNTS)
 #: with features: the prior of item c is scaled by exp(FEATURE_BETA * (m_c - 1)), m_c in [0, 1] the match of c's
 #: features to the context's (chosen on rounds 2-5 of ml-latest-small, graph noised at event-level epsilon 8)
 FEATURE_BETA = 2.0
-#: the features blend (:func:`feature_scores`): the all-time counts scaled by exp(FEATURE_SHARP * (m_c - 1)), a
+#: the features blend (:func:`graph_scores`): the all-time counts scaled by exp(FEATURE_SHARP * (m_c - 1)), a
 #: near filter on the context's features (chosen on rounds 1-5 of the synthetic world, counts noised at event-level
 #: epsilon 8: 2, 5, 10, 20, 40 gave 0.245, 0.249, 0.248, 0.248, 0.248)
 FEATURE_SHARP = 5.0
