@@ -90,6 +90,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
             "sample_rate": q_user, "population": population,
             "releases": len(ledger.server_history()),
             "sampling": f"Poisson: each of {population} devices joins a round independently with q={q_user:.4g}",
+            "noise": "aggregate-server",  # the server noises the sum of clipped deltas (unmasked, under SecAgg+)
             "trust": ("secure aggregation (Flower SecAgg+): the server sees only the sum of the sampled devices' "
                       "deltas, and trusts each device to clip its own (it cannot check one delta's norm); "
                       "the released model is user-level DP" if cfg.secure_aggregation else
