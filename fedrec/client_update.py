@@ -97,11 +97,10 @@ def client_update(
     noise_multiplier: float,
     probe: np.ndarray | None = None,
     secret: int = 0,
+    affinities: bool = False,
 ) -> UpdateResult:
     """Run one device's round.
 
-    Parameters
-    ----------
     model : a reused model object (its parameters are overwritten here).
     global_state : the global parameters the server sent (numpy arrays).
     state : the device's own state; not mutated, the next one is returned.
@@ -117,6 +116,7 @@ def client_update(
     ``probe`` (simulation only, a measuring instrument): items whose membership in the device's top-K
     before training is reported in ``probe_hits`` (new-item uptake); it changes nothing trained or sent.
     ``secret``: entropy the server does not know, mixed into the seed (a deployed device; simulation: 0).
+    ``affinities``: the version has item features, so the pairs carry each new event's item before it.
     """
     torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_, secret=secret))
     state = _load(model, global_state, state, torch_g)
@@ -140,7 +140,7 @@ def client_update(
         model, global_state, items, rounds, train_mask, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
         noise_multiplier)
     nxt, eps = _next_state(state, local, round_, steps, cfg, noise_multiplier)
-    pairs = device_pairs(items, new, cfg.pair_window) if cfg.graph else None
+    pairs = device_pairs(items, new, cfg.pair_window, affinities=affinities) if cfg.graph else None
     return UpdateResult(delta=delta, n_train=n_train, n_new=int(new.sum()), counts=counts, epsilon=eps, steps=steps,
                         state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits, pairs=pairs,
                         row_counts=row_counts)

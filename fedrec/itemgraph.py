@@ -21,6 +21,10 @@ of DESIGN.md:
   counts filtered by how well each item's features match its context's. Under noise it holds up where the
   neighbour rows do not: a count is a sum over many devices, a pair over few (docs/online.md, "Public item
   features"). Which source a device serves is chosen on earlier rounds (:meth:`fedrec.report.RunRecorder.leader`).
+  The features are what a catalogue says, and can be wrong; the server also sums, for each new event, the features
+  of the event just before it into the event's item's row (the item x feature *affinities* ``A``), and publishes
+  each item's profile (:meth:`ItemGraph.profiles`): its listed features beside what its users did before it. The
+  ``features`` blend matches profiles, not lists.
 
 Privacy: the pairs reveal which items a device had, in clear, to the server. Without DP they are collected
 as they are. Under event-level DP with the noise at the aggregate (``event-noise = aggregate``: the server is
@@ -34,10 +38,14 @@ mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.
   rounds they are new) one lost pair (with ``e``) and one gained (the event a window further back); and
   its item's count by 1. Each change moves one (round, cell) by at most 1 (several changes in one cell of
   one device-round stay within the cap), so the L2 change of every round's sums together is at most
-  ``sqrt(3 W + 1)``. This assumes the rounds an event is new in do not depend on other events: round
-  boundaries by clock, and the device's cursor (an event is new in exactly one update).
+  ``sqrt(3 W + 1)``. With features (rows of norm at most 1) the affinities move too: the event's own row by its
+  before's features, and the next event's row by the difference of two feature rows (at most sqrt(2) when no
+  value is negative): 3 more under the root, 5 with negative values (:func:`sensitivity`). This assumes the
+  rounds an event is new in do not depend on other events: round boundaries by clock, and the device's cursor
+  (an event is new in exactly one update).
 * *noise*: every round, every item count and every unordered pair cell that can be released gets an
-  independent draw of ``N(0, noise_std^2)``, ``noise_std = z_graph * sqrt(3 W + 1)``. Dense noise over
+  independent draw of ``N(0, noise_std^2)``, ``noise_std = z_graph * sensitivity`` (so is every affinity cell,
+  dense: items x features, drawn after the counts and pairs). Dense noise over
   ``n_items^2`` pairs would not fit, so the pairs are projected first onto the candidates: items whose
   *noisy* count, summed over the earlier releases, is ``ENTER`` noise stds or more (at most
   ``MAX_CANDIDATES``; they stay). Pairs of any other item are dropped in that round, before noise.
@@ -71,7 +79,9 @@ PAIR_CAP = 1.0  #: most one device's update adds to one pair's count
 KEYS = ("graph.ids", "graph.sim", "graph.prior")  #: what a global version carries of the graph
 FEATURES = "graph.features"  #: and, where the run has public item features, their rows (L2-normalised)
 COUNTS = "graph.counts"  #: with features: every item's all-time count (noised: the noisy sums, clamped at 0), max 1
-TABLE_KEYS = (*KEYS, FEATURES, COUNTS)
+#: with features: every item's profile, learned from behaviour (:meth:`ItemGraph.profiles`), rows L2-normalised
+PROFILES = "graph.profiles"
+TABLE_KEYS = (*KEYS, FEATURES, COUNTS, PROFILES)
 #: with features: the prior of item c is scaled by exp(FEATURE_BETA * (m_c - 1)), m_c in [0, 1] the match of c's
 #: features to the context's (chosen on rounds 2-5 of ml-latest-small, graph noised at event-level epsilon 8)
 FEATURE_BETA = 2.0
@@ -79,6 +89,11 @@ FEATURE_BETA = 2.0
 #: near filter on the context's features (chosen on rounds 1-5 of the synthetic world, counts noised at event-level
 #: epsilon 8: 2, 5, 10, 20, 40 gave 0.245, 0.249, 0.248, 0.248, 0.248)
 FEATURE_SHARP = 5.0
+#: an item's profile (:meth:`ItemGraph.profiles`): its public features weighted as this many noise stds of an
+#: affinity cell (plus one event) beside its affinities, which count only above PROFILE_THRESHOLD of those stds
+#: (both chosen on rounds 1-8 of the synthetic world, seed 0, at event-level epsilon 8 and 1; docs/online.md)
+PROFILE_PRIOR = 1.0
+PROFILE_THRESHOLD = 2.0
 #: noised: an item becomes a candidate once its noisy count is this many noise stds of that count
 ENTER = 3.0
 #: noised: expected pure-noise neighbours of a candidate (sets the pair threshold from the candidates' number)
@@ -87,35 +102,46 @@ MAX_CANDIDATES = 2000  #: noised: most candidates (their noisy pair sums are a d
 NOISE_STREAM = 0x67726170  #: noised: the noise of release k is drawn from (seed, NOISE_STREAM, k)
 
 
+def _none() -> np.ndarray:
+    return np.zeros(0, np.int64)
+
+
 @dataclass(frozen=True)
 class Pairs:
     """One device's contribution: item pairs ``(a, b)`` with counts ``w`` (``a != b``; the server makes
-    them symmetric), and the items of its contributed events with their counts."""
+    them symmetric), the items of its contributed events with their counts, and each new event that has one
+    before it (``follow``) with the item of that one (``before``): the item x feature affinities' input."""
 
     a: np.ndarray
     b: np.ndarray
     w: np.ndarray
     items: np.ndarray
     counts: np.ndarray
+    follow: np.ndarray = field(default_factory=_none)
+    before: np.ndarray = field(default_factory=_none)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"pairs.a": self.a.astype(np.int32), "pairs.b": self.b.astype(np.int32),
                 "pairs.w": self.w.astype(np.float32), "pairs.items": self.items.astype(np.int32),
-                "pairs.counts": self.counts.astype(np.float32)}
+                "pairs.counts": self.counts.astype(np.float32), "pairs.follow": self.follow.astype(np.int32),
+                "pairs.before": self.before.astype(np.int32)}
 
     @classmethod
     def from_arrays(cls, d: Mapping[str, np.ndarray], n_items: int, *, events: int, window: int) -> Pairs:
         """Decode and check a device's pairs: ids within the catalogue, whole non-negative counts, no
-        self-pairs, item counts summing to its ``events`` new events, and each pair ``(a, b)`` starting at an
-        item ``a`` of its new events, at most ``window`` pair counts per event of ``a``. A device can still
+        self-pairs, item counts summing to its ``events`` new events, each pair ``(a, b)`` starting at an
+        item ``a`` of its new events, at most ``window`` pair counts per event of ``a``, and at most one
+        ``follow``/``before`` per new event, each ``follow`` an item of its new events. A device can still
         say it had events it did not have (nothing can check that): the server bounds ``events`` by the
         update's own count, and :meth:`ItemGraph.add` counts a device at most once per pair. ValueError if
         not."""
         a, b, items = (np.asarray(d[k]).reshape(-1) for k in ("pairs.a", "pairs.b", "pairs.items"))
+        follow, before = (np.asarray(d.get(k, _none())).reshape(-1) for k in ("pairs.follow", "pairs.before"))
         w, c = (np.asarray(d[k], np.float64).reshape(-1) for k in ("pairs.w", "pairs.counts"))
-        if not (len(a) == len(b) == len(w) and len(items) == len(c)):
+        if not (len(a) == len(b) == len(w) and len(items) == len(c) and len(follow) == len(before)):
             raise ValueError("pair arrays of different lengths")
-        for name, ids in (("pair item", a), ("pair item", b), ("item", items)):
+        for name, ids in (("pair item", a), ("pair item", b), ("item", items), ("follow item", follow),
+                          ("before item", before)):
             if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= n_items):
                 raise ValueError(f"a {name} id outside 0..{n_items - 1}")
         for name, x in (("pair count", w), ("item count", c)):
@@ -132,16 +158,21 @@ class Pairs:
         np.add.at(per_item, a.astype(np.int64), w)
         if (per_item > window * have).any():
             raise ValueError("pairs of items it had no new event of, or more pairs than its events of an item allow")
-        return cls(a.astype(np.int64), b.astype(np.int64), w, items.astype(np.int64), c)
+        if (np.bincount(follow.astype(np.int64), minlength=n_items) > have).any():
+            raise ValueError("more follow items than its new events of that item")
+        return cls(a.astype(np.int64), b.astype(np.int64), w, items.astype(np.int64), c, follow.astype(np.int64),
+                   before.astype(np.int64))
 
 
-def device_pairs(items: np.ndarray, new: np.ndarray, window: int) -> Pairs:
+def device_pairs(items: np.ndarray, new: np.ndarray, window: int, *, affinities: bool = True) -> Pairs:
     """The pairs of the events ``new`` (a boolean mask over ``items``, the device's sequence in time order)
-    with the ``window`` events before each; repeated pairs are counted, self-pairs dropped."""
+    with the ``window`` events before each; repeated pairs are counted, self-pairs dropped; and, with
+    ``affinities`` (the run has public item features), each new event after the first of the sequence with the
+    item just before it (``follow``/``before``)."""
     items = np.asarray(items, np.int64)
     pos = np.flatnonzero(new)
     if not len(pos):
-        z = np.zeros(0, np.int64)
+        z = _none()
         return Pairs(z, z, np.zeros(0), z, np.zeros(0))
     lag = np.arange(1, window + 1)
     back = pos[:, None] - lag[None, :]
@@ -151,8 +182,9 @@ def device_pairs(items: np.ndarray, new: np.ndarray, window: int) -> Pairs:
     keep = a != b
     key, w = np.unique(a[keep] * (int(items.max()) + 1) + b[keep], return_counts=True)
     it, c = np.unique(items[pos], return_counts=True)
+    after = pos[pos > 0] if affinities else _none()
     return Pairs(key // (int(items.max()) + 1), key % (int(items.max()) + 1), w.astype(np.float64), it,
-                 c.astype(np.float64))
+                 c.astype(np.float64), items[after], items[after - 1])
 
 
 @dataclass
@@ -180,6 +212,9 @@ class ItemGraph:
     since: np.ndarray = field(init=False)  #: noised: each candidate's pairs are noised from this release on
     P: np.ndarray = field(init=False)  #: noised: the noisy pair sums among the candidates
     features: np.ndarray | None = None  #: public item features, rows L2-normalised (published with the table)
+    #: with features: the item x feature affinities, ``A[i] = sum of before's features over events of i`` (noised:
+    #: every cell of every release gets a draw), created at the first release
+    A: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.noise_std < 0 or not np.isfinite(self.noise_std):
@@ -200,8 +235,8 @@ class ItemGraph:
         now = np.zeros(V)
         for p in contributions:
             np.add.at(now, p.items, p.counts)
+        rng = np.random.default_rng([self.seed, NOISE_STREAM, self.releases])
         if self.noised:
-            rng = np.random.default_rng([self.seed, NOISE_STREAM, self.releases])
             now = now + rng.normal(0.0, self.noise_std, V)  # every item, every round: absent ones too
             self.P += self._noisy_pairs(a, b, w, rng)
         else:
@@ -210,9 +245,36 @@ class ItemGraph:
             self.C = (self.C + inc.tocsr()).tocsr()
         self.n += now
         self.recent = (self.recent + [now])[-RECENT_ROUNDS:]
+        if self.features is not None:
+            self._add_affinities(contributions, rng)
         self.releases += 1
         if self.noised:
             self._enter()
+
+    def _add_affinities(self, contributions: Sequence[Pairs], rng: np.random.Generator) -> None:
+        """This round's item x feature affinities (each new event's item gets the features of the item before it,
+        a unit vector), noised in every cell after the counts' and pairs' draws (which stay as without features)."""
+        F = np.asarray(self.features, np.float64)
+        if self.A is None:
+            self.A = np.zeros((self.n_items, F.shape[1]))
+        inc = np.zeros_like(self.A)
+        for p in contributions:
+            np.add.at(inc, p.follow, F[p.before])
+        if self.noised:
+            inc += rng.normal(0.0, self.noise_std, inc.shape)
+        self.A += inc
+
+    def profiles(self) -> np.ndarray:
+        """Every item's profile (rows L2-normalised, float32): its public features, weighted as ``PROFILE_PRIOR``
+        times (the accumulated noise std of an affinity cell plus one event), beside its affinities, each counted
+        only by how far it stands above ``PROFILE_THRESHOLD`` of those stds (pure noise mostly counts 0, so a
+        profile without evidence stays its list). What the items' users did before them corrects a public
+        feature list that is wrong, and a new item starts from its list."""
+        F = np.asarray(self.features, np.float64)
+        A = self.A if self.A is not None else np.zeros_like(F)
+        std = self.noise_std * np.sqrt(self.releases)  # of every cell of A (0 without noise)
+        G = PROFILE_PRIOR * (std + 1.0) * F + np.maximum(A - PROFILE_THRESHOLD * std, 0.0)
+        return (G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def _noisy_pairs(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """This round's pair sums among the candidates plus noise, one draw per unordered pair (mirrored);
@@ -259,7 +321,8 @@ class ItemGraph:
         out = {"graph.ids": ids, "graph.sim": sim, "graph.prior": _unit(prior)}
         if self.features is None:
             return out
-        return out | {FEATURES: self.features.astype(np.float16), COUNTS: _unit(np.maximum(self.n, 0.0))}
+        return out | {FEATURES: self.features.astype(np.float16), COUNTS: _unit(np.maximum(self.n, 0.0)),
+                      PROFILES: self.profiles().astype(np.float16)}
 
     def _prior(self) -> np.ndarray:
         """Recent counts, all-time counts breaking ties. Noised: of the candidates only, negative counts as 0 (the
@@ -296,6 +359,8 @@ class ItemGraph:
                "recent": np.stack(self.recent) if self.recent else np.zeros((0, self.n_items))}
         if self.noised:
             out |= {"cand": self.cand, "since": self.since, "pairs": self.P[np.triu_indices(len(self.cand), 1)]}
+        if self.A is not None:
+            out["affinity"] = self.A
         return out
 
     def load(self, d: Mapping[str, np.ndarray]) -> None:
@@ -305,12 +370,23 @@ class ItemGraph:
         self.n = np.asarray(d["n"], np.float64)
         self.recent = [np.asarray(x) for x in d["recent"]]
         self.releases = int(d.get("releases", 0))
+        self.A = np.asarray(d["affinity"], np.float64) if "affinity" in d else None
         if self.noised:
             self.cand, self.since = np.asarray(d["cand"], np.int64), np.asarray(d["since"], np.int64)
             K = len(self.cand)
             self.P = np.zeros((K, K))
             self.P[np.triu_indices(K, 1)] = d["pairs"]
             self.P += self.P.T
+
+
+def sensitivity(window: int, features: np.ndarray | None) -> float:
+    """How far one event's add/remove moves the graph's released sums over the whole run, in L2: ``sqrt(3 W + 1)``
+    for the pairs and counts (module docstring), and with ``features`` (rows of norm at most 1) more under the root
+    for the affinities: the event's own row gains its before's features (norm at most 1), and the event after it
+    swaps the event's features for its before's (norm at most sqrt(2) for non-negative rows, else 2): 3 more, or 5
+    where a feature value is negative."""
+    extra = 0 if features is None else (3 if (np.asarray(features) >= 0).all() else 5)
+    return float(np.sqrt(3 * window + 1 + extra))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -367,7 +443,7 @@ def prepare(graph: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.T
     not once per call; a prepared table passes through without a copy."""
     out = {"graph.ids": torch.as_tensor(graph["graph.ids"]).long(), "graph.sim": torch.as_tensor(graph["graph.sim"]).float(),
            "graph.prior": torch.as_tensor(graph["graph.prior"]).float()}
-    return out | {k: torch.as_tensor(graph[k]).float() for k in (FEATURES, COUNTS) if k in graph}
+    return out | {k: torch.as_tensor(graph[k]).float() for k in (FEATURES, COUNTS, PROFILES) if k in graph}
 
 
 def session_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray, weight: np.ndarray) -> torch.Tensor:
@@ -394,7 +470,8 @@ def graph_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray
     if FEATURES not in g:
         return out + PRIOR * prior, None
     m = feature_match(g[FEATURES], c, w) - 1.0
-    content = g[COUNTS] * torch.exp(FEATURE_SHARP * m) if COUNTS in g else None
+    learned = feature_match(g[PROFILES], c, w) - 1.0 if PROFILES in g else m
+    content = g[COUNTS] * torch.exp(FEATURE_SHARP * learned) if COUNTS in g else None
     return out + PRIOR * prior * torch.exp(FEATURE_BETA * m), content
 
 

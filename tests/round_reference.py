@@ -17,7 +17,11 @@ negatives; the selected rows' noisy total as the normaliser at the aggregate): e
 cases (event, both, median, neumf, slow-sync, aggregate) were written again; every other case is unchanged.
 The ``features`` blend (item counts filtered by public features) added one key to every summary's
 ``metrics.blends``: all files were written again after checking that it is the only difference (every
-final model equal; secagg's model kept, as its rounding varies between runs).
+final model equal; secagg's model kept, as its rounding varies between runs). The item x feature affinities added
+``graph_sensitivity`` to the privacy block of ``aggregate`` and named it in the block's ``graph`` text, and the
+private pair window went from 2 to 1: that case alone was written again after checking that its final model is
+equal and that only the graph's parts differ (the window, the sensitivity, the item pairs' bytes up, and the
+metrics of the blends that read the graph); the cases run without item features, so no device sends affinities.
 """
 
 from __future__ import annotations

@@ -156,10 +156,8 @@ class _Run:
         ledger = Ledger(Path(cfg.out) / "privacy_ledger.jsonl")
         if ledger.records:
             rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
-        state = init_state(cfg, fed.n_items)
         rec.features = _features(cfg, stream, fed.n_items, rec)
-        if state.graph is not None and rec.features is not None:
-            state.graph.features = rec.features.normalised()
+        state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)
@@ -263,7 +261,8 @@ class _Run:
         final = {k: v.detach().cpu() for k, v in self.state.global_state.items()}
         fed = self.fed
         report = privacy_report(fed.cfg, self.ledger, z_event=fed.z_event, z_user=fed.z_user, q_user=fed.q_user,
-                                population=len(fed.population), stopped=self.state.stopped)
+                                population=len(fed.population), stopped=self.state.stopped,
+                                graph_features=self.state.graph.features if self.state.graph is not None else None)
         summary = self.rec.finish(final, report)
         self._checkpoint(finished=True)
         return summary

@@ -9,7 +9,6 @@ reflected in the model, why user-level releases stopped). The round functions (:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ..asynchrony import Buffer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
-from ..itemgraph import ItemGraph
+from ..itemgraph import ItemGraph, sensitivity
 from ..models import model_from_config
 from ..privacy.accounting import graph_multiplier
 from ..privacy.ledger import Ledger
@@ -104,28 +103,31 @@ def mixed_seed(seed: int, secret: int) -> int:
     return int(np.random.SeedSequence([seed, secret]).generate_state(1, np.uint64)[0] >> 1) if secret else seed
 
 
-def init_state(cfg: RunConfig, n_items: int) -> ServerState:
-    """A new server: the model's initial global parameters on the aggregation device."""
+def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None) -> ServerState:
+    """A new server: the model's initial global parameters on the aggregation device (``features``: the public
+    item features, rows L2-normalised, that the item graph publishes and learns profiles for)."""
     dev = pick_device(cfg.device)
     model = model_from_config(cfg, n_items)
     return ServerState(global_state={k: v.to(dev) for k, v in model.global_state().items()},
                        optimizer=ServerOptimizer(cfg.server_opt),
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
                        buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
-                       graph=new_graph(cfg, n_items))
+                       graph=new_graph(cfg, n_items, features))
 
 
-def new_graph(cfg: RunConfig, n_items: int) -> ItemGraph | None:
+def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None) -> ItemGraph | None:
     """The run's item graph (None: off). Under event noise at the aggregate its sums get Gaussian noise of std
-    ``z_graph * sqrt(3 W + 1)``: one event moves them by at most ``sqrt(3 W + 1)`` over the run (``W``: the pair
-    window), so the run's graph is one Gaussian mechanism of multiplier ``z_graph``, as accounted
-    (:func:`fedrec.privacy.accounting.graph_records`); the noise is drawn from the run's seed."""
+    ``z_graph`` times their sensitivity (:func:`fedrec.itemgraph.sensitivity`: ``sqrt(3 W + 1)``, ``W`` the pair
+    window, and 3 more under the root with non-negative ``features``), so the run's graph is one Gaussian mechanism of
+    multiplier ``z_graph``, as accounted (:func:`fedrec.privacy.accounting.graph_records`); the noise is drawn
+    from the run's seed."""
     if not cfg.graph:
         return None
-    std = graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window + 1) if cfg.graph_noised else 0.0
+    bound = sensitivity(cfg.pair_window, features)
+    std = graph_multiplier(cfg) * bound if cfg.graph_noised else 0.0
     if cfg.graph_noised and not std > 0:
         raise ValueError("The noisy item graph needs a positive noise multiplier (graph-share, epsilon).")
-    return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed)
+    return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, features=features)
 
 
 #: the outputs a finished run has written (a finished checkpoint without them rebuilds them)

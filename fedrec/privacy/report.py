@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
+
 from ..config import RunConfig
+from ..itemgraph import sensitivity
 from .accounting import GROUP2, event_accountant, graph_multiplier
 from .aggregate import split
 from .ledger import Ledger
@@ -15,17 +18,23 @@ def _f(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
-def _aggregate_block(cfg: RunConfig, z_event: float) -> dict:
-    """What differs in the event block when the noise is added once to the cohort's sum."""
+def _aggregate_block(cfg: RunConfig, z_event: float, graph_features: np.ndarray | None) -> dict:
+    """What differs in the event block when the noise is added once to the cohort's sum (``graph_features``: the
+    item graph also releases item x feature affinities)."""
     parts = split(z_event, cfg.count_share)
     return {
         "noise": "aggregate-secagg" if cfg.secure_aggregation else "aggregate-server",
         "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
         "local_steps": 1, "max_steps_per_event": cfg.replay_rounds + 1,
         **({"graph_noise_multiplier": graph_multiplier(cfg), "graph_window": cfg.pair_window,
-            "graph": "the item graph's pair and item counts, noised on every round's sum; one event moves them by "
-                     "at most sqrt(3 x window + 1) over the whole run: one Gaussian of graph_noise_multiplier, "
-                     "composed with the model's steps"} if cfg.graph_noised else {}),
+            "graph_sensitivity": round(sensitivity(cfg.pair_window, graph_features), 6),
+            "graph": "the item graph's pair and item counts" + (
+                " and item x feature affinities (each event's item with the public features of the event before "
+                "it)" if graph_features is not None else "") + ", noised on every round's sum; one event moves them "
+                "by at most graph_sensitivity (sqrt(3 x window + 1), and with the affinities 3 more under the root, 5 "
+                "where a feature value is negative) over the whole run: one Gaussian of graph_noise_multiplier, "
+                "composed with the model's steps"}
+           if cfg.graph_noised else {}),
         "sampling": "Poisson sampling of each event in the device's one clipped step per round; the joint release "
                     "(gradient sum and positive-item counts, noised separately) is one subsampled Gaussian step of "
                     "noise_multiplier per exposure; device sampling is not counted as amplification",
@@ -39,7 +48,7 @@ def _aggregate_block(cfg: RunConfig, z_event: float) -> dict:
     }
 
 
-def _event_block(cfg: RunConfig, ledger: Ledger, z_event: float) -> dict:
+def _event_block(cfg: RunConfig, ledger: Ledger, z_event: float, graph_features: np.ndarray | None) -> dict:
     """The event block: per-device ε (max, median) and the mechanism's assumptions."""
     acc = cfg.accountant.upper()
     ev_acc = event_accountant(cfg.model, cfg.accountant)
@@ -56,7 +65,7 @@ def _event_block(cfg: RunConfig, ledger: Ledger, z_event: float) -> dict:
                  "about any single event",
     }
     if cfg.aggregate_noise:
-        ev.update(_aggregate_block(cfg, z_event))
+        ev.update(_aggregate_block(cfg, z_event, graph_features))
     if ev_acc == GROUP2:
         sess = list(ledger.event_epsilons(cfg.delta, cfg.accountant).values())
         ev.update({
@@ -70,8 +79,9 @@ def _event_block(cfg: RunConfig, ledger: Ledger, z_event: float) -> dict:
 
 
 def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: float, q_user: float,
-                   population: int, stopped: str = "") -> dict:
-    """Summarise what the ledger composes to, unit by unit."""
+                   population: int, stopped: str = "", graph_features: np.ndarray | None = None) -> dict:
+    """Summarise what the ledger composes to, unit by unit (``graph_features``: the public item features of the
+    run's item graph, which then also releases their affinities)."""
     acc = cfg.accountant.upper()
     out: dict = {"mode": cfg.privacy, "delta": cfg.delta if cfg.privacy != "none" else None,
                  "accountant": acc if cfg.privacy != "none" else None,
@@ -106,7 +116,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
                         "release (clipped deltas and counts) is one Gaussian of noise_multiplier"})
         units.append("user")
     if cfg.event_dp:
-        out["event"] = _event_block(cfg, ledger, z_event)
+        out["event"] = _event_block(cfg, ledger, z_event, graph_features)
         units.append("event")
     if not units:
         out.update({"unit": "none", "epsilon": None, "what": "no differential privacy"})

@@ -1,0 +1,232 @@
+"""Item x feature affinities: each new event's item with the public features of the event before it, summed by the
+server (noised under event-level DP at the aggregate, inside the graph's one Gaussian), and the item profiles
+learned from them that the ``features`` blend reads."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fedrec.checkpoint import load_checkpoint
+from fedrec.clients.app import app as client_app
+from fedrec.config import RunConfig
+from fedrec.federation.state import init_state
+from fedrec.itemgraph import (
+    COUNTS,
+    FEATURES,
+    NOISE_STREAM,
+    PROFILE_PRIOR,
+    PROFILE_THRESHOLD,
+    PROFILES,
+    ItemGraph,
+    Pairs,
+    capped_pairs,
+    contexts,
+    device_pairs,
+    graph_scores,
+    sensitivity,
+)
+from fedrec.privacy.accounting import graph_multiplier
+from fedrec.server.app import run_federation
+from fedrec.server.local_grid import LocalGrid
+
+V, NF = 12, 4
+
+
+def _onehot(topics: list[int]) -> np.ndarray:
+    F = np.zeros((len(topics), NF))
+    F[np.arange(len(topics)), topics] = 1.0
+    return F
+
+
+TOPIC = [i % NF for i in range(V)]  # item i lists topic i % 4
+
+
+def test_each_new_event_after_the_first_brings_the_item_before_it():
+    p = device_pairs(np.array([3, 5, 5, 7, 2]), np.array([True, True, False, True, True]), window=2)
+    assert p.follow.tolist() == [5, 7, 2] and p.before.tolist() == [3, 5, 7]
+    back = Pairs.from_arrays(p.arrays(), V, events=4, window=2)
+    assert back.follow.tolist() == [5, 7, 2] and back.before.tolist() == [3, 5, 7]
+
+
+@pytest.mark.parametrize("follow,before,why", [
+    ([5, 5], [3, 7], "more follow items"), ([5], [V], "before item id"), ([5], [3, 4], "different lengths")])
+def test_a_device_cannot_send_more_follows_than_its_new_events(follow, before, why):
+    p = device_pairs(np.array([3, 5, 7]), np.array([False, True, False]), window=2)
+    d = p.arrays() | {"pairs.follow": np.array(follow, np.int32), "pairs.before": np.array(before, np.int32)}
+    with pytest.raises(ValueError, match=why):
+        Pairs.from_arrays(d, V, events=1, window=2)
+
+
+def _device_rounds(rng: np.random.Generator, rounds: int = 4, length: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """A device's sequence and the round (1..rounds) each event is new in, non-decreasing."""
+    return rng.integers(0, V, length), np.sort(rng.integers(0, rounds, length))
+
+
+def _releases(seqs: list[tuple[np.ndarray, np.ndarray]], F: np.ndarray, window: int, rounds: int = 4) -> np.ndarray:
+    """Every round's exact sums (item counts, the upper triangle of the capped pairs, the affinities), one vector."""
+    out = []
+    for r in range(rounds):
+        contribs = [device_pairs(items[rd <= r], rd[rd <= r] == r, window) for items, rd in seqs if (rd == r).any()]
+        g = ItemGraph(V, features=F)
+        g.add(contribs)
+        a, b, w = capped_pairs(contribs, V)
+        pairs = np.zeros((V, V))
+        np.add.at(pairs, (a, b), w)
+        assert g.A is not None
+        out += [g.n, pairs[np.triu_indices(V, 1)], g.A.ravel()]
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_one_event_moves_every_release_together_by_at_most_the_sensitivity(signed):
+    """Remove each event of each device in turn, over random devices, windows and feature tables: the L2 change of
+    all rounds' released sums stays within ``sensitivity``, and exceeds what the pairs and counts alone allow (the
+    affinities' share is needed)."""
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for trial in range(30):
+        window = 1 + trial % 3
+        F = rng.random((V, NF)) - (0.5 if signed else 0.0)
+        F /= np.linalg.norm(F, axis=1, keepdims=True)
+        seqs = [_device_rounds(rng) for _ in range(3)]
+        base = _releases(seqs, F, window)
+        items, rd = seqs[0]
+        for j in range(len(items)):
+            keep = np.arange(len(items)) != j
+            moved = np.linalg.norm(_releases([(items[keep], rd[keep]), *seqs[1:]], F, window) - base)
+            assert moved <= sensitivity(window, F) + 1e-9
+            worst = max(worst, moved / math.sqrt(3 * window + 1))
+    assert worst > 1.0
+    assert sensitivity(2, None) == pytest.approx(math.sqrt(7))
+    assert sensitivity(2, np.eye(3)) == pytest.approx(math.sqrt(10))
+    assert sensitivity(2, -np.eye(3)) == pytest.approx(math.sqrt(12))
+
+
+def test_affinities_are_exact_sums_without_noise():
+    rng = np.random.default_rng(0)
+    F = _onehot(TOPIC)
+    g = ItemGraph(V, features=F)
+    want = np.zeros((V, NF))
+    for _ in range(5):
+        contribs = [device_pairs(rng.integers(0, V, 8), rng.random(8) < 0.6, 2) for _ in range(4)]
+        g.add(contribs)
+        for p in contribs:
+            for f, b in zip(p.follow, p.before, strict=True):
+                want[f] += F[b]
+    assert g.A is not None
+    np.testing.assert_array_equal(g.A, want)
+    assert ItemGraph(V).A is None or not ItemGraph(V).A.any()  # no features, no affinities
+
+
+def test_affinity_noise_has_the_claimed_std_and_leaves_the_other_draws_as_they_were():
+    sigma = 1.5
+    g = ItemGraph(V, noise_std=sigma, seed=4, features=_onehot(TOPIC))
+    plain = ItemGraph(V, noise_std=sigma, seed=4)
+    incs = []
+    for _ in range(40):
+        before = g.A.copy() if g.A is not None else np.zeros((V, NF))
+        g.add([])
+        plain.add([])
+        assert g.A is not None
+        incs.append((g.A - before).ravel())
+        np.testing.assert_array_equal(g.n, plain.n)  # the counts' and pairs' noise is drawn first, as before
+        np.testing.assert_array_equal(g.P, plain.P)
+    x = np.concatenate(incs)
+    assert 1e-3 < stats.chi2.cdf(float(np.sum(x ** 2) / sigma ** 2), len(x)) < 1 - 1e-3
+    assert stats.chi2.cdf(float(np.sum(x ** 2) / (1.1 * sigma) ** 2), len(x)) < 1e-6
+    assert stats.chi2.cdf(float(np.sum(x ** 2) / (0.9 * sigma) ** 2), len(x)) > 1 - 1e-6
+    # the draws are the tail of release k's stream, after the counts' (no candidates here: no pairs)
+    rng = np.random.default_rng([4, NOISE_STREAM, 0])
+    rng.normal(0.0, sigma, V)
+    np.testing.assert_allclose(incs[0], rng.normal(0.0, sigma, (V, NF)).ravel(), rtol=0, atol=1e-12)
+
+
+def test_profiles_follow_behaviour_where_the_listed_features_are_wrong():
+    """Item 5 lists topic 1, but its users come to it from topic-3 items: its profile moves to topic 3; an item
+    nobody had keeps its listed features; with noise the list weighs more (PROFILE_PRIOR noise stds)."""
+    F = _onehot(TOPIC)
+    g = ItemGraph(V, features=F)
+    g.add([Pairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0), np.array([5]), np.array([20.0]),
+                 np.full(20, 5), np.full(20, 3))])
+    G = g.profiles()
+    assert G[5].argmax() == 3 and G[5, 1] > 0  # mostly behaviour, a trace of the list
+    np.testing.assert_allclose(G[7], F[7])
+    np.testing.assert_allclose(np.linalg.norm(G, axis=1), 1.0, rtol=1e-6)
+    weight = PROFILE_PRIOR * 1.0
+    assert G[5, 3] / G[5, 1] == pytest.approx(20.0 / weight, rel=1e-6)
+    noisy = ItemGraph(V, noise_std=10.0, features=F)
+    noisy.A, noisy.releases = g.A, 1
+    assert noisy.profiles()[5].argmax() == 1  # 20 events do not stand above PROFILE_THRESHOLD (2) stds of 10
+    noisy.A = g.A * 2.0  # 40 do: 40 - 20 against the list's weight PROFILE_PRIOR * (10 + 1)
+    assert noisy.profiles()[5].argmax() == 3
+    assert noisy.profiles()[5, 3] / noisy.profiles()[5, 1] == pytest.approx(
+        (40 - PROFILE_THRESHOLD * 10) / (PROFILE_PRIOR * 11), rel=1e-3)
+
+
+def test_pure_noise_below_the_threshold_leaves_the_listed_features():
+    F = _onehot(TOPIC)
+    g = ItemGraph(V, noise_std=1.0, seed=2, features=F)
+    for _ in range(4):
+        g.add([])
+    assert g.A is not None and (np.abs(g.A) > 0).all()  # every cell got a draw
+    std = math.sqrt(4)
+    below = (g.A < PROFILE_THRESHOLD * std).all(axis=1)
+    assert below.sum() >= V // 2  # most rows: nothing stands above 2 stds
+    np.testing.assert_allclose(g.profiles()[below], F[below], atol=1e-6)
+
+
+def test_the_features_blend_ranks_by_the_learned_profiles():
+    """Same counts, same listed features: with the profile that puts item 5 in topic 3, a topic-3 context ranks it
+    first; with the listed features alone it ranks below every topic-3 item."""
+    g = ItemGraph(V, features=_onehot(TOPIC))
+    g.add([Pairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0), np.arange(V), np.full(V, 10.0),
+                 np.full(30, 5), np.full(30, 3))])
+    table = g.table()
+    assert {FEATURES, COUNTS, PROFILES} <= set(table)
+    ctx, w = contexts(np.array([3, 7, 11]), np.zeros(0, np.int64), 3)  # the device's topic-3 items
+    _, content = graph_scores(table, ctx, w)
+    assert content is not None and int(torch.argmax(content[-1])) in (3, 5, 7, 11)
+    assert content[-1, 5] > 0.9 * content[-1].max()
+    listed = {k: v for k, v in table.items() if k != PROFILES}
+    _, plain = graph_scores(listed, ctx, w)
+    assert plain is not None and plain[-1, 5] < 0.01 * plain[-1].max()
+
+
+def test_a_run_with_features_noises_its_graph_for_the_larger_sensitivity():
+    cfg = RunConfig(world_users=40, world_items=V, world_topics=NF, world_events_per_user=5, rounds=6, cohort=20, privacy="event", event_noise="aggregate",
+                    local_steps=1, epsilon=8.0, progress=False, engine="local")
+    F = _onehot(TOPIC)
+    with_f, without = init_state(cfg, V, F).graph, init_state(cfg, V).graph
+    assert with_f is not None and without is not None
+    assert with_f.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window + 4))
+    assert without.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window + 1))
+
+
+def test_a_real_federation_with_the_worlds_features_releases_affinities_and_reports_their_cost(tmp_path):
+    """The world's topics are the run's features (``item-features = auto``): devices send the item before each new
+    event from round 2 on (round 1's version has no table yet), the checkpointed graph holds noisy affinities and
+    profiles, and the privacy block states the larger sensitivity."""
+    cfg = RunConfig(world_users=60, nodes=2, rounds=3, cohort=30, uptake_probe=False, progress=False, engine="local",
+                    privacy="event", event_noise="aggregate", local_steps=1, epsilon=8.0, out=str(tmp_path / "run"))
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    block = summary["privacy"]["event"]
+    assert block["graph_sensitivity"] == pytest.approx(math.sqrt(3 * cfg.pair_window + 4), rel=1e-6)
+    assert "affinities" in block["graph"]
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    A, G = ck["graph"]["affinity"], ck["graph"]["graph.profiles"]
+    assert A.shape == (cfg.world_items, cfg.world_topics) and G.shape == A.shape
+    assert np.allclose(np.linalg.norm(G.astype(np.float64), axis=1), 1.0, atol=1e-2)
+
+
+def test_without_dp_the_affinities_are_the_exact_sums_the_devices_sent(tmp_path):
+    """Through the real message path: every one-hot row a device sent adds exactly 1, from round 2 on."""
+    cfg = RunConfig(world_users=60, nodes=2, rounds=3, cohort=30, uptake_probe=False, progress=False, engine="local",
+                    privacy="none", out=str(tmp_path / "run"))
+    run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    A = load_checkpoint(tmp_path / "run" / "checkpoint.npz")["graph"]["affinity"]
+    assert A.sum() > 50 and np.array_equal(A, np.round(A))  # whole counts of one-hot rows
