@@ -50,7 +50,8 @@ mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.
   *noisy* count, summed over the earlier releases, is ``ENTER`` noise stds or more (at most
   ``MAX_CANDIDATES``; they stay). Pairs of any other item are dropped in that round, before noise.
   The projection is chosen from earlier releases only, so it is post-processing: as if all ``n_items^2``
-  cells had been noised and the others thrown away. Round 1 has no candidates and releases item counts only.
+  cells had been noised and the others thrown away. Round 1 has no candidates and releases item counts (and,
+  with features, the affinities: pure noise then, as no device sends any before a version carries features).
 * *table*: built from the released (noisy) sums only. A pair is published when its noisy sum stands above
   ``t`` stds of its accumulated noise (``noise_std * sqrt(releases since both entered)``), ``t`` set so a
   candidate expects ``FALSE_NEIGHBOURS`` pure-noise neighbours; its score is the asymmetric cosine of the
@@ -160,8 +161,23 @@ class Pairs:
             raise ValueError("pairs of items it had no new event of, or more pairs than its events of an item allow")
         if (np.bincount(follow.astype(np.int64), minlength=n_items) > have).any():
             raise ValueError("more follow items than its new events of that item")
+        _check_follows(a.astype(np.int64), b.astype(np.int64), w, follow.astype(np.int64), before.astype(np.int64),
+                       n_items)
         return cls(a.astype(np.int64), b.astype(np.int64), w, items.astype(np.int64), c, follow.astype(np.int64),
                    before.astype(np.int64))
+
+
+def _check_follows(a: np.ndarray, b: np.ndarray, w: np.ndarray, follow: np.ndarray, before: np.ndarray,
+                   n_items: int) -> None:
+    """Each ``(follow, before)`` of two different items is also one of the device's pairs: at most as many of them
+    as that pair's count (the event before is within the window). ValueError if not."""
+    diff = follow != before
+    if not diff.any():
+        return
+    key, n = np.unique(follow[diff] * n_items + before[diff], return_counts=True)
+    have = dict(zip((a * n_items + b).tolist(), w.tolist(), strict=True))
+    if any(c > have.get(k, 0.0) for k, c in zip(key.tolist(), n.tolist(), strict=True)):
+        raise ValueError("a follow item whose item before is not among its pairs")
 
 
 def device_pairs(items: np.ndarray, new: np.ndarray, window: int, *, affinities: bool = True) -> Pairs:
@@ -269,11 +285,18 @@ class ItemGraph:
         times (the accumulated noise std of an affinity cell plus one event), beside its affinities, each counted
         only by how far it stands above ``PROFILE_THRESHOLD`` of those stds (pure noise mostly counts 0, so a
         profile without evidence stays its list). What the items' users did before them corrects a public
-        feature list that is wrong, and a new item starts from its list."""
+        feature list that is wrong, and a new item starts from its list. An item with no features listed gets a
+        profile only once its excess outweighs a list's weight (else none: all zeros)."""
+        if self.features is None:
+            raise ValueError("Item profiles need item features.")
         F = np.asarray(self.features, np.float64)
         A = self.A if self.A is not None else np.zeros_like(F)
         std = self.noise_std * np.sqrt(self.releases)  # of every cell of A (0 without noise)
-        G = PROFILE_PRIOR * (std + 1.0) * F + np.maximum(A - PROFILE_THRESHOLD * std, 0.0)
+        prior, excess = PROFILE_PRIOR * (std + 1.0), np.maximum(A - PROFILE_THRESHOLD * std, 0.0)
+        # an item with no features listed has no list to hold noise back: its excess counts only where it outweighs
+        # what a list would weigh (else the largest of many pure-noise cells would become its profile)
+        excess[~F.any(axis=1) & (excess.sum(axis=1) <= prior)] = 0.0
+        G = prior * F + excess
         return (G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def _noisy_pairs(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -371,6 +394,10 @@ class ItemGraph:
         self.recent = [np.asarray(x) for x in d["recent"]]
         self.releases = int(d.get("releases", 0))
         self.A = np.asarray(d["affinity"], np.float64) if "affinity" in d else None
+        if self.features is not None and self.releases and (self.A is None or self.A.shape != self.features.shape):
+            raise ValueError("its item graph was saved without item x feature affinities for these item features "
+                             "(an earlier version, or other features), so its noise was calibrated for another "
+                             "sensitivity; start a new --out")
         if self.noised:
             self.cand, self.since = np.asarray(d["cand"], np.int64), np.asarray(d["since"], np.int64)
             K = len(self.cand)

@@ -230,3 +230,35 @@ def test_without_dp_the_affinities_are_the_exact_sums_the_devices_sent(tmp_path)
     run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
     A = load_checkpoint(tmp_path / "run" / "checkpoint.npz")["graph"]["affinity"]
     assert A.sum() > 50 and np.array_equal(A, np.round(A))  # whole counts of one-hot rows
+
+
+def test_an_item_with_no_features_listed_gets_no_profile_from_noise_alone():
+    F = _onehot(TOPIC)
+    F[[2, 6]] = 0.0
+    g = ItemGraph(V, noise_std=1.0, seed=5, features=F)
+    for _ in range(4):
+        g.add([])
+    assert not g.profiles()[[2, 6]].any()
+    g.A[6, 2] += 30.0  # behaviour that outweighs a list: the profile follows it
+    assert g.profiles()[6].argmax() == 2 and not g.profiles()[2].any()
+
+
+def test_a_follow_must_be_one_of_the_devices_pairs():
+    p = device_pairs(np.array([3, 5, 7]), np.array([False, True, True]), window=2)
+    # (7, 3) is one of its pairs (3 is two events before 7): a device may name it, nothing can tell
+    Pairs.from_arrays(p.arrays() | {"pairs.before": np.array([3, 3], np.int32)}, V, events=2, window=2)
+    d = p.arrays() | {"pairs.follow": np.array([5, 7], np.int32), "pairs.before": np.array([3, 9], np.int32)}
+    with pytest.raises(ValueError, match="not among its pairs"):
+        Pairs.from_arrays(d, V, events=2, window=2)
+
+
+def test_a_checkpointed_graph_without_affinities_is_refused_for_a_run_with_features():
+    g = ItemGraph(V, noise_std=1.0, features=_onehot(TOPIC))
+    plain = ItemGraph(V, noise_std=1.0)
+    plain.add([])
+    with pytest.raises(ValueError, match="without item x feature affinities"):
+        g.load(plain.state())
+    h = ItemGraph(V, noise_std=1.0, features=_onehot(TOPIC))
+    h.add([])
+    g.load(h.state())
+    np.testing.assert_array_equal(g.A, h.A)

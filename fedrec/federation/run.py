@@ -295,7 +295,10 @@ def _resume(fed: Federation, state: ServerState, rec: RunRecorder, ledger: Ledge
             f"Cannot resume {path} under event-level DP: these nodes keep device state in memory "
             "(simulation), so each device's record of how often its events were used would restart; "
             "start anew (resume = false) or deploy devices with stores.")
-    state.load_state_dict(ck)
+    try:
+        state.load_state_dict(ck)
+    except ValueError as e:
+        raise FederationError(f"Cannot resume {path}: {e}.") from None
     rec.load_state_dict(state.run_info)
     if finished:
         rec.note(f"the run of the checkpoint {path} finished, but some of its outputs are missing; they are "
