@@ -50,7 +50,9 @@ class ItemFeatures:
         covered = int((self.matrix != 0).any(axis=1).sum())
         return {"source": self.source, "features": len(self.names), "items_with_features": covered,
                 "items": int(self.matrix.shape[0]), "rows_of_unknown_items": self.skipped,
-                "what": "public item features (no privacy cost): they personalise the session scores' prior"}
+                "what": "public item features (no privacy cost of their own): they personalise the session scores' "
+                        "prior, and the item graph's affinities (noised with its counts) correct them into item "
+                        "profiles, which rank the features blend"}
 
     def normalised(self) -> np.ndarray:
         """Each item's row over its L2 norm (rows of zeros stay 0)."""
