@@ -21,10 +21,10 @@ of DESIGN.md:
   counts filtered by how well each item's features match its context's. Under noise it holds up where the
   neighbour rows do not: a count is a sum over many devices, a pair over few (docs/online.md, "Public item
   features"). Which source a device serves is chosen on earlier rounds (:meth:`fedrec.report.RunRecorder.leader`).
-  The features are what a catalogue says, and can be wrong; the server also sums, for each new event, the features
-  of the event just before it into the event's item's row (the item x feature *affinities* ``A``), and publishes
-  each item's profile (:meth:`ItemGraph.profiles`): its listed features beside what its users did before it. The
-  ``features`` blend matches profiles, not lists.
+  The features are what a catalogue says, and can be wrong; the server also sums, for each new event, the profile
+  (as of the earlier releases; at first the listed features) of the event just before it into the event's item's
+  row (the item x feature *affinities* ``A``), and publishes each item's profile (:meth:`ItemGraph.profiles`): its
+  listed features beside what its users did before it. The ``features`` blend matches profiles, not lists.
 
 Privacy: the pairs reveal which items a device had, in clear, to the server. Without DP they are collected
 as they are. Under event-level DP with the noise at the aggregate (``event-noise = aggregate``: the server is
@@ -38,9 +38,12 @@ mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.
   rounds they are new) one lost pair (with ``e``) and one gained (the event a window further back); and
   its item's count by 1. Each change moves one (round, cell) by at most 1 (several changes in one cell of
   one device-round stay within the cap), so the L2 change of every round's sums together is at most
-  ``sqrt(3 W + 1)``. With features (rows of norm at most 1) the affinities move too: the event's own row by its
-  before's features, and the next event's row by the difference of two feature rows (at most sqrt(2) when no
-  value is negative): 3 more under the root, 5 with negative values (:func:`sensitivity`). This assumes the
+  ``sqrt(3 W + 1)``. With features the affinities move too, whatever profiles (rows of norm at most 1, fixed by
+  the earlier releases) each round reads: the event's own row by its before's profile, and the next event's row by
+  the difference of two profile rows (at most sqrt(2) when no feature value is negative, so no profile value is
+  either): 3 more under the root, 5 with negative values (:func:`sensitivity`). The rounds' profiles depend on
+  earlier noisy releases only, as the candidates do: a fully adaptive composition of Gaussian releases whose
+  squared sensitivities sum to at most the bound for every choice of them. This assumes the
   rounds an event is new in do not depend on other events: round boundaries by clock, and the device's cursor
   (an event is new in exactly one update).
 * *noise*: every round, every item count and every unordered pair cell that can be released gets an
@@ -268,14 +271,17 @@ class ItemGraph:
             self._enter()
 
     def _add_affinities(self, contributions: Sequence[Pairs], rng: np.random.Generator) -> None:
-        """This round's item x feature affinities (each new event's item gets the features of the item before it,
-        a unit vector), noised in every cell after the counts' and pairs' draws (which stay as without features)."""
-        F = np.asarray(self.features, np.float64)
+        """This round's item x feature affinities: each new event's item gets the profile of the item before it (a
+        row of norm at most 1, computed from the earlier releases only, so the round's query is fixed
+        before its data: at the first release the lists), noised in every cell after the counts' and pairs' draws
+        (which stay as without features). Profiles instead of lists: the context is named by what is known of it,
+        so the evidence gets sharper as the profiles do."""
+        G = self.profiles().astype(np.float64)  # from the releases before this one: fixed before its data
         if self.A is None:
-            self.A = np.zeros((self.n_items, F.shape[1]))
+            self.A = np.zeros_like(G)
         inc = np.zeros_like(self.A)
         for p in contributions:
-            np.add.at(inc, p.follow, F[p.before])
+            np.add.at(inc, p.follow, G[p.before])
         if self.noised:
             inc += rng.normal(0.0, self.noise_std, inc.shape)
         self.A += inc
@@ -408,10 +414,10 @@ class ItemGraph:
 
 def sensitivity(window: int, features: np.ndarray | None) -> float:
     """How far one event's add/remove moves the graph's released sums over the whole run, in L2: ``sqrt(3 W + 1)``
-    for the pairs and counts (module docstring), and with ``features`` (rows of norm at most 1) more under the root
-    for the affinities: the event's own row gains its before's features (norm at most 1), and the event after it
-    swaps the event's features for its before's (norm at most sqrt(2) for non-negative rows, else 2): 3 more, or 5
-    where a feature value is negative."""
+    for the pairs and counts (module docstring), and with ``features`` more under the root for the affinities (each
+    round reads profile rows of norm at most 1, non-negative where the features are): the event's own row gains its
+    before's profile (norm at most 1), and the event after it swaps the event's profile for its before's (norm at
+    most sqrt(2) for non-negative rows, else 2): 3 more, or 5 where a feature value is negative."""
     extra = 0 if features is None else (3 if (np.asarray(features) >= 0).all() else 5)
     return float(np.sqrt(3 * window + 1 + extra))
 

@@ -112,15 +112,40 @@ def test_affinities_are_exact_sums_without_noise():
     F = _onehot(TOPIC)
     g = ItemGraph(V, features=F)
     want = np.zeros((V, NF))
-    for _ in range(5):
+    for k in range(5):
         contribs = [device_pairs(rng.integers(0, V, 8), rng.random(8) < 0.6, 2) for _ in range(4)]
+        G = g.profiles().astype(np.float64)  # what this release reads: the profiles of the releases before it
+        if k == 0:
+            np.testing.assert_array_equal(G, F)  # at first, the lists
         g.add(contribs)
         for p in contribs:
             for f, b in zip(p.follow, p.before, strict=True):
-                want[f] += F[b]
+                want[f] += G[b]
     assert g.A is not None
-    np.testing.assert_array_equal(g.A, want)
+    np.testing.assert_allclose(g.A, want, rtol=0, atol=1e-12)
     assert ItemGraph(V).A is None or not ItemGraph(V).A.any()  # no features, no affinities
+
+
+def test_a_release_reads_the_profiles_of_the_releases_before_it():
+    """Item 0 lists topic 0, but its users came from topic-2 items: once its profile says topic 2, an event after
+    item 0 adds topic 2 to its own item's row, not the list's topic 0."""
+    F = _onehot(TOPIC)
+    g = ItemGraph(V, features=F)
+    g.add([Pairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0), np.array([0]), np.array([10.0]),
+                 np.full(10, 0), np.full(10, 2))])
+    assert g.profiles()[0].argmax() == 2
+    before = g.A.copy()
+    g.add([Pairs(np.array([7]), np.array([0]), np.ones(1), np.array([7]), np.ones(1), np.array([7]), np.array([0]))])
+    added = g.A[7] - before[7]
+    np.testing.assert_allclose(added, _profile_at(F, before)[0], rtol=0, atol=1e-6)
+    assert added.argmax() == 2 and added[0] < added[2]
+
+
+def _profile_at(F: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """The profiles of a no-noise graph whose affinities are ``A``."""
+    h = ItemGraph(V, features=F)
+    h.A = A.copy()
+    return h.profiles()
 
 
 def test_affinity_noise_has_the_claimed_std_and_leaves_the_other_draws_as_they_were():
@@ -224,12 +249,13 @@ def test_a_real_federation_with_the_worlds_features_releases_affinities_and_repo
 
 
 def test_without_dp_the_affinities_are_the_exact_sums_the_devices_sent(tmp_path):
-    """Through the real message path: every one-hot row a device sent adds exactly 1, from round 2 on."""
-    cfg = RunConfig(world_users=60, nodes=2, rounds=3, cohort=30, uptake_probe=False, progress=False, engine="local",
+    """Through the real message path: from round 2 on, devices send the item before each new event, and without noise
+    the affinities are sums of non-negative profile rows (round 2 reads the lists: whole counts of one-hot rows)."""
+    cfg = RunConfig(world_users=60, nodes=2, rounds=2, cohort=30, uptake_probe=False, progress=False, engine="local",
                     privacy="none", out=str(tmp_path / "run"))
     run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
     A = load_checkpoint(tmp_path / "run" / "checkpoint.npz")["graph"]["affinity"]
-    assert A.sum() > 50 and np.array_equal(A, np.round(A))  # whole counts of one-hot rows
+    assert A.sum() > 20 and np.array_equal(A, np.round(A))  # round 2 alone: whole counts of one-hot list rows
 
 
 def test_an_item_with_no_features_listed_gets_no_profile_from_noise_alone():
