@@ -151,23 +151,22 @@ class Pairs:
         for name, x in (("pair count", w), ("item count", c)):
             if x.size and (not np.isfinite(x).all() or (x < 0).any() or (x != np.round(x)).any()):
                 raise ValueError(f"a {name} that is not a whole non-negative number")
+        a, b, items, follow, before = (x.astype(np.int64) for x in (a, b, items, follow, before))
         if (a == b).any():
             raise ValueError("a pair of an item with itself")
         if c.sum() != events or len(a) > window * events:
             raise ValueError(f"{c.sum():.0f} item counts and {len(a)} pairs for {events} new events")
         # each pair starts at one of its new events, which pairs with at most `window` events before it
         have = np.zeros(n_items)
-        np.add.at(have, items.astype(np.int64), c)
+        np.add.at(have, items, c)
         per_item = np.zeros(n_items)
-        np.add.at(per_item, a.astype(np.int64), w)
+        np.add.at(per_item, a, w)
         if (per_item > window * have).any():
             raise ValueError("pairs of items it had no new event of, or more pairs than its events of an item allow")
-        if (np.bincount(follow.astype(np.int64), minlength=n_items) > have).any():
+        if (np.bincount(follow, minlength=n_items) > have).any():
             raise ValueError("more follow items than its new events of that item")
-        _check_follows(a.astype(np.int64), b.astype(np.int64), w, follow.astype(np.int64), before.astype(np.int64),
-                       n_items)
-        return cls(a.astype(np.int64), b.astype(np.int64), w, items.astype(np.int64), c, follow.astype(np.int64),
-                   before.astype(np.int64))
+        _check_follows(a, b, w, follow, before, n_items)
+        return cls(a, b, w, items, c, follow, before)
 
 
 def _check_follows(a: np.ndarray, b: np.ndarray, w: np.ndarray, follow: np.ndarray, before: np.ndarray,
@@ -231,7 +230,7 @@ class ItemGraph:
     since: np.ndarray = field(init=False)  #: noised: each candidate's pairs are noised from this release on
     P: np.ndarray = field(init=False)  #: noised: the noisy pair sums among the candidates
     features: np.ndarray | None = None  #: public item features, rows L2-normalised (published with the table)
-    #: with features: the item x feature affinities, ``A[i] = sum of before's features over events of i`` (noised:
+    #: with features: the item x feature affinities, ``A[i] = sum of before's profile over events of i`` (noised:
     #: every cell of every release gets a draw), created at the first release
     A: np.ndarray | None = None
 

@@ -29,8 +29,8 @@ def _aggregate_block(cfg: RunConfig, z_event: float, graph_features: np.ndarray 
         **({"graph_noise_multiplier": graph_multiplier(cfg), "graph_window": cfg.pair_window,
             "graph_sensitivity": round(sensitivity(cfg.pair_window, graph_features), 6),
             "graph": "the item graph's pair and item counts" + (
-                " and item x feature affinities (each event's item with the public features of the event before "
-                "it)" if graph_features is not None else "") + ", noised on every round's sum; one event moves them "
+                " and item x feature affinities (each event's item with the profile of the event before it, "
+                "from earlier releases)" if graph_features is not None else "") + ", noised on every round's sum; one event moves them "
                 "by at most graph_sensitivity (sqrt(3 x window + 1), and with the affinities 3 more under the root, 5 "
                 "where a feature value is negative) over the whole run: one Gaussian of graph_noise_multiplier, "
                 "composed with the model's steps"}
