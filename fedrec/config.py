@@ -190,7 +190,7 @@ class RunConfig:
     graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
                             ge=1, le=10**6)
     private_graph_window: int = key(1, "item graph under event noise at the aggregate: the window (one event's "
-                                    "pairs move the noisy counts by at most sqrt(3 x window + 1); + 3 under the root with item features, + 5 "
+                                    "pairs move the noisy counts by at most sqrt(3 x window x w^2 + 1), w the pairs' weight in the noise; + 3 under the root with item features, + 5 "
                                     "with negative feature values)", ge=1, le=10**6)
     graph_share: float = key(0.9, "event noise at the aggregate: share of the event-level budget spent on the noisy "
                              "item graph (0 = no graph)", ge=0, lt=1)

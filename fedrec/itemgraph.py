@@ -38,7 +38,7 @@ mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.
   rounds they are new) one lost pair (with ``e``) and one gained (the event a window further back); and
   its item's count by 1. Each change moves one (round, cell) by at most 1 (several changes in one cell of
   one device-round stay within the cap), so the L2 change of every round's sums together is at most
-  ``sqrt(3 W + 1)``. With features the affinities move too, whatever profiles (rows of norm at most 1, fixed by
+  ``sqrt(3 W + 1)`` (``sqrt(3 W w^2 + 1)`` as released: the pairs weigh ``w = PAIR_WEIGHT``, below). With features the affinities move too, whatever profiles (rows of norm at most 1, fixed by
   the earlier releases) each round reads: the event's own row by its before's profile, and the next event's row by
   the difference of two profile rows (at most sqrt(2) when no feature value is negative, so no profile value is
   either): 3 more under the root, 5 with negative values (:func:`sensitivity`). The rounds' profiles depend on
@@ -104,6 +104,12 @@ ENTER = 3.0
 FALSE_NEIGHBOURS = 0.1
 MAX_CANDIDATES = 2000  #: noised: most candidates (their noisy pair sums are a dense candidates^2 table)
 NOISE_STREAM = 0x67726170  #: noised: the noise of release k is drawn from (seed, NOISE_STREAM, k)
+#: noised: the pairs' weight in the graph's one Gaussian: the pair sums are released as if scaled by it (noise std
+#: ``noise_std / PAIR_WEIGHT`` on the unscaled sums), so they take ``3 W PAIR_WEIGHT^2`` of the squared sensitivity
+#: and the counts and affinities, the sums over many devices, get less noise. Chosen on held-out world seeds 3 and 4
+#: (not the sweep's), event-level epsilon 8: windowed HR@10 at the end 0.457 -> 0.497 and 0.447 -> 0.474 for 1 -> 0.5
+#: (epsilon 1: 0.235 -> 0.246, 0.262 -> 0.260; 0.25 gave 0.488 / 0.247 on seed 3); docs/online.md
+PAIR_WEIGHT = 0.5
 
 
 def _none() -> np.ndarray:
@@ -246,6 +252,11 @@ class ItemGraph:
     def noised(self) -> bool:
         return self.noise_std > 0
 
+    @property
+    def pair_std(self) -> float:
+        """The noise std of a pair cell's draw (:data:`PAIR_WEIGHT`)."""
+        return self.noise_std / PAIR_WEIGHT
+
     def add(self, contributions: Sequence[Pairs]) -> None:
         """One round's contributions (every accepted update's pairs), summed in (noised: released with noise)."""
         V = self.n_items
@@ -315,7 +326,7 @@ class ItemGraph:
         up = np.zeros((K, K))
         np.add.at(up, (np.minimum(sa, sb)[keep], np.maximum(sa, sb)[keep]), w[keep])
         iu = np.triu_indices(K, 1)
-        up[iu] += rng.normal(0.0, self.noise_std, len(iu[0]))
+        up[iu] += rng.normal(0.0, self.pair_std, len(iu[0]))
         return up + up.T
 
     def _enter(self) -> None:
@@ -372,7 +383,7 @@ class ItemGraph:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         rounds = self.releases - np.maximum.outer(self.since, self.since)  # releases that noised each pair
         t = NormalDist().inv_cdf(1 - FALSE_NEIGHBOURS / (K - 1))
-        i, j = np.nonzero((self.P > t * self.noise_std * np.sqrt(np.maximum(rounds, 0))) & (rounds > 0))
+        i, j = np.nonzero((self.P > t * self.pair_std * np.sqrt(np.maximum(rounds, 0))) & (rounds > 0))
         c = self.cand
         s = self.P[i, j] / (n[c[i]] ** ALPHA * n[c[j]] ** (1 - ALPHA))
         return c[i], c[j], s
@@ -412,13 +423,13 @@ class ItemGraph:
 
 
 def sensitivity(window: int, features: np.ndarray | None) -> float:
-    """How far one event's add/remove moves the graph's released sums over the whole run, in L2: ``sqrt(3 W + 1)``
-    for the pairs and counts (module docstring), and with ``features`` more under the root for the affinities (each
+    """How far one event's add/remove moves the graph's released sums over the whole run, in L2: ``sqrt(3 W w^2 + 1)``
+    for the pairs (weighted ``w = PAIR_WEIGHT``: their noise is ``noise_std / w``) and counts (module docstring), and with ``features`` more under the root for the affinities (each
     round reads profile rows of norm at most 1, non-negative where the features are): the event's own row gains its
     before's profile (norm at most 1), and the event after it swaps the event's profile for its before's (norm at
     most sqrt(2) for non-negative rows, else 2): 3 more, or 5 where a feature value is negative."""
     extra = 0 if features is None else (3 if (np.asarray(features) >= 0).all() else 5)
-    return float(np.sqrt(3 * window + 1 + extra))
+    return float(np.sqrt(3 * window * PAIR_WEIGHT**2 + 1 + extra))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -22,6 +22,8 @@ final model equal; secagg's model kept, as its rounding varies between runs). Th
 private pair window went from 2 to 1: that case alone was written again after checking that its final model is
 equal and that only the graph's parts differ (the window, the sensitivity, the item pairs' bytes up, and the
 metrics of the blends that read the graph); the cases run without item features, so no device sends affinities.
+The pairs' weight in the graph's Gaussian (``PAIR_WEIGHT`` 1 -> 0.5) changed the same parts of ``aggregate`` only
+(its final model equal; the sensitivity, the new ``graph_pair_weight`` and the graph's blends' metrics differ).
 """
 
 from __future__ import annotations

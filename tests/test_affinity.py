@@ -19,6 +19,7 @@ from fedrec.itemgraph import (
     COUNTS,
     FEATURES,
     NOISE_STREAM,
+    PAIR_WEIGHT,
     PROFILE_PRIOR,
     PROFILE_THRESHOLD,
     PROFILES,
@@ -78,7 +79,7 @@ def _releases(seqs: list[tuple[np.ndarray, np.ndarray]], F: np.ndarray, window: 
         pairs = np.zeros((V, V))
         np.add.at(pairs, (a, b), w)
         assert g.A is not None
-        out += [g.n, pairs[np.triu_indices(V, 1)], g.A.ravel()]
+        out += [g.n, PAIR_WEIGHT * pairs[np.triu_indices(V, 1)], g.A.ravel()]  # as released: the pairs weighted
     return np.concatenate(out)
 
 
@@ -100,11 +101,12 @@ def test_one_event_moves_every_release_together_by_at_most_the_sensitivity(signe
             keep = np.arange(len(items)) != j
             moved = np.linalg.norm(_releases([(items[keep], rd[keep]), *seqs[1:]], F, window) - base)
             assert moved <= sensitivity(window, F) + 1e-9
-            worst = max(worst, moved / math.sqrt(3 * window + 1))
+            worst = max(worst, moved / math.sqrt(3 * window * PAIR_WEIGHT**2 + 1))
     assert worst > 1.0
-    assert sensitivity(2, None) == pytest.approx(math.sqrt(7))
-    assert sensitivity(2, np.eye(3)) == pytest.approx(math.sqrt(10))
-    assert sensitivity(2, -np.eye(3)) == pytest.approx(math.sqrt(12))
+    pairs = 6 * PAIR_WEIGHT**2  # window 2
+    assert sensitivity(2, None) == pytest.approx(math.sqrt(pairs + 1))
+    assert sensitivity(2, np.eye(3)) == pytest.approx(math.sqrt(pairs + 4))
+    assert sensitivity(2, -np.eye(3)) == pytest.approx(math.sqrt(pairs + 6))
 
 
 def test_affinities_are_exact_sums_without_noise():
@@ -228,8 +230,8 @@ def test_a_run_with_features_noises_its_graph_for_the_larger_sensitivity():
     F = _onehot(TOPIC)
     with_f, without = init_state(cfg, V, F).graph, init_state(cfg, V).graph
     assert with_f is not None and without is not None
-    assert with_f.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window + 4))
-    assert without.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window + 1))
+    assert with_f.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window * PAIR_WEIGHT**2 + 4))
+    assert without.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * cfg.pair_window * PAIR_WEIGHT**2 + 1))
 
 
 def test_a_real_federation_with_the_worlds_features_releases_affinities_and_reports_their_cost(tmp_path):
@@ -240,7 +242,7 @@ def test_a_real_federation_with_the_worlds_features_releases_affinities_and_repo
                     privacy="event", event_noise="aggregate", local_steps=1, epsilon=8.0, out=str(tmp_path / "run"))
     summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
     block = summary["privacy"]["event"]
-    assert block["graph_sensitivity"] == pytest.approx(math.sqrt(3 * cfg.pair_window + 4), rel=1e-6)
+    assert block["graph_sensitivity"] == pytest.approx(math.sqrt(3 * cfg.pair_window * PAIR_WEIGHT**2 + 4), rel=1e-6)
     assert "affinities" in block["graph"]
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     A, G = ck["graph"]["affinity"], ck["graph"]["graph.profiles"]

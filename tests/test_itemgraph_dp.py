@@ -14,7 +14,7 @@ from fedrec.checkpoint import load_checkpoint, save_checkpoint
 from fedrec.clients.app import app as client_app
 from fedrec.config import RunConfig
 from fedrec.federation.state import init_state
-from fedrec.itemgraph import ENTER, NOISE_STREAM, ItemGraph, Pairs, capped_pairs, device_pairs
+from fedrec.itemgraph import ENTER, NOISE_STREAM, PAIR_WEIGHT, ItemGraph, Pairs, capped_pairs, device_pairs
 from fedrec.privacy.accounting import epsilon, graph_multiplier
 from fedrec.privacy.ledger import Ledger
 from fedrec.server.app import run_federation
@@ -59,12 +59,13 @@ def test_released_counts_have_the_claimed_noise_std():
         assert not np.diag(inc).any()
         pairs.append(inc[np.triu_indices(len(g.cand), 1)])
         items.append(g.n - n)
-    for x in (np.concatenate(pairs), np.concatenate(items)):
-        chi = float(np.sum(x ** 2) / SIGMA ** 2)  # chi-square with len(x) degrees of freedom at the claimed std
+    # the pairs' std is the graph's over their weight (their share of the sensitivity shrinks by as much)
+    for x, std in ((np.concatenate(pairs), SIGMA / PAIR_WEIGHT), (np.concatenate(items), SIGMA)):
+        chi = float(np.sum(x ** 2) / std ** 2)  # chi-square with len(x) degrees of freedom at the claimed std
         assert 1e-3 < stats.chi2.cdf(chi, len(x)) < 1 - 1e-3
         # a std 10% off is far outside: the test can fail
-        assert stats.chi2.cdf(float(np.sum(x ** 2) / (1.1 * SIGMA) ** 2), len(x)) < 1e-6
-        assert stats.chi2.cdf(float(np.sum(x ** 2) / (0.9 * SIGMA) ** 2), len(x)) > 1 - 1e-6
+        assert stats.chi2.cdf(float(np.sum(x ** 2) / (1.1 * std) ** 2), len(x)) < 1e-6
+        assert stats.chi2.cdf(float(np.sum(x ** 2) / (0.9 * std) ** 2), len(x)) > 1 - 1e-6
 
 
 def test_released_sums_are_true_sums_plus_the_seeded_draws():
@@ -84,7 +85,7 @@ def test_released_sums_are_true_sums_plus_the_seeded_draws():
         np.add.at(true, (a, b), w)
         true = (true + true.T)[np.ix_(cand, cand)]  # pairs of the candidates chosen before this round only
         noise = np.zeros((K, K))
-        noise[np.triu_indices(K, 1)] = rng.normal(0.0, SIGMA, K * (K - 1) // 2)
+        noise[np.triu_indices(K, 1)] = rng.normal(0.0, SIGMA / PAIR_WEIGHT, K * (K - 1) // 2)
         np.testing.assert_allclose((g.P - np.pad(P, (0, len(g.cand) - K)))[:K, :K], true + noise + noise.T,
                                    rtol=0, atol=1e-9)
         assert not (g.P[K:] != 0).any()  # new candidates' pairs start at the next release
@@ -165,7 +166,7 @@ def test_the_server_state_noises_the_graph_with_the_accounted_std(tmp_path):
     assert cfg.graph and cfg.graph_noised and cfg.pair_window == 4
     state = init_state(cfg, V)
     assert state.graph is not None
-    assert state.graph.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * 4 + 1))
+    assert state.graph.noise_std == pytest.approx(graph_multiplier(cfg) * math.sqrt(3 * 4 * PAIR_WEIGHT**2 + 1))
     assert state.graph.seed == cfg.seed
     off = init_state(RunConfig(world_users=40, world_items=V, privacy="none"), V).graph
     assert off is not None and off.noise_std == 0.0

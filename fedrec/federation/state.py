@@ -117,7 +117,7 @@ def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None)
 
 def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None) -> ItemGraph | None:
     """The run's item graph (None: off). Under event noise at the aggregate its sums get Gaussian noise of std
-    ``z_graph`` times their sensitivity (:func:`fedrec.itemgraph.sensitivity`: ``sqrt(3 W + 1)``, ``W`` the pair
+    ``z_graph`` times their sensitivity (:func:`fedrec.itemgraph.sensitivity`: ``sqrt(3 W w^2 + 1)``, ``W`` the pair
     window, and 3 more under the root with non-negative ``features``), so the run's graph is one Gaussian mechanism of
     multiplier ``z_graph``, as accounted (:func:`fedrec.privacy.accounting.graph_records`); the noise is drawn
     from the run's seed."""

@@ -117,7 +117,8 @@ def graph_records(cfg: RunConfig) -> tuple[Record, ...]:
     """The noisy item graph's one record on the event unit: empty unless its sums are noised.
 
     One event's add/remove moves the graph's pair and item counts, over the whole run, by at most
-    :func:`fedrec.itemgraph.sensitivity` in L2 (``sqrt(3 W + 1)``, more with the item x feature affinities); with
+    :func:`fedrec.itemgraph.sensitivity` in L2 (``sqrt(3 W w^2 + 1)``, ``w`` the pairs' weight, more with the item x feature
+    affinities); with
     noise of std ``z_graph`` times that on every
     round's sums, the run's graph releases compose to one Gaussian mechanism of multiplier ``z_graph``:
     one record ``(z_graph, 1, 1)``, whatever the number of rounds.

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 
 from ..config import RunConfig
-from ..itemgraph import sensitivity
+from ..itemgraph import PAIR_WEIGHT, sensitivity
 from .accounting import GROUP2, event_accountant, graph_multiplier
 from .aggregate import split
 from .ledger import Ledger
@@ -27,11 +27,13 @@ def _aggregate_block(cfg: RunConfig, z_event: float, graph_features: np.ndarray 
         "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
         "local_steps": 1, "max_steps_per_event": cfg.replay_rounds + 1,
         **({"graph_noise_multiplier": graph_multiplier(cfg), "graph_window": cfg.pair_window,
+            "graph_pair_weight": PAIR_WEIGHT,
             "graph_sensitivity": round(sensitivity(cfg.pair_window, graph_features), 6),
             "graph": "the item graph's pair and item counts" + (
                 " and item x feature affinities (each event's item with the profile of the event before it, "
                 "from earlier releases)" if graph_features is not None else "") + ", noised on every round's sum; one event moves them "
-                "by at most graph_sensitivity (sqrt(3 x window + 1), and with the affinities 3 more under the root, 5 "
+                "by at most graph_sensitivity (sqrt(3 x window x graph_pair_weight^2 + 1): the pairs' noise is the graph's over "
+                "graph_pair_weight; and with the affinities 3 more under the root, 5 "
                 "where a feature value is negative) over the whole run: one Gaussian of graph_noise_multiplier, "
                 "composed with the model's steps"}
            if cfg.graph_noised else {}),
