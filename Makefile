@@ -38,6 +38,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_step.py --out runs/bench
 	$(BIN)/python benchmarks/bench_throughput.py --out runs/bench
 	$(BIN)/python benchmarks/bench_rss.py
+	$(BIN)/python benchmarks/bench_deploy.py --out runs/bench
 
 # The docs/models.md table: mf, neumf and sasrec on MovieLens replayed by time, with and without DP
 # (about 25 minutes on 2 cores; DATA=path/to/ratings.csv, default ../shared/data/ml-latest-small).

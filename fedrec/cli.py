@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     loc = dsub.add_parser("local", help="SuperLink + one SuperNode per device as processes on 127.0.0.1")
     loc.add_argument("--devices", type=int, default=4, metavar="N", help="devices, one SuperNode and one store each (default 4)")
     loc.add_argument("--tls", action="store_true", help="TLS with a throw-away CA, and SuperNode authentication")
+    loc.add_argument("--stock-nodes", action="store_true",
+                     help="Flower's stock SuperNodes: a fresh flwr-clientapp process per message and 3 s polls (slower; "
+                          "default: each SuperNode keeps one ClientApp process and polls every 0.1 s)")
     _add_config_flags(loc)
     w = sub.add_parser("sweep", help="run every cell x seed of a sweep file (resumable), then the report")
     w.add_argument("file", help="a sweep TOML file, e.g. scenarios/freshness_vs_privacy.toml")
@@ -195,7 +198,7 @@ def _run_engine(cfg: RunConfig, on_round) -> None:
         raise errors[0]
 
 
-def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: bool) -> dict:
+def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: bool, *, warm: bool = True) -> dict:
     """``fedrec deploy local``: real SuperLink and SuperNode processes on loopback (fedrec.deploy.local)."""
     import dataclasses
     import signal
@@ -236,7 +239,7 @@ def deploy_local(cfg: RunConfig, devices: int, tls: bool, world_users_given: boo
                 console.print(msg)
                 if st is not None:
                     st.update(msg)
-            summary = run_local(cfg, devices, tls=tls, on_round=on_round, on_status=status)
+            summary = run_local(cfg, devices, tls=tls, on_round=on_round, on_status=status, warm=warm)
     finally:
         signal.signal(signal.SIGTERM, old)
     _print_summary(console, summary, k)
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "simulate":
             simulate(build_config(args))
         elif args.cmd == "deploy":
-            deploy_local(build_config(args), args.devices, args.tls, args.world_users is not None)
+            deploy_local(build_config(args), args.devices, args.tls, args.world_users is not None,
+                         warm=not args.stock_nodes)
         elif args.cmd == "sweep":
             from .sweep.runner import run_sweep
 

@@ -35,6 +35,10 @@ from fedrec.messages import (
 
 __all__ = ["FederationError", "FlowerTransport", "exchange", "make_server_app", "run_federation"]
 
+#: the longest wait, in seconds, between the server's asks for replies (one small request to the SuperLink; it
+#: bounds how long a finished round waits to be noticed)
+MAX_POLL = 0.1
+
 
 def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | None = None,
              late: dict[str, tuple[int, Message]] | None = None, round_: int = 0) -> list[Message]:
@@ -46,7 +50,7 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | N
     its reply is *late*, not an error.
 
     Flower's ``send_and_receive`` over a SuperLink polls every 3 s; a round of small device updates
-    takes well under that, so this polls every 0.05 s at first, backing off to 1 s.
+    takes well under that, so this polls every 0.05 s at first, backing off to ``MAX_POLL``.
     """
     if not msgs:
         return []
@@ -70,7 +74,7 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | N
             break
         if ids:
             time.sleep(wait)
-            wait = min(1.0, wait * 1.5)
+            wait = min(MAX_POLL, wait * 1.5)
     return out
 
 
@@ -188,6 +192,18 @@ def run_federation(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] 
     return federation.run_federation(FlowerTransport(grid, cfg), cfg, on_round)
 
 
+def _warm_up(cfg: RunConfig) -> None:
+    """A deployed ServerApp's process, before round 1: Flower's object pulls retry quickly
+    (:mod:`fedrec.deploy.quick`), and under DP the accountant (Opacus, imported on first use: seconds) is
+    imported now, so that round 1 takes what the others take."""
+    from fedrec.deploy.quick import quick_pulls  # noqa: PLC0415
+    from fedrec.registry import ACCOUNTANTS  # noqa: PLC0415
+
+    quick_pulls()
+    if cfg.privacy != "none":
+        ACCOUNTANTS.get(cfg.accountant)
+
+
 def make_server_app(cfg: RunConfig | None = None, on_round: Callable[[dict], None] | None = None,
                     errors: list[BaseException] | None = None) -> ServerApp:
     """A ServerApp bound to ``cfg`` (``fedrec simulate``) or reading Flower's run config (``flwr run``).
@@ -201,6 +217,8 @@ def make_server_app(cfg: RunConfig | None = None, on_round: Callable[[dict], Non
     def main(grid: Grid, context: Context) -> None:
         try:
             c = cfg or RunConfig.from_mapping(dict(context.run_config), where="[tool.flwr.app.config]")
+            if cfg is None:  # deployed (flwr run): a fresh process, the replies' objects come over the SuperLink
+                _warm_up(c)
             run_federation(grid, c, on_round)
         except Exception as e:
             if errors is None:

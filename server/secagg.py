@@ -42,6 +42,24 @@ from fedrec.messages import SECURE_METRICS, MessageError, UpdateReport
 from fedrec.privacy.shares import SharePlan, node_threshold, quantisation_problem, share_plan
 
 
+class _Polling:
+    """The grid, with ``send_and_receive`` polling as :func:`fedrec.server.app.exchange` does (0.05 s at first,
+    backing off to :data:`fedrec.server.app.MAX_POLL`) instead of Flower's fixed 3 s: each of SecAgg+'s four stages
+    would otherwise wait up to 3 s after its last reply. A node silent at the deadline gets an error reply, which
+    the workflow counts as a dropped node, as it does a missing one."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:  # noqa: ANN001 (Flower's)
+        from .app import exchange  # noqa: PLC0415 - app imports this module lazily too
+
+        return exchange(self._grid, list(messages), 86400.0 if timeout is None else timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 @dataclass
 class _Proxy:
     node_id: int
@@ -100,7 +118,7 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
     ctx = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                         strategy=strategy)  # type: ignore[arg-type]
     SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=setting.threshold, max_weight=setting.max_weight,
-                       clipping_range=setting.clipping_range, timeout=timeout)(grid, ctx)
+                       clipping_range=setting.clipping_range, timeout=timeout)(_Polling(grid), ctx)  # type: ignore[arg-type]
     failures = [str(f) for f in strategy.failures]
     if strategy.aggregate is None:
         why = (f"fewer than {setting.threshold} of {len(by_node)} nodes answered every stage (the noise shares "

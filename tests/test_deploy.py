@@ -1,13 +1,15 @@
 """The Deployment Engine on loopback, with real processes: flower-superlink, flower-supernode, flwr.
 
-Slow (tens of seconds each): every message starts a fresh ``flwr-clientapp`` process, as in a
-real deployment. Everything listens on 127.0.0.1 only.
+Slow (tens of seconds each): real processes for every part. By default each SuperNode keeps one ClientApp
+process (fedrec.deploy.clientapp_host); ``--stock-nodes`` starts a fresh ``flwr-clientapp`` per message, as
+Flower's own SuperNode does. Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,3 +207,54 @@ def test_deploy_local_without_dp_carries_the_item_graph_both_ways(tmp_path):
         assert got is not None and set(KEYS) <= set(got[1])
         top = d.recommend(5)
         assert len(top) == 5 and not set(top) & set(d.store.all_items().tolist())
+
+
+def _deploy(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedrec.cli", "deploy", "local", "--out", str(out), "--no-progress",
+                           *extra], capture_output=True, text=True, timeout=900)
+
+
+def test_default_supernodes_run_every_message_in_one_long_lived_clientapp_process(tmp_path):
+    """Warm SuperNodes (the default): no flwr-clientapp process is ever started; each node's one ClientApp process
+    (fedrec.deploy.clientapp_host) takes all of its node's tasks, and stops with the federation."""
+    out = tmp_path / "warm"
+    r = _deploy(out, "--devices", "2", "--rounds", "3")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [(x["round"], x["devices"], x["failed"]) for x in _rows(out)] == [(1, 2, 0), (2, 2, 0), (3, 2, 0)]
+    logs = out / "deploy" / "logs"
+    for i in range(2):
+        host = (logs / f"device-{i}-clientapp.log").read_text()
+        tasks = re.search(r"stopped after (\d+) tasks", host)
+        assert tasks is not None and int(tasks.group(1)) >= 4, host[-2000:]  # the query and three rounds
+        node = (logs / f"device-{i}.log").read_text()
+        assert "Start `flwr-clientapp` process" not in node
+    assert _ours(out) == []
+
+
+def test_stock_supernodes_start_a_clientapp_process_per_message_and_run_the_same_rounds(tmp_path):
+    """``--stock-nodes``: Flower's own SuperNode and a fresh flwr-clientapp per message. Both ways run the same
+    rounds over the same events (a device's own randomness is its secret, so the models of two deployments differ
+    whichever way they run)."""
+    rows = {}
+    for name, extra in (("stock", ["--stock-nodes"]), ("warm", [])):
+        out = tmp_path / name
+        r = _deploy(out, "--devices", "2", "--rounds", "2", "--privacy", "none", *extra)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        rows[name] = [(x["round"], x["devices"], x["failed"], x["new_events"], x["events_scored"]) for x in _rows(out)]
+        started = "Start `flwr-clientapp` process" in (out / "deploy" / "logs" / "device-0.log").read_text()
+        assert started == (name == "stock")
+        assert (out / "deploy" / "logs" / "device-0-clientapp.log").exists() == (name == "warm")
+        assert _ours(out) == []
+    assert rows["stock"] == rows["warm"] and [x[:3] for x in rows["warm"]] == [(1, 2, 0), (2, 2, 0)]
+
+
+@pytest.mark.parametrize(("argv", "env", "says"), [
+    (["fedrec.deploy.clientapp_host", "--runtime-api-address", "127.0.0.1:1", "--insecure", "--poll", "0"], {},
+     "--poll 0.0 is outside 0.001..60 seconds."),
+    (["fedrec.deploy.supernode", "--help"], {"FEDREC_NODE_POLL": "soon"},
+     "FEDREC_NODE_POLL='soon' should be a number of seconds from 0.01 to 3."),
+])
+def test_the_warm_node_commands_refuse_a_bad_poll_in_one_sentence(argv, env, says):
+    r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **env})
+    assert r.returncode == 2 and r.stderr.strip() == says and "Traceback" not in r.stderr

@@ -28,6 +28,7 @@ from ..config import dump_toml
 from .pki import Pki, make_pki, node_key_pair
 
 CONNECTION = "fedrec-local"
+STATUS_EVERY = 30.0  #: seconds between asks for the run's status while its rounds keep coming (see _follow_run)
 
 
 class DeployError(RuntimeError):
@@ -88,6 +89,11 @@ class LocalFederation:
     port: int = 0  #: the SuperLink's, on 127.0.0.1: the operator's (flwr CLI) and its app processes'
     fleet_port: int = 0  #: the Fleet front's, where the devices connect (fedrec.deploy.front)
     front: Proc | None = None
+    #: each SuperNode with short waits (fedrec.deploy.supernode) in ``--isolation process``, beside a long-lived
+    #: ClientApp process that keeps its imports (fedrec.deploy.clientapp_host); False: Flower's stock SuperNode,
+    #: which starts a fresh flwr-clientapp per message and polls every 3 s
+    warm: bool = True
+    hosts: dict[str, Proc] = field(default_factory=dict)  #: warm: each SuperNode's ClientApp process
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -107,7 +113,7 @@ class LocalFederation:
         e["FEDREC_DEPLOY_TAG"] = self.tag
         e["PYTHONUNBUFFERED"] = "1"
         e["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # the apps are installed; never `uv sync`
-        e.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # start app processes promptly
+        e.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # start app processes promptly (the ServerApp's)
         return e
 
     def _start(self, name: str, argv: list[str], home: str) -> Proc:
@@ -179,8 +185,12 @@ class LocalFederation:
         return int(out["node-id"])
 
     def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> Proc:
-        argv = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}", "--node-config", node_config,
-                "--host", "127.0.0.1", "--port", str(free_port())]
+        """A SuperNode (warm: with its ClientApp process, :meth:`start_host`)."""
+        runtime = free_port()  # its Runtime API, where its ClientApp processes take their tasks
+        node = [sys.executable, "-m", "fedrec.deploy.supernode", "--isolation", "process"] if self.warm else \
+            [_bin("flower-supernode")]
+        argv = [*node, "--superlink", f"127.0.0.1:{self.fleet_port}", "--node-config", node_config,
+                "--host", "127.0.0.1", "--port", str(runtime)]
         if self.tls:
             assert self.pki is not None
             argv += ["--root-certificates", str(self.pki.ca)]
@@ -190,7 +200,17 @@ class LocalFederation:
             argv += ["--insecure"]
         proc = self._start(name, argv, name)
         self.nodes[name] = proc
+        if self.warm:
+            self.start_host(name, proc, runtime)
         return proc
+
+    def start_host(self, name: str, node: Proc, runtime: int) -> Proc:
+        """The long-lived ClientApp process of SuperNode ``name``, on its Runtime API (loopback); it exits with
+        the node."""
+        argv = [sys.executable, "-m", "fedrec.deploy.clientapp_host", "--runtime-api-address", f"127.0.0.1:{runtime}",
+                "--insecure", "--parent-pid", str(node.popen.pid)]
+        self.hosts[name] = self._start(f"{name}-clientapp", argv, name)
+        return self.hosts[name]
 
     def start_devices(self, stores: list[Path]) -> None:
         """One SuperNode per device store; with TLS each gets its own registered key."""
@@ -207,7 +227,7 @@ class LocalFederation:
         """Until ``n`` SuperNodes are online (with TLS: as the SuperLink's node list says)."""
         t0 = time.time()
         while True:
-            dead = [p for p in self.nodes.values() if not p.alive()]
+            dead = [p for p in [*self.nodes.values(), *self.hosts.values()] if not p.alive()]
             if dead:
                 raise DeployError(f"SuperNode {dead[0].name} exited (log {dead[0].log}): "
                                   f"{_last_error(dead[0].text())}")
@@ -352,7 +372,8 @@ def write_app(dir_: Path, config: dict) -> Path:
     return dir_
 
 
-def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, timeout: float = 3600.0) -> dict:
+def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, timeout: float = 3600.0,
+              warm: bool = True) -> dict:
     """``fedrec deploy local``: fill the stores, start the federation, run ``cfg.rounds`` rounds, stop.
 
     Writes into ``cfg.out`` what ``fedrec simulate`` writes, plus ``devices/`` (one SQLite store
@@ -369,7 +390,7 @@ def run_local(cfg, devices: int, *, tls: bool, on_round=None, on_status=None, ti
     if (work / "superlink.db").exists():  # a new federation each invocation; stores and checkpoint carry on
         for f in work.glob("superlink.db*"):
             f.unlink()
-    fed = LocalFederation(work, tls=tls)
+    fed = LocalFederation(work, tls=tls, warm=warm)
     # absolute paths: the ServerApp runs in a process of the SuperLink's, from another folder
     app = write_app(work / "app", {**cfg.to_flat(), "out": str(out),
                                    "data": str(Path(cfg.data).resolve()) if cfg.data else ""})
@@ -402,18 +423,21 @@ def _follow_run(fed: LocalFederation, run_id: int, out: Path, work: Path, t_subm
     """
     summary_file = out / "summary.json"
     rows_seen = 0
-    last_check = 0.0
+    last_check = last_row = time.time()
     while True:
         rows = _rows(out / "metrics.jsonl", t_submit)
         for row in rows[rows_seen:]:
             if on_round:
                 on_round(row)
+            last_row = time.time()
         rows_seen = max(rows_seen, len(rows))
         if summary_file.exists() and summary_file.stat().st_mtime >= t_submit:
             st = fed.status(run_id)
             if st["status"].startswith("finished"):
                 return
-        if time.time() - last_check > 5:
+        # the run's status costs a `flwr ls` process (about a second of CPU, taken from the rounds on a small
+        # machine): asked every STATUS_EVERY s while rounds come in, every 5 s once they stop coming
+        if time.time() - last_check > (5 if time.time() - last_row > STATUS_EVERY else STATUS_EVERY):
             last_check = time.time()
             st = fed.status(run_id)
             if st["status"].startswith("finished"):
@@ -422,8 +446,8 @@ def _follow_run(fed: LocalFederation, run_id: int, out: Path, work: Path, t_subm
                     raise DeployError(f"The run ended {st['status']}: {st.get('status-details') or ''} "
                                       f"{_last_error(log)} (ServerApp log: {work / 'logs'}/serverapp-{run_id}.log)")
                 return
-            if not fed.link or not fed.link.alive():
-                raise DeployError(f"The SuperLink exited mid-run (log {fed.link.log if fed.link else work})")
+        if not fed.link or not fed.link.alive():
+            raise DeployError(f"The SuperLink exited mid-run (log {fed.link.log if fed.link else work})")
         if time.time() - t_submit > timeout:
             raise DeployError(f"The run did not finish within {timeout:.0f} s (logs in {work / 'logs'}).")
         time.sleep(0.3)
