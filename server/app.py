@@ -103,20 +103,26 @@ class FlowerTransport:
     def __init__(self, grid: Grid, cfg: RunConfig) -> None:
         self.grid, self.cfg = grid, cfg
         self.late: dict[str, tuple[int, Message]] = {}  #: message id -> (round asked, message), unanswered
+        self.absent: list[str] = []  #: nodes that did not report their devices at the start, and why
 
     def discover(self, config: dict) -> list[tuple[int, NodeInfo]]:
         nodes = _wait_for_nodes(self.grid, self.cfg.nodes)
         replies = exchange(self.grid, [Message(to_records(encode_query(config)), dst_node_id=n, message_type="query")
                                        for n in nodes], self.cfg.round_timeout)
-        out = []
-        for rep in replies:
+        out, failed = [], []
+        for rep in replies:  # a node that is down or answers badly fails its own report, not the run
             node = rep.metadata.src_node_id
             if rep.has_error():
-                raise FederationError(f"Node {node} failed to report its devices: {rep.error.reason}")
+                failed.append(f"node {node}: {((rep.error.reason or '').strip().splitlines() or ['no reason'])[0]}")
+                continue
             try:
                 out.append((node, NodeInfo.from_flat(dict(rep.content[INFO]))))
             except (KeyError, MessageError) as e:
-                raise FederationError(f"Node {node} sent a malformed device report: {e}") from None
+                failed.append(f"node {node}: a malformed device report ({e})")
+        if not out:
+            raise FederationError("No node reported its devices" + (f" ({'; '.join(failed[:3])})" if failed else "")
+                                  + ".")
+        self.absent = failed  # their devices sit this run out (a resubmitted run asks again)
         return out
 
     def start_round(self, r: int, patience: int) -> tuple[list[Reply], list[tuple[int, str]]]:

@@ -27,7 +27,7 @@ from fedrec.config import RunConfig
 from fedrec.eval.metrics import BLENDS, PrequentialCounts
 from fedrec.federation.replies import Limits, Reply, collect
 from fedrec.messages import DeviceUpdate, MessageError, NodeReply, UpdateReport, decode_reply, encode_reply
-from fedrec.server.app import run_federation
+from fedrec.server.app import FederationError, run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.wire import encode_delta
 
@@ -265,3 +265,29 @@ def _weigher(claim: int):
             rep.content[f"metrics-{d}"] = MetricRecord({**dict(rep.content[f"metrics-{d}"]), "num-examples": claim})
         return rep
     return node
+
+
+def test_a_node_that_does_not_report_its_devices_at_the_start_sits_the_run_out(tmp_path):
+    """A node down or garbled when the run asks who hosts which device fails its own report, not the run: the run
+    goes on with the others' devices and says which node is missing; with no report at all it stops in one
+    sentence (found by tools/soak.py, where a SuperNode killed at the start used to end the run)."""
+    def down_at_start(msg: Message, ctx):
+        if msg.metadata.message_type == "query" and ctx.node_id == 1001:
+            raise ConnectionError("node 1001 is down")
+        return client_app(msg, ctx)
+
+    kw = {"world_users": 40, "nodes": 2, "rounds": 2, "cohort": 40, "uptake_probe": False, "progress": False,
+          "engine": "local", "privacy": "none"}
+    cfg = RunConfig(**kw, out=str(tmp_path / "one"))
+    s = run_federation(LocalGrid(down_at_start, cfg.nodes, cfg.to_flat()), cfg)
+    assert s["rounds"] == 2
+    assert any(n.endswith("node 1001: ConnectionError: node 1001 is down") for n in s["notes"])
+    rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failed"] == 0 and 0 < r["devices"] <= 20 for r in rows)  # node 1000's half of the 40 devices
+
+    def all_down(msg: Message, ctx):
+        raise ConnectionError("down")
+
+    cfg2 = RunConfig(**kw, out=str(tmp_path / "none"))
+    with pytest.raises(FederationError, match=r"^No node reported its devices \(node \d+: ConnectionError: down; node"):
+        run_federation(LocalGrid(all_down, cfg2.nodes, cfg2.to_flat()), cfg2)

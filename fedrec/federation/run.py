@@ -153,6 +153,8 @@ class _Run:
         stream, why = _load_stream(cfg)
         rec = RunRecorder(cfg, stream=stream, no_stream=why)
         fed = discover(transport, cfg, event_noise(cfg))
+        for why in getattr(transport, "absent", []):
+            rec.note(f"not in this run (it did not report its devices at the start): {why}")
         ledger = Ledger(Path(cfg.out) / "privacy_ledger.jsonl")
         if ledger.records:
             rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
