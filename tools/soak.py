@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import sys
@@ -82,15 +81,9 @@ class Chaos:
 
     def kill_nodes(self) -> None:
         for i in self.rng.sample(range(len(self.stores)), self.rng.randint(1, 3)):
-            self._kill(f"device-{i}")
+            self.fed.kill_supernode(f"device-{i}")
             self.kills["supernode"] += 1
             self.down[i] = time.time() + self.rng.uniform(0.5, 3.0)
-
-    def _kill(self, name: str) -> None:
-        for proc in (self.fed.nodes.get(name), self.fed.hosts.get(name)):
-            if proc is not None and proc.alive():
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait(10)
 
     def revive(self) -> None:
         """Start the killed SuperNodes again. One that was SIGKILLed is still online to the SuperLink until its
@@ -106,7 +99,7 @@ class Chaos:
                 continue
             if time.time() < when:
                 continue
-            self._kill(name)  # a host left by a refused node
+            self.fed.kill_supernode(name)  # a host left by a refused node
             self.fed.start_supernode(name, f"device-id={i} store='{self.stores[i].resolve()}'",
                                      self.fed.pki.node_keys[i][0])
             self.restarts += 1

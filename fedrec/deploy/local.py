@@ -229,7 +229,7 @@ class LocalFederation:
         while True:
             dead = [p for p in [*self.nodes.values(), *self.hosts.values()] if not p.alive()]
             if dead:
-                raise DeployError(f"SuperNode {dead[0].name} exited (log {dead[0].log}): "
+                raise DeployError(f"The process {dead[0].name} exited (log {dead[0].log}): "
                                   f"{_last_error(dead[0].text())}")
             if self.tls:
                 nodes = _json(self.flwr("supernode", "list", CONNECTION, "--format", "json"))["nodes"]
@@ -273,6 +273,13 @@ class LocalFederation:
         for pid, cmd in self.tagged().items():  # the ServerApp and SuperExec run in sessions of their own
             if "flwr-serverapp" in cmd or ("superexec" in cmd and f"127.0.0.1:{self.port}" in cmd):
                 _kill(pid)
+
+    def kill_supernode(self, name: str) -> None:
+        """SIGKILL SuperNode ``name`` and its ClientApp process (a crash, for tests and tools/soak.py)."""
+        for proc in (self.nodes.get(name), self.hosts.get(name)):
+            if proc is not None and proc.alive():
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait(10)
 
     def tagged(self) -> dict[int, str]:
         """Live processes (not zombies) carrying this federation's tag: pid -> command line."""

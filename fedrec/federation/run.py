@@ -36,8 +36,11 @@ from .state import FederationError, ServerState, checkpoint_to_continue, init_st
 class Transport(Protocol):
     """Moves one run's messages; :mod:`fedrec.messages` defines what they hold."""
 
+    absent: list[str]  #: after :meth:`discover`: the nodes that did not report their devices, and why
+
     def discover(self, config: dict) -> list[tuple[int, NodeInfo]]:
-        """Every node and the devices it hosts (raises :class:`FederationError` when it cannot)."""
+        """Every node that reports the devices it hosts (a node that fails to goes into ``absent``; raises
+        :class:`FederationError` when none reports)."""
         ...
 
     def start_round(self, r: int, patience: int) -> tuple[list[Reply], list[tuple[int, str]]]:
@@ -153,7 +156,7 @@ class _Run:
         stream, why = _load_stream(cfg)
         rec = RunRecorder(cfg, stream=stream, no_stream=why)
         fed = discover(transport, cfg, event_noise(cfg))
-        for why in getattr(transport, "absent", []):
+        for why in transport.absent:
             rec.note(f"not in this run (it did not report its devices at the start): {why}")
         ledger = Ledger(Path(cfg.out) / "privacy_ledger.jsonl")
         if ledger.records:
