@@ -3,43 +3,90 @@
 :mod:`fedrec.messages` encodes and decodes every message as plain mappings (arrays as numpy,
 values as Python numbers, strings, lists), so the core never imports Flower; the ClientApp, the
 ServerApp, the in-process grid and the SecAgg+ round convert with the two functions here.
+
+**One packed record per message.** A deployed message travels as Flower objects (the message, its
+RecordDict, each record, each Array and each of its chunks), and every object is one request to the
+SuperLink, which checks, stores and serves each one; a node's reply of a few small records was 18 of
+them, and those requests, not the bytes, set the length of a deployment round. So :func:`to_records`
+writes one ConfigRecord, :data:`PACKED`: a JSON manifest of the plain records (name, type, values;
+each array as dtype, shape and its place in the blob) and, up to :data:`INLINE_MAX` bytes, the arrays'
+bytes back to back. A larger blob goes in one uint8 Array of the ArrayRecord :data:`PACKED_ARRAYS`
+(Flower chunks it). A message is then 3 objects (6 with the Array). :func:`from_records` checks the
+whole manifest against the blob before it copies a byte, and still reads unpacked RecordDicts.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 from numpy.lib import format as npformat
 
 from fedrec.messages import MessageError, record_type
 
+PACKED, PACKED_ARRAYS = "fedrec-packed", "fedrec-packed-arrays"
+#: a blob up to this many bytes travels inside the packed ConfigRecord (Flower chunks Arrays at 5 MiB)
+INLINE_MAX = 4 << 20
+#: the longest manifest read (a message's record names, config values and array headers)
+MANIFEST_MAX = 4 << 20
+_KINDS = ("arrays", "metrics", "config")
+
 
 def to_records(plain: Mapping[str, Any]) -> RecordDict:
-    """A RecordDict of ``plain`` (record name -> mapping), each record of the type its name calls for."""
-    out = RecordDict()
+    """``plain`` (record name -> mapping) as one packed record (:data:`PACKED`, module docstring)."""
+    records, parts, offset = [], [], 0
     for name, rec in plain.items():
         kind = record_type(name)
         if kind == "arrays":
-            out[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in rec.items()})
-        elif kind == "metrics":
-            out[name] = MetricRecord(dict(rec))
+            body = {}
+            for k, v in rec.items():
+                a = np.asarray(v)
+                a = a if a.flags.c_contiguous else a.copy(order="C")
+                body[k] = [a.dtype.str, list(a.shape), offset, a.nbytes]
+                parts.append(a.reshape(-1).view(np.uint8) if a.size else np.zeros(0, np.uint8))
+                offset += a.nbytes
+            records.append([name, kind, body])
         else:
-            out[name] = ConfigRecord(dict(rec))
+            records.append([name, kind, {k: _sendable(name, k, v) for k, v in rec.items()}])
+    manifest = json.dumps({"records": records}, separators=(",", ":"))
+    blob = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    out = RecordDict()
+    if blob.nbytes <= INLINE_MAX:
+        out[PACKED] = ConfigRecord({"manifest": manifest, "blob": blob.tobytes()})
+    else:
+        out[PACKED] = ConfigRecord({"manifest": manifest})
+        out[PACKED_ARRAYS] = ArrayRecord({"blob": Array(blob)})
     return out
 
 
-def from_records(content: RecordDict) -> dict[str, Any]:
-    """The plain mappings of a RecordDict, in its order (ArrayRecords as numpy arrays).
+def _sendable(record: str, key: str, v: Any) -> Any:
+    """``v`` as a record value (numpy scalars as Python numbers, tuples as lists); TypeError if no record can
+    hold it (what Flower's own records refuse: nested mappings, arrays, bytes, objects)."""
+    def scalar(x: Any) -> Any:
+        return x.item() if isinstance(x, np.generic) and x.dtype.kind in "biuf" else x
 
-    An array that does not load as a plain numeric numpy array (another serialisation, object arrays,
-    damaged bytes) is a :class:`~fedrec.messages.MessageError` naming its record.
+    v = [scalar(x) for x in v] if isinstance(v, list | tuple) else scalar(v)
+    try:
+        return _value(record, key, v)
+    except MessageError as e:
+        raise TypeError(str(e)) from None
+
+
+def from_records(content: RecordDict) -> dict[str, Any]:
+    """The plain mappings of a RecordDict, in its order (arrays as numpy arrays), packed or not.
+
+    Anything that does not decode as plain records of plain numbers, strings and flat lists (a garbled
+    manifest, an array outside its blob, another serialisation, object arrays, damaged bytes) is a
+    :class:`~fedrec.messages.MessageError` that names the record.
     """
+    if PACKED in content:
+        return _unpack(content)
     out: dict[str, Any] = {}
     for name, rec in content.items():
         if isinstance(rec, ArrayRecord):
@@ -47,6 +94,102 @@ def from_records(content: RecordDict) -> dict[str, Any]:
         else:
             out[name] = dict(rec)
     return out
+
+
+def values_of(content: RecordDict, name: str) -> dict[str, Any] | None:
+    """Record ``name`` (numbers, strings, lists; not arrays) of a RecordDict, packed or not, without reading
+    any array; None when there is no such record."""
+    if PACKED not in content:
+        return dict(content[name]) if name in content else None
+    for entry in _manifest(content[PACKED]):
+        got, kind, body = _entry(entry)
+        if got == name and kind != "arrays":
+            return {k: _value(name, k, v) for k, v in body.items()}
+    return None
+
+
+def _unpack(content: RecordDict) -> dict[str, Any]:
+    """The records of a packed RecordDict, every manifest entry checked against the blob before any copy."""
+    if set(content) - {PACKED, PACKED_ARRAYS}:
+        raise MessageError(f"a packed message holds other records too: {sorted(content)[:5]}")
+    head = content[PACKED]
+    records, blob = _manifest(head), _blob(content, head)
+    out: dict[str, Any] = {}
+    for entry in records:
+        name, kind, body = _entry(entry)
+        if name in out:
+            raise MessageError(f"record {name!r} appears twice in the packed message")
+        out[name] = ({k: _slice(name, k, spec, blob) for k, spec in body.items()} if kind == "arrays"
+                     else {k: _value(name, k, v) for k, v in body.items()})
+    return out
+
+
+def _manifest(head: Any) -> list:
+    """The list of ``[name, kind, values]`` entries of a packed record (entries checked by :func:`_entry`)."""
+    manifest = head.get("manifest") if isinstance(head, ConfigRecord) else None
+    if not isinstance(manifest, str) or len(manifest) > MANIFEST_MAX:
+        raise MessageError(f"record {PACKED!r} carries no manifest of at most {MANIFEST_MAX} characters")
+    try:
+        records = json.loads(manifest)["records"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        raise MessageError(f"the manifest of record {PACKED!r} is not a JSON object with its records") from None
+    if not isinstance(records, list):
+        raise MessageError(f"the manifest of record {PACKED!r} lists no records")
+    return records
+
+
+def _blob(content: RecordDict, head: Any) -> memoryview:
+    """The packed arrays' bytes: inline in ``head`` (the packed ConfigRecord, checked by :func:`_manifest`), or
+    the one uint8 array of :data:`PACKED_ARRAYS`."""
+    if PACKED_ARRAYS in content:
+        rec = content[PACKED_ARRAYS]
+        if not isinstance(rec, ArrayRecord) or list(rec) != ["blob"]:
+            raise MessageError(f"record {PACKED_ARRAYS!r} must hold exactly one array 'blob'")
+        a = _array(PACKED_ARRAYS, "blob", rec["blob"])
+        if a.dtype != np.uint8 or a.ndim != 1:
+            raise MessageError(f"array 'blob' of record {PACKED_ARRAYS!r} is not a flat uint8 array")
+        return a.data
+    blob = head.get("blob", b"")
+    if not isinstance(blob, bytes):
+        raise MessageError(f"record {PACKED!r} has a blob that is not bytes")
+    return memoryview(blob)
+
+
+def _entry(entry: Any) -> tuple[str, str, dict]:
+    """``[name, kind, body]`` of one manifest record, its types checked."""
+    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in _KINDS
+            and isinstance(entry[2], dict)):
+        raise MessageError(f"the packed manifest has an entry that is not [name, kind, values]: {str(entry)[:80]}")
+    name, kind, body = entry
+    if kind != record_type(name):
+        raise MessageError(f"record {name!r} is packed as {kind}, not as {record_type(name)}")
+    return name, kind, body
+
+
+def _slice(record: str, key: str, spec: Any, blob: memoryview) -> np.ndarray:
+    """Array ``key`` of ``record``: ``spec`` = [dtype, shape, offset, nbytes] within ``blob``, checked, then copied."""
+    where = f"array {key!r} of record {record!r}"
+    try:
+        dtype_str, shape, offset, nbytes = spec
+        dtype = np.dtype(dtype_str)
+        shape = tuple(shape)
+        ok = all(type(x) is int and x >= 0 for x in (*shape, offset, nbytes))
+    except (TypeError, ValueError):
+        raise MessageError(f"{where} has no readable [dtype, shape, offset, bytes] entry") from None
+    if not ok or dtype.kind not in "biuf" or dtype.hasobject:
+        raise MessageError(f"{where} is not plain numbers of a non-negative shape ({str(spec)[:80]})")
+    if math.prod(shape) * dtype.itemsize != nbytes or offset + nbytes > len(blob):
+        raise MessageError(f"{where} declares {nbytes} bytes at {offset}, which its shape or the blob "
+                           f"({len(blob)} bytes) does not hold")
+    return np.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape).copy()
+
+
+def _value(record: str, key: str, v: Any) -> Any:
+    """A config or metric value: a number, a string, a bool or a flat list of them (what Flower's records hold)."""
+    scalar = (int, float, str, bool)
+    if isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v)):
+        return v
+    raise MessageError(f"value {key!r} of record {record!r} is not a number, a string or a flat list of them")
 
 
 def _array(record: str, key: str, v: Array) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.clients.records import from_records, to_records
+from fedrec.clients.records import from_records, to_records, values_of
 from fedrec.config import RunConfig
 from fedrec.federation import run as federation
 from fedrec.federation.replies import Reply, SecureSum
@@ -80,9 +80,8 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float, *, enough: int | N
 
 def _devices(msg: Message | None) -> list[int]:
     """The devices a request asked to train."""
-    if msg is None or ROUND not in msg.content:
-        return []
-    return list(RoundInstruction.from_flat(dict(msg.content[ROUND])).devices)
+    flat = values_of(msg.content, ROUND) if msg is not None else None
+    return [] if flat is None else list(RoundInstruction.from_flat(flat).devices)
 
 
 def _reply(asked: int, m: Message, devices: list[int] | tuple[int, ...]) -> Reply:
@@ -116,7 +115,10 @@ class FlowerTransport:
                 failed.append(f"node {node}: {((rep.error.reason or '').strip().splitlines() or ['no reason'])[0]}")
                 continue
             try:
-                out.append((node, NodeInfo.from_flat(dict(rep.content[INFO]))))
+                info = values_of(rep.content, INFO)
+                if info is None:
+                    raise MessageError(f"the reply holds no record {INFO!r}")
+                out.append((node, NodeInfo.from_flat(info)))
             except (KeyError, MessageError) as e:
                 failed.append(f"node {node}: a malformed device report ({e})")
         if not out:

@@ -21,12 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedrec.clients.app import app as client_app
-from fedrec.clients.records import from_records, to_records
+from fedrec.clients.records import PACKED, from_records, to_records
 from fedrec.clients.simulation import node_stream
 from fedrec.config import RunConfig
 from fedrec.eval.metrics import BLENDS, PrequentialCounts
 from fedrec.federation.replies import Limits, Reply, collect
-from fedrec.messages import DeviceUpdate, MessageError, NodeReply, UpdateReport, decode_reply, encode_reply
+from fedrec.messages import DeviceUpdate, MessageError, NodeReply, UpdateReport, decode_reply, encode_reply, record_type
 from fedrec.server.app import FederationError, run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.wire import encode_delta
@@ -73,22 +73,23 @@ def _liar(lies: set[str]):
         rep = client_app(msg, ctx)
         if rep.has_error() or msg.metadata.message_type != "train" or ctx.node_id != 1001:
             return rep
-        c = rep.content
-        mine = sorted(int(k[len("metrics-"):]) for k in c.keys() if k.startswith("metrics-"))
+        c = from_records(rep.content)
+        mine = sorted(int(k[len("metrics-"):]) for k in c if k.startswith("metrics-"))
         if not mine:
             return rep
         d = mine[0]
         if "drop" in lies:  # the honest counterpart of inf-weight: the device simply failed
             del c[f"delta-{d}"], c[f"metrics-{d}"]
-            c[f"error-{d}"] = ConfigRecord({"reason": "gone"})
+            c[f"error-{d}"] = {"reason": "gone"}
         if "inf-weight" in lies:  # an update whose event count is infinite
-            c[f"metrics-{d}"] = MetricRecord({**dict(c[f"metrics-{d}"]), "num-examples": math.inf})
+            c[f"metrics-{d}"] = {**c[f"metrics-{d}"], "num-examples": math.inf}
         if "foreign" in lies:  # an update for a device of another node (copied from its own)
             c["delta-9999"], c["metrics-9999"] = c[f"delta-{mine[-1]}"], c[f"metrics-{mine[-1]}"]
         if "inflight" in lies:  # a device it does not host "in flight"
-            c["inflight-77777"] = ConfigRecord({"base-round": 1, "due": 2})
+            c["inflight-77777"] = {"base-round": 1, "due": 2}
         if "bad-name" in lies:
-            c["metrics-²"] = MetricRecord({"skipped": 0})
+            c["metrics-²"] = {"skipped": 0}
+        rep.content = to_records(c)
         return rep
     return node
 
@@ -124,11 +125,17 @@ _HOME = {1: 10, 2: 10, 3: 20}
 
 
 def _records() -> RecordDict:
-    """An honest reply of node 10: device 1's update (4 events, 2 new)."""
+    """An honest reply of node 10 (device 1's update: 4 events, 2 new), one Flower record per record: the
+    unpacked form, which the server still reads and a hostile node can send."""
     rep = UpdateReport(4, 2, PrequentialCounts(2, 1.0, 0.5), 1.0, 3, 3, False, 0.1)
     body = NodeReply()
     body.add(DeviceUpdate(1, encode_delta({"item.weight": np.ones((5, 2), np.float32)}, "dense"), rep))
-    return to_records(encode_reply(body))
+    out = RecordDict()
+    for name, rec in encode_reply(body).items():
+        kind = record_type(name)
+        out[name] = (ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in rec.items()}) if kind == "arrays"
+                     else MetricRecord(dict(rec)) if kind == "metrics" else ConfigRecord(dict(rec)))
+    return out
 
 
 def _collect(rd: RecordDict, limits: Limits | None = None):
@@ -200,15 +207,81 @@ _KINDS = {  # kind -> (how node 10 lies, what the failure says)
 }
 
 
-@pytest.mark.parametrize("kind", sorted(_KINDS))
-def test_each_kind_of_hostile_reply_fails_alone_with_its_reason(kind):
+#: the lies told in a Flower Array itself, which the packed form has no place for (its own are in _PACKED_LIES)
+_ARRAY_LIES = {"object array", "pickle payload", "unsupported serialisation", "header claims 400 GB"}
+
+
+@pytest.mark.parametrize("kind,packed", [(k, False) for k in sorted(_KINDS)]
+                         + [(k, True) for k in sorted(_KINDS) if k not in _ARRAY_LIES])
+def test_each_kind_of_hostile_reply_fails_alone_with_its_reason(kind, packed):
     lie, why = _KINDS[kind]
     rd = _records()
     lie(rd)
-    got = _collect(rd)
+    got = _collect(to_records(from_records(rd)) if packed else rd)
     assert any(why in reason for _, reason in got.failed), got.failed
     assert not got.inflight and not (got.served and got.served.per_device)
     assert set(got.done) <= {1} and all(w == 4.0 for w in got.weights)  # the honest update (if its entry survived)
+
+
+def _delta_entry(m: dict) -> list:
+    """The manifest entry [dtype, shape, offset, bytes] of device 1's first delta array."""
+    body = next(e for e in m["records"] if e[0] == "delta-1")[2]
+    return body[next(iter(body))]
+
+
+def _set(key: str, value):
+    def edit(m, head):
+        head[key] = value
+        return m
+    return edit
+
+
+def _with(change):
+    def edit(m, head):
+        change(m)
+        return m
+    return edit
+
+
+_PACKED_LIES = {  # kind -> (how node 10 edits its packed record: manifest as a dict, the record), the failure
+    "manifest not JSON": (lambda m, head: "{records", "not a JSON object"),
+    "manifest nested too deep": (lambda m, head: "[" * 100_000, "not a JSON object"),
+    "manifest of another type": (lambda m, head: 7, "no manifest"),
+    "manifest too long": (lambda m, head: " " * (5 << 20) + json.dumps(m), "no manifest"),
+    "records not a list": (_with(lambda m: m.__setitem__("records", {"a": 1})), "lists no records"),
+    "entry not [name, kind, values]": (_with(lambda m: m["records"].append(["metrics-1", "metrics"])), "not [name"),
+    "array outside the blob": (_with(lambda m: _delta_entry(m).__setitem__(2, 10**6)), "does not hold"),
+    "array longer than its bytes": (_with(lambda m: _delta_entry(m).__setitem__(1, [10**11])), "does not hold"),
+    "object dtype": (_with(lambda m: _delta_entry(m).__setitem__(0, "|O")), "not plain numbers"),
+    "negative shape": (_with(lambda m: _delta_entry(m).__setitem__(1, [-5, -2])), "non-negative"),
+    "float offset": (_with(lambda m: _delta_entry(m).__setitem__(2, 0.5)), "non-negative"),
+    "unreadable dtype": (_with(lambda m: _delta_entry(m).__setitem__(0, "no-such-type")), "no readable"),
+    "record twice": (_with(lambda m: m["records"].append(m["records"][-1])), "appears twice"),
+    "arrays packed as metrics": (_with(lambda m: next(e for e in m["records"] if e[0] == "delta-1").__setitem__(
+        1, "metrics")), "packed as metrics"),
+    "nested value": (_with(lambda m: next(e for e in m["records"] if e[0] == "metrics-1")[2].__setitem__(
+        "num-examples", {"a": 4})), "flat list"),
+    "blob not bytes": (_set("blob", "text"), "not bytes"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_PACKED_LIES))
+def test_each_kind_of_hostile_packed_record_fails_alone_with_its_reason(kind):
+    edit, why = _PACKED_LIES[kind]
+    rd = to_records(from_records(_records()))
+    head = rd[PACKED]
+    m = edit(json.loads(head["manifest"]), head)
+    if m is not None:
+        head["manifest"] = m if not isinstance(m, dict) else json.dumps(m)
+    got = _collect(rd)
+    assert any(why in reason for _, reason in got.failed), got.failed
+    assert not got.done and not got.inflight
+
+
+def test_a_packed_reply_with_other_records_beside_it_fails_alone():
+    rd = to_records(from_records(_records()))
+    rd["metrics-1"] = MetricRecord({"num-examples": 10**9})
+    assert any("other records" in reason for _, reason in _collect(rd).failed)
 
 
 def test_a_claimed_weight_is_cut_to_max_weight():
@@ -259,10 +332,11 @@ def _weigher(claim: int):
         rep = client_app(msg, ctx)
         if rep.has_error() or msg.metadata.message_type != "train" or ctx.node_id != 1001:
             return rep
-        mine = sorted(int(k[len("metrics-"):]) for k in rep.content.keys() if k.startswith("metrics-"))
+        c = from_records(rep.content)
+        mine = sorted(int(k[len("metrics-"):]) for k in c if k.startswith("metrics-"))
         if mine:
-            d = mine[0]
-            rep.content[f"metrics-{d}"] = MetricRecord({**dict(rep.content[f"metrics-{d}"]), "num-examples": claim})
+            c[f"metrics-{mine[0]}"] = {**c[f"metrics-{mine[0]}"], "num-examples": claim}
+            rep.content = to_records(c)
         return rep
     return node
 

@@ -44,12 +44,23 @@ def _make_client_app(rec_dir: str):
         seen = {"type": str(msg.metadata.message_type), "records": {}, "user_vectors": vectors(),
                 "user_vectors_before": before}
         if reply.has_content():
-            for key, rec in reply.content.items():
-                entry = {"kind": type(rec).__name__, "keys": list(rec.keys())}
-                if type(rec).__name__ == "ArrayRecord":
+            # our replies travel packed (fedrec.clients.records): record them as the records they unpack to,
+            # and keep the packed bytes whole, so that nothing can hide in bytes no record names
+            from fedrec.clients.records import PACKED, PACKED_ARRAYS, from_records
+            from fedrec.messages import record_type
+
+            kinds = {"arrays": "ArrayRecord", "metrics": "MetricRecord", "config": "ConfigRecord"}
+            plain = from_records(reply.content)
+            head = reply.content[PACKED]
+            blob = head["blob"] if "blob" in head else reply.content[PACKED_ARRAYS]["blob"].numpy().tobytes()
+            seen["packed"] = {"records": sorted(reply.content.keys()), "blob_b64": base64.b64encode(blob).decode(),
+                              "declared": sum(int(a.nbytes) for k, r in plain.items() if record_type(k) == "arrays"
+                                              for a in r.values())}
+            for key, rec in plain.items():
+                entry = {"kind": kinds[record_type(key)], "keys": list(rec.keys())}
+                if entry["kind"] == "ArrayRecord":
                     arrays = {}
-                    for name, arr in rec.items():
-                        a = arr.numpy()
+                    for name, a in rec.items():
                         raw = _np.ascontiguousarray(a).astype(_np.float32).tobytes()
                         arrays[name] = {"shape": list(a.shape), "dtype": str(a.dtype),
                                         "sha256": hashlib.sha256(raw).hexdigest(),
@@ -121,6 +132,10 @@ def test_user_parameters_never_leave_the_device(tmp_path):
     assert {f"device-{d}" for d in delta_devices} <= kept
     n_arrays = check_sent(seen, all_vecs, cfg.dim, n_items=80)
     assert n_arrays >= cfg.cohort * cfg.rounds
+    for s in seen:  # the packed bytes are exactly the arrays the records name, and hold no user vector
+        blob = _b64(s["packed"]["blob_b64"])
+        assert s["packed"]["records"] == ["fedrec-packed"] and len(blob) == s["packed"]["declared"]
+        assert not any(uv in blob for uv in all_vecs)
 
 
 def user_vectors(seen: list[dict], dim: int) -> list[bytes]:

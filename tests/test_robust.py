@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from _oracle import opacus_epsilon
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedrec.clients.app import app as client_app
+from fedrec.clients.records import from_records, to_records
 from fedrec.config import ConfigError, RunConfig
 from fedrec.robust import bound_norm, bound_rows, robust_mean
 from fedrec.server.app import run_federation
@@ -109,7 +110,8 @@ def _with(replies: dict[str, str]):
         rep = client_app(msg, ctx)
         if rep.has_error():
             return rep
-        for key in list(rep.content.keys()):
+        c = from_records(rep.content)
+        for key in list(c):
             if not key.startswith("delta-"):
                 continue
             d = key[6:]
@@ -117,12 +119,11 @@ def _with(replies: dict[str, str]):
             if kind is None:
                 continue
             if kind == "drop":  # the device vanished mid-round: its node reports it failed
-                del rep.content[key]
-                del rep.content[f"metrics-{d}"]
-                rep.content[f"error-{d}"] = ConfigRecord({"reason": "device went away mid-round"})
+                del c[key], c[f"metrics-{d}"]
+                c[f"error-{d}"] = {"reason": "device went away mid-round"}
                 continue
-            arrays = {k: v.numpy() for k, v in rep.content[key].items()}
-            rep.content[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in BAD[kind](arrays).items()})
+            c[key] = BAD[kind](c[key])
+        rep.content = to_records(c)
         return rep
     return node
 

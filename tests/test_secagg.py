@@ -11,13 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Error, Message
+from flwr.app import ArrayRecord, Error, Message
 
 from fedrec.clients.app import app as client_app
+from fedrec.clients.records import PACKED, from_records
 from fedrec.config import ConfigError, RunConfig
 from fedrec.federation.replies import Replies, RowCheck, SecureSum, add_secure_sum, collect
 from fedrec.federation.run import discover, event_noise
-from fedrec.messages import RoundInstruction
+from fedrec.messages import RoundInstruction, record_type
 from fedrec.models import build_model
 from fedrec.privacy.aggregate import split
 from fedrec.privacy.ledger import Ledger
@@ -51,6 +52,14 @@ class DroppingGrid(RecordingGrid):
         return super()._deliver(msg)
 
 
+def _arrays_received(m: Message) -> dict[str, int]:
+    """Each record of a reply the server received, with the number of arrays it holds: our packed records
+    unpacked (:func:`fedrec.clients.records.from_records`), SecAgg+'s own records as they are."""
+    if PACKED in m.content:
+        return {k: len(v) if record_type(k) == "arrays" else 0 for k, v in from_records(m.content).items()}
+    return {k: len(v) if isinstance(v, ArrayRecord) else 0 for k, v in m.content.items()}
+
+
 def _setup(cfg: RunConfig, grid_type: type[RecordingGrid] = RecordingGrid):
     grid = grid_type(client_app, cfg.nodes, cfg.to_flat())
     transport = FlowerTransport(grid, cfg)
@@ -82,8 +91,8 @@ def test_the_secure_sum_equals_the_plain_sum_and_no_reply_holds_a_delta():
     np.testing.assert_allclose(sec.total["item.weight"], plain, atol=1e-4)
     assert np.abs(plain).max() > 1e-3  # a real signal was compared
     # what the server received: key material and masked vectors, never an array of a device's delta
-    assert grid2.seen and all(len(a) == 0 for m in grid2.seen if not m.has_error() for a in m.content.array_records.values())
-    assert not any(k.startswith("delta-") for m in grid2.seen for k in m.content.keys())
+    assert grid2.seen and all(n == 0 for m in grid2.seen if not m.has_error() for n in _arrays_received(m).values())
+    assert not any(k.startswith("delta-") for m in grid2.seen if not m.has_error() for k in _arrays_received(m))
 
 
 def test_a_secure_federation_runs_and_accounts_every_release(tmp_path):
@@ -156,8 +165,9 @@ def test_noise_shares_of_all_devices_add_up_to_the_configured_noise():
     assert grad_std == pytest.approx(z.grad * cfg.lr * cfg.event_clip, rel=0.03)
     assert count_std == pytest.approx(z.count, rel=0.06)
     # what the server received: key material and masked vectors, never a device's release or counts
-    assert grid.seen and not any(k.startswith(("delta-", "rows-")) for m in grid.seen for k in m.content.keys())
-    assert all(len(a) == 0 for m in grid.seen if not m.has_error() for a in m.content.array_records.values())
+    seen = [_arrays_received(m) for m in grid.seen if not m.has_error()]
+    assert seen and not any(k.startswith(("delta-", "rows-")) for got in seen for k in got)
+    assert all(n == 0 for got in seen for n in got.values())
     # taken in, it is one presummed delta over all rows, which the aggregator does not noise again
     out = Replies()
     add_secure_sum(out, sec, {k: torch.as_tensor(v) for k, v in sec.total.items()}, cfg.clip, len(by_node))
