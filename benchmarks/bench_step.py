@@ -4,7 +4,9 @@ Run by hand: ``python benchmarks/bench_step.py [--rows 2000 20000 200000] [--eve
 Times fedrec's own device update (``fedrec.client_update._local_sgd``, ``--steps`` Poisson-sampled
 steps) per local step, on one torch thread: without DP, with event-level DP as fedrec runs it for
 MF (``update-backend = auto``: closed-form per-event clipping, noise drawn lazily, one dense draw per
-update; ``fedrec.privacy.fast_dpsgd``), and with ``update-backend = autograd`` (Opacus ghost clipping,
+update; ``fedrec.privacy.fast_dpsgd``), with event-level DP as the default runs it for MF (``event-noise = auto``:
+the noise at the aggregate, so the device's step is one clipped release, ``fedrec.client_update._release``, its
+item noise added once to the cohort's sum on the server), and with ``update-backend = autograd`` (Opacus ghost clipping,
 one ``make_private`` per update, dense noise every step); for reference Opacus's default ``hooks``
 mode (the stock pattern's, which materialises a dense per-sample gradient of the whole table)
 where it fits.
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedrec.client_update import _local_sgd  # noqa: E402
+from fedrec.client_update import _local_sgd, _release  # noqa: E402
 from fedrec.config import RunConfig  # noqa: E402
 from fedrec.models import build_model  # noqa: E402
 from fedrec.models.base import BPRLoss  # noqa: E402
@@ -54,6 +56,25 @@ def _ours(rows: int, dim: int, events: int, steps: int, private: bool, repeats: 
         _local_sgd(model, *_events(pos), seen, cfg, g, 1.0 if private else 0.0, private)
         if rep:  # the first is a warm-up
             times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
+def _aggregate(rows: int, dim: int, events: int, repeats: int) -> float:
+    """The device's DP step with the noise at the aggregate: one clipped release of its events (one step)."""
+    cfg = dataclasses.replace(RunConfig(), dim=dim, local_steps=1, sample_rate=0.5, privacy="event",
+                              event_noise="aggregate")
+    model = build_model("mf", rows, dim, seed=0)
+    rng = np.random.default_rng(0)
+    items = rng.choice(rows, size=events, replace=False).astype(np.int64)
+    seen = np.zeros(rows, bool)
+    seen[items] = True
+    times = []
+    for rep in range(repeats * 10 + 1):
+        g = torch.Generator().manual_seed(rep)
+        t0 = time.perf_counter()
+        _release(model, *_events(items), seen, cfg, g, 1.0)
+        if rep:
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -102,18 +123,22 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; {args.events} events, dim {args.dim}, {args.steps} steps per update")
-    print(f"{'rows':>8} {'plain ms':>9} {'DP ms':>8} {'DP/plain':>9} {'opacus ms':>10} {'opacus/plain':>13} "
-          f"{'hooks ms':>9} {'hooks/DP':>9}")
+    print(f"{'rows':>8} {'plain ms':>9} {'DP ms':>8} {'DP/plain':>9} {'agg DP ms':>10} {'agg/plain':>10} "
+          f"{'opacus ms':>10} {'opacus/plain':>13} {'hooks ms':>9} {'hooks/DP':>9}")
+    print("(DP: noise on the device, drawn lazily; agg DP: noise at the aggregate, the default for MF: the device's "
+          "step is one clipped release, its item noise added once to the cohort's sum on the server)")
     res = []
     for n in args.rows:
         plain = _ours(n, args.dim, args.events, args.steps, False, args.repeats)
         dp = _ours(n, args.dim, args.events, args.steps, True, args.repeats)
+        agg = _aggregate(n, args.dim, args.events, args.repeats)
         opa = _ours(n, args.dim, args.events, args.steps, True, args.repeats, backend="autograd")
         hooks = _hooks(n, args.dim, args.events, 3) if n <= args.hooks_max_rows else None
-        print(f"{n:>8} {plain * 1e3:9.2f} {dp * 1e3:8.2f} {dp / plain:9.1f} {opa * 1e3:10.2f} {opa / plain:13.1f} "
+        print(f"{n:>8} {plain * 1e3:9.2f} {dp * 1e3:8.2f} {dp / plain:9.1f} {agg * 1e3:10.2f} {agg / plain:10.1f} "
+              f"{opa * 1e3:10.2f} {opa / plain:13.1f} "
               + (f"{hooks * 1e3:9.1f} {hooks / dp:9.1f}" if hooks else f"{'-':>9} {'-':>9}"))
         res.append({"rows": n, "dim": args.dim, "events": args.events, "steps": args.steps, "plain_s": plain,
-                    "dp_s": dp, "dp_autograd_opacus_s": opa, "opacus_hooks_s": hooks, "dp_over_plain": dp / plain})
+                    "dp_s": dp, "dp_aggregate_s": agg, "dp_aggregate_over_plain": agg / plain, "dp_autograd_opacus_s": opa, "opacus_hooks_s": hooks, "dp_over_plain": dp / plain})
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "step.json").write_text(json.dumps(res, indent=1))
