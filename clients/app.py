@@ -128,6 +128,7 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     conf: dict[str, Any] = dict(fitins.config)
     keys = str(conf.pop("global-keys")).split(",")
     conf["devices"] = [int(x) for x in str(conf["devices"]).split(",") if x]
+    conf["acked"] = [int(x) for x in str(conf.get("acked", "")).split(",") if x]
     ins = RoundInstruction.from_flat(conf)
     conf["wire"] = "dense"  # the masked vector is dense whatever the wire setting
     arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
@@ -186,8 +187,7 @@ def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, con
             if any(x != d for x in asked):
                 raise ValueError(f"this node hosts device {d}, not {[x for x in asked if x != d]}")
             res = dev.run_round(global_state, cfg, ins.round, train=d in asked, noise_multiplier=ins.noise_multiplier,
-                                blend=ins.blend,
-                                clock=ins.clock, serve=serve)
+                                blend=ins.blend, clock=ins.clock, serve=serve, acked=ins.acked_for(d))
         except Exception as e:  # an error reply names the device; the store rolled the round back
             out.failures.append(DeviceFailure(d, f"{type(e).__name__}: {e}", traceback.format_exc()[-2000:]))
             return out

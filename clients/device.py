@@ -100,8 +100,15 @@ class Device:
     # ---- a server round ------------------------------------------------------------------------
     def run_round(self, global_state: dict[str, np.ndarray], cfg: RunConfig, round_: int, *, train: bool,
                   noise_multiplier: float = 0.0, clock: float = math.inf, serve: bool = True,
-                  blend: int = 0, secret: int | None = None) -> DeviceRound:
+                  blend: int = 0, secret: int | None = None, acked: int | None = None) -> DeviceRound:
         """Take in the events recorded up to ``clock``, serve them, and train if asked; all in one commit.
+
+        ``acked``: the round of this device's newest update that the server kept (-1: none; None: not told).
+        Without DP or under user-level DP an update is delivered at least once: the device keeps the state it
+        trained its last update from, and when the server did not keep that update (a crash discarded its
+        round, its reply was lost) it trains from that state again, so those events go out again in this
+        update. Under event-level DP an event's exposures are bounded by its replay window, so there a lost
+        update's events are not trained a second time: they stay in the device's replay window only.
 
         ``clock`` is the server's time of the round: events with a later timestamp wait for a later
         round (a replayed dataset releases its events round by round; live devices use ``inf``).
@@ -120,13 +127,27 @@ class Device:
         with self.store.transaction():
             taken = self.store.take(round_, clock)
             items, rounds = self.store.events()
-            raw = self.store.load_state() if train else None
+            raw = self._settle(self.store.load_state(), acked, cfg) if train else None
             dev = DeviceData(self.device_id, items, rounds, DeviceState.from_config(raw) if raw is not None else None)
             vec = self.store.get_arrays("serve-vector")
             out = device_round(model, global_state, dev, vec[1]["vector"] if vec else None, ins, cfg, train=train,
                                serve=serve, secret=secret)
+            if out.update is not None and not cfg.event_dp:
+                self.store.set_pending(round_, raw)
             self._keep(out, global_state, cfg, ins)
         return DeviceRound(taken=taken, update=out.update, served=out.served)
+
+    def _settle(self, raw: dict | None, acked: int | None, cfg: RunConfig) -> dict | None:
+        """The state to train from: the saved one, or, when the server did not keep the device's last update,
+        the state that update was trained from (``run_round``'s ``acked``)."""
+        if acked is None or cfg.event_dp:
+            return raw
+        pending = self.store.pending()
+        if pending is None:
+            return raw
+        self.store.clear_pending()
+        round_, before = pending
+        return raw if acked >= round_ else before
 
     def _keep(self, out: DeviceOutcome, global_state: dict[str, np.ndarray], cfg: RunConfig,
               ins: RoundInstruction) -> None:
@@ -143,12 +164,18 @@ class Device:
                                           sample_rate=cfg.sample_rate, steps=update.steps,
                                           max_exposure=state.max_exposure, epsilon=update.epsilon,
                                           delta=cfg.delta, accountant=event_accountant(cfg.model, cfg.accountant))
-            self.store.retain(state.cursors[0])
+            self.store.retain(min([state.cursors[0], *self._pending_cursors()]))
         self.store.put_arrays("global", ins.round, {k: np.asarray(v) for k, v in global_state.items()})
         self.store.set_meta("config", json.dumps(cfg.to_flat()))
         self.store.set_meta("blend", str(ins.blend))
 
     # ---- local recommendation ------------------------------------------------------------------
+    def _pending_cursors(self) -> list[int]:
+        """The oldest replay cursor of the state the update not yet acknowledged was trained from (its events
+        must stay until the server says whether it kept that update)."""
+        p = self.store.pending()
+        return [int(p[1]["cursors"][0])] if p is not None and p[1] is not None else []
+
     def recommend(self, k: int = 10, *, explain: bool = False, reasons: int = 3) -> list:
         """The top-``k`` items for this user, ranked on the device with the newest global version.
 

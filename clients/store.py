@@ -317,6 +317,43 @@ class EventStore:
                     arr = np.frombuffer(v, np.float32).reshape(config[f"shape:{k[6:]}"])
                     db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (k, _npy(arr)))
 
+    # ---- the last update, until the server says it kept it ---------------------------------------
+    @_guarded
+    def set_pending(self, round_: int, before: dict | None) -> None:
+        """Keep ``before``, the state (a ``DeviceState.to_config``; None for a new device) that the update of
+        ``round_`` was trained from, until the server says whether it kept that update (:meth:`pending`)."""
+        plain = None if before is None else {k: v for k, v in before.items() if not k.startswith(("local:", "shape:"))}
+        local = {} if before is None else {k[6:]: np.frombuffer(v, np.float32).reshape(before[f"shape:{k[6:]}"])
+                                           for k, v in before.items() if k.startswith("local:")}
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('pending', ?)",
+                       (json.dumps({"round": int(round_), "state": plain}),))
+            self.put_arrays("pending-local", round_, local)
+
+    @_guarded
+    def pending(self) -> tuple[int, dict | None] | None:
+        """``(round, state before it)`` of the update not yet acknowledged (:meth:`set_pending`), or None."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'pending'").fetchone()
+        if row is None or not row[0]:
+            return None
+        try:
+            p = json.loads(row[0])
+            round_, plain = int(p["round"]), p["state"]
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(f"The device store {self.path} has a damaged record of its last update.") from None
+        if plain is None:
+            return round_, None
+        arrays = self.get_arrays("pending-local")
+        for k, v in (arrays[1] if arrays else {}).items():
+            plain[f"local:{k}"] = v.astype(np.float32).tobytes()
+            plain[f"shape:{k}"] = list(v.shape)
+        return round_, plain
+
+    @_guarded
+    def clear_pending(self) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = 'pending'")
+
     @_guarded
     def append_privacy(self, *, round_: int, noise_multiplier: float, sample_rate: float, steps: int,
                        max_exposure: int, epsilon: float, delta: float, accountant: str) -> None:

@@ -30,7 +30,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, torch.Tensor], optimizer: dict,
                     lr_schedule: dict, run: dict | None = None, buffer: dict[str, np.ndarray] | None = None,
-                    graph: dict[str, np.ndarray] | None = None) -> None:
+                    graph: dict[str, np.ndarray] | None = None, acked: dict[str, np.ndarray] | None = None) -> None:
     path = Path(path)
     arrays: dict[str, np.ndarray] = {"round": np.asarray(round_)}
     arrays.update({f"global:{k}": v.detach().cpu().numpy() for k, v in global_state.items()})
@@ -40,12 +40,13 @@ def save_checkpoint(path: str | Path, *, round_: int, global_state: dict[str, to
     arrays["run"] = np.asarray(json.dumps(run or {}))
     arrays.update({f"buf:{k}": v for k, v in (buffer or {}).items()})
     arrays.update({f"graph:{k}": np.asarray(v) for k, v in (graph or {}).items()})
+    arrays.update({f"acked:{k}": np.asarray(v, np.int64) for k, v in (acked or {}).items()})
     write_atomic(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # mypy: **arrays as allow_pickle
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """``{"round", "global": {name: array}, "optimizer": {...}, "lr_schedule": {...}, "run": {...},
-    "buffer": {key: array}, "graph": {key: array}}``.
+    "buffer": {key: array}, "graph": {key: array}, "acked": {"devices": ids, "rounds": rounds} or {}}``.
 
     A file that is not a whole checkpoint raises :class:`CheckpointError` naming it.
     """
@@ -56,7 +57,8 @@ def load_checkpoint(path: str | Path) -> dict:
     with z:
         try:
             out = {"round": int(z["round"]), "global": {}, "optimizer": {}, "lr_schedule": json.loads(str(z["lr"])),
-                   "run": json.loads(str(z["run"])) if "run" in z.files else {}, "buffer": {}, "graph": {}}
+                   "run": json.loads(str(z["run"])) if "run" in z.files else {}, "buffer": {}, "graph": {},
+                   "acked": {}}
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path} is not a whole fedrec checkpoint ({e}).") from None
         for k in z.files:
@@ -66,7 +68,14 @@ def load_checkpoint(path: str | Path) -> dict:
                 out["buffer"][k[4:]] = z[k]
             elif k.startswith("graph:"):
                 out["graph"][k[6:]] = z[k]
+            elif k.startswith("acked:"):
+                out["acked"][k[6:]] = z[k]
             elif k.startswith("opt:"):
                 v = z[k]
                 out["optimizer"][k[4:]] = v.item() if v.ndim == 0 else v
+    acked = out["acked"]
+    if acked and (set(acked) != {"devices", "rounds"} or any(a.ndim != 1 or a.dtype.kind not in "iu"
+                                                              for a in acked.values())
+                  or len(acked["devices"]) != len(acked["rounds"])):
+        raise CheckpointError(f"{path} is not a whole fedrec checkpoint (its acknowledged updates are damaged).")
     return out

@@ -98,21 +98,33 @@ class RoundInstruction:
     noise_multiplier: float = 0.0  #: the event-level DP-SGD noise the devices use (0 = none)
     clock: float = math.inf  #: deployment: a device takes in its events recorded up to this time
     blend: int = 0  #: the per-event blend devices serve (an index into :data:`fedrec.serving.BLENDS`)
+    #: for each of ``devices``, the round its newest update kept by the server was trained in (-1: none); a
+    #: device whose last update is not among them trains those events again (``Device.run_round``)
+    acked: tuple[int, ...] = ()
 
     def to_flat(self) -> dict[str, Any]:
         return {"round": self.round, "devices": [int(d) for d in self.devices],
                 "effective-noise-multiplier": float(self.noise_multiplier), "round-clock": float(self.clock),
-                "blend": int(self.blend)}
+                "blend": int(self.blend), "acked": [int(a) for a in self.acked]}
 
     @classmethod
     def from_flat(cls, d: Mapping[str, Any]) -> RoundInstruction:
         try:
-            return cls(round=int(d["round"]), devices=tuple(int(x) for x in d.get("devices", [])),
-                       noise_multiplier=float(d["effective-noise-multiplier"]),
-                       clock=float(d.get("round-clock", math.inf)),
-                       blend=count(d.get("blend", 0), "blend", most=len(BLENDS) - 1))
+            out = cls(round=int(d["round"]), devices=tuple(int(x) for x in d.get("devices", [])),
+                      noise_multiplier=float(d["effective-noise-multiplier"]),
+                      clock=float(d.get("round-clock", math.inf)),
+                      blend=count(d.get("blend", 0), "blend", most=len(BLENDS) - 1),
+                      acked=tuple(int(x) for x in d.get("acked", [])))
         except _GARBLED as e:
             raise MessageError(f"a round instruction lacks or garbles {e}") from None
+        if out.acked and len(out.acked) != len(out.devices):
+            raise MessageError(f"a round instruction acknowledges {len(out.acked)} updates for "
+                               f"{len(out.devices)} devices")
+        return out
+
+    def acked_for(self, device: int) -> int | None:
+        """The round of ``device``'s newest update that the server kept (-1: none); None when not told."""
+        return self.acked[self.devices.index(device)] if self.acked and device in self.devices else None
 
 
 @dataclass

@@ -166,9 +166,9 @@ class FlowerTransport:
                          dst_node_id=n, message_type="query.serve") for n in sorted(requests)] \
             if self.cfg.serve_eval else []
         served = [_reply(r, m, ()) for m in exchange(self.grid, serve, self.cfg.round_timeout)]
-        flat = {**config, **{k: v for k, v in ins.to_flat().items() if k != "devices"}}
+        flat = {**config, **{k: v for k, v in ins.to_flat().items() if k not in ("devices", "acked")}}
         sec = secure_round(self.grid, {n: list(i.devices) for n, i in requests.items() if i.devices}, host, flat, r,
-                           timeout=self.cfg.round_timeout)
+                           timeout=self.cfg.round_timeout, acked={n: i.acked for n, i in requests.items()})
         return served, sec
 
     def _pull_late(self, only: set[str] | None = None) -> list[Reply]:

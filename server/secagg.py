@@ -87,8 +87,9 @@ class _RoundStrategy:
 
 
 def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[str, np.ndarray], config: dict,
-                 round_: int, *, timeout: float) -> SecureSum:
-    """Run SecAgg+ over the nodes of ``by_node`` (node -> its sampled devices) for one round.
+                 round_: int, *, timeout: float, acked: dict[int, tuple[int, ...]] | None = None) -> SecureSum:
+    """Run SecAgg+ over the nodes of ``by_node`` (node -> its sampled devices) for one round (``acked``: node ->
+    :attr:`fedrec.messages.RoundInstruction.acked` of its devices).
 
     User-level DP: each node sends the mean of its devices' clipped deltas, whose coordinates lie in
     ``[-clip, clip]``, weighted by its device count; so the clipping range is the user-level clip and the
@@ -110,6 +111,7 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
     params = ndarrays_to_parameters([np.asarray(global_state[k], np.float32) for k in keys])
     extra = {"share-devices": plan.devices} if plan is not None else {}
     fitins = {n: FitIns(params, {**config, **extra, "round": round_, "devices": ",".join(str(d) for d in ds),
+                                 "acked": ",".join(str(a) for a in (acked or {}).get(n, ())),
                                  "global-keys": ",".join(keys)})
               for n, ds in by_node.items()}
     strategy = _RoundStrategy(fitins)

@@ -318,3 +318,54 @@ def test_the_command_line_refuses_a_deleted_ledger_with_one_sentence(tmp_path, m
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fedrec: The privacy ledger {_ledger(out)} is missing") and "\n" not in err
+
+
+# ---- at-least-once delivery: the server acknowledges the updates it kept ------------------------------------------
+
+
+def test_each_request_acknowledges_the_updates_the_server_kept_and_so_does_its_checkpoint(tmp_path, monkeypatch):
+    """Every request to train tells each device the round of its newest update that the server kept (-1: none),
+    from the checkpointed state, and a resumed server tells the same (clients.device trains a lost one again)."""
+    from fedrec.clients.records import from_records
+    from fedrec.messages import decode_reply, decode_train
+
+    asked: dict[int, dict[int, int]] = {}  # round -> device -> acked
+    sent: dict[int, set[int]] = {}  # round -> devices whose update the node sent
+
+    def node(msg, ctx):
+        rep = client_app(msg, ctx)
+        if msg.metadata.message_type == "train" and not rep.has_error():
+            ins = decode_train(from_records(msg.content)).instruction
+            asked[ins.round] = {d: ins.acked_for(d) for d in ins.devices}
+            sent[ins.round] = {u.device for u in decode_reply(from_records(rep.content)).updates}
+        return rep
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:  # killed after round 2's checkpoint; then resumed for rounds 3 and 4
+        m.setattr(run_mod._Run, "finish", lambda self: (_ for _ in ()).throw(Killed()))
+        cfg = _cfg(out, rounds=2)
+        with pytest.raises(Killed):
+            run_federation(LocalGrid(node, cfg.nodes, cfg.to_flat()), cfg)
+    cfg = _cfg(out, rounds=4)
+    run_federation(LocalGrid(node, cfg.nodes, cfg.to_flat()), cfg)
+    last: dict[int, int] = {}
+    for r in sorted(asked):
+        assert asked[r] == {d: last.get(d, -1) for d in asked[r]}
+        last.update({d: r for d in sent[r]})
+    assert any(a >= 1 for r in asked for a in asked[r].values())  # some device was asked again after a kept update
+    ck = load_checkpoint(out / "checkpoint.npz")["acked"]
+    assert dict(zip(ck["devices"].tolist(), ck["rounds"].tolist(), strict=True)) == last
+
+
+def test_a_checkpoint_with_damaged_acknowledgements_is_refused(tmp_path, monkeypatch):
+    from fedrec.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    _killed_before_finish(out, monkeypatch, rounds=2)
+    path = out / "checkpoint.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["acked:rounds"] = arrays["acked:rounds"][:-1]
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match="acknowledged updates are damaged"):
+        load_checkpoint(path)

@@ -228,3 +228,54 @@ def test_recommend_ranks_locally_excludes_what_the_user_had_and_follows_new_even
             d.record(i, timestamp=100.0 + i)
         top = d.recommend(5)
         assert all(i >= 50 for i in top)  # the other cluster, minus what was had
+
+
+def test_an_update_the_server_did_not_keep_is_trained_again_from_the_state_before_it(tmp_path):
+    """At-least-once delivery (user level): the device keeps the state its last update was trained from; told
+    that the server kept nothing newer than an earlier round, it trains those events again from that state,
+    exactly as if the lost round had never run; told that the update was kept, it goes on."""
+    cfg = RunConfig(privacy="user", rounds=3, user_fit_steps=5)
+    g = _global(cfg)
+    items = np.random.default_rng(0).integers(0, N_ITEMS, 30)
+    events = [(int(i), float(t), "click", 1.0) for t, i in enumerate(items)]
+    runs = {}
+    for name, acked in (("kept", 1), ("lost", -1), ("never-ran", None)):
+        with Device(tmp_path / f"{name}.sqlite", create=True, device_id=5, n_items=N_ITEMS) as d:
+            d.record_many(events)
+            if name != "never-ran":
+                first = d.run_round(g, cfg, 1, train=True, clock=9.0, secret=0)
+                assert first.update.n_new == 10 and d.store.pending()[0] == 1 and d.store.pending()[1] is None
+            runs[name] = d.run_round(g, cfg, 2, train=True, clock=19.0, secret=0, acked=acked)
+            assert d.store.pending()[0] == 2  # this update waits for its own acknowledgement
+    assert runs["kept"].update.n_new == 10 and runs["kept"].update.state.participations == 2
+    # lost: the first round's 10 events go out again with the next 10, as from a device that never trained
+    lost, fresh = runs["lost"].update, runs["never-ran"].update
+    assert lost.n_new == 20 and lost.state.participations == 1
+    np.testing.assert_array_equal(lost.delta["item.weight"], fresh.delta["item.weight"])
+
+
+def test_under_event_level_dp_a_lost_update_is_not_trained_again(tmp_path):
+    """An event's DP exposures are bounded by its replay window: the device keeps no pending state under event DP,
+    and whatever the server says, a lost update's events are not sent as new again."""
+    cfg = RunConfig(privacy="event", event_noise="device", noise_multiplier=1.0, local_steps=2)
+    g = _global(cfg)
+    with Device(tmp_path / "d.sqlite", create=True, device_id=2, n_items=N_ITEMS) as d:
+        d.record_many([(i, float(i), "click", 1.0) for i in range(12)])
+        d.run_round(g, cfg, 1, train=True, noise_multiplier=1.0, clock=5.0)
+        assert d.store.pending() is None
+        r2 = d.run_round(g, cfg, 2, train=True, noise_multiplier=1.0, clock=11.0, acked=-1)
+        assert r2.update.n_new == 6 and [x["round"] for x in d.store.privacy_ledger()] == [1, 2]
+
+
+def test_a_pending_update_keeps_its_events_in_the_store(tmp_path):
+    """Retention never drops the events of an update still waiting for its acknowledgement."""
+    cfg = RunConfig(privacy="none", replay_rounds=0, local_steps=1)
+    g = _global(cfg)
+    with Device(tmp_path / "d.sqlite", create=True, device_id=0, n_items=N_ITEMS, max_events=2) as d:
+        d.record_many([(i, float(i), "view", 1.0) for i in range(10)])
+        d.run_round(g, cfg, 1, train=True, clock=4.0)
+        d.run_round(g, cfg, 2, train=True, clock=9.0, acked=1)  # round 1 kept: its events may go; round 2 pending
+        _, rounds = d.store.events()
+        assert (rounds == 2).sum() == 5 and (rounds == 1).sum() == 2
+        again = d.run_round(g, cfg, 3, train=True, clock=9.0, acked=1)  # round 2 was lost: its events again
+        assert again.update.n_new == 5 and again.update.state.cursors[-1] == 3

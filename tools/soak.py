@@ -19,9 +19,11 @@ Afterwards it checks, and writes ``soak.json`` beside the run:
 * **the ledger is consistent and epsilon never went down**: the ledger loads with its hash chain checked, the
   checkpoint accepts it, and ``epsilon_user`` never decreases from one metrics row to the next.
 
-It also reports the events that devices consumed in rounds whose result a crash discarded (a device commits its
-training cursor with its update; the redone round does not send those events again): taken by a round, trained
-past by the device's cursor, never counted in a published round.
+It also reports the events that devices consumed in rounds whose result a crash discarded and never sent again:
+taken by a round, trained past by the device's acknowledged cursor, never counted in a published round. A device
+keeps the state its last update was trained from until the server acknowledges that update (``Device.run_round``'s
+``acked``); an update not kept is trained again, so this is 0, and ``waiting_to_be_sent_again`` counts the events
+of updates still unacknowledged at the end whose round the server did not keep.
 """
 
 from __future__ import annotations
@@ -172,16 +174,21 @@ def check(out: Path, stores: list[Path], rec: Recorder, rounds: int, delta: floa
     ck = load_checkpoint(out / "checkpoint.npz")
     ledger = Ledger(out / "privacy_ledger.jsonl")  # loads with its hash chain checked
     eps = [r["epsilon_user"] for r in rows]
-    lost, taken, consumed_unsent = 0, 0, 0
+    acked = dict(zip(ck["acked"].get("devices", []), ck["acked"].get("rounds", []), strict=True))
+    lost, taken, consumed_unsent, waiting = 0, 0, 0, 0
     for i, path in enumerate(stores):
         with EventStore(path) as st:
             present = {int(s) for (s,) in st._db.execute("SELECT seq FROM events")}
             lost += len(set(rec.recorded[i]) - present)
             taken += st.count(pending=False)
-            state = st.load_state()
+            state, pending = st.load_state(), st.pending()
             cursor = state["cursors"][-1] if state else 0
-            consumed_unsent += int(st._db.execute("SELECT COUNT(*) FROM events WHERE round IS NOT NULL AND round <= ?",
-                                                  (cursor,)).fetchone()[0])
+            if pending is not None and acked.get(st.device_id, -1) < pending[0]:
+                # the device's last update was not kept: it trains those events again when next asked
+                before = pending[1]["cursors"][-1] if pending[1] else 0
+                waiting += _consumed(st, cursor) - _consumed(st, before)
+                cursor = before
+            consumed_unsent += _consumed(st, cursor)
     counted = sum(int(r["new_events"]) for r in rows)
     return {
         "finished": bool(ck["run"]["finished"]) and [r["round"] for r in rows] == list(range(1, rounds + 1)),
@@ -189,9 +196,16 @@ def check(out: Path, stores: list[Path], rec: Recorder, rounds: int, delta: floa
         "events_lost": lost, "events_taken": taken, "events_counted_by_published_rounds": counted,
         "consumed_twice": max(0, counted - taken),
         "consumed_by_devices_in_discarded_rounds": max(0, consumed_unsent - counted),
+        "waiting_to_be_sent_again": waiting,
         "ledger_records": len(ledger.records), "epsilon_user_final": eps[-1] if eps else None,
         "epsilon_went_down": any(b < a for a, b in zip(eps, eps[1:], strict=False)),
     }
+
+
+def _consumed(st: EventStore, cursor: int) -> int:
+    """Events of ``st`` that a device state with training cursor ``cursor`` has consumed."""
+    return int(st._db.execute("SELECT COUNT(*) FROM events WHERE round IS NOT NULL AND round <= ?",
+                              (cursor,)).fetchone()[0])
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -216,7 +230,7 @@ def main() -> int:
     r = soak(out, args.devices, args.rounds, args.seed, args.kill_every, args.rate, args.limit)
     print(json.dumps(r, indent=1))
     ok = r["finished"] and r["events_lost"] == 0 and r["consumed_twice"] == 0 and not r["epsilon_went_down"] \
-        and not r["processes_left"]
+        and r["consumed_by_devices_in_discarded_rounds"] == 0 and not r["processes_left"]
     print("soak: " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -34,6 +34,8 @@ class Step:
     applied: list[int] = field(default_factory=list)  #: devices whose updates were applied
     dropped: int = 0  #: updates dropped (late in synchronous rounds; too stale in the buffer)
     staleness: list[int] = field(default_factory=list)
+    #: (device, round trained in) of each update the server keeps from this round: applied, or held in the buffer
+    kept: list[tuple[int, int]] = field(default_factory=list)
 
 
 def bound(fed: Federation, got: Replies) -> None:
@@ -79,13 +81,14 @@ def select(state: ServerState, got: Replies, r: int) -> tuple[list, list, Step, 
     Synchronous rounds take the on-time updates and drop late ones; the async buffered mode (FedBuff)
     buffers every update and applies the whole buffer once it is full, each scaled by its staleness.
     """
-    step = Step(diag={}, lr=0.0, applied=list(got.done), dropped=len(got.late))
+    step = Step(diag={}, lr=0.0, applied=list(got.done), dropped=len(got.late), kept=[(d, r) for d in got.done])
     buf = state.buffer
     if buf is None:
         return got.deltas, got.weights, step, [r] if got.new_events else []
     ontime = [Update(d, x, w, state.version, new_events=1 if n else 0, base_round=r)
               for d, x, w, n in zip(got.done, got.deltas, got.weights, got.n_new, strict=True)]
-    step.dropped = sum(0 if buf.add(u, state.version) else 1 for u in ontime + got.late)
+    step.kept = [(u.device, u.base_round) for u in ontime + got.late if buf.add(u, state.version)]
+    step.dropped = len(ontime) + len(got.late) - len(step.kept)
     step.applied = []
     if not buf.ready():
         return [], [], step, []
@@ -128,6 +131,8 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
     if fresh and step.lr > 0:  # a frozen (static) or skipped update reflects nothing new
         state.last_fresh = max(state.last_fresh, *fresh)
     state.round = r
+    for d, trained_in in step.kept:
+        state.acked[d] = max(state.acked.get(d, -1), trained_in)
     return state, step
 
 

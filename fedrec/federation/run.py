@@ -214,7 +214,8 @@ class _Run:
 
     def _exchange(self, plan: RoundPlan, host: dict[str, np.ndarray], arrived: list[Reply]) -> Replies:
         cfg, r = self.fed.cfg, plan.round
-        requests = {n: RoundInstruction(r, tuple(ds), self.fed.z_event, self.clock(r), self.rec.leader())
+        requests = {n: RoundInstruction(r, tuple(ds), self.fed.z_event, self.clock(r), self.rec.leader(),
+                                        tuple(self.state.acked.get(d, -1) for d in ds))
                     for n, ds in plan.by_node.items()}
         clip = cfg.clip if cfg.user_dp else None
         graph = GraphCheck(self.fed.n_items, cfg.pair_window) if cfg.graph else None

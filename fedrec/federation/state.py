@@ -57,6 +57,10 @@ class ServerState:
     #: deployment: entropy only the server knows, mixed into the seeds of its noise (0 in simulation: same seed,
     #: same run); kept in the checkpoint, so a resumed graph draws what the uninterrupted one would
     secret: int = 0
+    #: device -> the round its newest update kept by the server was trained in (applied, or held in the FedBuff
+    #: buffer); sent back with each request to train, so that a device whose update a crash or a lost reply
+    #: discarded trains those events again (``RoundInstruction.acked``). In the checkpoint with the model it is in.
+    acked: dict[int, int] = field(default_factory=dict)
 
     def host_state(self) -> dict[str, np.ndarray]:
         """The global parameters as numpy arrays on the CPU and the item graph's table (what is sent to the
@@ -70,6 +74,8 @@ class ServerState:
         return {"round_": self.round, "global_state": self.global_state, "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr.state_dict(), "buffer": arrays,
                 "graph": {**self.graph.state(), **self.graph_table} if self.graph is not None else {},
+                "acked": {"devices": np.fromiter(self.acked, np.int64, len(self.acked)),
+                          "rounds": np.fromiter(self.acked.values(), np.int64, len(self.acked))},
                 "run": {"finished": finished, "last_fresh": self.last_fresh, "stopped": self.stopped,
                         "version": self.version, "buffer": meta, "config": resume_key(cfg), "recorder": self.run_info,
                         "ledger": ledger or {}, "secret": str(self.secret)}}
@@ -90,6 +96,9 @@ class ServerState:
         if self.buffer is not None:  # the updates that were waiting are applied as if no restart happened
             self.buffer.load(run.get("buffer", []), ck["buffer"])
         self.secret = int(run.get("secret", "0"))
+        acked = ck.get("acked", {})
+        self.acked = dict(zip(acked.get("devices", np.zeros(0, np.int64)).tolist(),
+                              acked.get("rounds", np.zeros(0, np.int64)).tolist(), strict=True))
         if self.graph is not None and self.secret:
             self.graph.seed = mixed_seed(self.graph.seed, self.secret)
         graph = ck.get("graph", {})
