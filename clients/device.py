@@ -132,9 +132,11 @@ class Device:
             vec = self.store.get_arrays("serve-vector")
             out = device_round(model, global_state, dev, vec[1]["vector"] if vec else None, ins, cfg, train=train,
                                serve=serve, secret=secret)
-            if out.update is not None and not cfg.event_dp:
+            pending = out.update is not None and not cfg.event_dp
+            if pending:
                 self.store.set_pending(round_, raw)
-            self._keep(out, global_state, cfg, ins)
+            # the events of an update not yet acknowledged stay until the server says whether it kept it
+            self._keep(out, global_state, cfg, ins, raw["cursors"][0] if pending and raw is not None else None)
         return DeviceRound(taken=taken, update=out.update, served=out.served)
 
     def _settle(self, raw: dict | None, acked: int | None, cfg: RunConfig) -> dict | None:
@@ -150,7 +152,7 @@ class Device:
         return raw if acked >= round_ else before
 
     def _keep(self, out: DeviceOutcome, global_state: dict[str, np.ndarray], cfg: RunConfig,
-              ins: RoundInstruction) -> None:
+              ins: RoundInstruction, pending_cursor: int | None) -> None:
         """Write what the round leaves on the device (inside the round's transaction): the serving vector,
         the training state, the privacy record of a DP update, the retention cut, the global version."""
         if out.served is not None and out.served.vector.size:
@@ -164,18 +166,12 @@ class Device:
                                           sample_rate=cfg.sample_rate, steps=update.steps,
                                           max_exposure=state.max_exposure, epsilon=update.epsilon,
                                           delta=cfg.delta, accountant=event_accountant(cfg.model, cfg.accountant))
-            self.store.retain(min([state.cursors[0], *self._pending_cursors()]))
+            self.store.retain(state.cursors[0] if pending_cursor is None else min(state.cursors[0], pending_cursor))
         self.store.put_arrays("global", ins.round, {k: np.asarray(v) for k, v in global_state.items()})
         self.store.set_meta("config", json.dumps(cfg.to_flat()))
         self.store.set_meta("blend", str(ins.blend))
 
     # ---- local recommendation ------------------------------------------------------------------
-    def _pending_cursors(self) -> list[int]:
-        """The oldest replay cursor of the state the update not yet acknowledged was trained from (its events
-        must stay until the server says whether it kept that update)."""
-        p = self.store.pending()
-        return [int(p[1]["cursors"][0])] if p is not None and p[1] is not None else []
-
     def recommend(self, k: int = 10, *, explain: bool = False, reasons: int = 3) -> list:
         """The top-``k`` items for this user, ranked on the device with the newest global version.
 

@@ -40,17 +40,26 @@ def _cfg(out: Path, **kw) -> RunConfig:
                                   where="test")
 
 
-def _run(out: Path, **kw) -> dict:
+def _run(out: Path, app=client_app, **kw) -> dict:
     cfg = _cfg(out, **kw)
-    return run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    return run_federation(LocalGrid(app, cfg.nodes, cfg.to_flat()), cfg)
 
 
-def _killed_before_finish(out: Path, monkeypatch, **kw) -> None:
+def _killed_before_finish(out: Path, monkeypatch, app=client_app, **kw) -> None:
     """A run killed after its last round's checkpoint, before any output is written."""
     with monkeypatch.context() as m:
         m.setattr(run_mod._Run, "finish", lambda self: (_ for _ in ()).throw(Killed()))
         with pytest.raises(Killed):
-            _run(out, **kw)
+            _run(out, app, **kw)
+
+
+def _edit_checkpoint(out: Path, **arrays) -> Path:
+    """Overwrite entries of ``out``'s checkpoint (an edit by hand, not through fedrec); its path."""
+    path = out / "checkpoint.npz"
+    with np.load(path) as z:
+        merged = {**{k: z[k] for k in z.files}, **arrays}
+    np.savez(path, **merged)  # type: ignore[arg-type]
+    return path
 
 
 def _ledger(out: Path) -> Path:
@@ -153,11 +162,7 @@ def test_a_finished_run_continued_in_the_same_out_checks_the_ledger_too(tmp_path
 def test_a_checkpoint_set_back_is_refused(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _killed_before_finish(out, monkeypatch, rounds=3)
-    path = out / "checkpoint.npz"
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["round"] = np.asarray(1)
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    _edit_checkpoint(out, round=np.asarray(1))
     with pytest.raises(ResumeError, match="at round 1 but holds the metrics of round 3"):
         _run(out, rounds=3)
 
@@ -341,13 +346,8 @@ def test_each_request_acknowledges_the_updates_the_server_kept_and_so_does_its_c
         return rep
 
     out = tmp_path / "run"
-    with monkeypatch.context() as m:  # killed after round 2's checkpoint; then resumed for rounds 3 and 4
-        m.setattr(run_mod._Run, "finish", lambda self: (_ for _ in ()).throw(Killed()))
-        cfg = _cfg(out, rounds=2)
-        with pytest.raises(Killed):
-            run_federation(LocalGrid(node, cfg.nodes, cfg.to_flat()), cfg)
-    cfg = _cfg(out, rounds=4)
-    run_federation(LocalGrid(node, cfg.nodes, cfg.to_flat()), cfg)
+    _killed_before_finish(out, monkeypatch, node, rounds=2)  # killed after round 2's checkpoint
+    _run(out, node, rounds=4)  # resumed for rounds 3 and 4
     last: dict[int, int] = {}
     for r in sorted(asked):
         assert asked[r] == {d: last.get(d, -1) for d in asked[r]}
@@ -362,10 +362,7 @@ def test_a_checkpoint_with_damaged_acknowledgements_is_refused(tmp_path, monkeyp
 
     out = tmp_path / "run"
     _killed_before_finish(out, monkeypatch, rounds=2)
-    path = out / "checkpoint.npz"
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["acked:rounds"] = arrays["acked:rounds"][:-1]
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    rounds = load_checkpoint(out / "checkpoint.npz")["acked"]["rounds"]
+    path = _edit_checkpoint(out, **{"acked:rounds": rounds[:-1]})
     with pytest.raises(CheckpointError, match="acknowledged updates are damaged"):
         load_checkpoint(path)
