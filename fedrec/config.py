@@ -234,8 +234,9 @@ class RunConfig:
                                "exceeds this many count-noise stds", ge=0, le=10**6)
     select_rows: bool = key(False, "user-level DP: noisy per-row device counts select the item rows a round updates "
                             "(DP-AdaFEST); only those rows get noise, the rest of the table does not change")
-    row_average: bool = key(False, "divide each item row's summed update by its own number of contributors "
-                            "(FedSubAvg), not by the whole cohort's")
+    row_average: bool = key(False, "per-row averaging: without DP each item row's step is scaled up while the run "
+                            "has had fewer contributors to it than to the average row (new items catch up); under "
+                            "event noise at the aggregate each row is divided by its own noisy count (FedSubAvg)")
     dropout_tolerance: float = key(0.2, "SecAgg+ with event noise at the aggregate: share of sampled nodes that may "
                                    "drop while the unmasked sum still carries the full noise", ge=0, lt=1)
     clip: float = key(1.0, "user-level: L2 bound of a device's whole delta", gt=0, le=10**6)

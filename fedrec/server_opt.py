@@ -34,7 +34,16 @@ class ServerOptimizer:
         self.name, self.beta1, self.beta2, self.tau = name, beta1, beta2, tau
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
+        #: per item table, each row's summed weight of devices that had the item (per-row averaging's state)
+        self.rows: dict[str, torch.Tensor] = {}
         self.steps = 0
+
+    def row_tally(self, key: str, cover: torch.Tensor) -> torch.Tensor:
+        """Adds this round's per-row weight ``cover`` (float64, one per row of table ``key``) to the run's and
+        returns the run's (:func:`fedrec.aggregation.per_row_mean`)."""
+        have = self.rows.get(key)
+        self.rows[key] = cover.clone() if have is None else have + cover
+        return self.rows[key]
 
     def step(self, state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], lr: float) -> float:
         """``state += update(delta)`` in place; returns the norm of the applied update."""
@@ -66,6 +75,8 @@ class ServerOptimizer:
             out[f"m:{k}"] = t.detach().cpu().numpy()
         for k, t in self.v.items():
             out[f"v:{k}"] = t.detach().cpu().numpy()
+        for k, t in self.rows.items():
+            out[f"rows:{k}"] = t.detach().cpu().numpy()
         return out
 
     def load_state_dict(self, d: dict, device: torch.device | str = "cpu") -> None:
@@ -74,3 +85,12 @@ class ServerOptimizer:
         self.steps = int(d["steps"])
         self.m = {k[2:]: torch.as_tensor(np.asarray(v)).to(device) for k, v in d.items() if k.startswith("m:")}
         self.v = {k[2:]: torch.as_tensor(np.asarray(v)).to(device) for k, v in d.items() if k.startswith("v:")}
+        self.rows = {k[5:]: _tally(k[5:], v) for k, v in d.items() if k.startswith("rows:")}
+
+
+def _tally(key: str, v) -> torch.Tensor:
+    """A checkpoint's per-row tally of table ``key``: one finite, non-negative weight per row."""
+    a = np.asarray(v)
+    if a.ndim != 1 or a.dtype.kind not in "fiu" or not np.all(np.isfinite(a)) or np.any(a < 0):
+        raise ValueError(f"its per-row tally of {key} is not one finite, non-negative weight per row")
+    return torch.as_tensor(a.astype(np.float64))

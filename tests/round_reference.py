@@ -24,6 +24,9 @@ equal and that only the graph's parts differ (the window, the sensitivity, the i
 metrics of the blends that read the graph); the cases run without item features, so no device sends affinities.
 The pairs' weight in the graph's Gaussian (``PAIR_WEIGHT`` 1 -> 0.5) changed the same parts of ``aggregate`` only
 (its final model equal; the sensitivity, the new ``graph_pair_weight`` and the graph's blends' metrics differ).
+Per-row averaging without DP changed on purpose (each row's step scaled by how little the run has heard of it,
+not FedSubAvg's per-round division): ``row-average`` alone was written again after checking that only what the
+model decides differs (the update norms, the HR and NDCG fields, the served blend); no other case averages rows.
 """
 
 from __future__ import annotations

@@ -211,9 +211,10 @@ def test_a_dense_table_in_a_release_is_summed_not_a_crash():
 
 def test_per_row_mean_with_no_weight_moves_nothing():
     from fedrec.aggregation import per_row_mean
+    from fedrec.server_opt import ServerOptimizer
 
     g = {"item.weight": torch.zeros(V, 2)}
-    out = per_row_mean(g, [{"item.weight": (np.array([1]), np.ones((1, 2), np.float32))}], [0.0],
+    out = per_row_mean(g, ServerOptimizer("fedavg"), [{"item.weight": (np.array([1]), np.ones((1, 2), np.float32))}], [0.0],
                        [(np.array([1]), np.array([1]))], ("item.weight",))
     assert float(out["item.weight"].abs().sum()) == 0.0
 

@@ -121,6 +121,24 @@ def test_launch_round_and_tracked_items():
     assert st.round_at(0.05) == 1 and st.round_at(2.55) == 3
 
 
+def test_where_the_world_records_its_launches_new_items_are_those_and_late_old_items_are_apart():
+    import numpy as np
+
+    from fedrec.data.events import EventLog
+    from fedrec.data.stream import RoundStream
+    from fedrec.eval.freshness import tracked_items
+
+    # items 1 and 2 are both first seen in round 2 with 5 events each; only item 2 launched mid-stream
+    items = [0, 0] + [1] * 5 + [2] * 5
+    users = [0, 1] + list(range(2, 7)) + list(range(2, 7))
+    ts = [0.0, 0.1] + [1.0] * 5 + [1.5] * 5
+    log = EventLog.from_arrays(user=np.array(users), item=np.array(items), timestamp=np.array(ts, float))
+    log.meta["world"] = {"new_items": [2]}
+    st = RoundStream.build(log, 2, "time")
+    start, groups = tracked_items(st, min_users=5)
+    assert start.tolist() == [0, 2, 2] and groups == {"new": [2], "late": [1], "burst": []}
+
+
 def test_recent_window_popularity_forgets():
     import numpy as np
 

@@ -1,6 +1,8 @@
-"""Per-row averaging of item tables (FedSubAvg): each device's pushes on its own positive items' rows are
-divided by the weight of the devices that had that item, every other push by the cohort's weight.
-Hand-checked numbers, invariants against a numpy reference, the config rules, and a real run."""
+"""Per-row averaging of item tables without DP: the plain mean, each item row's scaled by
+``clamp(mean h / h_i, 1, ROW_BOOST_MAX)``, ``h_i`` the weight of the devices that had item ``i``, summed over
+the run (the server optimizer's tally, checkpointed). Hand-checked numbers over two rounds, a numpy reference
+over random runs, the cap, the checkpoint (a resumed tally goes on as the uninterrupted one; a damaged one is
+refused), the config rules, and a real run."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedrec.aggregation import AggregateGaussian, Mean, from_config
+from fedrec.aggregation import ROW_BOOST_MAX, AggregateGaussian, Mean, from_config
 from fedrec.config import ConfigError, RunConfig
 from fedrec.server_opt import ServerOptimizer
 
@@ -38,10 +40,14 @@ BIASES = [[6.0, 0.0], [0.0, 2.0], [3.0, 3.0]]
 # Plain mean, everything over 6: row 0 (1*[6,0] + 2*[-3,3])/6, row 1 (1*[0,6] + 3*[2,2])/6, row 2 3*[4,-2]/6,
 # row 3 2*[3,0]/6, row 4 untouched.
 PLAIN = np.array([[0.0, 1.0], [1.0, 2.0], [2.0, -1.0], [1.0, 0.0], [0.0, 0.0]])
-# Per row: row 0 had by A only (weight 1): [6,0]/1 + C's negative 2*[-3,3]/6 = [5, 1]; row 1 had by A and B
-# (weight 4): [6,12]/4; row 2 no one's positive (B's negative): plain; row 3 had by C only (weight 2): [3,0];
-# row 4 had by C, nothing pushed: 0.
-ROW_MEAN = np.array([[5.0, 1.0], [1.5, 3.0], [2.0, -1.0], [3.0, 0.0], [0.0, 0.0]])
+# Who had each item, by weight: row 0 A (1), row 1 A and B (4), row 2 no one, rows 3 and 4 C (2): tally
+# [1, 4, 0, 2, 2], whose mean over the rows heard of is 9/4. Factors: 2.25, 1 (0.5625 is raised to 1), 1 (never
+# heard of), 1.125, 1.125.
+ROW_MEAN = PLAIN * np.array([[2.25], [1.0], [1.0], [1.125], [1.125]])
+# A second round in which only B (weight 3) had item 0: tally [4, 4, 0, 2, 2], mean 3, factors 1, 1, 1, 1.5, 1.5.
+COUNTS_2 = [(np.array([], np.int64), np.array([])), (np.array([0], np.int64), np.array([1.0])),
+            (np.array([], np.int64), np.array([]))]
+ROW_MEAN_2 = PLAIN * np.array([[1.0], [1.0], [1.0], [1.5], [1.5]])
 BIAS_MEAN = np.array([2.0, 2.0])  # not an item table: (1*[6,0] + 3*[0,2] + 2*[3,3]) / 6
 
 
@@ -74,7 +80,7 @@ def test_toy_hand_numbers_on_fedavg_and_fedadam(form, device):
     g = _state(device)
     diag = Mean(row_average=True).step(g, ServerOptimizer("fedavg"), _deltas(form), WEIGHTS, 2.0, counts=COUNTS)
     assert g["item.weight"].device.type == device
-    np.testing.assert_allclose(_np(g["item.weight"]), 2.0 * ROW_MEAN, rtol=1e-6)
+    np.testing.assert_allclose(_np(g["item.weight"]), 2.0 * ROW_MEAN, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_np(g["out.bias"]), 2.0 * BIAS_MEAN, rtol=1e-6)
     want = 2.0 * np.sqrt((ROW_MEAN**2).sum() + (BIAS_MEAN**2).sum())
     assert diag["update_norm"] == pytest.approx(want, rel=1e-6)
@@ -84,14 +90,33 @@ def test_toy_hand_numbers_on_fedavg_and_fedadam(form, device):
     Mean(row_average=True).step(adam, ServerOptimizer("fedadam", beta1=0.9, beta2=0.99, tau=1e-3),
                                 _deltas(form), WEIGHTS, 0.1, counts=COUNTS)
     for key, d in (("item.weight", ROW_MEAN), ("out.bias", BIAS_MEAN)):
-        np.testing.assert_allclose(_np(adam[key]), 0.1 * 0.1 * d / (np.sqrt(0.01 * d**2) + 1e-3), rtol=1e-5)
+        np.testing.assert_allclose(_np(adam[key]), 0.1 * 0.1 * d / (np.sqrt(0.01 * d**2) + 1e-3), rtol=1e-5,
+                                   atol=1e-5)
     # ... and the same as the optimizer applied to the hand mean
     ref = _state(device)
     ServerOptimizer("fedadam", beta1=0.9, beta2=0.99, tau=1e-3).step(
         ref, {"item.weight": torch.tensor(ROW_MEAN, dtype=torch.float32, device=device),
               "out.bias": torch.tensor(BIAS_MEAN, dtype=torch.float32, device=device)}, 0.1)
     for key in ref:
-        torch.testing.assert_close(adam[key], ref[key])
+        torch.testing.assert_close(adam[key], ref[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_tally_adds_up_over_rounds_and_the_boost_is_capped(device):
+    g, opt = _state(device), ServerOptimizer("fedavg")
+    Mean(row_average=True).step(g, opt, _deltas("sparse"), WEIGHTS, 1.0, counts=COUNTS)
+    np.testing.assert_array_equal(opt.rows["item.weight"].numpy(), [1.0, 4.0, 0.0, 2.0, 2.0])
+    before = _np(g["item.weight"]).copy()
+    Mean(row_average=True).step(g, opt, _deltas("sparse"), WEIGHTS, 1.0, counts=COUNTS_2)
+    np.testing.assert_array_equal(opt.rows["item.weight"].numpy(), [4.0, 4.0, 0.0, 2.0, 2.0])
+    np.testing.assert_allclose(_np(g["item.weight"]) - before, ROW_MEAN_2, rtol=1e-6, atol=1e-6)
+    # a row heard of 100 times less than another steps ROW_BOOST_MAX times FedAvg's step, not 50.5 times
+    g, opt = _state(device), ServerOptimizer("fedavg")
+    deltas = [{"item.weight": (np.array([0, 1], np.int64), np.ones((2, 2), np.float32)),
+               "out.bias": np.zeros(2, np.float32)}] * 2
+    counts = [(np.array([0], np.int64), np.ones(1)), (np.array([1], np.int64), np.ones(1))]
+    Mean(row_average=True).step(g, opt, deltas, [100.0, 1.0], 1.0, counts=counts)
+    np.testing.assert_allclose(_np(g["item.weight"])[:2], [[1.0, 1.0], [ROW_BOOST_MAX, ROW_BOOST_MAX]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"counts": COUNTS, "presummed": 3}], ids=["no-counts", "presummed"])
@@ -114,14 +139,20 @@ def test_inputs_are_left_untouched_and_count_values_do_not_matter():
     assert np.array_equal(deltas[2]["item.weight"][0], [3, 0]) and np.array_equal(COUNTS[2][0], [4, 3])
 
 
-def _reference(deltas_np, weights, had) -> np.ndarray:
-    """Row i: sum of w_k d_k[i] over the devices that had i, over their weight; the rest over the total."""
-    total, out = sum(weights), np.zeros_like(deltas_np[0], dtype=np.float64)
-    for i in range(out.shape[0]):
-        cover = sum(w for w, h in zip(weights, had, strict=True) if i in h)
-        for d, w, h in zip(deltas_np, weights, had, strict=True):
-            out[i] += w * d[i] / (cover if i in h else total)
-    return out
+def _reference(rounds) -> np.ndarray:
+    """The item table after ``rounds`` of ``(weights, dense deltas, had)`` at lr 1: each round the plain weighted
+    mean, each row scaled by clamp(mean tally / tally, 1, ROW_BOOST_MAX) with the run's tally so far."""
+    table = np.zeros_like(rounds[0][1][0], dtype=np.float64)
+    tally = np.zeros(table.shape[0])
+    for weights, dense, had in rounds:
+        total = sum(weights)
+        tally += [sum(w for w, h in zip(weights, had, strict=True) if i in h) for i in range(len(tally))]
+        factor = np.ones_like(tally)
+        heard = tally > 0
+        if heard.any():
+            factor[heard] = np.clip(tally[heard].mean() / tally[heard], 1.0, ROW_BOOST_MAX)
+        table += factor[:, None] * sum(w * d for w, d in zip(weights, dense, strict=True)) / total
+    return table
 
 
 def _random_round(rng, n_dev: int, n_rows: int, p_pos: float, sparse: bool, shuffle: bool):
@@ -148,21 +179,59 @@ def _run(deltas, weights, counts, n_rows, lr=1.0, row_average=True):
     return g
 
 
+def _stepped(state, rounds) -> None:
+    for weights, _, deltas, counts, _ in rounds:
+        Mean(row_average=True).step(state.global_state, state.optimizer, deltas, weights, 1.0, counts=counts)
+
+
+def test_a_resumed_tally_goes_on_as_the_uninterrupted_one_and_a_damaged_one_is_refused(tmp_path):
+    from fedrec.checkpoint import load_checkpoint
+    from fedrec.federation.state import init_state
+
+    cfg, n = RunConfig(privacy="none", row_average=True, dim=2), 9
+    rng = np.random.default_rng(3)
+    rounds = []
+    for _ in range(5):
+        weights, _, deltas, counts, had = _random_round(rng, 4, n, 0.3, True, shuffle=True)
+        rounds.append((weights, None, [{"item.weight": (d["item.weight"][0], d["item.weight"][1][:, :3])}
+                                       for d in deltas], counts, had))
+    straight, first = init_state(cfg, n), init_state(cfg, n)
+    assert straight.global_state["item.weight"].shape == (n, 3)
+    _stepped(straight, rounds)
+    _stepped(first, rounds[:2])
+    first.save(tmp_path / "ck.npz", cfg)
+    resumed = init_state(cfg, n)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ck.npz"))
+    torch.testing.assert_close(resumed.optimizer.rows["item.weight"], first.optimizer.rows["item.weight"])
+    _stepped(resumed, rounds[2:])
+    torch.testing.assert_close(resumed.global_state["item.weight"], straight.global_state["item.weight"])
+    ck = load_checkpoint(tmp_path / "ck.npz")
+    for bad, says in ((np.array([1.0, -1.0] + [0.0] * (n - 2)), "non-negative"), (np.full(n, np.nan), "finite"),
+                      (np.ones(n + 1), "does not fit")):
+        ck["optimizer"]["rows:item.weight"] = bad
+        with pytest.raises(ValueError, match=f"per-row tally of item.weight.*{says}"):
+            init_state(cfg, n).load_state_dict(ck)
+
+
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 5), st.integers(2, 9), st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.4, 1.0]),
-       st.booleans())
-def test_random_rounds_match_the_reference_and_its_edge_cases(n_dev, n_rows, seed, p_pos, sparse):
+@given(st.integers(1, 5), st.integers(2, 9), st.integers(0, 2**31 - 1), st.sampled_from([0.0, 0.2, 1.0]),
+       st.booleans(), st.integers(1, 4))
+def test_random_runs_match_the_reference_and_its_edge_cases(n_dev, n_rows, seed, p_pos, sparse, n_rounds):
     rng = np.random.default_rng(seed)
-    weights, dense, deltas, counts, had = _random_round(rng, n_dev, n_rows, p_pos, sparse, shuffle=True)
-    got = _run(deltas, weights, counts, n_rows, lr=3.0)
-    plain = _run(deltas, weights, counts, n_rows, lr=3.0, row_average=False)
-    np.testing.assert_allclose(_np(got["item.weight"]), 3.0 * _reference(dense, weights, had), rtol=1e-4,
-                               atol=1e-5)
-    torch.testing.assert_close(got["b"], plain["b"])  # non-table parameters: the plain mean
-    nobody = [i for i in range(n_rows) if not any(i in h for h in had)]
-    torch.testing.assert_close(got["item.weight"][nobody], plain["item.weight"][nobody])
-    if p_pos == 1.0:  # every device had every row: the per-row mean over all devices is the plain mean
-        torch.testing.assert_close(got["item.weight"], plain["item.weight"], rtol=1e-5, atol=1e-5)
+    g = {"item.weight": torch.zeros(n_rows, 3), "b": torch.zeros(3)}
+    plain = {"item.weight": torch.zeros(n_rows, 3), "b": torch.zeros(3)}
+    opt, done = ServerOptimizer("fedavg"), []
+    for _ in range(n_rounds):
+        weights, dense, deltas, counts, had = _random_round(rng, n_dev, n_rows, p_pos, sparse, shuffle=True)
+        Mean(row_average=True).step(g, opt, deltas, weights, 1.0, counts=counts)
+        Mean().step(plain, ServerOptimizer("fedavg"), deltas, weights, 1.0, counts=counts)
+        done.append((weights, dense, had))
+    np.testing.assert_allclose(_np(g["item.weight"]), _reference(done), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g["b"], plain["b"])  # non-table parameters: the plain mean
+    nobody = [i for i in range(n_rows) if not any(i in h for _, _, had in done for h in had)]
+    torch.testing.assert_close(g["item.weight"][nobody], plain["item.weight"][nobody])
+    if p_pos == 1.0:  # every device had every row in every round: every row is the average row, FedAvg's step
+        torch.testing.assert_close(g["item.weight"], plain["item.weight"], rtol=1e-5, atol=1e-5)
 
 
 def test_every_device_having_every_row_is_the_plain_mean_and_no_one_having_any_too():

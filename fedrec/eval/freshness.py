@@ -96,7 +96,9 @@ def tracked_items(stream, min_users: int = 5) -> tuple[np.ndarray, dict[str, lis
     Returns ``(start, groups)``: ``start[i]`` is item ``i``'s start round (0 = not tracked) and
     ``groups`` names them: ``"new"`` items first seen after round 1 (the round of the first event
     is the launch round; at least ``min_users`` events in all), and ``"burst"``, the synthetic
-    world's trending items, which start two widths before the burst's peak.
+    world's trending items, which start two widths before the burst's peak. Where the world records
+    which items launch mid-stream, ``"new"`` holds those only, and ``"late"`` the items there from the
+    start that nobody happened to use in round 1 (tail items, not new ones).
     """
     hit = _TRACKED.get(id(stream))
     if hit is not None and hit[0] is stream:
@@ -106,11 +108,16 @@ def tracked_items(stream, min_users: int = 5) -> tuple[np.ndarray, dict[str, lis
     start = np.where((launch >= 2) & (counts >= min_users), launch, 0)
     groups = {"new": np.flatnonzero(start).tolist(), "burst": []}
     truth = stream.log.meta.get("world") or {}
+    if "new_items" in truth:
+        launched = set(int(i) for i in truth["new_items"])
+        groups["late"] = [i for i in groups["new"] if i not in launched]
+        groups["new"] = [i for i in groups["new"] if i in launched]
     if truth.get("burst_items"):
         b = stream.round_at(truth["burst_time"] - 2 * truth["burst_width"])
         start[truth["burst_items"]] = b
         groups["burst"] = sorted(int(i) for i in truth["burst_items"])
-        groups["new"] = [i for i in groups["new"] if i not in set(groups["burst"])]
+        for name in [n for n in ("new", "late") if n in groups]:
+            groups[name] = [i for i in groups[name] if i not in set(groups["burst"])]
     _TRACKED[id(stream)] = (stream, start, groups)
     return start, groups
 

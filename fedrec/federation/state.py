@@ -88,6 +88,9 @@ class ServerState:
         dev = next(iter(self.global_state.values())).device
         self.global_state = {k: torch.as_tensor(v).to(dev) for k, v in ck["global"].items()}
         self.optimizer.load_state_dict(ck["optimizer"], dev)
+        for k, t in self.optimizer.rows.items():
+            if k not in self.global_state or t.shape != self.global_state[k].shape[:1]:
+                raise ValueError(f"its per-row tally of {k} does not fit the model's {k}")
         self.lr.load_state_dict(ck["lr_schedule"])
         run = ck["run"]
         self.run_info = run["recorder"]
