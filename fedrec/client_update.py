@@ -7,6 +7,7 @@ ClientApp, the sharded simulator and the device SDK all call this same function.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -304,8 +305,14 @@ def _negatives(model: RecModel, seen: np.ndarray, cfg: RunConfig) -> torch.Tenso
     catalogue, since a candidate set made of the device's other events would let one event shape every other
     event's sampled negatives, outside the per-event bound (a negative equal to its event's positive adds
     nothing: the two rows' gradients cancel)."""
-    cand = torch.arange(model.n_items) if cfg.event_dp else torch.from_numpy(np.flatnonzero(~seen))
-    return cand if len(cand) else torch.arange(model.n_items)
+    cand = _catalogue(model.n_items) if cfg.event_dp else torch.from_numpy(np.flatnonzero(~seen))
+    return cand if len(cand) else _catalogue(model.n_items)
+
+
+@functools.lru_cache(maxsize=4)
+def _catalogue(n_items: int) -> torch.Tensor:
+    """Every item id, made once per catalogue size (only ever indexed, never written)."""
+    return torch.arange(n_items)
 
 
 def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,

@@ -25,6 +25,7 @@ prescribes, row by row.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..models.mf import bpr_event_grads, row_grads
@@ -104,25 +105,34 @@ def clipped_step_mf(item: torch.Tensor, user: torch.Tensor, items: torch.Tensor,
     ``(row ids, rows)``, and the per-row counts of the taken events' positive items ``(ids, counts)``;
     the server adds the item noise once to the cohort's sum.
     """
-    n, _ = items.shape
+    n, m = items.shape
     d = user.shape[1]
-    take = torch.rand(n, generator=generator) < sample_rate
-    idx = items[take]
-    u = user[0]
-    gsum_u = torch.zeros(d, dtype=user.dtype)
-    ids, rows = torch.zeros(0, dtype=torch.int64), torch.zeros(0, item.shape[1], dtype=item.dtype)
-    pos_ids, pos_counts = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    take = (torch.rand(n, generator=generator) < sample_rate).numpy()
+    idx = items.numpy()[take]
+    u = user.numpy()[0]  # CPU tensors' memory: the step's arrays are small, so numpy's per-call cost is what counts
     if len(idx):
-        a, gu = bpr_event_grads(item, u, idx)
-        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(a.dtype)  # a row twice in one event adds up
-        item_sq = (u.dot(u) + 1.0) * torch.bmm(torch.bmm(a.unsqueeze(1), same), a.unsqueeze(2)).view(-1)
-        f = (clip / (torch.sqrt(item_sq + (gu * gu).sum(1)) + 1e-6)).clamp(max=1.0)
-        ids, inv = torch.unique(idx.reshape(-1), return_inverse=True)
-        rows = torch.zeros(len(ids), item.shape[1], dtype=item.dtype).index_add_(0, inv, row_grads(f.unsqueeze(1) * a, u))
-        rows.mul_(-lr_item)
-        gsum_u = (f.unsqueeze(1) * gu).sum(0)
-        pos_ids, pos_counts = torch.unique(idx[:, 0], return_counts=True)
+        u1 = np.append(u, np.ones(1, u.dtype))
+        e = item.numpy()[idx]  # (b, m, d + 1)
+        s = e @ u1
+        with np.errstate(over="ignore"):  # exp -> inf is the sigmoid's limit 0, as intended
+            c = -1.0 / (1.0 + np.exp(s[:, :1] - s[:, 1:])) / (m - 1)  # bpr_event_grads' c_k
+        a = np.concatenate([c.sum(1, keepdims=True), -c], axis=1)
+        gu = np.einsum("bk,bkd->bd", c, e[:, :1, :d] - e[:, 1:, :d])
+        # every row gradient is a scalar times [u, 1]: an event's item part has squared norm
+        # (|u|^2 + 1) sum_jk a_j a_k [idx_j == idx_k] (a row twice in one event adds up)
+        aa = np.where(idx[:, :, None] == idx[:, None, :], a[:, :, None] * a[:, None, :], 0.0).sum((1, 2))
+        f = np.minimum(clip / (np.sqrt(aa * (u @ u + 1.0) + (gu * gu).sum(1)) + 1e-6), 1.0).astype(u.dtype)
+        uniq, inv = np.unique(idx.reshape(-1), return_inverse=True)
+        coef = np.bincount(inv.reshape(-1), weights=(f[:, None] * a).reshape(-1), minlength=len(uniq))
+        ids, rows = torch.from_numpy(uniq), torch.from_numpy(np.outer(coef * -lr_item, u1).astype(u.dtype))
+        gsum_u = torch.from_numpy((f @ gu).astype(u.dtype))
+        per_id = np.bincount(inv.reshape(len(idx), m)[:, 0], minlength=len(uniq))  # the positives, by row
+        pos_ids, pos_counts = torch.from_numpy(uniq[per_id > 0]), torch.from_numpy(per_id[per_id > 0].astype(np.int64))
+    else:
+        gsum_u = torch.zeros(d, dtype=user.dtype)
+        ids, rows = torch.zeros(0, dtype=torch.int64), torch.zeros(0, item.shape[1], dtype=item.dtype)
+        pos_ids, pos_counts = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     if noise_multiplier > 0:
         gsum_u = gsum_u + noise_multiplier * clip * torch.randn(d, generator=generator, dtype=user.dtype)
-    u.add_(gsum_u, alpha=-lr_user / max(sample_rate * n, 1e-6))
+    user[0].add_(gsum_u, alpha=-lr_user / max(sample_rate * n, 1e-6))
     return (ids, rows), (pos_ids, pos_counts)
