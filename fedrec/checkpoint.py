@@ -2,7 +2,8 @@
 
 One ``.npz`` file, replaced atomically (temp file, fsync, ``os.replace``: :mod:`fedrec.atomic`) so a
 crash leaves the previous round's checkpoint whole. Keys: ``round``; ``global:<name>`` per global parameter; ``opt:<key>``
-for the server optimizer (its name, step count, and ``m``/``v`` moments of the adaptive ones);
+for the server optimizer (its name, step count, ``m``/``v`` moments of the adaptive ones, and ``rows:<table>``,
+per-row averaging's tally);
 ``lr`` for the learning-rate schedule (JSON); ``run`` (JSON) for what a resumed server needs beyond
 the model: the run's config, whether the run finished, and the recorder's state (rows written so
 far, the devices scored each round, running counts); ``buf:<key>`` for the arrays of the updates

@@ -165,7 +165,7 @@ def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarr
 
 def _row_counts(trained: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray] | None:
     """The positive items of the trained events, where the server asks for them: their counts without DP
-    (FedSubAvg), or under user-level DP with selected rows an indicator of L2 norm 1 (one user moves the
+    (per-row averaging's tally: :func:`fedrec.aggregation.per_row_mean`), or under user-level DP with selected rows an indicator of L2 norm 1 (one user moves the
     count vector by at most 1: ``1 / sqrt(k)`` on each of its ``k`` items)."""
     if cfg.row_average and cfg.privacy == "none":
         ids, n = np.unique(trained.astype(np.int64), return_counts=True)

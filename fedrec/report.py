@@ -225,6 +225,8 @@ class RunRecorder:
                     shares[i] = [tally[r][0] / tally[r][1] if r in tally and tally[r][1] else None
                                  for r in range(1, n + 1)]
                 out[f"uptake_{name}"] = uptake_summary({i: int(start[i]) for i in items}, shares)
+            if "uptake_new" in out:  # what "new" counted (fedrec.eval.freshness.tracked_items)
+                out["uptake_new"]["items_are"] = "launched" if "late" in groups else "first seen after round 1"
         return out
 
     def _attack_summary(self) -> dict:

@@ -19,7 +19,7 @@ Delta = Mapping[str, "Dense | Sparse"]
 #: The item tables of every model in :mod:`fedrec.models`: the ``item`` embedding, one row per item
 #: (SASRec adds its start and padding rows). Recognised by name, not by shape: a hidden layer or a
 #: position table can have as many rows as the catalogue, and its rows are not items. Per-row
-#: averaging (FedSubAvg, :func:`fedrec.aggregation.per_row_mean`) applies to these tables only.
+#: averaging (:func:`fedrec.aggregation.per_row_mean`, and the noisy-count form under DP) applies to these tables only.
 ITEM_TABLES: tuple[str, ...] = ("item.weight",)
 
 

@@ -48,11 +48,16 @@ def _brute_force(item: torch.Tensor, user: torch.Tensor, items: torch.Tensor, ta
     return -lr * total_i, user - lr_user / (q * len(items)) * total_u
 
 
+ONE_NEGATIVE = [[0, 5], [1, 5], [0, 7], [2, 2], [3, 9], [0, 1]]
+THREE_NEGATIVES = [[0, 5, 5, 7], [2, 2, 7, 1], [3, 9, 4, 4], [0, 1, 2, 3], [6, 6, 6, 6], [1, 8, 0, 1]]  # repeats too
+
+
+@pytest.mark.parametrize("events", [ONE_NEGATIVE, THREE_NEGATIVES], ids=["K=1", "K=3"])
 @pytest.mark.parametrize("clip", [0.05, 10.0])  # clipping binds / never binds
-def test_the_release_is_the_sum_of_clipped_per_event_gradients(clip):
+def test_the_release_is_the_sum_of_clipped_per_event_gradients(clip, events):
     g = torch.Generator().manual_seed(3)
     item, user = torch.randn(V, D + 1, generator=g), torch.randn(1, D, generator=g)
-    items = torch.tensor([[0, 5], [1, 5], [0, 7], [2, 2], [3, 9], [0, 1]])
+    items = torch.tensor(events)
     q, lr, lr_user = 0.7, 0.5, 0.3
     take = torch.rand(len(items), generator=torch.Generator().manual_seed(11)) < q
     want_rows, want_user = _brute_force(item, user, items, take, clip, lr, lr_user, q)
@@ -79,11 +84,15 @@ def test_the_user_vector_takes_its_own_noise_and_the_table_none():
     outs = []
     for z in (0.0, 4.0):
         u = user.clone()
-        (ids, rows), _ = clipped_step_mf(item, u, items, sample_rate=1.0, lr_item=1.0, lr_user=1.0, clip=1.0,
+        (ids, rows), _ = clipped_step_mf(item, u, items, sample_rate=1.0, lr_item=1.0, lr_user=0.3, clip=0.25,
                                          noise_multiplier=z, generator=torch.Generator().manual_seed(5))
         outs.append((rows, u))
     torch.testing.assert_close(outs[0][0], outs[1][0])  # no item noise on the device
-    assert float((outs[0][1] - outs[1][1]).norm()) > 0.5  # the user vector's step is noised
+    # the user vector's step carries exactly -lr_user / (q n) * z * clip * N(0, I), drawn after the sampling
+    draws = torch.Generator().manual_seed(5)
+    torch.rand(len(items), generator=draws)
+    want = -0.3 / (1.0 * len(items)) * 4.0 * 0.25 * torch.randn(D, generator=draws)
+    torch.testing.assert_close(outs[1][1] - outs[0][1], want.unsqueeze(0), rtol=1e-5, atol=1e-6)
 
 
 # ---- the server checks every number of a release ---------------------------------------------------------------

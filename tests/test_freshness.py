@@ -132,7 +132,7 @@ def test_where_the_world_records_its_launches_new_items_are_those_and_late_old_i
     items = [0, 0] + [1] * 5 + [2] * 5
     users = [0, 1] + list(range(2, 7)) + list(range(2, 7))
     ts = [0.0, 0.1] + [1.0] * 5 + [1.5] * 5
-    log = EventLog.from_arrays(user=np.array(users), item=np.array(items), timestamp=np.array(ts, float))
+    log = EventLog.from_arrays(user=np.array(users), item=np.array(items), timestamp=np.array(ts, float), n_items=3)
     log.meta["world"] = {"new_items": [2]}
     st = RoundStream.build(log, 2, "time")
     start, groups = tracked_items(st, min_users=5)

@@ -206,6 +206,10 @@ def test_a_resumed_tally_goes_on_as_the_uninterrupted_one_and_a_damaged_one_is_r
     _stepped(resumed, rounds[2:])
     torch.testing.assert_close(resumed.global_state["item.weight"], straight.global_state["item.weight"])
     ck = load_checkpoint(tmp_path / "ck.npz")
+    del ck["optimizer"]["rows:item.weight"]  # a checkpoint without it (or from before it) cannot go on as before
+    with pytest.raises(ValueError, match="no per-row tally of item.weight"):
+        init_state(cfg, n).load_state_dict(ck)
+    assert "rows:item.weight" in init_state(cfg, n).optimizer.state_dict()  # saved from round 0 on
     for bad, says in ((np.array([1.0, -1.0] + [0.0] * (n - 2)), "non-negative"), (np.full(n, np.nan), "finite"),
                       (np.ones(n + 1), "does not fit")):
         ck["optimizer"]["rows:item.weight"] = bad

@@ -23,7 +23,7 @@ from ..itemgraph import ItemGraph, sensitivity
 from ..models import model_from_config
 from ..privacy.accounting import graph_multiplier
 from ..privacy.ledger import Ledger
-from ..server_aggregate import pick_device
+from ..server_aggregate import ITEM_TABLES, pick_device
 from ..server_lr import ServerLR
 from ..server_opt import ServerOptimizer
 
@@ -87,7 +87,11 @@ class ServerState:
         """Continue from a checkpoint (:func:`fedrec.checkpoint.load_checkpoint`'s output)."""
         dev = next(iter(self.global_state.values())).device
         self.global_state = {k: torch.as_tensor(v).to(dev) for k, v in ck["global"].items()}
+        needed = set(self.optimizer.rows)
         self.optimizer.load_state_dict(ck["optimizer"], dev)
+        missing = sorted(needed - set(self.optimizer.rows))
+        if missing:
+            raise ValueError(f"it holds no per-row tally of {missing[0]}, which row-average needs")
         for k, t in self.optimizer.rows.items():
             if k not in self.global_state or t.shape != self.global_state[k].shape[:1]:
                 raise ValueError(f"its per-row tally of {k} does not fit the model's {k}")
@@ -120,8 +124,12 @@ def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None)
     item features, rows L2-normalised, that the item graph publishes and learns profiles for)."""
     dev = pick_device(cfg.device)
     model = model_from_config(cfg, n_items)
-    return ServerState(global_state={k: v.to(dev) for k, v in model.global_state().items()},
-                       optimizer=ServerOptimizer(cfg.server_opt),
+    gstate = model.global_state()
+    optimizer = ServerOptimizer(cfg.server_opt)
+    if cfg.row_average and cfg.privacy == "none":  # per-row averaging's tally: in every checkpoint from the start
+        optimizer.rows = {k: torch.zeros(len(gstate[k]), dtype=torch.float64) for k in ITEM_TABLES if k in gstate}
+    return ServerState(global_state={k: v.to(dev) for k, v in gstate.items()},
+                       optimizer=optimizer,
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
                        buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
                        graph=new_graph(cfg, n_items, features))

@@ -342,7 +342,8 @@ def write_tables(rows: Sequence[dict], out_dir: str | os.PathLike) -> str:
         lines.append("| " + " | ".join(v.replace("|", "\\|") for v in vals) + " |")
     lines += ["", "Mean ± half-width of the 95% Student-t interval over seeds; ≥: some seeds never recovered and "
                   "count at the largest lag observable in their run (a lower bound). Noise (trust): where the noise "
-                  "is added and whom that trusts; row avg: each item row averaged over its own contributors."]
+                  "is added and whom that trusts; row avg: per-row averaging (without DP each item row's step scaled up while the run has heard of it less than "
+                  "of the average row; under event noise at the aggregate each row divided by its own noisy count)."]
     text = "\n".join(lines) + "\n"
     _atomic_write(out / "tables.md", text)
     return text

@@ -180,6 +180,7 @@ def result_row(cell: Cell, seed: int, summ: dict, per_round: list[dict], ref_rou
         f"item_knn_hr@{k}": (summ["baselines"].get("item_knn") or {}).get(f"hr@{k}"),
         "adaptation_lag": lag, "lag_censored": censored, "lag_max": lag_max,
         "uptake_median": up.get("median_rounds"), "uptake_rate": up.get("rate"),
+        "uptake_items": up.get("items_are", "first seen after round 1"),
         "burst_uptake_median": burst.get("median_rounds"), "burst_uptake_rate": burst.get("rate"),
         "staleness_mean": fresh.get("staleness_mean"), "wall_s": summ["timings"]["wall_s"],
         "bytes_up_per_device_round": summ["bytes"]["up"] / devices,
