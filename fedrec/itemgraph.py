@@ -493,15 +493,16 @@ def session_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarr
     """Every item's session score for each context row (``ctx``/``weight`` as :func:`contexts` gives):
     ``(rows, n_items)``, each row's neighbour part normalised to a maximum of 1, plus the prior; with features,
     the prior personalised by them (:func:`feature_match`)."""
-    return graph_scores(graph, ctx, weight)[0]
+    return graph_scores(graph, ctx, weight, content=False)[0]
 
 
-def graph_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray, weight: np.ndarray
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def graph_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray, weight: np.ndarray, *,
+                 content: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`session_scores`, and where the table has features the features blend's scores (else None): every
     item's all-time count times ``exp(FEATURE_SHARP * (m - 1))``, ``m`` its features' match to the context's.
     Under noise that is the source that holds up: a few hundred counts, each a sum over many devices, against
-    the neighbour table's pairs, each a sum over few."""
+    the neighbour table's pairs, each a sum over few. ``content = False`` skips the features blend (None).
+    Each row is ``rows x n_items``: the sources are built in place, a few passes over it each."""
     g = prepare(graph)  # free when the caller prepared it once for many calls
     ids, sim, prior = g["graph.ids"], g["graph.sim"], g["graph.prior"]
     rows, L = ctx.shape
@@ -511,11 +512,16 @@ def graph_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray
     out = torch.zeros(rows, len(prior)).scatter_add_(1, ids[c].reshape(rows, -1), vals)
     out /= out.max(dim=1, keepdim=True).values.clamp(min=1e-12)
     if FEATURES not in g:
-        return out + PRIOR * prior, None
-    m = feature_match(g[FEATURES], c, w) - 1.0
-    learned = feature_match(g[PROFILES], c, w) - 1.0 if PROFILES in g else m
-    content = g[COUNTS] * torch.exp(FEATURE_SHARP * learned) if COUNTS in g else None
-    return out + PRIOR * prior * torch.exp(FEATURE_BETA * m), content
+        return out.add_(prior, alpha=PRIOR), None
+    blend = None
+    if content and COUNTS in g:  # counts * exp(FEATURE_SHARP * (m - 1)), m the profiles' match (else the lists')
+        blend = _weighted_match(g[PROFILES] if PROFILES in g else g[FEATURES], c, w, FEATURE_SHARP).mul_(g[COUNTS])
+    return out.add_(_weighted_match(g[FEATURES], c, w, FEATURE_BETA).mul_(prior), alpha=PRIOR), blend
+
+
+def _weighted_match(features: torch.Tensor, ctx: torch.Tensor, weight: torch.Tensor, sharp: float) -> torch.Tensor:
+    """``exp(sharp * (m - 1))`` of :func:`feature_match`'s ``m``, in place on one new ``(rows, n_items)`` tensor."""
+    return feature_match(features, ctx, weight).sub_(1.0).mul_(sharp).exp_()
 
 
 def feature_match(features: torch.Tensor, ctx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -523,5 +529,5 @@ def feature_match(features: torch.Tensor, ctx: torch.Tensor, weight: torch.Tenso
     features with the context items' weighted sum, over the row's largest (``(rows, n_items)``, in [0, 1];
     a row whose context has no features matches nothing: 0)."""
     profile = (features[ctx] * weight.unsqueeze(-1)).sum(dim=1)
-    m = (profile @ features.T).clamp(min=0.0)
-    return m / m.max(dim=1, keepdim=True).values.clamp(min=1e-12)
+    m = (profile @ features.T).clamp_(min=0.0)
+    return m.div_(m.max(dim=1, keepdim=True).values.clamp_(min=1e-12))
