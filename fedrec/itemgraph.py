@@ -510,7 +510,7 @@ def graph_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray
     w = torch.from_numpy(weight).float()
     vals = (sim[c] * w.unsqueeze(-1)).reshape(rows, -1)
     out = torch.zeros(rows, len(prior)).scatter_add_(1, ids[c].reshape(rows, -1), vals)
-    out /= out.max(dim=1, keepdim=True).values.clamp(min=1e-12)
+    out /= out.amax(dim=1, keepdim=True).clamp_(min=1e-12)
     if FEATURES not in g:
         return out.add_(prior, alpha=PRIOR), None
     blend = None
@@ -530,4 +530,4 @@ def feature_match(features: torch.Tensor, ctx: torch.Tensor, weight: torch.Tenso
     a row whose context has no features matches nothing: 0)."""
     profile = (features[ctx] * weight.unsqueeze(-1)).sum(dim=1)
     m = (profile @ features.T).clamp_(min=0.0)
-    return m.div_(m.max(dim=1, keepdim=True).values.clamp_(min=1e-12))
+    return m.div_(m.amax(dim=1, keepdim=True).clamp_(min=1e-12))

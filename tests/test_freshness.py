@@ -102,6 +102,32 @@ def test_in_topk_agrees_with_brute_force_ranks():
         assert in_topk(s, items, ex, k).tolist() == want
 
 
+def test_per_event_counts_agree_with_brute_force_ranks():
+    import numpy as np
+
+    from fedrec.eval.metrics import event_counts, target_rank
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        V, n = 25, int(rng.integers(1, 7))
+        S = rng.integers(0, 6, size=(n, V)).astype(float)  # many ties
+        seen = rng.random(V) < 0.3
+        items = rng.integers(0, V, size=n)  # repeats and items had before the round too
+        k = int(rng.integers(1, 8))
+        n_scored, hits, ndcg = 0, 0, 0.0
+        for j, i in enumerate(items):
+            if seen[i] or i in items[:j]:  # had before the round, or earlier in it: not scored
+                continue
+            had = seen.copy()
+            had[items[:j]] = True
+            rank = target_rank(S[j], int(i), had)
+            n_scored += 1
+            if rank < k:
+                hits, ndcg = hits + 1, ndcg + 1.0 / np.log2(rank + 2)
+        got = event_counts(S, seen, items, k)
+        assert (got.n, got.hits) == (n_scored, hits) and abs(got.ndcg - ndcg) < 1e-9
+
+
 def test_launch_round_and_tracked_items():
     import numpy as np
 

@@ -174,7 +174,8 @@ def event_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] 
     first[np.unique(items, return_index=True)[1]] = True
     scored = first & ~seen[items]
     s = S[np.arange(n), items]
-    ranks = ((S >= s[:, None]) & ~seen[None, :]).sum(axis=1) - 1  # among items not had before the round
+    above = S >= s[:, None]  # among items not had before the round: all, less the had ones (few), less itself
+    ranks = np.count_nonzero(above, axis=1) - np.count_nonzero(above[:, np.flatnonzero(seen)], axis=1) - 1
     # less the earlier new events (had by then): those scoring >= the target in the event's own row
     fresh = first & ~seen[items]  # an earlier new event counts once, if it was not had before the round
     earlier = np.tri(n, k=-1, dtype=bool) & fresh[None, :]
