@@ -513,15 +513,17 @@ def graph_scores(graph: Mapping[str, np.ndarray | torch.Tensor], ctx: np.ndarray
     out /= out.amax(dim=1, keepdim=True).clamp_(min=1e-12)
     if FEATURES not in g:
         return out.add_(prior, alpha=PRIOR), None
+    listed = feature_match(g[FEATURES], c, w)
     blend = None
     if content and COUNTS in g:  # counts * exp(FEATURE_SHARP * (m - 1)), m the profiles' match (else the lists')
-        blend = _weighted_match(g[PROFILES] if PROFILES in g else g[FEATURES], c, w, FEATURE_SHARP).mul_(g[COUNTS])
-    return out.add_(_weighted_match(g[FEATURES], c, w, FEATURE_BETA).mul_(prior), alpha=PRIOR), blend
+        learned = feature_match(g[PROFILES], c, w) if PROFILES in g else listed.clone()
+        blend = _sharpened(learned, FEATURE_SHARP).mul_(g[COUNTS])
+    return out.add_(_sharpened(listed, FEATURE_BETA).mul_(prior), alpha=PRIOR), blend
 
 
-def _weighted_match(features: torch.Tensor, ctx: torch.Tensor, weight: torch.Tensor, sharp: float) -> torch.Tensor:
-    """``exp(sharp * (m - 1))`` of :func:`feature_match`'s ``m``, in place on one new ``(rows, n_items)`` tensor."""
-    return feature_match(features, ctx, weight).sub_(1.0).mul_(sharp).exp_()
+def _sharpened(m: torch.Tensor, sharp: float) -> torch.Tensor:
+    """``exp(sharp * (m - 1))`` of a :func:`feature_match` result ``m``, in place."""
+    return m.sub_(1.0).mul_(sharp).exp_()
 
 
 def feature_match(features: torch.Tensor, ctx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -116,8 +116,9 @@ def tracked_items(stream, min_users: int = 5) -> tuple[np.ndarray, dict[str, lis
         b = stream.round_at(truth["burst_time"] - 2 * truth["burst_width"])
         start[truth["burst_items"]] = b
         groups["burst"] = sorted(int(i) for i in truth["burst_items"])
+        burst = set(groups["burst"])
         for name in [n for n in ("new", "late") if n in groups]:
-            groups[name] = [i for i in groups[name] if i not in set(groups["burst"])]
+            groups[name] = [i for i in groups[name] if i not in burst]
     _TRACKED[id(stream)] = (stream, start, groups)
     return start, groups
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models.mf import bpr_event_grads, row_grads
+from ..models.mf import bpr_event_grads, bpr_event_grads_np, row_grads
 
 
 @torch.no_grad()
@@ -111,20 +111,15 @@ def clipped_step_mf(item: torch.Tensor, user: torch.Tensor, items: torch.Tensor,
     idx = items.numpy()[take]
     u = user.numpy()[0]  # CPU tensors' memory: the step's arrays are small, so numpy's per-call cost is what counts
     if len(idx):
-        u1 = np.append(u, np.ones(1, u.dtype))
-        e = item.numpy()[idx]  # (b, m, d + 1)
-        s = e @ u1
-        with np.errstate(over="ignore"):  # exp -> inf is the sigmoid's limit 0, as intended
-            c = -1.0 / (1.0 + np.exp(s[:, :1] - s[:, 1:])) / (m - 1)  # bpr_event_grads' c_k
-        a = np.concatenate([c.sum(1, keepdims=True), -c], axis=1)
-        gu = np.einsum("bk,bkd->bd", c, e[:, :1, :d] - e[:, 1:, :d])
+        a, gu = bpr_event_grads_np(item.numpy(), u, idx)
         # every row gradient is a scalar times [u, 1]: an event's item part has squared norm
         # (|u|^2 + 1) sum_jk a_j a_k [idx_j == idx_k] (a row twice in one event adds up)
         aa = np.where(idx[:, :, None] == idx[:, None, :], a[:, :, None] * a[:, None, :], 0.0).sum((1, 2))
         f = np.minimum(clip / (np.sqrt(aa * (u @ u + 1.0) + (gu * gu).sum(1)) + 1e-6), 1.0).astype(u.dtype)
         uniq, inv = np.unique(idx.reshape(-1), return_inverse=True)
         coef = np.bincount(inv.reshape(-1), weights=(f[:, None] * a).reshape(-1), minlength=len(uniq))
-        ids, rows = torch.from_numpy(uniq), torch.from_numpy(np.outer(coef * -lr_item, u1).astype(u.dtype))
+        ids = torch.from_numpy(uniq)
+        rows = torch.from_numpy(np.outer(coef * -lr_item, np.append(u, np.ones(1, u.dtype))).astype(u.dtype))
         gsum_u = torch.from_numpy((f @ gu).astype(u.dtype))
         per_id = np.bincount(inv.reshape(len(idx), m)[:, 0], minlength=len(uniq))  # the positives, by row
         pos_ids, pos_counts = torch.from_numpy(uniq[per_id > 0]), torch.from_numpy(per_id[per_id > 0].astype(np.int64))
