@@ -48,7 +48,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from .quick import quick_pulls
+from .quick import CLIENTAPP_PATIENCE, quick_pulls
 
 POLL = 0.05  #: seconds between asks for a task just after one (a loopback request; Flower's SuperExec: 1 s) ...
 MAX_POLL = 0.1  #: ... growing by half each ask while there is none, to this (an idle node asks 10 times a second)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.001 <= args.poll <= 60:
         print(f"--poll {args.poll} is outside 0.001..60 seconds.", file=sys.stderr)
         return 2
-    quick_pulls()  # its message's objects arrive from the SuperNode within milliseconds
+    quick_pulls(max_time=CLIENTAPP_PATIENCE)  # its message's objects arrive from the SuperNode within milliseconds
     import fedrec.clients.app  # noqa: F401, PLC0415 - fedrec's ClientApp and torch, imported before the first task
     host = Host(args.runtime_api_address, args.insecure,
                 validate_and_resolve_root_certificates(args.root_certificates, args.insecure))
