@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from fedrec.device_round import DeviceData, DeviceOutcome, device_round, next_st
 from fedrec.eval.metrics import BLENDS
 from fedrec.itemgraph import split
 from fedrec.messages import RoundInstruction
-from fedrec.models import RecModel, model_from_config
+from fedrec.models import RecModel, model_from_config, version_features
 from fedrec.privacy.accounting import event_accountant
 from fedrec.serving import ServeInput, ServeResult
 from fedrec.serving import serve as serve_devices
@@ -117,7 +118,7 @@ class Device:
         reproduce a round exactly (tests).
         """
         secret = secrets.randbits(63) if secret is None else secret
-        model = shared_model(cfg, self.n_items)
+        model = shared_model(cfg, self.n_items, global_state)
         want = {n: tuple(v.shape) for n, v in model.global_state().items()}
         got = {n: tuple(np.shape(v)) for n, v in split(global_state)[0].items()}
         if got != want:
@@ -191,7 +192,7 @@ class Device:
                              "it can recommend after its first round.")
         round_, glob = got
         cfg = RunConfig.from_mapping(json.loads(self.store.meta("config")), where=f"{self.store.path} meta")
-        model = shared_model(cfg, self.n_items)
+        model = shared_model(cfg, self.n_items, glob)
         vec = self.store.get_arrays("serve-vector")
         vectors = {self.device_id: vec[1]["vector"]} if vec else {}
         if not vectors and model.local_names:
@@ -230,11 +231,15 @@ class Device:
         return float(led[-1]["epsilon"]) if led else 0.0
 
 
-def shared_model(cfg: RunConfig, n_items: int) -> RecModel:
-    """One reused model object per process and shape (every update overwrites its parameters)."""
-    key = (cfg.model, n_items, cfg.dim, cfg.seq_len, cfg.init_scale, cfg.seed)
+def shared_model(cfg: RunConfig, n_items: int, version: Mapping[str, np.ndarray] | None = None) -> RecModel:
+    """One reused model object per process and shape (every update overwrites its parameters); a model that
+    reads item features takes them from the global ``version`` it will be loaded with."""
+    feats = version_features(cfg.model, version) if version is not None else None
+    key = (cfg.model, n_items, cfg.dim, cfg.seq_len, cfg.init_scale, cfg.seed, None if feats is None else feats.shape)
     if key not in _MODELS:
-        _MODELS[key] = model_from_config(cfg, n_items)
+        _MODELS[key] = model_from_config(cfg, n_items, feats)
+    if feats is not None:
+        _MODELS[key].set_features(feats)
     return _MODELS[key]
 
 

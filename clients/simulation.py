@@ -75,7 +75,7 @@ def train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, cont
     """Simulation: a shard of devices whose private state lives in ``context.state``; the round of each is
     :mod:`fedrec.device_round`'s, its serving batched over the shard."""
     stream = node_stream(cfg)
-    model = shared_model(cfg, stream.log.n_items)
+    model = shared_model(cfg, stream.log.n_items, global_state)
     mine = set(hosted_devices(context, stream.n_devices))
     sim = _Instruments.of(stream, cfg)
     wire = wire_mode(cfg.wire, cfg.privacy)

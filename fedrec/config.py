@@ -171,7 +171,8 @@ class RunConfig:
     seed: int = key(0, "seed of every random draw of the run (same seed, same run)", ge=0,
                    le=2**32 - 1, says="must lie in [0, 4294967295]")
     # model and local update
-    model: str = key("mf", "recommender: matrix factorisation, neural MF, or a SASRec-style transformer",
+    model: str = key("mf", "recommender: matrix factorisation, neural MF, a SASRec-style transformer, or "
+                     "DeepFM over the item features",
                      choices=MODELS)
     dim: int = key(8, "embedding dimension", ge=1, le=4096)
     seq_len: int = key(20, "sasrec: longest input sequence (the device's recent items it attends over)", ge=2, le=10**5)
@@ -195,7 +196,7 @@ class RunConfig:
     graph_share: float = key(0.9, "event noise at the aggregate: share of the event-level budget spent on the noisy "
                              "item graph (0 = no graph)", ge=0, lt=1)
     graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1, le=10**6)
-    item_features: str = key("auto", "public item features for the session scores: auto (movies.csv beside the "
+    item_features: str = key("auto", "public item features for the session scores and deepfm: auto (movies.csv beside the "
                              "events, the world's topics), none, or a CSV path (docs/online.md)")
     replay_rounds: int = key(2, "an event is replayed in at most this many later updates", ge=0, le=10**3)
     server_lr: float = key(10.0, "server step size on the round's aggregated delta", gt=0, le=10**6)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .client_update import DeviceState, UpdateResult, client_update
 from .config import RunConfig
-from .itemgraph import FEATURES, split
+from .itemgraph import PROFILES, split
 from .messages import DeviceSkip, DeviceUpdate, RoundInstruction, UpdateReport
 from .models.base import RecModel
 from .serving import ServeInput, ServeResult, serve
@@ -65,7 +65,7 @@ def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: D
     return client_update(model, split(global_state)[0], dev.state if dev.state is not None else DeviceState(),
                          dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
                          noise_multiplier=ins.noise_multiplier, probe=probe, secret=secret,
-                         affinities=FEATURES in global_state)
+                         affinities=PROFILES in global_state)
 
 
 def device_update(device: int, res: UpdateResult, wire: str, probe: np.ndarray | None = None) -> DeviceUpdate:

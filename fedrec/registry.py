@@ -74,6 +74,7 @@ MODELS = Registry("model", {
     "mf": "fedrec.models.mf:MF",
     "neumf": "fedrec.models.neumf:NeuMF",
     "sasrec": "fedrec.models.sasrec:SASRec",
+    "deepfm": "fedrec.models.deepfm:DeepFM",
 })
 AGGREGATORS = Registry("aggregator", {
     "mean": "fedrec.aggregation:Mean",

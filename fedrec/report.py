@@ -14,6 +14,7 @@ import numpy as np
 from .atomic import write_atomic, write_bytes_atomic
 from .config import RunConfig
 from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts
+from .models import reads_features
 
 
 def _finite(x: float) -> float | None:
@@ -261,7 +262,8 @@ class RunRecorder:
             "config": cfg.to_flat(),
             "data": {"source": cfg.data or "synthetic world", "n_items": self.info.get("n_items"),
                      "population": self.info.get("population"),
-                     "item_features": self.features.info() if self.features is not None else None},
+                     "item_features": {**self.features.info(), "model_reads_them": reads_features(cfg.model)}
+                     if self.features is not None else None},
             "rounds": len(self.rows),
             "metrics": self._metrics(last),
             "baselines": baselines,

@@ -51,7 +51,7 @@ def test_the_toml_writer_round_trips_every_kind_of_value(value):
 def test_model_keys_are_checked_with_a_sentence():
     for name in ("mf", "neumf", "sasrec"):
         assert RunConfig.from_mapping({"model": name, "seq-len": 5}).model == name
-    with pytest.raises(ConfigError, match=r"'model' must be one of mf, neumf, sasrec \(got 'bert'\)"):
+    with pytest.raises(ConfigError, match=r"'model' must be one of mf, neumf, sasrec, deepfm \(got 'bert'\)"):
         RunConfig.from_mapping({"model": "bert"})
     with pytest.raises(ConfigError, match="'seq-len' must be at least 2"):
         RunConfig.from_mapping({"model": "sasrec", "seq-len": 1})

@@ -18,7 +18,7 @@ def test_contract(name, check, tmp_path):
 
 
 def test_every_model_is_checked():
-    assert set(MODELS) == {"mf", "neumf", "sasrec"} and len(CASES) == 3 * len(list(yield_checks("mf")))
+    assert set(MODELS) == {"mf", "neumf", "sasrec", "deepfm"} and len(CASES) == 4 * len(list(yield_checks("mf")))
 
 
 def test_sasrec_is_causal():
@@ -101,7 +101,7 @@ def test_group_privacy_accountant_against_references():
         assert epsilon([(1.5, q, steps)], delta, "rdp-group2") > single
 
 
-@pytest.mark.parametrize("name,privacy", [("neumf", "event"), ("sasrec", "user")])
+@pytest.mark.parametrize("name,privacy", [("neumf", "event"), ("sasrec", "user"), ("deepfm", "event")])
 def test_flower_replies_carry_only_global_parameters(tmp_path, name, privacy):
     """A real federation (Flower ClientApp handlers, in-process grid) of each non-MF model: every reply
     holds the model's global parameters only, of their shapes, and no device's local state."""
@@ -121,7 +121,8 @@ def test_flower_replies_carry_only_global_parameters(tmp_path, name, privacy):
     rows = []
     run_federation(LocalGrid(_make_client_app(str(rec_dir)), cfg.nodes, cfg.to_flat()), cfg, on_round=rows.append)
     assert len(rows) == 2 and all(r["failed"] == 0 for r in rows)
-    model = build_model(name, 60, cfg.dim, seed=cfg.seed, seq_len=cfg.seq_len)
+    model = build_model(name, 60, cfg.dim, seed=cfg.seed, seq_len=cfg.seq_len,
+                        features=np.zeros((60, cfg.world_topics)))  # deepfm reads the world's topics
     shapes = {k: list(v.shape) for k, v in model.global_state().items()}
     seen = [json.loads(p.read_text()) for p in sorted(rec_dir.glob("*.json"))]
     assert seen and all("error" not in s for s in seen)

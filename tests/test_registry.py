@@ -13,7 +13,7 @@ from fedrec.registry import Registry
 
 
 def test_names_keep_their_fixed_order():
-    assert registry.MODELS.names() == ("mf", "neumf", "sasrec")
+    assert registry.MODELS.names() == ("mf", "neumf", "sasrec", "deepfm")
     assert registry.AGGREGATORS.names() == ("mean", "trimmed-mean", "median")
     assert registry.SERVER_OPTIMIZERS.names() == ("fedavg", "fedadagrad", "fedadam", "fedyogi")
     assert registry.WIRES.names() == ("auto", "dense", "fp16", "sparse")
@@ -25,7 +25,7 @@ def test_names_keep_their_fixed_order():
 def test_an_unknown_name_is_one_sentence():
     with pytest.raises(ValueError) as e:
         registry.MODELS.get("bert")
-    assert str(e.value) == "Unknown model 'bert'; expected one of mf, neumf, sasrec."
+    assert str(e.value) == "Unknown model 'bert'; expected one of mf, neumf, sasrec, deepfm."
     with pytest.raises(ValueError, match="Unknown server optimizer 'sgd'; expected one of fedavg, fedadagrad"):
         registry.SERVER_OPTIMIZERS.check("sgd")
     assert registry.WIRES.check("fp16") == "fp16"
@@ -47,11 +47,12 @@ def test_targets_load_lazily_on_get():
 
 
 def test_models_resolve_to_their_classes():
+    from fedrec.models.deepfm import DeepFM
     from fedrec.models.mf import MF
     from fedrec.models.neumf import NeuMF
     from fedrec.models.sasrec import SASRec
 
-    assert [registry.MODELS.get(n) for n in registry.MODELS] == [MF, NeuMF, SASRec]
+    assert [registry.MODELS.get(n) for n in registry.MODELS] == [MF, NeuMF, SASRec, DeepFM]
 
 
 def test_accountants_resolve_to_opacus_classes():

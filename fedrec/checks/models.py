@@ -19,8 +19,9 @@ import torch
 
 from ..client_update import DeviceState, client_update
 from ..config import RunConfig
-from ..models import build_model, model_from_config
-from ..models.base import BPRLoss
+from ..itemgraph import FEATURES
+from ..models import build_model, model_from_config, published_features
+from ..models.base import BPRLoss, RecModel
 from ..registry import PRIVACY_MODES
 from ..wire import encode_delta, wire_mode
 
@@ -42,12 +43,30 @@ def _events(seed: int = 0, n: int = 30, rounds: int = 3) -> tuple[np.ndarray, np
     return items, np.repeat(np.arange(1, rounds + 1), int(np.ceil(n / rounds)))[:n]
 
 
+def _features() -> np.ndarray:
+    """Public item features for the models that read them: 6 features, 1 to 3 per item, as published."""
+    rng = np.random.default_rng(7)
+    x = np.zeros((N_ITEMS, 6), np.float32)
+    for i in range(N_ITEMS):
+        x[i, rng.choice(6, int(rng.integers(1, 4)), replace=False)] = 1.0
+    return published_features(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def _model(cfg: RunConfig) -> RecModel:
+    return model_from_config(cfg, N_ITEMS, _features())
+
+
 def _global(model) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.global_state().items()}
 
 
+def _version(model: RecModel) -> dict[str, np.ndarray]:
+    """A global version as the server sends it (with the item features, for a model that reads them)."""
+    return _global(model) | ({FEATURES: _features()} if model.uses_features else {})
+
+
 def _update(name: str, cfg: RunConfig, state: DeviceState | None = None, round_: int = 3, seed: int = 0):
-    model = model_from_config(cfg, N_ITEMS)
+    model = _model(cfg)
     items, rounds = _events(seed)
     return client_update(model, _global(model), state or DeviceState(), items, rounds, round_, cfg, device_id=11,
                          noise_multiplier=cfg.noise_multiplier)
@@ -56,7 +75,7 @@ def _update(name: str, cfg: RunConfig, state: DeviceState | None = None, round_:
 def check_partition(name: str, tmp: Path) -> None:
     """Global and local names partition the trainable parameters, and every one of them is used."""
     cfg = _cfg(name)
-    model = model_from_config(cfg, N_ITEMS)
+    model = _model(cfg)
     model.check_partition()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(model.global_names) | set(model.local_names) == names, f"{name}: the partition misses parameters"
@@ -79,7 +98,7 @@ def check_user_state_never_leaves(name: str, tmp: Path) -> None:
     for privacy in ("none", "event", "user"):
         cfg = _cfg(name, privacy=privacy)
         res = _update(name, cfg)
-        model = model_from_config(cfg, N_ITEMS)
+        model = _model(cfg)
         assert set(res.delta) == set(model.global_names), f"{name}/{privacy}: sends {sorted(res.delta)}"
         for k, v in res.delta.items():
             assert v.shape == tuple(model.global_state()[k].shape), f"{name}/{privacy}: {k} has shape {v.shape}"
@@ -95,10 +114,10 @@ def check_user_state_never_leaves(name: str, tmp: Path) -> None:
 def check_same_seed_same_result(name: str, tmp: Path) -> None:
     """Same seed, same model and same update; another seed, another model. Inputs are not mutated."""
     cfg = _cfg(name, privacy="event")
-    a, b = model_from_config(cfg, N_ITEMS), model_from_config(cfg, N_ITEMS)
+    a, b = _model(cfg), _model(cfg)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), f"{name}: two builds with seed {cfg.seed} differ in {k}"
-    c = model_from_config(dataclasses.replace(cfg, seed=cfg.seed + 1), N_ITEMS)
+    c = _model(dataclasses.replace(cfg, seed=cfg.seed + 1))
     assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values(), strict=True)), \
         f"{name}: the seed does not change the initialisation"
     items, rounds = _events()
@@ -128,7 +147,7 @@ def check_trains_under_every_privacy_mode(name: str, tmp: Path) -> None:
             assert np.linalg.norm(flat) <= 0.5 * (1 + 1e-5), f"{name}/{privacy}: delta norm {np.linalg.norm(flat)}"
         if cfg.event_dp:
             assert res.epsilon > 0 and res.state.max_exposure == cfg.steps, f"{name}/{privacy}: not accounted"
-            again = client_update(model_from_config(cfg, N_ITEMS), _global(model_from_config(cfg, N_ITEMS)), res.state,
+            again = client_update(_model(cfg), _global(_model(cfg)), res.state,
                                   *_events(), 3 + 1, cfg, device_id=11, noise_multiplier=1.0)
             # the device's state carries its exposure across rounds (a replayed window adds its steps)
             assert again.state.max_exposure == 2 * cfg.steps and again.epsilon > res.epsilon, \
@@ -143,11 +162,11 @@ def check_save_load_round_trip(name: str, tmp: Path) -> None:
 
     cfg = _cfg(name)
     res = _update(name, cfg)
-    model = model_from_config(cfg, N_ITEMS)
+    model = _model(cfg)
     trained = {k: torch.from_numpy(np.asarray(model.global_state()[k].numpy() + res.delta[k])) for k in res.delta}
     save_checkpoint(tmp / "ck.npz", round_=3, global_state=trained, optimizer={}, lr_schedule={})
     loaded = load_checkpoint(tmp / "ck.npz")["global"]
-    other = build_model(name, N_ITEMS, cfg.dim, seed=99, seq_len=cfg.seq_len)  # different init, then loaded
+    other = build_model(name, N_ITEMS, cfg.dim, seed=99, seq_len=cfg.seq_len, features=_features())  # different init, then loaded
     other.load({k: torch.as_tensor(np.asarray(v)) for k, v in loaded.items()})
     model.load(trained)
     state = DeviceState.from_config(res.state.to_config())
@@ -166,11 +185,11 @@ def check_ranking_excludes_seen(name: str, tmp: Path) -> None:
     from ..clients.device import Device
 
     cfg = _cfg(name)
-    model = model_from_config(cfg, N_ITEMS)
+    model = _model(cfg)
     items, _ = _events()
     with Device(tmp / f"{name}.sqlite", create=True, device_id=2, n_items=N_ITEMS) as d:
         d.record_many([(int(i), float(t), "click", 1.0) for t, i in enumerate(items)])
-        d.run_round(_global(model), cfg, 1, train=True)
+        d.run_round(_version(model), cfg, 1, train=True)
         top = d.recommend(10)
         assert len(top) == 10 and len(set(top)) == 10, f"{name}: {top}"
         assert not set(top) & set(items.tolist()), f"{name}: recommends items the user had: {set(top) & set(items)}"
@@ -186,7 +205,7 @@ def check_ranking_excludes_seen(name: str, tmp: Path) -> None:
 def check_learns(name: str, tmp: Path) -> None:
     """Non-private local training raises the device's positives above the items it never had."""
     cfg = _cfg(name, local_steps=30, lr=1.0, sample_rate=1.0)
-    model = model_from_config(cfg, N_ITEMS)
+    model = _model(cfg)
     items, rounds = _events()
     g = _global(model)
 
@@ -210,7 +229,7 @@ def check_instant_state(name: str, tmp: Path) -> None:
     the inputs are not mutated, and the instant state follows the newest events (the row after them
     differs from the round-start row)."""
     cfg = _cfg(name)
-    model = model_from_config(cfg, N_ITEMS)
+    model = _model(cfg)
     items, _ = _events()
     hist, new = items[:10].copy(), items[10:16].copy()
     vec = model.local_flat()

@@ -52,7 +52,7 @@ class ItemFeatures:
                 "items": int(self.matrix.shape[0]), "rows_of_unknown_items": self.skipped,
                 "what": "public item features (no privacy cost of their own): they personalise the session scores' "
                         "prior, and the item graph's affinities (noised with its counts) correct them into item "
-                        "profiles, which rank the features blend"}
+                        "profiles, which rank the features blend; model = deepfm reads them as an input"}
 
     def normalised(self) -> np.ndarray:
         """Each item's row over its L2 norm (rows of zeros stay 0)."""

@@ -22,6 +22,7 @@ import torch
 from .. import aggregation
 from ..config import RunConfig
 from ..messages import NodeInfo, RoundInstruction
+from ..models import reads_features
 from ..privacy.accounting import calibrate_noise, event_accountant, graph_records
 from ..privacy.ledger import Ledger
 from ..privacy.report import privacy_report
@@ -330,10 +331,10 @@ def _features(cfg: RunConfig, stream: Any, n_items: int, rec: RunRecorder) -> An
     failure (``fedrec simulate`` and ``deploy local`` check the file before any process starts)."""
     if stream is None or cfg.item_features == "none":
         return None
-    if not cfg.graph:  # they personalise the item graph's session scores; the models do not read them yet
+    if not cfg.graph and not reads_features(cfg.model):  # they act in the graph's session scores and in deepfm
         if cfg.item_features != "auto":
-            rec.note(f"item features {cfg.item_features} not used: they act in the item graph's session scores, "
-                     "and this run has no item graph (docs/online.md)")
+            rec.note(f"item features {cfg.item_features} not used: they act in the item graph's session scores "
+                     f"and in model = deepfm, and this run has no item graph and model = {cfg.model} (docs/online.md)")
         return None
     from ..data.events import DataError
     from ..data.source import load_features

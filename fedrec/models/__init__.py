@@ -6,16 +6,22 @@
   user embedding local.
 * ``sasrec``: a self-attentive sequential recommender (:class:`~fedrec.models.sasrec.SASRec`);
   the user state is the device's own recent item sequence, kept on the device.
+* ``deepfm``: DeepFM (:class:`~fedrec.models.deepfm.DeepFM`) over the user vector (local), the item id and
+  the item's public features (published with every global version: :func:`published_features`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import registry
+from ..itemgraph import FEATURES
 from .base import BPRLoss, RecModel
+from .deepfm import DeepFM
 from .mf import MF
 from .neumf import NeuMF
 from .sasrec import SASRec
@@ -23,18 +29,38 @@ from .sasrec import SASRec
 #: the model names, in the order of :data:`fedrec.registry.MODELS` (which maps each to its class)
 MODELS = registry.MODELS.names()
 
-__all__ = ["MODELS", "MF", "NeuMF", "SASRec", "BPRLoss", "RecModel", "build_model"]
+__all__ = ["MODELS", "MF", "NeuMF", "SASRec", "DeepFM", "BPRLoss", "RecModel", "build_model"]
+
+
+def reads_features(name: str) -> bool:
+    """Whether the model ``name`` reads the run's public item features."""
+    return bool(getattr(registry.MODELS.get(name), "uses_features", False))
 
 
 def build_model(name: str, n_items: int, dim: int, *, seed: int = 0, init_scale: float = 0.1,
-                seq_len: int = 20) -> RecModel:
-    """Construct a model by name with a seeded initialisation (same arguments, same parameters)."""
+                seq_len: int = 20, features: np.ndarray | None = None) -> RecModel:
+    """Construct a model by name with a seeded initialisation (same arguments, same parameters); ``features``:
+    the public item features as published (:func:`published_features`), for a model that reads them."""
     cls = registry.MODELS.get(name)
     extra: dict[str, Any] = {"seq_len": seq_len} if cls is SASRec else {}  # the one model that reads sequences
+    if reads_features(name):
+        extra["features"] = features
     model: RecModel = cls(n_items, dim, generator=torch.Generator().manual_seed(seed), init_scale=init_scale, **extra)
     return model
 
 
-def model_from_config(cfg, n_items: int) -> RecModel:
+def model_from_config(cfg, n_items: int, features: np.ndarray | None = None) -> RecModel:
     """The model a run config names (``model``, ``dim``, ``seq-len``, ``init-scale``, ``seed``)."""
-    return build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale, seq_len=cfg.seq_len)
+    return build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale, seq_len=cfg.seq_len,
+                       features=features)
+
+
+def published_features(features: np.ndarray) -> np.ndarray:
+    """Item features as every global version carries them (rows L2-normalised, float16): the server's model
+    reads these exact values, so a device's model, built from the version, equals it."""
+    return np.asarray(features).astype(np.float16)
+
+
+def version_features(name: str, version: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The item features a global version carries for the model ``name`` (None: it reads none, or none sent)."""
+    return np.asarray(version[FEATURES]) if reads_features(name) and FEATURES in version else None

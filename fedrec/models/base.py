@@ -58,6 +58,7 @@ class RecModel(nn.Module):
     global_names: tuple[str, ...] = ()
     local_names: tuple[str, ...] = ()
     uses_history: bool = False
+    uses_features: bool = False  #: reads the run's public item features (:meth:`set_features`)
     n_items: int
 
     def check_partition(self) -> None:
@@ -65,6 +66,10 @@ class RecModel(nn.Module):
         if names != set(self.global_names) | set(self.local_names) or set(self.global_names) & set(self.local_names):
             raise TypeError(f"{type(self).__name__}: global {self.global_names} and local {self.local_names} "
                             f"must partition the trainable parameters {sorted(names)}.")
+
+    def set_features(self, features: np.ndarray) -> None:
+        """The items' public feature rows, as a global version carries them (models with ``uses_features``)."""
+        raise TypeError(f"{type(self).__name__} reads no item features.")
 
     def global_state(self) -> dict[str, torch.Tensor]:
         params = dict(self.named_parameters())

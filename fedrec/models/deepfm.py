@@ -1,0 +1,130 @@
+"""DeepFM (Guo et al., IJCAI 2017) over the item id, the item's public features and the device's user vector.
+
+The fields of a (user, item) pair are three embeddings of width ``dim``: the device's user vector ``p``
+(local), the item's id embedding ``e_i`` and its features' embedding ``f_i = x_i V`` (``x_i``: the item's row
+of the run's public item features, L2-normalised as published; ``V``: the feature table). The score is the
+factorisation machine over them plus a deep part over the same embeddings (shared, as in DeepFM):
+
+``s(u, i) = b_i + c_i + <p, e_i> + <p, f_i> + <e_i, f_i> + MLP([p ; e_i ; f_i])``
+
+with ``b_i`` the id bias and ``c_i = x_i w`` the features' bias. A new item has no id signal yet (its row is
+as initialised: a small random vector, bias 0), but its features score it from the round it launches:
+``<p, f_i> + c_i`` is what every device that liked items with those features taught the feature table. The
+feature table has one row per feature (a genre, a topic), touched by every device whose events have it, so it
+needs less noise per unit of signal under DP than any item row (docs/privacy.md: the features are public, the
+table learned from them is protected as every global parameter is).
+
+Without features (a run with none) every item's feature row is 0 and the model is an FM over user and id
+plus the deep part.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..itemgraph import contexts
+from .base import RecModel, ridge_users, seeded_linear
+
+
+class DeepFM(RecModel):
+    """Parameters: ``item.weight`` ``(n_items, dim + 1)`` (id embedding, id bias last), ``feat.weight``
+    ``(dim + 1, n_features)`` (a bias-free linear map of an item's feature row: its embedding, its bias last), the
+    deep part ``3 dim -> dim -> dim // 2 -> 1`` (ReLU); all global. Local: the device's ``user.weight``
+    ``(1, dim)``. The features are a buffer (public, never trained nor sent back), set by :meth:`set_features`
+    from the published version (:func:`fedrec.models.shared_features`)."""
+
+    global_names = ("item.weight", "feat.weight", "mlp1.weight", "mlp1.bias", "mlp2.weight", "mlp2.bias",
+                    "out.weight", "out.bias")
+    local_names = ("user.weight",)
+    uses_features = True
+    features: torch.Tensor  #: a buffer: the items' public feature rows
+
+    def __init__(self, n_items: int, dim: int, *, generator: torch.Generator | None = None,
+                 init_scale: float = 0.1, features: np.ndarray | None = None) -> None:
+        super().__init__()
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.n_items, self.dim, self.init_scale = n_items, dim, init_scale
+        width = features.shape[1] if features is not None and features.ndim == 2 and features.shape[1] else 1
+        self.register_buffer("features", torch.zeros(n_items, width))
+        self.item = nn.Embedding(n_items, dim + 1)
+        self.feat = nn.Linear(width, dim + 1, bias=False)
+        self.user = nn.Embedding(1, dim)
+        h = max(dim // 2, 1)
+        self.mlp1 = seeded_linear(3 * dim, dim, g)
+        self.mlp2 = seeded_linear(dim, h, g)
+        self.out = seeded_linear(h, 1, g)
+        with torch.no_grad():
+            self.item.weight.normal_(0.0, init_scale, generator=g)
+            self.item.weight[:, dim] = 0.0
+            self.feat.weight.normal_(0.0, init_scale, generator=g)
+            self.feat.weight[dim] = 0.0
+            self.out.weight.mul_(init_scale)
+            self.user.weight.normal_(0.0, init_scale, generator=g)
+        if features is not None and features.shape[1]:
+            self.set_features(features)
+        self.check_partition()
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[1])
+
+    @torch.no_grad()
+    def set_features(self, features: np.ndarray) -> None:
+        """The items' public feature rows ``(n_items, n_features)``, as published (float16 values are exact)."""
+        x = np.asarray(features)
+        if x.shape != tuple(self.features.shape):
+            raise ValueError(f"deepfm: item features of shape {x.shape}, the model was built for "
+                             f"{tuple(self.features.shape)}.")
+        self.features.copy_(torch.from_numpy(x.astype(np.float32)))
+
+    def init_local(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"user.weight": torch.randn(1, self.dim, generator=generator) * self.init_scale}
+
+    def _fields(self, items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The id rows and the feature rows ``(..., dim + 1)`` of ``items`` (None: every item)."""
+        if items is None:
+            return self.item.weight, self.feat(self.features)
+        return self.item(items), self.feat(self.features[items])
+
+    def _score(self, p: torch.Tensor, e: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """``p``: user vectors ``(..., dim)`` broadcastable to the field rows ``e``, ``f`` ``(..., dim + 1)``."""
+        d = self.dim
+        ev, fv = e[..., :d], f[..., :d]
+        p = p.expand_as(ev)
+        fm = e[..., d] + f[..., d] + (p * ev).sum(-1) + (p * fv).sum(-1) + (ev * fv).sum(-1)
+        z = torch.relu(self.mlp1(torch.cat([p, ev, fv], dim=-1)))
+        return fm + self.out(torch.relu(self.mlp2(z))).squeeze(-1)
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``user``: (B,) zeros (the device's own row); ``items``: (B, m) -> scores (B, m)."""
+        e, f = self._fields(items)
+        return self._score(self.user(user).unsqueeze(1), e, f)
+
+    @torch.no_grad()
+    def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
+        e, f = self._fields()
+        return self._score(self.user.weight[0].unsqueeze(0), e, f)
+
+    def item_repr(self) -> torch.Tensor:
+        """An item as a user vector sees it: its id embedding plus its features' embedding."""
+        with torch.no_grad():
+            e, f = self._fields()
+        return (e[:, : self.dim] + f[:, : self.dim]).detach()
+
+    @torch.no_grad()
+    def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
+                     context: int) -> torch.Tensor:
+        """:meth:`RecModel.score_events` with the user vector refit per event in closed form to the FM part,
+        which is linear in it with features ``e_i + f_i`` (:func:`~fedrec.models.base.ridge_users` over the
+        ``context`` newest items, anchored at ``vector``); the deep part stays at the round-start vector (it was
+        trained on vectors of that kind, not on ridge fits), so it is computed once for every row."""
+        d = self.dim
+        ctx, w = contexts(history, new, context)
+        u0 = torch.as_tensor(vector) if vector is not None and len(vector) else self.user.weight[0]
+        e, f = self._fields()
+        ev, fv = e[:, :d], f[:, :d]
+        users = ridge_users(ev + fv, ctx, w, u0)  # (rows, d)
+        fixed = self._score(u0.unsqueeze(0), e, f) - (ev + fv) @ u0  # everything but <p, e_i + f_i>
+        return fixed + users @ (ev + fv).T
