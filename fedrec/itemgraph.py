@@ -86,6 +86,8 @@ COUNTS = "graph.counts"  #: with features: every item's all-time count (noised: 
 #: with features: every item's profile, learned from behaviour (:meth:`ItemGraph.profiles`), rows L2-normalised
 PROFILES = "graph.profiles"
 TABLE_KEYS = (*KEYS, FEATURES, COUNTS, PROFILES)
+#: not the graph's: the item features a model that reads them gets with each version (:mod:`fedrec.models`)
+MODEL_FEATURES = "model.features"
 #: with features: the prior of item c is scaled by exp(FEATURE_BETA * (m_c - 1)), m_c in [0, 1] the match of c's
 #: features to the context's (chosen on rounds 2-5 of ml-latest-small, graph noised at event-level epsilon 8)
 FEATURE_BETA = 2.0
@@ -464,8 +466,9 @@ def top_neighbours(S: sp.csr_matrix, neighbours: int) -> tuple[np.ndarray, np.nd
 
 
 def split(host: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """A global version as sent: the model's parameters, and the graph's table (None when it has none)."""
-    model = {k: v for k, v in host.items() if k not in TABLE_KEYS}
+    """A global version as sent: the model's parameters, and the graph's table (None when it has none); the model's
+    item features, if any, in neither (:func:`fedrec.models.version_features`)."""
+    model = {k: v for k, v in host.items() if k not in TABLE_KEYS and k != MODEL_FEATURES}
     graph = {k: np.asarray(host[k]) for k in TABLE_KEYS if k in host}
     return model, (graph if all(k in graph for k in KEYS) else None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 
 import numpy as np
@@ -11,8 +12,10 @@ import torch
 from clients.device import shared_model
 from fedrec.cli import main
 from fedrec.config import RunConfig
+from fedrec.data.features import AGE_EDGES, ModelFeatures, load_item_features
+from fedrec.data.loaders import load_events
 from fedrec.federation.state import init_state
-from fedrec.itemgraph import FEATURES
+from fedrec.itemgraph import MODEL_FEATURES, split
 from fedrec.models import build_model, published_features
 from tests.test_features import _ml
 
@@ -48,32 +51,52 @@ def test_a_new_item_is_scored_by_its_features():
 
 
 def test_the_device_builds_the_servers_model_from_the_published_version():
-    """The server publishes the features (float16, rows as loaded) with every version from the first; a device's
-    model built from that version scores exactly as a model built from the server's own features."""
+    """The server publishes the features with every version from the first, with each item's age bucket in that
+    version's round (float16, as sent); a device's model built from a version scores exactly as the server's model
+    with the same rows."""
     cfg = RunConfig(model="deepfm", dim=6, seed=2)
     x = np.random.default_rng(0).random((V, F)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    state = init_state(cfg, V, x)
-    version = state.host_state()
-    assert version[FEATURES].dtype == np.float16 and version[FEATURES].shape == (V, F)
-    device = shared_model(cfg, V, version)
-    assert device.n_features == F and torch.equal(device.features, torch.from_numpy(x.astype(np.float16).astype(np.float32)))
-    device.load({k: torch.from_numpy(v) for k, v in version.items() if k != FEATURES})
-    server = build_model("deepfm", V, 6, seed=2, features=published_features(x))
-    assert all(torch.equal(server.global_state()[k].float(), torch.from_numpy(version[k]).float())
-               for k in server.global_names)
+    launch = np.r_[np.ones(30), np.full(5, 4.0), np.full(5, np.nan)]  # items 30-34 launch in round 4, 35-39 unknown
+    state = init_state(cfg, V, x, ModelFeatures(x, launch))
+    v1, v5 = state.host_state(1), state.host_state(5)
+    width = F + len(AGE_EDGES) + 1
+    assert v1[MODEL_FEATURES].dtype == np.float16 and v1[MODEL_FEATURES].shape == (V, width)
+    ages1, ages5 = (v[MODEL_FEATURES][:, F:].astype(np.float32) for v in (v1, v5))
+    assert ages1[30].argmax() == 0 and ages5[30].argmax() == 2  # not launched yet; one round old
+    assert ages1[0].argmax() == 1 and ages5[0].argmax() == 4  # launched in round 1: age 0, then age 4 (3-4)
+    assert not ages5[35:].any()  # no launch date, no age
+    device = shared_model(cfg, V, v5)
+    assert device.n_features == width
+    assert torch.equal(device.features, torch.from_numpy(v5[MODEL_FEATURES].astype(np.float32)))
+    params, graph = split(v5)
+    assert MODEL_FEATURES not in params and graph is None
+    device.load({k: torch.from_numpy(v) for k, v in params.items()})
+    server = build_model("deepfm", V, 6, seed=2, features=v5[MODEL_FEATURES])
+    assert all(torch.equal(server.global_state()[k], torch.from_numpy(v5[k])) for k in server.global_names)
     assert torch.equal(server.score_all(), device.score_all())
-    with pytest.raises(ValueError, match=r"item features of shape \(40, 3\)"):
-        device.set_features(version[FEATURES][:, :3])
-    # a model without features has a zero feature row per item (and an MF-like version carries none)
-    assert FEATURES not in init_state(RunConfig(model="mf"), V, x).host_state()
+    with pytest.raises(ValueError, match=rf"item features of shape \(40, 3\), the model was built for \(40, {width}\)"):
+        device.set_features(v5[MODEL_FEATURES][:, :3])
+    # MF reads no features, so its versions carry none; deepfm without features has a zero row per item
+    assert MODEL_FEATURES not in init_state(RunConfig(model="mf"), V, x, ModelFeatures(x, launch)).host_state(1)
     assert build_model("deepfm", V, 6).n_features == 1
+
+
+def test_movielens_titles_give_launch_dates(tmp_path):
+    ratings = _ml(tmp_path)
+    log = load_events(str(ratings))
+    f = load_item_features(ratings.parent / "movies.csv", log)
+    at = {str(x): i for i, x in enumerate(log.item_ids)}
+    assert f.launch[at["1"]] == calendar.timegm((1995, 1, 1, 0, 0, 0))
+    assert f.launch[at["2"]] == calendar.timegm((1996, 1, 1, 0, 0, 0))  # "B, the (1996)"
+    assert np.isnan(f.launch[at["3"]]) and np.isnan(f.launch[at["5"]])  # titles without a year
+    assert f.info()["items_with_launch_dates"] == 2 and "\x00launch" not in f.names
 
 
 @pytest.mark.parametrize("privacy", ["none", "event"])
 def test_deepfm_reads_the_genres_beside_ratings_and_says_so(tmp_path, privacy):
-    """A real run on MovieLens-format files: movies.csv beside ratings.csv is found, read by the model (the feature
-    table has one column per genre) and reported; under event-level DP it trains through Opacus."""
+    """A real run on MovieLens-format files: movies.csv beside ratings.csv is found, read by the model and reported;
+    under event-level DP it trains through Opacus."""
     ratings = _ml(tmp_path)
     out = tmp_path / privacy
     rc = main(["simulate", "--data", str(ratings), "--model", "deepfm", "--rounds", "3", "--cohort", "8", "--nodes",
@@ -86,4 +109,6 @@ def test_deepfm_reads_the_genres_beside_ratings_and_says_so(tmp_path, privacy):
     assert len(rows) == 3 and all(r["failed"] == 0 for r in rows)
     from fedrec.checkpoint import load_checkpoint
 
-    assert load_checkpoint(out / "checkpoint.npz")["global"]["feat.weight"].shape == (s["config"]["dim"] + 1, 3)
+    # one column per genre, and the age buckets (the titles' years are launch dates)
+    assert load_checkpoint(out / "checkpoint.npz")["global"]["feat.weight"].shape == \
+        (s["config"]["dim"] + 1, 3 + len(AGE_EDGES) + 1)

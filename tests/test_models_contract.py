@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedrec.checks import yield_checks
+from fedrec.data.features import AGE_EDGES
 from fedrec.models import MODELS, build_model
 
 CASES = [(name, check) for name in MODELS for check in yield_checks(name)]
@@ -122,7 +123,7 @@ def test_flower_replies_carry_only_global_parameters(tmp_path, name, privacy):
     run_federation(LocalGrid(_make_client_app(str(rec_dir)), cfg.nodes, cfg.to_flat()), cfg, on_round=rows.append)
     assert len(rows) == 2 and all(r["failed"] == 0 for r in rows)
     model = build_model(name, 60, cfg.dim, seed=cfg.seed, seq_len=cfg.seq_len,
-                        features=np.zeros((60, cfg.world_topics)))  # deepfm reads the world's topics
+                        features=np.zeros((60, cfg.world_topics + len(AGE_EDGES) + 1)))  # deepfm: topics, ages
     shapes = {k: list(v.shape) for k, v in model.global_state().items()}
     seen = [json.loads(p.read_text()) for p in sorted(rec_dir.glob("*.json"))]
     assert seen and all("error" not in s for s in seen)

@@ -19,7 +19,7 @@ import torch
 
 from ..client_update import DeviceState, client_update
 from ..config import RunConfig
-from ..itemgraph import FEATURES
+from ..itemgraph import MODEL_FEATURES
 from ..models import build_model, model_from_config, published_features
 from ..models.base import BPRLoss, RecModel
 from ..registry import PRIVACY_MODES
@@ -62,7 +62,7 @@ def _global(model) -> dict[str, np.ndarray]:
 
 def _version(model: RecModel) -> dict[str, np.ndarray]:
     """A global version as the server sends it (with the item features, for a model that reads them)."""
-    return _global(model) | ({FEATURES: _features()} if model.uses_features else {})
+    return _global(model) | ({MODEL_FEATURES: _features()} if model.uses_features else {})
 
 
 def _update(name: str, cfg: RunConfig, state: DeviceState | None = None, round_: int = 3, seed: int = 0):

@@ -21,8 +21,10 @@ the user who wrote them, so they are behaviour data, not public item facts.
 
 from __future__ import annotations
 
+import calendar
 import csv
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ MAX_FEATURES = 4096  #: distinct features at most (the table is dense: items x f
 MAX_CELLS = 50_000_000  #: items x features at most
 ML_HEADER = ("movieid", "title", "genres")
 NO_GENRES = "(no genres listed)"
+YEAR = re.compile(r"\((\d{4})\)\s*$")  #: a MovieLens title ends with its release year: its launch date (1 January)
+LAUNCH = "\x00launch"  #: the name a parsed row gives its launch time among its features (never a feature)
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,16 @@ class ItemFeatures:
     names: tuple[str, ...]
     source: str  #: the file, or ``synthetic world topics (noise ...)``
     skipped: int = 0  #: feature rows of items the events never name
+    #: per item, when it launched, in the events' time (NaN: not known): the catalogue's release dates (MovieLens:
+    #: the year in the title; the world: its launch times). None: the source has none.
+    launch: np.ndarray | None = None
 
     def info(self) -> dict:
         """What the summary reports of them."""
         covered = int((self.matrix != 0).any(axis=1).sum())
         return {"source": self.source, "features": len(self.names), "items_with_features": covered,
                 "items": int(self.matrix.shape[0]), "rows_of_unknown_items": self.skipped,
+                "items_with_launch_dates": 0 if self.launch is None else int(np.isfinite(self.launch).sum()),
                 "what": "public item features (no privacy cost of their own): they personalise the session scores' "
                         "prior, and the item graph's affinities (noised with its counts) correct them into item "
                         "profiles, which rank the features blend; model = deepfm reads them as an input"}
@@ -93,7 +101,8 @@ def world_features(log: EventLog, noise: float, seed: int) -> ItemFeatures:
     listed = np.where(wrong, rng.integers(0, T, len(topic)), topic)
     m = np.zeros((log.n_items, T), np.float32)
     m[np.arange(len(topic)), listed] = 1.0
-    return ItemFeatures(m, tuple(f"topic-{t}" for t in range(T)), f"synthetic world topics (noise {noise:g})")
+    return ItemFeatures(m, tuple(f"topic-{t}" for t in range(T)), f"synthetic world topics (noise {noise:g})",
+                        launch=np.asarray(truth["launch_time"], np.float64))
 
 
 def load_item_features(path: Path, log: EventLog) -> ItemFeatures:
@@ -139,12 +148,14 @@ def _movielens(row: list[str], width: int, where: str) -> tuple[str, list[tuple[
     item, genres = row[0].strip(), row[2].strip()
     if not item.isdigit():
         raise DataError(f"{where}: movieId {item[:40]!r} is not a whole number.")
+    year = YEAR.search(row[1])
+    launch = [(LAUNCH, float(calendar.timegm((int(year.group(1)), 1, 1, 0, 0, 0))))] if year else []
     if genres == NO_GENRES:
-        return item, []
+        return item, launch
     names = [g.strip() for g in genres.split("|")]
     if not all(names):
         raise DataError(f"{where}: an empty genre in {genres[:80]!r}.")
-    return item, [(g, 1.0) for g in names]
+    return item, [(g, 1.0) for g in names] + launch
 
 
 def _generic(row: list[str], width: int, where: str) -> tuple[str, list[tuple[str, float]]]:
@@ -166,6 +177,10 @@ def _generic(row: list[str], width: int, where: str) -> tuple[str, list[tuple[st
 
 
 def _table(pairs: list[tuple[int, str, float]], n_items: int, src: str, skipped: int) -> ItemFeatures:
+    launch = np.full(n_items, np.nan)
+    for i, _, t in (p for p in pairs if p[1] == LAUNCH):
+        launch[i] = t
+    pairs = [p for p in pairs if p[1] != LAUNCH]
     names = sorted({name for _, name, _ in pairs})
     if len(names) > MAX_FEATURES or n_items * len(names) > MAX_CELLS:
         raise DataError(f"{src}: {len(names)} distinct features for {n_items} items is more than fedrec keeps "
@@ -174,4 +189,44 @@ def _table(pairs: list[tuple[int, str, float]], n_items: int, src: str, skipped:
     m = np.zeros((n_items, len(names)), np.float32)
     for i, name, value in pairs:
         m[i, col[name]] = value
-    return ItemFeatures(m, tuple(names), src, skipped)
+    return ItemFeatures(m, tuple(names), src, skipped, launch if np.isfinite(launch).any() else None)
+
+
+#: an item's age in rounds when it is scored (the round minus its launch round), bucketed: below 0 (not launched
+#: yet), 0, 1, 2, 3-4, 5-8, 9-16 and 17 or more. A catalogue publishes its release dates, so the age is public.
+AGE_EDGES = (0, 1, 2, 3, 5, 9, 17)
+
+
+@dataclass(frozen=True)
+class ModelFeatures:
+    """What a model that reads item features gets in each round (:func:`published` per version): each item's
+    static rows (L2-normalised) and, where launch dates are known, a one-hot of its age bucket then
+    (:data:`AGE_EDGES`); each row L2-normalised again. A new item is "new" from these alone."""
+
+    static: np.ndarray  #: (n_items, F) float32
+    launch_round: np.ndarray | None  #: per item, the round its launch falls in (NaN: unknown); None: no dates
+
+    @classmethod
+    def of(cls, features: ItemFeatures, round_at) -> ModelFeatures:
+        """``round_at(t)``: the round whose window holds time ``t`` (:meth:`fedrec.data.stream.RoundStream.round_at`)."""
+        launch = None
+        if features.launch is not None:
+            launch = np.array([round_at(t) if np.isfinite(t) else np.nan for t in features.launch], np.float64)
+        return cls(features.normalised(), launch)
+
+    @property
+    def width(self) -> int:
+        return self.static.shape[1] + (len(AGE_EDGES) + 1 if self.launch_round is not None else 0)
+
+    def at(self, round_: int) -> np.ndarray:
+        """The rows a version for ``round_`` carries (float16: as sent, and as the server's model reads them)."""
+        if self.launch_round is None:
+            return self.static.astype(np.float16)
+        known = np.isfinite(self.launch_round)
+        bucket = np.searchsorted(AGE_EDGES, round_ - self.launch_round[known], side="right")
+        ages = np.zeros((len(self.launch_round), len(AGE_EDGES) + 1), np.float32)
+        ages[np.flatnonzero(known), bucket] = 1.0
+        x = np.concatenate([self.static, ages], axis=1)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return (x / np.where(norm > 0, norm, 1.0)).astype(np.float16)
+

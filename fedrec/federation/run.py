@@ -21,6 +21,7 @@ import torch
 
 from .. import aggregation
 from ..config import RunConfig
+from ..data.features import ModelFeatures
 from ..messages import NodeInfo, RoundInstruction
 from ..models import reads_features
 from ..privacy.accounting import calibrate_noise, event_accountant, graph_records
@@ -163,7 +164,8 @@ class _Run:
         if ledger.records:
             rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
         rec.features = _features(cfg, stream, fed.n_items, rec)
-        state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None)
+        state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None,
+                           ModelFeatures.of(rec.features, stream.round_at) if rec.features is not None else None)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)
@@ -197,7 +199,7 @@ class _Run:
         self.busy = {d: due for d, due in self.busy.items() if due + grace >= r}
         plan = plan_round(self.fed, r, self.rng, busy=self.busy, busy_nodes=busy_nodes,
                           due=[d for d, due in self.busy.items() if due <= r])
-        host = self.state.host_state()
+        host = self.state.host_state(r)
         got = self._exchange(plan, host, arrived)
         got.failed += gone
         late_now = sorted(self.transport.late_devices(r) | set(got.inflight))

@@ -18,9 +18,10 @@ import torch
 from ..asynchrony import Buffer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig
-from ..itemgraph import FEATURES, ItemGraph, sensitivity
+from ..data.features import ModelFeatures
+from ..itemgraph import MODEL_FEATURES, ItemGraph, sensitivity
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
-from ..models import model_from_config, published_features, reads_features
+from ..models import model_from_config, reads_features
 from ..privacy.accounting import graph_multiplier
 from ..privacy.ledger import Ledger
 from ..server_aggregate import ITEM_TABLES, pick_device
@@ -49,9 +50,9 @@ class ServerState:
     buffer: Buffer | None = None
     graph: ItemGraph | None = None  #: the item graph's sums (None: the graph is off)
     graph_table: dict[str, np.ndarray] = field(default_factory=dict)  #: the table published (empty before round 1)
-    #: public arrays every version carries from the first one on (a model's item features); rebuilt from the data
-    #: at every start, never checkpointed
-    public: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the item features a model that reads them gets with every version, from the first one on (their age buckets
+    #: change with the round); rebuilt from the data at every start, never checkpointed
+    model_features: ModelFeatures | None = None
     round: int = 0  #: the last finished round
     version: int = 0  #: global versions published (async: only when the buffer is applied)
     last_fresh: int = 0  #: the newest round whose events the published model reflects
@@ -65,11 +66,11 @@ class ServerState:
     #: discarded trains those events again (``RoundInstruction.acked``). In the checkpoint with the model it is in.
     acked: dict[int, int] = field(default_factory=dict)
 
-    def host_state(self) -> dict[str, np.ndarray]:
+    def host_state(self, round_: int = 1) -> dict[str, np.ndarray]:
         """The global parameters as numpy arrays on the CPU and the item graph's table (what is sent to the
-        nodes; :func:`fedrec.itemgraph.split` parts them)."""
-        return {**{k: v.detach().cpu().numpy() for k, v in self.global_state.items()}, **self.public,
-                **self.graph_table}
+        nodes for ``round_``; :func:`fedrec.itemgraph.split` parts them)."""
+        public = {MODEL_FEATURES: self.model_features.at(round_)} if self.model_features is not None else {}
+        return {**{k: v.detach().cpu().numpy() for k, v in self.global_state.items()}, **public, **self.graph_table}
 
     def state_dict(self, cfg: RunConfig, *, finished: bool = False, ledger: dict | None = None) -> dict:
         """The checkpoint: what :func:`fedrec.checkpoint.save_checkpoint` writes; ``ledger`` is what it records
@@ -123,12 +124,14 @@ def mixed_seed(seed: int, secret: int) -> int:
     return int(np.random.SeedSequence([seed, secret]).generate_state(1, np.uint64)[0] >> 1) if secret else seed
 
 
-def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None) -> ServerState:
+def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None,
+               model_features: ModelFeatures | None = None) -> ServerState:
     """A new server: the model's initial global parameters on the aggregation device (``features``: the public
-    item features, rows L2-normalised, that the item graph publishes and learns profiles for)."""
+    item features, rows L2-normalised, that the item graph publishes and learns profiles for; ``model_features``:
+    what a model that reads them gets with each version)."""
     dev = pick_device(cfg.device)
-    public = {FEATURES: published_features(features)} if features is not None and reads_features(cfg.model) else {}
-    model = model_from_config(cfg, n_items, public.get(FEATURES))
+    mfeat = model_features if reads_features(cfg.model) else None
+    model = model_from_config(cfg, n_items, mfeat.at(1) if mfeat is not None else None)
     gstate = model.global_state()
     optimizer = ServerOptimizer(cfg.server_opt)
     if cfg.row_average and cfg.privacy == "none":  # per-row averaging's tally: in every checkpoint from the start
@@ -137,7 +140,7 @@ def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None)
                        optimizer=optimizer,
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
                        buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
-                       graph=new_graph(cfg, n_items, features), public=public)
+                       graph=new_graph(cfg, n_items, features), model_features=mfeat)
 
 
 def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None) -> ItemGraph | None:

@@ -7,7 +7,7 @@
 * ``sasrec``: a self-attentive sequential recommender (:class:`~fedrec.models.sasrec.SASRec`);
   the user state is the device's own recent item sequence, kept on the device.
 * ``deepfm``: DeepFM (:class:`~fedrec.models.deepfm.DeepFM`) over the user vector (local), the item id and
-  the item's public features (published with every global version: :func:`published_features`).
+  the item's public features and age (published with every global version: :func:`version_features`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import registry
-from ..itemgraph import FEATURES
+from ..itemgraph import MODEL_FEATURES
 from .base import BPRLoss, RecModel
 from .deepfm import DeepFM
 from .mf import MF
@@ -56,11 +56,11 @@ def model_from_config(cfg, n_items: int, features: np.ndarray | None = None) -> 
 
 
 def published_features(features: np.ndarray) -> np.ndarray:
-    """Item features as every global version carries them (rows L2-normalised, float16): the server's model
-    reads these exact values, so a device's model, built from the version, equals it."""
+    """Item feature rows as a global version carries them (float16): the server's model reads these exact values,
+    so a device's model, built from the version, equals it."""
     return np.asarray(features).astype(np.float16)
 
 
 def version_features(name: str, version: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The item features a global version carries for the model ``name`` (None: it reads none, or none sent)."""
-    return np.asarray(version[FEATURES]) if reads_features(name) and FEATURES in version else None
+    return np.asarray(version[MODEL_FEATURES]) if reads_features(name) and MODEL_FEATURES in version else None
