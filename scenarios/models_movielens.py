@@ -1,4 +1,4 @@
-"""The models table: mf, neumf and sasrec on MovieLens replayed by time, non-private and at ε = 8.
+"""The models table: mf, neumf, sasrec and deepfm on MovieLens replayed by time, non-private and at ε = 8.
 
     .venv/bin/python scenarios/models_movielens.py [--config scenarios/models_movielens.toml]
                                                    [--data PATH] [--out runs/models] [--jobs 2]
