@@ -199,7 +199,7 @@ AGE_EDGES = (0, 1, 2, 3, 5, 9, 17)
 
 @dataclass(frozen=True)
 class ModelFeatures:
-    """What a model that reads item features gets in each round (:func:`published` per version): each item's
+    """What a model that reads item features gets in each round (:meth:`at`, one per version): each item's
     static rows (L2-normalised) and, where launch dates are known, a one-hot of its age bucket then
     (:data:`AGE_EDGES`); each row L2-normalised again. A new item is "new" from these alone."""
 
@@ -214,10 +214,6 @@ class ModelFeatures:
             launch = np.array([round_at(t) if np.isfinite(t) else np.nan for t in features.launch], np.float64)
         return cls(features.normalised(), launch)
 
-    @property
-    def width(self) -> int:
-        return self.static.shape[1] + (len(AGE_EDGES) + 1 if self.launch_round is not None else 0)
-
     def at(self, round_: int) -> np.ndarray:
         """The rows a version for ``round_`` carries (float16: as sent, and as the server's model reads them)."""
         if self.launch_round is None:
@@ -229,4 +225,3 @@ class ModelFeatures:
         x = np.concatenate([self.static, ages], axis=1)
         norm = np.linalg.norm(x, axis=1, keepdims=True)
         return (x / np.where(norm > 0, norm, 1.0)).astype(np.float16)
-
