@@ -112,3 +112,23 @@ def test_deepfm_reads_the_genres_beside_ratings_and_says_so(tmp_path, privacy):
     # one column per genre, and the age buckets (the titles' years are launch dates)
     assert load_checkpoint(out / "checkpoint.npz")["global"]["feat.weight"].shape == \
         (s["config"]["dim"] + 1, 3 + len(AGE_EDGES) + 1)
+
+
+def test_the_batched_serving_fit_is_the_per_device_fit():
+    """deepfm fits every device of a serving batch at once; each device's scores and vector are those of the
+    per-device autograd fit (RecModel's), with the same draws from its own generator."""
+    from fedrec.models.base import RecModel
+
+    model = build_model("deepfm", V, 8, seed=3, features=_features())
+    glob = {k: v.numpy() for k, v in model.global_state().items()}
+    hist = [np.array([0, 1, 2, 3]), np.array([], np.int64), np.array([20, 21]), np.arange(V)]
+    vecs = [None, None, np.full(8, 0.05, np.float32), None]
+
+    def run(fn):
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7, 8)]
+        return fn(model, glob, hist, vecs, gens, fit_steps=6, negatives=2, lr=0.5)
+
+    batched, alone = run(type(model).fit_and_score), run(RecModel.fit_and_score)
+    for (s1, v1), (s2, v2) in zip(batched, alone, strict=True):
+        assert np.allclose(v1, v2, atol=1e-5) and np.allclose(s1, s2, atol=1e-4)
+    assert not np.allclose(batched[0][1], batched[2][1])  # devices differ

@@ -20,6 +20,8 @@ plus the deep part.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -128,3 +130,83 @@ class DeepFM(RecModel):
         users = ridge_users(ev + fv, ctx, w, u0)  # (rows, d)
         fixed = self._score(u0.unsqueeze(0), e, f) - (ev + fv) @ u0  # everything but <p, e_i + f_i>
         return fixed + users @ (ev + fv).T
+
+    def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
+                      vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
+                      fit_steps: int, negatives: int, lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`RecModel.fit_and_score` with every device's fit in one batch: the same draws from each device's
+        generator in the same order, and the same steps (a device's loss reads only its own vector, so the sum of
+        the devices' mean losses gives each its own gradient), up to float rounding. The item side of every layer
+        is computed once for the batch: the global version is frozen while devices fit."""
+        self.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
+        hist = [np.asarray(h, dtype=np.int64) for h in histories]
+        users = torch.stack([self._start_vector(v, g) for v, g in zip(vectors, generators, strict=True)])
+        with torch.no_grad():
+            item = self._item_side()
+        fit = [a for a, h in enumerate(hist) if len(h)]
+        if fit and fit_steps:
+            cands = [_unseen(hist[a], self.n_items) for a in fit]
+            p = users[fit].clone().requires_grad_(True)
+            for _ in range(fit_steps):
+                items, mask = _padded([torch.cat([torch.from_numpy(hist[a]).unsqueeze(1),
+                                                  c[torch.randint(0, len(c), (len(hist[a]), negatives), generator=generators[a])]],
+                                                 dim=1) for a, c in zip(fit, cands, strict=True)])
+                s = self._scores_from(p, item, items)  # (A, L, 1 + K)
+                per = nn.functional.softplus(s[..., 1:] - s[..., :1]).mean(-1)  # (A, L): BPRLoss of each sample
+                loss = ((per * mask).sum(1) / mask.sum(1)).sum()
+                (grad,) = torch.autograd.grad(loss, p)
+                with torch.no_grad():
+                    p -= lr * grad
+            users[fit] = p.detach()
+        with torch.no_grad():
+            scores = torch.cat([self._scores_from(users[a:a + 32], item) for a in range(0, len(users), 32)])
+            if len(users):
+                self.user.weight.copy_(users[-1:])
+        return [(scores[a].numpy(), users[a].numpy().astype(np.float32).copy()) for a in range(len(hist))]
+
+    def _start_vector(self, vector: np.ndarray | None, generator: torch.Generator) -> torch.Tensor:
+        """A device's user vector before its fit: its own from the last round, else a fresh one from its generator."""
+        if vector is not None and len(vector):
+            return torch.as_tensor(np.asarray(vector, np.float32)).reshape(self.dim)
+        return self.init_local(generator)["user.weight"][0]
+
+    def _item_side(self) -> dict[str, torch.Tensor]:
+        """Every item's share of the score that does not read the user: the FM's item terms, the vector the user
+        is multiplied with, and the item's part of the first deep layer."""
+        d = self.dim
+        e, f = self._fields()
+        ev, fv = e[:, :d], f[:, :d]
+        w1 = self.mlp1.weight
+        return {"base": e[:, d] + f[:, d] + (ev * fv).sum(-1), "vec": ev + fv,
+                "deep": ev @ w1[:, d:2 * d].T + fv @ w1[:, 2 * d:].T + self.mlp1.bias}
+
+    def _scores_from(self, users: torch.Tensor, item: dict[str, torch.Tensor],
+                     items: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of ``items`` ``(A, ...)`` for the users ``(A, dim)`` (None: every item, ``(A, n_items)``) from the
+        item side :meth:`_item_side` computed; what :meth:`_score` gives, in another order of sums."""
+        side = item if items is None else {k: v[items] for k, v in item.items()}
+        shape = (len(users),) + (1,) * (side["vec"].dim() - (1 if items is None else 2)) + (users.shape[1],)
+        u = users.reshape(shape)
+        first = (users @ self.mlp1.weight[:, : self.dim].T).reshape(shape[:-1] + (-1,))
+        z = torch.relu(side["deep"] + first)
+        deep = self.out(torch.relu(self.mlp2(z))).squeeze(-1)
+        return side["base"] + (u * side["vec"]).sum(-1) + deep
+
+
+def _unseen(history: np.ndarray, n_items: int) -> torch.Tensor:
+    """The items a device has not had (every item if it has had them all): its negatives' candidates."""
+    seen = np.zeros(n_items, bool)
+    seen[history] = True
+    return torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(n_items)
+
+
+def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-device ``(n_a, m)`` samples as one ``(A, max n_a, m)`` batch (padding repeats item 0) and its mask."""
+    n = max(len(r) for r in rows)
+    items = torch.zeros(len(rows), n, rows[0].shape[1], dtype=torch.long)
+    mask = torch.zeros(len(rows), n)
+    for a, r in enumerate(rows):
+        items[a, : len(r)] = r
+        mask[a, : len(r)] = 1.0
+    return items, mask
+
