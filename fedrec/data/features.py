@@ -192,6 +192,12 @@ def _table(pairs: list[tuple[int, str, float]], n_items: int, src: str, skipped:
     return ItemFeatures(m, tuple(names), src, skipped, launch if np.isfinite(launch).any() else None)
 
 
+def published_features(features: np.ndarray) -> np.ndarray:
+    """Item feature rows as a global version carries them (float16): the server's model reads these exact values,
+    so a device's model, built from the version, equals it."""
+    return np.asarray(features).astype(np.float16)
+
+
 #: an item's age in rounds when it is scored (the round minus its launch round), bucketed: below 0 (not launched
 #: yet), 0, 1, 2, 3-4, 5-8, 9-16 and 17 or more. A catalogue publishes its release dates, so the age is public.
 AGE_EDGES = (0, 1, 2, 3, 5, 9, 17)
@@ -217,11 +223,11 @@ class ModelFeatures:
     def at(self, round_: int) -> np.ndarray:
         """The rows a version for ``round_`` carries (float16: as sent, and as the server's model reads them)."""
         if self.launch_round is None:
-            return self.static.astype(np.float16)
+            return published_features(self.static)
         known = np.isfinite(self.launch_round)
         bucket = np.searchsorted(AGE_EDGES, round_ - self.launch_round[known], side="right")
         ages = np.zeros((len(self.launch_round), len(AGE_EDGES) + 1), np.float32)
         ages[np.flatnonzero(known), bucket] = 1.0
         x = np.concatenate([self.static, ages], axis=1)
         norm = np.linalg.norm(x, axis=1, keepdims=True)
-        return (x / np.where(norm > 0, norm, 1.0)).astype(np.float16)
+        return published_features(x / np.where(norm > 0, norm, 1.0))

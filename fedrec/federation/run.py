@@ -165,7 +165,8 @@ class _Run:
             rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
         rec.features = _features(cfg, stream, fed.n_items, rec)
         state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None,
-                           ModelFeatures.of(rec.features, stream.round_at) if rec.features is not None else None)
+                           ModelFeatures.of(rec.features, stream.round_at)
+                           if rec.features is not None and reads_features(cfg.model) else None)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import registry
+from ..data.features import published_features
 from ..itemgraph import MODEL_FEATURES
 from .base import BPRLoss, RecModel
 from .deepfm import DeepFM
@@ -29,7 +30,7 @@ from .sasrec import SASRec
 #: the model names, in the order of :data:`fedrec.registry.MODELS` (which maps each to its class)
 MODELS = registry.MODELS.names()
 
-__all__ = ["MODELS", "MF", "NeuMF", "SASRec", "DeepFM", "BPRLoss", "RecModel", "build_model"]
+__all__ = ["MODELS", "MF", "NeuMF", "SASRec", "DeepFM", "BPRLoss", "RecModel", "build_model", "published_features"]
 
 
 def reads_features(name: str) -> bool:
@@ -53,12 +54,6 @@ def model_from_config(cfg, n_items: int, features: np.ndarray | None = None) -> 
     """The model a run config names (``model``, ``dim``, ``seq-len``, ``init-scale``, ``seed``)."""
     return build_model(cfg.model, n_items, cfg.dim, seed=cfg.seed, init_scale=cfg.init_scale, seq_len=cfg.seq_len,
                        features=features)
-
-
-def published_features(features: np.ndarray) -> np.ndarray:
-    """Item feature rows as a global version carries them (float16): the server's model reads these exact values,
-    so a device's model, built from the version, equals it."""
-    return np.asarray(features).astype(np.float16)
 
 
 def version_features(name: str, version: Mapping[str, np.ndarray]) -> np.ndarray | None:

@@ -253,9 +253,7 @@ class RecModel(nn.Module):
                     self.load_local_flat(v)
                 else:
                     self.load(self.init_local(g))
-                seen = np.zeros(self.n_items, bool)
-                seen[h] = True
-                cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(self.n_items)
+                cand = unseen(h, self.n_items)
                 self.fit_local(torch.from_numpy(h), cand, steps=fit_steps, negatives=negatives, lr=lr, generator=g,
                                backend="autograd")
             out.append((self.score_all(h).numpy(), self.local_flat()))
@@ -278,6 +276,13 @@ class RecModel(nn.Module):
             self.load_local_flat(vector)
         seq = np.concatenate([np.asarray(history, np.int64), np.asarray(new, np.int64)])
         return torch.stack([self.score_all(seq[: len(history) + j]) for j in range(len(new) + 1)])
+
+
+def unseen(history: np.ndarray, n_items: int) -> torch.Tensor:
+    """The items a device has not had (every item if it has had them all): the candidates of its negatives."""
+    seen = np.zeros(n_items, bool)
+    seen[history] = True
+    return torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(n_items)
 
 
 RIDGE = 1.0  #: weight of the round-start user vector in the per-event refit (:func:`ridge_users`)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..itemgraph import contexts
-from .base import RecModel, ridge_users, seeded_linear
+from .base import RecModel, ridge_users, seeded_linear, unseen
 
 
 class DeepFM(RecModel):
@@ -122,14 +122,12 @@ class DeepFM(RecModel):
         which is linear in it with features ``e_i + f_i`` (:func:`~fedrec.models.base.ridge_users` over the
         ``context`` newest items, anchored at ``vector``); the deep part stays at the round-start vector (it was
         trained on vectors of that kind, not on ridge fits), so it is computed once for every row."""
-        d = self.dim
         ctx, w = contexts(history, new, context)
         u0 = torch.as_tensor(vector) if vector is not None and len(vector) else self.user.weight[0]
-        e, f = self._fields()
-        ev, fv = e[:, :d], f[:, :d]
-        users = ridge_users(ev + fv, ctx, w, u0)  # (rows, d)
-        fixed = self._score(u0.unsqueeze(0), e, f) - (ev + fv) @ u0  # everything but <p, e_i + f_i>
-        return fixed + users @ (ev + fv).T
+        item = self._item_side()
+        users = ridge_users(item["vec"], ctx, w, u0)  # (rows, d)
+        fixed = self._scores_from(u0.unsqueeze(0), item)[0] - item["vec"] @ u0  # everything but <p, e_i + f_i>
+        return fixed + users @ item["vec"].T
 
     def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
                       vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
@@ -145,7 +143,7 @@ class DeepFM(RecModel):
             item = self._item_side()
         fit = [a for a, h in enumerate(hist) if len(h)]
         if fit and fit_steps:
-            cands = [_unseen(hist[a], self.n_items) for a in fit]
+            cands = [unseen(hist[a], self.n_items) for a in fit]
             p = users[fit].clone().requires_grad_(True)
             for _ in range(fit_steps):
                 items, mask = _padded([torch.cat([torch.from_numpy(hist[a]).unsqueeze(1),
@@ -191,13 +189,6 @@ class DeepFM(RecModel):
         z = torch.relu(side["deep"] + first)
         deep = self.out(torch.relu(self.mlp2(z))).squeeze(-1)
         return side["base"] + (u * side["vec"]).sum(-1) + deep
-
-
-def _unseen(history: np.ndarray, n_items: int) -> torch.Tensor:
-    """The items a device has not had (every item if it has had them all): its negatives' candidates."""
-    seen = np.zeros(n_items, bool)
-    seen[history] = True
-    return torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(n_items)
 
 
 def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
