@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .eval.metrics import BLENDS, PrequentialCounts, ServeCounts, event_counts, in_topk, prequential_counts
+from .eval.metrics import BLENDS, CELLS, EventRows, PrequentialCounts, ServeCounts, in_topk, prequential_counts
 from .itemgraph import contexts, graph_scores, prepare
-from .models.base import RecModel
+from .models.base import EventBlock, RecModel
 
 ROWS = 256  #: events scored per block (bounds the memory of one device's round: ROWS x n_items)
 
@@ -95,46 +95,86 @@ def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, s
     return session + weight * (zmodel if zmodel is not None else standardised(model))
 
 
-def event_rows(model: RecModel, s: ServeInput, vector: np.ndarray | None, graph: Mapping[str, torch.Tensor] | None,
+def event_rows(model: RecModel, blocks: list[EventBlock], graph: Mapping[str, torch.Tensor] | None,
                context: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The model's instant scores, the graph's session scores and its features blend's (None where the run has
-    no graph, or no features) before each new event and after the last."""
-    rows = model.score_events(s.history, s.new, vector, context=context)
+    no graph, or no features) before each new event of each block (``(history, new, vector)``) and after its last,
+    the blocks' rows stacked."""
+    rows = model.score_event_blocks(blocks, context=context)
     if graph is None:
         return rows, None, None
-    ctx, w = contexts(s.history, s.new, context)
-    return (rows, *graph_scores(graph, ctx, w))
+    parts = [contexts(h, n, context) for h, n, _ in blocks]
+    return (rows, *graph_scores(graph, np.concatenate([c for c, _ in parts]), np.concatenate([w for _, w in parts])))
 
 
-def _per_event(model: RecModel, s: ServeInput, vector: np.ndarray | None, start: np.ndarray,
+START = BLENDS.index("start")
+
+
+@dataclass
+class _Piece:
+    """A block of one device's new events, scored as one (at most :data:`ROWS` events, so at most ROWS + 1 rows)."""
+
+    index: int  #: the device's place in the batch
+    history: np.ndarray  #: its history and its new events before this block
+    new: np.ndarray
+    last: bool  #: the device's final block: its last row is the row after every new event
+
+
+def _pieces(devices: list[ServeInput]) -> list[_Piece]:
+    out = []
+    for i, s in enumerate(devices):
+        new = np.asarray(s.new, np.int64)
+        for a in range(0, len(new) + 1, ROWS):  # the last block holds the row after all the new events
+            out.append(_Piece(i, np.concatenate([np.asarray(s.history, np.int64), new[:a]]), new[a:a + ROWS],
+                              a + ROWS > len(new)))
+    return out
+
+
+def _chunks(pieces: list[_Piece], n_items: int) -> list[list[_Piece]]:
+    """Consecutive pieces grouped so that a group's rows fit :data:`CELLS` scores (a piece alone may exceed it)."""
+    most, rows = max(ROWS + 1, CELLS // max(n_items, 1)), 0
+    out: list[list[_Piece]] = [[]]
+    for p in pieces:
+        if out[-1] and rows + len(p.new) + 1 > most:
+            out.append([])
+            rows = 0
+        out[-1].append(p)
+        rows += len(p.new) + 1
+    return out if out[-1] else []
+
+
+def _per_event(model: RecModel, devices: list[ServeInput], vectors: list[np.ndarray | None], starts: list[np.ndarray],
                graph: Mapping[str, torch.Tensor] | None, k: int, context: int, blend: int
-               ) -> tuple[list[PrequentialCounts], np.ndarray]:
-    """Each blend's per-event counts of the device's new events, and the served blend's last row."""
-    seen = np.zeros(model.n_items, bool)
-    seen[np.asarray(s.history, dtype=np.int64)] = True
-    out = [PrequentialCounts() for _ in BLENDS]
-    last = start
-    new = np.asarray(s.new, np.int64)
-    start_row = torch.from_numpy(np.asarray(start, np.float32))
-    for a in range(0, len(new) + 1, ROWS):  # block b holds rows a..a+ROWS (the last block: the row after all)
-        part = ServeInput(s.device, np.concatenate([s.history, new[:a]]), new[a:a + ROWS])
-        rows, session, content = event_rows(model, part, vector, graph, context)
-        block_seen = seen.copy()
-        block_seen[new[:a]] = True
+               ) -> list[tuple[list[PrequentialCounts], np.ndarray]]:
+    """Each device's per-event counts under every blend, and its served blend's last row; the batch's events are
+    scored together, in groups of rows (each row reads only its own device's events and vector)."""
+    out = [([PrequentialCounts() for _ in BLENDS], starts[i]) for i in range(len(devices))]
+    for chunk in _chunks(_pieces(devices), model.n_items):
+        rows, session, content = event_rows(model, [(p.history, p.new, vectors[p.index]) for p in chunk], graph,
+                                            context)
+        ranked = EventRows([(p.history, p.new) for p in chunk], model.n_items, trailing=True)
+        start = torch.from_numpy(np.stack([np.asarray(starts[p.index], np.float32) for p in chunk]))
+        start = start.repeat_interleave(torch.from_numpy(ranked.lens), dim=0)
         zmodel = standardised(rows) if session is not None else None
         for j, name in enumerate(BLENDS):
-            scores = blend_scores(name, session, rows, start_row, zmodel, content).numpy()
-            out[j].add(event_counts(scores, block_seen, part.new, k))
-            if j == blend and a + ROWS > len(new):
-                last = scores[len(part.new)]
-    return out, last
+            scores = blend_scores(name, session, rows, start, zmodel, content).numpy()
+            for p, c, end in zip(chunk, ranked.counts(scores, k), ranked.ends, strict=True):
+                out[p.index][0][j].add(c)
+                if j == blend and p.last:
+                    out[p.index] = (out[p.index][0], scores[end - 1].copy())
+    return out
 
 
-def _start(scores: np.ndarray, s: ServeInput, n_items: int, k: int) -> tuple[PrequentialCounts, np.ndarray | None]:
-    """The round-start counts of the device's new events (and probe hits) from its scores at the round's start."""
+def _start(scores: np.ndarray, s: ServeInput, n_items: int, k: int, scored: PrequentialCounts | None
+           ) -> tuple[PrequentialCounts, np.ndarray | None]:
+    """The round-start counts of the device's new events (and probe hits) from its scores at the round's start;
+    ``scored``: those counts where the per-event scoring has them already (its ``start`` blend ranks every event
+    by the same row, with the same items excluded)."""
     seen = np.zeros(n_items, bool)
     seen[np.asarray(s.history, dtype=np.int64)] = True
     hits = in_topk(scores, s.probe, seen, k) if s.probe is not None and len(s.probe) else None
+    if scored is not None:
+        return PrequentialCounts(scored.n, scored.hits, scored.ndcg), hits
     return prequential_counts(scores, seen, s.new, k), hits
 
 
@@ -161,11 +201,11 @@ def serve(model: RecModel, global_state: Mapping[str, np.ndarray], devices: list
                                  _generators(devices, seed, round_), fit_steps=fit_steps, negatives=negatives, lr=lr)
     model.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
     table = prepare(graph) if graph is not None else None  # once for the batch, not per device
+    events = _per_event(model, devices, [v if v.size else None for _, v in fitted], [x for x, _ in fitted], table, k,
+                        context, blend) if per_event else [([PrequentialCounts() for _ in BLENDS], x) for x, _ in fitted]
     out = []
-    for s, (scores, vector) in zip(devices, fitted, strict=True):
-        start, hits = _start(scores, s, model.n_items, k)
-        blends, last = _per_event(model, s, vector if vector.size else None, scores, table, k, context, blend) \
-            if per_event else ([PrequentialCounts() for _ in BLENDS], scores)
+    for s, (scores, vector), (blends, last) in zip(devices, fitted, events, strict=True):
+        start, hits = _start(scores, s, model.n_items, k, blends[START] if per_event else None)
         out.append(ServeResult(device=s.device, counts=ServeCounts(start, blends), probe_hits=hits, vector=vector,
                                next_scores=last))
     return out

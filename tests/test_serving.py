@@ -56,3 +56,43 @@ def test_same_seed_same_result_and_inputs_untouched():
     b = serve_round(_table(), 2, [d], prev, **KW)[0]
     assert np.array_equal(a.vector, b.vector) and a.counts == b.counts
     assert h.tolist() == [0, 4] and prev[4].tolist() == [np.float32(0.1)] * 2
+
+
+def test_batched_per_event_counts_equal_each_events_own_rank(monkeypatch):
+    """The batch's events are scored together, in groups of rows: each device's counts under every blend equal a
+    brute-force rank of each event by its own row (the items had before it excluded, repeats not scored), also
+    for a device whose events span several blocks and when groups are small."""
+    import fedrec.serving as serving
+    from fedrec.eval.metrics import BLENDS, target_rank
+
+    monkeypatch.setattr(serving, "ROWS", 7)
+    monkeypatch.setattr(serving, "CELLS", 50 * 12)  # groups of at most 12 rows of 50 items
+    rng = np.random.default_rng(5)
+    table = rng.normal(size=(50, 5)).astype(np.float32)
+    devs = [ServeInput(device=d, history=rng.integers(0, 50, rng.integers(0, 9)), new=rng.integers(0, 50, n))
+            for d, n in enumerate([1, 3, 20, 0, 2, 7, 5])]
+    devs = [d for d in devs if len(d.new)]
+    k = 5
+    got = serve_round(table, 4, devs, {}, **{**KW, "k": k}, blend=BLENDS.index("model"))
+    model = build_model("mf", 50, 4, init_scale=0.1)
+    model.load({"item.weight": __import__("torch").as_tensor(table)})
+    for d, res in zip(devs, got, strict=True):
+        rows = model.score_events(d.history, d.new, res.vector, context=10).numpy()
+        seq = np.concatenate([d.history, d.new])
+        start_row = table[:, :4] @ res.vector + table[:, 4]  # the round-start scores of its fitted vector
+        n = hits = start_hits = 0
+        for j, t in enumerate(d.new):
+            had = np.zeros(50, bool)
+            had[seq[: len(d.history) + j]] = True
+            if had[t]:
+                continue
+            n += 1
+            hits += target_rank(rows[j], int(t), had) < k
+            start_hits += target_rank(start_row, int(t), had) < k
+        assert res.counts.start.n == n and res.counts.start.hits == start_hits, d.device
+        for name in ("model", "graph", "start"):
+            c = res.counts.blends[BLENDS.index(name)]
+            assert c.n == n and c.hits == (start_hits if name == "start" else hits), (d.device, name)
+        np.testing.assert_allclose(res.next_scores, rows[-1], atol=1e-6)
+    alone = [serve_round(table, 4, [d], {}, **{**KW, "k": k})[0] for d in devs]
+    assert [a.counts for a in alone] == [g.counts for g in got]

@@ -10,10 +10,11 @@ import torch
 
 from ..data.stream import RoundStream
 from ..itemgraph import ItemGraph, Pairs, contexts, device_pairs, prepare, session_scores
-from .metrics import PrequentialCounts, event_counts, prequential_counts
+from .metrics import CELLS, EventRows, PrequentialCounts
 
 CHUNK = 1024  #: events scored together (rows of ``(CHUNK, n_items)`` scores)
-Piece = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  #: a device's events: contexts, weights, had, items
+#: a block of a device's events: their contexts and weights, the items it had before them, their items
+Piece = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def popularity_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int,
@@ -34,17 +35,29 @@ def popularity_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]
         counts += np.bincount(log.item[stream.round_of == r - 1], minlength=log.n_items) if r > 1 else 0
         if window and r - 1 - window >= 1:
             counts -= np.bincount(log.item[stream.round_of == r - 1 - window], minlength=log.n_items)
-        c = PrequentialCounts()
+        blocks = []
         for d in devices:
-            idx = stream.device_events(d, r)
-            rounds = stream.round_of[idx]
-            cur = last.get(d, 0)
-            seen = np.zeros(log.n_items, bool)
-            seen[log.item[idx[rounds <= cur]]] = True
-            c.add(prequential_counts(counts, seen, log.item[idx[rounds > cur]], k))
+            blocks.append(_history_and_new(stream, d, last.get(d, 0), r))
             last[d] = r
-        out.append(c)
+        out.append(_ranked(blocks, counts, k))
     return out
+
+
+def _ranked(blocks: list[tuple[np.ndarray, np.ndarray]], scores: np.ndarray, k: int) -> PrequentialCounts:
+    """The summed counts of ``blocks`` (each ``(history, new)``, :class:`~fedrec.eval.metrics.EventRows`) when every
+    event is ranked by the same ``scores``, in groups of about :data:`~fedrec.eval.metrics.CELLS` scores."""
+    n_items = len(scores)
+    c, at, most = PrequentialCounts(), 0, max(1, CELLS // max(n_items, 1))
+    while at < len(blocks):
+        take, rows = [blocks[at]], len(blocks[at][1])
+        at += 1
+        while at < len(blocks) and rows + len(blocks[at][1]) <= most:
+            take.append(blocks[at])
+            rows += len(blocks[at][1])
+            at += 1
+        for x in EventRows(take, n_items).counts(np.broadcast_to(scores, (rows, n_items)), k):
+            c.add(x)
+    return c
 
 
 def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int, *, window: int,
@@ -79,22 +92,18 @@ def _knn_round(table: Mapping[str, Any], devices: list[tuple[np.ndarray, np.ndar
 
     The events go to :func:`~fedrec.itemgraph.session_scores` in batches of at most ``CHUNK`` rows (a
     device's events may span batches: those of earlier batches count as had), then back to their devices."""
-    n_items = len(table["graph.prior"])
     c = PrequentialCounts()
     batch: list[Piece] = []
     rows = 0
     for history, new in devices:
         ctx, weight = contexts(history, new, context)
-        seen = np.zeros(n_items, bool)
-        seen[history] = True
         for a in range(0, len(new), CHUNK):
             b = min(a + CHUNK, len(new))
             if rows + b - a > CHUNK:
                 c.add(_knn_batch(table, batch, k))
                 batch, rows = [], 0
-            batch.append((ctx[a:b], weight[a:b], seen.copy(), new[a:b]))
+            batch.append((ctx[a:b], weight[a:b], np.concatenate([history, new[:a]]), new[a:b]))
             rows += b - a
-            seen[new[a:b]] = True
     if batch:
         c.add(_knn_batch(table, batch, k))
     return c
@@ -102,10 +111,9 @@ def _knn_round(table: Mapping[str, Any], devices: list[tuple[np.ndarray, np.ndar
 
 def _knn_batch(table: Mapping[str, Any], batch: list[Piece], k: int) -> PrequentialCounts:
     scores = session_scores(table, np.concatenate([p[0] for p in batch]), np.concatenate([p[1] for p in batch]))
-    c, at = PrequentialCounts(), 0
-    for _, _, seen, new in batch:
-        c.add(event_counts(scores[at:at + len(new)].numpy(), seen, new, k))
-        at += len(new)
+    c = PrequentialCounts()
+    for x in EventRows([(had, new) for _, _, had, new in batch], len(table["graph.prior"])).counts(scores.numpy(), k):
+        c.add(x)
     return c
 
 
@@ -166,13 +174,8 @@ def _mf_round(model: Any, pieces: list[tuple[np.ndarray, np.ndarray]], users: to
         w = np.concatenate([rows[j][1][:-1] for j in take])
         u0 = torch.cat([users[j].expand(len(pieces[j][1]), -1) for j in take])
         scores = model.score_contexts(ctx, w, u0).numpy()
-        start = 0
-        for j in take:
-            history, new = pieces[j]
-            seen = np.zeros(model.n_items, bool)
-            seen[history] = True
-            c.add(event_counts(scores[start:start + len(new)], seen, new, k))
-            start += len(new)
+        for x in EventRows([pieces[j] for j in take], model.n_items).counts(scores, k):
+            c.add(x)
         at = take[-1] + 1
     return c
 

@@ -183,3 +183,48 @@ def event_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] 
     hit = scored & (ranks < k) & np.isfinite(s)  # a score that is not a number ranks nothing
     return PrequentialCounts(int(scored.sum()), float(hit.sum()),
                              float((1.0 / np.log2(ranks[hit] + 2)).sum()))
+
+
+#: scores held at once when many devices' events are ranked together (rows x n_items; 16 MB of float32)
+CELLS = 1 << 22
+
+
+class EventRows:
+    """The events of many blocks, one row each, ranked together (:func:`event_counts` for many devices at once).
+
+    Block ``b`` is ``(history, new)``: row ``j`` of it ranks ``new[j]`` over the items not had before it (its
+    ``history``, then ``new[:j]``); an item had already is not scored; ties count against the target. With
+    ``trailing`` each block has one more row (what follows its last event), which ranks nothing. The rows of
+    block ``b`` come after those of every block before it.
+    """
+
+    def __init__(self, blocks: Sequence[tuple[np.ndarray, np.ndarray]], n_items: int, *, trailing: bool = False):
+        self.lens = np.array([len(n) + trailing for _, n in blocks], dtype=np.int64)
+        self.ends = np.cumsum(self.lens)
+        self.had = np.zeros((int(self.lens.sum()), n_items), bool)
+        targets = []
+        for (history, new), end, m in zip(blocks, self.ends, self.lens, strict=True):
+            new = np.asarray(new, np.int64)
+            r = end - m
+            self.had[r:end, np.asarray(history, np.int64)] = True
+            later, earlier = np.tril_indices(len(new), -1)
+            self.had[r + later, new[earlier]] = True
+            targets.append(np.append(new, -1) if trailing else new)
+        self.targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+
+    def counts(self, scores: np.ndarray, k: int) -> list[PrequentialCounts]:
+        """Each block's counts from ``scores`` (one row per row of the blocks, ``(rows, n_items)``)."""
+        at = np.arange(len(self.targets))
+        t = np.maximum(self.targets, 0)
+        s = scores[at, t]
+        scored = (self.targets >= 0) & ~self.had[at, t]
+        ranks = np.count_nonzero((scores >= s[:, None]) & ~self.had, axis=1) - 1
+        hit = scored & (ranks < k) & np.isfinite(s)
+        ndcg = np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2), 0.0)
+        sums = np.zeros((3, len(self.lens)))
+        some = self.lens > 0  # (np.add.reduceat would give an empty block its next row)
+        if some.any():
+            sums[:, some] = [np.add.reduceat(x.astype(np.float64), (self.ends - self.lens)[some])
+                             for x in (scored, hit, ndcg)]
+        return [PrequentialCounts(int(a), float(b), float(c)) for a, b, c in sums.T]
+

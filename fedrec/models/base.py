@@ -277,12 +277,36 @@ class RecModel(nn.Module):
         seq = np.concatenate([np.asarray(history, np.int64), np.asarray(new, np.int64)])
         return torch.stack([self.score_all(seq[: len(history) + j]) for j in range(len(new) + 1)])
 
+    def score_event_blocks(self, blocks: Sequence[EventBlock], *, context: int) -> torch.Tensor:
+        """:meth:`score_events` of several blocks (each ``(history, new, vector)``, of one device or of many),
+        their rows stacked in order: ``(sum(len(new) + 1), n_items)``. Each block's rows equal its own
+        :meth:`score_events`. This default scores block by block; a model with a closed-form refit overrides it to
+        score every row at once."""
+        return torch.cat([self.score_events(h, n, v, context=context) for h, n, v in blocks])
+
 
 def unseen(history: np.ndarray, n_items: int) -> torch.Tensor:
     """The items a device has not had (every item if it has had them all): the candidates of its negatives."""
     seen = np.zeros(n_items, bool)
     seen[history] = True
     return torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(n_items)
+
+
+#: one block of events to score (:meth:`RecModel.score_event_blocks`): the history, the new events, the vector
+EventBlock = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
+def block_contexts(blocks: Sequence[EventBlock], context: int, default: torch.Tensor
+                   ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+    """Every block's context rows (:func:`fedrec.itemgraph.contexts`) stacked, their weights, each block's start
+    vector ``(blocks, d)`` (``default`` where a block has none) and each block's number of rows."""
+    from ..itemgraph import contexts  # the item graph reads models' outputs, not the other way round
+
+    parts = [contexts(h, n, context) for h, n, _ in blocks]
+    starts = torch.stack([torch.as_tensor(np.asarray(v, np.float32)).reshape(default.shape)
+                          if v is not None and len(v) else default for _, _, v in blocks])
+    lens = torch.tensor([len(c) for c, _ in parts])
+    return np.concatenate([c for c, _ in parts]), np.concatenate([w for _, w in parts]), starts, lens
 
 
 RIDGE = 1.0  #: weight of the round-start user vector in the per-event refit (:func:`ridge_users`)

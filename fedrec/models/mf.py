@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..itemgraph import contexts
-from .base import RecModel, ridge_users
+from .base import EventBlock, RecModel, block_contexts, ridge_users
 
 
 class MF(RecModel):
@@ -64,6 +64,12 @@ class MF(RecModel):
         ctx, w = contexts(history, new, context)
         u0 = torch.as_tensor(vector) if vector is not None and len(vector) else self.user.weight[0]
         return self.score_contexts(ctx, w, u0)
+
+    @torch.no_grad()
+    def score_event_blocks(self, blocks: Sequence[EventBlock], *, context: int) -> torch.Tensor:
+        """:meth:`score_events` of every block in one refit and one product (rows of many devices at once)."""
+        ctx, w, starts, lens = block_contexts(blocks, context, self.user.weight[0])
+        return self.score_contexts(ctx, w, starts.repeat_interleave(lens, dim=0))
 
     @torch.no_grad()
     def score_contexts(self, ctx: np.ndarray, weight: np.ndarray, u0: torch.Tensor) -> torch.Tensor:
