@@ -35,34 +35,63 @@ PACKED, PACKED_ARRAYS = "fedrec-packed", "fedrec-packed-arrays"
 INLINE_MAX = 4 << 20
 #: the longest manifest read (a message's record names, config values and array headers)
 MANIFEST_MAX = 4 << 20
+#: a list of numbers this long or longer travels in the blob (a node's serving report lists every device it served)
+LIST_BLOB = 64
 _KINDS = ("arrays", "metrics", "config")
 
 
 def to_records(plain: Mapping[str, Any]) -> RecordDict:
     """``plain`` (record name -> mapping) as one packed record (:data:`PACKED`, module docstring)."""
-    records, parts, offset = [], [], 0
+    records: list[list] = []
+    blob = _Blob()
     for name, rec in plain.items():
         kind = record_type(name)
         if kind == "arrays":
-            body = {}
-            for k, v in rec.items():
-                a = np.asarray(v)
-                a = a if a.flags.c_contiguous else a.copy(order="C")
-                body[k] = [a.dtype.str, list(a.shape), offset, a.nbytes]
-                parts.append(a.reshape(-1).view(np.uint8) if a.size else np.zeros(0, np.uint8))
-                offset += a.nbytes
-            records.append([name, kind, body])
-        else:
-            records.append([name, kind, {k: _sendable(name, k, v) for k, v in rec.items()}])
+            records.append([name, kind, {k: blob.add(np.asarray(v)) for k, v in rec.items()}])
+            continue
+        values = {k: _sendable(name, k, v) for k, v in rec.items()}
+        nums = {k: a for k, a in ((k, _numbers(v)) for k, v in values.items()) if a is not None}
+        lists = {k: blob.add(a) for k, a in nums.items()}  # long lists of numbers travel as bytes, not as JSON
+        body = {k: v for k, v in values.items() if k not in lists}
+        records.append([name, kind, body, lists] if lists else [name, kind, body])
     manifest = json.dumps({"records": records}, separators=(",", ":"))
-    blob = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    data = np.concatenate(blob.parts) if blob.parts else np.zeros(0, np.uint8)
     out = RecordDict()
-    if blob.nbytes <= INLINE_MAX:
-        out[PACKED] = ConfigRecord({"manifest": manifest, "blob": blob.tobytes()})
+    if data.nbytes <= INLINE_MAX:
+        out[PACKED] = ConfigRecord({"manifest": manifest, "blob": data.tobytes()})
     else:
         out[PACKED] = ConfigRecord({"manifest": manifest})
-        out[PACKED_ARRAYS] = ArrayRecord({"blob": Array(blob)})
+        out[PACKED_ARRAYS] = ArrayRecord({"blob": Array(data)})
     return out
+
+
+class _Blob:
+    """The arrays' bytes of a packed message, back to back."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, a: np.ndarray) -> list:
+        """Append ``a``'s bytes; its manifest entry ``[dtype, shape, offset, nbytes]``."""
+        a = a if a.flags.c_contiguous else a.copy(order="C")
+        entry = [a.dtype.str, list(a.shape), self.size, a.nbytes]
+        self.parts.append(a.reshape(-1).view(np.uint8) if a.size else np.zeros(0, np.uint8))
+        self.size += a.nbytes
+        return entry
+
+
+def _numbers(v: Any) -> np.ndarray | None:
+    """A list of at least :data:`LIST_BLOB` ints (or of floats) as int64 (float64), exact both ways; else None."""
+    if not isinstance(v, list) or len(v) < LIST_BLOB:
+        return None
+    for kind, dtype in ((int, np.int64), (float, np.float64)):
+        if all(type(x) is kind for x in v):
+            try:
+                return np.asarray(v, dtype=dtype)
+            except OverflowError:  # a Python int beyond int64 stays in the manifest
+                return None
+    return None
 
 
 def _sendable(record: str, key: str, v: Any) -> Any:
@@ -97,14 +126,15 @@ def from_records(content: RecordDict) -> dict[str, Any]:
 
 
 def values_of(content: RecordDict, name: str) -> dict[str, Any] | None:
-    """Record ``name`` (numbers, strings, lists; not arrays) of a RecordDict, packed or not, without reading
+    """Record ``name`` (numbers, strings, lists; not arrays) of a RecordDict, packed or not, without copying
     any array; None when there is no such record."""
     if PACKED not in content:
         return dict(content[name]) if name in content else None
     for entry in _manifest(content[PACKED]):
         got, kind, body = _entry(entry)
         if got == name and kind != "arrays":
-            return {k: _value(name, k, v) for k, v in body.items()}
+            return {k: _value(name, k, v) for k, v in body.items()} | \
+                (_lists(name, entry, _blob(content, content[PACKED])) if len(entry) == 4 else {})
     return None
 
 
@@ -120,7 +150,21 @@ def _unpack(content: RecordDict) -> dict[str, Any]:
         if name in out:
             raise MessageError(f"record {name!r} appears twice in the packed message")
         out[name] = ({k: _slice(name, k, spec, blob) for k, spec in body.items()} if kind == "arrays"
-                     else {k: _value(name, k, v) for k, v in body.items()})
+                     else {k: _value(name, k, v) for k, v in body.items()} | _lists(name, entry, blob))
+    return out
+
+
+def _lists(record: str, entry: list, blob: memoryview) -> dict[str, list]:
+    """The long lists of numbers a packed metrics or config record keeps in the blob (its entry's 4th part; they
+    come after the record's other values)."""
+    if len(entry) == 3:
+        return {}
+    out = {}
+    for k, spec in entry[3].items():
+        a = _slice(record, k, spec, blob)
+        if a.ndim != 1 or a.dtype not in (np.int64, np.float64) or k in entry[2]:
+            raise MessageError(f"value {k!r} of record {record!r} is not one list of int64 or float64 numbers")
+        out[k] = a.tolist()
     return out
 
 
@@ -157,10 +201,11 @@ def _blob(content: RecordDict, head: Any) -> memoryview:
 
 def _entry(entry: Any) -> tuple[str, str, dict]:
     """``[name, kind, body]`` of one manifest record, its types checked."""
-    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in _KINDS
-            and isinstance(entry[2], dict)):
-        raise MessageError(f"the packed manifest has an entry that is not [name, kind, values]: {str(entry)[:80]}")
-    name, kind, body = entry
+    if not (isinstance(entry, list) and len(entry) in (3, 4) and isinstance(entry[0], str) and entry[1] in _KINDS
+            and all(isinstance(x, dict) for x in entry[2:]) and (len(entry) == 3 or entry[1] != "arrays")):
+        raise MessageError(f"the packed manifest has an entry that is not [name, kind, values(, lists)]: "
+                           f"{str(entry)[:80]}")
+    name, kind, body = entry[:3]
     if kind != record_type(name):
         raise MessageError(f"record {name!r} is packed as {kind}, not as {record_type(name)}")
     return name, kind, body

@@ -262,7 +262,24 @@ _PACKED_LIES = {  # kind -> (how node 10 edits its packed record: manifest as a 
     "nested value": (_with(lambda m: next(e for e in m["records"] if e[0] == "metrics-1")[2].__setitem__(
         "num-examples", {"a": 4})), "flat list"),
     "blob not bytes": (_set("blob", "text"), "not bytes"),
+    # a long list of numbers travels in the blob (the entry's 4th part): each lie about it
+    "list of float32": (_with(lambda m: _metrics_entry(m).append({"x": ["<f4", [2], 0, 8]})), "not one list"),
+    "list of two dimensions": (_with(lambda m: _metrics_entry(m).append({"x": ["<i8", [1, 1], 0, 8]})),
+                               "not one list"),
+    "list that is also a value": (_with(lambda m: _metrics_entry(m).append({"num-examples": ["<i8", [1], 0, 8]})),
+                                  "not one list"),
+    "list outside the blob": (_with(lambda m: _metrics_entry(m).append({"x": ["<i8", [1], 10**6, 8]})),
+                              "does not hold"),
+    "lists beside arrays": (_with(lambda m: _delta_record(m).append({"x": ["<i8", [1], 0, 8]})), "not [name"),
 }
+
+
+def _metrics_entry(m: dict) -> list:
+    return next(e for e in m["records"] if e[0] == "metrics-1")
+
+
+def _delta_record(m: dict) -> list:
+    return next(e for e in m["records"] if e[0] == "delta-1")
 
 
 @pytest.mark.parametrize("kind", sorted(_PACKED_LIES))

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedrec.clients.records import INLINE_MAX, PACKED, PACKED_ARRAYS, from_records, to_records, values_of
+from fedrec.clients.records import INLINE_MAX, LIST_BLOB, PACKED, PACKED_ARRAYS, from_records, to_records, values_of
 
 
 def _plain() -> dict:
@@ -79,3 +79,19 @@ def test_values_of_reads_one_record_without_the_arrays():
 def test_a_value_a_record_cannot_hold_is_refused_when_sending(value):
     with pytest.raises(TypeError):
         to_records({"config": {"x": value}})
+
+
+def test_long_lists_of_numbers_travel_in_the_blob_and_round_trip_exactly():
+    """A node's serving report lists every device it served: at population scale, megabytes of numbers. They travel
+    as int64 / float64 bytes, not as manifest text, and come back as the same Python lists."""
+    n = 200_000
+    plain = {"serve": {"devices": list(range(n)), "hits": [0.1 * i for i in range(n - 1)] + [math.nan],
+                       "short": [1, 2, 3], "big": [2**70] * LIST_BLOB, "mixed": [1, 2.5] * LIST_BLOB},
+             "round": {"devices": list(range(5, 5 + LIST_BLOB)), "names": ["a"] * LIST_BLOB, "flags": [True] * 99}}
+    rd = to_records(plain)
+    assert len(rd[PACKED]["manifest"]) < 10_000
+    got = from_records(rd)
+    assert all(set(got[name]) == set(plain[name]) for name in plain)  # (the blob's lists come after the values)
+    _same(plain, {name: {k: got[name][k] for k in plain[name]} for name in got})
+    assert all(type(x) is int for x in got["serve"]["devices"]) and all(type(x) is float for x in got["serve"]["hits"])
+    assert values_of(rd, "round") == plain["round"]

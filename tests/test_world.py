@@ -197,3 +197,22 @@ def test_trending_burst_really_spikes_then_fades():
     # with no bursts the world is exactly the one before bursts existed (same RNG draws)
     base = make_world(WorldSpec(users=50, items=120, topics=4, events_per_user=20, seed=1))
     assert base.meta["world"]["burst_items"] == []
+
+
+def test_the_worlds_item_draw_is_numpys_choice():
+    """The generator draws each item with its own inverse-CDF step (numpy's checks of ``p`` cost more than the draw):
+    the same item as ``Generator.choice(n, p=p)`` and the same state of the generator after it, so a world's events
+    do not depend on which of the two drew them."""
+    from fedrec.data.world import _draw
+
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 7, 400):
+        for _ in range(50):
+            p = rng.random(n) * (rng.random(n) < 0.7)
+            if p.sum() <= 0:
+                p[0] = 1.0
+            p = p / p.sum()
+            seed = int(rng.integers(2**32))
+            a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+            assert _draw(a, p) == b.choice(n, p=p)
+            assert a.random() == b.random()

@@ -110,16 +110,16 @@ def _user_events(spec: WorldSpec, w: _Layout, u: int, rng: np.random.Generator) 
     V, T, H = spec.items, spec.topics, spec.horizon
     shift_time = spec.shift_time * H
     t_burst, w_burst = spec.burst_time * H, max(spec.burst_width * H, 1e-9)
-    decay = max(spec.novelty_decay * H, 1e-9)
     events = []
     ts = np.sort(rng.uniform(0, H, size=spec.events_per_user))
+    appeal, launched = _appeal(spec, w, ts)
+    in_topic = w.item_topic[None, :] == np.arange(T)[:, None]
     seen = np.zeros(V, bool)
-    for t in ts:
+    for e, t in enumerate(ts):
         topic = w.new_topic[u] if t >= shift_time else w.main_topic[u]
         if rng.random() >= spec.focus:
             topic = rng.integers(0, T)
-        age = t - w.launch
-        avail = (age >= 0) & ~seen
+        avail = launched[e] & ~seen
         if len(w.burst_items) and rng.random() < spec.burst_share * np.exp(-0.5 * ((t - t_burst) / w_burst) ** 2):
             hot = w.burst_items[avail[w.burst_items]]
             if len(hot):  # a trending item, whatever the user's topic
@@ -127,14 +127,29 @@ def _user_events(spec: WorldSpec, w: _Layout, u: int, rng: np.random.Generator) 
                 seen[i] = True
                 events.append((t, i))
                 continue
-        appeal = w.quality * (1.0 + spec.novelty_boost * np.exp(-np.maximum(age, 0) / decay) * (w.launch > 0))
-        p = np.where(avail & (w.item_topic == topic), appeal, 0.0)
+        p = np.where(avail & in_topic[topic], appeal[e], 0.0)
         if p.sum() <= 0:
-            p = np.where(avail, appeal, 0.0)
-        i = rng.choice(V, p=p / p.sum())
+            p = np.where(avail, appeal[e], 0.0)
+        i = _draw(rng, p / p.sum())
         seen[i] = True
         events.append((t, i))
     return events
+
+
+def _appeal(spec: WorldSpec, w: _Layout, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's appeal at each of the times ``ts`` (its quality, boosted right after its launch) and whether it
+    has launched by then: ``(len(ts), items)`` each."""
+    age = ts[:, None] - w.launch[None, :]
+    decay = max(spec.novelty_decay * spec.horizon, 1e-9)
+    boost = 1.0 + spec.novelty_boost * np.exp(-np.maximum(age, 0) / decay) * (w.launch > 0)
+    return w.quality * boost, age >= 0
+
+
+def _draw(rng: np.random.Generator, p: np.ndarray) -> int:
+    """``rng.choice(len(p), p=p)`` (the same draw from ``rng`` and the same item) without its checks of ``p``."""
+    cdf = p.cumsum()
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 def _event_log(spec: WorldSpec, w: _Layout, users: list, items: list, times: list) -> EventLog:
