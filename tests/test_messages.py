@@ -46,16 +46,20 @@ def _make_client_app(rec_dir: str):
         if reply.has_content():
             # our replies travel packed (fedrec.clients.records): record them as the records they unpack to,
             # and keep the packed bytes whole, so that nothing can hide in bytes no record names
-            from fedrec.clients.records import PACKED, PACKED_ARRAYS, from_records
+            from fedrec.clients.records import LIST_BLOB, PACKED, PACKED_ARRAYS, from_records
             from fedrec.messages import record_type
 
             kinds = {"arrays": "ArrayRecord", "metrics": "MetricRecord", "config": "ConfigRecord"}
             plain = from_records(reply.content)
             head = reply.content[PACKED]
             blob = head["blob"] if "blob" in head else reply.content[PACKED_ARRAYS]["blob"].numpy().tobytes()
+            # the arrays' bytes, and those of each long list of numbers (8 bytes a number)
+            lists = [v for k, r in plain.items() if record_type(k) != "arrays" for v in r.values()
+                     if isinstance(v, list) and len(v) >= LIST_BLOB and len({type(x) for x in v}) == 1
+                     and type(v[0]) in (int, float)]
             seen["packed"] = {"records": sorted(reply.content.keys()), "blob_b64": base64.b64encode(blob).decode(),
                               "declared": sum(int(a.nbytes) for k, r in plain.items() if record_type(k) == "arrays"
-                                              for a in r.values())}
+                                              for a in r.values()) + 8 * sum(len(v) for v in lists)}
             for key, rec in plain.items():
                 entry = {"kind": kinds[record_type(key)], "keys": list(rec.keys())}
                 if entry["kind"] == "ArrayRecord":
