@@ -227,7 +227,8 @@ def check_instant_state(name: str, tmp: Path) -> None:
     """Per-event scores (:meth:`RecModel.score_events`): row ``j`` reads the events before ``j`` only (a
     planted later event changes no earlier row), batched rows equal rows computed one prefix at a time,
     the inputs are not mutated, and the instant state follows the newest events (the row after them
-    differs from the round-start row)."""
+    differs from the round-start row); the blocks of several devices scored together
+    (:meth:`RecModel.score_event_blocks`) equal each block scored alone."""
     cfg = _cfg(name)
     model = _model(cfg)
     items, _ = _events()
@@ -243,6 +244,11 @@ def check_instant_state(name: str, tmp: Path) -> None:
         assert torch.allclose(rows[j], one, atol=1e-4), f"{name}: row {j} differs when computed alone"
     assert hist.tolist() == items[:10].tolist() and new.tolist() == items[10:16].tolist(), f"{name}: inputs mutated"
     assert not torch.allclose(rows[0], rows[-1]), f"{name}: the instant state ignores the newest events"
+    other_vec = model.local_flat() + 0.05 if len(vec) else vec  # a second device, with its own vector
+    blocks = [(hist, new, vec), (items[:3], items[3:5], other_vec), (items[:0], items[:2], None), (hist, new[:0], vec)]
+    together = model.score_event_blocks(blocks, context=cfg.session_len)
+    alone = torch.cat([model.score_events(h, n, v, context=cfg.session_len) for h, n, v in blocks])
+    assert torch.allclose(together, alone, atol=1e-4), f"{name}: blocks scored together differ from each alone"
 
 
 def yield_checks(name: str) -> Iterator[Check]:
