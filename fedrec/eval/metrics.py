@@ -6,6 +6,7 @@ above it, so a model that scores everything alike earns nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -185,6 +186,16 @@ def event_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] 
                              float((1.0 / np.log2(ranks[hit] + 2)).sum()))
 
 
+@functools.lru_cache(maxsize=1024)
+def _earlier(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair ``(j, i)`` with ``i < j < n`` (``np.tril_indices(n, -1)``, which costs more than the rest of a
+    small block: blocks have the same few sizes again and again). Read only."""
+    out = np.tril_indices(n, -1)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
 #: scores held at once when many devices' events are ranked together (rows x n_items; 16 MB of float32)
 CELLS = 1 << 22
 
@@ -207,7 +218,7 @@ class EventRows:
             new = np.asarray(new, np.int64)
             r = end - m
             self.had[r:end, np.asarray(history, np.int64)] = True
-            later, earlier = np.tril_indices(len(new), -1)
+            later, earlier = _earlier(len(new))
             self.had[r + later, new[earlier]] = True
             targets.append(np.append(new, -1) if trailing else new)
         self.targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
