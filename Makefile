@@ -38,6 +38,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_step.py --out runs/bench
 	$(BIN)/python benchmarks/bench_throughput.py --out runs/bench
 	$(BIN)/python benchmarks/bench_rss.py
+	$(BIN)/python benchmarks/bench_population.py
 	$(BIN)/python benchmarks/bench_deploy.py --out runs/bench
 
 # The docs/models.md table: mf, neumf and sasrec on MovieLens replayed by time, with and without DP
