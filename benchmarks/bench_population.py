@@ -4,7 +4,7 @@ Run by hand: ``python benchmarks/bench_population.py [--sizes 10000 30000] [--ro
 freshness sweep's shape (400 items in 10 topics, 25 events per user) and samples 1% of its devices a round, under
 user-level DP, as a user runs it (``fedrec simulate --engine local``, each run its own process). Every device with
 events in a round is served (each of its events scored with its own newest state, :mod:`fedrec.serving`), so a
-round serves about half the population: the serving evaluation is what grows with it. Printed per size, beside the
+round serves most of the population (every device in a 2-round run): the serving evaluation is what grows with it. Printed per size, beside the
 same run with ``serve-eval = false`` (training only, the baseline in the same run): the mean round, the devices
 served per second of round, the whole run's wall time and the peak RSS of the process.
 """

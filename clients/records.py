@@ -130,11 +130,13 @@ def values_of(content: RecordDict, name: str) -> dict[str, Any] | None:
     any array; None when there is no such record."""
     if PACKED not in content:
         return dict(content[name]) if name in content else None
+    reader = _Reader(_blob(content, content[PACKED]))
     for entry in _manifest(content[PACKED]):
         got, kind, body = _entry(entry)
         if got == name and kind != "arrays":
-            return {k: _value(name, k, v) for k, v in body.items()} | \
-                (_lists(name, entry, _blob(content, content[PACKED])) if len(entry) == 4 else {})
+            return {k: _value(name, k, v) for k, v in body.items()} | _lists(name, entry, reader)
+        for k, spec in (body if kind == "arrays" else entry[3] if len(entry) == 4 else {}).items():
+            reader.take(got, k, spec, copy=False)  # only to know where the bytes of the records after it start
     return None
 
 
@@ -143,25 +145,27 @@ def _unpack(content: RecordDict) -> dict[str, Any]:
     if set(content) - {PACKED, PACKED_ARRAYS}:
         raise MessageError(f"a packed message holds other records too: {sorted(content)[:5]}")
     head = content[PACKED]
-    records, blob = _manifest(head), _blob(content, head)
+    records, reader = _manifest(head), _Reader(_blob(content, head))
     out: dict[str, Any] = {}
     for entry in records:
         name, kind, body = _entry(entry)
         if name in out:
             raise MessageError(f"record {name!r} appears twice in the packed message")
-        out[name] = ({k: _slice(name, k, spec, blob) for k, spec in body.items()} if kind == "arrays"
-                     else {k: _value(name, k, v) for k, v in body.items()} | _lists(name, entry, blob))
+        out[name] = ({k: reader.take(name, k, spec) for k, spec in body.items()} if kind == "arrays"
+                     else {k: _value(name, k, v) for k, v in body.items()} | _lists(name, entry, reader))
+    if reader.at != len(reader.blob):
+        raise MessageError(f"the packed blob holds {len(reader.blob) - reader.at} bytes that no record names")
     return out
 
 
-def _lists(record: str, entry: list, blob: memoryview) -> dict[str, list]:
+def _lists(record: str, entry: list, reader: _Reader) -> dict[str, list]:
     """The long lists of numbers a packed metrics or config record keeps in the blob (its entry's 4th part; they
     come after the record's other values)."""
     if len(entry) == 3:
         return {}
     out = {}
     for k, spec in entry[3].items():
-        a = _slice(record, k, spec, blob)
+        a = reader.take(record, k, spec)
         if a.ndim != 1 or a.dtype not in (np.int64, np.float64) or k in entry[2]:
             raise MessageError(f"value {k!r} of record {record!r} is not one list of int64 or float64 numbers")
         out[k] = a.tolist()
@@ -211,22 +215,33 @@ def _entry(entry: Any) -> tuple[str, str, dict]:
     return name, kind, body
 
 
-def _slice(record: str, key: str, spec: Any, blob: memoryview) -> np.ndarray:
-    """Array ``key`` of ``record``: ``spec`` = [dtype, shape, offset, nbytes] within ``blob``, checked, then copied."""
-    where = f"array {key!r} of record {record!r}"
-    try:
-        dtype_str, shape, offset, nbytes = spec
-        dtype = np.dtype(dtype_str)
-        shape = tuple(shape)
-        ok = all(type(x) is int and x >= 0 for x in (*shape, offset, nbytes))
-    except (TypeError, ValueError):
-        raise MessageError(f"{where} has no readable [dtype, shape, offset, bytes] entry") from None
-    if not ok or dtype.kind not in "biuf" or dtype.hasobject:
-        raise MessageError(f"{where} is not plain numbers of a non-negative shape ({str(spec)[:80]})")
-    if math.prod(shape) * dtype.itemsize != nbytes or offset + nbytes > len(blob):
-        raise MessageError(f"{where} declares {nbytes} bytes at {offset}, which its shape or the blob "
-                           f"({len(blob)} bytes) does not hold")
-    return np.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape).copy()
+class _Reader:
+    """Reads a packed blob front to back: each array's bytes must follow the bytes of the one named before it (as
+    :func:`to_records` writes them), so no two arrays share bytes, and a message decodes to at most its own size."""
+
+    def __init__(self, blob: memoryview) -> None:
+        self.blob, self.at = blob, 0
+
+    def take(self, record: str, key: str, spec: Any, *, copy: bool = True) -> np.ndarray:
+        """Array ``key`` of ``record``: ``spec`` = [dtype, shape, offset, nbytes], checked, then copied (with
+        ``copy = False`` only checked: an empty array)."""
+        where = f"array {key!r} of record {record!r}"
+        try:
+            dtype_str, shape, offset, nbytes = spec
+            dtype = np.dtype(dtype_str)
+            shape = tuple(shape)
+            ok = all(type(x) is int and x >= 0 for x in (*shape, offset, nbytes))
+        except (TypeError, ValueError):
+            raise MessageError(f"{where} has no readable [dtype, shape, offset, bytes] entry") from None
+        if not ok or dtype.kind not in "biuf" or dtype.hasobject:
+            raise MessageError(f"{where} is not plain numbers of a non-negative shape ({str(spec)[:80]})")
+        if math.prod(shape) * dtype.itemsize != nbytes or offset != self.at or offset + nbytes > len(self.blob):
+            raise MessageError(f"{where} declares {nbytes} bytes at {offset}, which its shape or the blob "
+                               f"({len(self.blob)} bytes, the next array's at {self.at}) does not hold")
+        self.at += nbytes
+        if not copy:
+            return np.zeros(0, dtype)
+        return np.frombuffer(self.blob, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape).copy()
 
 
 def _value(record: str, key: str, v: Any) -> Any:

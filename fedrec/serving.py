@@ -20,7 +20,8 @@ training of that round (Vinagre et al. 2014, prequential test-then-train, per ev
 
 The devices are independent; they are computed together only as a batch (each has its own
 events, its own vector and its own random negatives drawn from a per-device seed), so the result
-does not depend on how devices are grouped into nodes. The same function serves the device SDK's
+does not depend on how devices are grouped into nodes, up to float rounding (a batch's rows go through one
+matrix product). The same function serves the device SDK's
 :meth:`~fedrec.clients.device.Device.recommend` (its last row: the state after every event).
 
 Privacy: the serving state is fitted on the device and used only to rank items on the device; it
@@ -40,7 +41,7 @@ from .eval.metrics import BLENDS, CELLS, EventRows, PrequentialCounts, ServeCoun
 from .itemgraph import contexts, graph_scores, prepare
 from .models.base import EventBlock, RecModel
 
-ROWS = 256  #: events scored per block (bounds the memory of one device's round: ROWS x n_items)
+ROWS = 256  #: a device's events scored per block; blocks of many devices go together up to CELLS scores a group
 
 
 def serve_seed(seed: int, device: int, round_: int) -> int:

@@ -294,3 +294,26 @@ def test_prequential_matches_reference(case):
     assert c.hits == hits
     assert c.ndcg == pytest.approx(ndcg)
     np.testing.assert_array_equal(seen, before)
+
+
+@pytest.mark.parametrize("short", [64, 0])
+def test_event_rows_rank_each_block_as_event_counts_does(monkeypatch, short):
+    """Rows of many blocks ranked together give each block what :func:`event_counts` gives it alone (repeats,
+    items already had, ties and a NaN included), whichever way the earlier events are marked."""
+    import fedrec.eval.metrics as metrics
+    from fedrec.eval.metrics import EventRows, event_counts
+
+    monkeypatch.setattr(metrics, "SHORT", short)
+    rng = np.random.default_rng(3)
+    blocks = [(rng.integers(0, 30, rng.integers(0, 12)), rng.integers(0, 30, n)) for n in (1, 4, 0, 9, 70, 2)]
+    rows = sum(len(n) for _, n in blocks)
+    scores = rng.integers(0, 6, (rows, 30)).astype(np.float32)  # many ties
+    scores[2, 5] = np.nan
+    got = EventRows(blocks, 30).counts(scores, 5)
+    at = 0
+    for (history, new), c in zip(blocks, got, strict=True):
+        seen = np.zeros(30, bool)
+        seen[history] = True
+        want = event_counts(scores[at:at + len(new)], seen, new, 5)
+        at += len(new)
+        assert (c.n, c.hits) == (want.n, want.hits) and c.ndcg == pytest.approx(want.ndcg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fedrec.models import build_model
 from fedrec.serving import ServeInput, serve
@@ -80,19 +81,22 @@ def test_batched_per_event_counts_equal_each_events_own_rank(monkeypatch):
         rows = model.score_events(d.history, d.new, res.vector, context=10).numpy()
         seq = np.concatenate([d.history, d.new])
         start_row = table[:, :4] @ res.vector + table[:, 4]  # the round-start scores of its fitted vector
-        n = hits = start_hits = 0
+        n = hits = start_hits = ndcg = 0
         for j, t in enumerate(d.new):
             had = np.zeros(50, bool)
             had[seq[: len(d.history) + j]] = True
             if had[t]:
                 continue
             n += 1
-            hits += target_rank(rows[j], int(t), had) < k
+            rank = target_rank(rows[j], int(t), had)
+            hits += rank < k
+            ndcg += 1.0 / np.log2(rank + 2) if rank < k else 0.0
             start_hits += target_rank(start_row, int(t), had) < k
         assert res.counts.start.n == n and res.counts.start.hits == start_hits, d.device
         for name in ("model", "graph", "start"):
             c = res.counts.blends[BLENDS.index(name)]
             assert c.n == n and c.hits == (start_hits if name == "start" else hits), (d.device, name)
+        assert res.counts.blends[BLENDS.index("model")].ndcg == pytest.approx(ndcg)
         np.testing.assert_allclose(res.next_scores, rows[-1], atol=1e-6)
     alone = [serve_round(table, 4, [d], {}, **{**KW, "k": k})[0] for d in devs]
     assert [a.counts for a in alone] == [g.counts for g in got]

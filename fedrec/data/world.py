@@ -9,6 +9,7 @@ freshness metrics can compare what the model learned with what really happened.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -78,6 +79,14 @@ class _Layout:
     new_topic: np.ndarray
     burst_items: np.ndarray
 
+    @functools.cached_property
+    def in_topic(self) -> np.ndarray:
+        """``(topics, items)``: does each item belong to each topic."""
+        return self.item_topic[None, :] == np.arange(int(self.item_topic.max()) + 1)[:, None]
+
+
+APPEAL_CELLS = 1 << 16  #: item appeals computed at once for a user's next events (events x items)
+
 
 def _draw_layout(spec: WorldSpec, rng: np.random.Generator) -> _Layout:
     """Items (topic, quality, launch), users (topic, shift) and trending items, drawn in that order."""
@@ -112,14 +121,15 @@ def _user_events(spec: WorldSpec, w: _Layout, u: int, rng: np.random.Generator) 
     t_burst, w_burst = spec.burst_time * H, max(spec.burst_width * H, 1e-9)
     events = []
     ts = np.sort(rng.uniform(0, H, size=spec.events_per_user))
-    appeal, launched = _appeal(spec, w, ts)
-    in_topic = w.item_topic[None, :] == np.arange(T)[:, None]
     seen = np.zeros(V, bool)
+    chunk = max(1, APPEAL_CELLS // V)
     for e, t in enumerate(ts):
+        if e % chunk == 0:  # the appeal of every item at the next events' times, a few at a time
+            appeal, launched = _appeal(spec, w, ts[e:e + chunk])
         topic = w.new_topic[u] if t >= shift_time else w.main_topic[u]
         if rng.random() >= spec.focus:
             topic = rng.integers(0, T)
-        avail = launched[e] & ~seen
+        avail = launched[e % chunk] & ~seen
         if len(w.burst_items) and rng.random() < spec.burst_share * np.exp(-0.5 * ((t - t_burst) / w_burst) ** 2):
             hot = w.burst_items[avail[w.burst_items]]
             if len(hot):  # a trending item, whatever the user's topic
@@ -127,9 +137,9 @@ def _user_events(spec: WorldSpec, w: _Layout, u: int, rng: np.random.Generator) 
                 seen[i] = True
                 events.append((t, i))
                 continue
-        p = np.where(avail & in_topic[topic], appeal[e], 0.0)
+        p = np.where(avail & w.in_topic[topic], appeal[e % chunk], 0.0)
         if p.sum() <= 0:
-            p = np.where(avail, appeal[e], 0.0)
+            p = np.where(avail, appeal[e % chunk], 0.0)
         i = _draw(rng, p / p.sum())
         seen[i] = True
         events.append((t, i))

@@ -48,6 +48,7 @@ def _ranked(blocks: list[tuple[np.ndarray, np.ndarray]], scores: np.ndarray, k: 
     event is ranked by the same ``scores``, in groups of about :data:`~fedrec.eval.metrics.CELLS` scores."""
     n_items = len(scores)
     c, at, most = PrequentialCounts(), 0, max(1, CELLS // max(n_items, 1))
+    blocks = [(np.concatenate([h, n[:a]]), n[a:a + most]) for h, n in blocks for a in range(0, len(n), most)]
     while at < len(blocks):
         take, rows = [blocks[at]], len(blocks[at][1])
         at += 1

@@ -143,6 +143,7 @@ def prequential_counts(
     items = items[first & ~seen[items]]
     s = scores[items]
     live = scores[~seen]
+    live = live[~np.isnan(live)]  # a score that is not a number ranks above nothing (as in event_counts)
     # items scoring >= the target among those not seen before (the target itself among them) ...
     if len(items) <= 8:  # a few targets: one comparison pass each beats sorting the catalogue
         ranks = (live[None, :] >= s[:, None]).sum(axis=1) - 1
@@ -152,7 +153,7 @@ def prequential_counts(
     # ... less the earlier new events, which the user already had by then
     earlier = np.tri(len(items), k=-1, dtype=bool)
     ranks -= (earlier & (s[None, :] >= s[:, None])).sum(axis=1)
-    hit = ranks < k
+    hit = (ranks < k) & np.isfinite(s)
     return PrequentialCounts(int(len(items)), float(hit.sum()), float((1.0 / np.log2(ranks[hit] + 2)).sum()))
 
 
@@ -186,10 +187,23 @@ def event_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] 
                              float((1.0 / np.log2(ranks[hit] + 2)).sum()))
 
 
-@functools.lru_cache(maxsize=1024)
-def _earlier(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair ``(j, i)`` with ``i < j < n`` (``np.tril_indices(n, -1)``, which costs more than the rest of a
-    small block: blocks have the same few sizes again and again). Read only."""
+def _mark_earlier(had: np.ndarray, new: np.ndarray) -> None:
+    """Row ``j`` of ``had`` also marks ``new[:j]``: by index pairs for the short blocks of most devices (made once per
+    length: ``np.tril_indices`` costs more than the rest of a short block), by first occurrences for longer ones."""
+    if len(new) <= SHORT:
+        later, earlier = _pairs(len(new))
+        had[later, new[earlier]] = True
+    else:
+        items, first = np.unique(new, return_index=True)
+        had[:, items] |= np.arange(len(had))[:, None] > first[None, :]
+
+
+SHORT = 64  #: blocks up to this many events mark their earlier events by cached index pairs (about 0.7 MB for all)
+
+
+@functools.lru_cache(maxsize=SHORT + 1)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``(j, i)`` with ``i < j < n`` (``np.tril_indices(n, -1)``), read only."""
     out = np.tril_indices(n, -1)
     for a in out:
         a.setflags(write=False)
@@ -218,10 +232,10 @@ class EventRows:
             new = np.asarray(new, np.int64)
             r = end - m
             self.had[r:end, np.asarray(history, np.int64)] = True
-            later, earlier = _earlier(len(new))
-            self.had[r + later, new[earlier]] = True
+            _mark_earlier(self.had[r:end], new)
             targets.append(np.append(new, -1) if trailing else new)
         self.targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+        self.open = ~self.had  # what each row ranks its target among (made once for every blend scored)
 
     def counts(self, scores: np.ndarray, k: int) -> list[PrequentialCounts]:
         """Each block's counts from ``scores`` (one row per row of the blocks, ``(rows, n_items)``)."""
@@ -229,7 +243,7 @@ class EventRows:
         t = np.maximum(self.targets, 0)
         s = scores[at, t]
         scored = (self.targets >= 0) & ~self.had[at, t]
-        ranks = np.count_nonzero((scores >= s[:, None]) & ~self.had, axis=1) - 1
+        ranks = np.count_nonzero((scores >= s[:, None]) & self.open, axis=1) - 1
         hit = scored & (ranks < k) & np.isfinite(s)
         ndcg = np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2), 0.0)
         sums = np.zeros((3, len(self.lens)))

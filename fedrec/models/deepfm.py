@@ -135,8 +135,9 @@ class DeepFM(RecModel):
         ctx, w, starts, lens = block_contexts(blocks, context, self.user.weight[0])
         item = self._item_side()
         users = ridge_users(item["vec"], ctx, w, starts.repeat_interleave(lens, dim=0))
-        fixed = torch.cat([self._scores_from(starts[a:a + 32], item) - starts[a:a + 32] @ item["vec"].T
-                           for a in range(0, len(starts), 32)])
+        step = self._users_at_once()
+        fixed = torch.cat([self._scores_from(starts[a:a + step], item) - starts[a:a + step] @ item["vec"].T
+                           for a in range(0, len(starts), step)])
         return fixed.repeat_interleave(lens, dim=0) + users @ item["vec"].T
 
     def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
@@ -167,10 +168,18 @@ class DeepFM(RecModel):
                     p -= lr * grad
             users[fit] = p.detach()
         with torch.no_grad():
-            scores = torch.cat([self._scores_from(users[a:a + 32], item) for a in range(0, len(users), 32)])
+            step = self._users_at_once()
+            scores = torch.cat([self._scores_from(users[a:a + step], item) for a in range(0, len(users), step)])
             if len(users):
                 self.user.weight.copy_(users[-1:])
         return [(scores[a].numpy(), users[a].numpy().astype(np.float32).copy()) for a in range(len(hist))]
+
+    def _users_at_once(self) -> int:
+        """How many users' scores of every item are computed at once: the deep part holds ``users x n_items x dim``
+        floats, kept to about :data:`~fedrec.eval.metrics.CELLS` (at most 32 users)."""
+        from ..eval.metrics import CELLS  # the models do not depend on evaluation otherwise
+
+        return max(1, min(32, CELLS // (self.n_items * self.dim)))
 
     def _start_vector(self, vector: np.ndarray | None, generator: torch.Generator) -> torch.Tensor:
         """A device's user vector before its fit: its own from the last round, else a fresh one from its generator."""
