@@ -347,3 +347,26 @@ def test_report_per_series(tmp_path):
     assert "ends at 0.262 ± 0.0199 at ε=8 (97.5% of no DP), 0.242 ± 0.0199 at ε=1 (90.1% of no DP), against " \
            "0.269 ± 0.0103 without DP (per-row average)." in says
     assert "With event-level DP (device noise), windowed HR@10 ends at " in says
+
+
+def test_report_by_population(tmp_path):
+    """A sweep over populations (scenarios/population.toml): each population's private cells form their own series,
+    named by their size and measured against the non-private cell of the same population, never another's."""
+    rows = []
+    for population, cohort, ref in ((10_000, 100, 0.30), (100_000, 1_000, 0.40)):
+        for r in make_rows({"nonprivate": [2, 2, 3], "user-eps8": [3, 4, 5], "user-eps1": [7, 8, 9]}):
+            r.update(cell=f"{population}-{r['cell']}", population=population, cohort=cohort, adaptation_lag=None,
+                     lag_censored=0, uptake_median=None, uptake_rate=None)
+            r["whr_final"] = ref if r["unit"] == "none" else ref / 2 if r["epsilon_target"] == 1 else ref * 0.9
+            rows.append(r)
+    write_results(rows, tmp_path / "results.csv")
+    assert {r["population"] for r in read_results(tmp_path / "results.csv")} == {10_000, 100_000}
+    text = write_report(tmp_path, title="t", scenario_text="s", privacy_note="").read_text()
+    says = text.split("## What the curve says", 1)[1]
+    assert "With user-level DP at 10,000 devices, windowed HR@10 ends at 0.270 ± 0 at ε=8 (90.0% of no DP), 0.150 " \
+           "± 0 at ε=1 (50.0% of no DP), against 0.300 ± 0 without DP." in says
+    assert "With user-level DP at 100,000 devices, windowed HR@10 ends at 0.360 ± 0 at ε=8 (90.0% of no DP)" in says
+    assert "at ε=1 (50.0% of no DP), against 0.400" in says
+    assert "| devices | cohort |" in text and "| 100,000 | 1000 |" in text
+    labels = [style["label"] for _, style in _curves(summarize(rows), 100.0)]
+    assert labels == ["user-level DP at 10,000 devices", "user-level DP at 100,000 devices"]

@@ -23,7 +23,7 @@ from scipy import stats
 from ..atomic import write_bytes_atomic
 
 PARAM_COLUMNS = ["cell", "seed", "scenario", "method", "unit", "noise", "row_average", "epsilon_target", "epsilon",
-                 "delta", "accountant", "noise_multiplier", "cohort", "rounds", "events_per_round", "lr_schedule",
+                 "delta", "accountant", "noise_multiplier", "cohort", "population", "rounds", "events_per_round", "lr_schedule",
                  "trust"]
 STR_COLUMNS = {"cell", "scenario", "method", "unit", "noise", "accountant", "lr_schedule", "trust"}
 INT_COLUMNS = {"seed", "cohort", "rounds", "lag_censored"}
@@ -334,10 +334,13 @@ def write_tables(rows: Sequence[dict], out_dir: str | os.PathLike) -> str:
     summary = summarize(rows)
     write_results(summary, out / "summary.csv")
     metrics = [m for m in DEFAULT_METRICS if m != "epsilon"]  # ε spent has its own column
-    head = ["cell", "unit", "noise (trust)", "row avg", "ε target", "ε spent", *[LABELS.get(m, m) for m in metrics]]
+    sizes = len({_population(s) for s in summary}) > 1  # a column for the population where it varies
+    head = ["cell", *(["devices", "cohort"] if sizes else []), "unit", "noise (trust)", "row avg", "ε target",
+            "ε spent", *[LABELS.get(m, m) for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        vals = [str(s.get("cell")), s.get("unit") or MISSING, noise_label(s), "yes" if _row_avg(s) else "no",
+        where = [f"{_population(s) or 0:,}", str(s.get("cohort"))] if sizes else []
+        vals = [str(s.get("cell")), *where, s.get("unit") or MISSING, noise_label(s), "yes" if _row_avg(s) else "no",
                 _eps(s.get("epsilon_target")), _sig(s.get("epsilon_mean")), *[format_stat(s, m) for m in metrics]]
         lines.append("| " + " | ".join(v.replace("|", "\\|") for v in vals) + " |")
     lines += ["", "Mean ± half-width of the 95% Student-t interval over seeds; ≥: some seeds never recovered and "
@@ -359,17 +362,25 @@ def _federated(s: dict, lr: str) -> bool:
     return s.get("method") not in BASELINES and (s.get("lr_schedule") or "fixed") == lr
 
 
-def _nonprivate(summary: Sequence[dict], row_average: bool = False) -> dict | None:
-    """The non-private reference: the fixed-rate federated cell without DP, with the same row averaging if any."""
-    plain = [s for s in summary if _federated(s, "fixed") and not _private(s)]
+def _nonprivate(summary: Sequence[dict], row_average: bool = False, population: int | None = None) -> dict | None:
+    """The non-private reference: the fixed-rate federated cell without DP, with the same row averaging if any, of
+    the same population (where the sweep has several; never one of another population)."""
+    plain = [s for s in summary if _federated(s, "fixed") and not _private(s)
+             and (population is None or _population(s) in (None, population))]
     return next((s for s in plain if _row_avg(s) == row_average), plain[0] if plain else None)
 
 
-Key = tuple[str, str, bool]  #: a series of private cells: (unit, noise, row_average)
+#: a series of private cells: (unit, noise, row_average, population: the devices of the run, None if not recorded)
+Key = tuple[str, str, bool, "int | None"]
+
+
+def _population(s: dict) -> int | None:
+    p = s.get("population")
+    return int(p) if isinstance(p, int | float) and math.isfinite(p) else None
 
 
 def _key(s: dict) -> Key:
-    return str(s["unit"]), _noise(s), _row_avg(s)
+    return str(s["unit"]), _noise(s), _row_avg(s), _population(s)
 
 
 def _series(summary: Sequence[dict]) -> list[Key]:
@@ -377,15 +388,16 @@ def _series(summary: Sequence[dict]) -> list[Key]:
     units, noises = ["user", "event"], list(NOISE_LABELS)
     found = list(dict.fromkeys(_key(s) for s in summary if _private(s)))
     return sorted(found, key=lambda k: (units.index(k[0]) if k[0] in units else len(units),
-                                        noises.index(k[1]) if k[1] in noises else len(noises), k[2]))
+                                        noises.index(k[1]) if k[1] in noises else len(noises), k[2], k[3] or 0))
 
 
 def _series_name(key: Key, keys: Sequence[Key]) -> str:
     """``"event-level DP (noise at the aggregate, per-row average)"``; a unit's default placement alone is unnamed."""
-    unit, noise, avg = key
+    unit, noise, avg, population = key
     alone = noise == DEFAULT_NOISE.get(unit) and all(k[1] == noise for k in keys if k[0] == unit)
     quals = ([] if alone else [NOISE_NAMES.get(noise, noise)]) + (["per-row average"] if avg else [])
-    return f"{unit}-level DP" + (f" ({', '.join(quals)})" if quals else "")
+    where = f" at {population:,} devices" if len({k[3] for k in keys}) > 1 and population else ""
+    return f"{unit}-level DP" + (f" ({', '.join(quals)})" if quals else "") + where
 
 
 def _series_cells(summary: Sequence[dict], key: Key, lr: str = "fixed") -> list[dict]:
@@ -444,7 +456,7 @@ def _curves(summary: list[dict], x_inf: float) -> list[tuple[list[tuple[float, d
     curves: list[tuple[list[tuple[float, dict]], dict]] = []
     for key in keys:
         pts: list[tuple[float, dict]] = [(s["epsilon_target"], s) for s in _series_cells(summary, key)]
-        ref = _nonprivate(summary, key[2])
+        ref = _nonprivate(summary, key[2], key[3])
         if not pts:  # only adaptive-rate cells: they are drawn below
             continue
         pts += [(x_inf, ref)] if ref else []  # the non-private run closes every curve at ∞
@@ -681,7 +693,7 @@ def _series_findings(summary: list[dict], *, drift: bool, new_items: bool, whr: 
         cells = _series_cells(summary, key)
         if not cells:  # only adaptive-lr cells in this series: they get their own sentence
             continue
-        ref = _nonprivate(summary, key[2])
+        ref = _nonprivate(summary, key[2], key[3])
         picks = [cells[-1], cells[0]] if len(cells) > 1 else cells  # the largest and the smallest finite ε
         name = _series_name(key, keys)
         out.append(f"Trust model of {name}: {_trust(cells)}.")
@@ -718,7 +730,7 @@ def _adaptive_findings(summary: list[dict], *, drift: bool) -> list[str]:
     for a in (s for s in summary if _federated(s, "adaptive")):
         key = _key(a) if _private(a) else None
         f = next((s for s in _series_cells(summary, key) if s["epsilon_target"] == a["epsilon_target"]),
-                 None) if key else _nonprivate(summary, _row_avg(a))
+                 None) if key else _nonprivate(summary, _row_avg(a), _population(a))
         who = f"{_series_name(key, keys)} {_at(a)}" if key else "no DP"
         if f is None:  # nothing to compare with, but the cell's numbers still belong in the text
             if drift:
