@@ -187,14 +187,18 @@ class RunConfig:
     negatives: int = key(1, "sampled negative items per positive event", ge=1, le=10**6)
     session_len: int = key(10, "on-device scoring reads the device's this many newest events before each event", ge=1, le=10**6)
     item_graph: str = key("auto", "federated item co-occurrence for on-device session scoring (pairs are sent in "
-                          "clear: auto = on without DP, off under DP)", choices=ITEM_GRAPH_MODES)
+                          "clear to the server: auto = on without DP, and noised by the server under event noise at "
+                          "the aggregate or user-level DP without secure-aggregation; else off)", choices=ITEM_GRAPH_MODES)
     graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
                             ge=1, le=10**6)
-    private_graph_window: int = key(1, "item graph under event noise at the aggregate: the window (one event's "
+    private_graph_window: int = key(1, "item graph under DP: the window (at event level one event's "
                                     "pairs move the noisy counts by at most sqrt(3 x window x w^2 + 1), w the pairs' weight in the noise; + 3 under the root with item features, + 5 "
                                     "with negative feature values)", ge=1, le=10**6)
     graph_share: float = key(0.9, "event noise at the aggregate: share of the event-level budget spent on the noisy "
                              "item graph (0 = no graph)", ge=0, lt=1)
+    user_graph_share: float = key(0.1, "user-level DP: share of each round's one Gaussian (in 1/z^2) spent on the noisy "
+                                  "item graph, whose per-device counts are clipped to L2 norm 1 (0 = no graph)",
+                                  ge=0, lt=1)
     graph_neighbours: int = key(100, "item graph: neighbours per item in the published table", ge=1, le=10**6)
     item_features: str = key("auto", "public item features for the session scores and deepfm: auto (movies.csv beside the "
                              "events, the world's topics), none, or a CSV path (docs/online.md)")
@@ -324,8 +328,9 @@ class RunConfig:
         need(is_ray_address(self.ray_address), "ray-address",
              "must be empty (a local Ray), auto, or host:port of a Ray head")
         need(not (self.item_graph == "on" and self.privacy != "none" and not self._private_graph), "item-graph",
-             "must be auto or off under DP, except event noise at the aggregate without secure-aggregation and with "
-             "graph-share > 0 (its item pairs are sent in clear; only there does the server noise their sum)")
+             "must be auto or off under DP, except without secure-aggregation under event noise at the aggregate with "
+             "graph-share > 0 or user-level DP with user-graph-share > 0 (its item pairs are sent in clear; only there "
+             "does the server noise their sum)")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
         if not self.data:
@@ -366,8 +371,11 @@ class RunConfig:
 
     @property
     def _private_graph(self) -> bool:
-        """A DP item graph is possible: event noise at the aggregate, a trusted server, budget for the graph."""
-        return self.aggregate_noise and not self.secure_aggregation and self.graph_share > 0
+        """A DP item graph is possible: a trusted server (no secure-aggregation: the pairs are sent in clear) and
+        budget for the graph, under event noise at the aggregate or user-level DP."""
+        if self.secure_aggregation:
+            return False
+        return (self.aggregate_noise and self.graph_share > 0) or (self.privacy == "user" and self.user_graph_share > 0)
 
     @property
     def graph(self) -> bool:
@@ -377,12 +385,21 @@ class RunConfig:
 
     @property
     def graph_noised(self) -> bool:
-        """The item graph's sums get Gaussian noise (event noise at the aggregate)."""
-        return self.graph and self.aggregate_noise
+        """The item graph's sums get Gaussian noise (event noise at the aggregate, or user-level DP)."""
+        return self.graph and (self.aggregate_noise or self.privacy == "user")
+
+    @property
+    def user_graph(self) -> bool:
+        """The item graph is part of user-level DP's one Gaussian per round: each sampled device's counts are
+        clipped, and noised with the round's sum (:func:`fedrec.privacy.accounting.user_parts`)."""
+        return self.graph_noised and self.privacy == "user"
 
     @property
     def pair_window(self) -> int:
-        """The window of a device's item pairs: ``graph-window``, or ``private-graph-window`` when noised."""
+        """The window of a device's item pairs: ``graph-window``, ``private-graph-window`` when noised at event level,
+        0 (no pairs) under user-level DP (:class:`fedrec.itemgraph.ItemGraph` ``pairs``)."""
+        if self.user_graph:
+            return 0
         return self.private_graph_window if self.graph_noised else self.graph_window
 
     @property

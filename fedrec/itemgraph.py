@@ -143,7 +143,8 @@ class Pairs:
         """Decode and check a device's pairs: ids within the catalogue, whole non-negative counts, no
         self-pairs, item counts summing to its ``events`` new events, each pair ``(a, b)`` starting at an
         item ``a`` of its new events, at most ``window`` pair counts per event of ``a``, and at most one
-        ``follow``/``before`` per new event, each ``follow`` an item of its new events. A device can still
+        ``follow``/``before`` per new event, each ``follow`` an item of its new events and, with a window, each
+        ``(follow, before)`` one of its pairs. A device can still
         say it had events it did not have (nothing can check that): the server bounds ``events`` by the
         update's own count, and :meth:`ItemGraph.add` counts a device at most once per pair. ValueError if
         not."""
@@ -173,7 +174,8 @@ class Pairs:
             raise ValueError("pairs of items it had no new event of, or more pairs than its events of an item allow")
         if (np.bincount(follow, minlength=n_items) > have).any():
             raise ValueError("more follow items than its new events of that item")
-        _check_follows(a, b, w, follow, before, n_items)
+        if window:  # without pairs (user-level DP: window 0, each device's release clipped) there is none to match
+            _check_follows(a, b, w, follow, before, n_items)
         return cls(a, b, w, items, c, follow, before)
 
 
@@ -241,6 +243,12 @@ class ItemGraph:
     #: with features: the item x feature affinities, ``A[i] = sum of before's profile over events of i`` (noised:
     #: every cell of every release gets a draw), created at the first release
     A: np.ndarray | None = None
+    #: user-level DP: each contribution of a round is scaled to at most this L2 norm (:meth:`scales`; 0: not scaled)
+    clip: float = 0.0
+    #: the pairs are summed and released (False under user-level DP: a pair is a sum over few devices, each device's
+    #: share of its clipped norm is small, and the neighbours that then pass the noise threshold are mostly false
+    #: ones, which outrank everything else in a row: measured on ml-latest-small, see docs/privacy.md)
+    pairs: bool = True
 
     def __post_init__(self) -> None:
         if self.noise_std < 0 or not np.isfinite(self.noise_std):
@@ -260,40 +268,66 @@ class ItemGraph:
         return self.noise_std / PAIR_WEIGHT
 
     def add(self, contributions: Sequence[Pairs]) -> None:
-        """One round's contributions (every accepted update's pairs), summed in (noised: released with noise)."""
+        """One round's contributions (every accepted update's pairs), summed in (noised: released with noise;
+        with ``clip``: each contribution first scaled to that L2 norm, :meth:`scales`)."""
         V = self.n_items
-        a, b, w = capped_pairs(contributions, V)
+        G = self.profiles().astype(np.float64) if self.features is not None else None  # before this round's data
+        scale = self.scales(contributions, G)
+        a, b, w = capped_pairs(contributions, V, scale)
         now = np.zeros(V)
-        for p in contributions:
-            np.add.at(now, p.items, p.counts)
+        for p, s in zip(contributions, scale, strict=True):
+            np.add.at(now, p.items, p.counts * s)
         rng = np.random.default_rng([self.seed, NOISE_STREAM, self.releases])
         if self.noised:
             now = now + rng.normal(0.0, self.noise_std, V)  # every item, every round: absent ones too
-            self.P += self._noisy_pairs(a, b, w, rng)
+            if self.pairs:
+                self.P += self._noisy_pairs(a, b, w, rng)
         else:
             inc = sp.coo_matrix((np.concatenate([w, w]), (np.concatenate([a, b]), np.concatenate([b, a]))),
                                 shape=(V, V))
             self.C = (self.C + inc.tocsr()).tocsr()
         self.n += now
         self.recent = (self.recent + [now])[-RECENT_ROUNDS:]
-        if self.features is not None:
-            self._add_affinities(contributions, rng)
+        if G is not None:
+            self._add_affinities(contributions, rng, G, scale)
         self.releases += 1
         if self.noised:
             self._enter()
 
-    def _add_affinities(self, contributions: Sequence[Pairs], rng: np.random.Generator) -> None:
-        """This round's item x feature affinities: each new event's item gets the profile of the item before it (a
-        row of norm at most 1, computed from the earlier releases only, so the round's query is fixed
-        before its data: at the first release the lists), noised in every cell after the counts' and pairs' draws
-        (which stay as without features). Profiles instead of lists: the context is named by what is known of it,
-        so the evidence gets sharper as the profiles do."""
-        G = self.profiles().astype(np.float64)  # from the releases before this one: fixed before its data
+    def scales(self, contributions: Sequence[Pairs], G: np.ndarray | None) -> np.ndarray:
+        """Each contribution's factor: 1, or with ``clip`` (user-level DP) ``min(1, clip / norm)``, ``norm`` the
+        L2 norm of what this round releases of it, in the units its noise is drawn in: its capped pairs among the
+        candidates (chosen before this round: the others are dropped) weighted ``PAIR_WEIGHT``, its item counts,
+        and its affinity rows (the profiles ``G`` of its events before, summed into its events' items' rows)."""
+        one = np.ones(len(contributions))
+        if not self.clip:
+            return one
+        inside = np.zeros(self.n_items, bool)  # noised: the pairs released are the candidates' (without: all)
+        inside[self.cand if self.noised else slice(None)] = True
+        for i, p in enumerate(contributions):
+            key, w = _capped(p, self.n_items)
+            keep = inside[key // self.n_items] & inside[key % self.n_items] & self.pairs
+            sq = PAIR_WEIGHT**2 * float(np.sum(w[keep] ** 2)) + float(np.sum(p.counts**2))
+            if G is not None and len(p.follow):
+                rows, inv = np.unique(p.follow, return_inverse=True)
+                A = np.zeros((len(rows), G.shape[1]))
+                np.add.at(A, inv, G[p.before])
+                sq += float(np.sum(A**2))
+            one[i] = min(1.0, self.clip / np.sqrt(sq)) if sq > 0 else 1.0
+        return one
+
+    def _add_affinities(self, contributions: Sequence[Pairs], rng: np.random.Generator, G: np.ndarray,
+                        scale: np.ndarray) -> None:
+        """This round's item x feature affinities: each new event's item gets the profile ``G`` of the item before it
+        (a row of norm at most 1, computed from the earlier releases only, so the round's query is fixed
+        before its data: at the first release the lists), each contribution times its ``scale``, noised in every
+        cell after the counts' and pairs' draws (which stay as without features). Profiles instead of lists: the
+        context is named by what is known of it, so the evidence gets sharper as the profiles do."""
         if self.A is None:
             self.A = np.zeros_like(G)
         inc = np.zeros_like(self.A)
-        for p in contributions:
-            np.add.at(inc, p.follow, G[p.before])
+        for p, s in zip(contributions, scale, strict=True):
+            np.add.at(inc, p.follow, G[p.before] * s)
         if self.noised:
             inc += rng.normal(0.0, self.noise_std, inc.shape)
         self.A += inc
@@ -343,7 +377,8 @@ class ItemGraph:
             return
         self.cand = np.concatenate([self.cand, new])
         self.since = np.concatenate([self.since, np.full(len(new), self.releases, np.int64)])
-        self.P = np.pad(self.P, (0, len(new)))
+        if self.pairs:
+            self.P = np.pad(self.P, (0, len(new)))
 
     def table(self) -> dict[str, np.ndarray]:
         """The published neighbour table (``graph.ids``/``graph.sim``: ``(n_items, neighbours)``, unused
@@ -381,7 +416,7 @@ class ItemGraph:
         each sum's accumulated noise, ``t`` such that a candidate expects ``FALSE_NEIGHBOURS`` pure-noise
         neighbours. Only noisy sums (and the candidates, chosen from them) reach it."""
         K = len(self.cand)
-        if K < 2:
+        if K < 2 or not self.pairs:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         rounds = self.releases - np.maximum.outer(self.since, self.since)  # releases that noised each pair
         t = NormalDist().inv_cdf(1 - FALSE_NEIGHBOURS / (K - 1))
@@ -399,7 +434,8 @@ class ItemGraph:
                "n": self.n, "releases": np.asarray(self.releases, np.int64),
                "recent": np.stack(self.recent) if self.recent else np.zeros((0, self.n_items))}
         if self.noised:
-            out |= {"cand": self.cand, "since": self.since, "pairs": self.P[np.triu_indices(len(self.cand), 1)]}
+            out |= {"cand": self.cand, "since": self.since,
+                    "pairs": self.P[np.triu_indices(len(self.cand), 1)] if self.pairs else np.zeros(0)}
         if self.A is not None:
             out["affinity"] = self.A
         return out
@@ -419,9 +455,10 @@ class ItemGraph:
         if self.noised:
             self.cand, self.since = np.asarray(d["cand"], np.int64), np.asarray(d["since"], np.int64)
             K = len(self.cand)
-            self.P = np.zeros((K, K))
-            self.P[np.triu_indices(K, 1)] = d["pairs"]
-            self.P += self.P.T
+            if self.pairs:
+                self.P = np.zeros((K, K))
+                self.P[np.triu_indices(K, 1)] = d["pairs"]
+                self.P += self.P.T
 
 
 def sensitivity(window: int, features: np.ndarray | None) -> float:
@@ -439,15 +476,24 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / max(float(x.max()), 1e-12)).astype(np.float32)
 
 
-def capped_pairs(contributions: Sequence[Pairs], n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _capped(p: Pairs, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """One contribution's unordered pairs, as keys ``a * n_items + b`` (``a < b``), and their counts, each capped at
+    ``PAIR_CAP``."""
+    key, inv = np.unique(np.minimum(p.a, p.b) * n_items + np.maximum(p.a, p.b), return_inverse=True)
+    return key, np.minimum(np.bincount(inv, weights=p.w, minlength=len(key)), PAIR_CAP)
+
+
+def capped_pairs(contributions: Sequence[Pairs], n_items: int,
+                 scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The round's unordered pairs ``(a < b)`` and counts, each contribution counting at most ``PAIR_CAP`` per
-    pair: one device (or one liar) cannot make a pair, and one event moves one pair's sum by at most 1."""
+    pair (times its ``scale``, if given): one device (or one liar) cannot make a pair, and one event moves one
+    pair's sum by at most 1."""
     V = n_items
-    keys = [np.unique(np.minimum(p.a, p.b) * V + np.maximum(p.a, p.b), return_inverse=True) for p in contributions]
-    a = np.concatenate([k // V for k, _ in keys] or [np.zeros(0, np.int64)])
-    b = np.concatenate([k % V for k, _ in keys] or [np.zeros(0, np.int64)])
-    w = np.concatenate([np.minimum(np.bincount(inv, weights=p.w, minlength=len(k)), PAIR_CAP)
-                        for (k, inv), p in zip(keys, contributions, strict=True)] or [np.zeros(0)])
+    capped = [_capped(p, V) for p in contributions]
+    factors = np.ones(len(contributions)) if scale is None else scale
+    a = np.concatenate([k // V for k, _ in capped] or [np.zeros(0, np.int64)])
+    b = np.concatenate([k % V for k, _ in capped] or [np.zeros(0, np.int64)])
+    w = np.concatenate([w * f for (_, w), f in zip(capped, factors, strict=True)] or [np.zeros(0)])
     return a, b, w
 
 

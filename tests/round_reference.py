@@ -27,6 +27,9 @@ The pairs' weight in the graph's Gaussian (``PAIR_WEIGHT`` 1 -> 0.5) changed the
 Per-row averaging without DP changed on purpose (each row's step scaled by how little the run has heard of it,
 not FedSubAvg's per-round division): ``row-average`` alone was written again after checking that only what the
 model decides differs (the update norms, the HR and NDCG fields, the served blend); no other case averages rows.
+The item graph under user-level DP (on by default since, ``user-graph-share`` 0.1) would change every user-level
+case: those four keep ``user-graph-share = 0`` and pass unchanged, which checks that the path without the graph is
+the one before; the new case ``user-graph`` holds the default.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ SMALL = {"world-users": 240, "world-items": 80, "world-events-per-user": 12, "ro
          "resume": False, "item-features": "none"}  # the references predate item features (tests/test_features.py)
 CASES: dict[str, dict] = {
     "none": {"privacy": "none"},
-    "user": {"privacy": "user", "noise-multiplier": 0.8, "clip": 0.5},
-    "user-budget": {"privacy": "user", "epsilon": 3.0, "budget-period": 2, "rounds": 6},
-    "user-stop": {"privacy": "user", "epsilon": 3.0, "calibrate": False, "noise-multiplier": 1.0},
+    "user": {"privacy": "user", "noise-multiplier": 0.8, "clip": 0.5, "user-graph-share": 0},
+    "user-budget": {"privacy": "user", "epsilon": 3.0, "budget-period": 2, "rounds": 6, "user-graph-share": 0},
+    "user-stop": {"privacy": "user", "epsilon": 3.0, "calibrate": False, "noise-multiplier": 1.0,
+                  "user-graph-share": 0},
     "secagg": {"privacy": "user", "secure-aggregation": True, "noise-multiplier": 1.0, "rounds": 2},
     "event": {"privacy": "event", "epsilon": 8.0, "event-clip": 0.2},
     "both": {"privacy": "both", "noise-multiplier": 1.2},
@@ -58,10 +62,13 @@ CASES: dict[str, dict] = {
     "freeze": {"privacy": "none", "freeze-after": 2, "serve-eval": False},
     "attack": {"privacy": "none", "attackers": 0.05, "attack-boost": 3.0},
     "neumf": {"privacy": "event", "model": "neumf", "noise-multiplier": 1.0, "rounds": 3},
-    "sasrec": {"privacy": "user", "model": "sasrec", "noise-multiplier": 1.0, "rounds": 3, "seq-len": 5},
+    "sasrec": {"privacy": "user", "model": "sasrec", "noise-multiplier": 1.0, "rounds": 3, "seq-len": 5,
+               "user-graph-share": 0},
     # issue 17: event noise at the aggregate (with the noisy item graph), and per-row averaging without DP
     "aggregate": {"privacy": "event", "event-noise": "aggregate", "local-steps": 1, "epsilon": 4.0},
     "row-average": {"privacy": "none", "row-average": True, "server-lr": 1.0},
+    # the item graph under user-level DP, part of the round's one Gaussian (the default since it came)
+    "user-graph": {"privacy": "user", "epsilon": 3.0},
 }
 #: fields of a metrics line that measure the machine, not the algorithm
 VOLATILE = ("wall_s", "ts", "time")

@@ -330,6 +330,8 @@ def test_acceptance_user_level_epsilon(sims):
     assert u["population"] == 200 and s["data"]["population"] == 200
     assert u["noise_multiplier"] == 1.0 and u["clip"] == 1.0 and u["accountant"] == "PRV"
     assert u["releases"] == 10
+    assert u["graph_share"] == 0.1 and u["noise_multiplier_model"] == pytest.approx(1 / math.sqrt(0.9))
+    assert u["graph_noise_multiplier"] == pytest.approx(1 / math.sqrt(0.1))
     ref = opacus_epsilon(1.0, 0.1, 10, u["delta"])
     assert u["epsilon"] == pytest.approx(ref, rel=0.01)
     assert priv["epsilon"] == u["epsilon"] and priv["delta"] == u["delta"] == 1e-5
@@ -341,7 +343,8 @@ def test_acceptance_user_level_epsilon(sims):
             assert key in r and r[key] is not None, (key, r)
         assert 0.0 <= r["frac_clipped"] <= 1.0
         assert r["mean_preclip_norm"] > 0
-        assert r["noise_std"] == pytest.approx(1.0 * 1.0 / (0.1 * 200), rel=1e-9)
+        # the model's part of the round's one Gaussian (the item graph has user-graph-share 0.1 of 1/z^2)
+        assert r["noise_std"] == pytest.approx(1.0 / math.sqrt(1 - 0.1) * 1.0 / (0.1 * 200), rel=1e-9)
         assert r["snr"] >= 0
     assert [r["epsilon_user"] for r in rows] == pytest.approx(
         [epsilon([(1.0, 0.1, i)], DELTA) for i in range(1, 11)], rel=1e-9)

@@ -116,5 +116,5 @@ def test_ties_between_blends_go_to_the_graph_alone_first(tmp_path):
     assert sorted(PREFER) == sorted(BLENDS)
     with_graph = RunRecorder(RunConfig(privacy="none", out=str(tmp_path)))
     assert BLENDS[with_graph.leader()] == "graph"  # round 1: nothing scored, every blend ties
-    without = RunRecorder(RunConfig(privacy="user", out=str(tmp_path)))
+    without = RunRecorder(RunConfig(privacy="user", secure_aggregation=True, out=str(tmp_path)))
     assert BLENDS[without.leader()] == "model"

@@ -69,7 +69,7 @@ def record_device_releases(fed: Federation, ledger: Ledger, got: Replies, r: int
 def record_graph(fed: Federation, ledger: Ledger, state: ServerState, r: int) -> None:
     """The noisy item graph's one record, before its first release: it covers all of this graph's releases
     (a graph started anew, in a new run on the same ledger, is another mechanism and gets its own)."""
-    if fed.cfg.graph_noised and state.graph is not None and state.graph.releases == 0:
+    if graph_records(fed.cfg) and state.graph is not None and state.graph.releases == 0:
         (z, q, n), = graph_records(fed.cfg)
         ledger.append(Release(kind="graph-gaussian", unit="event", round=r, noise_multiplier=z, sample_rate=q,
                               steps=n, extra={"window": fed.cfg.pair_window}))

@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..data.features import ModelFeatures
 from ..messages import NodeInfo, RoundInstruction
 from ..models import reads_features
-from ..privacy.accounting import calibrate_noise, event_accountant, graph_records
+from ..privacy.accounting import calibrate_noise, event_accountant, graph_records, user_parts
 from ..privacy.ledger import Ledger
 from ..privacy.report import privacy_report
 from ..report import RunRecorder
@@ -166,7 +166,7 @@ class _Run:
         rec.features = _features(cfg, stream, fed.n_items, rec)
         state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None,
                            ModelFeatures.of(rec.features, stream.round_at)
-                           if rec.features is not None and reads_features(cfg.model) else None)
+                           if rec.features is not None and reads_features(cfg.model) else None, z_user=fed.z_user)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)
@@ -178,7 +178,8 @@ class _Run:
             ([state.secret] if state.secret else [])
         noise_gen = torch.Generator().manual_seed(
             int(np.random.SeedSequence([seeds[0], 11, *seeds[1:]]).generate_state(1)[0]))
-        agg = aggregation.from_config(cfg, noise_multiplier=fed.z_event if cfg.aggregate_noise else fed.z_user,
+        agg = aggregation.from_config(cfg, noise_multiplier=fed.z_event if cfg.aggregate_noise else
+                                      user_parts(cfg, fed.z_user)[0],
                                       expected_devices=fed.q_user * len(fed.home),
                                       generator=noise_gen)
         run = cls(transport, fed, state, ledger, rec, np.random.default_rng([seeds[0], 7, *seeds[1:]]), agg,

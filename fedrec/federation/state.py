@@ -22,7 +22,7 @@ from ..data.features import ModelFeatures
 from ..itemgraph import MODEL_FEATURES, ItemGraph, sensitivity
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
 from ..models import model_from_config, reads_features
-from ..privacy.accounting import graph_multiplier
+from ..privacy.accounting import graph_multiplier, user_parts
 from ..privacy.ledger import Ledger
 from ..server_aggregate import ITEM_TABLES, pick_device
 from ..server_lr import ServerLR
@@ -125,10 +125,11 @@ def mixed_seed(seed: int, secret: int) -> int:
 
 
 def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None,
-               model_features: ModelFeatures | None = None) -> ServerState:
+               model_features: ModelFeatures | None = None, *, z_user: float = 0.0) -> ServerState:
     """A new server: the model's initial global parameters on the aggregation device (``features``: the public
     item features, rows L2-normalised, that the item graph publishes and learns profiles for; ``model_features``:
-    what a model that reads them gets with each version)."""
+    what a model that reads them gets with each version; ``z_user``: user-level DP's noise multiplier, of which
+    the item graph gets its part)."""
     dev = pick_device(cfg.device)
     mfeat = model_features if reads_features(cfg.model) else None
     model = model_from_config(cfg, n_items, mfeat.at(1) if mfeat is not None else None)
@@ -140,22 +141,29 @@ def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None,
                        optimizer=optimizer,
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
                        buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
-                       graph=new_graph(cfg, n_items, features), model_features=mfeat)
+                       graph=new_graph(cfg, n_items, features, z_user=z_user), model_features=mfeat)
 
 
-def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None) -> ItemGraph | None:
+def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, *,
+              z_user: float = 0.0) -> ItemGraph | None:
     """The run's item graph (None: off). Under event noise at the aggregate its sums get Gaussian noise of std
     ``z_graph`` times their sensitivity (:func:`fedrec.itemgraph.sensitivity`: ``sqrt(3 W w^2 + 1)``, ``W`` the pair
     window, and 3 more under the root with non-negative ``features``), so the run's graph is one Gaussian mechanism of
-    multiplier ``z_graph``, as accounted (:func:`fedrec.privacy.accounting.graph_records`); the noise is drawn
+    multiplier ``z_graph``, as accounted (:func:`fedrec.privacy.accounting.graph_records`). Under user-level DP
+    each device's counts of a round are clipped to L2 norm 1 and the sums get noise of std ``z_graph``, the
+    graph's part of the round's one Gaussian (:func:`fedrec.privacy.accounting.user_parts`). The noise is drawn
     from the run's seed."""
     if not cfg.graph:
         return None
-    bound = sensitivity(cfg.pair_window, features)
-    std = graph_multiplier(cfg) * bound if cfg.graph_noised else 0.0
+    if cfg.user_graph:
+        std, clip = user_parts(cfg, z_user)[1], 1.0
+    else:
+        std = graph_multiplier(cfg) * sensitivity(cfg.pair_window, features) if cfg.graph_noised else 0.0
+        clip = 0.0
     if cfg.graph_noised and not std > 0:
         raise ValueError("The noisy item graph needs a positive noise multiplier (graph-share, epsilon).")
-    return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, features=features)
+    return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, features=features,
+                     clip=clip, pairs=not cfg.user_graph)
 
 
 #: the outputs a finished run has written (a finished checkpoint without them rebuilds them)

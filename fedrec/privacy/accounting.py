@@ -123,15 +123,16 @@ def graph_records(cfg: RunConfig) -> tuple[Record, ...]:
     round's sums, the run's graph releases compose to one Gaussian mechanism of multiplier ``z_graph``:
     one record ``(z_graph, 1, 1)``, whatever the number of rounds.
     """
-    if not cfg.graph_noised:
+    if not (cfg.graph_noised and cfg.aggregate_noise):
         return ()
     return ((graph_multiplier(cfg), 1.0, 1),)
 
 
 def graph_multiplier(cfg: RunConfig) -> float:
-    """``z_graph``: calibrated so the graph alone spends ``graph-share`` of the event budget, else the given
-    noise multiplier (0 when the graph is not noised)."""
-    if not cfg.graph_noised:
+    """``z_graph`` of the event-level graph: calibrated so the graph alone spends ``graph-share`` of the event budget,
+    else the given noise multiplier (0 when the graph is not noised at event level; user level:
+    :func:`user_parts`)."""
+    if not (cfg.graph_noised and cfg.aggregate_noise):
         return 0.0
     if cfg.epsilon > 0 and cfg.calibrate:
         return _graph_calibrated(cfg.graph_share * cfg.epsilon, cfg.delta, cfg.accountant)
@@ -141,3 +142,21 @@ def graph_multiplier(cfg: RunConfig) -> float:
 @lru_cache(maxsize=64)
 def _graph_calibrated(target: float, delta: float, accountant: str) -> float:
     return calibrate_noise(target, 1.0, 1, delta, accountant)
+
+
+def user_parts(cfg: RunConfig, z_user: float) -> tuple[float, float]:
+    """The noise multipliers ``(model, graph)`` of user-level DP's one Gaussian per round of multiplier ``z_user``.
+
+    With the item graph (:attr:`RunConfig.user_graph`) every sampled device releases two clipped parts in the
+    same round: its delta (L2 norm <= ``clip``, noise ``z_model * clip`` on the sum) and its graph counts (L2 norm
+    <= 1 in the graph's noise units, noise ``z_graph``). Adding or removing one user moves the two sums by at
+    most those norms, so the joint release is one Gaussian of ``1/z_user^2 = 1/z_model^2 + 1/z_graph^2``
+    (:func:`fedrec.privacy.aggregate.split`, ``user-graph-share`` of ``1/z_user^2`` to the graph), subsampled at
+    the rate the ledger records: the accounting of user-level DP is unchanged. Without the graph the model gets
+    all of it (``graph`` is 0)."""
+    if not cfg.user_graph or not z_user > 0:
+        return z_user, 0.0
+    from .aggregate import split
+
+    parts = split(z_user, cfg.user_graph_share)
+    return parts.grad, parts.count

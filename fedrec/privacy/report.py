@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..itemgraph import PAIR_WEIGHT, sensitivity
-from .accounting import GROUP2, event_accountant, graph_multiplier
+from .accounting import GROUP2, event_accountant, graph_multiplier, user_parts
 from .aggregate import split
 from .ledger import Ledger
 
@@ -80,6 +80,21 @@ def _event_block(cfg: RunConfig, ledger: Ledger, z_event: float, graph_features:
     return ev
 
 
+def _user_graph_block(cfg: RunConfig, z_user: float, graph_features: np.ndarray | None) -> dict:
+    """What the user block adds when the item graph is part of user-level DP's Gaussian."""
+    model, graph = user_parts(cfg, z_user)
+    return {
+        "noise_multiplier_model": model, "graph_noise_multiplier": graph, "graph_share": cfg.user_graph_share,
+        "graph_window": cfg.pair_window, "graph_pair_weight": PAIR_WEIGHT, "graph_clip": 1.0,
+        "graph": "each sampled device's item graph counts of the round (pairs among the candidates, weighted "
+                 "graph_pair_weight, item counts" + (", item x feature affinities" if graph_features is not None else "")
+                 + ") are scaled to L2 norm graph_clip and noised on the sum with std graph_noise_multiplier; with "
+                 "the clipped delta (noise noise_multiplier_model x clip) one Gaussian of noise_multiplier "
+                 "(1/z^2 = 1/z_model^2 + 1/z_graph^2) per round, as the ledger records; the server sees each "
+                 "device's pairs, as it sees its delta",
+    }
+
+
 def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: float, q_user: float,
                    population: int, stopped: str = "", graph_features: np.ndarray | None = None) -> dict:
     """Summarise what the ledger composes to, unit by unit (``graph_features``: the public item features of the
@@ -109,8 +124,10 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
                       "the server sees each device's clipped delta (no secure aggregation); the released "
                       "model is user-level DP"),
         }
+        if cfg.user_graph:
+            out["user"].update(_user_graph_block(cfg, z_user, graph_features))
         if cfg.select_rows:
-            parts = split(z_user, cfg.count_share)
+            parts = split(user_parts(cfg, z_user)[0], cfg.count_share)
             out["user"].update({
                 "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
                 "rows": "each device also sends an indicator of its positive items of L2 norm 1; noisy counts select "
