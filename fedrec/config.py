@@ -186,9 +186,10 @@ class RunConfig:
     user_fit_steps: int = key(30, "on-device fit of the user vector before scoring (0 = off)", ge=0, le=10**6)
     negatives: int = key(1, "sampled negative items per positive event", ge=1, le=10**6)
     session_len: int = key(10, "on-device scoring reads the device's this many newest events before each event", ge=1, le=10**6)
-    item_graph: str = key("auto", "federated item co-occurrence for on-device session scoring (pairs are sent in "
-                          "clear to the server: auto = on without DP, and noised by the server under event noise at "
-                          "the aggregate or user-level DP without secure-aggregation; else off)", choices=ITEM_GRAPH_MODES)
+    item_graph: str = key("auto", "federated item co-occurrence for on-device session scoring (item pairs, or under "
+                          "user-level DP item counts only, are sent in clear to the server: auto = on without DP, and "
+                          "noised by the server under event noise at the aggregate or user-level DP without "
+                          "secure-aggregation; else off)", choices=ITEM_GRAPH_MODES)
     graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
                             ge=1, le=10**6)
     private_graph_window: int = key(1, "item graph under DP: the window (at event level one event's "

@@ -61,6 +61,12 @@ mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.
   noisy counts. The prior reads the candidates' noisy recent counts, clamped at 0. The noise of release
   ``k`` is drawn from ``(seed, k)``: a resumed run, or a round run again after a crash, releases the same.
 
+Under user-level DP (a trusted server; ``clip = 1``, ``pairs = False``) the graph is one part of each round's one
+Gaussian (:func:`fedrec.privacy.accounting.user_parts`): devices send no pairs, each contribution's item counts and
+affinity rows are scaled to L2 norm ``clip`` (:meth:`ItemGraph.scales`), and every item count and affinity cell of
+every release gets ``N(0, noise_std^2)``, ``noise_std`` the graph's part of the round's multiplier. One user moves a
+round's sums by at most ``clip`` whatever else the round holds, so no record of its own is needed.
+
 The constants below were chosen on the first rounds of ml-latest-small and checked on other streams
 (docs/online.md says where); they are properties of how people consume items, not of one catalogue.
 """
@@ -307,7 +313,8 @@ class ItemGraph:
         for i, p in enumerate(contributions):
             key, w = _capped(p, self.n_items)
             keep = inside[key // self.n_items] & inside[key % self.n_items] & self.pairs
-            sq = PAIR_WEIGHT**2 * float(np.sum(w[keep] ** 2)) + float(np.sum(p.counts**2))
+            counts = np.bincount(p.items, p.counts)  # by item: an item listed twice counts once, summed
+            sq = PAIR_WEIGHT**2 * float(np.sum(w[keep] ** 2)) + float(np.sum(counts**2))
             if G is not None and len(p.follow):
                 rows, inv = np.unique(p.follow, return_inverse=True)
                 A = np.zeros((len(rows), G.shape[1]))
@@ -427,11 +434,11 @@ class ItemGraph:
 
     def state(self) -> dict[str, np.ndarray]:
         """For the checkpoint: ``C``'s upper triangle (it is symmetric, its diagonal empty) in 32 bits (whole
-        counts below 2^24 are exact in float32); noised: also the candidates and their noisy pair sums' upper
+        counts below 2^24 are exact in float32), and the noise seed; noised: also the candidates and their noisy pair sums' upper
         triangle in 64 bits (a resumed run continues the same sums)."""
         C = sp.triu(self.C, k=1).tocoo()
         out = {"row": C.row.astype(np.int32), "col": C.col.astype(np.int32), "val": C.data.astype(np.float32),
-               "n": self.n, "releases": np.asarray(self.releases, np.int64),
+               "n": self.n, "releases": np.asarray(self.releases, np.int64), "seed": np.asarray(self.seed, np.int64),
                "recent": np.stack(self.recent) if self.recent else np.zeros((0, self.n_items))}
         if self.noised:
             out |= {"cand": self.cand, "since": self.since,
@@ -447,6 +454,8 @@ class ItemGraph:
         self.n = np.asarray(d["n"], np.float64)
         self.recent = [np.asarray(x) for x in d["recent"]]
         self.releases = int(d.get("releases", 0))
+        if "seed" in d:  # the noise seed the run drew its releases from (a resumed release draws the same)
+            self.seed = int(d["seed"])
         self.A = np.asarray(d["affinity"], np.float64) if "affinity" in d else None
         if self.features is not None and self.releases and (self.A is None or self.A.shape != self.features.shape):
             raise ValueError("its item graph was saved without item x feature affinities for these item features "

@@ -99,17 +99,59 @@ def test_pairs_are_never_released():
     assert g.state()["pairs"].size == 0
 
 
-def test_released_user_counts_have_the_claimed_noise_std():
-    g = ItemGraph(V, noise_std=SIGMA, seed=5, clip=1.0, pairs=False)
-    draws = []
+def test_released_user_counts_and_affinities_have_the_claimed_noise_std():
+    g = ItemGraph(V, noise_std=SIGMA, seed=5, clip=1.0, pairs=False, features=_features())
+    counts, cells = [], []
     for _ in range(40):
-        n = g.n.copy()
+        n, A = g.n.copy(), (g.A.copy() if g.A is not None else np.zeros((V, F)))
         g.add([])
-        draws.append(g.n - n)
-    x = np.concatenate(draws)
-    chi = float(np.sum(x**2) / SIGMA**2)
-    assert 1e-3 < stats.chi2.cdf(chi, len(x)) < 1 - 1e-3
-    assert stats.chi2.cdf(float(np.sum(x**2) / (1.1 * SIGMA) ** 2), len(x)) < 1e-6
+        counts.append(g.n - n)
+        cells.append((g.A - A).reshape(-1))
+    for x in (np.concatenate(counts), np.concatenate(cells)):
+        chi = float(np.sum(x**2) / SIGMA**2)
+        assert 1e-3 < stats.chi2.cdf(chi, len(x)) < 1 - 1e-3
+        assert stats.chi2.cdf(float(np.sum(x**2) / (1.1 * SIGMA) ** 2), len(x)) < 1e-6
+
+
+def test_an_item_listed_twice_is_clipped_as_its_sum():
+    """A hostile device that lists one item 16 times (count 1 each) moves that count by at most the clip."""
+    z = np.zeros(0, np.int64)
+    liar = Pairs(z, z, np.zeros(0), np.full(16, 5), np.ones(16))
+    assert _released([liar]) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_a_resumed_graph_keeps_its_noise_seed():
+    g = _graph()
+    g.seed = 987654321  # as a run that continues a ledger, or a deployed server's secret, makes it
+    h = ItemGraph(V, neighbours=5, noise_std=SIGMA, seed=3, features=_features(), clip=1.0, pairs=False)
+    h.load(g.state())
+    assert h.seed == g.seed
+    g.add([])
+    h.add([])
+    np.testing.assert_array_equal(h.n, g.n)
+
+
+def test_late_replies_reach_no_user_level_graph():
+    """A straggler was sampled for an earlier round: its counts stay out of this round's noisy sums (its delta is
+    dropped too); without DP (no `on_time_only`) they are summed in as before."""
+    import torch
+
+    from fedrec.federation.replies import GraphCheck, Reply, collect
+    from fedrec.messages import NodeReply, decode_reply, encode_reply
+    from tests.test_itemgraph import V as W
+    from tests.test_itemgraph import _update
+
+    counts = device_pairs(np.array([1, 2, 3, 4]), np.ones(4, bool), 0).arrays()
+    late, now = _update(1, counts), _update(2, counts)
+    late.report.base_round = 1
+    body = NodeReply(updates=[late, now])
+    reply = Reply(asked=2, node=7, body=decode_reply(encode_reply(body)), devices=frozenset({1, 2}))
+    gstate = {"item.weight": torch.zeros(W, 2)}
+    user = collect([reply], gstate, None, 2, {1: 7, 2: 7}, GraphCheck(W, 0, on_time_only=True))
+    assert [u.device for u in user.late] == [1] and user.done == [2] and len(user.pairs) == 1
+    assert not user.failed
+    plain = collect([reply], gstate, None, 2, {1: 7, 2: 7}, GraphCheck(W, 0))
+    assert len(plain.pairs) == 2 and not plain.failed
 
 
 # ---- the budget -------------------------------------------------------------------------------------------------
@@ -179,7 +221,8 @@ def test_a_user_level_federation_with_the_graph(tmp_path):
     expected = user["sample_rate"] * user["population"]
     # the model's sum carries its part of the noise only, over the expected cohort
     assert rows[0]["noise_std"] == pytest.approx(user["noise_multiplier_model"] * cfg.clip / expected, rel=1e-6)
-    assert any(r["blend"] for r in rows)  # the devices were served the graph's blends
+    blends = summary["metrics"]["blends"]
+    assert blends["features"] != blends["model"]  # served a graph: without one `features` ranks as the model
 
 
 def test_a_device_that_sends_pairs_under_user_level_is_refused():

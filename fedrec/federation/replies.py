@@ -130,6 +130,9 @@ class GraphCheck:
 
     n_items: int
     window: int
+    #: take the pairs of on-time updates only (user-level DP: a late reply's device was sampled for an earlier
+    #: round's release, and a noisy sum must hold only the devices sampled for it)
+    on_time_only: bool = False
 
 
 def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: float | None, round_: int,
@@ -232,13 +235,14 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
     if problem or why:
         out.failed.append((d, problem or why))
         return
+    base = m.base_round if m.base_round is not None else asked
     if pairs is not None:
-        out.pairs.append(pairs)
         out.bytes_up += sum(v.nbytes for v in (u.pairs or {}).values())
+        if not (graph is not None and graph.on_time_only and base < round_):
+            out.pairs.append(pairs)
     out.bytes_up += sum(v.nbytes for v in u.arrays.values())
     weight = 1.0 if clip is not None else float(min(m.num_examples, max_weight))  # a claim beyond it is cut
     ledger = {"steps": m.steps, "max-exposure": m.max_exposure}
-    base = m.base_round if m.base_round is not None else asked
     if base < round_:
         out.late.append(Update(d, delta, weight, base_version=base, new_events=m.n_new, base_round=base))
         out.late_metrics.append(ledger)

@@ -223,7 +223,7 @@ class _Run:
                                         tuple(self.state.acked.get(d, -1) for d in ds))
                     for n, ds in plan.by_node.items()}
         clip = cfg.clip if cfg.user_dp else None
-        graph = GraphCheck(self.fed.n_items, cfg.pair_window) if cfg.graph else None
+        graph = GraphCheck(self.fed.n_items, cfg.pair_window, on_time_only=cfg.user_graph) if cfg.graph else None
         rows = row_check(cfg, self.fed.n_items)
         if cfg.secure_aggregation:
             served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
@@ -289,8 +289,8 @@ def _fresh_start(fed: Federation, state: ServerState, ledger: Ledger) -> None:
             "releases, and simulated devices, which keep their state in memory, would count their events' use "
             "from zero again; use a new --out.")
     state.secret = secrets.randbits(63) if fed.durable else 0
-    if state.graph is not None:
-        state.graph.seed = mixed_seed(fed.cfg.seed, state.secret)
+    if state.graph is not None:  # a run that continues a ledger draws fresh graph noise, as it does model noise
+        state.graph.seed = mixed_seed(mixed_seed(fed.cfg.seed, len(ledger.records)), state.secret)
 
 
 def _resume(fed: Federation, state: ServerState, rec: RunRecorder, ledger: Ledger) -> tuple[int, bool]:

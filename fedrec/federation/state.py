@@ -182,6 +182,8 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
     ck = load_checkpoint(path)
     ledger.check_mark(ck["run"].get("ledger", {}), path)
     was = ck["run"].get("config", {})
+    if was.get("privacy") == "user" and "user-graph-share" not in was:  # from before user-level DP had its graph
+        was = {**was, "user-graph-share": 0.0}
     diff = [k for k, v in resume_key(cfg).items() if k in was and was[k] != v]
     if ck["run"].get("finished", True):
         if diff or all((path.parent / name).is_file() for name in OUTPUTS):

@@ -85,13 +85,14 @@ def _user_graph_block(cfg: RunConfig, z_user: float, graph_features: np.ndarray 
     model, graph = user_parts(cfg, z_user)
     return {
         "noise_multiplier_model": model, "graph_noise_multiplier": graph, "graph_share": cfg.user_graph_share,
-        "graph_window": cfg.pair_window, "graph_pair_weight": PAIR_WEIGHT, "graph_clip": 1.0,
-        "graph": "each sampled device's item graph counts of the round (pairs among the candidates, weighted "
-                 "graph_pair_weight, item counts" + (", item x feature affinities" if graph_features is not None else "")
-                 + ") are scaled to L2 norm graph_clip and noised on the sum with std graph_noise_multiplier; with "
-                 "the clipped delta (noise noise_multiplier_model x clip) one Gaussian of noise_multiplier "
-                 "(1/z^2 = 1/z_model^2 + 1/z_graph^2) per round, as the ledger records; the server sees each "
-                 "device's pairs, as it sees its delta",
+        "graph_clip": 1.0,
+        "graph": "each on-time sampled device's item counts of the round" + (
+                 " and item x feature affinities (its events' items' rows gain the profiles, from earlier releases, "
+                 "of the events before them)" if graph_features is not None else "")
+                 + " are scaled to L2 norm graph_clip and noised on the sum with std graph_noise_multiplier (no item "
+                 "pairs are sent); with the clipped delta (noise noise_multiplier_model x clip) one Gaussian of "
+                 "noise_multiplier (1/z^2 = 1/z_model^2 + 1/z_graph^2) per round, as the ledger records; the server "
+                 "sees each device's item counts, as it sees its delta",
     }
 
 
@@ -132,7 +133,8 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
                 "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
                 "rows": "each device also sends an indicator of its positive items of L2 norm 1; noisy counts select "
                         f"the item rows a round updates (above {cfg.row_threshold:g} count-noise stds); the joint "
-                        "release (clipped deltas and counts) is one Gaussian of noise_multiplier"})
+                        "release (clipped deltas and counts" + (", and the item graph's counts" if cfg.user_graph
+                                                                 else "") + ") is one Gaussian of noise_multiplier"})
         units.append("user")
     if cfg.event_dp:
         out["event"] = _event_block(cfg, ledger, z_event, graph_features)
