@@ -58,7 +58,7 @@ def test_the_device_builds_the_servers_model_from_the_published_version():
     x = np.random.default_rng(0).random((V, F)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     launch = np.r_[np.ones(30), np.full(5, 4.0), np.full(5, np.nan)]  # items 30-34 launch in round 4, 35-39 unknown
-    state = init_state(cfg, V, x, ModelFeatures(x, launch))
+    state = init_state(cfg, V, x, ModelFeatures(x, launch), z_user=1.0)  # user-level DP, the default
     v1, v5 = state.host_state(1), state.host_state(5)
     width = F + len(AGE_EDGES) + 1
     assert v1[MODEL_FEATURES].dtype == np.float16 and v1[MODEL_FEATURES].shape == (V, width)
@@ -78,7 +78,7 @@ def test_the_device_builds_the_servers_model_from_the_published_version():
     with pytest.raises(ValueError, match=rf"item features of shape \(40, 3\), the model was built for \(40, {width}\)"):
         device.set_features(v5[MODEL_FEATURES][:, :3])
     # MF reads no features, so its versions carry none; deepfm without features has a zero row per item
-    assert MODEL_FEATURES not in init_state(RunConfig(model="mf"), V, x, ModelFeatures(x, launch)).host_state(1)
+    assert MODEL_FEATURES not in init_state(RunConfig(model="mf"), V, x, ModelFeatures(x, launch), z_user=1.0).host_state(1)
     assert build_model("deepfm", V, 6).n_features == 1
 
 

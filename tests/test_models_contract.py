@@ -8,6 +8,7 @@ import torch
 
 from fedrec.checks import yield_checks
 from fedrec.data.features import AGE_EDGES
+from fedrec.itemgraph import Pairs
 from fedrec.models import MODELS, build_model
 
 CASES = [(name, check) for name in MODELS for check in yield_checks(name)]
@@ -135,6 +136,10 @@ def test_flower_replies_carry_only_global_parameters(tmp_path, name, privacy):
         for key, rec in s["records"].items():
             if rec["kind"] != "ArrayRecord":
                 assert rec["kind"] in ("ConfigRecord", "MetricRecord")
+                continue
+            if key.startswith("pairs-") and cfg.user_graph:  # the item graph's counts: no pairs under user level
+                assert set(rec["arrays"]) == set(Pairs(*(np.zeros(0),) * 5).arrays()), key
+                assert rec["arrays"]["pairs.a"]["shape"] == [0] == rec["arrays"]["pairs.b"]["shape"], key
                 continue
             assert key.startswith("delta-"), key
             names = {a.rsplit(".ids", 1)[0].rsplit(".rows", 1)[0] for a in rec["arrays"]}
