@@ -259,6 +259,8 @@ class ItemGraph:
     def __post_init__(self) -> None:
         if self.noise_std < 0 or not np.isfinite(self.noise_std):
             raise ValueError("The item graph's noise std should be a finite non-negative value.")
+        if self.clip and self.pairs:
+            raise ValueError("A clipped item graph (user-level DP) releases no pairs: pass pairs=False.")
         self.C = sp.csr_matrix((self.n_items, self.n_items))
         self.n = np.zeros(self.n_items)
         self.cand, self.since = np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -279,7 +281,7 @@ class ItemGraph:
         V = self.n_items
         G = self.profiles().astype(np.float64) if self.features is not None else None  # before this round's data
         scale = self.scales(contributions, G)
-        a, b, w = capped_pairs(contributions, V, scale)
+        a, b, w = capped_pairs(contributions, V)  # unscaled: a clipped graph releases no pairs
         now = np.zeros(V)
         for p, s in zip(contributions, scale, strict=True):
             np.add.at(now, p.items, p.counts * s)
@@ -301,20 +303,15 @@ class ItemGraph:
             self._enter()
 
     def scales(self, contributions: Sequence[Pairs], G: np.ndarray | None) -> np.ndarray:
-        """Each contribution's factor: 1, or with ``clip`` (user-level DP) ``min(1, clip / norm)``, ``norm`` the
-        L2 norm of what this round releases of it, in the units its noise is drawn in: its capped pairs among the
-        candidates (chosen before this round: the others are dropped) weighted ``PAIR_WEIGHT``, its item counts,
-        and its affinity rows (the profiles ``G`` of its events before, summed into its events' items' rows)."""
+        """Each contribution's factor: 1, or with ``clip`` (user-level DP, no pairs) ``min(1, clip / norm)``,
+        ``norm`` the L2 norm of what this round releases of it, in the units its noise is drawn in: its item counts
+        (summed by item) and its affinity rows (the profiles ``G`` of its events before, summed into its events'
+        items' rows)."""
         one = np.ones(len(contributions))
         if not self.clip:
             return one
-        inside = np.zeros(self.n_items, bool)  # noised: the pairs released are the candidates' (without: all)
-        inside[self.cand if self.noised else slice(None)] = True
         for i, p in enumerate(contributions):
-            key, w = _capped(p, self.n_items)
-            keep = inside[key // self.n_items] & inside[key % self.n_items] & self.pairs
-            counts = np.bincount(p.items, p.counts)  # by item: an item listed twice counts once, summed
-            sq = PAIR_WEIGHT**2 * float(np.sum(w[keep] ** 2)) + float(np.sum(counts**2))
+            sq = float(np.sum(np.bincount(p.items, p.counts) ** 2))  # an item listed twice counts as its sum
             if G is not None and len(p.follow):
                 rows, inv = np.unique(p.follow, return_inverse=True)
                 A = np.zeros((len(rows), G.shape[1]))
@@ -485,24 +482,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / max(float(x.max()), 1e-12)).astype(np.float32)
 
 
-def _capped(p: Pairs, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """One contribution's unordered pairs, as keys ``a * n_items + b`` (``a < b``), and their counts, each capped at
-    ``PAIR_CAP``."""
-    key, inv = np.unique(np.minimum(p.a, p.b) * n_items + np.maximum(p.a, p.b), return_inverse=True)
-    return key, np.minimum(np.bincount(inv, weights=p.w, minlength=len(key)), PAIR_CAP)
-
-
-def capped_pairs(contributions: Sequence[Pairs], n_items: int,
-                 scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def capped_pairs(contributions: Sequence[Pairs], n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The round's unordered pairs ``(a < b)`` and counts, each contribution counting at most ``PAIR_CAP`` per
-    pair (times its ``scale``, if given): one device (or one liar) cannot make a pair, and one event moves one
-    pair's sum by at most 1."""
+    pair: one device (or one liar) cannot make a pair, and one event moves one pair's sum by at most 1."""
     V = n_items
-    capped = [_capped(p, V) for p in contributions]
-    factors = np.ones(len(contributions)) if scale is None else scale
-    a = np.concatenate([k // V for k, _ in capped] or [np.zeros(0, np.int64)])
-    b = np.concatenate([k % V for k, _ in capped] or [np.zeros(0, np.int64)])
-    w = np.concatenate([w * f for (_, w), f in zip(capped, factors, strict=True)] or [np.zeros(0)])
+    keys = [np.unique(np.minimum(p.a, p.b) * V + np.maximum(p.a, p.b), return_inverse=True) for p in contributions]
+    a = np.concatenate([k // V for k, _ in keys] or [np.zeros(0, np.int64)])
+    b = np.concatenate([k % V for k, _ in keys] or [np.zeros(0, np.int64)])
+    w = np.concatenate([np.minimum(np.bincount(inv, weights=p.w, minlength=len(k)), PAIR_CAP)
+                        for (k, inv), p in zip(keys, contributions, strict=True)] or [np.zeros(0)])
     return a, b, w
 
 
