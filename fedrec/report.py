@@ -36,7 +36,7 @@ def _headline(counts: ServeCounts | PrequentialCounts, blend: int | None
 
 
 #: the order in which tied blends are preferred (:meth:`RunRecorder.leader`)
-PREFER = ("graph", "graph+0.01", "graph+0.1", "graph+1", "features", "model", "start")
+PREFER = ("graph+0.01", "graph", "graph+0.1", "graph+1", "features", "model", "start")
 
 
 class RunRecorder:
@@ -132,7 +132,9 @@ class RunRecorder:
         """The blend devices serve next (:data:`fedrec.eval.metrics.BLENDS`): the one with the most per-event
         hits in the rounds so far (follow the leader). Ties, round 1 included, go to the first in :data:`PREFER`
         that may compete: in round 1 no graph was published yet, so every graph blend scored as the model alone
-        and tied; the graph alone is then the one to try first."""
+        and tied; the graph with its ties broken by the model (``graph+0.01``) is then the one to try first. It
+        ranks as the graph where the graph ranks, and as the model where the first release has nothing to rank
+        by (under noise no item passes the candidates' threshold yet: the graph alone would tie every item)."""
         # without an item graph the graph blends rank as the model alone: only the model's two states compete
         allowed = [BLENDS.index(b) for b in PREFER if self.cfg.graph or b in ("model", "start")]
         hits = [self.blend_totals[i].hits for i in allowed]

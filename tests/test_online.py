@@ -108,13 +108,13 @@ def test_per_event_off_reports_the_round_start_metric_through_the_wire(tmp_path)
         raise AssertionError("a partial blend count was accepted")
 
 
-def test_ties_between_blends_go_to_the_graph_alone_first(tmp_path):
+def test_ties_between_blends_go_first_to_the_graph_with_the_models_tie_break(tmp_path):
     from fedrec.config import RunConfig
     from fedrec.eval.metrics import BLENDS
     from fedrec.report import PREFER, RunRecorder
 
     assert sorted(PREFER) == sorted(BLENDS)
     with_graph = RunRecorder(RunConfig(privacy="none", out=str(tmp_path)))
-    assert BLENDS[with_graph.leader()] == "graph"  # round 1: nothing scored, every blend ties
+    assert BLENDS[with_graph.leader()] == "graph+0.01"  # round 1: nothing scored, every blend ties
     without = RunRecorder(RunConfig(privacy="user", secure_aggregation=True, out=str(tmp_path)))
     assert BLENDS[without.leader()] == "model"
