@@ -13,15 +13,19 @@ import pytest
 from round_reference import CASES, HERE, run_case, stable_summary
 
 #: SecAgg+ quantises the masked vectors with stochastic rounding from the OS's RNG, so a secure round's
-#: sum moves by about one quantisation step between runs; every other case is deterministic
-TOLERANCE = {"secagg": 1e-3}
+#: sum moves by about one quantisation step between runs; SASRec's attention rounds differently on CPUs with
+#: other vector units (1e-4 of a weight after three rounds); every other case is deterministic
+TOLERANCE = {"secagg": 1e-3, "sasrec": 1e-3}
+#: upload sizes count the rows a device changed: a row that exact arithmetic leaves unchanged (the attention
+#: logits of a one-item sequence get a zero gradient) may move by a rounding error on another CPU, and is then sent
+BYTES_TOLERANCE = 0.01
 
 
 def _close(got, want, where: str, tol: float = 1e-6) -> None:
     if isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(got)} != {sorted(want)}"
         for k in want:
-            _close(got[k], want[k], f"{where}.{k}", tol)
+            _close(got[k], want[k], f"{where}.{k}", max(tol, BYTES_TOLERANCE) if "bytes" in k else tol)
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), f"{where}: {got!r} != {want!r}"
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -29,6 +33,8 @@ def _close(got, want, where: str, tol: float = 1e-6) -> None:
     elif isinstance(want, float) and not isinstance(want, bool):
         assert isinstance(got, (int, float)) and (math.isclose(got, want, rel_tol=tol, abs_tol=tol * 1e-3)), \
             f"{where}: {got!r} != {want!r}"
+    elif isinstance(want, int) and not isinstance(want, bool) and tol >= BYTES_TOLERANCE:
+        assert isinstance(got, int) and math.isclose(got, want, rel_tol=tol), f"{where}: {got!r} != {want!r}"
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
