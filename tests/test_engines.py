@@ -1,9 +1,16 @@
-"""The in-process engine and Flower's Ray Simulation Engine run the same protocol to the same model."""
+"""The in-process engine and Flower's Ray Simulation Engine run the same protocol to the same model.
+
+The runs are independent processes: every run of the selected tests is started when the first of them begins
+(a Ray run is mostly Ray starting up, which overlaps well with other work), and each test reads the outputs of
+its own once they are done. The Ray run with user-level DP on two nodes is the same command in two tests; it
+runs once and both read it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,41 +20,111 @@ import pytest
 
 WORLD = ["--world-users", "40", "--world-items", "60", "--rounds", "3", "--cohort", "12", "--dim", "4",
          "--user-fit-steps", "5", "--local-steps", "3", "--nodes", "2", "--seed", "5", "--no-progress"]
+TIMEOUT = 400
 
 
-def _simulate(out: Path, *extra: str) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", *WORLD, "--out", str(out), *extra],
-                       env=env, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return json.loads((out / "summary.json").read_text())
+class Runs:
+    """``fedrec simulate`` subprocesses of this module by name, each started once; a name's outputs are read
+    only after its process has ended well."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.done: dict[str, dict] = {}
+
+    def start(self, name: str) -> None:
+        if name in self.procs:
+            return
+        extra = RUNS[name]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = open(self.base / f"{name}.log", "w")  # noqa: SIM115 - closed with the process (wait)
+        p = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", *WORLD, "--out", str(self.base / name),
+                              *extra], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs[name] = p
+
+    def summary(self, name: str) -> dict:
+        """Wait for run ``name`` (started now if it was not yet); its summary."""
+        if name not in self.done:
+            self.start(name)
+            p = self.procs[name]
+            try:
+                rc = p.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._stop(p)
+                raise AssertionError(f"{name} timed out: {(self.base / f'{name}.log').read_text()[-3000:]}") from None
+            assert rc == 0, (self.base / f"{name}.log").read_text()[-6000:]
+            self.done[name] = json.loads((self.base / name / "summary.json").read_text())
+        return self.done[name]
+
+    def model(self, name: str) -> np.lib.npyio.NpzFile:
+        self.summary(name)
+        return np.load(self.base / name / "global_model.npz")
+
+    @staticmethod
+    def _stop(p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # the group this module started for the run, with its Ray
+            p.wait(30)
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            self._stop(p)
+
+
+RAY_USER = ("--engine", "ray", "--privacy", "user")  #: the Ray run both tests read (two nodes, from WORLD)
+#: every run by name: its flags after WORLD (event DP with deltas in float32 on the wire: see the test below)
+RUNS = {
+    "local-user": ("--engine", "local", "--privacy", "user"),
+    "ray-user": RAY_USER,
+    "local-event": ("--engine", "local", "--privacy", "event", "--wire", "dense"),
+    "ray-event": ("--engine", "ray", "--privacy", "event", "--wire", "dense"),
+    "one": ("--engine", "local", "--privacy", "user", "--nodes", "1"),
+    "each": ("--engine", "local", "--privacy", "user", "--nodes", "40"),
+}
+NEEDS = {  # test (with its parameters) -> the runs it reads
+    "test_local_and_ray_engines_give_the_same_global_model[user]": ("local-user", "ray-user"),
+    "test_local_and_ray_engines_give_the_same_global_model[event]": ("local-event", "ray-event"),
+    "test_sharded_and_one_node_per_device_runs_give_the_same_global_model": ("one", "each", "ray-user"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    """Every run of the selected tests of this module, started now."""
+    r = Runs(tmp_path_factory.mktemp("engines"))
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module:
+            for name in NEEDS.get(item.name, ()):
+                r.start(name)
+    yield r
+    r.close()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("privacy", ["user", "event"])
-def test_local_and_ray_engines_give_the_same_global_model(tmp_path, privacy):
+def test_local_and_ray_engines_give_the_same_global_model(runs, privacy):
     # deltas in float32 on the wire: float results may differ in the last bit between the engines'
     # processes (thread counts, vector paths), and fp16 rounding (event DP's default wire) can now and
     # then turn such a bit into one fp16 step of a delta, which the server learning rate magnifies
-    wire = ("--wire", "dense") if privacy == "event" else ()
-    a = _simulate(tmp_path / "local", "--engine", "local", "--privacy", privacy, *wire)
-    b = _simulate(tmp_path / "ray", "--engine", "ray", "--privacy", privacy, *wire)
-    ma, mb = np.load(tmp_path / "local/global_model.npz"), np.load(tmp_path / "ray/global_model.npz")
+    local, ray = f"local-{privacy}", f"ray-{privacy}"  # (RUNS: the same flags but the engine)
+    a, b = runs.summary(local), runs.summary(ray)
+    ma, mb = runs.model(local), runs.model(ray)
     assert set(ma.files) == set(mb.files) == {"item.weight"}
     # the same devices, seeds and noise; only the order in which replies are summed may differ
     assert np.allclose(ma["item.weight"], mb["item.weight"], atol=1e-5)
     for key in ("hr@10", "ndcg@10", "events_scored"):
         assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-6)
     assert a["privacy"][privacy]["epsilon"] == pytest.approx(b["privacy"][privacy]["epsilon"], rel=1e-9)
+    assert a["config"]["engine"] == "local" and b["config"]["engine"] == "ray"
 
 
 @pytest.mark.slow
-def test_sharded_and_one_node_per_device_runs_give_the_same_global_model(tmp_path):
+def test_sharded_and_one_node_per_device_runs_give_the_same_global_model(runs):
     """One node hosting every device, 40 nodes hosting one device each, and Ray's 2 shards agree."""
-    one = _simulate(tmp_path / "one", "--engine", "local", "--privacy", "user", "--nodes", "1")
-    per_device = _simulate(tmp_path / "each", "--engine", "local", "--privacy", "user", "--nodes", "40")
-    ray2 = _simulate(tmp_path / "ray2", "--engine", "ray", "--privacy", "user", "--nodes", "2")
-    m = [np.load(tmp_path / d / "global_model.npz")["item.weight"] for d in ("one", "each", "ray2")]
+    one, per_device, ray2 = runs.summary("one"), runs.summary("each"), runs.summary("ray-user")
+    assert (one["config"]["nodes"], per_device["config"]["nodes"], ray2["config"]["nodes"]) == (1, 40, 2)
+    m = [runs.model(d)["item.weight"] for d in ("one", "each", "ray-user")]
     assert np.allclose(m[0], m[1], atol=1e-5) and np.allclose(m[0], m[2], atol=1e-5)
     assert one["metrics"]["hr@10"] == pytest.approx(per_device["metrics"]["hr@10"], rel=1e-6)
     assert one["metrics"]["hr@10"] == pytest.approx(ray2["metrics"]["hr@10"], rel=1e-6)

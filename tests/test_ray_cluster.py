@@ -62,12 +62,27 @@ def test_the_backend_config_starts_a_loopback_ray_or_joins_a_cluster(monkeypatch
     assert not on_loopback("auto")
 
 
-def _simulate(out: Path, *extra: str) -> dict:
+def _start_simulate(out: Path, *extra: str) -> subprocess.Popen:
+    """``fedrec simulate`` in its own process group, logging to ``out``.log."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", *WORLD, "--out", str(out), *extra],
-                       env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(out.with_suffix(".log"), "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", *WORLD, "--out", str(out), *extra],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _summary(out: Path, p: subprocess.Popen) -> dict:
+    try:
+        rc = p.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the group this test started for the run
+        p.wait(30)
+        raise
+    assert rc == 0, out.with_suffix(".log").read_text()[-6000:]
     return json.loads((out / "summary.json").read_text())
+
+
+def _simulate(out: Path, *extra: str) -> dict:
+    return _summary(out, _start_simulate(out, *extra))
 
 
 def _start_cluster() -> tuple[subprocess.Popen, str]:
@@ -98,13 +113,20 @@ def _stop_cluster(p: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_a_two_node_ray_cluster_gives_the_one_node_model(tmp_path):
     t0 = time.monotonic()
-    cluster, address = _start_cluster()
+    # the one-node run needs no cluster: it runs while the cluster starts and trains (an independent process)
+    local = _start_simulate(tmp_path / "one", "--engine", "local")
     try:
-        assert address.startswith("127.0.0.1:")
-        on_cluster = _simulate(tmp_path / "cluster", "--engine", "ray", "--ray-address", address)
+        cluster, address = _start_cluster()
+        try:
+            assert address.startswith("127.0.0.1:")
+            on_cluster = _simulate(tmp_path / "cluster", "--engine", "ray", "--ray-address", address)
+        finally:
+            _stop_cluster(cluster)
+        one = _summary(tmp_path / "one", local)
     finally:
-        _stop_cluster(cluster)
-    one = _simulate(tmp_path / "one", "--engine", "local")
+        if local.poll() is None:
+            os.killpg(local.pid, signal.SIGKILL)
+            local.wait(30)
     a, b = (np.load(tmp_path / d / "global_model.npz") for d in ("one", "cluster"))
     assert set(a.files) == set(b.files) == {"item.weight"}
     # the same devices, seeds and noise; only the order in which replies are summed may differ

@@ -37,17 +37,33 @@ def _ckpt_round(out: Path) -> int:
 
 def _kill_after(out: Path, round_: int, *extra: str) -> None:
     """Start a run and SIGKILL it as soon as its checkpoint reaches ``round_``."""
-    proc = subprocess.Popen(_cmd(out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    _kill_all_after([(out, round_, extra)])
+
+
+def _kill_all_after(runs: list[tuple[Path, int, tuple[str, ...]]]) -> None:
+    """Start runs ``(out, round_, extra)`` side by side; SIGKILL each as soon as its checkpoint reaches its
+    ``round_``."""
+    procs = [(out, round_, subprocess.Popen(_cmd(out, *extra), stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True))
+             for out, round_, extra in runs]
     t0 = time.time()
+    left = list(procs)
     try:
-        while _ckpt_round(out) < round_:
-            assert proc.poll() is None, "the run ended before it could be killed"
+        while left:
+            for run in list(left):
+                out, round_, proc = run
+                if _ckpt_round(out) >= round_:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    left.remove(run)
+                else:
+                    assert proc.poll() is None, "the run ended before it could be killed"
             assert time.time() - t0 < 120
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        for _, _, proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 def _rows(out: Path) -> list[dict]:
@@ -80,19 +96,18 @@ def test_a_killed_server_resumes_from_its_last_round_and_epsilon_never_drops(tmp
 
 
 def test_resume_refuses_another_config_and_event_level_dp_in_simulation(tmp_path):
-    out = tmp_path / "run"
-    _kill_after(out, 1, "--rounds", "4")
-    other = subprocess.run(_cmd(out, "--rounds", "4", "--privacy", "none"), capture_output=True, text=True,
-                           timeout=300)
+    # two independent runs (user-level, and event-level DP), killed and resumed side by side
+    out, ev = tmp_path / "run", tmp_path / "event"
+    event = ("--rounds", "4", "--privacy", "event", "--local-steps", "2")
+    _kill_all_after([(out, 1, ("--rounds", "4")), (ev, 1, event)])
+    resumes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for cmd in (_cmd(out, "--rounds", "4", "--privacy", "none"), _cmd(ev, *event))]
+    (_, other_err), (_, again_err) = (p.communicate(timeout=300) for p in resumes)
+    other, again = resumes
     assert other.returncode == 2
-    assert "belongs to a run with privacy = 'user', not 'none'" in other.stderr
-    assert "Traceback" not in other.stderr
-
-    ev = tmp_path / "event"
-    _kill_after(ev, 1, "--rounds", "4", "--privacy", "event", "--local-steps", "2")
-    again = subprocess.run(_cmd(ev, "--rounds", "4", "--privacy", "event", "--local-steps", "2"),
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "Cannot resume" in again.stderr and "event-level DP" in again.stderr
+    assert "belongs to a run with privacy = 'user', not 'none'" in other_err
+    assert "Traceback" not in other_err
+    assert again.returncode == 2 and "Cannot resume" in again_err and "event-level DP" in again_err
 
 
 @pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 torn"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -296,12 +297,19 @@ uptake-probe = false
 """
 
 
-def _simulate(tmp_path: Path, name: str, *flags: str) -> tuple[list[dict], np.ndarray]:
+def _start(tmp_path: Path, name: str, *flags: str) -> subprocess.Popen:
+    """A ``fedrec simulate`` in its own process group (stopped with its Ray if the test fails), logging to a file."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", "--config", "world.toml", "--out",
+                                 str(tmp_path / name), "--no-progress", *flags], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _outputs(tmp_path: Path, name: str, p: subprocess.Popen) -> tuple[list[dict], np.ndarray]:
+    rc = p.wait(timeout=600)
+    assert rc == 0, (tmp_path / f"{name}.log").read_text()[-6000:]
     out = tmp_path / name
-    p = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--config", "world.toml", "--out", str(out),
-                        "--no-progress", *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     with np.load(out / "global_model.npz") as z:
         return rows, np.asarray(z["item.weight"])
@@ -311,8 +319,17 @@ def _simulate(tmp_path: Path, name: str, *flags: str) -> tuple[list[dict], np.nd
 def test_a_short_simulation_with_row_average_runs_and_differs_from_the_plain_mean(tmp_path):
     (tmp_path / "world.toml").write_text(WORLD_TOML)
     # same seed and server lr: row averaging is the only difference between the two runs
-    plain_rows, plain = _simulate(tmp_path, "plain", "--server-lr", "1", "--privacy", "none")
-    rows, table = _simulate(tmp_path, "rows", "--server-lr", "1", "--privacy", "none", "--row-average")
+    # (two independent processes, run side by side: most of each is Ray starting up)
+    runs = {"plain": _start(tmp_path, "plain", "--server-lr", "1", "--privacy", "none"),
+            "rows": _start(tmp_path, "rows", "--server-lr", "1", "--privacy", "none", "--row-average")}
+    try:
+        plain_rows, plain = _outputs(tmp_path, "plain", runs["plain"])
+        rows, table = _outputs(tmp_path, "rows", runs["rows"])
+    finally:
+        for p in runs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # the group this test started for the run
+                p.wait(60)
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["failed"] == 0 for r in rows)
     assert all(0.0 <= r["hr@10"] <= 1.0 for r in rows)
     assert np.all(np.isfinite(table)) and table.shape == plain.shape

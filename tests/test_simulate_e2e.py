@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +38,96 @@ def _check_png(path: Path) -> None:
     assert path.stat().st_size > 1000
 
 
+def _write_generic_csv(path: Path, users: int = 12, per_user: int = 10, items: int = 40) -> int:
+    lines = ["user,item,timestamp"]
+    used = set()
+    for u in range(users):
+        for j in range(per_user):
+            it = (u * 7 + j * 3) % items
+            used.add(it)
+            lines.append(f"u{u},item-{it},{1_600_000_000 + 3600 * (j * users + u)}")
+    path.write_text("\n".join(lines) + "\n")
+    return len(used)
+
+
+class Sim:
+    """One ``fedrec simulate`` subprocess, as a user runs it (its own process group, so it can be stopped with
+    its Ray), with its stdout and stderr in files."""
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.cwd = cwd
+        self.n_items = 0  #: the items of the data file it reads, where it reads one
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", *args], cwd=cwd, env=env,
+                                         stdout=out, stderr=err, start_new_session=True)
+
+    def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        return subprocess.CompletedProcess(self.proc.args, rc, (self.cwd / "stdout.txt").read_text(),
+                                           (self.cwd / "stderr.txt").read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group this module started, nothing else
+            self.proc.wait(60)
+
+
+def _start_synthetic(cwd: Path) -> Sim:
+    (cwd / "world.toml").write_text(WORLD_TOML)
+    return Sim(cwd, "--config", "world.toml", "--rounds", "2", "--cohort", "10", "--privacy", "event",
+               "--out", str(cwd / "run"), "--no-progress")
+
+
+def _start_generic(cwd: Path) -> Sim:
+    n_items = _write_generic_csv(cwd / "events.csv")
+    sim = Sim(cwd, "--data", "events.csv", "--rounds", "2", "--privacy", "none", "--dim", "4",
+              "--out", str(cwd / "run"), "--no-progress")
+    sim.n_items = n_items
+    return sim
+
+
+STARTS = {"test_simulate_synthetic_world": _start_synthetic,
+          "test_simulate_generic_csv_without_privacy": _start_generic}
+
+
+class Sims(dict):
+    """test name -> its run (:data:`STARTS`), started on first asking, in a folder of its own."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, name: str) -> Sim:
+        sim = self[name] = STARTS[name](self.factory.mktemp(name[:20]))
+        return sim
+
+    def start(self, name: str) -> Sim:
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def sims(request, tmp_path_factory):
+    """The run of each selected end-to-end test, all started when the first of them begins: they are independent
+    processes, and most of each is Ray starting up, which overlaps well with the other."""
+    started = Sims(tmp_path_factory)
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module and item.originalname in STARTS:
+            started.start(item.originalname)
+    yield started
+    for sim in started.values():
+        sim.stop()
+
+
 @pytest.mark.slow
-def test_simulate_synthetic_world(tmp_path):
-    (tmp_path / "world.toml").write_text(WORLD_TOML)
-    out = tmp_path / "run"
-    p = fedrec("simulate", "--config", "world.toml", "--rounds", "2", "--cohort", "10", "--privacy", "event",
-               "--out", str(out), "--no-progress", cwd=tmp_path)
+def test_simulate_synthetic_world(sims):
+    sim = sims["test_simulate_synthetic_world"]
+    out = sim.cwd / "run"
+    p = sim.wait()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stderr
 
@@ -74,24 +159,12 @@ def test_simulate_synthetic_world(tmp_path):
     _check_png(out / "hr_epsilon.png")
 
 
-def _write_generic_csv(path: Path, users: int = 12, per_user: int = 10, items: int = 40) -> int:
-    lines = ["user,item,timestamp"]
-    used = set()
-    for u in range(users):
-        for j in range(per_user):
-            it = (u * 7 + j * 3) % items
-            used.add(it)
-            lines.append(f"u{u},item-{it},{1_600_000_000 + 3600 * (j * users + u)}")
-    path.write_text("\n".join(lines) + "\n")
-    return len(used)
-
-
 @pytest.mark.slow
-def test_simulate_generic_csv_without_privacy(tmp_path):
-    n_items = _write_generic_csv(tmp_path / "events.csv")
-    out = tmp_path / "run"
-    p = fedrec("simulate", "--data", "events.csv", "--rounds", "2", "--privacy", "none", "--dim", "4",
-               "--out", str(out), "--no-progress", cwd=tmp_path)
+def test_simulate_generic_csv_without_privacy(sims):
+    sim = sims["test_simulate_generic_csv_without_privacy"]
+    n_items = sim.n_items
+    out = sim.cwd / "run"
+    p = sim.wait()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = _rows(out)
     assert len(rows) == 2
