@@ -88,29 +88,56 @@ def _epsilon_cached(h: tuple[Record, ...], delta: float, accountant: str) -> flo
         return float(acc.get_epsilon(delta=delta))
 
 
+#: calibration stops once the budget is spent to within this share (ε in [target (1 - TOL), target])
+CALIBRATION_TOL = 1e-3
+
+
 def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta: float,
                     accountant: str = "prv", extra: tuple[Record, ...] = ()) -> float:
-    """Smallest noise multiplier whose composition over ``steps`` (with the records ``extra``, spent
-    elsewhere on the same unit) stays within ``target_epsilon``."""
+    """Smallest noise multiplier (to within ``CALIBRATION_TOL`` of the budget) whose composition over
+    ``steps`` (with the records ``extra``, spent elsewhere on the same unit) stays within ``target_epsilon``.
+
+    Each ε costs the accountant about a second, so the bracket's doubling is followed by regula falsi on
+    ``log ε`` against ``log z`` (Illinois' variant), not bisection: about 4 evaluations instead of 12.
+    """
     if target_epsilon <= 0:
         raise ValueError("The target epsilon should be a positive value.")
     if extra and epsilon(extra, delta, accountant) >= target_epsilon:
         raise ValueError(f"The other releases already spend epsilon={target_epsilon}.")
-    lo, hi = 0.05, 1.0
-    while epsilon([(hi, sample_rate, steps), *extra], delta, accountant) > target_epsilon:
-        lo, hi = hi, hi * 2
+
+    def gap(z: float) -> float:  # log of ε over the budget: > 0 spends too much
+        return math.log(epsilon([(z, sample_rate, steps), *extra], delta, accountant) / target_epsilon)
+
+    lo, hi, g_lo, g_hi = 0.05, 1.0, math.nan, gap(1.0)
+    while g_hi > 0:
+        lo, g_lo, hi = hi, g_hi, hi * 2
         if hi > 1e4:
             raise ValueError(f"No noise multiplier up to 10000 keeps {steps} releases at sampling rate {sample_rate:g} "
                              f"within epsilon={target_epsilon:g}; raise epsilon or delta, or release less.")
+        g_hi = gap(hi)
+    aim, kept = math.log(1 - CALIBRATION_TOL / 2), 0  # aim inside the window; kept: which end stayed last
     for _ in range(40):
-        mid = (lo + hi) / 2
-        if epsilon([(mid, sample_rate, steps), *extra], delta, accountant) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-3 * hi:
+        if g_hi >= math.log(1 - CALIBRATION_TOL) or hi - lo < 1e-3 * hi:
             break
+        mid = _falsi(lo, g_lo, hi, g_hi, aim)
+        g = gap(mid)
+        if g > 0:
+            lo, g_lo, kept = mid, g, kept + 1 if kept > 0 else 1
+            g_hi = g_hi / 2 if kept > 1 else g_hi  # Illinois: the end kept twice counts half
+        else:
+            hi, g_hi, kept = mid, g, kept - 1 if kept < 0 else -1
+            g_lo = g_lo / 2 if kept < -1 else g_lo
     return hi
+
+
+def _falsi(lo: float, g_lo: float, hi: float, g_hi: float, aim: float) -> float:
+    """Where the line through ``(log lo, g_lo)`` and ``(log hi, g_hi)`` meets ``aim``, kept inside the
+    bracket's middle 98% (the middle itself while ``lo`` has no ε)."""
+    if math.isnan(g_lo):
+        return (lo + hi) / 2
+    a, b = math.log(lo), math.log(hi)
+    x = b + (aim - g_hi) * (a - b) / (g_lo - g_hi)
+    return math.exp(min(max(x, a + 0.01 * (b - a)), b - 0.01 * (b - a)))
 
 
 def graph_records(cfg: RunConfig) -> tuple[Record, ...]:
