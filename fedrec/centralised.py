@@ -32,6 +32,38 @@ EPOCHS = 3  #: passes over each round's training events (new + replay windows)
 BATCH = 256
 
 
+class Adam:
+    """``torch.optim.Adam`` with its defaults on CPU tensors, step for step (its single-tensor update).
+
+    torch's optimizers import ``torch._dynamo`` when built (about 2 s), in every process that runs this
+    baseline; this is the same arithmetic without it.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        size = self.lr / (1 - b1 ** self.t)
+        root2 = (1 - b2 ** self.t) ** 0.5
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / root2).add_(self.eps), value=-size)
+
+
 def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     """Run the centralised online baseline for ``cfg`` (its data, rounds, dim, seed); returns the summary."""
     stream = load_stream(cfg)
@@ -43,7 +75,7 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     user = torch.randn(U, D, generator=g) * cfg.init_scale
     item.requires_grad_(True)
     user.requires_grad_(True)
-    opt = torch.optim.Adam([item, user], lr=0.02)
+    opt = Adam([item, user], lr=0.02)
     rec = RunRecorder(cfg, stream=stream)
     rec.start(population=U, n_items=V, noise_multiplier=0.0, device="cpu")
     start = tracked_items(stream)[0] if cfg.uptake_probe else None

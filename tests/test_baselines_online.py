@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedrec.config import RunConfig
 from fedrec.data.events import EventLog
@@ -99,6 +100,25 @@ def test_centralised_mf_is_seeded():
     run = lambda seed: [(c.n, c.hits, c.ndcg) for c in  # noqa: E731
                         centralised_mf_prequential(s, SCHEDULE, 3, dim=4, seed=seed, context=2, init_scale=0.1)]
     assert run(5) == run(5)
+
+
+def test_the_centralised_adam_is_torchs_adam_step_for_step():
+    from fedrec.centralised import Adam
+
+    g = torch.Generator().manual_seed(0)
+    ours, theirs = [torch.randn(7, 3, generator=g).requires_grad_(True) for _ in range(2)]
+    with torch.no_grad():
+        theirs.copy_(ours)
+    first = ours.detach().clone()
+    opts = Adam([ours], lr=0.02), torch.optim.Adam([theirs], lr=0.02)
+    for step in range(25):
+        target = torch.randn(7, 3, generator=g)
+        for p, opt in zip((ours, theirs), opts):
+            opt.zero_grad()
+            ((p - target) ** 2 * (step % 3)).sum().backward()  # a zero gradient every third step
+            opt.step()
+        assert torch.equal(ours, theirs), step
+    assert not torch.equal(ours, first)
 
 
 def test_the_summary_names_every_baseline_and_its_round_column(tmp_path):

@@ -130,7 +130,7 @@ def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[
     the device's row of the user table, event ``j`` from the ``context`` items before it, excluding what
     the user had before it. The non-private ceiling of the federated model. Returns per-round counts.
     """
-    from ..centralised import _train  # the centralised learner's own BPR loop (it imports the report)
+    from ..centralised import Adam, _train  # the centralised learner's own BPR loop (it imports the report)
     from ..models.mf import MF
 
     log = stream.log
@@ -141,7 +141,7 @@ def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[
     user = torch.randn(U, dim, generator=g) * init_scale
     item.requires_grad_(True)
     user.requires_grad_(True)
-    opt = torch.optim.Adam([item, user], lr=0.02)
+    opt = Adam([item, user], lr=0.02)
     model = MF(V, dim, init_scale=init_scale)
     had = _Had(V)  # each user's items so far: BPR negatives are drawn among the others
     out = []
