@@ -56,7 +56,7 @@ class Adam:
         b1, b2 = self.betas
         size = self.lr / (1 - b1 ** self.t)
         root2 = (1 - b2 ** self.t) ** 0.5
-        for p, m, v in zip(self.params, self.m, self.v):
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
             if p.grad is None:
                 continue
             m.lerp_(p.grad, 1 - b1)

@@ -113,7 +113,7 @@ def test_the_centralised_adam_is_torchs_adam_step_for_step():
     opts = Adam([ours], lr=0.02), torch.optim.Adam([theirs], lr=0.02)
     for step in range(25):
         target = torch.randn(7, 3, generator=g)
-        for p, opt in zip((ours, theirs), opts):
+        for p, opt in zip((ours, theirs), opts, strict=True):
             opt.zero_grad()
             ((p - target) ** 2 * (step % 3)).sum().backward()  # a zero gradient every third step
             opt.step()
