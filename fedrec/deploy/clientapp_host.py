@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from logging import ERROR, INFO
 
+import httpx
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.cli.install import install_from_fab
@@ -58,10 +59,28 @@ class _Stop(Exception):
     """A second SIGTERM/SIGINT: stop now, even inside a task."""
 
 
-def _client(address: str, insecure: bool, certificates: bytes | None, *extra) -> RuntimeHttpClient:
+def _client(address: str, insecure: bool, certificates: bytes | None, *extra, task: bool = False
+            ) -> RuntimeHttpClient:
+    """A Runtime API client; ``task``: one task's, whose 401 fails the task instead of stopping this process."""
+    invoker = make_simple_http_retry_invoker()
+    if task:
+        invoker.should_giveup = _task_gone_or(invoker.should_giveup)
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=certificates,
-        interceptors=[*extra], retry_invoker=make_simple_http_retry_invoker())
+        interceptors=[*extra], retry_invoker=invoker)
+
+
+def _task_gone_or(should_giveup: Callable[[Exception], bool] | None) -> Callable[[Exception], bool]:
+    """Flower's give-up rule, except for a 401: there the SuperNode revoked the task's token (it finished the task:
+    its run stopped, :mod:`fedrec.deploy.supernode`), so the task fails and the host takes the next one. Flower's
+    rule sends SIGINT to its own process on a 401, right for a ``flwr-clientapp`` that runs one task and exits,
+    not for a host that serves its SuperNode all run long."""
+    def rule(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return should_giveup(exc) if should_giveup is not None else False
+
+    return rule
 
 
 class Host:
@@ -108,7 +127,7 @@ class Host:
         without leaving the process at its end."""
         client = _client(self.address, self.insecure, self.certificates,
                          RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                         RuntimeTokenHttpInterceptor(token))
+                         RuntimeTokenHttpInterceptor(token), task=True)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         message = reply = context = None

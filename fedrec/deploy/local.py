@@ -133,7 +133,9 @@ class LocalFederation:
         return self.pki
 
     def start_superlink(self, timeout: float = 90.0) -> None:
+        """Start the SuperLink (on its database: a restart continues it, and stops the runs it orphaned)."""
         db = self.work / "superlink.db"
+        restart = db.exists()
         argv = [_bin("flower-superlink"), "--database", str(db), "--host", "127.0.0.1", "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
         if self.tls:
@@ -147,6 +149,21 @@ class LocalFederation:
         self._write_cli_config()
         if self.front is None or not self.front.alive():
             self.start_front(timeout)
+        if restart:
+            self.stop_orphaned_runs()
+
+    def stop_orphaned_runs(self) -> list[int]:
+        """Stop the runs a restarted SuperLink still lists as starting or running: their ServerApp died with it.
+
+        Until that ServerApp's heartbeat lapses (about 45 s) the SuperLink keeps such a run running, and a SuperNode
+        that was taking one of its messages waits for it meanwhile, its ClientApp process with it: the resubmitted
+        run waits for that device. A stopped run's messages are refused at once (:mod:`fedrec.deploy.supernode`).
+        """
+        runs = _json(self.flwr("ls", CONNECTION, "--format", "json")).get("runs") or []
+        stale = [int(r["run-id"]) for r in runs if str(r.get("status", "")).split(":")[0] in ("starting", "running")]
+        for run_id in stale:
+            self.flwr("stop", str(run_id), CONNECTION, "--format", "json")
+        return stale
 
     def start_front(self, timeout: float = 90.0) -> None:
         """The Fleet front on 127.0.0.1:``fleet_port``: the devices' only door, forwarding the Fleet API alone."""

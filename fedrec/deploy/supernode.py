@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -49,6 +50,29 @@ def poll() -> float:
     return value
 
 
+def _dropping_stopped_runs(pull_objects: Callable[..., dict[str, bytes]]) -> Callable[..., dict[str, bytes]]:
+    """Flower's ``pull_objects`` for the SuperNode's message pulls, with a run that stopped meanwhile a failure.
+
+    Flower 1.42 creates the ClientApp's task, and registers the message's objects as not there yet, before it
+    pulls them from the SuperLink. When the SuperLink answers that the run is no longer running (stopped, or
+    orphaned by a restart: :meth:`fedrec.deploy.local.LocalFederation.stop_orphaned_runs`),
+    ``RunNotRunningException`` (a ``BaseException``) passes the cleanup of a failed pull, and the task and its
+    empty objects stay: the ClientApp process waits for them for :data:`fedrec.deploy.quick.CLIENTAPP_PATIENCE`
+    (60 s) and takes no other task meanwhile. As an ordinary error it takes Flower's path for a failed pull: the
+    message and its objects are deleted and the task finished as failed, so the ClientApp's next pull is refused
+    (401) and it drops the task at once (:mod:`fedrec.deploy.clientapp_host`).
+    """
+    from flwr.supercore.run import RunNotRunningException  # noqa: PLC0415 - only where deployed
+
+    def pull(*args: Any, **kwargs: Any) -> dict[str, bytes]:
+        try:
+            return pull_objects(*args, **kwargs)
+        except RunNotRunningException as e:
+            raise RuntimeError("the run is no longer running") from e
+
+    return pull
+
+
 def main() -> None:
     import flwr.supernode.start_client_internal as loop  # noqa: PLC0415 - patched before the SuperNode starts
     from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
@@ -56,6 +80,7 @@ def main() -> None:
     from .quick import quick_pulls  # noqa: PLC0415
 
     loop.time = _Clock(poll())
+    loop.pull_objects = _dropping_stopped_runs(loop.pull_objects)
     quick_pulls()
     sys.argv[0] = "flower-supernode"
     flower_supernode()
