@@ -151,6 +151,10 @@ def test_a_sigkilled_server_restarts_and_resumes_from_its_last_round(tmp_path):
             assert time.time() - t0 < 400
             time.sleep(1)
         assert fed.status(run2)["status"] == "finished:completed", fed.serverapp_log(run2)[-3000:]
+        # a device caught taking a message of the killed run dropped it at once: its ClientApp process neither
+        # waited out its patience for it nor stopped when the SuperNode revoked the task (docs/deploy.md)
+        assert fed.hosts and all(h.alive() for h in fed.hosts.values())
+        assert [n for n, h in fed.hosts.items() if "timeout or retry limit reached" in h.text()] == []
     finally:
         left = fed.stop()
     assert left == [] and _ours(out) == []
