@@ -115,18 +115,18 @@ def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta
             raise ValueError(f"No noise multiplier up to 10000 keeps {steps} releases at sampling rate {sample_rate:g} "
                              f"within epsilon={target_epsilon:g}; raise epsilon or delta, or release less.")
         g_hi = gap(hi)
-    aim, kept = math.log(1 - CALIBRATION_TOL / 2), 0  # aim inside the window; kept: which end stayed last
+    # the line goes through (w_lo, w_hi): the ends' gaps, halved at an end kept twice in a row (Illinois); the
+    # stopping rule reads the true gap g_hi of the feasible end
+    aim, w_lo, w_hi, side = math.log(1 - CALIBRATION_TOL / 2), g_lo, g_hi, 0
     for _ in range(40):
         if g_hi >= math.log(1 - CALIBRATION_TOL) or hi - lo < 1e-3 * hi:
             break
-        mid = _falsi(lo, g_lo, hi, g_hi, aim)
+        mid = _falsi(lo, w_lo, hi, w_hi, aim)
         g = gap(mid)
         if g > 0:
-            lo, g_lo, kept = mid, g, kept + 1 if kept > 0 else 1
-            g_hi = g_hi / 2 if kept > 1 else g_hi  # Illinois: the end kept twice counts half
+            lo, w_lo, w_hi, side = mid, g, w_hi / 2 if side > 0 else w_hi, 1
         else:
-            hi, g_hi, kept = mid, g, kept - 1 if kept < 0 else -1
-            g_lo = g_lo / 2 if kept < -1 else g_lo
+            hi, g_hi, w_hi, w_lo, side = mid, g, g, w_lo / 2 if side < 0 else w_lo, -1
     return hi
 
 
