@@ -21,6 +21,7 @@ import pytest
 from fedrec.checkpoint import load_checkpoint
 from fedrec.clients.store import EventStore
 from fedrec.config import RunConfig
+from fedrec.deploy import control
 from fedrec.deploy.local import LocalFederation, write_app
 from fedrec.deploy.pki import node_key_pair
 from fedrec.deploy.stores import fill_stores
@@ -111,6 +112,9 @@ def test_an_unregistered_supernode_is_refused(tmp_path):
         listing = fed.flwr("supernode", "list", "fedrec-local", "--format", "json")
         nodes = json.loads(listing[listing.find("{"):])["nodes"]
         assert [n["status"] for n in nodes] == ["online"]  # only the registered device
+        # what fedrec asks the Control API in-process is what the flwr CLI lists (an independent reading)
+        assert [(n["node-id"], n["status"]) for n in control.nodes(fed.cli_home, "fedrec-local")] == \
+            [(n["node-id"], n["status"]) for n in nodes]
     finally:
         left = fed.stop()
     assert left == [] and _ours(tmp_path / "fed") == []
@@ -151,6 +155,10 @@ def test_a_sigkilled_server_restarts_and_resumes_from_its_last_round(tmp_path):
             assert time.time() - t0 < 400
             time.sleep(1)
         assert fed.status(run2)["status"] == "finished:completed", fed.serverapp_log(run2)[-3000:]
+        listed = fed.flwr("ls", "fedrec-local", "--format", "json")  # the flwr CLI's reading, beside fedrec's own
+        cli = json.loads(listed[listed.find("{"):])["runs"]
+        assert sorted((r["run-id"], r["status"]) for r in control.runs(fed.cli_home, "fedrec-local")) == \
+            sorted((r["run-id"], r["status"]) for r in cli) and len(cli) == 2  # the killed run, stopped; run2
         # a device caught taking a message of the killed run dropped it at once: its ClientApp process neither
         # waited out its patience for it nor stopped when the SuperNode revoked the task (docs/deploy.md)
         assert fed.hosts and all(h.alive() for h in fed.hosts.values())

@@ -3,8 +3,10 @@
 Every part is a real process started from Flower's own executables: ``flower-superlink`` (with
 our ServerApp, which it launches per run), ``flower-supernode`` per device (``--node-config
 "store='…/device-<i>.sqlite'"``: the ClientApp trains from that device's store), and the ``flwr``
-CLI to register node keys and submit the run. Nothing here imports Flower; it only drives those
-commands, so it is also a script of what a platform engineer runs by hand (docs/deploy.md).
+CLI to submit the run. Registering node keys, listing the nodes and asking a run's status go to the SuperLink's Control
+API from this process (:mod:`fedrec.deploy.control`: the requests ``flwr supernode register``, ``flwr supernode list``
+and ``flwr ls`` send, without a ``flwr`` process of about 1.7 s of CPU each). Read as a script, it is what a platform
+engineer runs by hand (docs/deploy.md).
 
 All processes carry an environment tag; :meth:`LocalFederation.stop` SIGTERMs them (SuperNodes
 first, so they sign off), SIGKILLs whatever is left (process groups and orphans found by the
@@ -25,14 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import dump_toml
+from . import control
+from .control import DeployError
 from .pki import Pki, make_pki, node_key_pair
 
 CONNECTION = "fedrec-local"
-STATUS_EVERY = 30.0  #: seconds between asks for the run's status while its rounds keep coming (see _follow_run)
-
-
-class DeployError(RuntimeError):
-    """The local federation could not start or finish; the message says which part and why."""
+STATUS_EVERY = 1.0  #: seconds between asks for the run's status (see _follow_run)
 
 
 def _bin(name: str) -> str:
@@ -159,7 +159,7 @@ class LocalFederation:
         that was taking one of its messages waits for it meanwhile, its ClientApp process with it: the resubmitted
         run waits for that device. A stopped run's messages are refused at once (:mod:`fedrec.deploy.supernode`).
         """
-        runs = _json(self.flwr("ls", CONNECTION, "--format", "json")).get("runs") or []
+        runs = control.runs(self.cli_home, CONNECTION)
         stale = [int(r["run-id"]) for r in runs if str(r.get("status", "")).split(":")[0] in ("starting", "running")]
         for run_id in stale:
             self.flwr("stop", str(run_id), CONNECTION, "--format", "json")
@@ -178,8 +178,13 @@ class LocalFederation:
         self.front = self._start("front", argv, "front")
         _await_listening(self.front, self.fleet_port, "The Fleet front", timeout)
 
+    @property
+    def cli_home(self) -> Path:
+        """The ``FLWR_HOME`` of the ``flwr`` CLI (and of :mod:`fedrec.deploy.control`): the connection file is there."""
+        return self.work / "home" / "cli"
+
     def _write_cli_config(self) -> None:
-        cfg = self.work / "home" / "cli" / "config.toml"
+        cfg = self.cli_home / "config.toml"
         cfg.parent.mkdir(parents=True, exist_ok=True)
         conn = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
         conn += f'root-certificates = "{self.pki.ca}"\n' if self.tls and self.pki else "insecure = true\n"
@@ -196,10 +201,10 @@ class LocalFederation:
 
     def register(self, public_key: Path, name: str) -> int:
         """Register a SuperNode's public key (node authentication): only registered nodes may join."""
-        out = _json(self.flwr("supernode", "register", str(public_key), CONNECTION, "--name", name, "--format", "json"))
-        if not out.get("success"):  # the CLI exits 0 even then
-            raise DeployError(f"Registering {name}'s key with the SuperLink failed: {out}")
-        return int(out["node-id"])
+        try:
+            return control.register(self.cli_home, CONNECTION, public_key, name)
+        except DeployError as e:
+            raise DeployError(f"Registering {name}'s key with the SuperLink failed: {e}") from None
 
     def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> Proc:
         """A SuperNode (warm: with its ClientApp process, :meth:`start_host`)."""
@@ -249,7 +254,7 @@ class LocalFederation:
                 raise DeployError(f"The process {dead[0].name} exited (log {dead[0].log}): "
                                   f"{_last_error(dead[0].text())}")
             if self.tls:
-                nodes = _json(self.flwr("supernode", "list", CONNECTION, "--format", "json"))["nodes"]
+                nodes = control.nodes(self.cli_home, CONNECTION)
                 if sum(x["status"] == "online" for x in nodes) >= n:
                     return
             elif all("Connection successful" in p.text() or "Starting Flower SuperNode" in p.text()
@@ -268,7 +273,7 @@ class LocalFederation:
         return int(out["run-id"])
 
     def status(self, run_id: int) -> dict:
-        runs = _json(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")).get("runs") or []
+        runs = control.runs(self.cli_home, CONNECTION, run_id)
         if not runs:
             raise DeployError(f"The SuperLink does not know run {run_id}.")
         return runs[0]
@@ -447,21 +452,18 @@ def _follow_run(fed: LocalFederation, run_id: int, out: Path, work: Path, t_subm
     """
     summary_file = out / "summary.json"
     rows_seen = 0
-    last_check = last_row = time.time()
+    last_check = time.time()
     while True:
         rows = _rows(out / "metrics.jsonl", t_submit)
         for row in rows[rows_seen:]:
             if on_round:
                 on_round(row)
-            last_row = time.time()
         rows_seen = max(rows_seen, len(rows))
         if summary_file.exists() and summary_file.stat().st_mtime >= t_submit:
             st = fed.status(run_id)
             if st["status"].startswith("finished"):
                 return
-        # the run's status costs a `flwr ls` process (about a second of CPU, taken from the rounds on a small
-        # machine): asked every STATUS_EVERY s while rounds come in, every 5 s once they stop coming
-        if time.time() - last_check > (5 if time.time() - last_row > STATUS_EVERY else STATUS_EVERY):
+        if time.time() - last_check > STATUS_EVERY:  # one Control API request (fedrec.deploy.control)
             last_check = time.time()
             st = fed.status(run_id)
             if st["status"].startswith("finished"):
