@@ -239,7 +239,9 @@ def sims(request, tmp_path_factory):
         base = tmp_path_factory.mktemp("sims")
         (base / "world200.toml").write_text("world-users = 200\n" + WORLD)
         (base / "world30.toml").write_text("world-users = 30\n" + WORLD)
-        (base / "budget.toml").write_text(f"world-users = {POP}\n{WORLD}calibrate = false\n")
+        # the budget chain on the in-process engine (the budget stop is the server's, the same on either engine);
+        # the acceptance command and `--privacy both` keep the default engine, Ray, as a user runs them
+        (base / "budget.toml").write_text(f"world-users = {POP}\n{WORLD}calibrate = false\nengine = \"local\"\n")
         for key in [k for k in STARTS if k in selected]:  # the budget chain, the longest, first
             out, args = STARTS[key]
             started[key] = Sim(base, out, *(args() if callable(args) else args))

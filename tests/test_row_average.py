@@ -294,11 +294,12 @@ rounds = 3
 cohort = 20
 privacy = "none"
 uptake-probe = false
+engine = "local"
 """
 
 
 def _start(tmp_path: Path, name: str, *flags: str) -> subprocess.Popen:
-    """A ``fedrec simulate`` in its own process group (stopped with its Ray if the test fails), logging to a file."""
+    """A ``fedrec simulate`` in its own process group (stopped with it if the test fails), logging to a file."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / f"{name}.log", "w") as log:
         return subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", "--config", "world.toml", "--out",
@@ -319,7 +320,8 @@ def _outputs(tmp_path: Path, name: str, p: subprocess.Popen) -> tuple[list[dict]
 def test_a_short_simulation_with_row_average_runs_and_differs_from_the_plain_mean(tmp_path):
     (tmp_path / "world.toml").write_text(WORLD_TOML)
     # same seed and server lr: row averaging is the only difference between the two runs
-    # (two independent processes, run side by side: most of each is Ray starting up)
+    # (two independent processes, run side by side, each on the in-process engine: the aggregation rule under test is
+    # the server's, the same on either engine, and test_engines holds the engines to the same model)
     runs = {"plain": _start(tmp_path, "plain", "--server-lr", "1", "--privacy", "none"),
             "rows": _start(tmp_path, "rows", "--server-lr", "1", "--privacy", "none", "--row-average")}
     try:
