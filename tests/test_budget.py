@@ -11,15 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _oracle import opacus_epsilon
+from _procs import Fedrec
 
 from fedrec.client_update import DeviceState, client_update
 from fedrec.config import RunConfig
@@ -153,36 +150,21 @@ SIM_TIMEOUT = 420
 
 
 class Sim:
-    """One ``fedrec simulate`` subprocess (its own process group, so it can be stopped with its Ray)."""
+    """One ``fedrec simulate`` run (:class:`_procs.Fedrec`) and what it wrote."""
 
     def __init__(self, cwd: Path, out: str, *args: str, log: str = "") -> None:
         self.cwd, self.out = cwd, cwd / out
-        self.log = cwd / f"{log or out}.log"
-        with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedrec.cli", "simulate", *args, "--out", out, "--no-progress"],
-                cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=f, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        self.run = Fedrec(cwd / f"{log or out}.log", "simulate", *args, "--out", out, "--no-progress", cwd=cwd)
 
     def wait(self) -> Sim:
-        try:
-            rc = self.proc.wait(timeout=SIM_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"fedrec simulate timed out:\n{self.log.read_text()[-3000:]}") from None
-        text = self.log.read_text()
+        rc = self.run.wait(SIM_TIMEOUT)
+        text = self.run.text()
         assert rc == 0, text[-4000:]
         assert "Traceback" not in text, text[-4000:]
         return self
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group this test started, nothing else
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.run.stop(grace=30)
 
     @property
     def rows(self) -> list[dict]:

@@ -9,14 +9,11 @@ runs once and both read it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import Fedrec
 
 WORLD = ["--world-users", "40", "--world-items", "60", "--rounds", "3", "--cohort", "12", "--dim", "4",
          "--user-fit-steps", "5", "--local-steps", "3", "--nodes", "2", "--seed", "5", "--no-progress"]
@@ -24,36 +21,25 @@ TIMEOUT = 400
 
 
 class Runs:
-    """``fedrec simulate`` subprocesses of this module by name, each started once; a name's outputs are read
-    only after its process has ended well."""
+    """``fedrec simulate`` runs of this module by name (:class:`_procs.Fedrec`), each started once; a name's outputs
+    are read only after its process has ended well."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.runs: dict[str, Fedrec] = {}
         self.done: dict[str, dict] = {}
 
     def start(self, name: str) -> None:
-        if name in self.procs:
-            return
-        extra = RUNS[name]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        log = open(self.base / f"{name}.log", "w")  # noqa: SIM115 - closed with the process (wait)
-        p = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", *WORLD, "--out", str(self.base / name),
-                              *extra], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs[name] = p
+        if name not in self.runs:
+            self.runs[name] = Fedrec(self.base / f"{name}.log", "simulate", *WORLD, "--out", str(self.base / name),
+                                     *RUNS[name])
 
     def summary(self, name: str) -> dict:
         """Wait for run ``name`` (started now if it was not yet); its summary."""
         if name not in self.done:
             self.start(name)
-            p = self.procs[name]
-            try:
-                rc = p.wait(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._stop(p)
-                raise AssertionError(f"{name} timed out: {(self.base / f'{name}.log').read_text()[-3000:]}") from None
-            assert rc == 0, (self.base / f"{name}.log").read_text()[-6000:]
+            run = self.runs[name]
+            assert run.wait(TIMEOUT) == 0, run.text()[-6000:]
             self.done[name] = json.loads((self.base / name / "summary.json").read_text())
         return self.done[name]
 
@@ -61,15 +47,9 @@ class Runs:
         self.summary(name)
         return np.load(self.base / name / "global_model.npz")
 
-    @staticmethod
-    def _stop(p: subprocess.Popen) -> None:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)  # the group this module started for the run, with its Ray
-            p.wait(30)
-
     def close(self) -> None:
-        for p in self.procs.values():
-            self._stop(p)
+        for run in self.runs.values():
+            run.stop()
 
 
 RAY_USER = ("--engine", "ray", "--privacy", "user")  #: the Ray run both tests read (two nodes, from WORLD)

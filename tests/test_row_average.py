@@ -7,15 +7,12 @@ refused), the config rules, and a real run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _procs import Fedrec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -298,18 +295,14 @@ engine = "local"
 """
 
 
-def _start(tmp_path: Path, name: str, *flags: str) -> subprocess.Popen:
-    """A ``fedrec simulate`` in its own process group (stopped with it if the test fails), logging to a file."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(tmp_path / f"{name}.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", "--config", "world.toml", "--out",
-                                 str(tmp_path / name), "--no-progress", *flags], cwd=tmp_path, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+def _start(tmp_path: Path, name: str, *flags: str) -> Fedrec:
+    """A ``fedrec simulate`` of the test's world (:class:`_procs.Fedrec`), logging to ``<name>.log``."""
+    return Fedrec(tmp_path / f"{name}.log", "simulate", "--config", "world.toml", "--out", str(tmp_path / name),
+                  "--no-progress", *flags, cwd=tmp_path)
 
 
-def _outputs(tmp_path: Path, name: str, p: subprocess.Popen) -> tuple[list[dict], np.ndarray]:
-    rc = p.wait(timeout=600)
-    assert rc == 0, (tmp_path / f"{name}.log").read_text()[-6000:]
+def _outputs(tmp_path: Path, name: str, run: Fedrec) -> tuple[list[dict], np.ndarray]:
+    assert run.wait(600) == 0, run.text()[-6000:]
     out = tmp_path / name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     with np.load(out / "global_model.npz") as z:
@@ -328,10 +321,8 @@ def test_a_short_simulation_with_row_average_runs_and_differs_from_the_plain_mea
         plain_rows, plain = _outputs(tmp_path, "plain", runs["plain"])
         rows, table = _outputs(tmp_path, "rows", runs["rows"])
     finally:
-        for p in runs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)  # the group this test started for the run
-                p.wait(60)
+        for run in runs.values():
+            run.stop()
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["failed"] == 0 for r in rows)
     assert all(0.0 <= r["hr@10"] <= 1.0 for r in rows)
     assert np.all(np.isfinite(table)) and table.shape == plain.shape

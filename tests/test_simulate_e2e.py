@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _procs import Fedrec
 
 ROW_KEYS = {"round", "hr@10", "ndcg@10", "epsilon", "staleness", "bytes_up", "bytes_down", "devices", "wall_s"}
 WORLD_TOML = """\
@@ -51,30 +51,20 @@ def _write_generic_csv(path: Path, users: int = 12, per_user: int = 10, items: i
 
 
 class Sim:
-    """One ``fedrec simulate`` subprocess, as a user runs it (its own process group, so it can be stopped with
-    its Ray), with its stdout and stderr in files."""
+    """One ``fedrec simulate`` run as a user runs it (:class:`_procs.Fedrec`), its stdout and stderr in files."""
 
     def __init__(self, cwd: Path, *args: str) -> None:
         self.cwd = cwd
         self.n_items = 0  #: the items of the data file it reads, where it reads one
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fedrec.cli", "simulate", *args], cwd=cwd, env=env,
-                                         stdout=out, stderr=err, start_new_session=True)
+        self.run = Fedrec(cwd / "stdout.txt", "simulate", *args, cwd=cwd, stderr=cwd / "stderr.txt")
 
     def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise
-        return subprocess.CompletedProcess(self.proc.args, rc, (self.cwd / "stdout.txt").read_text(),
+        rc = self.run.wait(timeout)
+        return subprocess.CompletedProcess(self.run.proc.args, rc, (self.cwd / "stdout.txt").read_text(),
                                            (self.cwd / "stderr.txt").read_text())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group this module started, nothing else
-            self.proc.wait(60)
+        self.run.stop()
 
 
 def _start_synthetic(cwd: Path) -> Sim:
