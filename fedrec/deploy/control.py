@@ -1,12 +1,14 @@
-"""The SuperLink's Control API, asked from this process: what ``flwr ls``, ``flwr supernode list`` and ``flwr supernode
-register`` ask, without a ``flwr`` process each.
+"""The SuperLink's Control API, asked from this process: what ``flwr ls``, ``flwr supernode list``, ``flwr supernode
+register``, ``flwr stop`` and ``flwr log --show`` ask, without a ``flwr`` process each.
 
-A ``flwr`` process costs about 1.7 s of CPU on a 2-core machine before it sends anything (it imports the whole CLI).
-A local federation asks the Control API 4 to 10 times (register each device's key, wait for the devices, follow the
-run): about 30 s of a 48 s TLS deployment went to them (measured with 3 devices, 2 rounds of SecAgg+). Here each
-question is one HTTP request through Flower's own client (:class:`flwr.supercore.control.ControlHttpClient`), built
-from the same connection file the ``flwr`` CLI reads (``FLWR_HOME``), with the same interceptors (runtime version,
-account auth). Submitting a run, stopping one and fetching its log stay ``flwr`` commands (:mod:`fedrec.deploy.local`).
+A ``flwr`` process costs about 1.7 s of CPU on a 2-core machine before it sends anything (it imports the whole CLI),
+and a local federation asks the Control API 5 to 20 times (register each device's key, wait for the devices, follow
+the run, fetch the ServerApp's log). Those processes took 30 s of wall time in a 48 s TLS deployment (3 devices, 2
+rounds of SecAgg+), competing for the cores with the SuperNodes and the ServerApp starting up; asked from this process
+the same deployment went from 64-66 s to 54-55 s (two runs each, the same hour). Each question is one HTTP request
+through Flower's own client (:class:`flwr.supercore.control.ControlHttpClient`), built from the connection file the
+``flwr`` CLI reads (``FLWR_HOME``), with the same interceptors (runtime version, account auth). Submitting a run stays
+a ``flwr run`` command (it builds and uploads the app bundle; :mod:`fedrec.deploy.local`).
 """
 
 from __future__ import annotations
@@ -94,3 +96,26 @@ def register(home: Path, connection: str, public_key: Path, name: str) -> int:
         return int(res.node_id)
 
     return _ask(home, connection, "supernode register", call)
+
+
+def stop(home: Path, connection: str, run_id: int) -> None:
+    """Stop run ``run_id`` (``flwr stop``); DeployError if the SuperLink says it did not."""
+    from flwr.proto.control_pb2 import StopRunRequest
+
+    def call(client: Any) -> None:
+        if not client.StopRun(request=StopRunRequest(run_id=run_id)).success:
+            raise DeployError(f"run {run_id} was not stopped")
+
+    _ask(home, connection, "stop", call)
+
+
+def logs(home: Path, connection: str, run_id: int) -> str:
+    """The log run ``run_id``'s ServerApp has sent so far (``flwr log RUN --show``)."""
+    from flwr.proto.control_pb2 import StreamLogsRequest
+
+    def call(client: Any) -> str:
+        for res in client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+            return str(res.log_output)
+        return ""
+
+    return _ask(home, connection, "log", call)

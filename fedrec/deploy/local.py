@@ -3,9 +3,9 @@
 Every part is a real process started from Flower's own executables: ``flower-superlink`` (with
 our ServerApp, which it launches per run), ``flower-supernode`` per device (``--node-config
 "store='…/device-<i>.sqlite'"``: the ClientApp trains from that device's store), and the ``flwr``
-CLI to submit the run. Registering node keys, listing the nodes and asking a run's status go to the SuperLink's Control
-API from this process (:mod:`fedrec.deploy.control`: the requests ``flwr supernode register``, ``flwr supernode list``
-and ``flwr ls`` send, without a ``flwr`` process of about 1.7 s of CPU each). Read as a script, it is what a platform
+CLI to submit the run. Registering node keys, listing the nodes, a run's status, stopping a run and its ServerApp's log
+go to the SuperLink's Control API from this process (:mod:`fedrec.deploy.control`: the requests the ``flwr`` commands
+of those names send, without a ``flwr`` process of about 1.7 s of CPU each). Read as a script, it is what a platform
 engineer runs by hand (docs/deploy.md).
 
 All processes carry an environment tag; :meth:`LocalFederation.stop` SIGTERMs them (SuperNodes
@@ -162,7 +162,7 @@ class LocalFederation:
         runs = control.runs(self.cli_home, CONNECTION)
         stale = [int(r["run-id"]) for r in runs if str(r.get("status", "")).split(":")[0] in ("starting", "running")]
         for run_id in stale:
-            self.flwr("stop", str(run_id), CONNECTION, "--format", "json")
+            control.stop(self.cli_home, CONNECTION, run_id)
         return stale
 
     def start_front(self, timeout: float = 90.0) -> None:
@@ -280,8 +280,8 @@ class LocalFederation:
 
     def serverapp_log(self, run_id: int) -> str:
         try:
-            txt = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
-        except (DeployError, subprocess.TimeoutExpired) as e:
+            txt = control.logs(self.cli_home, CONNECTION, run_id)
+        except DeployError as e:
             txt = f"(no ServerApp log: {e})"
         (self.work / "logs" / f"serverapp-{run_id}.log").write_text(txt)
         return txt
