@@ -22,14 +22,16 @@ class Fedrec:
                                          stderr=err if stderr is not None else subprocess.STDOUT,
                                          start_new_session=True)
 
-    def wait(self, timeout: float) -> int:
-        """Its exit status; stopped, and AssertionError with the end of its log, when it runs past ``timeout`` s."""
+    def wait(self, timeout: float, grace: float = 0.0) -> int:
+        """Its exit status; when it runs past ``timeout`` s, stopped (:meth:`stop` with ``grace``) and AssertionError
+        with the end of its output."""
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.stop()
+            self.stop(grace)
+            err = self.err.read_text()[-2000:] if self.err is not None else ""
             raise AssertionError(f"`fedrec {' '.join(self.proc.args[3:5])}` ran past {timeout:.0f} s:\n"
-                                 f"{self.text()[-3000:]}") from None
+                                 f"{self.text()[-3000:]}{err}") from None
 
     def stop(self, grace: float = 0.0) -> None:
         """Stop its process group: SIGTERM, then SIGKILL after ``grace`` seconds (0: SIGKILL at once)."""

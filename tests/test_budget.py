@@ -157,7 +157,7 @@ class Sim:
         self.run = Fedrec(cwd / f"{log or out}.log", "simulate", *args, "--out", out, "--no-progress", cwd=cwd)
 
     def wait(self) -> Sim:
-        rc = self.run.wait(SIM_TIMEOUT)
+        rc = self.run.wait(SIM_TIMEOUT, grace=30)
         text = self.run.text()
         assert rc == 0, text[-4000:]
         assert "Traceback" not in text, text[-4000:]
@@ -212,7 +212,8 @@ NEEDS = {"test_acceptance_user_level_epsilon": "acceptance", "test_privacy_both_
 def sims(request, tmp_path_factory):
     """Start the first simulation of every selected slow test before this module's first test.
 
-    They run side by side (and beside the fast tests): most of a run is Ray starting up.
+    They run side by side (and beside the fast tests): most of a Ray run is Ray starting up, and the budget chain
+    (in-process engine) has a second run to follow its first.
     """
     selected = {NEEDS[item.originalname] for item in request.session.items
                 if getattr(item, "module", None) is request.module and item.originalname in NEEDS}
@@ -224,7 +225,7 @@ def sims(request, tmp_path_factory):
         # the budget chain on the in-process engine (the budget stop is the server's, the same on either engine);
         # the acceptance command and `--privacy both` keep the default engine, Ray, as a user runs them
         (base / "budget.toml").write_text(f"world-users = {POP}\n{WORLD}calibrate = false\nengine = \"local\"\n")
-        for key in [k for k in STARTS if k in selected]:  # the budget chain, the longest, first
+        for key in [k for k in STARTS if k in selected]:  # the budget chain, two runs in a row, first
             out, args = STARTS[key]
             started[key] = Sim(base, out, *(args() if callable(args) else args))
     yield started

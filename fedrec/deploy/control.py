@@ -7,8 +7,12 @@ the run, fetch the ServerApp's log). Those processes took 30 s of wall time in a
 rounds of SecAgg+), competing for the cores with the SuperNodes and the ServerApp starting up; asked from this process
 the same deployment went from 64-66 s to 54-55 s (two runs each, the same hour). Each question is one HTTP request
 through Flower's own client (:class:`flwr.supercore.control.ControlHttpClient`), built from the connection file the
-``flwr`` CLI reads (``FLWR_HOME``), with the same interceptors (runtime version, account auth). Submitting a run stays
-a ``flwr run`` command (it builds and uploads the app bundle; :mod:`fedrec.deploy.local`).
+``flwr`` CLI reads (``FLWR_HOME``), with the same interceptors (runtime version; account auth, whose credentials file
+Flower fixes at import, under the user's home: the local SuperLink has no accounts), and its errors worded as the CLI
+words them. Submitting a run stays a ``flwr run`` command (it builds and uploads the app bundle;
+:mod:`fedrec.deploy.local`). Nothing here calls Flower's ``flwr_exit`` (its key loader does, and it ends the whole
+process 5 s later): a node's key is read with ``cryptography`` here. Not thread-safe (``FLWR_HOME`` is set for each
+call); :mod:`fedrec.deploy.local` asks from one thread.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+LOG_TIMEOUT = 60.0  #: seconds to wait for a run's log (Flower's log stream has no read timeout)
 
 
 class DeployError(RuntimeError):
@@ -48,13 +55,20 @@ def _client(home: Path, connection: str) -> Iterator[Any]:
             os.environ["FLWR_HOME"] = before
 
 
-def _ask(home: Path, connection: str, what: str, call) -> Any:
-    """``call(client)``; any failure (refused, timed out, an error reply) as a :class:`DeployError` naming ``what``."""
+def _ask(home: Path, connection: str, what: str, call: Callable[[Any], Any]) -> Any:
+    """``call(client)``; any failure (unreachable, timed out, an error reply: worded as the ``flwr`` CLI words it) as a
+    :class:`DeployError` of one line naming ``what``."""
+    from flwr.cli.utils import flwr_cli_exc_handler
+
     try:
-        with _client(home, connection) as client:
+        with _client(home, connection) as client, flwr_cli_exc_handler():
             return call(client)
-    except (Exception, SystemExit) as e:  # Flower's CLI helpers exit on a bad connection file
-        raise DeployError(f"The SuperLink's Control API did not answer `{what}`: {type(e).__name__}: {e}") from None
+    except DeployError as e:
+        raise DeployError(f"The SuperLink's Control API, asked `{what}`: {e}") from None
+    except Exception as e:  # Flower's CLI helpers raise click exceptions, httpx its own
+        reason = " ".join(str(getattr(e, "message", "") or e).split()) or type(e).__name__
+        first = reason.split(". ")[0].rstrip(".")  # Flower adds advice for its own CLI's users
+        raise DeployError(f"The SuperLink's Control API, asked `{what}`: {first}.") from None
 
 
 def runs(home: Path, connection: str, run_id: int | None = None) -> list[dict[str, str]]:
@@ -85,17 +99,18 @@ def nodes(home: Path, connection: str) -> list[dict[str, str]]:
 
 
 def register(home: Path, connection: str, public_key: Path, name: str) -> int:
-    """Register a SuperNode's public key (PEM, a NIST curve) under ``name``; its node id."""
-    from flwr.cli.supernode.register import try_load_public_key
+    """Register a SuperNode's public key (OpenSSH format, an EC key on a NIST curve) under ``name``; its node id."""
     from flwr.proto.control_pb2 import RegisterNodeRequest
 
+    key = _node_key(public_key)
+
     def call(client: Any) -> int:
-        res = client.RegisterNode(RegisterNodeRequest(public_key=try_load_public_key(public_key), name=name))
+        res = client.RegisterNode(RegisterNodeRequest(public_key=key, name=name))
         if not res.node_id:
             raise DeployError("no node id in the reply")
         return int(res.node_id)
 
-    return _ask(home, connection, "supernode register", call)
+    return _ask(home, connection, f"supernode register {name}", call)
 
 
 def stop(home: Path, connection: str, run_id: int) -> None:
@@ -109,8 +124,9 @@ def stop(home: Path, connection: str, run_id: int) -> None:
     _ask(home, connection, "stop", call)
 
 
-def logs(home: Path, connection: str, run_id: int) -> str:
-    """The log run ``run_id``'s ServerApp has sent so far (``flwr log RUN --show``)."""
+def logs(home: Path, connection: str, run_id: int, timeout: float = LOG_TIMEOUT) -> str:
+    """The log run ``run_id``'s ServerApp has sent so far (``flwr log RUN --show``). The stream stays open while an
+    unfinished run has no log yet, so it is read in a thread of its own, given up after ``timeout`` s."""
     from flwr.proto.control_pb2 import StreamLogsRequest
 
     def call(client: Any) -> str:
@@ -118,4 +134,36 @@ def logs(home: Path, connection: str, run_id: int) -> str:
             return str(res.log_output)
         return ""
 
-    return _ask(home, connection, "log", call)
+    got: list[str | BaseException] = []
+
+    def read() -> None:
+        try:
+            got.append(_ask(home, connection, "log", call))
+        except DeployError as e:
+            got.append(e)
+
+    reader = threading.Thread(target=read, name=f"log-{run_id}", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not got:
+        raise DeployError(f"The SuperLink's Control API, asked `log`: no log of run {run_id} within {timeout:.0f} s")
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+def _node_key(path: Path) -> bytes:
+    """A SuperNode's public key as the Control API takes it; DeployError if the file is not one (Flower's own loader
+    ends the process instead)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
+
+    try:
+        key = serialization.load_ssh_public_key(Path(path).read_bytes())
+    except (OSError, ValueError, UnsupportedAlgorithm) as e:
+        raise DeployError(f"{path}: not a readable OpenSSH public key ({e}).") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):
+        raise DeployError(f"{path}: not an EC public key on a NIST curve, which SuperNode authentication needs.")
+    return bytes(public_key_to_bytes(key))

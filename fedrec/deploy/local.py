@@ -161,9 +161,14 @@ class LocalFederation:
         """
         runs = control.runs(self.cli_home, CONNECTION)
         stale = [int(r["run-id"]) for r in runs if str(r.get("status", "")).split(":")[0] in ("starting", "running")]
+        stopped = []
         for run_id in stale:
-            control.stop(self.cli_home, CONNECTION, run_id)
-        return stale
+            try:
+                control.stop(self.cli_home, CONNECTION, run_id)
+                stopped.append(run_id)
+            except DeployError:  # it finished (or was stopped) since it was listed: nothing left to stop
+                continue
+        return stopped
 
     def start_front(self, timeout: float = 90.0) -> None:
         """The Fleet front on 127.0.0.1:``fleet_port``: the devices' only door, forwarding the Fleet API alone."""
@@ -201,10 +206,7 @@ class LocalFederation:
 
     def register(self, public_key: Path, name: str) -> int:
         """Register a SuperNode's public key (node authentication): only registered nodes may join."""
-        try:
-            return control.register(self.cli_home, CONNECTION, public_key, name)
-        except DeployError as e:
-            raise DeployError(f"Registering {name}'s key with the SuperLink failed: {e}") from None
+        return control.register(self.cli_home, CONNECTION, public_key, name)
 
     def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> Proc:
         """A SuperNode (warm: with its ClientApp process, :meth:`start_host`)."""
