@@ -461,15 +461,12 @@ def _follow_run(fed: LocalFederation, run_id: int, out: Path, work: Path, t_subm
             if on_round:
                 on_round(row)
         rows_seen = max(rows_seen, len(rows))
-        if summary_file.exists() and summary_file.stat().st_mtime >= t_submit:
-            st = fed.status(run_id)
-            if st["status"].startswith("finished"):
-                return
-        if time.time() - last_check > STATUS_EVERY:  # one Control API request (fedrec.deploy.control)
+        wrote = summary_file.exists() and summary_file.stat().st_mtime >= t_submit  # its outputs are all written
+        if wrote or time.time() - last_check > STATUS_EVERY:  # one Control API request (fedrec.deploy.control)
             last_check = time.time()
             st = fed.status(run_id)
             if st["status"].startswith("finished"):
-                if st["status"] != "finished:completed":
+                if st["status"] != "finished:completed" and not wrote:
                     log = fed.serverapp_log(run_id)
                     raise DeployError(f"The run ended {st['status']}: {st.get('status-details') or ''} "
                                       f"{_last_error(log)} (ServerApp log: {work / 'logs'}/serverapp-{run_id}.log)")
