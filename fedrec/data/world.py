@@ -54,15 +54,13 @@ class WorldSpec:
 
 
 def make_world(spec: WorldSpec) -> EventLog:
-    """Generate the world's event log (dense ids; ``meta['world']`` holds the ground truth)."""
+    """Generate the world's event log (dense ids; ``meta['world']`` holds the ground truth). Users are drawn
+    :data:`BLOCK` at a time, each block's events together, one event of every user of the block per step."""
     rng = np.random.default_rng(spec.seed)
     layout = _draw_layout(spec, rng)
-    users, items, times = [], [], []
-    for u in range(spec.users):
-        for t, i in _user_events(spec, layout, u, rng):
-            users.append(u)
-            items.append(i)
-            times.append(t)
+    parts = [_block_events(spec, layout, np.arange(a, min(a + BLOCK, spec.users)), rng)
+             for a in range(0, spec.users, BLOCK)]
+    users, items, times = (np.concatenate([p[j] for p in parts]) for j in range(3))
     return _event_log(spec, layout, users, items, times)
 
 
@@ -80,12 +78,16 @@ class _Layout:
     burst_items: np.ndarray
 
     @functools.cached_property
-    def in_topic(self) -> np.ndarray:
-        """``(topics, items)``: does each item belong to each topic."""
-        return self.item_topic[None, :] == np.arange(int(self.item_topic.max()) + 1)[:, None]
+    def members(self) -> np.ndarray:
+        """``(topics, m)``: each topic's item ids, padded with -1 to the largest topic's size."""
+        ids = [np.flatnonzero(self.item_topic == t) for t in range(int(self.item_topic.max()) + 1)]
+        out = np.full((len(ids), max(len(i) for i in ids)), -1, np.int64)
+        for t, row in enumerate(ids):
+            out[t, :len(row)] = row
+        return out
 
 
-APPEAL_CELLS = 1 << 16  #: item appeals computed at once for a user's next events (events x items)
+BLOCK = 4096  #: users whose events are drawn together (a constant: the world does not depend on memory)
 
 
 def _draw_layout(spec: WorldSpec, rng: np.random.Generator) -> _Layout:
@@ -114,55 +116,78 @@ def _draw_layout(spec: WorldSpec, rng: np.random.Generator) -> _Layout:
     return _Layout(item_topic, quality, launch, new_items, main_topic, shifted, new_topic, burst_items)
 
 
-def _user_events(spec: WorldSpec, w: _Layout, u: int, rng: np.random.Generator) -> list[tuple[float, int]]:
-    """``(time, item)`` of each of user ``u``'s events, in time order; a user never sees an item twice."""
-    V, T, H = spec.items, spec.topics, spec.horizon
-    shift_time = spec.shift_time * H
-    t_burst, w_burst = spec.burst_time * H, max(spec.burst_width * H, 1e-9)
-    events = []
-    ts = np.sort(rng.uniform(0, H, size=spec.events_per_user))
-    seen = np.zeros(V, bool)
-    chunk = max(1, APPEAL_CELLS // V)
-    for e, t in enumerate(ts):
-        if e % chunk == 0:  # the appeal of every item at the next events' times, a few at a time
-            appeal, launched = _appeal(spec, w, ts[e:e + chunk])
-        topic = w.new_topic[u] if t >= shift_time else w.main_topic[u]
-        if rng.random() >= spec.focus:
-            topic = rng.integers(0, T)
-        avail = launched[e % chunk] & ~seen
-        if len(w.burst_items) and rng.random() < spec.burst_share * np.exp(-0.5 * ((t - t_burst) / w_burst) ** 2):
-            hot = w.burst_items[avail[w.burst_items]]
-            if len(hot):  # a trending item, whatever the user's topic
-                i = rng.choice(hot)
-                seen[i] = True
-                events.append((t, i))
-                continue
-        p = np.where(avail & w.in_topic[topic], appeal[e % chunk], 0.0)
-        if p.sum() <= 0:
-            p = np.where(avail, appeal[e % chunk], 0.0)
-        i = _draw(rng, p / p.sum())
-        seen[i] = True
-        events.append((t, i))
-    return events
+def _block_events(spec: WorldSpec, w: _Layout, users: np.ndarray, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(user, item, time)`` of every event of ``users``, each user's in time order; a user never sees an item
+    twice. Each event: with the burst's probability at its time a trending item the user has not seen, whatever the
+    user's topic; else an item of the user's topic at that time (another topic at random with probability
+    ``1 - focus``), drawn by its appeal among the launched items the user has not seen (among all of them where the
+    topic has none left)."""
+    B, E, V = len(users), spec.events_per_user, spec.items
+    ts = np.sort(rng.uniform(0, spec.horizon, size=(B, E)), axis=1)
+    seen = np.zeros((B, V), bool)
+    items = np.empty((B, E), np.int64)
+    for e in range(E):
+        t = ts[:, e]
+        topic = np.where(t >= spec.shift_time * spec.horizon, w.new_topic[users], w.main_topic[users])
+        off = rng.random(B) >= spec.focus
+        topic[off] = rng.integers(0, spec.topics, size=int(off.sum()))
+        pick = _burst_picks(spec, w, t, seen, rng)
+        rest = np.flatnonzero(pick < 0)
+        pick[rest] = _appeal_draw(spec, w, w.members[topic[rest]], t[rest], seen[rest], rng)
+        items[:, e] = pick
+        seen[np.arange(B), pick] = True
+    return np.repeat(users, E), items.ravel(), ts.ravel()
 
 
-def _appeal(spec: WorldSpec, w: _Layout, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each item's appeal at each of the times ``ts`` (its quality, boosted right after its launch) and whether it
-    has launched by then: ``(len(ts), items)`` each."""
-    age = ts[:, None] - w.launch[None, :]
+def _burst_picks(spec: WorldSpec, w: _Layout, t: np.ndarray, seen: np.ndarray, rng: np.random.Generator
+                 ) -> np.ndarray:
+    """Per row, a trending item it has not seen, uniformly, where the burst takes this event; else -1."""
+    pick = np.full(len(t), -1, np.int64)
+    if not len(w.burst_items):
+        return pick
+    width = max(spec.burst_width * spec.horizon, 1e-9)
+    taken = rng.random(len(t)) < spec.burst_share * np.exp(-0.5 * ((t - spec.burst_time * spec.horizon) / width) ** 2)
+    free = taken[:, None] & ~seen[:, w.burst_items]
+    rows = np.flatnonzero(free.any(axis=1))
+    keys = np.where(free[rows], rng.random((len(rows), len(w.burst_items))), -1.0)
+    pick[rows] = w.burst_items[keys.argmax(axis=1)]
+    return pick
+
+
+def _appeal_draw(spec: WorldSpec, w: _Layout, cand: np.ndarray, t: np.ndarray, seen: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Per row, one of its candidate items (``cand``: ``(rows, m)`` ids, ``-1`` padding) by appeal at ``t`` among
+    those launched and not ``seen``; rows with none left draw from every item instead."""
+    rows = np.arange(len(t))[:, None]
+    p = np.where(cand >= 0, _appeal(spec, w, cand, t[:, None]), 0.0) * ~seen[rows, cand]
+    out = cand[rows[:, 0], _inverse_cdf(p, rng)]
+    empty = np.flatnonzero(p.sum(axis=1) <= 0)
+    if len(empty):
+        every = np.broadcast_to(np.arange(spec.items), (len(empty), spec.items))
+        p = _appeal(spec, w, every, t[empty, None]) * ~seen[empty]
+        out[empty] = _inverse_cdf(p, rng)
+    return out
+
+
+def _appeal(spec: WorldSpec, w: _Layout, items: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The appeal of ``items`` at the times ``t`` (broadcast): its quality, boosted right after its launch; 0
+    before it launches."""
+    launch = w.launch[items]
+    age = t - launch
     decay = max(spec.novelty_decay * spec.horizon, 1e-9)
-    boost = 1.0 + spec.novelty_boost * np.exp(-np.maximum(age, 0) / decay) * (w.launch > 0)
-    return w.quality * boost, age >= 0
+    boost = 1.0 + spec.novelty_boost * np.exp(-np.maximum(age, 0) / decay) * (launch > 0)
+    return np.where(age >= 0, w.quality[items] * boost, 0.0)
 
 
-def _draw(rng: np.random.Generator, p: np.ndarray) -> int:
-    """``rng.choice(len(p), p=p)`` (the same draw from ``rng`` and the same item) without its checks of ``p``."""
-    cdf = p.cumsum()
-    cdf /= cdf[-1]
-    return int(cdf.searchsorted(rng.random(), side="right"))
+def _inverse_cdf(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per row of the weights ``p``, one column drawn in proportion to them (0 for a row of zeros)."""
+    cdf = p.cumsum(axis=1)
+    u = rng.random(len(p)) * cdf[:, -1]
+    return np.minimum((cdf <= u[:, None]).sum(axis=1), p.shape[1] - 1)
 
 
-def _event_log(spec: WorldSpec, w: _Layout, users: list, items: list, times: list) -> EventLog:
+def _event_log(spec: WorldSpec, w: _Layout, users: np.ndarray, items: np.ndarray, times: np.ndarray) -> EventLog:
     """The events sorted by time, with the ground truth in ``meta['world']``."""
     U, V, T, H = spec.users, spec.items, spec.topics, spec.horizon
     truth = {
@@ -178,14 +203,11 @@ def _event_log(spec: WorldSpec, w: _Layout, users: list, items: list, times: lis
         "burst_time": spec.burst_time * H,
         "burst_width": max(spec.burst_width * H, 1e-9),
     }
-    u_arr = np.asarray(users, np.int64)
-    i_arr = np.asarray(items, np.int64)
-    t_arr = np.asarray(times, np.float64)
-    order = np.argsort(t_arr, kind="stable")
+    order = np.argsort(times, kind="stable")
     return EventLog(
-        user=u_arr[order],
-        item=i_arr[order],
-        timestamp=t_arr[order],
+        user=users[order],
+        item=items[order],
+        timestamp=times[order],
         weight=np.ones(len(order), np.float32),
         kind=np.full(len(order), KINDS.index("click"), np.int8),
         n_users=U,
