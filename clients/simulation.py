@@ -31,6 +31,7 @@ from fedrec.device_round import DeviceData, device_reply, next_state, serve_inpu
 from fedrec.eval.freshness import tracked_items
 from fedrec.messages import DeviceFailure, NodeReply, RoundInstruction, ServeReport
 from fedrec.models import RecModel
+from fedrec.serving import serve_panel
 from fedrec.wire import wire_mode
 
 from .device import shared_model
@@ -121,7 +122,8 @@ def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecMode
     round_ = ins.round
     log = stream.log
     idx = np.flatnonzero(stream.round_of == round_)
-    active = sorted(set(int(u) for u in np.unique(log.user[idx])) & mine)
+    users = np.unique(log.user[idx])
+    active = sorted(set(users[serve_panel(stream.n_devices, cfg.serve_panel, cfg.seed)[users]].tolist()) & mine)
     inputs = []
     for d in active:
         if d in sim.fake:  # fake devices are not users: nobody is served there

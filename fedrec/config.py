@@ -262,6 +262,8 @@ class RunConfig:
     k: int = key(10, "length of the top-K lists scored (HR@K, NDCG@K)", ge=1, le=10**4)
     freshness_window: int = key(3, "rounds in the sliding window of windowed HR@K", ge=1, le=10**6)
     serve_eval: bool = key(True, "every round, every device with new events scores them with the newest version")
+    serve_panel: int = key(20_000, "simulation only: the devices served and scored are a fixed panel of at most "
+                           "this many, drawn once from the seed (0: every device)", ge=0, le=10**8)
     per_event: bool = key(True, "serving scores each event with the device's state through the event before "
                           "(off: only with its state at the round's start)")
     uptake_probe: bool = key(True, "simulation only: devices report new-item top-K membership (a measurement)")

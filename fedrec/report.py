@@ -295,9 +295,20 @@ class RunRecorder:
                 "what": per_event if served else "per-event scoring or serve-eval is off: the round-start metric",
                 "what_start": "at the round's start: every event of the round ranked by the state the device had "
                               "when the round began",
+                **self._panel(),
                 "what_blends": "per-event hr of each blend: the item graph plus w x the model (graph+w), the model "
                                "alone (model), the model at the round's start (start); each round serves the one "
                                "with the most hits in the rounds before"}
+
+    def _panel(self) -> dict:
+        """``served_panel`` where the run served a panel of its devices (:func:`fedrec.serving.serve_panel`)."""
+        n = self._stream.n_devices if self._stream is not None else 0
+        if not self.cfg.serve_eval or not 0 < self.cfg.serve_panel < n:
+            return {}
+        return {"served_panel": {"devices": self.cfg.serve_panel, "of": n,
+                                 "what": "every figure per event, at the round's start, per blend and of every "
+                                         "baseline is over the events of a fixed panel of devices drawn from the "
+                                         "seed (serve-panel), a uniform sample of the population"}}
 
     def _baselines(self) -> dict:
         """The baselines (:meth:`_baseline_runs`), each scored on the same events as the model; per round in the

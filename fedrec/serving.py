@@ -31,6 +31,7 @@ The counts it produces are evaluation counts, sent in clear like the others.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -46,6 +47,19 @@ ROWS = 256  #: a device's events scored per block; blocks of many devices go tog
 
 def serve_seed(seed: int, device: int, round_: int) -> int:
     return int(np.random.SeedSequence([seed, device, round_, 29]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@functools.lru_cache(maxsize=4)
+def serve_panel(n_devices: int, size: int, seed: int) -> np.ndarray:
+    """Simulation: which devices are served and scored (bool per device), a panel of ``size`` drawn once from the
+    run's seed, the same in every round and on every node; every device where ``size`` is 0 or covers them all.
+    A device's serving reads only its own events and state, so the panel's counts are exactly what serving every
+    device would give for those devices: the run's HR is an estimate over a uniform sample of devices."""
+    if not size or size >= n_devices:
+        return np.ones(n_devices, bool)
+    out = np.zeros(n_devices, bool)
+    out[np.random.default_rng([seed, 37]).choice(n_devices, size=size, replace=False)] = True
+    return out
 
 
 @dataclass

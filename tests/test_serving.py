@@ -100,3 +100,41 @@ def test_batched_per_event_counts_equal_each_events_own_rank(monkeypatch):
         np.testing.assert_allclose(res.next_scores, rows[-1], atol=1e-6)
     alone = [serve_round(table, 4, [d], {}, **{**KW, "k": k})[0] for d in devs]
     assert [a.counts for a in alone] == [g.counts for g in got]
+
+
+def _simulate(out, **extra):
+    """A small in-process federation (the synthetic world); its summary and final global model."""
+    from fedrec.checkpoint import load_checkpoint
+    from fedrec.clients.app import app as client_app
+    from fedrec.config import RunConfig
+    from fedrec.server.app import run_federation
+    from fedrec.server.local_grid import LocalGrid
+
+    cfg = RunConfig.from_mapping({"world-users": 240, "world-items": 80, "world-events-per-user": 12, "rounds": 4,
+                                  "cohort": 40, "nodes": 2, "engine": "local", "progress": False, "dim": 4,
+                                  "item-features": "none", "out": str(out), **extra}, where="test")
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    return cfg, summary, load_checkpoint(out / "checkpoint.npz")["global"]
+
+
+def test_a_serving_panel_scores_exactly_its_devices_events_and_leaves_training_alone(tmp_path):
+    """``serve-panel``: only a fixed panel of devices is served and scored; the model and the baselines are scored
+    on exactly the panel's events, and training (which serving never shapes) gives the same global model."""
+    from fedrec.data.source import load_stream
+    from fedrec.serving import serve_panel
+
+    cfg, whole, model = _simulate(tmp_path / "all", **{"serve-panel": 0})
+    _, part, model_p = _simulate(tmp_path / "panel", **{"serve-panel": 60})
+    stream = load_stream(cfg)
+    panel = serve_panel(stream.n_devices, 60, cfg.seed)
+    assert panel.sum() == 60 and np.array_equal(panel, serve_panel(stream.n_devices, 60, cfg.seed))
+    n_panel = int(panel[stream.log.user].sum())
+    assert 0 < n_panel < len(stream.log)
+    assert whole["metrics"]["events_scored"] == len(stream.log) and "served_panel" not in whole["metrics"]
+    assert part["metrics"]["events_scored"] == n_panel
+    assert part["metrics"]["served_panel"]["devices"] == 60 and part["metrics"]["served_panel"]["of"] == 240
+    for name in ("popularity", "recent_popularity", "item_knn", "centralised_mf"):
+        assert part["baselines"][name]["events_scored"] == n_panel, name
+    assert model.keys() == model_p.keys()
+    for k in model:
+        np.testing.assert_array_equal(np.asarray(model[k]), np.asarray(model_p[k]), err_msg=k)
