@@ -20,7 +20,7 @@ import torch
 from .config import RunConfig
 from .data.source import load_features, load_stream
 from .device_round import DeviceData, serve_input
-from .eval.baselines import round_pairs
+from .eval.baselines import round_sums
 from .eval.freshness import tracked_items
 from .eval.metrics import ServeCounts, in_topk
 from .itemgraph import ItemGraph
@@ -87,7 +87,7 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
         idx = np.flatnonzero(stream.round_of == r)
         users = np.unique(log.user[idx])
         if cfg.graph and r > 1:
-            graph.add(round_pairs(stream, r - 1, cfg.graph_window))
+            graph.add_sums(*round_sums(stream, r - 1, cfg.graph_window))
         counts, per_user = _serve_round(stream, r, users, item, user, graph.table() if cfg.graph else None, cfg,
                                         rec.leader())
         probes = []

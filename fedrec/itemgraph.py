@@ -277,14 +277,41 @@ class ItemGraph:
 
     def add(self, contributions: Sequence[Pairs]) -> None:
         """One round's contributions (every accepted update's pairs), summed in (noised: released with noise;
-        with ``clip``: each contribution first scaled to that L2 norm, :meth:`scales`)."""
-        V = self.n_items
+        with ``clip``: each contribution first scaled to that L2 norm, :meth:`scales`). With features, each new
+        event's item also gets the profile ``G`` of the item before it: a row of norm at most 1, computed from the
+        earlier releases only, so the round's query is fixed before its data (at the first release: the lists).
+        Profiles instead of lists: the context is named by what is known of it, so the evidence gets sharper as
+        the profiles do."""
         G = self.profiles().astype(np.float64) if self.features is not None else None  # before this round's data
         scale = self.scales(contributions, G)
-        a, b, w = capped_pairs(contributions, V)  # unscaled: a clipped graph releases no pairs
-        now = np.zeros(V)
+        now = np.zeros(self.n_items)
         for p, s in zip(contributions, scale, strict=True):
             np.add.at(now, p.items, p.counts * s)
+        aff = None
+        if G is not None:
+            aff = np.zeros_like(G)
+            for p, s in zip(contributions, scale, strict=True):
+                np.add.at(aff, p.follow, G[p.before] * s)
+        self._release(*capped_pairs(contributions, self.n_items), now, aff)  # unscaled: a clipped graph has no pairs
+
+    def add_sums(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, counts: np.ndarray, follow: np.ndarray,
+                 before: np.ndarray) -> None:
+        """One round of many devices' contributions already summed, as :meth:`add` would sum them: the pairs capped
+        per device (:func:`capped_pairs`; a pair may repeat, once per device), the item counts (``n_items``), each
+        new event's item with the item before it (the affinities' input). Exact sums only (no noise, no clip)."""
+        if self.noised or self.clip:
+            raise ValueError("add_sums takes exact sums: a noised or clipped graph adds devices' contributions.")
+        aff = None
+        if self.features is not None:
+            aff = np.zeros((self.n_items, self.features.shape[1]))
+            np.add.at(aff, follow, self.profiles().astype(np.float64)[before])
+        self._release(a, b, w, np.asarray(counts, np.float64), aff)
+
+    def _release(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, now: np.ndarray, aff: np.ndarray | None) -> None:
+        """Sum one round in: pairs ``(a, b, w)``, item counts ``now`` and affinities ``aff`` (None: no features);
+        noised, each released with its Gaussian, in this order, from the release's own generator. The affinities
+        are noised in every cell after the counts' and pairs' draws (which stay as without features)."""
+        V = self.n_items
         rng = np.random.default_rng([self.seed, NOISE_STREAM, self.releases])
         if self.noised:
             now = now + rng.normal(0.0, self.noise_std, V)  # every item, every round: absent ones too
@@ -296,8 +323,10 @@ class ItemGraph:
             self.C = (self.C + inc.tocsr()).tocsr()
         self.n += now
         self.recent = (self.recent + [now])[-RECENT_ROUNDS:]
-        if G is not None:
-            self._add_affinities(contributions, rng, G, scale)
+        if aff is not None:
+            if self.noised:
+                aff = aff + rng.normal(0.0, self.noise_std, aff.shape)
+            self.A = aff if self.A is None else self.A + aff
         self.releases += 1
         if self.noised:
             self._enter()
@@ -319,22 +348,6 @@ class ItemGraph:
                 sq += float(np.sum(A**2))
             one[i] = min(1.0, self.clip / np.sqrt(sq)) if sq > 0 else 1.0
         return one
-
-    def _add_affinities(self, contributions: Sequence[Pairs], rng: np.random.Generator, G: np.ndarray,
-                        scale: np.ndarray) -> None:
-        """This round's item x feature affinities: each new event's item gets the profile ``G`` of the item before it
-        (a row of norm at most 1, computed from the earlier releases only, so the round's query is fixed
-        before its data: at the first release the lists), each contribution times its ``scale``, noised in every
-        cell after the counts' and pairs' draws (which stay as without features). Profiles instead of lists: the
-        context is named by what is known of it, so the evidence gets sharper as the profiles do."""
-        if self.A is None:
-            self.A = np.zeros_like(G)
-        inc = np.zeros_like(self.A)
-        for p, s in zip(contributions, scale, strict=True):
-            np.add.at(inc, p.follow, G[p.before] * s)
-        if self.noised:
-            inc += rng.normal(0.0, self.noise_std, inc.shape)
-        self.A += inc
 
     def profiles(self) -> np.ndarray:
         """Every item's profile (rows L2-normalised, float32): its public features, weighted as ``PROFILE_PRIOR``

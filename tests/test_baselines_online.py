@@ -165,3 +165,38 @@ def test_item_knn_beats_popularity_on_movielens():
         pop.add(c)
     assert knn.n == pop.n == len(s.log)  # ml-latest-small rates each movie once per user: every event scored
     assert knn.hr > 1.5 * pop.hr
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_the_baselines_round_sums_are_every_users_own_contribution_summed(window):
+    """The baselines' item graph takes each round's events of every user at once (``round_sums``,
+    ``ItemGraph.add_sums``); adding each user's own ``device_pairs`` one by one (``ItemGraph.add``, as the server
+    adds devices' updates) must give the same graph: pair sums (capped per user: this stream repeats items, so
+    some users' pairs repeat), item counts, recent counts and affinities, round after round."""
+    from fedrec.eval.baselines import round_sums
+    from fedrec.itemgraph import ItemGraph, device_pairs
+
+    rng = np.random.default_rng(4)
+    n, U, V = 3000, 60, 25
+    log = EventLog(user=rng.integers(0, U, n), item=rng.integers(0, V, n), timestamp=np.sort(rng.random(n)),
+                   weight=np.ones(n, np.float32), kind=np.zeros(n, np.int8), n_users=U, n_items=V,
+                   user_ids=np.arange(U), item_ids=np.arange(V), source="test", meta={})
+    stream = RoundStream.build(log, 5)
+    feats = rng.random((V, 4)) * (rng.random((V, 4)) < 0.5)
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    each, summed = ItemGraph(V, 10, features=feats), ItemGraph(V, 10, features=feats)
+    repeats = 0  # a user's pairs that repeat within a round: the per-user cap binds on them
+    for r in range(1, 6):
+        users = np.unique(log.user[stream.round_of == r])
+        pairs = [device_pairs(log.item[stream.device_events(int(u), r)],
+                              stream.round_of[stream.device_events(int(u), r)] == r, window) for u in users]
+        repeats += sum(int((p.w > 1).sum()) for p in pairs)
+        each.add(pairs)
+        summed.add_sums(*round_sums(stream, r, window))
+        assert (each.C != summed.C).nnz == 0 and each.C.sum() > 0
+        np.testing.assert_array_equal(each.n, summed.n)
+        np.testing.assert_array_equal(np.asarray(each.recent), np.asarray(summed.recent))
+        np.testing.assert_allclose(each.A, summed.A, rtol=1e-12, atol=1e-12)
+    assert np.abs(each.A).sum() > 0 and repeats > 0
+    with pytest.raises(ValueError, match="exact sums"):
+        ItemGraph(V, 10, noise_std=1.0).add_sums(*round_sums(stream, 1, window))

@@ -54,6 +54,11 @@ class RoundStream:
         return idx[self.round_of[idx] <= upto_round]
 
     @cached_property
+    def user_order(self) -> np.ndarray:
+        """Every event's index, by user, each user's in time order (``by_user`` end to end)."""
+        return np.concatenate(self.by_user) if self.by_user else np.zeros(0, np.int64)
+
+    @cached_property
     def launch_round(self) -> np.ndarray:
         """Per item, the round that holds its first event (0 for items never seen)."""
         first = np.zeros(self.log.n_items, np.int64)

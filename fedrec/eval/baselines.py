@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..data.stream import RoundStream
-from ..itemgraph import ItemGraph, Pairs, contexts, device_pairs, prepare, session_scores
+from ..itemgraph import PAIR_CAP, ItemGraph, contexts, prepare, session_scores
 from .metrics import CELLS, EventRows, PrequentialCounts
 
 CHUNK = 1024  #: events scored together (rows of ``(CHUNK, n_items)`` scores)
@@ -79,7 +79,7 @@ def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]],
     out = []
     for r, devices in enumerate(schedule, start=1):
         if r > 1:  # every event of the round before, each paired with its user's earlier events
-            graph.add(round_pairs(stream, r - 1, window))
+            graph.add_sums(*round_sums(stream, r - 1, window))
         pieces = []
         for d in devices:
             pieces.append(_history_and_new(stream, d, r - 1, r))
@@ -204,11 +204,28 @@ def _history_and_new(stream: RoundStream, device: int, cur: int, r: int) -> tupl
     return stream.log.item[idx[old]], stream.log.item[idx[~old]]
 
 
-def round_pairs(stream: RoundStream, r: int, window: int) -> list[Pairs]:
-    """Every user's pairs of its events of round ``r`` with the ``window`` events before each."""
-    users = np.unique(stream.log.user[stream.round_of == r])
-    out = []
-    for u in users:
-        idx = stream.device_events(int(u), r)
-        out.append(device_pairs(stream.log.item[idx], stream.round_of[idx] == r, window))
-    return out
+def round_sums(stream: RoundStream, r: int, window: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every user's contribution of round ``r`` to an exact item graph, summed (:meth:`ItemGraph.add_sums`): the
+    pairs of each of its events of round ``r`` with the ``window`` events before it (self-pairs dropped), unordered
+    and capped per user (:func:`~fedrec.itemgraph.capped_pairs`), the round's item counts, and each event of the
+    round that has one before it with that one's item. What :func:`~fedrec.itemgraph.device_pairs` gives each
+    user, computed for all users at once over the log in user order."""
+    log, V = stream.log, stream.log.n_items
+    order = stream.user_order
+    user, item = log.user[order], log.item[order].astype(np.int64)
+    pos = np.flatnonzero(stream.round_of[order] == r)
+    lo, hi, who = [], [], []
+    for lag in range(1, window + 1):
+        back = pos - lag
+        ok = back >= 0
+        ok[ok] = (user[back[ok]] == user[pos[ok]]) & (item[back[ok]] != item[pos[ok]])
+        a, b = item[pos[ok]], item[back[ok]]
+        lo.append(np.minimum(a, b))
+        hi.append(np.maximum(a, b))
+        who.append(user[pos[ok]].astype(np.int64))
+    key, n = np.unique((np.concatenate(who) * V + np.concatenate(lo)) * V + np.concatenate(hi), return_counts=True)
+    prev = pos - 1
+    after = pos[(prev >= 0) & (user[np.maximum(prev, 0)] == user[pos])]
+    return (key // V % V, key % V, np.minimum(n, PAIR_CAP).astype(np.float64), np.bincount(item[pos], minlength=V),
+            item[after], item[after - 1])
