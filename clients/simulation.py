@@ -23,11 +23,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from fedrec.attack import attack_target, attacker_set, boosted, poisoned
-from fedrec.client_update import DeviceState, UpdateResult
+from fedrec.client_update import DeviceState
 from fedrec.config import RunConfig
 from fedrec.data.source import load_stream
 from fedrec.data.stream import RoundStream
-from fedrec.device_round import DeviceData, device_reply, next_state, serve_input, shard_serve, train_device
+from fedrec.device_round import DeviceData, device_reply, next_state, serve_input, shard_serve, train_devices
 from fedrec.eval.freshness import tracked_items
 from fedrec.messages import DeviceFailure, NodeReply, RoundInstruction, ServeReport
 from fedrec.models import RecModel
@@ -81,12 +81,20 @@ def train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, cont
     sim = _Instruments.of(stream, cfg)
     wire = wire_mode(cfg.wire, cfg.privacy)
     out = NodeReply()
+    devices, data = [], []
     for d in ins.devices if train else ():
         try:
-            res, probe = _train_one(model, global_state, stream, d, mine, ins, cfg, context, sim)
+            data.append(_device_data(stream, d, mine, ins, cfg, context, sim))
+            devices.append(d)
         except Exception as e:  # one failing device must not sink its node's other devices
-            out.failures.append(DeviceFailure(d, f"{type(e).__name__}: {e}", traceback.format_exc()[-2000:]))
+            out.failures.append(_failure(d, e))
+    results = train_devices(model, global_state, [dev for dev, _ in data], cfg, ins, [p for _, p in data])
+    for d, (_, probe), res in zip(devices, data, results, strict=True):
+        if isinstance(res, Exception):
+            out.failures.append(_failure(d, res))
             continue
+        if d in sim.fake:
+            res.delta = boosted(res.delta, cfg.attack_boost)
         state = next_state(res)
         if state is not None:
             context.state[f"device-{d}"] = ConfigRecord(state.to_config())
@@ -96,10 +104,14 @@ def train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, cont
     return out
 
 
-def _train_one(model: RecModel, global_state: dict[str, np.ndarray], stream: RoundStream, d: int, mine: set[int],
-               ins: RoundInstruction, cfg: RunConfig, context: Context, sim: _Instruments
-               ) -> tuple[UpdateResult, np.ndarray | None]:
-    """Device ``d``'s local update on this node (and the uptake probe it measured, if any)."""
+def _failure(d: int, e: Exception) -> DeviceFailure:
+    return DeviceFailure(d, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e))[-2000:])
+
+
+def _device_data(stream: RoundStream, d: int, mine: set[int], ins: RoundInstruction, cfg: RunConfig, context: Context,
+                 sim: _Instruments) -> tuple[DeviceData, np.ndarray | None]:
+    """Device ``d`` as its round sees it on this node (its events poisoned if it is a fake one), and the uptake
+    probe it measures, if any."""
     if d not in mine:
         raise ValueError(f"device {d} is not hosted on this node")
     skey = f"device-{d}"
@@ -110,10 +122,7 @@ def _train_one(model: RecModel, global_state: dict[str, np.ndarray], stream: Rou
     items = stream.log.item[idx]
     if d in sim.fake and sim.target is not None:
         items = poisoned(items, sim.target)
-    res = train_device(model, global_state, DeviceData(d, items, stream.round_of[idx], state), cfg, ins, probe)
-    if d in sim.fake:
-        res.delta = boosted(res.delta, cfg.attack_boost)
-    return res, probe
+    return DeviceData(d, items, stream.round_of[idx], state), probe
 
 
 def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecModel, global_state: dict,

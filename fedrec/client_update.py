@@ -119,32 +119,109 @@ def client_update(
     ``secret``: entropy the server does not know, mixed into the seed (a deployed device; simulation: 0).
     ``affinities``: the version has item features, so the pairs carry each new event's item before it.
     """
+    prep = prepare_update(model, global_state, state, items, rounds, round_, cfg, device_id=device_id,
+                          noise_multiplier=noise_multiplier, probe=probe, secret=secret)
+    if isinstance(prep, UpdateResult):
+        return prep
+    trained = _train(model, global_state, items, rounds, prep.train, prep.seen, cfg, prep.generator,
+                     noise_multiplier)
+    return finish_update(prep, cfg, *trained, noise_multiplier=noise_multiplier, affinities=affinities)
+
+
+@dataclass
+class Prepared:
+    """One device's update up to its local steps: what :func:`client_update` did before them and needs after."""
+
+    device: int
+    state: DeviceState
+    items: np.ndarray
+    rounds: np.ndarray
+    round_: int
+    train: np.ndarray  #: the events trained on (the new ones and the replayed windows)
+    new: np.ndarray  #: the events new since the device's last update
+    seen: np.ndarray  #: the items the device has had, through its training events
+    counts: PrequentialCounts
+    probe_hits: np.ndarray | None
+    generator: torch.Generator  #: the device's own, as the steps before left it
+    local: dict[str, torch.Tensor]  #: its local parameters as its steps start from them
+
+
+def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState, items: np.ndarray,
+                   rounds: np.ndarray, round_: int, cfg: RunConfig, *, device_id: int, noise_multiplier: float,
+                   probe: np.ndarray | None = None, secret: int = 0, loaded: bool = False) -> Prepared | UpdateResult:
+    """:func:`client_update` up to the local steps: the model loaded, the new events evaluated, the budget checked
+    (a skipped :class:`UpdateResult` where it says no). ``loaded``: the model holds ``global_state`` already (a
+    batch of devices loads it once: nothing before the local steps changes a global parameter)."""
     torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_, secret=secret))
-    state = _load(model, global_state, state, torch_g)
+    state = _load(model, None if loaded else global_state, state, torch_g)
     cur = state.cursors[-1]
     known = rounds <= cur
     new = (rounds > cur) & (rounds <= round_)
     seen = _mask(items[known], model.n_items)
     counts, probe_hits = _evaluate(model, state, items, known, new, seen, cfg, torch_g, probe)
 
-    private = cfg.event_dp
-    skipped = _budget_guard(global_state, state, cfg, noise_multiplier) if private and cfg.epsilon > 0 else None
+    skipped = _budget_guard(global_state, state, cfg, noise_multiplier) if cfg.event_dp and cfg.epsilon > 0 else None
     if skipped is not None:
         skipped.probe_hits = probe_hits
         return skipped
-
     # training set: the new events plus those of the device's last `replay_rounds` windows (cursors holds the
     # last replay_rounds + 1 cursors, initially [0])
-    train_mask = (rounds > state.cursors[0]) & (rounds <= round_)
-    n_train = int(train_mask.sum())
-    steps, delta, local, preclip, was_clipped, row_counts = _train(
-        model, global_state, items, rounds, train_mask, seen | _mask(items[train_mask], model.n_items), cfg, torch_g,
-        noise_multiplier)
-    nxt, eps = _next_state(state, local, round_, steps, cfg, noise_multiplier)
-    pairs = device_pairs(items, new, cfg.pair_window, affinities=affinities) if cfg.graph else None
-    return UpdateResult(delta=delta, n_train=n_train, n_new=int(new.sum()), counts=counts, epsilon=eps, steps=steps,
-                        state=nxt, preclip_norm=preclip, clipped=was_clipped, probe_hits=probe_hits, pairs=pairs,
-                        row_counts=row_counts)
+    train = (rounds > state.cursors[0]) & (rounds <= round_)
+    params = dict(model.named_parameters())
+    return Prepared(device_id, state, items, rounds, round_, train, new, seen | _mask(items[train], model.n_items),
+                    counts, probe_hits, torch_g, {k: params[k].detach().clone() for k in model.local_names})
+
+
+def finish_update(prep: Prepared, cfg: RunConfig, steps: int, delta: dict, local: dict[str, np.ndarray],
+                  preclip: float, clipped: bool, row_counts: tuple[np.ndarray, np.ndarray] | None, *,
+                  noise_multiplier: float, affinities: bool) -> UpdateResult:
+    """:func:`client_update` after the local steps: the device's next state, its ε and its item pairs."""
+    nxt, eps = _next_state(prep.state, local, prep.round_, steps, cfg, noise_multiplier)
+    pairs = device_pairs(prep.items, prep.new, cfg.pair_window, affinities=affinities) if cfg.graph else None
+    return UpdateResult(delta=delta, n_train=int(prep.train.sum()), n_new=int(prep.new.sum()), counts=prep.counts,
+                        epsilon=eps, steps=steps, state=nxt, preclip_norm=preclip, clipped=clipped,
+                        probe_hits=prep.probe_hits, pairs=pairs, row_counts=row_counts)
+
+
+def batched_updates(cfg: RunConfig) -> bool:
+    """Whether :func:`train_batch` can run a node's devices' local steps together: ``mf``'s closed-form,
+    non-private local SGD (privacy none or user-level)."""
+    return cfg.model == "mf" and cfg.update_backend == "auto" and not cfg.event_dp and not cfg.aggregate_noise
+
+
+def train_batch(model: RecModel, global_state: dict[str, np.ndarray], preps: list[Prepared], cfg: RunConfig
+                ) -> list[tuple]:
+    """The local steps of many prepared devices at once (:func:`batched_updates`): each device's ``_train``
+    result, as :func:`client_update` computes it one device at a time, up to float rounding. Each device draws its
+    negatives and its steps' samples from its own generator, in the same order."""
+    from .models.mf import sgd_mf_many
+
+    if not preps:
+        return []
+    name, = model.global_names
+    table = torch.from_numpy(np.asarray(global_state[name]))
+    batches, draws, users = [], [], []
+    for p in preps:
+        n = int(p.train.sum())
+        batch, _ = model.samples(p.items, p.rounds, p.train, _negatives(model, p.seen, cfg), negatives=cfg.negatives,
+                                 generator=p.generator) if n else ((None, torch.zeros((0, 1 + cfg.negatives),
+                                                                                     dtype=torch.long)), None)
+        batches.append(batch[1])
+        draws.append(torch.rand(cfg.steps * n, generator=p.generator).reshape(cfg.steps, n))
+        users.append(p.local[model.local_names[0]][0])
+    user = torch.stack(users)
+    rows = sgd_mf_many(table, user, batches, draws, sample_rate=cfg.sample_rate, lr_item=cfg.lr,
+                       lr_user=cfg.user_lr if cfg.user_lr > 0 else cfg.lr)
+    out = []
+    for j, p in enumerate(preps):
+        ids, after = rows[j]
+        full = table.clone()
+        full[ids] = after
+        delta, local, preclip, clipped = _delta({name: full}, {name: table}, {model.local_names[0]: user[j:j + 1]},
+                                                cfg)
+        out.append((cfg.steps if p.train.any() else 0, delta, local, preclip, clipped,
+                    _row_counts(p.items[p.train], cfg)))
+    return out
 
 
 def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarray, rounds: np.ndarray,
@@ -159,7 +236,9 @@ def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarr
     before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
     steps = 0 if not train.any() else _local_sgd(model, items, rounds, train, seen, cfg, g,
                                                  noise_multiplier if cfg.event_dp else 0.0, cfg.event_dp)
-    delta, local, preclip, was_clipped = _delta(model, before, cfg)
+    params = dict(model.named_parameters())
+    delta, local, preclip, was_clipped = _delta({k: params[k].detach() for k in model.global_names}, before,
+                                                {k: params[k].detach() for k in model.local_names}, cfg)
     return steps, delta, local, preclip, was_clipped, _row_counts(items[train], cfg)
 
 
@@ -176,27 +255,28 @@ def _row_counts(trained: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, np.nda
     return None
 
 
-def _load(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState,
+def _load(model: RecModel, global_state: dict[str, np.ndarray] | None, state: DeviceState,
           g: torch.Generator) -> DeviceState:
-    """Load the global version and the device's local state (a new device: a fresh one from ``g``)."""
+    """Load the global version (None: the model holds it already) and the device's local state (a new device: a
+    fresh one from ``g``)."""
     if set(state.local) != set(model.local_names):  # a new device: a fresh local state, the rest kept
         state = replace(state, local={k: v.numpy() for k, v in model.init_local(g).items()})
-    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    if global_state is not None:
+        model.load({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
     model.load({k: torch.from_numpy(np.asarray(v)) for k, v in state.local.items()})
     return state
 
 
-def _delta(model: RecModel, before: dict[str, torch.Tensor], cfg: RunConfig
-           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, bool]:
+def _delta(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], local: dict[str, torch.Tensor],
+           cfg: RunConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, bool]:
     """The delta of global parameters (clipped under user-level DP), the local state, the norm before the
     clip and whether the clip bit."""
-    params = dict(model.named_parameters())
-    delta = {k: (params[k].detach() - before[k]).numpy().astype(np.float32) for k in model.global_names}
-    local = {k: params[k].detach().numpy().copy() for k in model.local_names}
+    delta = {k: (after[k] - before[k]).numpy().astype(np.float32) for k in after}
+    local_np = {k: v.numpy().copy() for k, v in local.items()}
     preclip, was_clipped = 0.0, False
     if cfg.user_dp:
         delta, preclip, was_clipped = clip_delta(delta, cfg.clip)
-    return delta, local, preclip, was_clipped
+    return delta, local_np, preclip, was_clipped
 
 
 def _evaluate(model: RecModel, state: DeviceState, items: np.ndarray, known: np.ndarray, new: np.ndarray,

@@ -16,18 +16,31 @@ own in its SQLite store (:meth:`fedrec.clients.device.Device.run_round`, one tra
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
-from .client_update import DeviceState, UpdateResult, client_update
+from .client_update import (
+    DeviceState,
+    Prepared,
+    UpdateResult,
+    batched_updates,
+    client_update,
+    finish_update,
+    prepare_update,
+    train_batch,
+)
 from .config import RunConfig
 from .itemgraph import PROFILES, split
 from .messages import DeviceSkip, DeviceUpdate, RoundInstruction, UpdateReport
 from .models.base import RecModel
 from .serving import ServeInput, ServeResult, serve
 from .wire import encode_delta
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,6 +79,36 @@ def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: D
                          dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
                          noise_multiplier=ins.noise_multiplier, probe=probe, secret=secret,
                          affinities=PROFILES in global_state)
+
+
+def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs: Sequence[DeviceData], cfg: RunConfig,
+                  ins: RoundInstruction, probes: Sequence[np.ndarray | None]) -> list[UpdateResult | Exception]:
+    """Step 2 for many devices of one node: each one's :func:`train_device`, their local steps run together where
+    the model and the mode allow (:func:`~fedrec.client_update.batched_updates`), each device still from its own
+    state and generator. A device that fails is its exception in the list; the others go on."""
+    if not batched_updates(cfg):
+        return [_caught(train_device, model, global_state, dev, cfg, ins, probe) for dev, probe in zip(devs, probes, strict=True)]
+    params = split(global_state)[0]
+    model.load({k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})
+    out: list = [_caught(prepare_update, model, params, dev.state if dev.state is not None else DeviceState(),
+                         dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
+                         noise_multiplier=ins.noise_multiplier, probe=probe, loaded=True)
+                 for dev, probe in zip(devs, probes, strict=True)]
+    ready = [j for j, p in enumerate(out) if isinstance(p, Prepared)]
+    trained = _caught(train_batch, model, params, [out[j] for j in ready], cfg)
+    for n, j in enumerate(ready):
+        out[j] = trained if isinstance(trained, Exception) else _caught(
+            finish_update, out[j], cfg, *trained[n], noise_multiplier=ins.noise_multiplier,
+            affinities=PROFILES in global_state)
+    return out
+
+
+def _caught(f: Callable[..., T], *args: Any, **kw: Any) -> T | Exception:
+    """``f(*args, **kw)``, or the exception it raised."""
+    try:
+        return f(*args, **kw)
+    except Exception as e:
+        return e
 
 
 def device_update(device: int, res: UpdateResult, wire: str, probe: np.ndarray | None = None) -> DeviceUpdate:

@@ -236,6 +236,42 @@ def sgd_mf(item: torch.Tensor, user: torch.Tensor, items: torch.Tensor, *, steps
 
 
 @torch.no_grad()
+def sgd_mf_many(item: torch.Tensor, users: torch.Tensor, items: Sequence[torch.Tensor], draws: Sequence[torch.Tensor],
+                *, sample_rate: float, lr_item: float, lr_user: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sgd_mf` of many devices at once, each from the same table ``item`` (not modified): device ``j`` with
+    its vector ``users[j]`` (updated in place), its events ``items[j]`` (n_j, 1 + K) and its steps' uniform draws
+    ``draws[j]`` (steps, n_j), which take its events as ``sgd_mf``'s ``torch.rand(n_j) < sample_rate`` would.
+    Each device steps on its own copy of the rows its events touch; returns, per device, those rows' ids and
+    values after its steps. The same arithmetic as ``sgd_mf`` device by device, up to float rounding."""
+    if not len(items):
+        return []
+    d = users.shape[1]
+    ids = [torch.unique(x, return_inverse=True) for x in items]
+    sizes = torch.tensor([len(u) for u, _ in ids], dtype=torch.long)
+    offset = torch.cumsum(sizes, 0) - sizes
+    rows = item[torch.cat([u for u, _ in ids])].clone()  # each device's own copy of its rows
+    local = torch.cat([inv.reshape(x.shape) + offset[j] for j, ((_, inv), x) in enumerate(zip(ids, items, strict=True))])
+    owner = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(x) for x in items], dtype=torch.long))
+    taken = torch.cat(list(draws), dim=1) < sample_rate
+    for step in taken:
+        ev = torch.nonzero(step).squeeze(1)
+        if not len(ev):
+            continue
+        idx, who = local[ev], owner[ev]
+        n = torch.bincount(who, minlength=len(items)).to(item.dtype)[who]  # each event's device's batch size
+        u = users[who]
+        e = rows[idx]  # (b, 1 + K, d + 1)
+        s = (e[..., :d] * u.unsqueeze(1)).sum(-1) + e[..., d]
+        c = -torch.sigmoid(-(s[:, :1] - s[:, 1:])) / (idx.shape[1] - 1)
+        a = torch.cat([c.sum(1, keepdim=True), -c], dim=1)
+        gu = (c.unsqueeze(2) * (e[:, :1, :d] - e[:, 1:, :d])).sum(1)
+        g_rows = a.unsqueeze(2) * torch.cat([u, u.new_ones(len(u), 1)], dim=1).unsqueeze(1)
+        rows.index_add_(0, idx.reshape(-1), (g_rows * (-lr_item / n)[:, None, None]).reshape(-1, d + 1))
+        users.index_add_(0, who, gu * (-lr_user / n)[:, None])
+    return [(u, rows[o:o + m]) for (u, _), o, m in zip(ids, offset.tolist(), sizes.tolist(), strict=True)]
+
+
+@torch.no_grad()
 def fit_user_mf(item: torch.Tensor, user: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor, *, steps: int,
                 negatives: int, lr: float, generator: torch.Generator) -> None:
     """Full-batch steps on the user vector alone (items frozen), fresh negatives from ``cand`` each step."""

@@ -1,0 +1,69 @@
+"""Batched devices (issue 18): a node's devices' local steps run together (``train_devices``: ``train_batch``,
+``sgd_mf_many``) give each device what its own round (``client_update``) gives, up to float rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedrec.client_update import DeviceState, batched_updates, client_update
+from fedrec.config import RunConfig
+from fedrec.data.stream import RoundStream
+from fedrec.data.world import WorldSpec, make_world
+from fedrec.device_round import DeviceData, train_devices
+from fedrec.messages import RoundInstruction
+from fedrec.models import build_model
+
+
+@pytest.mark.parametrize("privacy", ["none", "user"])
+def test_batched_local_steps_give_each_devices_own_update(privacy):
+    stream = RoundStream.build(make_world(WorldSpec(users=40, items=60, topics=4, events_per_user=16, seed=2)), 4)
+    cfg = RunConfig(privacy=privacy, dim=4, clip=0.05, seed=3, graph_window=2, user_fit_steps=5, sample_rate=0.6)
+    assert batched_updates(cfg)
+    model = build_model("mf", stream.log.n_items, cfg.dim, init_scale=0.1)
+    rng = np.random.default_rng(0)
+    table = {"item.weight": (rng.normal(size=(stream.log.n_items, cfg.dim + 1)) * 0.1).astype(np.float32)}
+    states = {d: DeviceState() for d in range(40)}
+    for round_ in (1, 2, 3):
+        devices = [d for d in range(40) if (d + round_) % 3]  # some devices train again, with their state
+        one, devs = {}, []
+        for d in devices:
+            idx = stream.device_events(d, round_)
+            one[d] = client_update(model, table, states[d], stream.log.item[idx], stream.round_of[idx], round_, cfg,
+                                   device_id=d, noise_multiplier=0.0, affinities=False)
+            devs.append(DeviceData(d, stream.log.item[idx], stream.round_of[idx], states[d]))
+        got = train_devices(model, table, devs, cfg, RoundInstruction(round_, tuple(devices)), [None] * len(devs))
+        for dev, many in zip(devs, got, strict=True):
+            assert not isinstance(many, Exception), many
+            ref = one[dev.device]
+            np.testing.assert_allclose(many.delta["item.weight"], ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(many.state.local["user.weight"], ref.state.local["user.weight"], rtol=1e-4,
+                                       atol=1e-7)
+            assert (many.steps, many.n_train, many.n_new, many.clipped) == (ref.steps, ref.n_train, ref.n_new,
+                                                                           ref.clipped)
+            assert many.preclip_norm == pytest.approx(ref.preclip_norm, rel=1e-4)
+            assert (many.counts.n, many.counts.hits) == (ref.counts.n, ref.counts.hits)
+            assert many.state.cursors == ref.state.cursors
+            states[dev.device] = ref.state
+        moved = [np.abs(one[d].delta["item.weight"]).sum() for d in devices]
+        assert sum(m > 0 for m in moved) > len(devices) // 2
+        if privacy == "user":
+            assert any(one[d].clipped for d in devices)
+
+
+def test_a_failing_device_fails_alone_in_a_batch():
+    """A device whose events a node cannot train on (an item outside the catalogue) is its exception; the other
+    devices of the batch get their updates, equal to their own rounds'."""
+    stream = RoundStream.build(make_world(WorldSpec(users=10, items=60, topics=4, events_per_user=16, seed=2)), 2)
+    cfg = RunConfig(privacy="none", dim=4, seed=3)
+    model = build_model("mf", stream.log.n_items, cfg.dim, init_scale=0.1)
+    table = {"item.weight": np.full((stream.log.n_items, cfg.dim + 1), 0.05, np.float32)}
+    devs = [DeviceData(d, stream.log.item[stream.device_events(d, 1)], stream.round_of[stream.device_events(d, 1)])
+            for d in range(4)]
+    devs[1] = DeviceData(1, np.append(devs[1].items, 999), np.append(devs[1].rounds, 1))
+    got = train_devices(model, table, devs, cfg, RoundInstruction(1, (0, 1, 2, 3)), [None] * 4)
+    assert isinstance(got[1], IndexError)
+    for j in (0, 2, 3):
+        ref = client_update(model, table, DeviceState(), devs[j].items, devs[j].rounds, 1, cfg, device_id=j,
+                            noise_multiplier=0.0)
+        np.testing.assert_allclose(got[j].delta["item.weight"], ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
