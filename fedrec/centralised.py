@@ -29,14 +29,18 @@ from .report import RunRecorder
 from .serving import serve
 
 EPOCHS = 3  #: passes over each round's training events (new + replay windows)
-BATCH = 256
+BATCH = 256  #: events a minibatch takes
+BATCHES = 512  #: most minibatches a pass takes: on larger rounds a minibatch takes more events
 
 
 class Adam:
-    """``torch.optim.Adam`` with its defaults on CPU tensors, step for step (its single-tensor update).
+    """``torch.optim.Adam`` with its defaults on CPU tensors, step for step (its single-tensor update); and for a
+    table whose gradient is given as rows (``step(rows=...)``), ``torch.optim.SparseAdam``'s update of those rows
+    only (lazy Adam: a row no event touched keeps its value and moments).
 
     torch's optimizers import ``torch._dynamo`` when built (about 2 s), in every process that runs this
-    baseline; this is the same arithmetic without it.
+    baseline; this is the same arithmetic without it. Lazy rows keep a step over a million users' vectors from
+    costing a million rows' arithmetic.
     """
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -51,17 +55,29 @@ class Adam:
             p.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """One step: each parameter with a ``.grad`` as Adam; the parameter of ``rows`` (``(param, ids, grad)``,
+        unique ids) as SparseAdam, those rows only."""
         self.t += 1
         b1, b2 = self.betas
         size = self.lr / (1 - b1 ** self.t)
         root2 = (1 - b2 ** self.t) ** 0.5
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            if p.grad is None:
-                continue
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(m, (v.sqrt() / root2).add_(self.eps), value=-size)
+            if rows is not None and p is rows[0]:
+                self._rows(p, m, v, rows[1], rows[2])
+            elif p.grad is not None:
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(m, (v.sqrt() / root2).add_(self.eps), value=-size)
+
+    def _rows(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        """SparseAdam's update (torch 2.x ``_sparse_adam``) of the rows ``ids`` of ``p``."""
+        b1, b2 = self.betas
+        m_new = m[ids] + (grad - m[ids]) * (1 - b1)
+        v_new = v[ids] + (grad * grad - v[ids]) * (1 - b2)
+        m[ids], v[ids] = m_new, v_new
+        size = self.lr * (1 - b2 ** self.t) ** 0.5 / (1 - b1 ** self.t)
+        p[ids] = p[ids] - size * (m_new / (v_new.sqrt() + self.eps))
 
 
 def run_centralised(cfg: RunConfig, on_round=None) -> dict:
@@ -74,7 +90,6 @@ def run_centralised(cfg: RunConfig, on_round=None) -> dict:
     item[:, D] = 0.0  # biases start at zero, as in MF
     user = torch.randn(U, D, generator=g) * cfg.init_scale
     item.requires_grad_(True)
-    user.requires_grad_(True)
     opt = Adam([item, user], lr=0.02)
     rec = RunRecorder(cfg, stream=stream)
     rec.start(population=U, n_items=V, noise_multiplier=0.0, device="cpu")
@@ -147,7 +162,8 @@ def _probes(stream, start: np.ndarray, scores: np.ndarray, seen: np.ndarray, r: 
 
 def _train(item, user, opt, us: np.ndarray, its: np.ndarray, seen: Any, D: int, g: torch.Generator) -> None:
     """BPR with one uniform negative per event (not one the user has had: ``seen[users, items]`` says, a dense
-    boolean matrix or anything indexed alike), ``EPOCHS`` shuffled passes."""
+    boolean matrix or anything indexed alike), ``EPOCHS`` shuffled passes of minibatches of ``BATCH`` events (at
+    most ``BATCHES`` a pass); the item table steps as Adam, the user table lazily (only the batch's users' rows)."""
     n = len(us)
     if n == 0:
         return
@@ -158,12 +174,15 @@ def _train(item, user, opt, us: np.ndarray, its: np.ndarray, seen: Any, D: int, 
         bad = torch.from_numpy(seen[us, neg.numpy()])
         neg[bad] = torch.randint(0, V, (int(bad.sum()),), generator=g)  # one redraw is enough at these densities
         perm = torch.randperm(n, generator=g)
-        for b in range(0, n, BATCH):
-            j = perm[b:b + BATCH]
-            p = user[u_t[j]]
+        size = max(BATCH, -(-n // BATCHES))
+        for b in range(0, n, size):
+            j = perm[b:b + size]
+            ids, at = torch.unique(u_t[j], return_inverse=True)
+            rows = user.detach()[ids].requires_grad_(True)  # the batch's users only: their rows step lazily
+            p = rows[at]
             ei, en = item[i_t[j]], item[neg[j]]
             diff = (p * (ei[:, :D] - en[:, :D])).sum(-1) + ei[:, D] - en[:, D]
             loss = torch.nn.functional.softplus(-diff).mean()
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            opt.step(rows=(user, ids, rows.grad))

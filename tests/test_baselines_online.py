@@ -121,6 +121,31 @@ def test_the_centralised_adam_is_torchs_adam_step_for_step():
     assert not torch.equal(ours, first)
 
 
+def test_the_centralised_adams_user_rows_are_torchs_sparse_adam_step_for_step():
+    """The user table steps lazily: only the rows of a batch's users, as ``torch.optim.SparseAdam`` on an embedding
+    with sparse gradients; rows nobody touched keep their values."""
+    from fedrec.centralised import Adam
+
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(9, 3, generator=g)
+    emb = torch.nn.Embedding(9, 3, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(table)
+    ours, theirs = Adam([table], lr=0.02), torch.optim.SparseAdam(list(emb.parameters()), lr=0.02)
+    for step in range(25):
+        users = torch.randint(0, 6, (5,), generator=g)  # rows 6-8 are never touched
+        target = torch.randn(5, 3, generator=g)
+        ids, at = torch.unique(users, return_inverse=True)
+        rows = table[ids].requires_grad_(True)
+        ((rows[at] - target) ** 2).sum().backward()
+        ours.step(rows=(table, ids, rows.grad))
+        theirs.zero_grad()
+        ((emb(users) - target) ** 2).sum().backward()
+        theirs.step()
+        torch.testing.assert_close(table, emb.weight.detach(), rtol=1e-6, atol=1e-7, msg=f"step {step}")
+    assert torch.equal(table[6:], emb.weight.detach()[6:])
+
+
 def test_the_summary_names_every_baseline_and_its_round_column(tmp_path):
     s = _stream()
     cfg = RunConfig(out=str(tmp_path), k=1, rounds=3, graph_window=1, graph_neighbours=5, session_len=2, dim=4)

@@ -140,7 +140,6 @@ def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[
     item[:, dim] = 0.0  # biases start at zero, as in MF
     user = torch.randn(U, dim, generator=g) * init_scale
     item.requires_grad_(True)
-    user.requires_grad_(True)
     opt = Adam([item, user], lr=0.02)
     model = MF(V, dim, init_scale=init_scale)
     had = _Had(V)  # each user's items so far: BPR negatives are drawn among the others
