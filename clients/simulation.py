@@ -94,7 +94,11 @@ def train_shard(global_state: dict[str, np.ndarray], ins: RoundInstruction, cont
             out.failures.append(_failure(d, res))
             continue
         if d in sim.fake:
-            res.delta = boosted(res.delta, cfg.attack_boost)
+            try:
+                res.delta = boosted(res.delta, cfg.attack_boost)
+            except Exception as e:
+                out.failures.append(_failure(d, e))
+                continue
         state = next_state(res)
         if state is not None:
             context.state[f"device-{d}"] = ConfigRecord(state.to_config())

@@ -29,7 +29,7 @@ from .report import RunRecorder
 from .serving import serve
 
 EPOCHS = 3  #: passes over each round's training events (new + replay windows)
-BATCH = 256  #: events a minibatch takes
+BATCH = 256  #: events a minibatch takes (more on large rounds: BATCHES)
 BATCHES = 512  #: most minibatches a pass takes: on larger rounds a minibatch takes more events
 
 

@@ -85,9 +85,12 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
                   ins: RoundInstruction, probes: Sequence[np.ndarray | None]) -> list[UpdateResult | Exception]:
     """Step 2 for many devices of one node: each one's :func:`train_device`, their local steps run together where
     the model and the mode allow (:func:`~fedrec.client_update.batched_updates`), each device still from its own
-    state and generator. A device that fails is its exception in the list; the others go on."""
-    if not batched_updates(cfg):
-        return [_caught(train_device, model, global_state, dev, cfg, ins, probe) for dev, probe in zip(devs, probes, strict=True)]
+    state and generator. A device that fails is its exception in the list; the others go on (should the batch's
+    steps fail as a whole, each device runs its round alone)."""
+    one = [lambda dev=dev, probe=probe: train_device(model, global_state, dev, cfg, ins, probe)
+           for dev, probe in zip(devs, probes, strict=True)]
+    if not devs or not batched_updates(cfg):
+        return [_caught(f) for f in one]
     params = split(global_state)[0]
     model.load({k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})
     out: list = [_caught(prepare_update, model, params, dev.state if dev.state is not None else DeviceState(),
@@ -96,8 +99,8 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
                  for dev, probe in zip(devs, probes, strict=True)]
     ready = [j for j, p in enumerate(out) if isinstance(p, Prepared)]
     trained = _caught(train_batch, model, params, [out[j] for j in ready], cfg)
-    for n, j in enumerate(ready):
-        out[j] = trained if isinstance(trained, Exception) else _caught(
+    for n, j in enumerate(ready):  # a batch that fails as a whole: each device alone, from its own start
+        out[j] = _caught(one[j]) if isinstance(trained, Exception) else _caught(
             finish_update, out[j], cfg, *trained[n], noise_multiplier=ins.noise_multiplier,
             affinities=PROFILES in global_state)
     return out

@@ -303,12 +303,14 @@ class RunRecorder:
     def _panel(self) -> dict:
         """``served_panel`` where the run served a panel of its devices (:func:`fedrec.serving.serve_panel`)."""
         n = self._stream.n_devices if self._stream is not None else 0
-        if not self.cfg.serve_eval or not 0 < self.cfg.serve_panel < n:
+        if self.cfg.method != "federated" or not self.cfg.serve_eval or not 0 < self.cfg.serve_panel < n:
             return {}
         return {"served_panel": {"devices": self.cfg.serve_panel, "of": n,
                                  "what": "every figure per event, at the round's start, per blend and of every "
                                          "baseline is over the events of a fixed panel of devices drawn from the "
-                                         "seed (serve-panel), a uniform sample of the population"}}
+                                         "seed (serve-panel), a uniform sample of the population; the blend served "
+                                         "each round, the adaptive lr schedule and bytes_down_serving follow the "
+                                         "panel's counts"}}
 
     def _baselines(self) -> dict:
         """The baselines (:meth:`_baseline_runs`), each scored on the same events as the model; per round in the

@@ -53,12 +53,15 @@ def serve_seed(seed: int, device: int, round_: int) -> int:
 def serve_panel(n_devices: int, size: int, seed: int) -> np.ndarray:
     """Simulation: which devices are served and scored (bool per device), a panel of ``size`` drawn once from the
     run's seed, the same in every round and on every node; every device where ``size`` is 0 or covers them all.
-    A device's serving reads only its own events and state, so the panel's counts are exactly what serving every
-    device would give for those devices: the run's HR is an estimate over a uniform sample of devices."""
-    if not size or size >= n_devices:
-        return np.ones(n_devices, bool)
-    out = np.zeros(n_devices, bool)
-    out[np.random.default_rng([seed, 37]).choice(n_devices, size=size, replace=False)] = True
+    A device's serving reads only its own events and state, so each panel device's counts under every blend are
+    exactly what serving every device would give it: the run's HR is an estimate over a uniform sample of devices.
+    What the server decides from the served counts (the blend it serves next, the adaptive lr schedule) follows the
+    panel's; the model is otherwise the one serving every device gives."""
+    out = np.ones(n_devices, bool)
+    if 0 < size < n_devices:
+        out[:] = False
+        out[np.random.default_rng([seed, 37]).choice(n_devices, size=size, replace=False)] = True
+    out.flags.writeable = False  # cached: one array for every caller
     return out
 
 

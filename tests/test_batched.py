@@ -15,10 +15,13 @@ from fedrec.messages import RoundInstruction
 from fedrec.models import build_model
 
 
-@pytest.mark.parametrize("privacy", ["none", "user"])
-def test_batched_local_steps_give_each_devices_own_update(privacy):
+@pytest.mark.parametrize("privacy, extra", [("none", {}), ("user", {}), ("none", {"row_average": True})])
+def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
+    """Devices new and with state (trained before: their replayed windows), with and without a user-level clip,
+    per-row averaging's row counts, and a device with no events yet (no steps)."""
     stream = RoundStream.build(make_world(WorldSpec(users=40, items=60, topics=4, events_per_user=16, seed=2)), 4)
-    cfg = RunConfig(privacy=privacy, dim=4, clip=0.05, seed=3, graph_window=2, user_fit_steps=5, sample_rate=0.6)
+    cfg = RunConfig(privacy=privacy, dim=4, clip=0.05, seed=3, graph_window=2, user_fit_steps=5, sample_rate=0.6,
+                    **extra)
     assert batched_updates(cfg)
     model = build_model("mf", stream.log.n_items, cfg.dim, init_scale=0.1)
     rng = np.random.default_rng(0)
@@ -32,7 +35,11 @@ def test_batched_local_steps_give_each_devices_own_update(privacy):
             one[d] = client_update(model, table, states[d], stream.log.item[idx], stream.round_of[idx], round_, cfg,
                                    device_id=d, noise_multiplier=0.0, affinities=False)
             devs.append(DeviceData(d, stream.log.item[idx], stream.round_of[idx], states[d]))
-        got = train_devices(model, table, devs, cfg, RoundInstruction(round_, tuple(devices)), [None] * len(devs))
+        empty = np.zeros(0, np.int64)
+        one[99] = client_update(model, table, DeviceState(), empty, empty, round_, cfg, device_id=99,
+                                noise_multiplier=0.0)
+        devs.append(DeviceData(99, empty, empty))
+        got = train_devices(model, table, devs, cfg, RoundInstruction(round_, (*devices, 99)), [None] * len(devs))
         for dev, many in zip(devs, got, strict=True):
             assert not isinstance(many, Exception), many
             ref = one[dev.device]
@@ -44,11 +51,21 @@ def test_batched_local_steps_give_each_devices_own_update(privacy):
             assert many.preclip_norm == pytest.approx(ref.preclip_norm, rel=1e-4)
             assert (many.counts.n, many.counts.hits) == (ref.counts.n, ref.counts.hits)
             assert many.state.cursors == ref.state.cursors
+            for a, b in zip(many.row_counts or (), ref.row_counts or (), strict=True):
+                np.testing.assert_array_equal(a, b)
+            assert (many.row_counts is None) == (ref.row_counts is None)
+            assert (many.pairs is None) == (ref.pairs is None)
+            if many.pairs is not None:
+                np.testing.assert_array_equal(many.pairs.a, ref.pairs.a)
+                np.testing.assert_array_equal(many.pairs.w, ref.pairs.w)
             states[dev.device] = ref.state
         moved = [np.abs(one[d].delta["item.weight"]).sum() for d in devices]
         assert sum(m > 0 for m in moved) > len(devices) // 2
+        assert one[99].steps == 0 and not np.abs(one[99].delta["item.weight"]).any()
         if privacy == "user":
             assert any(one[d].clipped for d in devices)
+        if extra:
+            assert all(one[d].row_counts is not None for d in devices)
 
 
 def test_a_failing_device_fails_alone_in_a_batch():
@@ -67,3 +84,4 @@ def test_a_failing_device_fails_alone_in_a_batch():
         ref = client_update(model, table, DeviceState(), devs[j].items, devs[j].rounds, 1, cfg, device_id=j,
                             noise_multiplier=0.0)
         np.testing.assert_allclose(got[j].delta["item.weight"], ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
+

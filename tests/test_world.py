@@ -236,14 +236,15 @@ def test_the_batched_generator_draws_the_worlds_distribution():
     """``make_world`` draws a block of users' events together; a plain per-user, per-event generator on the same
     layout must give the same distribution: of items over three time windows (shift, launches and a burst inside
     them), and of the items of the users' k-th events (a user never sees an item twice, so later events move to
-    less appealing items). Two-sample chi-square tests at p > 1e-3 each; a wrong focus, boost, burst or exclusion
-    fails them (checked with a focus of 0.75 in place of 0.85: p < 1e-6)."""
+    less appealing items). Two-sample chi-square tests at p > 1e-3 each; a wrong focus or exclusion fails them
+    (checked with a focus of 0.75 in place of 0.85: p < 1e-6). 50 items in 4 topics: two topics have 12 items, two
+    have 13, so the generator's padding of the smaller topics is in play."""
     from scipy.stats import chi2_contingency
 
-    spec = WorldSpec(users=3000, items=48, topics=4, events_per_user=12, horizon=10.0, seed=5, bursts=2,
+    spec = WorldSpec(users=3000, items=50, topics=4, events_per_user=12, horizon=10.0, seed=5, bursts=2,
                      burst_time=0.55, burst_width=0.05, burst_share=0.3, new_item_share=0.2)
     log = make_world(spec)
-    ref_user, ref_item, ref_time = _reference_events(spec, seed=99)
+    _, ref_item, ref_time = _reference_events(spec, seed=99)
     order = np.lexsort((log.timestamp, log.user))
     rank = np.tile(np.arange(spec.events_per_user), spec.users)
     groups = {
@@ -257,4 +258,3 @@ def test_the_batched_generator_draws_the_worlds_distribution():
                               np.bincount(ref_item[theirs == g], minlength=spec.items)])
             table = table[:, table.sum(axis=0) > 0]
             assert chi2_contingency(table).pvalue > 1e-3, (name, g)
-    assert np.array_equal(np.bincount(log.user), np.bincount(ref_user))

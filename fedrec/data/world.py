@@ -55,11 +55,12 @@ class WorldSpec:
 
 def make_world(spec: WorldSpec) -> EventLog:
     """Generate the world's event log (dense ids; ``meta['world']`` holds the ground truth). Users are drawn
-    :data:`BLOCK` at a time, each block's events together, one event of every user of the block per step."""
+    a block at a time (:func:`_block`), each block's events together, one event of every user of the block per step."""
     rng = np.random.default_rng(spec.seed)
     layout = _draw_layout(spec, rng)
-    parts = [_block_events(spec, layout, np.arange(a, min(a + BLOCK, spec.users)), rng)
-             for a in range(0, spec.users, BLOCK)]
+    block = _block(spec)
+    parts = [_block_events(spec, layout, np.arange(a, min(a + block, spec.users)), rng)
+             for a in range(0, spec.users, block)]
     users, items, times = (np.concatenate([p[j] for p in parts]) for j in range(3))
     return _event_log(spec, layout, users, items, times)
 
@@ -87,7 +88,13 @@ class _Layout:
         return out
 
 
-BLOCK = 4096  #: users whose events are drawn together (a constant: the world does not depend on memory)
+BLOCK = 4096  #: users whose events are drawn together, at most (fewer for catalogues above 4,096 items)
+
+
+def _block(spec: WorldSpec) -> int:
+    """Users drawn together: :data:`BLOCK`, or fewer so that a block's seen-items matrix stays at 16 M cells (a
+    function of the spec alone: the world does not depend on the machine)."""
+    return max(1, min(BLOCK, (1 << 24) // spec.items))
 
 
 def _draw_layout(spec: WorldSpec, rng: np.random.Generator) -> _Layout:
@@ -181,10 +188,12 @@ def _appeal(spec: WorldSpec, w: _Layout, items: np.ndarray, t: np.ndarray) -> np
 
 
 def _inverse_cdf(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per row of the weights ``p``, one column drawn in proportion to them (0 for a row of zeros)."""
+    """Per row of the weights ``p``, one column drawn in proportion to them (a column of positive weight; for a row
+    of zeros, any column: the caller draws those rows again)."""
     cdf = p.cumsum(axis=1)
     u = rng.random(len(p)) * cdf[:, -1]
-    return np.minimum((cdf <= u[:, None]).sum(axis=1), p.shape[1] - 1)
+    last = p.shape[1] - 1 - np.argmax(p[:, ::-1] > 0, axis=1)  # where u rounds up to the total, its column
+    return np.minimum((cdf <= u[:, None]).sum(axis=1), last)
 
 
 def _event_log(spec: WorldSpec, w: _Layout, users: np.ndarray, items: np.ndarray, times: np.ndarray) -> EventLog:
