@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("file", help="a sweep TOML file, e.g. scenarios/freshness_vs_privacy.toml")
     w.add_argument("--out", help="output folder (default runs/<file name>)")
     w.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    w.add_argument("--cells", help="run only the cells whose names match this pattern (shell-style: '1m-*'); "
+                                   "the report covers every cell with results")
     w.add_argument("--no-progress", action="store_true")
     r = sub.add_parser("report", help="rebuild a sweep's tables, plots and report.md from its results.csv")
     r.add_argument("dir", help="a sweep output folder (holding results.csv)")
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.jobs < 1:
                 raise ConfigError(f"--jobs must be at least 1 (got {args.jobs}).")
-            out = run_sweep(args.file, args.out, jobs=args.jobs, progress=not args.no_progress)
+            out = run_sweep(args.file, args.out, jobs=args.jobs, progress=not args.no_progress, cells=args.cells)
             print(f"fedrec sweep: report in {out / 'report.md'} (results.csv, tables.md, PNG plots beside it)")
         elif args.cmd == "report":
             from .sweep.runner import build_report

@@ -107,6 +107,19 @@ def test_missing_sweep_file(tmp_path):
         load_sweep(tmp_path / "none.toml")
 
 
+def test_cells_chooses_by_pattern_and_a_pattern_matching_none_is_said(tmp_path):
+    from fedrec.sweep.runner import chosen
+
+    spec = load_sweep(_write(tmp_path, TINY))
+    assert [c.name for c in chosen(spec, "*-eps4")] == ["user-eps4", "event-eps4"]
+    assert [c.name for c in chosen(spec, None)] == [c.name for c in spec.cells]
+    p = _fedrec("sweep", str(tmp_path / "s.toml"), "--cells", "1m-*", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "Traceback" not in out
+    assert "--cells '1m-*' matches no cell of" in out and "static, centralised, none-epsinf" in out
+    assert not (tmp_path / "out").exists()
+
+
 def _fedrec(*args: str, cwd: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedrec.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,

@@ -9,6 +9,7 @@ cell x seed with every metric, and the report (tables, plots, ``report.md``) is 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from ..config import dump_toml
+from ..config import ConfigError, dump_toml
 from ..eval.freshness import adaptation_lag
 from .report import read_results, write_report, write_results
 from .spec import Cell, SweepSpec, load_sweep
@@ -52,16 +53,18 @@ def _launch(spec: SweepSpec, cell: Cell, seed: int, out: Path, procs: dict, lock
     return cell.name, seed, ""
 
 
-def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, progress: bool = True) -> Path:
-    """Run (or resume) the sweep in ``path``; returns the sweep folder holding ``report.md``."""
+def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, progress: bool = True,
+              cells: str | None = None) -> Path:
+    """Run (or resume) the sweep in ``path``, only the cells matching ``cells`` if given (:func:`chosen`); returns
+    the sweep folder holding ``report.md`` (over every cell with results)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     spec = load_sweep(path)
+    todo = [(c, s) for c in chosen(spec, cells) for s in spec.seeds]
     out = Path(out) if out else Path("runs") / spec.path.stem
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.path, out / "sweep.toml")
-    todo = [(c, s) for c in spec.cells for s in spec.seeds]
     done = [(c, s) for c, s in todo if (run_dir(out, c, s) / "summary.json").is_file()]
     pending = [(c, s) for c, s in todo if (c, s) not in done]
     console = Console()
@@ -102,6 +105,17 @@ def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, pr
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed; the report covers the others. First: {failures[0]}")
     return out
+
+
+def chosen(spec: SweepSpec, pattern: str | None) -> list[Cell]:
+    """The cells of ``spec`` whose names match the shell-style ``pattern`` (all where None); none is a user error."""
+    if pattern is None:
+        return list(spec.cells)
+    got = [c for c in spec.cells if fnmatch.fnmatchcase(c.name, pattern)]
+    if not got:
+        raise ConfigError(f"--cells {pattern!r} matches no cell of {spec.path}; its cells are "
+                          f"{', '.join(c.name for c in spec.cells)}.")
+    return got
 
 
 def collect(spec: SweepSpec, out: Path) -> list[dict]:
