@@ -25,6 +25,7 @@ from .ray_cluster import is_ray_address
 from .registry import (
     ACCOUNTANTS,
     AGGREGATORS,
+    BASELINE_TIMINGS,
     CLOCKS,
     ENGINES,
     EVENT_DP_MODES,
@@ -264,6 +265,10 @@ class RunConfig:
     serve_eval: bool = key(True, "every round, every device with new events scores them with the newest version")
     serve_panel: int = key(20_000, "simulation only: the devices served and scored are a fixed panel of at most "
                            "this many, drawn once from the seed (0: every device)", ge=0, le=10**8)
+    baselines: str = key("auto", "when the baselines are measured: alongside (a process of their own follows the rounds "
+                         "as they end, on a core the rounds leave idle), after (once the rounds are done), or auto "
+                         "(alongside on a machine of two cores or more for streams of 1,000,000 events or more)",
+                         choices=BASELINE_TIMINGS, says="must be auto, alongside or after")
     per_event: bool = key(True, "serving scores each event with the device's state through the event before "
                           "(off: only with its state at the round's start)")
     uptake_probe: bool = key(True, "simulation only: devices report new-item top-K membership (a measurement)")

@@ -102,6 +102,9 @@ LR_SCHEDULES = Registry("lr schedule", ("fixed", "adaptive"))
 ROUND_SPLITS = Registry("round split", ("count", "time"))
 CLOCKS = Registry("clock", ("replay", "live"))
 UPDATE_BACKENDS = Registry("update backend", ("auto", "autograd"))
+#: when a simulation measures its baselines: in a process of their own as its rounds end, or after the rounds
+#: (:mod:`fedrec.eval.alongside`); auto: alongside where it pays (:func:`fedrec.eval.alongside.wanted`)
+BASELINE_TIMINGS = Registry("baselines timing", ("auto", "alongside", "after"))
 #: the federated item graph (:mod:`fedrec.itemgraph`): auto = on without DP, off under any DP mode
 ITEM_GRAPH_MODES = Registry("item graph mode", ("auto", "on", "off"))
 #: where event-level DP noise is added: on each device (DP-SGD, protects against the server) or once to the

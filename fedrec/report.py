@@ -71,6 +71,8 @@ class RunRecorder:
         self.probe_tally: dict[int, dict[int, list[int]]] = {}  # item -> round -> [hits, probed]
         self._truth_users: set[int] | None = None
         self._stream, self._no_stream = stream, no_stream
+        self._alongside: Any = None  #: the baselines measured in a process of their own (fedrec.eval.alongside)
+        self._baselines_when = ""  #: when they were measured, for the summary's timings
         self.features: Any = None  #: the run's public item features (fedrec.data.features.ItemFeatures), if any
         self._target = None
         if (cfg.attackers or cfg.attack_measure) and self._stream is not None:
@@ -122,6 +124,24 @@ class RunRecorder:
         self._f.close()
         self._f = open(self.out / "metrics.jsonl", "a")
         self._begun = True
+        self._start_alongside()
+
+    def _start_alongside(self) -> None:
+        """Measure the baselines alongside the rounds where the ``baselines`` key says so
+        (:func:`fedrec.eval.alongside.wanted`), fed the rounds so far (a resumed run's) at once."""
+        from .eval.alongside import Alongside, wanted
+
+        if self._stream is None or not wanted(self.cfg.baselines, len(self._stream.log)):
+            return
+        self._alongside = Alongside(self._stream, self._baseline_measures(), self.cfg.k)
+        for row in self.schedule:
+            self._alongside.feed(row)
+
+    def _scored(self, devices: list[int]) -> None:
+        """A round's scored devices: in the schedule, and to the baselines measured alongside."""
+        self.schedule.append(devices)
+        if self._alongside is not None:
+            self._alongside.feed(devices)
 
     def note(self, msg: str) -> None:
         """Something the user must know (budget spent, ledger continued): on screen and in the summary."""
@@ -146,7 +166,7 @@ class RunRecorder:
         blend, and at the round's start) or, with serving evaluation off, the training devices' round-start
         counts; ``scored`` the devices whose events they are (default: the devices that trained), for
         baselines scored on the same events."""
-        self.schedule.append(list(done if scored is None else scored))
+        self._scored(list(done if scored is None else scored))
         k = self.cfg.k
         head, start, b = _headline(counts, self.leader())
         per = [(d, _headline(c, b)[0]) for d, c in per_device or []]
@@ -166,7 +186,7 @@ class RunRecorder:
         return self._write(row)
 
     def skip(self, r: int, *, reason: str, wall_s: float) -> dict:
-        self.schedule.append([])
+        self._scored([])
         k = self.cfg.k
         return self._write({"round": r, f"hr@{k}": None, f"ndcg@{k}": None, f"start_hr@{k}": None,
                             f"start_ndcg@{k}": None, "blend": None, "events_scored": 0, "devices": 0,
@@ -275,7 +295,8 @@ class RunRecorder:
             **({"attack": self._attack_summary()} if self._target is not None else {}),
             "timings": {"wall_s": round(time.time() - self.t0, 2),
                         "mean_round_s": round(float(np.mean([r["wall_s"] for r in self.rows])), 3) if self.rows else 0,
-                        "aggregation_device": self.info.get("device")},
+                        "aggregation_device": self.info.get("device"),
+                        **({"baselines": self._baselines_when} if self._baselines_when else {})},
             "bytes": {"up": int(sum(r.get("bytes_up", 0) for r in self.rows)),
                       "down": int(sum(r.get("bytes_down", 0) for r in self.rows))},
         }
@@ -315,56 +336,57 @@ class RunRecorder:
     def _baselines(self) -> dict:
         """The baselines (:meth:`_baseline_runs`), each scored on the same events as the model; per round in the
         rows too (``<name>_hr@K``). One that cannot be measured is said (``unavailable``), never fatal."""
-        k = self.cfg.k
+        from .eval.alongside import measure
+
         if self._stream is None:  # the server may not see the data (deployment): say so, do not fail the run
             return {"popularity": {"unavailable": f"RuntimeError: {self._no_stream}"}}
+        got = self._alongside.results() if self._alongside is not None else None
+        self._baselines_when = "alongside the rounds, in a process of their own" if got is not None else \
+            "after the rounds" + (" (the process measuring them alongside died)" if self._alongside else "")
+        if got is None:
+            got = measure(self._stream, self.schedule, self.cfg.k, self._baseline_measures())
         out: dict[str, dict] = {}
-        import torch
-
-        threads = torch.get_num_threads()
-        for name, measure, extra, what in self._baseline_runs():
-            if name in PER_EVENT_BASELINES and not (self.cfg.serve_eval and self.cfg.per_event):
-                out[name] = {"unavailable": "it scores every device's events of each round per event, as serving "
-                                            "does; serve-eval or per-event is off in this run"}
+        for name, _, _, extra, what in self._baseline_runs():
+            rounds = got.get(name, "it scores every device's events of each round per event, as serving does; "
+                                   "serve-eval or per-event is off in this run")
+            if isinstance(rounds, str):
+                out[name] = {"unavailable": rounds}
                 continue
-            torch.set_num_threads(1)  # small torch work: threads contending for shared cores cost 10x here
-            try:
-                rounds = measure()
-            except Exception as e:  # a baseline that cannot be measured is said, never fatal
-                out[name] = {"unavailable": f"{type(e).__name__}: {e}"}
-                continue
-            finally:
-                torch.set_num_threads(threads)
             total = PrequentialCounts()
             for c in rounds:
                 total.add(c)
-            out[name] = {f"hr@{k}": _finite(total.hr), f"ndcg@{k}": _finite(total.ndcg_mean), "events_scored": total.n,
-                         **extra, "what": what}
+            out[name] = {f"hr@{self.cfg.k}": _finite(total.hr), f"ndcg@{self.cfg.k}": _finite(total.ndcg_mean),
+                         "events_scored": total.n, **extra, "what": what}
             for row, c in zip(self.rows, rounds, strict=False):
-                row[f"{name}_hr@{k}"] = _finite(c.hr)
+                row[f"{name}_hr@{self.cfg.k}"] = _finite(c.hr)
         return out
 
-    def _baseline_runs(self) -> list[tuple[str, Any, dict, str]]:
-        """Each baseline: its name, how to measure it (per-round counts), what its summary adds, what it is."""
-        from .eval import baselines as b
+    def _baseline_measures(self) -> list[tuple[str, str, dict]]:
+        """The baselines this run measures (:data:`fedrec.eval.alongside.Run`): the per-event ones only where the
+        run serves per event."""
+        per_event = self.cfg.serve_eval and self.cfg.per_event
+        return [(name, fn, kw) for name, fn, kw, _, _ in self._baseline_runs()
+                if per_event or name not in PER_EVENT_BASELINES]
 
-        cfg, st, sched, k, w = self.cfg, self._stream, self.schedule, self.cfg.k, self.cfg.freshness_window
+    def _baseline_runs(self) -> list[tuple[str, str, dict, dict, str]]:
+        """Each baseline: its name, its function in :mod:`fedrec.eval.baselines` and that function's keywords,
+        what its summary adds, what it is."""
+        cfg, w = self.cfg, self.cfg.freshness_window
         feats = self.features.normalised() if self.features is not None else None
         return [
-            ("popularity", lambda: b.popularity_prequential(st, sched, k), {},
+            ("popularity", "popularity_prequential", {}, {},
              "counts of all events in earlier rounds, centralised, non-private"),
-            ("recent_popularity", lambda: b.popularity_prequential(st, sched, k, window=w), {"window": w},
+            ("recent_popularity", "popularity_prequential", {"window": w}, {"window": w},
              f"counts of the events of the last {w} rounds only"),
-            ("item_knn", lambda: b.item_knn_prequential(st, sched, k, window=cfg.graph_window,
-                                                        neighbours=cfg.graph_neighbours, context=cfg.session_len,
-                                                        features=feats),
+            ("item_knn", "item_knn_prequential",
+             {"window": cfg.graph_window, "neighbours": cfg.graph_neighbours, "context": cfg.session_len,
+              "features": feats},
              {}, "centralised item-kNN: co-occurrence of every event of earlier rounds, the same per-event session "
                  f"scoring as the devices{' with the same public item features' if feats is not None else ''} "
                  "(the non-private ceiling of the item graph)"),
-            ("centralised_mf", lambda: b.centralised_mf_prequential(st, sched, k, dim=cfg.dim, seed=cfg.seed,
-                                                                    context=cfg.session_len,
-                                                                    init_scale=cfg.init_scale,
-                                                                    replay=cfg.replay_rounds),
+            ("centralised_mf", "centralised_mf_prequential",
+             {"dim": cfg.dim, "seed": cfg.seed, "context": cfg.session_len, "init_scale": cfg.init_scale,
+              "replay": cfg.replay_rounds},
              {}, "centralised BPR MF on every event of earlier rounds, per-event user refit (the non-private "
                  "ceiling of the model)"),
         ]

@@ -179,7 +179,7 @@ def test_recent_window_popularity_forgets():
     log = EventLog.from_arrays(user=np.array(users), item=np.array(items), timestamp=np.array(ts, float))
     st = RoundStream.build(log, 4, "time")
     sched = [[], [], [], [9]]  # ids are remapped in order of first appearance: user 9 stays 9
-    all_time = popularity_prequential(st, sched, k=1)[3]
-    recent = popularity_prequential(st, sched, k=1, window=1)[3]
+    all_time = list(popularity_prequential(st, sched, k=1))[3]
+    recent = list(popularity_prequential(st, sched, k=1, window=1))[3]
     assert all_time.n == recent.n == 1
     assert all_time.hits == 0 and recent.hits == 1  # only the recent window puts item 1 first

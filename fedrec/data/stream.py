@@ -41,8 +41,20 @@ class RoundStream:
             raise ValueError(f"Unknown round split {split!r}; expected 'count' or 'time'.")
         order = np.argsort(log.user, kind="stable")  # stable: time order kept inside a user
         starts = np.searchsorted(log.user[order], np.arange(log.n_users + 1))
-        by_user = tuple(order[starts[u]:starts[u + 1]] for u in range(log.n_users))
-        return cls(log=log, rounds=rounds, round_of=round_of.astype(np.int64), by_user=by_user)
+        return cls._of(log, rounds, round_of.astype(np.int64), order, np.diff(starts))
+
+    @classmethod
+    def _of(cls, log: EventLog, rounds: int, round_of: np.ndarray, order: np.ndarray, sizes: np.ndarray
+            ) -> RoundStream:
+        """The stream whose users' events are ``order`` cut into runs of ``sizes`` (user by user)."""
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        by_user = tuple(order[starts[u]:starts[u + 1]] for u in range(len(sizes)))
+        return cls(log=log, rounds=rounds, round_of=round_of, by_user=by_user)
+
+    def __reduce__(self) -> tuple:
+        """Pickled as a few arrays (the run's baselines get it in a process of their own), not one per user."""
+        sizes = np.fromiter((len(b) for b in self.by_user), np.int64, len(self.by_user))
+        return RoundStream._of, (self.log, self.rounds, self.round_of, self.user_order, sizes)
 
     @property
     def n_devices(self) -> int:
@@ -57,6 +69,13 @@ class RoundStream:
     def user_order(self) -> np.ndarray:
         """Every event's index, by user, each user's in time order (``by_user`` end to end)."""
         return np.concatenate(self.by_user) if self.by_user else np.zeros(0, np.int64)
+
+    @cached_property
+    def by_user_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The user, item and round of every event in :attr:`user_order` (made once: a baseline reads them every
+        round)."""
+        o = self.user_order
+        return self.log.user[o], self.log.item[o].astype(np.int64), self.round_of[o]
 
     @cached_property
     def launch_round(self) -> np.ndarray:

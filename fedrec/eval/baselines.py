@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,19 +17,19 @@ CHUNK = 1024  #: events scored together (rows of ``(CHUNK, n_items)`` scores)
 Piece = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def popularity_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int,
-                           window: int = 0) -> list[PrequentialCounts]:
+def popularity_prequential(stream: RoundStream, schedule: Iterable[Sequence[int]], k: int,
+                           window: int = 0) -> Iterator[PrequentialCounts]:
     """Score a popularity ranking the way devices score the model.
 
     ``schedule[r-1]`` lists the devices that completed round ``r``. Each such device's new
     events (since its previous completed round) are ranked by the counts of all events in
     rounds before ``r`` (a centralised, non-private popularity: a strong baseline), excluding
     what the device already had. With ``window`` > 0 only the last ``window`` rounds count
-    (recent-window popularity: it follows trends, forgets the long tail). Returns per-round counts.
+    (recent-window popularity: it follows trends, forgets the long tail). Yields each round's counts as the
+    schedule gives the round (every baseline does: it may follow a run's rounds as they finish).
     """
     log = stream.log
     last: dict[int, int] = {}
-    out = []
     counts = np.zeros(log.n_items)
     for r, devices in enumerate(schedule, start=1):
         counts += np.bincount(log.item[stream.round_of == r - 1], minlength=log.n_items) if r > 1 else 0
@@ -39,8 +39,7 @@ def popularity_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]
         for d in devices:
             blocks.append(_history_and_new(stream, d, last.get(d, 0), r))
             last[d] = r
-        out.append(_ranked(blocks, counts, k))
-    return out
+        yield _ranked(blocks, counts, k)
 
 
 def _ranked(blocks: list[tuple[np.ndarray, np.ndarray]], scores: np.ndarray, k: int) -> PrequentialCounts:
@@ -61,8 +60,9 @@ def _ranked(blocks: list[tuple[np.ndarray, np.ndarray]], scores: np.ndarray, k: 
     return c
 
 
-def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int, *, window: int,
-                         neighbours: int, context: int, features: np.ndarray | None = None) -> list[PrequentialCounts]:
+def item_knn_prequential(stream: RoundStream, schedule: Iterable[Sequence[int]], k: int, *, window: int,
+                         neighbours: int, context: int, features: np.ndarray | None = None
+                         ) -> Iterator[PrequentialCounts]:
     """Score a centralised item-kNN per event, on the events the devices are scored on.
 
     Before round ``r`` an :class:`~fedrec.itemgraph.ItemGraph` holds the pairs of every event of rounds
@@ -72,19 +72,17 @@ def item_knn_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]],
     (:func:`~fedrec.itemgraph.contexts`, :func:`~fedrec.itemgraph.session_scores`), excluding what the
     user had before it. The federated graph hears only from sampled devices: this is its non-private
     ceiling. The graph grows by one round at a time. ``features``: the run's public item features (L2-normalised
-    rows), scored as the devices score them. Returns per-round counts.
+    rows), scored as the devices score them. Yields each round's counts.
     """
     log = stream.log
     graph = ItemGraph(log.n_items, neighbours, features=features)
-    out = []
     for r, devices in enumerate(schedule, start=1):
         if r > 1:  # every event of the round before, each paired with its user's earlier events
             graph.add_sums(*round_sums(stream, r - 1, window))
         pieces = []
         for d in devices:
             pieces.append(_history_and_new(stream, d, r - 1, r))
-        out.append(_knn_round(prepare(graph.table()), pieces, k, context) if pieces else PrequentialCounts())
-    return out
+        yield _knn_round(prepare(graph.table()), pieces, k, context) if pieces else PrequentialCounts()
 
 
 def _knn_round(table: Mapping[str, Any], devices: list[tuple[np.ndarray, np.ndarray]], k: int, context: int
@@ -118,9 +116,9 @@ def _knn_batch(table: Mapping[str, Any], batch: list[Piece], k: int) -> Prequent
     return c
 
 
-def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[int]], k: int, *, dim: int,
+def centralised_mf_prequential(stream: RoundStream, schedule: Iterable[Sequence[int]], k: int, *, dim: int,
                                seed: int, context: int, init_scale: float, replay: int = 2
-                               ) -> list[PrequentialCounts]:
+                               ) -> Iterator[PrequentialCounts]:
     """Score a centrally trained BPR MF per event, on the events the devices are scored on.
 
     Before round ``r`` the model has trained on every event of rounds before ``r`` (after each round, on
@@ -128,7 +126,7 @@ def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[
     does, with its BPR loop). Each device of ``schedule[r-1]`` scores its events of round ``r`` as devices
     do: :meth:`fedrec.models.mf.MF.score_events` with the item table and
     the device's row of the user table, event ``j`` from the ``context`` items before it, excluding what
-    the user had before it. The non-private ceiling of the federated model. Returns per-round counts.
+    the user had before it. The non-private ceiling of the federated model. Yields each round's counts.
     """
     from ..centralised import Adam, _train  # the centralised learner's own BPR loop (it imports the report)
     from ..models.mf import MF
@@ -143,7 +141,6 @@ def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[
     opt = Adam([item, user], lr=0.02)
     model = MF(V, dim, init_scale=init_scale)
     had = _Had(V)  # each user's items so far: BPR negatives are drawn among the others
-    out = []
     for r, devices in enumerate(schedule, start=1):
         if r > 1:  # learn round r-1, replaying the rounds before it
             done = stream.round_of == r - 1
@@ -152,8 +149,7 @@ def centralised_mf_prequential(stream: RoundStream, schedule: Sequence[Sequence[
             _train(item, user, opt, log.user[train], log.item[train], had, dim, g)
         model.load({"item.weight": item.detach()})
         pieces = [_history_and_new(stream, d, r - 1, r) for d in devices]
-        out.append(_mf_round(model, pieces, user.detach()[list(devices)], k, context))
-    return out
+        yield _mf_round(model, pieces, user.detach()[list(devices)], k, context)
 
 
 def _mf_round(model: Any, pieces: list[tuple[np.ndarray, np.ndarray]], users: torch.Tensor, k: int, context: int
@@ -188,12 +184,23 @@ class _Had:
         self.V, self.keys = n_items, np.zeros(0, np.int64)
 
     def add(self, users: np.ndarray, items: np.ndarray) -> None:
-        self.keys = np.union1d(self.keys, users.astype(np.int64) * self.V + items)
+        """Merged into the sorted keys where they are missing (a sort of every key each round, as ``np.union1d``
+        does, took minutes a round at 25 million keys)."""
+        new = np.unique(users.astype(np.int64) * self.V + items)
+        fresh = new[~self._has(new)]
+        self.keys = np.insert(self.keys, np.searchsorted(self.keys, fresh), fresh)
 
     def __getitem__(self, ui: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        key = np.asarray(ui[0], np.int64) * self.V + np.asarray(ui[1], np.int64)
-        at = np.minimum(np.searchsorted(self.keys, key), max(len(self.keys) - 1, 0))
-        return (self.keys[at] == key) if len(self.keys) else np.zeros(key.shape, bool)
+        key = (np.asarray(ui[0], np.int64) * self.V + np.asarray(ui[1], np.int64)).ravel()
+        order = np.argsort(key)  # sorted queries search a large table several times faster
+        out = np.empty(key.shape, bool)
+        out[order] = self._has(key[order])
+        return out.reshape(np.broadcast_shapes(np.shape(ui[0]), np.shape(ui[1])))
+
+    def _has(self, key: np.ndarray) -> np.ndarray:
+        if not len(self.keys):
+            return np.zeros(key.shape, bool)
+        return self.keys[np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)] == key
 
 
 def _history_and_new(stream: RoundStream, device: int, cur: int, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,10 +217,9 @@ def round_sums(stream: RoundStream, r: int, window: int
     and capped per user (:func:`~fedrec.itemgraph.capped_pairs`), the round's item counts, and each event of the
     round that has one before it with that one's item. What :func:`~fedrec.itemgraph.device_pairs` gives each
     user, computed for all users at once over the log in user order."""
-    log, V = stream.log, stream.log.n_items
-    order = stream.user_order
-    user, item = log.user[order], log.item[order].astype(np.int64)
-    pos = np.flatnonzero(stream.round_of[order] == r)
+    V = stream.log.n_items
+    user, item, round_of = stream.by_user_columns
+    pos = np.flatnonzero(round_of == r)
     lo, hi, who = [], [], []
     for lag in range(1, window + 1):
         back = pos - lag
@@ -223,8 +229,23 @@ def round_sums(stream: RoundStream, r: int, window: int
         lo.append(np.minimum(a, b))
         hi.append(np.maximum(a, b))
         who.append(user[pos[ok]].astype(np.int64))
-    key, n = np.unique((np.concatenate(who) * V + np.concatenate(lo)) * V + np.concatenate(hi), return_counts=True)
+    a, b, n = _distinct(np.concatenate(who), np.concatenate(lo), np.concatenate(hi), V)
     prev = pos - 1
     after = pos[(prev >= 0) & (user[np.maximum(prev, 0)] == user[pos])]
-    return (key // V % V, key % V, np.minimum(n, PAIR_CAP).astype(np.float64), np.bincount(item[pos], minlength=V),
+    return (a, b, np.minimum(n, PAIR_CAP).astype(np.float64), np.bincount(item[pos], minlength=V),
             item[after], item[after - 1])
+
+
+def _distinct(who: np.ndarray, lo: np.ndarray, hi: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ``(who, lo, hi)`` triples (items below ``V``) in sorted order: their ``lo``, their ``hi`` and how
+    often each came. As one int64 key where it fits, else sorted as three columns (ten million users and a million
+    items would pass int64 as one key; five times slower)."""
+    if not len(who) or (int(who.max()) + 1) * V * V < 2**63:
+        key, n = np.unique((who * V + lo) * V + hi, return_counts=True)
+        return key // V % V, key % V, n
+    o = np.lexsort((hi, lo, who))
+    who, lo, hi = who[o], lo[o], hi[o]
+    first = np.ones(len(o), bool)
+    first[1:] = (who[1:] != who[:-1]) | (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    at = np.flatnonzero(first)
+    return lo[at], hi[at], np.diff(np.append(at, len(o)))
