@@ -146,19 +146,47 @@ class Prepared:
     local: dict[str, torch.Tensor]  #: its local parameters as its steps start from them
 
 
-def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState, items: np.ndarray,
-                   rounds: np.ndarray, round_: int, cfg: RunConfig, *, device_id: int, noise_multiplier: float,
-                   probe: np.ndarray | None = None, secret: int = 0, loaded: bool = False) -> Prepared | UpdateResult:
-    """:func:`client_update` up to the local steps: the model loaded, the new events evaluated, the budget checked
-    (a skipped :class:`UpdateResult` where it says no). ``loaded``: the model holds ``global_state`` already (a
-    batch of devices loads it once: nothing before the local steps changes a global parameter)."""
+@dataclass
+class Opened:
+    """A device's update as it opens: its generator, its state (a new device's fresh local state drawn from it) and
+    which of its events it knew, which are new and which items it had."""
+
+    generator: torch.Generator
+    state: DeviceState
+    known: np.ndarray
+    new: np.ndarray
+    seen: np.ndarray
+
+
+def open_update(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState, items: np.ndarray,
+                rounds: np.ndarray, round_: int, cfg: RunConfig, *, device_id: int, secret: int = 0,
+                loaded: bool = False) -> Opened:
+    """:func:`client_update`'s start: the device's generator seeded, the model loaded (``loaded``: it holds
+    ``global_state`` already; a batch of devices loads it once, as nothing before the local steps changes a global
+    parameter) with the device's local state, its events split at its cursor."""
     torch_g = torch.Generator().manual_seed(device_seed(cfg.seed, device_id, round_, secret=secret))
     state = _load(model, None if loaded else global_state, state, torch_g)
     cur = state.cursors[-1]
     known = rounds <= cur
-    new = (rounds > cur) & (rounds <= round_)
-    seen = _mask(items[known], model.n_items)
-    counts, probe_hits = _evaluate(model, state, items, known, new, seen, cfg, torch_g, probe)
+    return Opened(torch_g, state, known, (rounds > cur) & (rounds <= round_), _mask(items[known], model.n_items))
+
+
+def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState, items: np.ndarray,
+                   rounds: np.ndarray, round_: int, cfg: RunConfig, *, device_id: int, noise_multiplier: float,
+                   probe: np.ndarray | None = None, secret: int = 0, loaded: bool = False,
+                   opened: Opened | None = None) -> Prepared | UpdateResult:
+    """:func:`client_update` up to the local steps: the update opened (:func:`open_update`), the device's vector fit
+    to its past events, the new events evaluated, the budget checked (a skipped :class:`UpdateResult` where it says
+    no). ``opened``: opened and fit already, the fit vector in the model (a batch fits its devices together:
+    :func:`fit_batch`)."""
+    if opened is None:
+        opened = open_update(model, global_state, state, items, rounds, round_, cfg, device_id=device_id,
+                             secret=secret, loaded=loaded)
+        if _fits(cfg, opened):
+            _fit_local(model, torch.from_numpy(items[opened.known].astype(np.int64)), opened.seen, cfg,
+                       opened.generator)
+    state, known, new, seen, torch_g = opened.state, opened.known, opened.new, opened.seen, opened.generator
+    counts, probe_hits = _evaluate(model, state, items, known, new, seen, cfg, probe)
 
     skipped = _budget_guard(global_state, state, cfg, noise_multiplier) if cfg.event_dp and cfg.epsilon > 0 else None
     if skipped is not None:
@@ -170,6 +198,31 @@ def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: 
     params = dict(model.named_parameters())
     return Prepared(device_id, state, items, rounds, round_, train, new, seen | _mask(items[train], model.n_items),
                     counts, probe_hits, torch_g, {k: params[k].detach().clone() for k in model.local_names})
+
+
+def fit_batch(model: RecModel, opened: list[Opened], items: list[np.ndarray], cfg: RunConfig) -> list[np.ndarray]:
+    """The round-start fit of many opened devices (``items[j]``: device ``j``'s events) at once, ``mf``'s closed form
+    (:func:`~fedrec.models.mf.fit_user_mf_many`): each device's local vector as its own fit leaves it, up to float
+    rounding (a device with nothing to fit keeps its own)."""
+    from .models.mf import fit_user_mf_many
+
+    name, = model.local_names
+    users = torch.stack([torch.from_numpy(np.asarray(o.state.local[name], np.float32))[0] for o in opened])
+    fit = [j for j, o in enumerate(opened) if _fits(cfg, o)]
+    if fit:
+        sub = users[fit]
+        fit_user_mf_many(dict(model.named_parameters())[model.global_names[0]].data, sub,
+                         [torch.from_numpy(items[j][opened[j].known].astype(np.int64)) for j in fit],
+                         [_fit_candidates(opened[j].seen) for j in fit], steps=cfg.user_fit_steps,
+                         negatives=cfg.negatives, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
+                         generators=[opened[j].generator for j in fit])
+        users[fit] = sub
+    return [users[j:j + 1].numpy() for j in range(len(opened))]
+
+
+def _fits(cfg: RunConfig, opened: Opened) -> bool:
+    """Whether the device fits its local vector to its past events before scoring (instant personalisation)."""
+    return bool(cfg.user_fit_steps) and bool(opened.known.any())
 
 
 def finish_update(prep: Prepared, cfg: RunConfig, steps: int, delta: dict, local: dict[str, np.ndarray],
@@ -280,15 +333,12 @@ def _delta(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], loca
 
 
 def _evaluate(model: RecModel, state: DeviceState, items: np.ndarray, known: np.ndarray, new: np.ndarray,
-              seen: np.ndarray, cfg: RunConfig, g: torch.Generator, probe: np.ndarray | None
+              seen: np.ndarray, cfg: RunConfig, probe: np.ndarray | None
               ) -> tuple[PrequentialCounts, np.ndarray | None]:
-    """Score the new events (and the probe) before training, with the device's state as of its past events."""
-    if cfg.user_fit_steps and known.any():
-        # Instant on-device personalisation: fit the local vector to the device's past events against the
-        # global version just received, before scoring the new ones (nothing new is looked at). Under
-        # event-level DP this vector is used for local scoring only; training restarts from the DP-trained
-        # one, so no non-private step ever shapes a released delta.
-        _fit_local(model, torch.from_numpy(items[known].astype(np.int64)), seen, cfg, g)
+    """Score the new events (and the probe) before training, with the device's state as of its past events: its
+    local vector fit to them against the global version just received (:func:`_fit_local`, instant on-device
+    personalisation: nothing new is looked at). Under event-level DP that vector is used for local scoring only;
+    training restarts from the DP-trained one, so no non-private step ever shapes a released delta."""
     scores = model.score_all(items[known]).numpy()
     counts = prequential_counts(scores, seen, items[new], cfg.k)
     probe_hits = in_topk(scores, probe, seen, cfg.k) if probe is not None and len(probe) else None
@@ -350,9 +400,14 @@ def _mask(idx: np.ndarray, n: int) -> np.ndarray:
 
 def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator) -> None:
     """``cfg.user_fit_steps`` full-batch steps on the local parameters only (global ones frozen)."""
-    cand = torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(model.n_items)
+    cand = _fit_candidates(seen)
     model.fit_local(pos, cand, steps=cfg.user_fit_steps, negatives=cfg.negatives,
                     lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, backend=cfg.update_backend)
+
+
+def _fit_candidates(seen: np.ndarray) -> torch.Tensor:
+    """The negatives of the round-start fit: the items not had (every item where all were)."""
+    return torch.from_numpy(np.flatnonzero(~seen)) if (~seen).any() else torch.arange(len(seen))
 
 
 def _release(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,

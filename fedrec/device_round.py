@@ -25,11 +25,14 @@ import torch
 
 from .client_update import (
     DeviceState,
+    Opened,
     Prepared,
     UpdateResult,
     batched_updates,
     client_update,
     finish_update,
+    fit_batch,
+    open_update,
     prepare_update,
     train_batch,
 )
@@ -93,10 +96,17 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
         return [_caught(f) for f in one]
     params = split(global_state)[0]
     model.load({k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})
-    out: list = [_caught(prepare_update, model, params, dev.state if dev.state is not None else DeviceState(),
-                         dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
-                         noise_multiplier=ins.noise_multiplier, probe=probe, loaded=True)
-                 for dev, probe in zip(devs, probes, strict=True)]
+    out: list = [_caught(open_update, model, params, dev.state if dev.state is not None else DeviceState(),
+                         dev.items, dev.rounds, ins.round, cfg, device_id=dev.device, loaded=True) for dev in devs]
+    opened = [j for j, o in enumerate(out) if isinstance(o, Opened)]
+    fitted = _caught(fit_batch, model, [out[j] for j in opened], [devs[j].items for j in opened], cfg)
+    if isinstance(fitted, Exception):  # the batch's fit failed as a whole: each device runs its round alone
+        return [_caught(f) for f in one]
+    for n, j in enumerate(opened):
+        model.load({model.local_names[0]: torch.from_numpy(fitted[n])})
+        out[j] = _caught(prepare_update, model, params, out[j].state, devs[j].items, devs[j].rounds, ins.round, cfg,
+                         device_id=devs[j].device, noise_multiplier=ins.noise_multiplier, probe=probes[j],
+                         opened=out[j])
     ready = [j for j, p in enumerate(out) if isinstance(p, Prepared)]
     trained = _caught(train_batch, model, params, [out[j] for j in ready], cfg)
     for n, j in enumerate(ready):  # a batch that fails as a whole: each device alone, from its own start

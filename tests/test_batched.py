@@ -85,3 +85,28 @@ def test_a_failing_device_fails_alone_in_a_batch():
                             noise_multiplier=0.0)
         np.testing.assert_allclose(got[j].delta["item.weight"], ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
 
+
+
+def test_the_batched_round_start_fit_gives_each_device_its_own_fit():
+    """``fit_user_mf_many`` against ``fit_user_mf`` one device at a time: devices of different lengths, one whose
+    candidates are the whole catalogue (it had every item), each from its own generator."""
+    import torch
+
+    from fedrec.models.mf import fit_user_mf, fit_user_mf_many
+
+    rng = np.random.default_rng(1)
+    V, d = 12, 4
+    item = torch.from_numpy(rng.normal(size=(V, d + 1)).astype(np.float32))
+    users = torch.from_numpy(rng.normal(size=(3, d)).astype(np.float32))
+    pos = [torch.tensor([1, 5, 5, 7]), torch.tensor([2]), torch.arange(V)]
+    cand = [torch.tensor([0, 2, 3, 4, 6, 8, 9, 10, 11]), torch.tensor([0, 1, 3]), torch.arange(V)]
+    kw = {"steps": 6, "negatives": 2, "lr": 0.3}
+    alone = []
+    for a in range(3):
+        u = users[a:a + 1].clone()
+        fit_user_mf(item, u, pos[a], cand[a], generator=torch.Generator().manual_seed(a), **kw)
+        alone.append(u[0])
+    many = users.clone()
+    fit_user_mf_many(item, many, pos, cand, generators=[torch.Generator().manual_seed(a) for a in range(3)], **kw)
+    torch.testing.assert_close(many, torch.stack(alone), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(many, users)

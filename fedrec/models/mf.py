@@ -272,6 +272,28 @@ def sgd_mf_many(item: torch.Tensor, users: torch.Tensor, items: Sequence[torch.T
 
 
 @torch.no_grad()
+def fit_user_mf_many(item: torch.Tensor, users: torch.Tensor, pos: Sequence[torch.Tensor], cand: Sequence[torch.Tensor],
+                     *, steps: int, negatives: int, lr: float, generators: Sequence[torch.Generator]) -> None:
+    """:func:`fit_user_mf` for many devices at once: ``users`` ``(A, d)`` in place, device ``a`` fit to its events
+    ``pos[a]`` (at least one) against negatives from ``cand[a]``, drawn from ``generators[a]`` as
+    :func:`fit_user_mf` draws them (every step's, in order, in one call: the same numbers), so each vector is the one
+    its device's own fit gives, up to float rounding (sums in another order)."""
+    d = users.shape[1]
+    n = torch.tensor([len(p) for p in pos])
+    owner = torch.repeat_interleave(torch.arange(len(pos)), n)
+    neg = torch.cat([c[torch.randint(0, len(c), (steps, len(p), negatives), generator=g)]
+                     for p, c, g in zip(pos, cand, generators, strict=True)], dim=1)  # (steps, N, K)
+    e_pos = item[torch.cat(list(pos))]  # (N, d+1)
+    scale = (-lr / n.to(users.dtype))[owner].unsqueeze(1)
+    for t in range(steps):
+        e_neg = item[neg[t]]  # (N, K, d+1)
+        diff = e_pos[:, None, :d] - e_neg[..., :d]  # (N, K, d)
+        s = (diff * users[owner].unsqueeze(1)).sum(-1) + (e_pos[:, None, d] - e_neg[..., d])
+        c = -torch.sigmoid(-s) / negatives  # (N, K)
+        users.index_add_(0, owner, (c.unsqueeze(2) * diff).sum(1) * scale)
+
+
+@torch.no_grad()
 def fit_user_mf(item: torch.Tensor, user: torch.Tensor, pos: torch.Tensor, cand: torch.Tensor, *, steps: int,
                 negatives: int, lr: float, generator: torch.Generator) -> None:
     """Full-batch steps on the user vector alone (items frozen), fresh negatives from ``cand`` each step."""
