@@ -31,8 +31,8 @@ lint: venv
 	$(BIN)/python tools/typecheck.py fedrec clients server
 	$(BIN)/python tools/check_shape.py fedrec clients server
 
-# Speed and memory benchmarks (by hand; several minutes). Each prints ratios against a baseline
-# measured in the same run; see docs/performance.md.
+# Speed and memory benchmarks (by hand; about an hour and a half on 2 cores, the last one an hour of it).
+# Each prints ratios against a baseline measured in the same run; see docs/performance.md.
 bench: venv
 	$(BIN)/python benchmarks/bench_aggregate.py --out runs/bench
 	$(BIN)/python benchmarks/bench_step.py --out runs/bench
@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_rss.py
 	$(BIN)/python benchmarks/bench_population.py
 	$(BIN)/python benchmarks/bench_deploy.py --out runs/bench
+	$(BIN)/python benchmarks/bench_million.py --out runs/bench/million
 
 # The docs/models.md table: mf, neumf and sasrec on MovieLens replayed by time, with and without DP
 # (about 25 minutes on 2 cores; DATA=path/to/ratings.csv, default ../shared/data/ml-latest-small).
