@@ -133,9 +133,19 @@ class RunRecorder:
 
         if self._stream is None or not wanted(self.cfg.baselines, len(self._stream.log)):
             return
-        self._alongside = Alongside(self._stream, self._baseline_measures(), self.cfg.k)
+        try:
+            self._alongside = Alongside(self._stream, self._baseline_measures(), self.cfg.k)
+        except Exception as e:  # the baselines are then measured after the rounds: never fatal
+            self.note(f"the baselines could not be measured alongside the rounds ({type(e).__name__}: {e}); they "
+                      "are measured after them")
+            return
         for row in self.schedule:
             self._alongside.feed(row)
+
+    def abort(self) -> None:
+        """The run ends without its summary (an error, Ctrl-C): the baselines' process, if any, is stopped."""
+        if self._alongside is not None:
+            self._alongside.close()
 
     def _scored(self, devices: list[int]) -> None:
         """A round's scored devices: in the schedule, and to the baselines measured alongside."""

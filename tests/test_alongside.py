@@ -3,8 +3,12 @@
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
+from _procs import Fedrec
 from test_serving import _simulate
 
 from fedrec.config import RunConfig
@@ -65,4 +69,52 @@ def test_the_process_alongside_follows_the_rounds_and_its_death_is_said_not_fata
 
 def test_auto_measures_alongside_only_large_streams_on_several_cores():
     assert wanted("alongside", 10) and not wanted("after", 10**9) and not wanted("auto", 10)
-    assert wanted("auto", 10**7) == ((os.cpu_count() or 1) > 1)
+    assert wanted("auto", 10**7) == (len(os.sched_getaffinity(0)) > 1)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text() if d.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def _gone(pid: int, within: float) -> bool:
+    """Whether ``pid`` ends within ``within`` s (a zombie that its new parent has not reaped yet has ended)."""
+    end = time.time() + within
+    while time.time() < end:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if stat[stat.rindex(")") + 2] == "Z":
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["terminated", "killed"])
+def test_a_run_stopped_or_killed_midway_leaves_no_baselines_process(tmp_path, how):
+    """``fedrec simulate`` with its baselines alongside, stopped after its first rounds as ``fedrec sweep`` stops a
+    run (SIGTERM to the run's process alone) or killed (SIGKILL, as by the OOM killer): the run exits, and the
+    baselines' process is gone too (stopped by the run, or on its own once the run's process is)."""
+    run = Fedrec(tmp_path / "log.txt", "simulate", "--world-users", "300", "--world-items", "60", "--rounds", "200",
+                 "--cohort", "30", "--engine", "local", "--privacy", "none", "--no-progress", "--baselines",
+                 "alongside", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    try:
+        end = time.time() + 120
+        while "round   2" not in run.text() and time.time() < end and run.proc.poll() is None:
+            time.sleep(0.2)
+        kids = [p for p in _children(run.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(kids) == 1, run.text()[-2000:]
+        os.kill(run.proc.pid, how)
+        run.wait(60)
+        assert _gone(kids[0], 30), "the baselines' process outlived its run"
+    finally:
+        run.stop()

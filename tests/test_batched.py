@@ -110,3 +110,30 @@ def test_the_batched_round_start_fit_gives_each_device_its_own_fit():
     fit_user_mf_many(item, many, pos, cand, generators=[torch.Generator().manual_seed(a) for a in range(3)], **kw)
     torch.testing.assert_close(many, torch.stack(alone), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(many, users)
+
+
+def test_the_batch_runs_as_a_batch_not_by_its_one_by_one_fallback():
+    """``train_devices`` falls back to one device at a time should its batch fail, with the same results; so the
+    batch's own steps are held here directly: ``fit_batch`` gives each device the vector its own preparation fits,
+    and ``train_batch`` takes the prepared devices without failing."""
+    from fedrec.client_update import fit_batch, open_update, prepare_update, train_batch
+
+    stream = RoundStream.build(make_world(WorldSpec(users=30, items=50, topics=4, events_per_user=12, seed=5)), 3)
+    cfg = RunConfig(privacy="none", dim=4, seed=1, user_fit_steps=5)
+    model = build_model("mf", stream.log.n_items, cfg.dim, init_scale=0.1)
+    table = {"item.weight": (np.random.default_rng(3).normal(size=(stream.log.n_items, 5)) * 0.1).astype(np.float32)}
+    states, events = {}, {d: stream.device_events(d, 3) for d in range(30)}
+    for d in range(30):  # a first round trained alone: the second one has past events to fit
+        idx = stream.device_events(d, 1)
+        states[d] = client_update(model, table, DeviceState(), stream.log.item[idx], stream.round_of[idx], 1, cfg,
+                                  device_id=d, noise_multiplier=0.0).state
+    items = [stream.log.item[events[d]] for d in range(30)]
+    rounds = [stream.round_of[events[d]] for d in range(30)]
+    opened = [open_update(model, table, states[d], items[d], rounds[d], 2, cfg, device_id=d) for d in range(30)]
+    fitted = fit_batch(model, opened, items, cfg)
+    alone = [prepare_update(model, table, states[d], items[d], rounds[d], 2, cfg, device_id=d, noise_multiplier=0.0)
+             for d in range(30)]
+    assert sum(o.known.any() for o in opened) > 20
+    for d in range(30):
+        np.testing.assert_allclose(fitted[d], alone[d].local["user.weight"].numpy(), rtol=1e-4, atol=1e-7)
+    assert len(train_batch(model, table, alone, cfg)) == 30

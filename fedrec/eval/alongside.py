@@ -26,7 +26,7 @@ def wanted(timing: str, n_events: int) -> bool:
     process costs a few seconds to start)."""
     if timing != "auto":
         return timing == "alongside"
-    return (os.cpu_count() or 1) > 1 and n_events >= ALONGSIDE_EVENTS
+    return len(os.sched_getaffinity(0)) > 1 and n_events >= ALONGSIDE_EVENTS
 
 
 def measure(stream: Any, schedule: Iterable[Sequence[int]], k: int, runs: Sequence[Run]) -> dict[str, list | str]:
@@ -79,19 +79,30 @@ def _follow(rows: list[Sequence[int]]) -> Iterator[Sequence[int]]:
 class Alongside:
     """:func:`measure` in a child process (spawned: nothing of the run's threads, Ray's or gRPC's, is copied),
     fed each round's scored devices as the run ends the round; :meth:`results` waits for its counts. Feeding never
-    blocks a round (a queue's own thread sends). A child that dies gives ``None``: the run measures them itself."""
+    blocks a round: a thread of the run's sends. A child that dies gives ``None``: the run measures them itself.
+    The child is stopped when the run ends (:meth:`close`, at exit too), and ends on its own when the run's process
+    is gone (killed): it holds only the reading end of the pipe its rows come through, so it reads the end of it."""
 
     def __init__(self, stream: Any, runs: Sequence[Run], k: int) -> None:
+        import atexit
         import multiprocessing
+        import queue
+        import threading
 
         ctx = multiprocessing.get_context("spawn")
-        self._rows = ctx.Queue()
-        self._conn, child = ctx.Pipe(duplex=False)
-        self._rows.put(stream)  # sent by the queue's thread: the round loop does not wait for it
-        self._proc = ctx.Process(target=_child, args=(self._rows, child, list(runs), k), daemon=True,
+        rows, self._rows = ctx.Pipe(duplex=False)
+        self._conn, results = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_child, args=(rows, results, list(runs), k), daemon=True,
                                  name="fedrec-baselines")
         self._proc.start()
-        child.close()
+        rows.close()
+        results.close()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._pump = threading.Thread(target=self._send, daemon=True, name="fedrec-baselines-feed")
+        self._pump.start()
+        self._out.put(("stream", stream))
+        self._closed = False
+        atexit.register(self.close)
 
     @property
     def pid(self) -> int | None:
@@ -102,12 +113,12 @@ class Alongside:
         """The scored devices of the round the run just ended."""
         import numpy as np
 
-        self._rows.put(np.asarray(row, np.int64))
+        self._out.put(("row", np.asarray(row, np.int64)))
 
     def results(self) -> dict[str, list | str] | None:
         """Every baseline's per-round counts (as :func:`measure`), once the child has the last round; ``None``
         where the child died without them."""
-        self._rows.put(None)
+        self._out.put(("end", None))
         try:
             while not self._conn.poll(WAIT_S):
                 if not self._proc.is_alive() and not self._conn.poll(0):
@@ -119,22 +130,45 @@ class Alongside:
             self.close()
 
     def close(self) -> None:
-        """Stop the child (if it still runs) and free its queue."""
+        """Stop the child (if it still runs) and the thread that feeds it; a second call does nothing."""
+        import atexit
+
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
         if self._proc.is_alive():
             self._proc.terminate()
         self._proc.join(timeout=10)
-        self._rows.cancel_join_thread()
+        self._out.put(None)
+        self._pump.join(timeout=10)
         self._rows.close()
         self._conn.close()
 
+    def _send(self) -> None:
+        """The feeding thread: each message in order, until ``None`` or a child that reads no more."""
+        try:
+            while (msg := self._out.get()) is not None:
+                self._rows.send(msg)
+        except Exception:  # the child is gone, or a message could not be sent: it reads the end and stops, and
+            self._rows.close()  # results() says so
+
 
 def _child(rows: Any, conn: Any, runs: list[Run], k: int) -> None:
-    """The child's whole life: the stream first, then a round's scored devices at a time until ``None``."""
-    stream = rows.get()
-    conn.send(measure(stream, _until_none(rows), k, runs))
-    conn.close()
+    """The child's whole life: the stream first, then a round's scored devices at a time until the end. The end of
+    the pipe (the run's process gone) ends it, mid-message too."""
+    try:
+        tag, stream = rows.recv()
+        if tag != "stream":  # the stream never came: no results, the run measures them after its rounds
+            return
+        conn.send(measure(stream, _rows_until_end(rows), k, runs))
+    except (EOFError, OSError):
+        return
+    finally:
+        conn.close()
 
 
-def _until_none(rows: Any) -> Iterator[Sequence[int]]:
-    while (row := rows.get()) is not None:
-        yield row
+def _rows_until_end(rows: Any) -> Iterator[Sequence[int]]:
+    """The rows the run sends, until its end."""
+    while (msg := rows.recv())[0] == "row":
+        yield msg[1]

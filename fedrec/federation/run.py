@@ -126,13 +126,17 @@ def run_federation(transport: Transport, cfg: RunConfig, on_round: Callable[[dic
     """Run ``cfg.rounds`` rounds over the nodes ``transport`` reaches; returns the summary dict."""
     run = _Run.start(transport, cfg)
     last = run.state.round if run.rebuild else cfg.rounds  # a finished run only rebuilds its outputs
-    for r in range(run.state.round + 1, last + 1):
-        row = run.round(r)
-        if row is None:
-            break
-        if on_round:
-            on_round(row)
-    return run.finish()
+    try:
+        for r in range(run.state.round + 1, last + 1):
+            row = run.round(r)
+            if row is None:
+                break
+            if on_round:
+                on_round(row)
+        return run.finish()
+    except BaseException:
+        run.rec.abort()
+        raise
 
 
 @dataclass

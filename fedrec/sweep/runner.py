@@ -61,14 +61,15 @@ def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, pr
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     spec = load_sweep(path)
-    todo = [(c, s) for c in chosen(spec, cells) for s in spec.seeds]
+    picked = chosen(spec, cells)
+    todo = [(c, s) for c in picked for s in spec.seeds]
     out = Path(out) if out else Path("runs") / spec.path.stem
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.path, out / "sweep.toml")
     done = [(c, s) for c, s in todo if (run_dir(out, c, s) / "summary.json").is_file()]
     pending = [(c, s) for c, s in todo if (c, s) not in done]
     console = Console()
-    console.print(f"fedrec sweep {spec.path}: {len(spec.cells)} cells x {len(spec.seeds)} seeds = {len(todo)} runs; "
+    console.print(f"fedrec sweep {spec.path}: {len(picked)} cells x {len(spec.seeds)} seeds = {len(todo)} runs; "
                   f"{len(done)} already finished; {jobs} at a time -> {out}")
     failures: list[str] = []
     procs: dict = {}
