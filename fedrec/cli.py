@@ -185,7 +185,7 @@ def _run_engine(cfg: RunConfig, on_round) -> None:
 
         run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg, on_round=on_round)
         return
-    from .ray_cluster import backend_config, cluster_address, pin_node_ip
+    from .ray_cluster import backend_config, cluster_address, node_gpus, pin_node_ip
 
     address = cluster_address(cfg.ray_address)
     pin_node_ip(address)  # before Flower's ray.init: a local Ray listens on 127.0.0.1 only
@@ -195,7 +195,7 @@ def _run_engine(cfg: RunConfig, on_round) -> None:
 
     errors: list[BaseException] = []
     run_simulation(server_app=make_server_app(cfg, on_round=on_round, errors=errors), client_app=client_app,
-                   num_supernodes=cfg.nodes, backend_config=backend_config(cfg.nodes, address))
+                   num_supernodes=cfg.nodes, backend_config=backend_config(cfg.nodes, address, node_gpus(cfg.device)))
     if errors:  # the ServerApp ran in Flower's thread: its error is ours to report
         raise errors[0]
 

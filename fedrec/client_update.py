@@ -19,6 +19,7 @@ from .itemgraph import Pairs, device_pairs
 from .models.base import RecModel
 from .privacy.accounting import epsilon, event_accountant, graph_records
 from .privacy.user_level import clip_delta
+from .server_aggregate import node_device
 
 
 def device_seed(seed: int, device: int, round_: int, stream: int = 0, *, secret: int = 0) -> int:
@@ -210,13 +211,14 @@ def fit_batch(model: RecModel, opened: list[Opened], items: list[np.ndarray], cf
     users = torch.stack([torch.from_numpy(np.asarray(o.state.local[name], np.float32))[0] for o in opened])
     fit = [j for j, o in enumerate(opened) if _fits(cfg, o)]
     if fit:
-        sub = users[fit]
-        fit_user_mf_many(dict(model.named_parameters())[model.global_names[0]].data, sub,
+        dev = node_device(cfg.device)
+        sub = users[fit].to(dev)
+        fit_user_mf_many(dict(model.named_parameters())[model.global_names[0]].data.to(dev), sub,
                          [torch.from_numpy(items[j][opened[j].known].astype(np.int64)) for j in fit],
                          [_fit_candidates(opened[j].seen) for j in fit], steps=cfg.user_fit_steps,
                          negatives=cfg.negatives, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
                          generators=[opened[j].generator for j in fit])
-        users[fit] = sub
+        users[fit] = sub.cpu()
     return [users[j:j + 1].numpy() for j in range(len(opened))]
 
 
@@ -262,9 +264,11 @@ def train_batch(model: RecModel, global_state: dict[str, np.ndarray], preps: lis
         batches.append(batch[1])
         draws.append(torch.rand(cfg.steps * n, generator=p.generator).reshape(cfg.steps, n))
         users.append(p.local[model.local_names[0]][0])
-    user = torch.stack(users)
-    rows = sgd_mf_many(table, user, batches, draws, sample_rate=cfg.sample_rate, lr_item=cfg.lr,
+    dev = node_device(cfg.device)
+    user = torch.stack(users).to(dev)
+    rows = sgd_mf_many(table.to(dev), user, batches, draws, sample_rate=cfg.sample_rate, lr_item=cfg.lr,
                        lr_user=cfg.user_lr if cfg.user_lr > 0 else cfg.lr)
+    user = user.cpu()
     out = []
     for j, p in enumerate(preps):
         ids, after = rows[j]

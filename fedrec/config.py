@@ -277,7 +277,8 @@ class RunConfig:
     clock: str = key("replay", "deployment: a round takes in device events up to the data's time of that round "
                      "(replay, the server needs the data) or everything recorded so far (live)",
                      choices=CLOCKS, says="must be replay or live")
-    device: str = key("auto", "torch device for server aggregation: auto, cpu, cuda[:N]")
+    device: str = key("auto", "torch device for server aggregation (auto: CUDA when present), cpu, or cuda[:N], "
+                      "which also runs a node's batched mf devices there")
     progress: bool = key(True, "a progress bar (else plain per-round lines)")
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ from .config import RunConfig
 from .itemgraph import PROFILES, split
 from .messages import DeviceSkip, DeviceUpdate, RoundInstruction, UpdateReport
 from .models.base import RecModel
+from .server_aggregate import node_device
 from .serving import ServeInput, ServeResult, serve
 from .wire import encode_delta
 
@@ -71,7 +72,8 @@ def serve_devices(model: RecModel, global_state: Mapping[str, np.ndarray], input
     params, graph = split(global_state)
     return serve(model, params, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
                  fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives,
-                 graph=graph, context=cfg.session_len, blend=blend, per_event=cfg.per_event)
+                 graph=graph, context=cfg.session_len, blend=blend, per_event=cfg.per_event,
+                 device=node_device(cfg.device))
 
 
 def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: DeviceData, cfg: RunConfig,

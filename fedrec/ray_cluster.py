@@ -38,18 +38,34 @@ def on_loopback(address: str) -> bool:
     return not address or address.rpartition(":")[0] in LOOPBACK
 
 
-def backend_config(nodes: int, address: str) -> dict[str, Any]:
+def backend_config(nodes: int, address: str, gpus: int = 0) -> dict[str, Any]:
     """Flower's Ray backend config: one CPU per virtual node's actor, and the ``ray.init`` arguments.
 
     A local Ray gets ``nodes`` CPUs, hence ``nodes`` actors. On a cluster Flower creates one actor per
-    CPU of each machine and Ray spreads them; ``num_cpus`` must not be given when joining.
+    CPU of each machine and Ray spreads them; ``num_cpus`` must not be given when joining. ``gpus``: the
+    GPUs of a local Ray, shared evenly by the actors (Ray hides every GPU from an actor given none), so
+    that each node's batched devices run on one (``device = "cuda"``); on a cluster actors are given none.
     """
     init: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True}
+    share = 0.0
     if address:
         init["address"] = address
     else:
         init.update(num_cpus=nodes, _node_ip_address="127.0.0.1")
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init}
+        if gpus:
+            init["num_gpus"] = gpus
+            share = min(1.0, gpus / nodes)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": share}, "init_args": init}
+
+
+def node_gpus(device: str) -> int:
+    """The GPUs a local Ray's node actors share: those this process sees when ``device`` asks for CUDA (``auto``
+    keeps a node's devices on the CPU: :func:`fedrec.server_aggregate.node_device`)."""
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def pin_node_ip(address: str) -> None:

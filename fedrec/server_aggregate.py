@@ -32,6 +32,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def node_device(name: str = "auto") -> torch.device:
+    """Where a node runs its devices' batched arithmetic: on CUDA only when ``device`` names it and the node sees a
+    GPU (a Ray actor given none sees none); ``auto`` keeps it on the CPU, where it ran as fast as on an H200, the
+    node's per-device work being on the CPU either way (docs/performance.md, ``benchmarks/bench_cuda.py``)."""
+    return pick_device(name) if name.startswith("cuda") and torch.cuda.is_available() else torch.device("cpu")
+
+
 def delta_nbytes(delta: Delta) -> int:
     """Bytes a delta carries (ids and rows for sparse tables)."""
     return sum(v[0].nbytes + v[1].nbytes if isinstance(v, tuple) else v.nbytes for v in delta.values())

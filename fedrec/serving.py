@@ -199,7 +199,7 @@ def _start(scores: np.ndarray, s: ServeInput, n_items: int, k: int, scored: Preq
 def serve(model: RecModel, global_state: Mapping[str, np.ndarray], devices: list[ServeInput],
           vectors: dict[int, np.ndarray], *, round_: int, seed: int, k: int, fit_steps: int, lr: float,
           negatives: int = 1, graph: Mapping[str, np.ndarray] | None = None, context: int = 10,
-          blend: int = 0, per_event: bool = True) -> list[ServeResult]:
+          blend: int = 0, per_event: bool = True, device: torch.device | None = None) -> list[ServeResult]:
     """The newest global version, each device's own state, its scores: for any model.
 
     First the round's start, for the batch (:meth:`RecModel.fit_and_score`: ``mf`` fits every device's
@@ -216,7 +216,8 @@ def serve(model: RecModel, global_state: Mapping[str, np.ndarray], devices: list
     if not devices:
         return []
     fitted = model.fit_and_score(global_state, [s.history for s in devices], [vectors.get(s.device) for s in devices],
-                                 _generators(devices, seed, round_), fit_steps=fit_steps, negatives=negatives, lr=lr)
+                                 _generators(devices, seed, round_), fit_steps=fit_steps, negatives=negatives, lr=lr,
+                                 device=device)
     model.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
     table = prepare(graph) if graph is not None else None  # once for the batch, not per device
     events = _per_event(model, devices, [v if v.size else None for _, v in fitted], [x for x, _ in fitted], table, k,

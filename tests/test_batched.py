@@ -137,3 +137,25 @@ def test_the_batch_runs_as_a_batch_not_by_its_one_by_one_fallback():
     for d in range(30):
         np.testing.assert_allclose(fitted[d], alone[d].local["user.weight"].numpy(), rtol=1e-4, atol=1e-7)
     assert len(train_batch(model, table, alone, cfg)) == 30
+
+
+def test_a_node_without_a_gpu_runs_its_batch_on_the_cpu():
+    """``auto`` keeps a node's batched devices on the CPU; ``cuda`` on a node that sees no GPU (a Ray actor given
+    none) runs them there too, with the same updates as ``cpu``."""
+    import torch
+
+    from fedrec.server_aggregate import node_device
+
+    assert node_device("auto") == torch.device("cpu") and node_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: node_device('cuda') is CUDA here")
+    assert node_device("cuda") == torch.device("cpu") and node_device("cuda:1") == torch.device("cpu")
+    stream = RoundStream.build(make_world(WorldSpec(users=12, items=60, topics=4, events_per_user=16, seed=2)), 2)
+    model = build_model("mf", stream.log.n_items, 4, init_scale=0.1)
+    table = {"item.weight": np.full((stream.log.n_items, 5), 0.05, np.float32)}
+    devs = [DeviceData(d, stream.log.item[stream.device_events(d, 1)], stream.round_of[stream.device_events(d, 1)])
+            for d in range(12)]
+    got = [train_devices(model, table, devs, RunConfig(privacy="none", dim=4, seed=3, device=dev),
+                         RoundInstruction(1, tuple(range(12))), [None] * 12) for dev in ("cpu", "cuda")]
+    for a, b in zip(*got, strict=True):
+        np.testing.assert_array_equal(a.delta["item.weight"], b.delta["item.weight"])

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fedrec.config import ConfigError, RunConfig
-from fedrec.ray_cluster import CLUSTER_ENV, backend_config, cluster_address, is_ray_address, on_loopback
+from fedrec.ray_cluster import CLUSTER_ENV, backend_config, cluster_address, is_ray_address, node_gpus, on_loopback
 
 WORLD = ["--world-users", "40", "--world-items", "60", "--rounds", "2", "--cohort", "12", "--dim", "4",
          "--user-fit-steps", "5", "--local-steps", "3", "--nodes", "2", "--seed", "3", "--privacy", "user",
@@ -54,6 +54,12 @@ def test_the_backend_config_starts_a_loopback_ray_or_joins_a_cluster(monkeypatch
     joined = backend_config(3, "10.0.0.5:6379")
     assert joined["init_args"]["address"] == "10.0.0.5:6379" and "num_cpus" not in joined["init_args"]
     assert joined["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert backend_config(3, "")["client_resources"]["num_gpus"] == 0.0 and "num_gpus" not in local
+    shared = backend_config(4, "", gpus=1)  # a local Ray's GPU shared by its node actors
+    assert shared["client_resources"]["num_gpus"] == 0.25 and shared["init_args"]["num_gpus"] == 1
+    assert backend_config(2, "", gpus=4)["client_resources"]["num_gpus"] == 1.0
+    assert backend_config(3, "10.0.0.5:6379", gpus=1)["client_resources"]["num_gpus"] == 0.0
+    assert node_gpus("cpu") == 0 and node_gpus("auto") == 0  # auto keeps a node's devices on the CPU
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cluster_address("") == "" and cluster_address("auto") == "auto"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")

@@ -235,7 +235,8 @@ class RecModel(nn.Module):
 
     def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
                       vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
-                      fit_steps: int, negatives: int, lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
+                      fit_steps: int, negatives: int, lr: float, device: torch.device | None = None
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Serve a batch of devices: for each, its scores of every item and its local state after the fit.
 
         The global version is loaded once; device ``a``'s local parameters (``vectors[a]``, as
@@ -243,6 +244,7 @@ class RecModel(nn.Module):
         ``histories[a]`` with ``fit_steps`` steps of :meth:`fit_local` against items it has not had, then
         every item is scored from its state and history. Devices are independent (each draws from its own
         generator), so the result does not depend on the batch. The vector is empty without local parameters.
+        ``device``: where a model with a batched form runs it (this form, one device after another, runs on the CPU).
         """
         self.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
         out = []

@@ -142,11 +142,13 @@ class DeepFM(RecModel):
 
     def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
                       vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
-                      fit_steps: int, negatives: int, lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
+                      fit_steps: int, negatives: int, lr: float, device: torch.device | None = None
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
         """:meth:`RecModel.fit_and_score` with every device's fit in one batch: the same draws from each device's
         generator in the same order, and the same steps (a device's loss reads only its own vector, so the sum of
         the devices' mean losses gives each its own gradient), up to float rounding. The item side of every layer
-        is computed once for the batch: the global version is frozen while devices fit."""
+        is computed once for the batch: the global version is frozen while devices fit (on the CPU: ``device`` is
+        not used)."""
         self.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
         hist = [np.asarray(h, dtype=np.int64) for h in histories]
         users = torch.stack([self._start_vector(v, g) for v, g in zip(vectors, generators, strict=True)])

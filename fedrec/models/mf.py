@@ -124,27 +124,32 @@ class MF(RecModel):
 
     def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
                       vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
-                      fit_steps: int, negatives: int, lr: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`RecModel.fit_and_score` batched over the devices (:func:`fit_users`); the model is untouched."""
+                      fit_steps: int, negatives: int, lr: float, device: torch.device | None = None
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`RecModel.fit_and_score` batched over the devices (:func:`fit_users`, on ``device``); the model is
+        untouched."""
         scores, users = fit_users(np.asarray(global_state["item.weight"]), self.dim, histories, vectors, generators,
-                                  fit_steps=fit_steps, lr=lr, init_scale=self.init_scale, negatives=negatives)
+                                  fit_steps=fit_steps, lr=lr, init_scale=self.init_scale, negatives=negatives,
+                                  device=device)
         return [(scores[a], users[a].copy()) for a in range(len(histories))]
 
 
 def fit_users(item_table: np.ndarray, dim: int, histories: Sequence[np.ndarray], vectors: Sequence[np.ndarray | None],
               generators: Sequence[torch.Generator], *, fit_steps: int, lr: float, init_scale: float,
-              negatives: int = 1) -> tuple[np.ndarray, np.ndarray]:
+              negatives: int = 1, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fit A devices' user vectors to their histories together, then score every item for each.
 
     ``item_table`` ``(n_items, dim + 1)`` (last column: bias); ``vectors[a]`` device ``a``'s vector from
     its previous round (None: a fresh one from ``generators[a]``). The fit is ``fit_steps`` steps of SGD
     at ``lr`` on each device's mean BPR loss of its history against uniform negatives it has not had,
     drawn per device from its own generator with its own length, so the result does not depend on the
-    batch. Returns the scores ``(A, n_items)`` and the fitted vectors ``(A, dim)``.
+    batch. The arithmetic runs on ``device`` (default the CPU; the draws are made on the CPU either way).
+    Returns the scores ``(A, n_items)`` and the fitted vectors ``(A, dim)``.
     """
     V, A = item_table.shape[0], len(histories)
-    items_t = torch.from_numpy(np.ascontiguousarray(item_table[:, :dim], dtype=np.float32))
-    bias_t = torch.from_numpy(np.ascontiguousarray(item_table[:, dim], dtype=np.float32))
+    dev = torch.device("cpu") if device is None else device
+    items_t = torch.from_numpy(np.ascontiguousarray(item_table[:, :dim], dtype=np.float32)).to(dev)
+    bias_t = torch.from_numpy(np.ascontiguousarray(item_table[:, dim], dtype=np.float32)).to(dev)
     L = max(1, max(len(h) for h in histories))
     pos = torch.zeros((A, L), dtype=torch.long)
     valid = torch.zeros((A, L))
@@ -162,6 +167,7 @@ def fit_users(item_table: np.ndarray, dim: int, histories: Sequence[np.ndarray],
             cand = np.arange(V)
         draw = torch.randint(0, len(cand), (max(fit_steps, 1), len(h), negatives), generator=g)
         neg[:, a, : len(h)] = torch.from_numpy(cand)[draw]
+    pos, valid, neg, users = pos.to(dev), valid.to(dev), neg.to(dev), users.to(dev)  # drawn on the CPU, as alone
     n_valid = valid.sum(1).clamp(min=1.0)
     if fit_steps and any(len(h) for h in histories):
         users.requires_grad_(True)
@@ -175,7 +181,7 @@ def fit_users(item_table: np.ndarray, dim: int, histories: Sequence[np.ndarray],
             with torch.no_grad():
                 users -= lr * grad * (valid.sum(1, keepdim=True) > 0)
         users = users.detach()
-    return (users @ items_t.T + bias_t).numpy(), users.numpy()
+    return (users @ items_t.T + bias_t).cpu().numpy(), users.cpu().numpy()
 
 
 def bpr_event_grads(item: torch.Tensor, user: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,11 +251,11 @@ def sgd_mf_many(item: torch.Tensor, users: torch.Tensor, items: Sequence[torch.T
     values after its steps. The same arithmetic as ``sgd_mf`` device by device, up to float rounding."""
     if not len(items):
         return []
-    d = users.shape[1]
-    ids = [torch.unique(x, return_inverse=True) for x in items]
+    d, dev = users.shape[1], item.device
+    ids = [torch.unique(x, return_inverse=True) for x in items]  # the bookkeeping on the CPU, the arithmetic on dev
     sizes = torch.tensor([len(u) for u, _ in ids], dtype=torch.long)
     offset = torch.cumsum(sizes, 0) - sizes
-    rows = item[torch.cat([u for u, _ in ids])].clone()  # each device's own copy of its rows
+    rows = item[torch.cat([u for u, _ in ids]).to(dev)].clone()  # each device's own copy of its rows
     local = torch.cat([inv.reshape(x.shape) + offset[j] for j, ((_, inv), x) in enumerate(zip(ids, items, strict=True))])
     owner = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(x) for x in items], dtype=torch.long))
     taken = torch.cat(list(draws), dim=1) < sample_rate
@@ -257,8 +263,9 @@ def sgd_mf_many(item: torch.Tensor, users: torch.Tensor, items: Sequence[torch.T
         ev = torch.nonzero(step).squeeze(1)
         if not len(ev):
             continue
-        idx, who = local[ev], owner[ev]
-        n = torch.bincount(who, minlength=len(items)).to(item.dtype)[who]  # each event's device's batch size
+        idx, who = local[ev].to(dev), owner[ev]
+        n = torch.bincount(who, minlength=len(items)).to(dev, item.dtype)[who.to(dev)]  # its device's batch size
+        who = who.to(dev)
         u = users[who]
         e = rows[idx]  # (b, 1 + K, d + 1)
         s = (e[..., :d] * u.unsqueeze(1)).sum(-1) + e[..., d]
@@ -268,6 +275,7 @@ def sgd_mf_many(item: torch.Tensor, users: torch.Tensor, items: Sequence[torch.T
         g_rows = a.unsqueeze(2) * torch.cat([u, u.new_ones(len(u), 1)], dim=1).unsqueeze(1)
         rows.index_add_(0, idx.reshape(-1), (g_rows * (-lr_item / n)[:, None, None]).reshape(-1, d + 1))
         users.index_add_(0, who, gu * (-lr_user / n)[:, None])
+    rows = rows.cpu()
     return [(u, rows[o:o + m]) for (u, _), o, m in zip(ids, offset.tolist(), sizes.tolist(), strict=True)]
 
 
@@ -278,12 +286,12 @@ def fit_user_mf_many(item: torch.Tensor, users: torch.Tensor, pos: Sequence[torc
     ``pos[a]`` (at least one) against negatives from ``cand[a]``, drawn from ``generators[a]`` as
     :func:`fit_user_mf` draws them (every step's, in order, in one call: the same numbers), so each vector is the one
     its device's own fit gives, up to float rounding (sums in another order)."""
-    d = users.shape[1]
-    n = torch.tensor([len(p) for p in pos])
-    owner = torch.repeat_interleave(torch.arange(len(pos)), n)
+    d, dev = users.shape[1], item.device
+    n = torch.tensor([len(p) for p in pos], device=dev)
+    owner = torch.repeat_interleave(torch.arange(len(pos), device=dev), n)
     neg = torch.cat([c[torch.randint(0, len(c), (steps, len(p), negatives), generator=g)]
-                     for p, c, g in zip(pos, cand, generators, strict=True)], dim=1)  # (steps, N, K)
-    e_pos = item[torch.cat(list(pos))]  # (N, d+1)
+                     for p, c, g in zip(pos, cand, generators, strict=True)], dim=1).to(dev)  # (steps, N, K)
+    e_pos = item[torch.cat(list(pos)).to(dev)]  # (N, d+1)
     scale = (-lr / n.to(users.dtype))[owner].unsqueeze(1)
     for t in range(steps):
         e_neg = item[neg[t]]  # (N, K, d+1)
