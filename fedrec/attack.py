@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .server_aggregate import scaled
+
 
 def device_subset(n_devices: int, share: float, seed: int, salt: int) -> frozenset[int]:
     """``round(share * n_devices)`` devices drawn from the run's seed (``salt`` names the purpose)."""
@@ -44,8 +46,9 @@ def poisoned(items: np.ndarray, target: int) -> np.ndarray:
     return np.full(len(items), target, dtype=items.dtype)
 
 
-def boosted(delta: dict[str, np.ndarray], boost: float) -> dict[str, np.ndarray]:
-    """A fake device's delta scaled by ``boost`` (model-replacement boosting; 1 leaves it as it is)."""
+def boosted(delta: dict, boost: float) -> dict:
+    """A fake device's delta (dense tables, or sparse rows) scaled by ``boost`` (model-replacement boosting; 1
+    leaves it as it is)."""
     if boost == 1.0:
         return delta
-    return {k: (v * boost).astype(np.float32) for k, v in delta.items()}
+    return {k: scaled(v, boost) for k, v in delta.items()}

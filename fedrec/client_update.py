@@ -20,6 +20,7 @@ from .models.base import RecModel
 from .privacy.accounting import epsilon, event_accountant, graph_records
 from .privacy.user_level import clip_delta
 from .server_aggregate import node_device
+from .wire import wire_mode
 
 
 def device_seed(seed: int, device: int, round_: int, stream: int = 0, *, secret: int = 0) -> int:
@@ -271,14 +272,28 @@ def train_batch(model: RecModel, global_state: dict[str, np.ndarray], preps: lis
     user = user.cpu()
     out = []
     for j, p in enumerate(preps):
-        ids, after = rows[j]
-        full = table.clone()
-        full[ids] = after
-        delta, local, preclip, clipped = _delta({name: full}, {name: table}, {model.local_names[0]: user[j:j + 1]},
-                                                cfg)
-        out.append((cfg.steps if p.train.any() else 0, delta, local, preclip, clipped,
-                    _row_counts(p.items[p.train], cfg)))
+        delta, preclip, clipped = _rows_delta(name, table, *rows[j], cfg)
+        out.append((cfg.steps if p.train.any() else 0, delta, {model.local_names[0]: user[j:j + 1].numpy().copy()},
+                    preclip, clipped, _row_counts(p.items[p.train], cfg)))
     return out
+
+
+def _rows_delta(name: str, table: torch.Tensor, ids: torch.Tensor, after: torch.Tensor, cfg: RunConfig
+                ) -> tuple[dict, float, bool]:
+    """:func:`_delta` of a table that changed on rows ``ids`` alone (to ``after``), read from those rows only: the
+    rows that moved, clipped under user-level DP, as sparse rows where the wire sends them so (the same ids and rows
+    the wire takes from the dense delta), else the dense delta."""
+    moved = (after - table[ids]).numpy()
+    keep = np.any(moved != 0, axis=1)
+    delta: dict = {name: (ids.numpy()[keep], moved[keep])}
+    preclip, clipped = 0.0, False
+    if cfg.user_dp:
+        delta, preclip, clipped = clip_delta(delta, cfg.clip)
+    if wire_mode(cfg.wire, cfg.privacy) != "sparse":
+        dense = np.zeros(tuple(table.shape), np.float32)
+        dense[delta[name][0]] = delta[name][1]
+        delta = {name: dense}
+    return delta, preclip, clipped
 
 
 def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarray, rounds: np.ndarray,

@@ -39,6 +39,13 @@ def node_device(name: str = "auto") -> torch.device:
     return pick_device(name) if name.startswith("cuda") and torch.cuda.is_available() else torch.device("cpu")
 
 
+def scaled(v: Dense | Sparse, scale: float) -> Dense | Sparse:
+    """One table of a delta (dense, or sparse rows) times ``scale``, in new float32 arrays."""
+    if isinstance(v, tuple):
+        return v[0], np.asarray(scaled(v[1], scale))
+    return v.astype(np.float32, copy=True) if scale == 1.0 else (v * scale).astype(np.float32)
+
+
 def delta_nbytes(delta: Delta) -> int:
     """Bytes a delta carries (ids and rows for sparse tables)."""
     return sum(v[0].nbytes + v[1].nbytes if isinstance(v, tuple) else v.nbytes for v in delta.values())

@@ -13,9 +13,21 @@ from fedrec.data.world import WorldSpec, make_world
 from fedrec.device_round import DeviceData, train_devices
 from fedrec.messages import RoundInstruction
 from fedrec.models import build_model
+from fedrec.wire import encode_delta
 
 
-@pytest.mark.parametrize("privacy, extra", [("none", {}), ("user", {}), ("none", {"row_average": True})])
+def _dense(delta: dict, table: dict) -> np.ndarray:
+    """A batched device's item-table delta as a dense array (the batch sends the rows that moved)."""
+    v = delta["item.weight"]
+    if not isinstance(v, tuple):
+        return v
+    out = np.zeros_like(table["item.weight"])
+    out[v[0]] = v[1]
+    return out
+
+
+@pytest.mark.parametrize("privacy, extra", [("none", {}), ("user", {}), ("none", {"row_average": True}),
+                                            ("user", {"wire": "dense"})])
 def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
     """Devices new and with state (trained before: their replayed windows), with and without a user-level clip,
     per-row averaging's row counts, and a device with no events yet (no steps)."""
@@ -43,7 +55,9 @@ def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
         for dev, many in zip(devs, got, strict=True):
             assert not isinstance(many, Exception), many
             ref = one[dev.device]
-            np.testing.assert_allclose(many.delta["item.weight"], ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(_dense(many.delta, table), ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
+            sent, ref_sent = encode_delta(many.delta, "sparse"), encode_delta(ref.delta, "sparse")
+            np.testing.assert_array_equal(sent["item.weight.ids"], ref_sent["item.weight.ids"])  # the same rows sent
             np.testing.assert_allclose(many.state.local["user.weight"], ref.state.local["user.weight"], rtol=1e-4,
                                        atol=1e-7)
             assert (many.steps, many.n_train, many.n_new, many.clipped) == (ref.steps, ref.n_train, ref.n_new,
@@ -64,7 +78,7 @@ def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
         assert one[99].steps == 0 and not np.abs(one[99].delta["item.weight"]).any()
         if privacy == "user":
             assert any(one[d].clipped for d in devices)
-        if extra:
+        if extra.get("row_average"):
             assert all(one[d].row_counts is not None for d in devices)
 
 
@@ -83,7 +97,7 @@ def test_a_failing_device_fails_alone_in_a_batch():
     for j in (0, 2, 3):
         ref = client_update(model, table, DeviceState(), devs[j].items, devs[j].rounds, 1, cfg, device_id=j,
                             noise_multiplier=0.0)
-        np.testing.assert_allclose(got[j].delta["item.weight"], ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(_dense(got[j].delta, table), ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
 
 
 
@@ -158,4 +172,4 @@ def test_a_node_without_a_gpu_runs_its_batch_on_the_cpu():
     got = [train_devices(model, table, devs, RunConfig(privacy="none", dim=4, seed=3, device=dev),
                          RoundInstruction(1, tuple(range(12))), [None] * 12) for dev in ("cpu", "cuda")]
     for a, b in zip(*got, strict=True):
-        np.testing.assert_array_equal(a.delta["item.weight"], b.delta["item.weight"])
+        np.testing.assert_array_equal(_dense(a.delta, table), _dense(b.delta, table))

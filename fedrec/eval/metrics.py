@@ -145,16 +145,20 @@ def prequential_counts(
     live = scores[~seen]
     live = live[~np.isnan(live)]  # a score that is not a number ranks above nothing (as in event_counts)
     # items scoring >= the target among those not seen before (the target itself among them) ...
-    if len(items) <= 8:  # a few targets: one comparison pass each beats sorting the catalogue
-        ranks = (live[None, :] >= s[:, None]).sum(axis=1) - 1
-    else:
-        live = np.sort(live)
-        ranks = len(live) - np.searchsorted(live, s, side="left") - 1
+    ranks = _at_least(live, s, k + len(items)) - 1
     # ... less the earlier new events, which the user already had by then
     earlier = np.tri(len(items), k=-1, dtype=bool)
     ranks -= (earlier & (s[None, :] >= s[:, None])).sum(axis=1)
     hit = (ranks < k) & np.isfinite(s)
     return PrequentialCounts(int(len(items)), float(hit.sum()), float((1.0 / np.log2(ranks[hit] + 2)).sum()))
+
+
+def _at_least(live: np.ndarray, s: np.ndarray, m: int) -> np.ndarray:
+    """For each of ``s``, how many of ``live`` are >= it, exactly while fewer than ``m`` are (else ``m`` or more:
+    at least ``m``). Only the ``m`` largest of ``live`` are compared, found by one partition of the catalogue."""
+    if m < len(live):
+        live = np.partition(live, len(live) - m)[len(live) - m:]
+    return (live[None, :] >= s[:, None]).sum(axis=1)
 
 
 def event_counts(scores: np.ndarray, seen: np.ndarray, new_items: Sequence[int] | np.ndarray, k: int

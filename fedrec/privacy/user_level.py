@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedrec.server_aggregate import weighted_sum
+from fedrec.server_aggregate import scaled, weighted_sum
 
 
 def delta_norm(delta) -> float:
@@ -27,18 +27,17 @@ def delta_norm(delta) -> float:
                              for v in delta.values())))
 
 
-def clip_delta(delta: dict[str, np.ndarray], clip: float) -> tuple[dict[str, np.ndarray], float, bool]:
-    """Scale ``delta`` (all global parameters together) to L2 norm <= ``clip``.
+def clip_delta(delta: dict, clip: float) -> tuple[dict, float, bool]:
+    """Scale ``delta`` (all global parameters together; a table may be sparse rows ``(ids, rows)``) to L2 norm
+    <= ``clip``.
 
     Returns the clipped delta, the norm before clipping and whether it was clipped.
     """
     if not clip > 0:  # NaN fails too
         raise ValueError("The clipping norm should be a positive value.")
     norm = delta_norm(delta)
-    if norm <= clip:
-        return {k: v.astype(np.float32, copy=True) for k, v in delta.items()}, norm, False
-    scale = clip / norm
-    return {k: (v * scale).astype(np.float32) for k, v in delta.items()}, norm, True
+    scale = 1.0 if norm <= clip else clip / norm
+    return {k: scaled(v, scale) for k, v in delta.items()}, norm, norm > clip
 
 
 def poisson_cohort(population: Sequence[int], rate: float, rng: np.random.Generator) -> list[int]:
