@@ -283,17 +283,17 @@ def _rows_delta(name: str, table: torch.Tensor, ids: torch.Tensor, after: torch.
     """:func:`_delta` of a table that changed on rows ``ids`` alone (to ``after``), read from those rows only: the
     rows that moved, clipped under user-level DP, as sparse rows where the wire sends them so (the same ids and rows
     the wire takes from the dense delta), else the dense delta."""
-    moved = (after - table[ids]).numpy()
-    keep = np.any(moved != 0, axis=1)
-    delta: dict = {name: (ids.numpy()[keep], moved[keep])}
+    delta: dict = {name: (ids.numpy(), (after - table[ids]).numpy())}
     preclip, clipped = 0.0, False
     if cfg.user_dp:
         delta, preclip, clipped = clip_delta(delta, cfg.clip)
-    if wire_mode(cfg.wire, cfg.privacy) != "sparse":
-        dense = np.zeros(tuple(table.shape), np.float32)
-        dense[delta[name][0]] = delta[name][1]
-        delta = {name: dense}
-    return delta, preclip, clipped
+    at, moved = delta[name]
+    if wire_mode(cfg.wire, cfg.privacy) == "sparse":  # the rows still nonzero after the clip, as the dense wire's
+        keep = np.any(moved != 0, axis=1)
+        return {name: (at[keep], moved[keep])}, preclip, clipped
+    dense = np.zeros(tuple(table.shape), np.float32)
+    dense[at] = moved
+    return {name: dense}, preclip, clipped
 
 
 def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarray, rounds: np.ndarray,

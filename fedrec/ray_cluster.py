@@ -10,6 +10,7 @@ cluster whose head is there, and Ray schedules the nodes' work over every machin
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -54,7 +55,7 @@ def backend_config(nodes: int, address: str, gpus: int = 0) -> dict[str, Any]:
         init.update(num_cpus=nodes, _node_ip_address="127.0.0.1")
         if gpus:
             init["num_gpus"] = gpus
-            share = min(1.0, gpus / nodes)
+            share = 1.0 / math.ceil(nodes / gpus)  # a share Ray can place whole on one GPU, for every actor
     return {"client_resources": {"num_cpus": 1, "num_gpus": share}, "init_args": init}
 
 

@@ -36,7 +36,10 @@ def node_device(name: str = "auto") -> torch.device:
     """Where a node runs its devices' batched arithmetic: on CUDA only when ``device`` names it and the node sees a
     GPU (a Ray actor given none sees none); ``auto`` keeps it on the CPU, where it ran as fast as on an H200, the
     node's per-device work being on the CPU either way (docs/performance.md, ``benchmarks/bench_cuda.py``)."""
-    return pick_device(name) if name.startswith("cuda") and torch.cuda.is_available() else torch.device("cpu")
+    if not (name.startswith("cuda") and torch.cuda.is_available()):
+        return torch.device("cpu")
+    dev = torch.device(name)  # a Ray actor sees its share of the GPUs renumbered from 0: an index past them is its own
+    return dev if dev.index is None or dev.index < torch.cuda.device_count() else torch.device("cuda")
 
 
 def scaled(v: Dense | Sparse, scale: float) -> Dense | Sparse:

@@ -58,6 +58,7 @@ def test_the_backend_config_starts_a_loopback_ray_or_joins_a_cluster(monkeypatch
     shared = backend_config(4, "", gpus=1)  # a local Ray's GPU shared by its node actors
     assert shared["client_resources"]["num_gpus"] == 0.25 and shared["init_args"]["num_gpus"] == 1
     assert backend_config(2, "", gpus=4)["client_resources"]["num_gpus"] == 1.0
+    assert backend_config(4, "", gpus=3)["client_resources"]["num_gpus"] == 0.5  # whole on one GPU: 4 actors fit
     assert backend_config(3, "10.0.0.5:6379", gpus=1)["client_resources"]["num_gpus"] == 0.0
     assert node_gpus("cpu") == 0 and node_gpus("auto") == 0  # auto keeps a node's devices on the CPU
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

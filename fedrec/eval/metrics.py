@@ -156,7 +156,7 @@ def prequential_counts(
 def _at_least(live: np.ndarray, s: np.ndarray, m: int) -> np.ndarray:
     """For each of ``s``, how many of ``live`` are >= it, exactly while fewer than ``m`` are (else ``m`` or more:
     at least ``m``). Only the ``m`` largest of ``live`` are compared, found by one partition of the catalogue."""
-    if m < len(live):
+    if 0 < m < len(live):
         live = np.partition(live, len(live) - m)[len(live) - m:]
     return (live[None, :] >= s[:, None]).sum(axis=1)
 

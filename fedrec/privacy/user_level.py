@@ -37,7 +37,7 @@ def clip_delta(delta: dict, clip: float) -> tuple[dict, float, bool]:
         raise ValueError("The clipping norm should be a positive value.")
     norm = delta_norm(delta)
     scale = 1.0 if norm <= clip else clip / norm
-    return {k: scaled(v, scale) for k, v in delta.items()}, norm, norm > clip
+    return {k: scaled(v, scale) for k, v in delta.items()}, norm, not norm <= clip
 
 
 def poisson_cohort(population: Sequence[int], rate: float, rng: np.random.Generator) -> list[int]:
