@@ -108,15 +108,11 @@ def serve(msg: Message, context: Context) -> Message:
 
 def handle(global_state: dict[str, np.ndarray], conf: dict, ins: RoundInstruction, context: Context, *,
            train: bool = True, serve: bool = True) -> NodeReply:
-    """One round on this node: the devices in ``ins.devices`` train; every hosted device is served. A node takes
-    one torch thread (a Ray actor its one CPU, a deployed SuperNode its share of a machine), except in the
-    in-process engine, whose nodes run one after another and so take the process's threads."""
+    """One round on this node: the devices in ``ins.devices`` train; every hosted device is served."""
+    torch.set_num_threads(1)
     cfg = run_config(conf)
-    deployed = store_path(context)
-    if deployed or cfg.engine != "local":
-        torch.set_num_threads(1)
     serve = serve and cfg.serve_eval
-    if deployed:
+    if store_path(context):
         return _train_store(global_state, ins, context, cfg, train=train, serve=serve)
     return train_shard(global_state, ins, context, cfg, train=train, serve=serve)
 
