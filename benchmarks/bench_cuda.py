@@ -76,10 +76,13 @@ def _node(n_devices: int, items: int, seed: int):
 def _train_diff(a: list, b: list) -> float:
     worst = 0.0
     for x, y in zip(a, b, strict=True):
-        for k in ("delta",):
-            for name in getattr(x, k):
-                worst = max(worst, float(np.abs(np.asarray(getattr(x, k)[name]) - np.asarray(getattr(y, k)[name]))
-                                         .max(initial=0.0)))
+        for name, v in x.delta.items():
+            w = y.delta[name]
+            if isinstance(v, tuple):  # sparse rows: the same rows, then their values
+                if not np.array_equal(v[0], w[0]):
+                    return float("inf")
+                v, w = v[1], w[1]
+            worst = max(worst, float(np.abs(np.asarray(v) - np.asarray(w)).max(initial=0.0)))
         worst = max(worst, float(np.abs(x.state.local["user.weight"] - y.state.local["user.weight"]).max()))
     return worst
 
