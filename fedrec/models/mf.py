@@ -264,7 +264,7 @@ def sgd_mf_many(item: torch.Tensor, users: torch.Tensor, items: Sequence[torch.T
         if not len(ev):
             continue
         idx, who = local[ev].to(dev), owner[ev]
-        n = torch.bincount(who, minlength=len(items)).to(dev, item.dtype)[who.to(dev)]  # its device's batch size
+        n = torch.bincount(who, minlength=len(items)).to(item.dtype)[who].to(dev)  # each event's device's batch size
         who = who.to(dev)
         u = users[who]
         e = rows[idx]  # (b, 1 + K, d + 1)
