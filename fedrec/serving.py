@@ -94,14 +94,17 @@ def standardised(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) - mean * mean).clamp(max=1e12)
 
 
-def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, start: torch.Tensor,
+def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, start: torch.Tensor | None,
                  zmodel: torch.Tensor | None = None, content: torch.Tensor | None = None) -> torch.Tensor:
     """The per-event scores under the blend ``name`` (see :data:`~fedrec.eval.metrics.BLENDS`): ``session``
-    (the graph's rows, or None), ``model`` (the model's instant rows), ``start`` (its round-start row),
+    (the graph's rows, or None), ``model`` (the model's instant rows), ``start`` (its round-start row; None: the
+    caller ranks ``start`` itself),
     ``content`` (the features blend's rows, or None: it then ranks as the graph alone); ``zmodel``:
     ``standardised(model)`` when the caller has it. A row's ranking is all that matters, so a blend of one
     source ranks by that source as it is."""
     if name == "start":
+        if start is None:
+            raise ValueError("The blend 'start' needs the round-start row.")
         return start.expand_as(model)
     if session is None or name == "model":
         return model
@@ -110,7 +113,7 @@ def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, s
     weight = float(name.partition("+")[2] or 0.0)
     if not weight:
         return session
-    return session + weight * (zmodel if zmodel is not None else standardised(model))
+    return torch.add(session, zmodel if zmodel is not None else standardised(model), alpha=weight)  # one pass
 
 
 def event_rows(model: RecModel, blocks: list[EventBlock], graph: Mapping[str, torch.Tensor] | None,
@@ -171,15 +174,17 @@ def _per_event(model: RecModel, devices: list[ServeInput], vectors: list[np.ndar
         rows, session, content = event_rows(model, [(p.history, p.new, vectors[p.index]) for p in chunk], graph,
                                             context)
         ranked = EventRows([(p.history, p.new) for p in chunk], model.n_items, trailing=True)
-        start = torch.from_numpy(np.stack([np.asarray(starts[p.index], np.float32) for p in chunk]))
-        start = start.repeat_interleave(torch.from_numpy(ranked.lens), dim=0)
+        starts_ = np.stack([np.asarray(starts[p.index], np.float32) for p in chunk])  # a row per piece, not per event
         zmodel = standardised(rows) if session is not None else None
         for j, name in enumerate(BLENDS):
-            scores = blend_scores(name, session, rows, start, zmodel, content).numpy()
-            for p, c, end in zip(chunk, ranked.counts(scores, k), ranked.ends, strict=True):
+            if j == START:
+                scores, last = starts_, np.arange(len(chunk))
+            else:
+                scores, last = blend_scores(name, session, rows, None, zmodel, content).numpy(), ranked.ends - 1
+            for i, (p, c) in enumerate(zip(chunk, ranked.counts(scores, k, per_block=j == START), strict=True)):
                 out[p.index][0][j].add(c)
                 if j == blend and p.last:
-                    out[p.index] = (out[p.index][0], scores[end - 1].copy())
+                    out[p.index] = (out[p.index][0], scores[last[i]].copy())
     return out
 
 

@@ -16,7 +16,22 @@ from fedrec.data.features import beside, item_features, load_item_features, worl
 from fedrec.data.loaders import load_events
 from fedrec.data.world import WorldSpec, make_world
 from fedrec.eval.metrics import BLENDS
-from fedrec.itemgraph import COUNTS, FEATURES, ItemGraph, Pairs, contexts, feature_match, graph_scores, session_scores
+from fedrec.itemgraph import (
+    COUNTS,
+    DISTINCT,
+    FEATURE_BETA,
+    FEATURE_SHARP,
+    FEATURES,
+    PRIOR,
+    PROFILES,
+    ItemGraph,
+    Pairs,
+    contexts,
+    feature_match,
+    graph_scores,
+    prepare,
+    session_scores,
+)
 from fedrec.serving import blend_scores
 
 RATINGS = "userId,movieId,rating,timestamp\n" + "".join(
@@ -124,6 +139,31 @@ def test_the_features_blend_ranks_the_counts_within_the_contexts_features():
     assert "features" in BLENDS
     assert torch.equal(blend_scores("features", session, model, start, None, content), content)
     assert torch.equal(blend_scores("features", session, model, start), session)
+
+
+def test_items_that_share_a_feature_list_are_matched_once_with_the_same_scores():
+    rng = np.random.default_rng(5)
+    n, lists = 400, rng.random((12, 6)) * (rng.random((12, 6)) < 0.4)  # 400 items, 12 distinct lists
+    lists /= np.maximum(np.linalg.norm(lists, axis=1, keepdims=True), 1e-12)
+    feats = lists[rng.integers(0, 12, n)].astype(np.float32)
+    profiles = feats.copy()
+    profiles[:300] = rng.random((300, 6))  # learned profiles: mostly distinct, so matched item by item
+    table = {"graph.ids": rng.integers(0, n, (n, 4)).astype(np.int32), "graph.sim": rng.random((n, 4), np.float32),
+             "graph.prior": rng.random(n).astype(np.float32), FEATURES: feats, COUNTS: rng.random(n).astype(np.float32)}
+    ctx, w = contexts(rng.integers(0, n, 30), rng.integers(0, n, 20), 5)
+    prepared = prepare(table)
+    assert len(prepared[FEATURES + DISTINCT]) == len(np.unique(feats, axis=0)) <= 12
+    session, content = graph_scores(prepared, ctx, w)
+    c, wt = torch.from_numpy(np.maximum(ctx, 0)), torch.from_numpy(w).float()
+    listed = torch.exp(FEATURE_BETA * (feature_match(torch.from_numpy(feats), c, wt) - 1))
+    plain = session_scores({k: table[k] for k in ("graph.ids", "graph.sim", "graph.prior")}, ctx, w)
+    assert torch.allclose(session - plain, PRIOR * (listed - 1) * prepared["graph.prior"], atol=1e-6)
+    assert torch.allclose(content, torch.exp(FEATURE_SHARP * (feature_match(torch.from_numpy(feats), c, wt) - 1))
+                          * prepared[COUNTS], atol=1e-6)
+    with_profiles = prepare(table | {PROFILES: profiles})
+    assert len(with_profiles[PROFILES + DISTINCT]) > n / 2  # 300 of 400 rows distinct: matched item by item
+    learned = torch.exp(FEATURE_SHARP * (feature_match(torch.from_numpy(profiles), c, wt) - 1))
+    assert torch.allclose(graph_scores(with_profiles, ctx, w)[1], learned * prepared[COUNTS], atol=1e-6)
 
 
 def test_the_published_counts_are_the_graphs_all_time_counts_clamped():

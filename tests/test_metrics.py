@@ -317,3 +317,18 @@ def test_event_rows_rank_each_block_as_event_counts_does(monkeypatch, short):
         want = event_counts(scores[at:at + len(new)], seen, new, 5)
         at += len(new)
         assert (c.n, c.hits) == (want.n, want.hits) and c.ndcg == pytest.approx(want.ndcg)
+
+
+def test_one_row_per_block_ranks_as_that_row_repeated_for_its_events():
+    """The round-start blend's rows: one per block, ranked as if repeated for every event (and trailing row)."""
+    from fedrec.eval.metrics import EventRows
+
+    rng = np.random.default_rng(4)
+    blocks = [(rng.integers(0, 40, rng.integers(0, 9)), rng.integers(0, 40, n)) for n in (3, 0, 7, 1, 25)]
+    ranked = EventRows(blocks, 40, trailing=True)
+    per_block = rng.integers(0, 5, (len(blocks), 40)).astype(np.float32)  # many ties
+    per_block[0, 3] = np.nan
+    got = ranked.counts(per_block, 4, per_block=True)
+    want = ranked.counts(np.repeat(per_block, ranked.lens, axis=0), 4)
+    assert [(c.n, c.hits, c.ndcg) for c in got] == [(c.n, c.hits, c.ndcg) for c in want]
+    assert sum(c.hits for c in got) > 0

@@ -241,13 +241,14 @@ class EventRows:
         self.targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
         self.open = ~self.had  # what each row ranks its target among (made once for every blend scored)
 
-    def counts(self, scores: np.ndarray, k: int) -> list[PrequentialCounts]:
-        """Each block's counts from ``scores`` (one row per row of the blocks, ``(rows, n_items)``)."""
+    def counts(self, scores: np.ndarray, k: int, *, per_block: bool = False) -> list[PrequentialCounts]:
+        """Each block's counts from ``scores`` (one row per row of the blocks, ``(rows, n_items)``; with
+        ``per_block`` one row per block, ``(blocks, n_items)``, that ranks every event of its block)."""
         at = np.arange(len(self.targets))
         t = np.maximum(self.targets, 0)
-        s = scores[at, t]
+        s = scores[np.repeat(np.arange(len(self.lens)), self.lens) if per_block else at, t]
         scored = (self.targets >= 0) & ~self.had[at, t]
-        ranks = np.count_nonzero((scores >= s[:, None]) & self.open, axis=1) - 1
+        ranks = self._above(scores, s, per_block) - 1
         hit = scored & (ranks < k) & np.isfinite(s)
         ndcg = np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2), 0.0)
         sums = np.zeros((3, len(self.lens)))
@@ -256,4 +257,20 @@ class EventRows:
             sums[:, some] = [np.add.reduceat(x.astype(np.float64), (self.ends - self.lens)[some])
                              for x in (scored, hit, ndcg)]
         return [PrequentialCounts(int(a), float(b), float(c)) for a, b, c in sums.T]
+
+    def _above(self, scores: np.ndarray, s: np.ndarray, per_block: bool) -> np.ndarray:
+        """Each row's open items scored at least its target's ``s``: the mask made in place and counted as bytes
+        (twice as fast as ``count_nonzero`` of a new mask); ``per_block``: each block's row against its rows' targets,
+        without a copy of the row for each."""
+        if not per_block:
+            above = scores >= s[:, None]
+            above &= self.open
+            return np.asarray(np.sum(above.view(np.uint8), axis=1, dtype=np.int32), np.int64)
+        out = np.zeros(len(s), np.int64)
+        for b, (end, m) in enumerate(zip(self.ends, self.lens, strict=True)):
+            if m:
+                above = scores[b] >= s[end - m:end, None]
+                above &= self.open[end - m:end]
+                out[end - m:end] = np.sum(above.view(np.uint8), axis=1, dtype=np.int32)
+        return out
 
