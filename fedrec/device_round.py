@@ -114,7 +114,7 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
     for n, j in enumerate(ready):  # a batch that fails as a whole: each device alone, from its own start
         out[j] = _caught(one[j]) if isinstance(trained, Exception) else _caught(
             finish_update, out[j], cfg, *trained[n], noise_multiplier=ins.noise_multiplier,
-            affinities=PROFILES in global_state)
+            affinities=PROFILES in global_state, version=params)
     return out
 
 

@@ -59,6 +59,10 @@ class RecModel(nn.Module):
     local_names: tuple[str, ...] = ()
     uses_history: bool = False
     uses_features: bool = False  #: reads the run's public item features (:meth:`set_features`)
+    #: a non-private local step's gradient (every parameter together) is scaled down to at most this L2 norm (None:
+    #: not bounded). Models whose scores multiply several trained layers set it: plain SGD at the run's lr lets
+    #: their products grow step by step until a device's update diverges (under DP every event is clipped already)
+    max_grad_norm: float | None = None
     n_items: int
 
     def check_partition(self) -> None:
@@ -160,6 +164,8 @@ class RecModel(nn.Module):
             for p, _ in groups:
                 p.grad = None
             crit(score_diff(self, *(t[take] for t in batch)), weight[take]).backward()
+            if self.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_([p for p, _ in groups], self.max_grad_norm)
             sgd_step(groups)
 
     def clipped_release(self, batch: tuple[torch.Tensor, ...], *, sample_rate: float, lr_global: float,
