@@ -132,10 +132,8 @@ def client_update(
                          version=global_state)
 
 
-#: a device whose delta (before any user-level clip) is more than this many times the L2 norm of the version it
-#: started from, or not finite, diverged in its local steps (seen with ``deepfm`` at lr 1: one device of 150 in a
-#: round, its delta 1e16 after ten steps). It sends nothing that round and keeps its state from before, as any
-#: device that fails; one such delta would otherwise wreck the next version for everyone.
+#: a device whose delta is more than this many times the L2 norm of the version it started from, or not finite, diverged
+#: in its local steps: it sends nothing that round and keeps its state from before (docs/robustness.md says why)
 DIVERGED = 100.0
 
 
@@ -145,14 +143,17 @@ class DivergedUpdate(RuntimeError):
 
 def check_converged(delta: dict, preclip: float, version: Mapping[str, np.ndarray], cfg: RunConfig) -> None:
     """Raise :class:`DivergedUpdate` for a delta that is not finite or larger than :data:`DIVERGED` times the version
-    (floored at 1). Not under event-level DP: its steps are clipped per event, and on a device with few events its
-    noise alone may be that large. ``preclip``: the norm before a user-level clip (0: compute it)."""
-    if cfg.event_dp or cfg.aggregate_noise:
+    (floored at 1). Under user-level DP (``preclip``: the norm before the clip) only a norm that is not finite: the
+    clip bounds any other. Not under event-level DP: its steps are clipped per event, and on a device with few events
+    its noise alone may be that large."""
+    if cfg.event_dp:
         return
     norm = preclip if cfg.user_dp else delta_norm(delta)
-    if norm <= DIVERGED:  # within the floor: no need to read the version
+    if cfg.user_dp or norm <= DIVERGED:  # within the floor: no need to read the version
+        if not np.isfinite(norm):
+            raise DivergedUpdate(f"its local steps diverged: a delta of norm {norm}; it sends nothing this round")
         return
-    scale = max(delta_norm({k: np.asarray(version[k]) for k in delta if k in version}), 1.0)
+    scale = max(delta_norm({k: np.asarray(version[k]) for k in delta}), 1.0)
     if not norm <= DIVERGED * scale:  # NaN fails too
         raise DivergedUpdate(f"its local steps diverged: a delta of norm {norm:.3g}, more than {DIVERGED:g} times "
                              f"the version's {scale:.3g}; it sends nothing this round")

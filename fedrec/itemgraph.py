@@ -520,8 +520,8 @@ def top_neighbours(S: sp.csr_matrix, neighbours: int) -> tuple[np.ndarray, np.nd
     size = np.diff(S.indptr)
     light = np.repeat(size <= N, size)  # the entries of rows that keep all they have: placed at once
     row = np.repeat(np.arange(V), size)[light]
-    slot = (np.arange(len(S.indices)) - np.repeat(S.indptr[:-1], size))[light]
-    ids[row, slot], sim[row, slot] = S.indices[light], S.data[light]
+    slot = (np.arange(S.indptr[-1]) - np.repeat(S.indptr[:-1], size))[light]
+    ids[row, slot], sim[row, slot] = S.indices[: S.indptr[-1]][light], S.data[: S.indptr[-1]][light]
     for i in np.flatnonzero(size > N):
         lo, hi = S.indptr[i], S.indptr[i + 1]
         top = np.argpartition(-S.data[lo:hi], N - 1)[:N]
@@ -567,7 +567,7 @@ def _distinct(graph: Mapping[str, np.ndarray | torch.Tensor], key: str, table: t
     """``key``'s distinct rows and each item's index among them (taken from ``graph`` where it was prepared already).
     Many items share one genre list or topic; where the distinct rows are at most half the items, a match to the
     context is computed once per row (:func:`_sharpened_match`)."""
-    if key + DISTINCT in graph:
+    if key + DISTINCT in graph and graph[key] is table:  # prepared with this very table
         return {key + DISTINCT: torch.as_tensor(graph[key + DISTINCT]), key + OF: torch.as_tensor(graph[key + OF])}
     a = np.ascontiguousarray(table.numpy())
     if not a.size:

@@ -174,11 +174,11 @@ def _per_event(model: RecModel, devices: list[ServeInput], vectors: list[np.ndar
         rows, session, content = event_rows(model, [(p.history, p.new, vectors[p.index]) for p in chunk], graph,
                                             context)
         ranked = EventRows([(p.history, p.new) for p in chunk], model.n_items, trailing=True)
-        starts_ = np.stack([np.asarray(starts[p.index], np.float32) for p in chunk])  # a row per piece, not per event
+        start_rows = np.stack([np.asarray(starts[p.index], np.float32) for p in chunk])  # a row per piece, not per event
         zmodel = standardised(rows) if session is not None else None
         for j, name in enumerate(BLENDS):
             if j == START:
-                scores, last = starts_, np.arange(len(chunk))
+                scores, last = start_rows, np.arange(len(chunk))
             else:
                 scores, last = blend_scores(name, session, rows, None, zmodel, content).numpy(), ranked.ends - 1
             for i, (p, c) in enumerate(zip(chunk, ranked.counts(scores, k, per_block=j == START), strict=True)):

@@ -100,6 +100,9 @@ def test_batched_per_event_counts_equal_each_events_own_rank(monkeypatch):
         np.testing.assert_allclose(res.next_scores, rows[-1], atol=1e-6)
     alone = [serve_round(table, 4, [d], {}, **{**KW, "k": k})[0] for d in devs]
     assert [a.counts for a in alone] == [g.counts for g in got]
+    # served the round-start blend (ranked from one row per piece), a device's last row is its round-start row
+    for res in serve_round(table, 4, devs, {}, **{**KW, "k": k}, blend=BLENDS.index("start")):
+        np.testing.assert_allclose(res.next_scores, table[:, :4] @ res.vector + table[:, 4], atol=1e-5)
 
 
 def _simulate(out, **extra):

@@ -244,6 +244,8 @@ class EventRows:
     def counts(self, scores: np.ndarray, k: int, *, per_block: bool = False) -> list[PrequentialCounts]:
         """Each block's counts from ``scores`` (one row per row of the blocks, ``(rows, n_items)``; with
         ``per_block`` one row per block, ``(blocks, n_items)``, that ranks every event of its block)."""
+        if scores.shape[0] != (len(self.lens) if per_block else len(self.targets)):
+            raise ValueError(f"{scores.shape[0]} score rows for {len(self.lens)} blocks of {len(self.targets)} rows.")
         at = np.arange(len(self.targets))
         t = np.maximum(self.targets, 0)
         s = scores[np.repeat(np.arange(len(self.lens)), self.lens) if per_block else at, t]

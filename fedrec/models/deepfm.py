@@ -41,7 +41,7 @@ class DeepFM(RecModel):
                     "out.weight", "out.bias")
     local_names = ("user.weight",)
     uses_features = True
-    max_grad_norm = 3.0  #: chosen on the held-out world seed 3 (1, 3, 10; docs/models.md): unbounded steps at lr 1 diverged
+    max_grad_norm = 3.0  #: chosen on the held-out world seed 3 (docs/robustness.md)
     features: torch.Tensor  #: a buffer: the items' public feature rows
 
     def __init__(self, n_items: int, dim: int, *, generator: torch.Generator | None = None,

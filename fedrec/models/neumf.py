@@ -25,7 +25,7 @@ class NeuMF(RecModel):
 
     global_names = ("item.weight", "mlp1.weight", "mlp1.bias", "mlp2.weight", "mlp2.bias", "out.weight", "out.bias")
     local_names = ("user.weight",)
-    max_grad_norm = 10.0  #: chosen on the held-out world seed 3 (3, 10): unbounded steps at lr 1 diverged (docs/models.md)
+    max_grad_norm = 10.0  #: chosen on the held-out world seed 3 (docs/robustness.md)
 
     def __init__(self, n_items: int, dim: int, *, generator: torch.Generator | None = None,
                  init_scale: float = 0.1) -> None:
