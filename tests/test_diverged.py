@@ -84,3 +84,14 @@ def test_a_deepfm_step_moves_its_parameters_by_at_most_lr_times_its_gradient_bou
     assert moved(None, 1) > 3.5  # the unbounded step is larger than the bound ...
     assert moved(3.0, 1) == pytest.approx(3.0, rel=1e-4)  # ... so the bounded one is exactly at it
     assert moved(3.0, 10) <= 30.0 + 1e-3
+
+
+def test_a_run_whose_every_device_diverges_ends_in_one_sentence(tmp_path, capsys):
+    from fedrec.cli import main
+
+    rc = main(["simulate", "--world-users", "30", "--world-items", "30", "--rounds", "2", "--cohort", "10", "--model",
+               "deepfm", "--lr", "1e6", "--privacy", "none", "--engine", "local", "--nodes", "1", "--no-progress",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("fedrec: Every device failed in round 1; first reason: DivergedUpdate: its local steps")

@@ -104,7 +104,8 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
     cfg, r = fed.cfg, plan.round
     if not got.deltas and not got.late and not late_now and got.failed and not cfg.user_dp \
             and got.presummed is None:  # a refused secure sum is a round without update, not a run error
-        raise FederationError(f"Every device failed in round {r}; first reason: {got.failed[0][1]}")
+        first = str(got.failed[0][1]).strip().splitlines() or [""]  # a node's error may carry its traceback
+        raise FederationError(f"Every device failed in round {r}; first reason: {first[0]}")
     bound(fed, got)
     record_device_releases(fed, ledger, got, r)
     deltas, weights, step, fresh = select(state, got, r)
