@@ -19,7 +19,7 @@ from .eval.metrics import PrequentialCounts, in_topk, prequential_counts
 from .itemgraph import Pairs, device_pairs
 from .models.base import RecModel
 from .privacy.accounting import epsilon, event_accountant, graph_records
-from .privacy.user_level import clip_delta, delta_norm
+from .privacy.user_level import OUTSIZED, clip_delta, delta_norm, outsized_bound
 from .server_aggregate import node_device
 from .wire import wire_mode
 
@@ -132,31 +132,27 @@ def client_update(
                          version=global_state)
 
 
-#: a device whose delta is more than this many times the L2 norm of the version it started from, or not finite, diverged
-#: in its local steps: it sends nothing that round and keeps its state from before (docs/robustness.md says why)
-DIVERGED = 100.0
-
-
 class DivergedUpdate(RuntimeError):
-    """A device's local steps diverged (:data:`DIVERGED`); the message says how far."""
+    """A device's local steps diverged (:data:`~fedrec.privacy.user_level.OUTSIZED`); the message says how far."""
 
 
 def check_converged(delta: dict, preclip: float, version: Mapping[str, np.ndarray], cfg: RunConfig) -> None:
-    """Raise :class:`DivergedUpdate` for a delta that is not finite or larger than :data:`DIVERGED` times the version
-    (floored at 1). Under user-level DP (``preclip``: the norm before the clip) only a norm that is not finite: the
-    clip bounds any other. Not under event-level DP: its steps are clipped per event, and on a device with few events
-    its noise alone may be that large."""
+    """Raise :class:`DivergedUpdate` for a delta that is not finite or larger than :data:`OUTSIZED` times the version
+    it started from (floored at 1): the device sends nothing that round and keeps its state from before. Under
+    user-level DP (``preclip``: the norm before the clip) only a norm that is not finite: the clip bounds any other.
+    Not under event-level DP: its steps are clipped per event, and on a device with few events its noise alone may be
+    that large."""
     if cfg.event_dp:
         return
     norm = preclip if cfg.user_dp else delta_norm(delta)
-    if cfg.user_dp or norm <= DIVERGED:  # within the floor: no need to read the version
+    if cfg.user_dp or norm <= OUTSIZED:  # within the floor: no need to read the version
         if not np.isfinite(norm):
             raise DivergedUpdate(f"its local steps diverged: a delta of norm {norm}; it sends nothing this round")
         return
-    scale = max(delta_norm({k: np.asarray(version[k]) for k in delta}), 1.0)
-    if not norm <= DIVERGED * scale:  # NaN fails too
-        raise DivergedUpdate(f"its local steps diverged: a delta of norm {norm:.3g}, more than {DIVERGED:g} times "
-                             f"the version's {scale:.3g}; it sends nothing this round")
+    most = outsized_bound({k: version[k] for k in delta})
+    if not norm <= most:  # NaN fails too
+        raise DivergedUpdate(f"its local steps diverged: a delta of norm {norm:.3g}, more than {OUTSIZED:g} times "
+                             f"the version's {most / OUTSIZED:.3g}; it sends nothing this round")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedrec.client_update import DIVERGED, DeviceState, DivergedUpdate, check_converged, client_update
+from fedrec.client_update import DeviceState, DivergedUpdate, check_converged, client_update
 from fedrec.config import RunConfig
 from fedrec.data.features import world_features
 from fedrec.data.stream import RoundStream
@@ -16,6 +16,7 @@ from fedrec.data.world import WorldSpec, make_world
 from fedrec.device_round import DeviceData, train_devices
 from fedrec.messages import RoundInstruction
 from fedrec.models import build_model
+from fedrec.privacy.user_level import OUTSIZED
 
 
 def test_the_rule_reads_the_delta_against_the_version_it_started_from():
@@ -27,9 +28,9 @@ def test_the_rule_reads_the_delta_against_the_version_it_started_from():
     with pytest.raises(DivergedUpdate):
         check_converged({"item.weight": (np.array([2]), np.full((1, 3), np.nan, np.float32))}, 0.0, version, cfg)
     tiny = {"item.weight": np.zeros((10, 3), np.float32)}  # the version's norm is floored at 1
-    check_converged({"item.weight": np.full((10, 3), DIVERGED / 6, np.float32)}, 0.0, tiny, cfg)
+    check_converged({"item.weight": np.full((10, 3), OUTSIZED / 6, np.float32)}, 0.0, tiny, cfg)
     with pytest.raises(DivergedUpdate):
-        check_converged({"item.weight": np.full((10, 3), DIVERGED / 5, np.float32)}, 0.0, tiny, cfg)
+        check_converged({"item.weight": np.full((10, 3), OUTSIZED / 5, np.float32)}, 0.0, tiny, cfg)
     # under user-level DP the clip bounds any finite delta: only a norm before it that is not finite fails
     small = {"item.weight": np.full((10, 3), 0.01, np.float32)}
     check_converged(small, 1e6, version, RunConfig(privacy="user"))

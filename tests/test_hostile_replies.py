@@ -202,6 +202,8 @@ _KINDS = {  # kind -> (how node 10 lies, what the failure says)
                                             "does not host"),
     "update for a device not asked": (lambda rd: (rd.__setitem__("delta-2", rd["delta-1"]),
                                                   rd.__setitem__("metrics-2", rd["metrics-1"])), "not asked"),
+    "delta far larger than the model": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": Array(
+        np.full((5, 2), 1e4, np.float32))})), "times the model's"),
     "400 fake served devices": (_serve(list(range(100, 500)), 50), "reported serving 400 devices"),
     "served twice, absurd counts": (_serve([1, 1, 2], 10**9), "reported serving 3 devices"),
 }
@@ -317,7 +319,8 @@ def test_a_claimed_weight_is_cut_to_max_weight():
     _metrics(**{"num-examples": 10**12})(rd)
     assert _collect(rd).weights == [10_000.0]
     assert _collect(rd, Limits(max_weight=7, due_within=2)).weights == [7.0]
-    assert RunConfig().max_weight == 10_000 and Limits.of(RunConfig()) == Limits()
+    assert RunConfig().max_weight == 10_000 and Limits.of(RunConfig(privacy="none")) == Limits()
+    assert not Limits.of(RunConfig()).outsized  # under DP a clip or the events' bounds hold a delta instead
 
 
 def test_an_in_flight_notice_within_the_bound_is_taken():

@@ -21,7 +21,7 @@ from ..asynchrony import Update
 from ..eval.metrics import PrequentialCounts, ServeCounts
 from ..itemgraph import Pairs
 from ..messages import DeviceUpdate, NodeReply, UpdateReport
-from ..privacy.user_level import delta_norm
+from ..privacy.user_level import OUTSIZED, delta_norm, outsized_bound
 from ..wire import decode_delta
 
 
@@ -117,11 +117,15 @@ class Limits:
 
     max_weight: int = 10_000  #: ``max-weight``: an update weighs (and a device serves) at most this many events
     due_within: int = 8  #: an in-flight update is due at most this many rounds after it was asked for
+    #: a delta above :func:`~fedrec.privacy.user_level.outsized_bound` of the model fails (without DP, where nothing
+    #: else bounds it: user-level DP refuses one above the clip, event-level DP's steps are clipped per event)
+    outsized: bool = True
 
     @classmethod
     def of(cls, cfg) -> Limits:
-        """``max-weight``; in-flight updates due within ``max(slow-rounds, max-staleness)`` rounds."""
-        return cls(cfg.max_weight, max(cfg.slow_rounds, cfg.max_staleness, 1))
+        """``max-weight``; in-flight updates due within ``max(slow-rounds, max-staleness)`` rounds; outsized deltas
+        checked without DP."""
+        return cls(cfg.max_weight, max(cfg.slow_rounds, cfg.max_staleness, 1), cfg.privacy == "none")
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
     """
     out, seen, served = Replies(), set[int](), set[int]()
     limits = limits or Limits()
+    most = outsized_bound(gstate) if limits.outsized and clip is None else None
     for rep in replies:
         if rep.body is None:
             out.failed.append((rep.node, rep.error))
@@ -168,7 +173,7 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
                 out.failed.append((u.device, problem))
                 continue
             seen.add(u.device)
-            _take(out, u, rep.asked, round_, gstate, clip, graph, rows, limits.max_weight)
+            _take(out, u, rep.asked, round_, gstate, clip, graph, rows, limits.max_weight, most)
     return out
 
 
@@ -219,7 +224,8 @@ def _foreign(d: int, rep: Reply, home: Mapping[int, int], seen: set[int], *, lat
 
 
 def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
-          clip: float | None, graph: GraphCheck | None, rows: RowCheck | None, max_weight: int) -> None:
+          clip: float | None, graph: GraphCheck | None, rows: RowCheck | None, max_weight: int,
+          most: float | None = None) -> None:
     d, m = u.device, u.report
     try:
         problem = _wire_shapes(u.arrays, gstate)
@@ -229,7 +235,7 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
     except ValueError as e:
         out.failed.append((d, str(e)))
         return
-    problem = validate(delta, gstate, clip)
+    problem = validate(delta, gstate, clip, most)
     pairs, why = _pairs(u, graph) if problem is None else (None, "")
     counts, why = _rows(u, delta, rows) if not (problem or why) else (None, why)
     if problem or why:
@@ -392,8 +398,10 @@ def _take_secure_devices(out: Replies, sec: SecureSum) -> None:
         out.preclip.append(m.preclip_norm)
 
 
-def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = None) -> str | None:
-    """Why a decoded delta (dense arrays or sparse ``(ids, rows)``) cannot be aggregated, or None."""
+def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = None,
+             most: float | None = None) -> str | None:
+    """Why a decoded delta (dense arrays or sparse ``(ids, rows)``) cannot be aggregated, or None: ``clip`` (user-level
+    DP) and ``most`` (:func:`~fedrec.privacy.user_level.outsized_bound`) bound its norm."""
     if set(delta) != set(gstate):
         return f"delta has keys {sorted(delta)}, expected {sorted(gstate)}"
     for k, v in delta.items():
@@ -404,6 +412,10 @@ def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = 
         norm = delta_norm(delta)
         if norm > clip * (1 + 1e-4):
             return f"delta norm {norm:.4g} exceeds the clip {clip}"
+    if most is not None:
+        norm = delta_norm(delta)
+        if not norm <= most:
+            return f"delta norm {norm:.4g} is more than {OUTSIZED:g} times the model's: no step of it"
     return None
 
 

@@ -17,6 +17,18 @@ import torch
 
 from fedrec.server_aggregate import scaled, weighted_sum
 
+#: a delta whose L2 norm is more than this many times the norm of the model it updates (floored at 1) is no step of
+#: it: a device whose local steps diverged does not send it (:func:`fedrec.client_update.check_converged`), and the
+#: server refuses one where nothing else bounds a delta (no DP; docs/robustness.md)
+OUTSIZED = 100.0
+
+
+def outsized_bound(model: dict) -> float:
+    """The largest delta norm a step of ``model`` (arrays or tensors by name) may have: :data:`OUTSIZED` times its
+    norm, floored at 1."""
+    return OUTSIZED * max(delta_norm({k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                                      for k, v in model.items()}), 1.0)
+
 
 def delta_norm(delta) -> float:
     """L2 norm of all arrays of a delta taken together (float64 accumulation).
