@@ -408,14 +408,11 @@ def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = 
         problem = _check_array(k, v, tuple(gstate[k].shape))
         if problem:
             return problem
-    if clip is not None:
-        norm = delta_norm(delta)
-        if norm > clip * (1 + 1e-4):
-            return f"delta norm {norm:.4g} exceeds the clip {clip}"
-    if most is not None:
-        norm = delta_norm(delta)
-        if not norm <= most:
-            return f"delta norm {norm:.4g} is more than {OUTSIZED:g} times the model's: no step of it"
+    norm = delta_norm(delta) if clip is not None or most is not None else 0.0
+    if clip is not None and norm > clip * (1 + 1e-4):
+        return f"delta norm {norm:.4g} exceeds the clip {clip}"
+    if most is not None and not norm <= most:
+        return f"delta norm {norm:.4g} is more than {OUTSIZED:g} times the model's: no step of it"
     return None
 
 

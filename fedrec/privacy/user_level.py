@@ -35,8 +35,14 @@ def delta_norm(delta) -> float:
 
     A sparse table ``(ids, rows)`` counts by its rows (ids are unique, so that is its norm).
     """
-    return float(np.sqrt(sum(float(np.sum(np.square(v[1] if isinstance(v, tuple) else v, dtype=np.float64)))
-                             for v in delta.values())))
+    return float(np.sqrt(sum(_squares(v[1] if isinstance(v, tuple) else v) for v in delta.values())))
+
+
+def _squares(a) -> float:
+    """The sum of squares of ``a``'s values, accumulated in float64 without a float64 copy of the array (every
+    device's delta passes here: its clip under user-level DP, its own divergence check, the server's checks)."""
+    r = np.ravel(np.asarray(a))
+    return float(np.einsum("i,i->", r, r, dtype=np.float64))
 
 
 def clip_delta(delta: dict, clip: float) -> tuple[dict, float, bool]:
