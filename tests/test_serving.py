@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedrec.models import build_model
 from fedrec.serving import ServeInput, serve
@@ -141,3 +142,37 @@ def test_a_serving_panel_scores_exactly_its_devices_events_and_leaves_training_a
     assert model.keys() == model_p.keys()
     for k in model:
         np.testing.assert_array_equal(np.asarray(model[k]), np.asarray(model_p[k]), err_msg=k)
+
+
+def test_devices_of_very_different_history_lengths_fit_as_alone():
+    """The round-start fit pads a batch to its longest history, so devices are fitted in groups of similar length:
+    a device's vector and scores are the same beside one with a history a hundred times longer as alone."""
+    from fedrec.models.mf import fit_users
+
+    rng = np.random.default_rng(1)
+    table = rng.normal(0, 0.3, (500, 5)).astype(np.float32)
+    hist = [rng.choice(500, n, replace=False) for n in (3, 400, 0, 7, 60)]
+    vecs = [None, np.full(4, 0.1, np.float32), None, None, None]
+
+    def fit(idx):
+        gens = [torch.Generator().manual_seed(10 + a) for a in idx]
+        return fit_users(table, 4, [hist[a] for a in idx], [vecs[a] for a in idx], gens, fit_steps=12, lr=0.5,
+                         init_scale=0.1, negatives=2)
+
+    scores, users = fit(range(len(hist)))
+    for a in range(len(hist)):
+        s1, u1 = fit([a])
+        assert np.allclose(u1[0], users[a], atol=1e-6) and np.allclose(s1[0], scores[a], atol=1e-5)
+    assert not np.allclose(users[0], users[3])
+
+
+def test_length_groups_cover_every_device_with_a_history_once_within_the_padding_bound():
+    from fedrec.models.base import FIT_GROUP, FIT_GROUP_FLOOR, length_groups
+
+    lengths = np.array([0, 1, 5, 16, 17, 33, 40, 1000, 2, 31, 0, 2100])
+    groups = length_groups(lengths)
+    got = np.concatenate(groups)
+    assert sorted(got.tolist()) == [a for a in range(len(lengths)) if lengths[a] > 0]
+    for g in groups:
+        assert lengths[g].max() <= FIT_GROUP * max(lengths[g].min(), FIT_GROUP_FLOOR)
+    assert len(groups) == 4  # 1-31, 33-40, 1000, 2100

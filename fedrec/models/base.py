@@ -317,6 +317,27 @@ def block_contexts(blocks: Sequence[EventBlock], context: int, default: torch.Te
     return np.concatenate([c for c, _ in parts]), np.concatenate([w for _, w in parts]), starts, lens
 
 
+#: a model's round-start fit (:meth:`RecModel.fit_and_score`) takes devices together whose histories differ in
+#: length by at most this factor (lengths under ``FIT_GROUP_FLOOR`` count as that). A batch is padded to its longest
+#: history: 200 devices of ml-latest-small, one of 1,688 ratings among a mean of 94, were one batch of 18 times the
+#: work, and a fit of 30 steps took 9.4 s against 0.19 s in groups (the same vectors to 2e-8)
+FIT_GROUP = 2.0
+FIT_GROUP_FLOOR = 16
+
+
+def length_groups(lengths: np.ndarray) -> list[np.ndarray]:
+    """The devices (indices into ``lengths``), in groups of similar history length (:data:`FIT_GROUP`); devices
+    without a history in none."""
+    order = np.argsort(lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    groups, first = [], 0
+    for j in range(1, len(order) + 1):
+        if j == len(order) or lengths[order[j]] > FIT_GROUP * max(lengths[order[first]], FIT_GROUP_FLOOR):
+            groups.append(order[first:j])
+            first = j
+    return groups
+
+
 RIDGE = 1.0  #: weight of the round-start user vector in the per-event refit (:func:`ridge_users`)
 
 

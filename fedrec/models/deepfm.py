@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..itemgraph import contexts
-from .base import EventBlock, RecModel, block_contexts, ridge_users, seeded_linear, unseen
+from .base import EventBlock, RecModel, block_contexts, length_groups, ridge_users, seeded_linear, unseen
 
 
 class DeepFM(RecModel):
@@ -145,7 +145,8 @@ class DeepFM(RecModel):
                       vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
                       fit_steps: int, negatives: int, lr: float, device: torch.device | None = None
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`RecModel.fit_and_score` with every device's fit in one batch: the same draws from each device's
+        """:meth:`RecModel.fit_and_score` with the devices fitted in batches of similar history length
+        (:func:`~fedrec.models.base.length_groups`): the same draws from each device's
         generator in the same order, and the same steps (a device's loss reads only its own vector, so the sum of
         the devices' mean losses gives each its own gradient), up to float rounding. The item side of every layer
         is computed once for the batch: the global version is frozen while devices fit (on the CPU: ``device`` is
@@ -155,27 +156,34 @@ class DeepFM(RecModel):
         users = torch.stack([self._start_vector(v, g) for v, g in zip(vectors, generators, strict=True)])
         with torch.no_grad():
             item = self._item_side()
-        fit = [a for a, h in enumerate(hist) if len(h)]
-        if fit and fit_steps:
-            cands = [unseen(hist[a], self.n_items) for a in fit]
-            p = users[fit].clone().requires_grad_(True)
-            for _ in range(fit_steps):
-                items, mask = _padded([torch.cat([torch.from_numpy(hist[a]).unsqueeze(1),
-                                                  c[torch.randint(0, len(c), (len(hist[a]), negatives), generator=generators[a])]],
-                                                 dim=1) for a, c in zip(fit, cands, strict=True)])
-                s = self._scores_from(p, item, items)  # (A, L, 1 + K)
-                per = nn.functional.softplus(s[..., 1:] - s[..., :1]).mean(-1)  # (A, L): BPRLoss of each sample
-                loss = ((per * mask).sum(1) / mask.sum(1)).sum()
-                (grad,) = torch.autograd.grad(loss, p)
-                with torch.no_grad():
-                    p -= lr * grad
-            users[fit] = p.detach()
+        for fit in length_groups(np.array([len(h) for h in hist], np.int64)) if fit_steps else []:
+            users[torch.from_numpy(fit)] = self._fit_group(users[torch.from_numpy(fit)], item, [hist[a] for a in fit],
+                                                           [generators[a] for a in fit], fit_steps=fit_steps,
+                                                           negatives=negatives, lr=lr)
         with torch.no_grad():
             step = self._users_at_once()
             scores = torch.cat([self._scores_from(users[a:a + step], item) for a in range(0, len(users), step)])
             if len(users):
                 self.user.weight.copy_(users[-1:])
         return [(scores[a].numpy(), users[a].numpy().astype(np.float32).copy()) for a in range(len(hist))]
+
+    def _fit_group(self, users: torch.Tensor, item: dict[str, torch.Tensor], hist: list[np.ndarray],
+                   generators: list[torch.Generator], *, fit_steps: int, negatives: int, lr: float) -> torch.Tensor:
+        """:meth:`fit_and_score`'s steps for one group of devices of similar history length
+        (:func:`~fedrec.models.base.length_groups`), each with a history: their fitted vectors."""
+        cands = [unseen(h, self.n_items) for h in hist]
+        p = users.clone().requires_grad_(True)
+        for _ in range(fit_steps):
+            items, mask = _padded([torch.cat([torch.from_numpy(h).unsqueeze(1),
+                                              c[torch.randint(0, len(c), (len(h), negatives), generator=g)]], dim=1)
+                                   for h, c, g in zip(hist, cands, generators, strict=True)])
+            s = self._scores_from(p, item, items)  # (A, L, 1 + K)
+            per = nn.functional.softplus(s[..., 1:] - s[..., :1]).mean(-1)  # (A, L): BPRLoss of each sample
+            loss = ((per * mask).sum(1) / mask.sum(1)).sum()
+            (grad,) = torch.autograd.grad(loss, p)
+            with torch.no_grad():
+                p -= lr * grad
+        return p.detach()
 
     def _users_at_once(self) -> int:
         """How many users' scores of every item are computed at once: the deep part holds ``users x n_items x dim``

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..itemgraph import contexts
-from .base import EventBlock, RecModel, block_contexts, ridge_users
+from .base import EventBlock, RecModel, block_contexts, length_groups, ridge_users
 
 
 class MF(RecModel):
@@ -150,38 +150,53 @@ def fit_users(item_table: np.ndarray, dim: int, histories: Sequence[np.ndarray],
     dev = torch.device("cpu") if device is None else device
     items_t = torch.from_numpy(np.ascontiguousarray(item_table[:, :dim], dtype=np.float32)).to(dev)
     bias_t = torch.from_numpy(np.ascontiguousarray(item_table[:, dim], dtype=np.float32)).to(dev)
-    L = max(1, max(len(h) for h in histories))
-    pos = torch.zeros((A, L), dtype=torch.long)
-    valid = torch.zeros((A, L))
-    neg = torch.zeros((max(fit_steps, 1), A, L, negatives), dtype=torch.long)
+    steps = max(fit_steps, 1)
     users = torch.zeros((A, dim))
+    hists, negs = [], []
     for a, (hist, v, g) in enumerate(zip(histories, vectors, generators, strict=True)):
         h = np.asarray(hist, dtype=np.int64)
-        pos[a, : len(h)] = torch.from_numpy(h)
-        valid[a, : len(h)] = 1.0
+        users[a] = torch.from_numpy(v) if v is not None else torch.randn(dim, generator=g) * init_scale
         seen = np.zeros(V, bool)
         seen[h] = True
-        users[a] = torch.from_numpy(v) if v is not None else torch.randn(dim, generator=g) * init_scale
         cand = np.flatnonzero(~seen)
         if len(cand) == 0:
             cand = np.arange(V)
-        draw = torch.randint(0, len(cand), (max(fit_steps, 1), len(h), negatives), generator=g)
-        neg[:, a, : len(h)] = torch.from_numpy(cand)[draw]
-    pos, valid, neg, users = pos.to(dev), valid.to(dev), neg.to(dev), users.to(dev)  # drawn on the CPU, as alone
-    n_valid = valid.sum(1).clamp(min=1.0)
-    if fit_steps and any(len(h) for h in histories):
-        users.requires_grad_(True)
-        for t in range(fit_steps):
-            # per-device mean BPR loss, summed over devices: each device's gradient is its own
-            p = (users.unsqueeze(1) * items_t[pos]).sum(-1) + bias_t[pos]  # (A, L)
-            q = (users.unsqueeze(1).unsqueeze(2) * items_t[neg[t]]).sum(-1) + bias_t[neg[t]]  # (A, L, m)
-            loss = torch.nn.functional.softplus(-(p.unsqueeze(-1) - q)).mean(-1)
-            total = ((loss * valid).sum(1) / n_valid).sum()
-            (grad,) = torch.autograd.grad(total, users)
-            with torch.no_grad():
-                users -= lr * grad * (valid.sum(1, keepdim=True) > 0)
-        users = users.detach()
+        hists.append(h)
+        negs.append(torch.from_numpy(cand)[torch.randint(0, len(cand), (steps, len(h), negatives), generator=g)])
+    users = users.to(dev)
+    if fit_steps:
+        for group in length_groups(np.array([len(h) for h in hists], np.int64)):
+            users[torch.from_numpy(group)] = _fit_group(items_t, bias_t, [hists[a] for a in group], [negs[a] for a in group],
+                                      users[group], fit_steps=fit_steps, lr=lr)
     return (users @ items_t.T + bias_t).cpu().numpy(), users.cpu().numpy()
+
+
+def _fit_group(items_t: torch.Tensor, bias_t: torch.Tensor, hists: list[np.ndarray], negs: list[torch.Tensor],
+               users: torch.Tensor, *, fit_steps: int, lr: float) -> torch.Tensor:
+    """:func:`fit_users`' SGD for one group of devices (each with a history), padded to its longest history: each
+    device's gradient is its own mean BPR loss's."""
+    dev, (A, L) = items_t.device, (len(hists), max(len(h) for h in hists))
+    pos = torch.zeros((A, L), dtype=torch.long)
+    valid = torch.zeros((A, L))
+    neg = torch.zeros((fit_steps, A, L, negs[0].shape[-1]), dtype=torch.long)
+    for a, (h, n) in enumerate(zip(hists, negs, strict=True)):
+        pos[a, : len(h)] = torch.from_numpy(h)
+        valid[a, : len(h)] = 1.0
+        neg[:, a, : len(h)] = n[:fit_steps]
+    pos, valid, neg = pos.to(dev), valid.to(dev), neg.to(dev)  # drawn on the CPU, as alone
+    n_valid = valid.sum(1)
+    rows, bias = items_t[pos], bias_t[pos]  # (A, L, d), (A, L): the same at every step
+    users = users.clone().requires_grad_(True)
+    for t in range(fit_steps):
+        # per-device mean BPR loss, summed over devices: each device's gradient is its own
+        p = (users.unsqueeze(1) * rows).sum(-1) + bias  # (A, L)
+        q = (users.unsqueeze(1).unsqueeze(2) * items_t[neg[t]]).sum(-1) + bias_t[neg[t]]  # (A, L, m)
+        loss = torch.nn.functional.softplus(-(p.unsqueeze(-1) - q)).mean(-1)
+        total = ((loss * valid).sum(1) / n_valid).sum()
+        (grad,) = torch.autograd.grad(total, users)
+        with torch.no_grad():
+            users -= lr * grad
+    return users.detach()
 
 
 def bpr_event_grads(item: torch.Tensor, user: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
