@@ -27,7 +27,6 @@ from fedrec.config import RunConfig
 from fedrec.device_round import (
     device_reply,
 )
-from fedrec.heap import keep_freed_blocks
 from fedrec.messages import (
     CONFIG,
     INFO,
@@ -111,7 +110,6 @@ def handle(global_state: dict[str, np.ndarray], conf: dict, ins: RoundInstructio
            train: bool = True, serve: bool = True) -> NodeReply:
     """One round on this node: the devices in ``ins.devices`` train; every hosted device is served."""
     torch.set_num_threads(1)
-    keep_freed_blocks()
     cfg = run_config(conf)
     serve = serve and cfg.serve_eval
     if store_path(context):

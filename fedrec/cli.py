@@ -11,7 +11,6 @@ from typing import Any
 
 from .config import ConfigError, KeySpec, RunConfig, load_pyproject_defaults, toml_value
 from .data.events import DataError
-from .heap import keep_freed_blocks
 
 #: metavars of the flags by the key's type
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
@@ -307,7 +306,6 @@ def _run_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    keep_freed_blocks()
     try:
         if args.cmd == "simulate":
             simulate(build_config(args))
