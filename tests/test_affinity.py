@@ -195,6 +195,27 @@ def test_profiles_follow_behaviour_where_the_listed_features_are_wrong():
         (40 - PROFILE_THRESHOLD * 10) / (PROFILE_PRIOR * 11), rel=1e-3)
 
 
+def test_a_model_that_reads_features_gets_the_learned_profiles_with_each_version():
+    """deepfm's version carries the item graph's profiles in place of the listed rows, once the graph has
+    published them: item 5 lists topic 1, but its users came to it from topic-3 items, so the version says
+    topic 3 for it; before any release it carries the lists. A cold item's profile is its list."""
+    from fedrec.data.features import ModelFeatures, published_features
+    from fedrec.itemgraph import MODEL_FEATURES
+
+    F = _onehot(TOPIC).astype(np.float32)
+    state = init_state(RunConfig(model="deepfm", dim=4, privacy="none"), V, F, ModelFeatures(F, None))
+    np.testing.assert_array_equal(state.host_state(1)[MODEL_FEATURES], published_features(F))
+    state.graph.add([Pairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0), np.array([5]), np.array([20.0]),
+                           np.full(20, 5), np.full(20, 3))])
+    state.graph_table = state.graph.table()
+    got = state.host_state(2)[MODEL_FEATURES]
+    assert got[5].astype(np.float32).argmax() == 3 and F[5].argmax() == 1
+    np.testing.assert_array_equal(got, published_features(state.graph.profiles()))
+    np.testing.assert_array_equal(got[7], published_features(F)[7])
+    with pytest.raises(ValueError, match="in place of the listed"):
+        ModelFeatures(F, None).at(2, F[:, :2])
+
+
 def test_pure_noise_below_the_threshold_leaves_the_listed_features():
     F = _onehot(TOPIC)
     g = ItemGraph(V, noise_std=1.0, seed=2, features=F)

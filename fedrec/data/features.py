@@ -220,14 +220,19 @@ class ModelFeatures:
             launch = np.array([round_at(t) if np.isfinite(t) else np.nan for t in features.launch], np.float64)
         return cls(features.normalised(), launch)
 
-    def at(self, round_: int) -> np.ndarray:
-        """The rows a version for ``round_`` carries (float16: as sent, and as the server's model reads them)."""
+    def at(self, round_: int, static: np.ndarray | None = None) -> np.ndarray:
+        """The rows a version for ``round_`` carries (float16: as sent, and as the server's model reads them);
+        ``static`` in place of the listed rows: the item graph's profiles, learned from behaviour
+        (:meth:`fedrec.itemgraph.ItemGraph.profiles`, the same columns), where the run has them."""
+        static = self.static if static is None else np.asarray(static, np.float32)
+        if static.shape != self.static.shape:
+            raise ValueError(f"item rows of shape {static.shape} in place of the listed {self.static.shape}")
         if self.launch_round is None:
-            return published_features(self.static)
+            return published_features(static)
         known = np.isfinite(self.launch_round)
         bucket = np.searchsorted(AGE_EDGES, round_ - self.launch_round[known], side="right")
         ages = np.zeros((len(self.launch_round), len(AGE_EDGES) + 1), np.float32)
         ages[np.flatnonzero(known), bucket] = 1.0
-        x = np.concatenate([self.static, ages], axis=1)
+        x = np.concatenate([static, ages], axis=1)
         norm = np.linalg.norm(x, axis=1, keepdims=True)
         return published_features(x / np.where(norm > 0, norm, 1.0))

@@ -19,7 +19,7 @@ from ..asynchrony import Buffer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..data.features import ModelFeatures
-from ..itemgraph import MODEL_FEATURES, ItemGraph, sensitivity
+from ..itemgraph import MODEL_FEATURES, PROFILES, ItemGraph, sensitivity
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
 from ..models import model_from_config, reads_features
 from ..privacy.accounting import graph_multiplier, user_parts
@@ -69,7 +69,8 @@ class ServerState:
     def host_state(self, round_: int = 1) -> dict[str, np.ndarray]:
         """The global parameters as numpy arrays on the CPU and the item graph's table (what is sent to the
         nodes for ``round_``; :func:`fedrec.itemgraph.split` parts them)."""
-        public = {MODEL_FEATURES: self.model_features.at(round_)} if self.model_features is not None else {}
+        public = {MODEL_FEATURES: self.model_features.at(round_, self.graph_table.get(PROFILES))} \
+            if self.model_features is not None else {}
         return {**{k: v.detach().cpu().numpy() for k, v in self.global_state.items()}, **public, **self.graph_table}
 
     def state_dict(self, cfg: RunConfig, *, finished: bool = False, ledger: dict | None = None) -> dict:
