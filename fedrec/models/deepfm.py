@@ -157,9 +157,9 @@ class DeepFM(RecModel):
         with torch.no_grad():
             item = self._item_side()
         for fit in length_groups(np.array([len(h) for h in hist], np.int64)) if fit_steps else []:
-            users[torch.from_numpy(fit)] = self._fit_group(users[torch.from_numpy(fit)], item, [hist[a] for a in fit],
-                                                           [generators[a] for a in fit], fit_steps=fit_steps,
-                                                           negatives=negatives, lr=lr)
+            idx = torch.from_numpy(fit)
+            users[idx] = self._fit_group(users[idx], item, [hist[a] for a in fit], [generators[a] for a in fit],
+                                         fit_steps=fit_steps, negatives=negatives, lr=lr)
         with torch.no_grad():
             step = self._users_at_once()
             scores = torch.cat([self._scores_from(users[a:a + step], item) for a in range(0, len(users), step)])

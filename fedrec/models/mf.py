@@ -166,8 +166,9 @@ def fit_users(item_table: np.ndarray, dim: int, histories: Sequence[np.ndarray],
     users = users.to(dev)
     if fit_steps:
         for group in length_groups(np.array([len(h) for h in hists], np.int64)):
-            users[torch.from_numpy(group)] = _fit_group(items_t, bias_t, [hists[a] for a in group], [negs[a] for a in group],
-                                      users[group], fit_steps=fit_steps, lr=lr)
+            idx = torch.from_numpy(group)
+            users[idx] = _fit_group(items_t, bias_t, [hists[a] for a in group], [negs[a] for a in group], users[idx],
+                                    fit_steps=fit_steps, lr=lr)
     return (users @ items_t.T + bias_t).cpu().numpy(), users.cpu().numpy()
 
 
