@@ -40,6 +40,7 @@ from fedrec.messages import (
     encode_reply,
 )
 from fedrec.privacy.shares import SHARE_STREAM, device_vector, share_generator, share_plan
+from fedrec.server_aggregate import ITEM_TABLES
 from fedrec.wire import decode_delta, wire_mode
 
 from .device import Device
@@ -126,12 +127,13 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     """
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     conf: dict[str, Any] = dict(fitins.config)
-    keys = str(conf.pop("global-keys")).split(",")
+    sent = str(conf.pop("global-keys")).split(",")
+    keys = str(conf.pop("delta-keys")).split(",")  # the parameters: a version also carries what devices read beside
     conf["devices"] = [int(x) for x in str(conf["devices"]).split(",") if x]
     conf["acked"] = [int(x) for x in str(conf.get("acked", "")).split(",") if x]
     ins = RoundInstruction.from_flat(conf)
     conf["wire"] = "dense"  # the masked vector is dense whatever the wire setting
-    arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    arrays = dict(zip(sent, parameters_to_ndarrays(fitins.parameters), strict=True))
     out = handle(arrays, conf, ins, context, serve=False)
     cfg = run_config(conf)
     if cfg.aggregate_noise and len(out.updates) < len(ins.devices):
@@ -172,7 +174,7 @@ def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray
         counts = (u.rows or {}).get("ids", np.zeros(0, np.int64)), (u.rows or {}).get("counts", np.zeros(0))
         gen = share_generator(device_seed(cfg.seed, u.device, ins.round, SHARE_STREAM), secret)
         vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen))
-    n_items = shapes[keys[0]][0]
+    n_items = shapes[ITEM_TABLES[0]][0]
     return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)]]
 
 

@@ -166,10 +166,11 @@ class GaussianMean:
 class AggregateGaussian:
     """Event-level DP with the noise added once to the cohort's sum (:func:`fedrec.privacy.aggregate.noisy_rows`).
 
-    The deltas are the devices' releases (sums of clipped event gradients times ``-lr``, sparse rows of the
-    one item table), ``counts`` their positive-item counts. Noisy counts select the rows that change; those
-    rows get the gradient noise and are divided by their noisy count (``row_average``) or by the selected rows'
-    noisy total.
+    The deltas are the devices' releases (sums of clipped event gradients times ``-lr``: sparse rows of the
+    item table, every other global parameter dense), ``counts`` their positive-item counts. Noisy counts select
+    the rows that change; those rows get the gradient noise and are divided by their noisy count
+    (``row_average``) or by the selected rows' noisy total; every other parameter gets the same gradient noise
+    on each coordinate and is divided by that noisy total.
     With ``presummed`` (SecAgg+) the sum already carries the noise, as the devices' shares; ``presummed = 0``
     (no sum with the full noise could be unmasked) releases nothing. Otherwise it releases even when no
     device replied (the accountant counts the release either way).
@@ -191,8 +192,25 @@ class AggregateGaussian:
                                                 sensitivity=self.sensitivity, split=self.noise,
                                                 threshold=self.threshold, row_average=self.row_average,
                                                 generator=self.generator, noised=presummed is not None)
+        for k in (k for k in gstate if k != self.table):
+            mean[k] = self._dense_mean(gstate[k], [d[k] for d in deltas if k in d], diag["noisy_total"],
+                                       noised=presummed is not None)
         diag["update_norm"] = opt.step(gstate, mean, lr)
         return diag
+
+    def _dense_mean(self, like: torch.Tensor, parts: list, total: float, *, noised: bool) -> torch.Tensor:
+        """A parameter that is no item row (``deepfm``'s feature table and deep part, ``neumf``'s MLP): the
+        devices' summed release plus ``N(0, (z_g * sensitivity)^2)`` on every coordinate (part of the same joint
+        Gaussian as the rows: one event's clipped gradient covers every parameter together), over the round's
+        noisy event total ``total`` (post-processing of the noisy counts). ``noised``: the sum carries the noise
+        already (SecAgg+ shares)."""
+        acc = torch.zeros(like.shape, dtype=torch.float64)
+        for v in parts:
+            acc += torch.from_numpy(_densified(v, tuple(like.shape)))
+        if not noised:
+            acc += torch.randn(acc.shape, generator=self.generator, dtype=torch.float64) * \
+                (self.noise.grad * self.sensitivity)
+        return (acc / total).to(like.device, like.dtype)
 
 
 @dataclass
@@ -242,6 +260,15 @@ def _sparse(v) -> tuple[np.ndarray, np.ndarray]:
     v = np.asarray(v, np.float32)
     ids = np.flatnonzero(np.any(v != 0, axis=1))
     return ids, v[ids]
+
+
+def _densified(v, shape: tuple[int, ...]) -> np.ndarray:
+    """A released parameter as a dense float64 array of ``shape``: as sent, or its sparse ``(ids, rows)``."""
+    if not isinstance(v, tuple):
+        return np.asarray(v, np.float64).reshape(shape)
+    out = np.zeros(shape, np.float64)
+    np.add.at(out, np.asarray(v[0], np.int64), np.asarray(v[1], np.float64))
+    return out
 
 
 def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: float,

@@ -20,7 +20,7 @@ from .itemgraph import Pairs, device_pairs
 from .models.base import RecModel
 from .privacy.accounting import epsilon, event_accountant, graph_records
 from .privacy.user_level import OUTSIZED, clip_delta, delta_norm, outsized_bound
-from .server_aggregate import node_device
+from .server_aggregate import ITEM_TABLES, node_device
 from .wire import wire_mode
 
 
@@ -469,14 +469,16 @@ def _release(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.
     from .privacy.aggregate import split
 
     params = dict(model.named_parameters())
-    if not train.any():  # no event to expose: nothing released, nothing accounted
-        empty = (np.zeros(0, np.int64), np.zeros((0, params[model.global_names[0]].shape[1]), np.float32))
-        return 0, {model.global_names[0]: empty}, \
-            {k: params[k].detach().numpy().copy() for k in model.local_names}, (np.zeros(0, np.int64),) * 2
+    if not train.any():  # no event to expose: nothing released (no row, every other parameter 0), nothing accounted
+        empty = {k: (np.zeros(0, np.int64), np.zeros((0, *params[k].shape[1:]), np.float32)) if k in ITEM_TABLES
+                 else np.zeros(tuple(params[k].shape), np.float32) for k in model.global_names}
+        return 0, empty, {k: params[k].detach().numpy().copy() for k in model.local_names}, \
+            (np.zeros(0, np.int64),) * 2
     batch, _ = model.samples(events, rounds, train, _negatives(model, seen, cfg), negatives=cfg.negatives, generator=g)
     delta, counts = model.clipped_release(
         batch, sample_rate=cfg.sample_rate, lr_global=cfg.lr, lr_local=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
-        clip=cfg.event_clip, noise_multiplier=split(noise_multiplier, cfg.count_share).grad, generator=g)
+        clip=cfg.event_clip, noise_multiplier=split(noise_multiplier, cfg.count_share).grad, generator=g,
+        backend=cfg.update_backend)
     local = {k: params[k].detach().numpy().copy() for k in model.local_names}
     return 1, delta, local, counts
 

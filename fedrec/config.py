@@ -303,8 +303,9 @@ class RunConfig:
              "device touched)")
         need(not (self.event_noise == "aggregate" and self.privacy != "event"), "event-noise",
              "can be aggregate only with privacy = event (user-level noise on the sum already covers each event)")
-        need(not (self.aggregate_noise and (self.model != "mf" or self.update_backend != "auto")), "event-noise",
-             "can be aggregate only with model = mf and update-backend = auto (the closed-form clipped release)")
+        need(not (self.aggregate_noise and self.model == "sasrec"), "event-noise",
+             "cannot be aggregate with model = sasrec (its samples span a session of events, so no release is "
+             "bounded per event)")
         need(not self.select_rows or (self.privacy == "user" and not self.secure_aggregation), "select-rows",
              "needs privacy = user without secure-aggregation (the server reads each device's row counts)")
         need(not (self.select_rows and self.model == "sasrec"), "select-rows",
@@ -423,10 +424,9 @@ class RunConfig:
 
     @property
     def _aggregate_fits(self) -> bool:
-        """What event noise at the aggregate needs of the other keys (the closed-form clipped release of ``mf``,
-        one local step, one round's devices per sum)."""
-        return (self.model == "mf" and self.update_backend == "auto" and self.local_steps <= 1
-                and not self.async_buffer)
+        """What event noise at the aggregate needs of the other keys (a model with one sample per event: every one
+        but ``sasrec``; one local step; one round's devices per sum)."""
+        return self.model != "sasrec" and self.local_steps <= 1 and not self.async_buffer
 
     def cohort_for(self, population: int) -> int:
         """Devices per round: ``cohort``, or with 0 (auto) every device, up to :data:`AUTO_COHORT_CAP`, under event

@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 
 from fedrec.config import RunConfig
 from fedrec.federation.replies import SecureSum
+from fedrec.itemgraph import split as split_version
 from fedrec.messages import SECURE_METRICS, MessageError, UpdateReport
 from fedrec.privacy.shares import SharePlan, node_threshold, quantisation_problem, share_plan
 
@@ -98,7 +99,8 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
     shares (:mod:`fedrec.privacy.shares`, which sets the range and the reconstruction threshold), and a sum
     is returned only when it holds at least the ``m`` devices whose shares make up the full noise.
     """
-    keys = sorted(global_state)
+    sent = sorted(global_state)  # the whole version: parameters, and what the devices read beside them
+    keys = sorted(split_version(global_state)[0])  # what the masked vector sums: the parameters alone
     by_node = {n: list(ds) for n, ds in by_node.items() if ds}
     if len(by_node) < 2:
         return SecureSum(None, [], {}, [f"round {round_}: SecAgg+ needs at least 2 nodes with sampled devices, "
@@ -108,11 +110,11 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
     required = plan.required if plan is not None else 0
     if problem:
         return SecureSum(None, [], {}, [f"round {round_}: {problem}; no update this round"], required=required)
-    params = ndarrays_to_parameters([np.asarray(global_state[k], np.float32) for k in keys])
+    params = ndarrays_to_parameters([np.asarray(global_state[k], np.float32) for k in sent])
     extra = {"share-devices": plan.devices} if plan is not None else {}
     fitins = {n: FitIns(params, {**config, **extra, "round": round_, "devices": ",".join(str(d) for d in ds),
                                  "acked": ",".join(str(a) for a in (acked or {}).get(n, ())),
-                                 "global-keys": ",".join(keys)})
+                                 "global-keys": ",".join(sent), "delta-keys": ",".join(keys)})
               for n, ds in by_node.items()}
     strategy = _RoundStrategy(fitins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: round_}),

@@ -30,6 +30,9 @@ model decides differs (the update norms, the HR and NDCG fields, the served blen
 The item graph under user-level DP (on by default since, ``user-graph-share`` 0.1) would change every user-level
 case: those four keep ``user-graph-share = 0`` and pass unchanged, which checks that the path without the graph is
 the one before; the new case ``user-graph`` holds the default.
+Event noise at the aggregate for every model with one sample per event (``deepfm``, ``neumf``: their releases
+through Opacus's clipping) made ``event-noise = "auto"`` choose it for ``neumf``: that case now names
+``event-noise = "device"`` and passes unchanged; the new case ``deepfm-aggregate`` holds the new path.
 The synthetic world then changed on purpose (its users' events drawn a block of users at a time, issue 18): the same
 distribution (``tests/test_world.py`` holds it to a plain per-user generator), other draws. Every case reads the
 world, so all files were written again with the round code unchanged. The centralised MF baseline's user table then
@@ -67,7 +70,7 @@ CASES: dict[str, dict] = {
     "slow-sync": {"privacy": "event", "noise-multiplier": 1.0, "slow-devices": 0.3, "rounds": 6},
     "freeze": {"privacy": "none", "freeze-after": 2, "serve-eval": False},
     "attack": {"privacy": "none", "attackers": 0.05, "attack-boost": 3.0},
-    "neumf": {"privacy": "event", "model": "neumf", "noise-multiplier": 1.0, "rounds": 3},
+    "neumf": {"privacy": "event", "model": "neumf", "noise-multiplier": 1.0, "rounds": 3, "event-noise": "device"},
     "sasrec": {"privacy": "user", "model": "sasrec", "noise-multiplier": 1.0, "rounds": 3, "seq-len": 5,
                "user-graph-share": 0},
     # issue 17: event noise at the aggregate (with the noisy item graph), and per-row averaging without DP
@@ -75,6 +78,8 @@ CASES: dict[str, dict] = {
     "row-average": {"privacy": "none", "row-average": True, "server-lr": 1.0},
     # the item graph under user-level DP, part of the round's one Gaussian (the default since it came)
     "user-graph": {"privacy": "user", "epsilon": 3.0},
+    # event noise at the aggregate for a model with parameters beside the item table (its release through Opacus)
+    "deepfm-aggregate": {"privacy": "event", "model": "deepfm", "epsilon": 4.0},
 }
 #: fields of a metrics line that measure the machine, not the algorithm
 VOLATILE = ("wall_s", "ts", "time")

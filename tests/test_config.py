@@ -174,9 +174,12 @@ def test_a_bad_flag_value_is_one_sentence_and_exit_2(capsys):
 def test_event_noise_goes_to_the_aggregate_where_the_run_allows_it():
     auto = RunConfig(privacy="event")
     assert auto.aggregate_noise and auto.steps == 1  # mf, one local step: noise once on the sum
-    for other in ({"model": "neumf"}, {"local-steps": 5}, {"update-backend": "autograd"}, {"async-buffer": 3}):
+    for model in ("neumf", "deepfm"):  # a sample per event: a release clipped per event, through Opacus
+        assert RunConfig(privacy="event", model=model).aggregate_noise
+    assert RunConfig(privacy="event", update_backend="autograd").aggregate_noise
+    for other in ({"model": "sasrec"}, {"local-steps": 5}, {"async-buffer": 3}):
         cfg = RunConfig.from_mapping({"privacy": "event", **other})
-        assert not cfg.aggregate_noise, other  # the closed-form release does not fit: noise on each device
+        assert not cfg.aggregate_noise, other  # no release bounded per event: noise on each device
     assert RunConfig(privacy="event").steps == 1 and RunConfig(privacy="event", event_noise="device").steps == 10
     assert not RunConfig(privacy="both").aggregate_noise and not RunConfig(privacy="user").aggregate_noise
     assert RunConfig(privacy="none").steps == 10 and RunConfig(privacy="none", local_steps=3).steps == 3

@@ -138,7 +138,7 @@ def test_good_releases_pass_and_each_bad_one_fails_alone():
 
 # ---- config ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,key", [({"privacy": "user"}, "event-noise"), ({"local_steps": 3}, "local-steps"),
-                                    ({"model": "neumf"}, "event-noise"), ({"async_buffer": 4}, "async-buffer")])
+                                    ({"model": "sasrec"}, "event-noise"), ({"async_buffer": 4}, "async-buffer")])
 def test_the_config_refuses_what_the_argument_does_not_cover(kw, key):
     base = {"privacy": "event", "event_noise": "aggregate", "local_steps": 1}
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -256,3 +256,110 @@ def test_a_deployed_server_keeps_a_secret_in_its_checkpoint(tmp_path):
     back.load_state_dict(load_checkpoint(tmp_path / "ck.npz"))
     assert back.secret == 12345 and back.graph is not None and back.graph.seed == mixed_seed(cfg.seed, 12345)
     assert mixed_seed(cfg.seed, 0) == cfg.seed and mixed_seed(cfg.seed, 1) != mixed_seed(cfg.seed, 2)
+
+
+# ---- every model with one sample per event: the release through Opacus's clipping -----------------------------
+def _batch(n: int, negatives: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, V, (n, 1 + negatives), generator=g)
+    items[0, 1] = items[0, 0]  # a negative equal to its positive: the two rows' gradients cancel
+    return torch.zeros(n, dtype=torch.long), items
+
+
+@pytest.mark.parametrize("negatives", [1, 3])
+def test_opacus_release_equals_the_closed_form_for_mf(negatives):
+    from fedrec.models import build_model
+
+    batch = _batch(20, negatives)
+    kw = dict(sample_rate=0.7, lr_global=0.5, lr_local=0.3, clip=0.1, noise_multiplier=1.0)
+    closed, opacus = build_model("mf", V, D, seed=0), build_model("mf", V, D, seed=0)
+    r1, c1 = closed.clipped_release(batch, generator=torch.Generator().manual_seed(5), **kw)
+    r2, c2 = opacus.clipped_release(batch, generator=torch.Generator().manual_seed(5), backend="autograd", **kw)
+    np.testing.assert_array_equal(r1["item.weight"][0], r2["item.weight"][0])
+    np.testing.assert_allclose(r1["item.weight"][1], r2["item.weight"][1], atol=1e-6)
+    assert float(np.abs(r1["item.weight"][1]).max()) > 0.01  # a real release
+    for a, b in zip(c1, c2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    torch.testing.assert_close(closed.user.weight, opacus.user.weight)  # the same draws, the same noisy step
+
+
+@pytest.mark.parametrize("name", ["deepfm", "neumf"])
+@pytest.mark.parametrize("clip", [0.02, 100.0])  # clipping binds / never binds
+def test_a_release_of_any_model_is_the_sum_of_clipped_per_event_gradients(name, clip):
+    import copy
+
+    from fedrec.models import build_model
+    from fedrec.models.base import BPRLoss, score_diff
+
+    features = (np.arange(V * 4).reshape(V, 4) % 3 == 0).astype(np.float32) if name == "deepfm" else None
+    model = build_model(name, V, D, seed=0, features=features)
+    ref = copy.deepcopy(model)
+    batch = _batch(15, 2)
+    release, (ids, counts) = model.clipped_release(batch, sample_rate=1.0, lr_global=0.5, lr_local=0.0, clip=clip,
+                                                   noise_multiplier=0.0, generator=torch.Generator().manual_seed(0))
+    params = dict(ref.named_parameters())
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for i in range(len(batch[0])):  # brute force: one event at a time, every parameter together
+        loss = BPRLoss(reduction="sum")(score_diff(ref, batch[0][i:i + 1], batch[1][i:i + 1]))
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params.values(), strict=True)]
+        f = min(1.0, clip / (float(torch.sqrt(sum((g ** 2).sum() for g in grads))) + 1e-6))
+        for k, g in zip(params, grads, strict=True):
+            total[k] += f * g
+    assert set(release) == set(model.global_names)
+    for k in model.global_names:
+        want = -0.5 * total[k]
+        if k == "item.weight":
+            rows, got = release[k]
+            np.testing.assert_array_equal(rows, np.unique(batch[1].numpy()))  # the touched rows, sparse
+            np.testing.assert_allclose(got, want[torch.from_numpy(rows)].numpy(), atol=1e-6)
+        else:
+            np.testing.assert_allclose(release[k], want.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(ids, np.unique(batch[1][:, 0].numpy()))
+    assert counts.sum() == len(batch[0])
+
+
+def test_parameters_beside_the_item_rows_get_the_rows_noise_over_the_noisy_total():
+    """A dense parameter's noise in the released mean: chi-square against the mechanism's std, and none when the
+    sum carries it already (SecAgg+ shares)."""
+    from scipy import stats
+
+    from fedrec.aggregation import AggregateGaussian
+    from fedrec.server_opt import ServerOptimizer
+
+    noise, sens = split(1.3, 0.1), 0.2
+    g = {"item.weight": torch.zeros(V, 2), "mlp.weight": torch.zeros(60, 50)}
+    deltas = [{"item.weight": (np.array([3]), np.full((1, 2), 0.1, np.float32)),
+               "mlp.weight": np.zeros((60, 50), np.float32)}]
+    agg = AggregateGaussian("item.weight", sensitivity=sens, noise=noise, threshold=-1e9, row_average=False,
+                            generator=torch.Generator().manual_seed(0))
+    diag = agg.step(g, ServerOptimizer("fedavg"), deltas, [1.0], 1.0, counts=[(np.array([3]), np.array([1.0]))])
+    x = g["mlp.weight"].double().numpy().ravel() * diag["noisy_total"] / (noise.grad * sens)
+    chi2 = float((x ** 2).sum())
+    assert 0.001 < stats.chi2.sf(chi2, len(x)) < 0.999 and abs(x.mean()) < 4 / np.sqrt(len(x))
+    g = {"item.weight": torch.zeros(V, 2), "mlp.weight": torch.zeros(60, 50)}
+    deltas = [{"item.weight": (np.arange(V), np.zeros((V, 2), np.float32)), "mlp.weight": np.full((60, 50), 3.0, np.float32)}]
+    diag = agg.step(g, ServerOptimizer("fedavg"), deltas, [1.0], 1.0, presummed=4,
+                    counts=[(np.arange(V), np.full(V, 2.0))])
+    torch.testing.assert_close(g["mlp.weight"], torch.full((60, 50), 3.0 / diag["noisy_total"]))
+
+
+def test_deepfm_learns_with_event_noise_at_the_aggregate(tmp_path):
+    from fedrec.checkpoint import load_checkpoint
+    from fedrec.federation.state import init_state
+
+    # few events a device: in each round some sampled devices have none (they release no row, zeros elsewhere)
+    cfg = RunConfig(world_users=60, world_events_per_user=4, nodes=2, rounds=3, cohort=30, uptake_probe=False,
+                    progress=False, engine="local", privacy="event", model="deepfm", epsilon=8.0,
+                    out=str(tmp_path / "run"))
+    assert cfg.aggregate_noise  # auto: a model with one sample per event
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    ev = summary["privacy"]["event"]
+    assert ev["noise"] == "aggregate-server" and 0 < ev["epsilon"] <= 8.0 + 1e-6
+    assert {r.kind for r in Ledger(tmp_path / "run" / "privacy_ledger.jsonl").records} >= {"aggregate-gaussian"}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failed"] == 0 and r["applied"] > 0 for r in rows), [r["failures"] for r in rows]
+    final = load_checkpoint(tmp_path / "run" / "checkpoint.npz")["global"]
+    start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0).global_state
+    for k in ("feat.weight", "mlp1.weight", "out.bias"):  # the parameters beside the rows moved too
+        assert not np.allclose(final[k], start[k].numpy()), k

@@ -6,6 +6,7 @@ releases plus noise of at least the configured variance, or nothing when too man
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -224,3 +225,26 @@ def test_a_secure_federation_with_event_noise_at_the_aggregate_accounts_every_de
     assert ev["trust"].startswith("SecAgg+ with distributed noise")
     records = [r for r in Ledger(tmp_path / "privacy_ledger.jsonl").records if r.kind == "aggregate-gaussian"]
     assert records and {r.round for r in records} == {1, 2}
+
+
+@pytest.mark.parametrize("privacy", ["event", "user"])
+def test_a_secure_deepfm_federation_releases_every_parameter(tmp_path, privacy):
+    """A model with parameters beside the item rows (deepfm: feature table, deep part) and public item features
+    sent with each version: the masked vectors sum the parameters alone (the features ride beside them; they once
+    made every user-level round halt), under event noise with their noise shares and the counts on the item
+    table's rows (the keys are sorted, so the item table is not the first); every parameter moves."""
+    from fedrec.checkpoint import load_checkpoint
+    from fedrec.federation.state import init_state
+
+    extra = {"event_noise": "auto", "local_steps": 0, "epsilon": 8.0} if privacy == "user" else {}
+    cfg = _aggregate_cfg(world_items=300, nodes=3, rounds=2, cohort=12, serve_eval=False, out=str(tmp_path),
+                         progress=False, engine="local", wire="auto", model="deepfm", privacy=privacy, **extra)
+    summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    if privacy == "event":
+        assert summary["privacy"]["event"]["noise"] == "aggregate-secagg"
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failed"] == 0 and r["applied"] > 0 for r in rows)
+    final = load_checkpoint(tmp_path / "checkpoint.npz")["global"]
+    start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0).global_state
+    for k in ("item.weight", "feat.weight", "mlp1.weight", "out.bias"):
+        assert not np.allclose(final[k], start[k].numpy()), k

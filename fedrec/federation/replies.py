@@ -22,6 +22,7 @@ from ..eval.metrics import PrequentialCounts, ServeCounts
 from ..itemgraph import Pairs
 from ..messages import DeviceUpdate, NodeReply, UpdateReport
 from ..privacy.user_level import OUTSIZED, delta_norm, outsized_bound
+from ..server_aggregate import ITEM_TABLES
 from ..wire import decode_delta
 
 
@@ -366,7 +367,7 @@ def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor
     out.presummed = 0
     if sec.total is None or sec.counts is None:
         return
-    n_items = next(iter(gstate.values())).shape[0]
+    n_items = gstate[ITEM_TABLES[0]].shape[0]
     problem = validate(sec.total, gstate)
     if problem is None and (sec.counts.shape != (n_items,) or not np.all(np.isfinite(sec.counts))):
         problem = f"the summed counts have shape {sec.counts.shape} (expected ({n_items},)) or non-finite values"
@@ -377,7 +378,7 @@ def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor
         out.failed.append(("secure aggregation", problem))
         return
     rows = np.arange(n_items, dtype=np.int64)
-    out.deltas = [{k: (rows, v) if v.ndim == 2 and v.shape[0] == n_items else v for k, v in sec.total.items()}]
+    out.deltas = [{k: (rows, v) if k in ITEM_TABLES else v for k, v in sec.total.items()}]
     out.row_counts = [(rows, np.asarray(sec.counts, np.float64))]
     out.presummed = len(sec.devices)
     out.bytes_up = (sum(v.nbytes for v in sec.total.values()) + sec.counts.nbytes) * nodes

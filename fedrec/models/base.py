@@ -168,18 +168,79 @@ class RecModel(nn.Module):
                 nn.utils.clip_grad_norm_([p for p, _ in groups], self.max_grad_norm)
             sgd_step(groups)
 
-    def clipped_release(self, batch: tuple[torch.Tensor, ...], *, sample_rate: float, lr_global: float,
-                        lr_local: float, clip: float, noise_multiplier: float, generator: torch.Generator
-                        ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-        """One step of event-level DP whose item noise is added once to the cohort's sum, by the server.
+    #: whether :meth:`clipped_release` bounds each *event*: one sample per event (``sasrec``'s samples span a
+    #: session of events, so it has no per-event release)
+    event_samples: bool = True
 
-        Each sample of ``batch`` is taken with probability ``sample_rate`` and its gradient clipped to
-        ``clip`` (global and local parameters together). The local parameters step at once with their own
-        noise ``N(0, (noise_multiplier * clip)^2)``; the global ones are not changed. Returns the release:
-        per item table ``(row ids, -lr_global * summed clipped rows)``, and the taken samples' positive-item
-        counts ``(ids, counts)`` (:mod:`fedrec.privacy.aggregate`). Only ``mf`` has one (the config says so).
+    def clipped_release(self, batch: tuple[torch.Tensor, ...], *, sample_rate: float, lr_global: float,
+                        lr_local: float, clip: float, noise_multiplier: float, generator: torch.Generator,
+                        backend: str = "auto") -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+        """One step of event-level DP whose noise on the global parameters is added once to the cohort's sum,
+        by the server (:mod:`fedrec.privacy.aggregate`).
+
+        Each sample of ``batch`` (one per event, from :meth:`samples`) is taken with probability
+        ``sample_rate`` (``torch.rand(n)`` from ``generator``) and its gradient clipped to ``clip``, global and
+        local parameters together: Opacus's ghost clipping with its noise off (:meth:`_clipped_sum`). The local
+        parameters step at once by ``-lr_local / (q n)`` times their clipped sum plus their own noise
+        ``N(0, (noise_multiplier * clip)^2)`` (drawn next from ``generator``); the global ones are not changed.
+        Returns the release, ``-lr_global`` times the clipped sum of every global parameter: per item table
+        (:data:`~fedrec.server_aggregate.ITEM_TABLES`) the rows the taken samples touched ``(row ids, rows)``,
+        every other parameter dense; and the taken samples' positive-item counts ``(ids, counts)``.
+        ``backend``: ``mf``'s closed form unless ``"autograd"``; this one is autograd, whatever it says.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no release for event noise at the aggregate.")
+        from ..server_aggregate import ITEM_TABLES
+
+        n = len(batch[0])
+        take = torch.rand(n, generator=generator) < sample_rate
+        taken = tuple(t[take] for t in batch)
+        params = dict(self.named_parameters())
+        sums = self._clipped_sum(taken, clip) if int(take.sum()) else \
+            {k: torch.zeros_like(p) for k, p in params.items()}
+        with torch.no_grad():
+            for k in self.local_names:
+                noise = torch.randn(sums[k].shape, generator=generator, dtype=sums[k].dtype) * noise_multiplier * clip
+                params[k].add_(sums[k] + noise, alpha=-lr_local / max(sample_rate * n, 1e-6))
+        items = taken[1] if len(taken) > 1 else torch.zeros((0, 1), dtype=torch.long)
+        touched = torch.unique(items.reshape(-1))
+        release: dict = {}
+        for k in self.global_names:
+            g = (sums[k] * -lr_global).detach()
+            release[k] = (touched.numpy(), g[touched].numpy().astype(np.float32)) if k in ITEM_TABLES else \
+                g.numpy().astype(np.float32)
+        ids, counts = torch.unique(items[:, 0], return_counts=True) if len(items) else (touched, touched)
+        return release, (ids.numpy(), counts.numpy())
+
+    def _clipped_sum(self, batch: tuple[torch.Tensor, ...], clip: float) -> dict[str, torch.Tensor]:
+        """The sum over the samples of ``batch`` of each one's BPR-loss gradient clipped to L2 norm ``clip`` (every
+        trainable parameter together), by parameter name: Opacus's ghost clipping with the noise off and the sum
+        taken as it is (``loss_reduction = "sum"``). The model's parameters are not changed."""
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        n = len(batch[0])
+        named = [(k, p) for k, p in self.named_parameters() if p.requires_grad]
+        opt = torch.optim.SGD([p for _, p in named], lr=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="rdp")
+            dp_model, dp_opt, dp_crit, _ = engine.make_private(
+                module=self, optimizer=opt, data_loader=DataLoader(TensorDataset(torch.ones(n)), batch_size=n),
+                criterion=BPRLoss(reduction="sum"), noise_multiplier=0.0, max_grad_norm=clip,
+                grad_sample_mode="ghost", poisson_sampling=False, loss_reduction="sum")
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                dp_opt.zero_grad()
+                dp_crit(score_diff(dp_model, *batch), torch.ones(n)).backward()
+                dp_opt.pre_step()
+            return {k: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for k, p in named}
+        finally:
+            dp_model.to_standard_module()
+            for _, p in named:
+                p.grad = None
+                for attr in ("summed_grad", "grad_sample", "_norm_sample"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
 
     def _dp_steps(self, batch: tuple[torch.Tensor, ...], weight: torch.Tensor,
                   groups: list[tuple[nn.Parameter, float]], *, steps: int, sample_rate: float,

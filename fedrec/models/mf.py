@@ -101,11 +101,15 @@ class MF(RecModel):
                    lr_item=lr_global, lr_user=lr_local, generator=generator)
 
     def clipped_release(self, batch: tuple[torch.Tensor, ...], *, sample_rate: float, lr_global: float,
-                        lr_local: float, clip: float, noise_multiplier: float, generator: torch.Generator
-                        ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-        """:meth:`RecModel.clipped_release` in closed form (:func:`fedrec.privacy.fast_dpsgd.clipped_step_mf`)."""
+                        lr_local: float, clip: float, noise_multiplier: float, generator: torch.Generator,
+                        backend: str = "auto") -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+        """:meth:`RecModel.clipped_release` in closed form (:func:`fedrec.privacy.fast_dpsgd.clipped_step_mf`)
+        unless ``backend = "autograd"`` (Opacus's clipping, the same release up to float rounding)."""
         from ..privacy.fast_dpsgd import clipped_step_mf  # it builds on this module's closed-form gradients
 
+        if backend != "auto":
+            return super().clipped_release(batch, sample_rate=sample_rate, lr_global=lr_global, lr_local=lr_local,
+                                           clip=clip, noise_multiplier=noise_multiplier, generator=generator)
         (ids, rows), (cids, counts) = clipped_step_mf(
             self.item.weight.data, self.user.weight.data, batch[1], sample_rate=sample_rate, lr_item=lr_global,
             lr_user=lr_local, clip=clip, noise_multiplier=noise_multiplier, generator=generator)

@@ -6,7 +6,8 @@ Ding et al., 2021, "Federated Submodel Averaging"). In one round every device Po
 each of its events with rate ``q``, clips each event's gradient (item-table and own user-vector
 coordinates together) to L2 norm ``C`` and releases
 
-* the item rows of ``-lr * sum of clipped gradients`` (sparse ``(ids, rows)``), and
+* the item rows of ``-lr * sum of clipped gradients`` (sparse ``(ids, rows)``; the model's other global
+  parameters, if any, dense: :class:`fedrec.aggregation.AggregateGaussian` noises them alike), and
 * per-row event counts: +1 on the row of each sampled event's *positive* item only.
 
 The server (:func:`noisy_rows`) sums both over the cohort, draws noisy counts
@@ -165,7 +166,8 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
         float32 ``(m, width)`` on ``device``: (summed rows + noise) / normaliser.
     diagnostics : dict
         ``rows_selected``; ``normaliser`` (the global one, or the median of the selected rows' own;
-        NaN when none is selected); ``noise_std`` (gradient noise std / that normaliser);
+        NaN when none is selected); ``noisy_total`` (the selected rows' noisy counts summed, at least 1: the
+        events the round heard of, what a parameter that is no item row is divided by); ``noise_std`` (gradient noise std / that normaliser);
         ``grad_noise_std``; ``count_noise_std``; and, unless ``noised``,
         ``rows_true_positive_server_only``: selected rows whose TRUE count is > 0. It depends on
         true counts, so it is not DP: keep it on the server, never publish it.
@@ -179,16 +181,17 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
     grad_std = split.grad * sensitivity
     if not noised:
         rows += torch.randn(rows.shape, generator=generator, dtype=torch.float64) * grad_std
+    # the selected rows' noisy counts: their sum over all n_items rows would carry n_items count noises
+    noisy_total = max(float(noisy[selected].sum()), 1.0)
     if row_average:
         norm = noisy[selected].clamp(min=1.0)
         rows /= norm[:, None]
         normaliser = float(norm.median()) if len(norm) else math.nan
     else:
-        # the selected rows' noisy counts: their sum over all n_items rows would carry n_items count noises
-        normaliser = total if total is not None else max(float(noisy[selected].sum()), 1.0)
+        normaliser = total if total is not None else noisy_total
         rows /= normaliser
     diag: dict = {"rows_selected": len(selected), "normaliser": normaliser, "noise_std": grad_std / normaliser,
-                  "grad_noise_std": grad_std, "count_noise_std": split.count}
+                  "grad_noise_std": grad_std, "count_noise_std": split.count, "noisy_total": noisy_total}
     if not noised:
         diag["rows_true_positive_server_only"] = int((summed[selected] > 0).sum())
     return selected.to(device), rows.to(device=device, dtype=torch.float32), diag

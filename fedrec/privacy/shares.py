@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..server_aggregate import ITEM_TABLES
 from .aggregate import Split, split
 
 #: per-coordinate bound on one device's signal, in units of one event's bound (``lr * C``; counts: events)
@@ -136,7 +137,7 @@ def device_vector(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shape
 
     ``release`` maps global keys (``shapes``, in order) to a dense array or sparse ``(ids, rows)``; a key it
     lacks contributes zero signal. Returns one array per key (the release over ``sensitivity``, clamped to
-    ``SIGNAL_BOUND``, plus ``N(0, plan.grad_std^2)``) and then the dense counts over the first key's rows
+    ``SIGNAL_BOUND``, plus ``N(0, plan.grad_std^2)``) and then the dense counts over the item table's rows
     (clamped likewise, plus ``N(0, plan.count_std^2)``). Table noise is drawn first, key by key, then counts.
     """
     out = []
@@ -149,7 +150,7 @@ def device_vector(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shape
             v += np.asarray(got, np.float64)
         v = np.clip(v / sensitivity, -SIGNAL_BOUND, SIGNAL_BOUND)
         out.append(v + torch.randn(shape, generator=generator, dtype=torch.float64).numpy() * plan.grad_std)
-    n_items = next(iter(shapes.values()))[0]
+    n_items = shapes[ITEM_TABLES[0]][0]
     c = np.zeros(n_items, np.float64)
     np.add.at(c, np.asarray(counts[0], np.int64), np.asarray(counts[1], np.float64))
     c = np.clip(c, -SIGNAL_BOUND, SIGNAL_BOUND)
