@@ -129,7 +129,8 @@ class Device:
             taken = self.store.take(round_, clock)
             items, rounds = self.store.events()
             raw = self._settle(self.store.load_state(), acked, cfg) if train else None
-            dev = DeviceData(self.device_id, items, rounds, DeviceState.from_config(raw) if raw is not None else None)
+            dev = DeviceData(self.device_id, items, rounds, DeviceState.from_config(raw) if raw is not None else None,
+                             self.store.kinds())
             vec = self.store.get_arrays("serve-vector")
             out = device_round(model, global_state, dev, vec[1]["vector"] if vec else None, ins, cfg, train=train,
                                serve=serve, secret=secret)
@@ -203,7 +204,8 @@ class Device:
         history = self.store.all_items()
         params, graph = split(glob)
         # the state after every event recorded so far: the row after the last event, as the serving path has it
-        res = serve_devices(model, params, [ServeInput(self.device_id, history, history[:0])], vectors,
+        res = serve_devices(model, params, [ServeInput(self.device_id, history, history[:0],
+                                                       kinds=self.store.kinds(taken=False))], vectors,
                             round_=round_ + 1, seed=cfg.seed, k=k, fit_steps=cfg.user_fit_steps,
                             lr=cfg.user_lr or cfg.lr, negatives=cfg.negatives, graph=graph, context=cfg.session_len,
                             blend=self._blend())[0]

@@ -148,7 +148,7 @@ def _device_data(stream: RoundStream, d: int, mine: set[int], ins: RoundInstruct
     items = stream.log.item[idx]
     if d in sim.fake and sim.target is not None:
         items = poisoned(items, sim.target)
-    return DeviceData(d, items, stream.round_of[idx], state), probe
+    return DeviceData(d, items, stream.round_of[idx], state, stream.log.kind[idx]), probe
 
 
 def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecModel, global_state: dict,
@@ -168,7 +168,7 @@ def _serve(context: Context, stream: RoundStream, cfg: RunConfig, model: RecMode
         probe = _probe(stream, sim.start, d, round_ - 1, cfg.freshness_window)
         if sim.target is not None:  # the poisoning target's exposure: is it in this benign user's top-K?
             probe = np.union1d(probe, [sim.target]) if probe is not None else np.asarray([sim.target])
-        s = serve_input(DeviceData(d, log.item[di], stream.round_of[di]), round_, probe)
+        s = serve_input(DeviceData(d, log.item[di], stream.round_of[di], kinds=log.kind[di]), round_, probe)
         if s is not None:
             inputs.append(s)
     res, vectors = shard_serve(model, global_state, inputs, _vectors(context), cfg, ins)

@@ -276,6 +276,18 @@ class EventStore:
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
     @_guarded
+    def kinds(self, *, taken: bool = True) -> np.ndarray:
+        """The kind of each event of :meth:`events` (``taken``) or of :meth:`all_items`, in the same order, as
+        :data:`~fedrec.data.events.KINDS` codes (int8)."""
+        where = " WHERE round IS NOT NULL" if taken else ""
+        rows = self._db.execute(f"SELECT kind FROM events{where} ORDER BY ts, seq").fetchall()
+        code = {k: i for i, k in enumerate(KINDS)}
+        bad = next((r[0] for r in rows if r[0] not in code), None)
+        if bad is not None:
+            raise StoreError(f"The device store {self.path} holds an event of unknown kind {bad!r}.")
+        return np.asarray([code[r[0]] for r in rows], dtype=np.int8)
+
+    @_guarded
     def count(self, *, pending: bool | None = None) -> int:
         where = "" if pending is None else (" WHERE round IS NULL" if pending else " WHERE round IS NOT NULL")
         return int(self._db.execute(f"SELECT COUNT(*) FROM events{where}").fetchone()[0])

@@ -102,6 +102,7 @@ def client_update(
     probe: np.ndarray | None = None,
     secret: int = 0,
     affinities: bool = False,
+    kinds: np.ndarray | None = None,
 ) -> UpdateResult:
     """Run one device's round.
 
@@ -121,13 +122,15 @@ def client_update(
     before training is reported in ``probe_hits`` (new-item uptake); it changes nothing trained or sent.
     ``secret``: entropy the server does not know, mixed into the seed (a deployed device; simulation: 0).
     ``affinities``: the version has item features, so the pairs carry each new event's item before it.
+    ``kinds``: the kind of each event (:data:`fedrec.data.events.KINDS` codes; None: not known), for a model that
+    reads each event's context (:attr:`~fedrec.models.base.RecModel.reads_kinds`).
     """
     prep = prepare_update(model, global_state, state, items, rounds, round_, cfg, device_id=device_id,
-                          noise_multiplier=noise_multiplier, probe=probe, secret=secret)
+                          noise_multiplier=noise_multiplier, probe=probe, secret=secret, kinds=kinds)
     if isinstance(prep, UpdateResult):
         return prep
     trained = _train(model, global_state, items, rounds, prep.train, prep.seen, cfg, prep.generator,
-                     noise_multiplier)
+                     noise_multiplier, kinds)
     return finish_update(prep, cfg, *trained, noise_multiplier=noise_multiplier, affinities=affinities,
                          version=global_state)
 
@@ -171,6 +174,7 @@ class Prepared:
     probe_hits: np.ndarray | None
     generator: torch.Generator  #: the device's own, as the steps before left it
     local: dict[str, torch.Tensor]  #: its local parameters as its steps start from them
+    kinds: np.ndarray | None = None  #: the kind of each of ``items`` (None: not known)
 
 
 @dataclass
@@ -201,7 +205,7 @@ def open_update(model: RecModel, global_state: dict[str, np.ndarray], state: Dev
 def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: DeviceState, items: np.ndarray,
                    rounds: np.ndarray, round_: int, cfg: RunConfig, *, device_id: int, noise_multiplier: float,
                    probe: np.ndarray | None = None, secret: int = 0, loaded: bool = False,
-                   opened: Opened | None = None) -> Prepared | UpdateResult:
+                   opened: Opened | None = None, kinds: np.ndarray | None = None) -> Prepared | UpdateResult:
     """:func:`client_update` up to the local steps: the update opened (:func:`open_update`), the device's vector fit
     to its past events, the new events evaluated, the budget checked (a skipped :class:`UpdateResult` where it says
     no). ``opened``: opened and fit already, the fit vector in the model (a batch fits its devices together:
@@ -211,9 +215,9 @@ def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: 
                              secret=secret, loaded=loaded)
         if _fits(cfg, opened):
             _fit_local(model, torch.from_numpy(items[opened.known].astype(np.int64)), opened.seen, cfg,
-                       opened.generator)
+                       opened.generator, None if kinds is None else kinds[opened.known])
     state, known, new, seen, torch_g = opened.state, opened.known, opened.new, opened.seen, opened.generator
-    counts, probe_hits = _evaluate(model, state, items, known, new, seen, cfg, probe)
+    counts, probe_hits = _evaluate(model, state, items, known, new, seen, cfg, probe, kinds)
 
     skipped = _budget_guard(global_state, state, cfg, noise_multiplier) if cfg.event_dp and cfg.epsilon > 0 else None
     if skipped is not None:
@@ -224,7 +228,7 @@ def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: 
     train = (rounds > state.cursors[0]) & (rounds <= round_)
     params = dict(model.named_parameters())
     return Prepared(device_id, state, items, rounds, round_, train, new, seen | _mask(items[train], model.n_items),
-                    counts, probe_hits, torch_g, {k: params[k].detach().clone() for k in model.local_names})
+                    counts, probe_hits, torch_g, {k: params[k].detach().clone() for k in model.local_names}, kinds)
 
 
 def fit_batch(model: RecModel, opened: list[Opened], items: list[np.ndarray], cfg: RunConfig) -> list[np.ndarray]:
@@ -324,17 +328,18 @@ def _rows_delta(name: str, table: torch.Tensor, ids: torch.Tensor, after: torch.
 
 
 def _train(model: RecModel, global_state: dict[str, np.ndarray], items: np.ndarray, rounds: np.ndarray,
-           train: np.ndarray, seen: np.ndarray, cfg: RunConfig, g: torch.Generator, noise_multiplier: float
+           train: np.ndarray, seen: np.ndarray, cfg: RunConfig, g: torch.Generator, noise_multiplier: float,
+           kinds: np.ndarray | None = None
            ) -> tuple[int, dict, dict[str, np.ndarray], float, bool, tuple[np.ndarray, np.ndarray] | None]:
     """The local update: its steps, the delta to send, the local state after it, the norm before the clip, whether
     the clip bit, and the positive-item counts where the server needs them (event noise at the aggregate, or
     per-row averaging without DP)."""
     if cfg.aggregate_noise:  # one clipped step; the item noise is added once to the cohort's sum
-        steps, delta, local, counts = _release(model, items, rounds, train, seen, cfg, g, noise_multiplier)
+        steps, delta, local, counts = _release(model, items, rounds, train, seen, cfg, g, noise_multiplier, kinds)
         return steps, delta, local, 0.0, False, counts
     before = {k: torch.from_numpy(np.asarray(v)).clone() for k, v in global_state.items()}
     steps = 0 if not train.any() else _local_sgd(model, items, rounds, train, seen, cfg, g,
-                                                 noise_multiplier if cfg.event_dp else 0.0, cfg.event_dp)
+                                                 noise_multiplier if cfg.event_dp else 0.0, cfg.event_dp, kinds)
     params = dict(model.named_parameters())
     delta, local, preclip, was_clipped = _delta({k: params[k].detach() for k in model.global_names}, before,
                                                 {k: params[k].detach() for k in model.local_names}, cfg)
@@ -379,13 +384,13 @@ def _delta(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], loca
 
 
 def _evaluate(model: RecModel, state: DeviceState, items: np.ndarray, known: np.ndarray, new: np.ndarray,
-              seen: np.ndarray, cfg: RunConfig, probe: np.ndarray | None
+              seen: np.ndarray, cfg: RunConfig, probe: np.ndarray | None, kinds: np.ndarray | None = None
               ) -> tuple[PrequentialCounts, np.ndarray | None]:
     """Score the new events (and the probe) before training, with the device's state as of its past events: its
     local vector fit to them against the global version just received (:func:`_fit_local`, instant on-device
     personalisation: nothing new is looked at). Under event-level DP that vector is used for local scoring only;
     training restarts from the DP-trained one, so no non-private step ever shapes a released delta."""
-    scores = model.score_all(items[known]).numpy()
+    scores = model.score_all(items[known], None if kinds is None else kinds[known]).numpy()
     counts = prequential_counts(scores, seen, items[new], cfg.k)
     probe_hits = in_topk(scores, probe, seen, cfg.k) if probe is not None and len(probe) else None
     if cfg.user_fit_steps and known.any() and cfg.event_dp:
@@ -444,11 +449,12 @@ def _mask(idx: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator) -> None:
+def _fit_local(model: RecModel, pos: torch.Tensor, seen: np.ndarray, cfg: RunConfig, g: torch.Generator,
+               kinds: np.ndarray | None = None) -> None:
     """``cfg.user_fit_steps`` full-batch steps on the local parameters only (global ones frozen)."""
     cand = _fit_candidates(seen)
     model.fit_local(pos, cand, steps=cfg.user_fit_steps, negatives=cfg.negatives,
-                    lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, backend=cfg.update_backend)
+                    lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, generator=g, backend=cfg.update_backend, kinds=kinds)
 
 
 def _fit_candidates(seen: np.ndarray) -> torch.Tensor:
@@ -457,7 +463,7 @@ def _fit_candidates(seen: np.ndarray) -> torch.Tensor:
 
 
 def _release(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,
-             cfg: RunConfig, g: torch.Generator, noise_multiplier: float
+             cfg: RunConfig, g: torch.Generator, noise_multiplier: float, kinds: np.ndarray | None = None
              ) -> tuple[int, dict, dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Event noise at the aggregate: the device's one clipped step (:meth:`RecModel.clipped_release`).
 
@@ -474,7 +480,8 @@ def _release(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.
                  else np.zeros(tuple(params[k].shape), np.float32) for k in model.global_names}
         return 0, empty, {k: params[k].detach().numpy().copy() for k in model.local_names}, \
             (np.zeros(0, np.int64),) * 2
-    batch, _ = model.samples(events, rounds, train, _negatives(model, seen, cfg), negatives=cfg.negatives, generator=g)
+    batch, _ = model.samples(events, rounds, train, _negatives(model, seen, cfg), negatives=cfg.negatives, generator=g,
+                             kinds=kinds)
     delta, counts = model.clipped_release(
         batch, sample_rate=cfg.sample_rate, lr_global=cfg.lr, lr_local=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
         clip=cfg.event_clip, noise_multiplier=split(noise_multiplier, cfg.count_share).grad, generator=g,
@@ -499,7 +506,8 @@ def _catalogue(n_items: int) -> torch.Tensor:
 
 
 def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.ndarray, seen: np.ndarray,
-               cfg: RunConfig, g: torch.Generator, noise_multiplier: float, private: bool) -> int:
+               cfg: RunConfig, g: torch.Generator, noise_multiplier: float, private: bool,
+               kinds: np.ndarray | None = None) -> int:
     """``cfg.steps`` steps; each takes every sample independently with prob ``sample_rate``.
 
     The samples are the model's (:meth:`RecModel.samples`): one per training event for ``mf`` and
@@ -511,7 +519,7 @@ def _local_sgd(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: n
     size); a DP step whose Poisson batch is empty still adds noise, as the accountant assumes.
     """
     batch, weight = model.samples(events, rounds, train, _negatives(model, seen, cfg), negatives=cfg.negatives, generator=g,
-                                  sessions=private)
+                                  sessions=private, kinds=kinds)
     # the item table (global) and the user vector (local) take separate step sizes: the user vector
     # receives DP noise of the same std on each step but only its own signal, so it needs a
     # smaller step to average the noise out across steps

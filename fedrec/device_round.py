@@ -55,6 +55,7 @@ class DeviceData:
     items: np.ndarray  #: item ids of its events so far (rounds ``<=`` the current one), time order
     rounds: np.ndarray  #: the round window of each event
     state: DeviceState | None = None  #: its private training state (None: a device that never trained)
+    kinds: np.ndarray | None = None  #: the kind of each event (:data:`fedrec.data.events.KINDS` codes; None: unknown)
 
 
 def serve_input(dev: DeviceData, round_: int, probe: np.ndarray | None = None) -> ServeInput | None:
@@ -62,7 +63,9 @@ def serve_input(dev: DeviceData, round_: int, probe: np.ndarray | None = None) -
     new = dev.rounds == round_
     if not new.any():
         return None
-    return ServeInput(device=dev.device, history=dev.items[dev.rounds < round_], new=dev.items[new], probe=probe)
+    kinds = None if dev.kinds is None else dev.kinds[dev.rounds <= round_]
+    return ServeInput(device=dev.device, history=dev.items[dev.rounds < round_], new=dev.items[new], probe=probe,
+                      kinds=kinds)
 
 
 def serve_devices(model: RecModel, global_state: Mapping[str, np.ndarray], inputs: list[ServeInput],
@@ -83,7 +86,7 @@ def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: D
     return client_update(model, split(global_state)[0], dev.state if dev.state is not None else DeviceState(),
                          dev.items, dev.rounds, ins.round, cfg, device_id=dev.device,
                          noise_multiplier=ins.noise_multiplier, probe=probe, secret=secret,
-                         affinities=PROFILES in global_state)
+                         affinities=PROFILES in global_state, kinds=dev.kinds)
 
 
 def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs: Sequence[DeviceData], cfg: RunConfig,
@@ -108,7 +111,7 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
         model.load({model.local_names[0]: torch.from_numpy(fitted[n])})
         out[j] = _caught(prepare_update, model, params, out[j].state, devs[j].items, devs[j].rounds, ins.round, cfg,
                          device_id=devs[j].device, noise_multiplier=ins.noise_multiplier, probe=probes[j],
-                         opened=out[j])
+                         opened=out[j], kinds=devs[j].kinds)
     ready = [j for j, p in enumerate(out) if isinstance(p, Prepared)]
     trained = _caught(train_batch, model, params, [out[j] for j in ready], cfg)
     for n, j in enumerate(ready):  # a batch that fails as a whole: each device alone, from its own start

@@ -73,6 +73,8 @@ class ServeInput:
     history: np.ndarray  #: item ids of its events before this round (time order)
     new: np.ndarray  #: item ids of its events in this round (time order)
     probe: np.ndarray | None = None  #: tracked items to check for top-K membership (simulation only)
+    #: the kind of each event of ``history`` then ``new`` (:data:`fedrec.data.events.KINDS` codes; None: unknown)
+    kinds: np.ndarray | None = None
 
 
 @dataclass
@@ -117,11 +119,12 @@ def blend_scores(name: str, session: torch.Tensor | None, model: torch.Tensor, s
 
 
 def event_rows(model: RecModel, blocks: list[EventBlock], graph: Mapping[str, torch.Tensor] | None,
-               context: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+               context: int, kinds: list[np.ndarray | None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The model's instant scores, the graph's session scores and its features blend's (None where the run has
-    no graph, or no features) before each new event of each block (``(history, new, vector)``) and after its last,
-    the blocks' rows stacked."""
-    rows = model.score_event_blocks(blocks, context=context)
+    no graph, or no features) before each new event of each block (``(history, new, vector)``; ``kinds``: each
+    block's events' kinds, history then new) and after its last, the blocks' rows stacked."""
+    rows = model.score_event_blocks(blocks, context=context, kinds=kinds)
     if graph is None:
         return rows, None, None
     parts = [contexts(h, n, context) for h, n, _ in blocks]
@@ -139,6 +142,7 @@ class _Piece:
     history: np.ndarray  #: its history and its new events before this block
     new: np.ndarray
     last: bool  #: the device's final block: its last row is the row after every new event
+    kinds: np.ndarray | None = None  #: the kinds of ``history`` then ``new`` (None: unknown)
 
 
 def _pieces(devices: list[ServeInput]) -> list[_Piece]:
@@ -146,8 +150,9 @@ def _pieces(devices: list[ServeInput]) -> list[_Piece]:
     for i, s in enumerate(devices):
         new = np.asarray(s.new, np.int64)
         for a in range(0, len(new) + 1, ROWS):  # the last block holds the row after all the new events
+            kinds = None if s.kinds is None else np.asarray(s.kinds)[: len(s.history) + len(new[a:a + ROWS]) + a]
             out.append(_Piece(i, np.concatenate([np.asarray(s.history, np.int64), new[:a]]), new[a:a + ROWS],
-                              a + ROWS > len(new)))
+                              a + ROWS > len(new), kinds))
     return out
 
 
@@ -172,7 +177,7 @@ def _per_event(model: RecModel, devices: list[ServeInput], vectors: list[np.ndar
     out = [([PrequentialCounts() for _ in BLENDS], starts[i]) for i in range(len(devices))]
     for chunk in _chunks(_pieces(devices), model.n_items):
         rows, session, content = event_rows(model, [(p.history, p.new, vectors[p.index]) for p in chunk], graph,
-                                            context)
+                                            context, [p.kinds for p in chunk])
         ranked = EventRows([(p.history, p.new) for p in chunk], model.n_items, trailing=True)
         start_rows = np.stack([np.asarray(starts[p.index], np.float32) for p in chunk])  # a row per piece, not per event
         zmodel = standardised(rows) if session is not None else None
@@ -222,7 +227,8 @@ def serve(model: RecModel, global_state: Mapping[str, np.ndarray], devices: list
         return []
     fitted = model.fit_and_score(global_state, [s.history for s in devices], [vectors.get(s.device) for s in devices],
                                  _generators(devices, seed, round_), fit_steps=fit_steps, negatives=negatives, lr=lr,
-                                 device=device)
+                                 device=device, kinds=[None if s.kinds is None else np.asarray(s.kinds)[: len(s.history)]
+                                                       for s in devices])
     model.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
     table = prepare(graph) if graph is not None else None  # once for the batch, not per device
     events = _per_event(model, devices, [v if v.size else None for _, v in fitted], [x for x, _ in fitted], table, k,

@@ -32,7 +32,10 @@ case: those four keep ``user-graph-share = 0`` and pass unchanged, which checks 
 the one before; the new case ``user-graph`` holds the default.
 Event noise at the aggregate for every model with one sample per event (``deepfm``, ``neumf``: their releases
 through Opacus's clipping) made ``event-noise = "auto"`` choose it for ``neumf``: that case now names
-``event-noise = "device"`` and passes unchanged; the new case ``deepfm-aggregate`` holds the new path.
+``event-noise = "device"`` and passes unchanged; the new case ``deepfm-aggregate`` holds the new path. Then
+``deepfm`` gained the event's context (the kind of the event before it, a fourth field in its FM and its deep
+part): ``deepfm-aggregate`` alone was written again (its model has a new parameter and a wider first deep layer,
+so every number of it moved); every other case passes unchanged.
 The synthetic world then changed on purpose (its users' events drawn a block of users at a time, issue 18): the same
 distribution (``tests/test_world.py`` holds it to a plain per-user generator), other draws. Every case reads the
 world, so all files were written again with the round code unchanged. The centralised MF baseline's user table then

@@ -251,6 +251,52 @@ def check_instant_state(name: str, tmp: Path) -> None:
     assert torch.allclose(together, alone, atol=1e-4), f"{name}: blocks scored together differ from each alone"
 
 
+def check_event_contexts(name: str, tmp: Path) -> None:
+    """A model that reads each event's context (``reads_kinds``): a training sample carries the kind of the event
+    before it (the first: none); the scores after a history read the kind of its last event; per-event row ``j``
+    reads the kinds of the events before ``j`` only (the kind of event ``j`` itself is what happens, not what is
+    known before it); blocks scored together keep their own kinds; and a device's update trains on them. A model
+    that reads none scores the same whatever the kinds."""
+    from ..models.base import NO_CONTEXT
+
+    cfg = _cfg(name)
+    model = _model(cfg)
+    items, rounds = _events()
+    kinds = (np.arange(len(items)) % 3 + 1).astype(np.int8)  # click, view, purchase in turn
+    hist, new, kh, kn = items[:10], items[10:16], kinds[:10], kinds[10:16]
+    vec = model.local_flat()
+    rows = model.score_events(hist, new, vec, context=cfg.session_len, kinds=np.concatenate([kh, kn]))
+    bought = kn.copy()
+    bought[3] = 3 if kn[3] != 3 else 1  # event 3's own kind differs
+    other = model.score_events(hist, new, vec, context=cfg.session_len, kinds=np.concatenate([kh, bought]))
+    assert torch.allclose(rows[:4], other[:4], atol=1e-5), f"{name}: a row reads the kind of its own event or a later one"
+    if not model.reads_kinds:
+        assert torch.allclose(rows, other, atol=1e-6), f"{name}: scores read event kinds the model does not use"
+        return
+    assert not torch.allclose(rows[4], other[4], atol=1e-6), f"{name}: row 4 ignores the kind of the event before it"
+    batch, _ = model.samples(items, rounds, rounds >= 2, torch.arange(N_ITEMS), negatives=2,
+                             generator=torch.Generator().manual_seed(0), kinds=kinds)
+    want = np.concatenate([[NO_CONTEXT], kinds[:-1]])[rounds >= 2]
+    assert batch[-1].tolist() == want.tolist(), f"{name}: a sample's context is not the kind of the event before it"
+    first = model.samples(items, rounds, rounds >= 1, torch.arange(N_ITEMS), negatives=2,
+                          generator=torch.Generator().manual_seed(0))[0][-1]
+    assert int(first[0]) == NO_CONTEXT and set(first.tolist()) == {NO_CONTEXT}, f"{name}: no kinds is not no context"
+    after = [model.score_all(hist, np.concatenate([kh[:-1], [k]])) for k in (1, 3)]
+    assert not torch.allclose(after[0], after[1]), f"{name}: the scores after a history ignore its last event's kind"
+    blocks = [(hist, new, vec), (items[:3], items[3:5], vec)]
+    together = model.score_event_blocks(blocks, context=cfg.session_len, kinds=[kinds[:16], bought[:5]])
+    alone = torch.cat([model.score_events(hist, new, vec, context=cfg.session_len, kinds=kinds[:16]),
+                       model.score_events(items[:3], items[3:5], vec, context=cfg.session_len, kinds=bought[:5])])
+    assert torch.allclose(together, alone, atol=1e-4), f"{name}: blocks scored together lose their own kinds"
+    g = _global(model)
+    r1 = client_update(_model(cfg), g, DeviceState(), items, rounds, 3, cfg, device_id=4, noise_multiplier=0.0,
+                       kinds=kinds)
+    r2 = client_update(_model(cfg), g, DeviceState(), items, rounds, 3, cfg, device_id=4, noise_multiplier=0.0,
+                       kinds=np.full(len(items), 3, np.int8))
+    moved = [k for k in r1.delta if not np.allclose(r1.delta[k], r2.delta[k])]
+    assert moved, f"{name}: an update with other event kinds trained the same"
+
+
 def yield_checks(name: str) -> Iterator[Check]:
     """Every check of the contract, for the model ``name``."""
     yield check_partition
@@ -261,3 +307,4 @@ def yield_checks(name: str) -> Iterator[Check]:
     yield check_ranking_excludes_seen
     yield check_learns
     yield check_instant_state
+    yield check_event_contexts

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.events import KINDS
+
 
 class BPRLoss(nn.Module):
     """Pairwise logistic loss on (positive - negative) score differences.
@@ -59,6 +61,9 @@ class RecModel(nn.Module):
     local_names: tuple[str, ...] = ()
     uses_history: bool = False
     uses_features: bool = False  #: reads the run's public item features (:meth:`set_features`)
+    #: reads each event's context, the kind of the event before it (:meth:`event_contexts`): its samples carry it
+    #: as one more input, and its scoring methods read the ``kinds`` they are given
+    reads_kinds: bool = False
     #: a non-private local step's gradient (every parameter together) is scaled down to at most this L2 norm (None:
     #: not bounded). Models whose scores multiply several trained layers set it: plain SGD at the run's lr lets
     #: their products grow step by step until a device's update diverges (under DP every event is clipped already)
@@ -114,22 +119,40 @@ class RecModel(nn.Module):
         raise NotImplementedError
 
     def samples(self, items: np.ndarray, rounds: np.ndarray, train: np.ndarray, cand: torch.Tensor, *,
-                negatives: int, generator: torch.Generator, sessions: bool = False
+                negatives: int, generator: torch.Generator, sessions: bool = False, kinds: np.ndarray | None = None
                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The training samples of one update and each one's target-position weights.
 
         ``items``/``rounds``: the device's events in time order; ``train``: boolean mask of those
         trained on; ``cand``: the candidate negatives (items the device has not had). Default: one
-        sample per training event, ``(user row 0, [positive, K negatives])``, weights ``(n,)`` ones.
+        sample per training event, ``(user row 0, [positive, K negatives])``, weights ``(n,)`` ones; a model that
+        reads the event's context (``reads_kinds``) gets each one's context as one more input
+        (:meth:`event_contexts` of ``kinds``, the kind of each event in ``items``; None: unknown).
         ``sessions`` only matters for models whose samples span several events (see SASRec).
         """
         pos = torch.from_numpy(items[train].astype(np.int64))
         n = len(pos)
         neg = cand[torch.randint(0, len(cand), (n, negatives), generator=generator)]
-        return (torch.zeros(n, dtype=torch.long), torch.cat([pos.unsqueeze(1), neg], dim=1).contiguous()), \
+        extra = (self.event_contexts(kinds, len(items))[torch.from_numpy(np.asarray(train, bool))],) \
+            if self.reads_kinds else ()
+        return (torch.zeros(n, dtype=torch.long), torch.cat([pos.unsqueeze(1), neg], dim=1).contiguous(), *extra), \
             torch.ones(n)
 
-    def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
+    def event_contexts(self, kinds: np.ndarray | None, n: int) -> torch.Tensor:
+        """The context of each of a device's ``n`` events (time order): the kind of the event before it
+        (:data:`fedrec.data.events.KINDS` codes), :data:`NO_CONTEXT` for the first and wherever ``kinds`` is None.
+        What a device knows the moment before each event: what the user just did (viewed, clicked, bought)."""
+        out = torch.full((n,), NO_CONTEXT, dtype=torch.long)
+        if kinds is not None and n > 1:
+            k = np.asarray(kinds, np.int64)
+            if len(k) != n:
+                raise ValueError(f"{type(self).__name__}: {len(k)} event kinds for {n} events.")
+            out[1:] = torch.from_numpy(k[:-1])
+        return out
+
+    def score_all(self, history: np.ndarray | None = None, kinds: np.ndarray | None = None) -> torch.Tensor:
+        """Every item's score for this device (local parameters loaded) after its ``history``; ``kinds``: the kind
+        of each event of ``history`` (read by a model with ``reads_kinds``)."""
         raise NotImplementedError
 
     def item_repr(self) -> torch.Tensor:
@@ -276,10 +299,11 @@ class RecModel(nn.Module):
             dp_model.to_standard_module()
 
     def fit_local(self, pos: torch.Tensor, cand: torch.Tensor, *, steps: int, negatives: int, lr: float,
-                  generator: torch.Generator, backend: str = "auto") -> None:
+                  generator: torch.Generator, backend: str = "auto", kinds: np.ndarray | None = None) -> None:
         """``steps`` full-batch SGD steps of the BPR loss of the events ``pos`` on the local parameters only
-        (global ones frozen), fresh negatives from ``cand`` each step. Nothing to do for a model without
-        local parameters (``sasrec``: its user state is the history itself)."""
+        (global ones frozen), fresh negatives from ``cand`` each step (``kinds``: the events' kinds, for a model
+        that reads contexts). Nothing to do for a model without local parameters (``sasrec``: its user state is the
+        history itself)."""
         if not self.local_names or not steps or not len(pos):
             return
         params = dict(self.named_parameters())
@@ -289,12 +313,13 @@ class RecModel(nn.Module):
             p.requires_grad_(False)
         try:
             user = torch.zeros(len(pos), dtype=torch.long)
+            extra = (self.event_contexts(kinds, len(pos)),) if self.reads_kinds else ()
             crit = BPRLoss()
             for _ in range(steps):
                 neg = cand[torch.randint(0, len(cand), (len(pos), negatives), generator=generator)]
                 for p in local:
                     p.grad = None
-                crit(score_diff(self, user, torch.cat([pos.unsqueeze(1), neg], dim=1))).backward()
+                crit(score_diff(self, user, torch.cat([pos.unsqueeze(1), neg], dim=1), *extra)).backward()
                 sgd_step([(p, lr) for p in local])
         finally:
             for p in frozen:
@@ -302,8 +327,8 @@ class RecModel(nn.Module):
 
     def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
                       vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
-                      fit_steps: int, negatives: int, lr: float, device: torch.device | None = None
-                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+                      fit_steps: int, negatives: int, lr: float, device: torch.device | None = None,
+                      kinds: Sequence[np.ndarray | None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Serve a batch of devices: for each, its scores of every item and its local state after the fit.
 
         The global version is loaded once; device ``a``'s local parameters (``vectors[a]``, as
@@ -312,10 +337,11 @@ class RecModel(nn.Module):
         every item is scored from its state and history. Devices are independent (each draws from its own
         generator), so the result does not depend on the batch. The vector is empty without local parameters.
         ``device``: where a model with a batched form runs it (this form, one device after another, runs on the CPU).
+        ``kinds[a]``: the kinds of device ``a``'s history (None: unknown), for a model that reads contexts.
         """
         self.load({n: torch.as_tensor(np.asarray(v)) for n, v in global_state.items()})
         out = []
-        for h, v, g in zip(histories, vectors, generators, strict=True):
+        for h, v, g, k in zip(histories, vectors, generators, kinds or [None] * len(histories), strict=True):
             h = np.asarray(h, dtype=np.int64)
             if self.local_names:
                 if v is not None and len(v):
@@ -324,34 +350,38 @@ class RecModel(nn.Module):
                     self.load(self.init_local(g))
                 cand = unseen(h, self.n_items)
                 self.fit_local(torch.from_numpy(h), cand, steps=fit_steps, negatives=negatives, lr=lr, generator=g,
-                               backend="autograd")
-            out.append((self.score_all(h).numpy(), self.local_flat()))
+                               backend="autograd", kinds=k)
+            out.append((self.score_all(h, k).numpy(), self.local_flat()))
         return out
 
 
     @torch.no_grad()
     def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
-                     context: int) -> torch.Tensor:
+                     context: int, kinds: np.ndarray | None = None) -> torch.Tensor:
         """The device's instant scores: every item, before each of the ``new`` events and after the last.
 
         Row ``j`` of the result ``(len(new) + 1, n_items)`` comes from the device's state through event
         ``j - 1`` (``history`` then ``new[:j]``) and the global version loaded in the model; it never reads
         ``new[j:]``. ``vector`` is the device's local state at the round's start (:meth:`local_flat`; None:
-        as loaded). ``context``: how many of the newest events a refit reads. This default keeps the local
+        as loaded). ``context``: how many of the newest events a refit reads. ``kinds``: the kind of each event of
+        ``history`` then ``new`` (None: unknown), for a model that reads contexts. This default keeps the local
         state and reads the growing history through :meth:`score_all`, one row at a time; models override it
         with a batched instant refit.
         """
         if self.local_names and vector is not None and len(vector):
             self.load_local_flat(vector)
         seq = np.concatenate([np.asarray(history, np.int64), np.asarray(new, np.int64)])
-        return torch.stack([self.score_all(seq[: len(history) + j]) for j in range(len(new) + 1)])
+        return torch.stack([self.score_all(seq[: len(history) + j], None if kinds is None else kinds[: len(history) + j])
+                            for j in range(len(new) + 1)])
 
-    def score_event_blocks(self, blocks: Sequence[EventBlock], *, context: int) -> torch.Tensor:
+    def score_event_blocks(self, blocks: Sequence[EventBlock], *, context: int,
+                           kinds: Sequence[np.ndarray | None] | None = None) -> torch.Tensor:
         """:meth:`score_events` of several blocks (each ``(history, new, vector)``, of one device or of many),
         their rows stacked in order: ``(sum(len(new) + 1), n_items)``. Each block's rows equal its own
-        :meth:`score_events`. This default scores block by block; a model with a closed-form refit overrides it to
-        score every row at once."""
-        return torch.cat([self.score_events(h, n, v, context=context) for h, n, v in blocks])
+        :meth:`score_events` (``kinds[b]``: block ``b``'s). This default scores block by block; a model with a
+        closed-form refit overrides it to score every row at once."""
+        ks = kinds or [None] * len(blocks)
+        return torch.cat([self.score_events(h, n, v, context=context, kinds=k) for (h, n, v), k in zip(blocks, ks, strict=True)])
 
 
 def unseen(history: np.ndarray, n_items: int) -> torch.Tensor:
@@ -363,6 +393,10 @@ def unseen(history: np.ndarray, n_items: int) -> torch.Tensor:
 
 #: one block of events to score (:meth:`RecModel.score_event_blocks`): the history, the new events, the vector
 EventBlock = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+#: an event's context where the kind of the event before it is not known (a device's first event, data without kinds)
+NO_CONTEXT = len(KINDS)
+N_CONTEXTS = len(KINDS) + 1  #: the contexts a model that reads them embeds: every kind, and none
 
 
 def block_contexts(blocks: Sequence[EventBlock], context: int, default: torch.Tensor

@@ -49,7 +49,7 @@ class MF(RecModel):
         return (e[..., : self.dim] * p.unsqueeze(1)).sum(-1) + e[..., self.dim]
 
     @torch.no_grad()
-    def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
+    def score_all(self, history: np.ndarray | None = None, kinds: np.ndarray | None = None) -> torch.Tensor:
         w = self.item.weight
         return w[:, : self.dim] @ self.user.weight[0] + w[:, self.dim]
 
@@ -58,7 +58,7 @@ class MF(RecModel):
 
     @torch.no_grad()
     def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
-                     context: int) -> torch.Tensor:
+                     context: int, kinds: np.ndarray | None = None) -> torch.Tensor:
         """:meth:`RecModel.score_events` with the user vector refit per event in closed form
         (:func:`~fedrec.models.base.ridge_users` over the ``context`` newest items, anchored at ``vector``)."""
         ctx, w = contexts(history, new, context)
@@ -66,7 +66,8 @@ class MF(RecModel):
         return self.score_contexts(ctx, w, u0)
 
     @torch.no_grad()
-    def score_event_blocks(self, blocks: Sequence[EventBlock], *, context: int) -> torch.Tensor:
+    def score_event_blocks(self, blocks: Sequence[EventBlock], *, context: int,
+                           kinds: Sequence[np.ndarray | None] | None = None) -> torch.Tensor:
         """:meth:`score_events` of every block in one refit and one product (rows of many devices at once)."""
         ctx, w, starts, lens = block_contexts(blocks, context, self.user.weight[0])
         return self.score_contexts(ctx, w, starts.repeat_interleave(lens, dim=0))
@@ -116,7 +117,7 @@ class MF(RecModel):
         return {"item.weight": (ids.numpy(), rows.numpy().astype(np.float32))}, (cids.numpy(), counts.numpy())
 
     def fit_local(self, pos: torch.Tensor, cand: torch.Tensor, *, steps: int, negatives: int, lr: float,
-                  generator: torch.Generator, backend: str = "auto") -> None:
+                  generator: torch.Generator, backend: str = "auto", kinds: np.ndarray | None = None) -> None:
         """:meth:`RecModel.fit_local` in closed form (:func:`fit_user_mf`) unless ``backend = "autograd"``."""
         if backend != "auto":
             super().fit_local(pos, cand, steps=steps, negatives=negatives, lr=lr, generator=generator, backend=backend)
@@ -128,8 +129,8 @@ class MF(RecModel):
 
     def fit_and_score(self, global_state: Mapping[str, np.ndarray], histories: Sequence[np.ndarray],
                       vectors: Sequence[np.ndarray | None], generators: Sequence[torch.Generator], *,
-                      fit_steps: int, negatives: int, lr: float, device: torch.device | None = None
-                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+                      fit_steps: int, negatives: int, lr: float, device: torch.device | None = None,
+                      kinds: Sequence[np.ndarray | None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """:meth:`RecModel.fit_and_score` batched over the devices (:func:`fit_users`, on ``device``); the model is
         untouched."""
         scores, users = fit_users(np.asarray(global_state["item.weight"]), self.dim, histories, vectors, generators,

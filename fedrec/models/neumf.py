@@ -63,7 +63,7 @@ class NeuMF(RecModel):
         return self._score(self.user(user).unsqueeze(1), self.item(items))
 
     @torch.no_grad()
-    def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
+    def score_all(self, history: np.ndarray | None = None, kinds: np.ndarray | None = None) -> torch.Tensor:
         return self._score(self.user.weight[0].unsqueeze(0), self.item.weight)
 
     def item_repr(self) -> torch.Tensor:
@@ -71,7 +71,7 @@ class NeuMF(RecModel):
 
     @torch.no_grad()
     def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
-                     context: int) -> torch.Tensor:
+                     context: int, kinds: np.ndarray | None = None) -> torch.Tensor:
         """:meth:`RecModel.score_events` with the GMF half of the user embedding refit per event in closed
         form: the GMF tower is linear in it, with features ``w_out[:dim] * q^G``
         (:func:`~fedrec.models.base.ridge_users` over the ``context`` newest items, anchored at ``vector``);

@@ -108,7 +108,7 @@ class SASRec(RecModel):
         return torch.from_numpy(seq)
 
     @torch.no_grad()
-    def score_all(self, history: np.ndarray | None = None) -> torch.Tensor:
+    def score_all(self, history: np.ndarray | None = None, kinds: np.ndarray | None = None) -> torch.Tensor:
         seq = self.context(history).unsqueeze(0)
         h = self._encode(self.item(seq)[..., : self.dim], seq)[0, -1]
         w = self.item.weight[: self.n_items]
@@ -119,7 +119,7 @@ class SASRec(RecModel):
 
     @torch.no_grad()
     def score_events(self, history: np.ndarray, new: np.ndarray, vector: np.ndarray | None, *,
-                     context: int) -> torch.Tensor:
+                     context: int, kinds: np.ndarray | None = None) -> torch.Tensor:
         """:meth:`RecModel.score_events`: the history grows per event (its user state is the history); all
         rows are encoded as one batch of sequences (``context`` is not used: the sequence length is)."""
         seq = np.concatenate([np.asarray(history, np.int64), np.asarray(new, np.int64)])
@@ -133,7 +133,7 @@ class SASRec(RecModel):
         return torch.cat(rows)
 
     def samples(self, items: np.ndarray, rounds: np.ndarray, train: np.ndarray, cand: torch.Tensor, *,
-                negatives: int, generator: torch.Generator, sessions: bool = False
+                negatives: int, generator: torch.Generator, sessions: bool = False, kinds: np.ndarray | None = None
                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Sequence samples: each has up to L target positions, each target predicted from the items
         before it in the sample.
