@@ -192,8 +192,11 @@ class AggregateGaussian:
                                                 sensitivity=self.sensitivity, split=self.noise,
                                                 threshold=self.threshold, row_average=self.row_average,
                                                 generator=self.generator, noised=presummed is not None)
+        # the events behind the dense sums: the selected rows' noisy total misses the events of rows not selected (in
+        # a small round, every one), so it is floored at the round's devices (public: an idle device replies too)
+        events = max(diag["noisy_total"], float(presummed if presummed is not None else len(deltas)))
         for k in (k for k in gstate if k != self.table):
-            mean[k] = self._dense_mean(gstate[k], [d[k] for d in deltas if k in d], diag["noisy_total"],
+            mean[k] = self._dense_mean(gstate[k], [d[k] for d in deltas if k in d], events,
                                        noised=presummed is not None)
         diag["update_norm"] = opt.step(gstate, mean, lr)
         return diag
@@ -201,9 +204,9 @@ class AggregateGaussian:
     def _dense_mean(self, like: torch.Tensor, parts: list, total: float, *, noised: bool) -> torch.Tensor:
         """A parameter that is no item row (``deepfm``'s feature table and deep part, ``neumf``'s MLP): the
         devices' summed release plus ``N(0, (z_g * sensitivity)^2)`` on every coordinate (part of the same joint
-        Gaussian as the rows: one event's clipped gradient covers every parameter together), over the round's
-        noisy event total ``total`` (post-processing of the noisy counts). ``noised``: the sum carries the noise
-        already (SecAgg+ shares)."""
+        Gaussian as the rows: one event's clipped gradient covers every parameter together), over ``total``: the
+        round's noisy event total (post-processing of the noisy counts), at least its number of devices.
+        ``noised``: the sum carries the noise already (SecAgg+ shares)."""
         acc = torch.zeros(like.shape, dtype=torch.float64)
         for v in parts:
             acc += torch.from_numpy(_densified(v, tuple(like.shape)))

@@ -298,9 +298,9 @@ class RunConfig:
         need = self._need
         need(self.method == "federated" or self.model == "mf", "model",
              "must be mf with method = centralised (the centralised ceiling is written for mf)")
-        need(not (self.wire == "sparse" and self.event_dp and not self.aggregate_noise), "wire",
-             "cannot be sparse under event-level DP with noise on the device (it would reveal which item rows a "
-             "device touched)")
+        need(not (self.wire == "sparse" and self.event_dp), "wire",
+             "cannot be sparse under event-level DP (with the noise on the device it would reveal which item rows a "
+             "device touched; with the noise at the aggregate the release is sparse rows already: use auto)")
         need(not (self.event_noise == "aggregate" and self.privacy != "event"), "event-noise",
              "can be aggregate only with privacy = event (user-level noise on the sum already covers each event)")
         need(not (self.aggregate_noise and self.model == "sasrec"), "event-noise",

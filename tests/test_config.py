@@ -96,6 +96,7 @@ def test_each_key_fails_with_its_sentence(key, value, rule):
 
 @pytest.mark.parametrize("mapping, key, rule", [
     ({"privacy": "event", "event-noise": "device", "wire": "sparse"}, "wire", "cannot be sparse under event-level DP"),
+    ({"privacy": "event", "model": "deepfm", "wire": "sparse"}, "wire", "cannot be sparse under event-level DP"),
     ({"privacy": "none", "secure-aggregation": True}, "secure-aggregation", "needs privacy = user or both"),
     ({"aggregator": "median"}, "aggregator", "must be mean under user-level DP"),
     ({"async-buffer": 2}, "async-buffer", "must be 0 under user-level DP"),

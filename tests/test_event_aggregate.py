@@ -344,6 +344,26 @@ def test_parameters_beside_the_item_rows_get_the_rows_noise_over_the_noisy_total
     torch.testing.assert_close(g["mlp.weight"], torch.full((60, 50), 3.0 / diag["noisy_total"]))
 
 
+def test_a_round_that_selects_no_row_still_averages_the_dense_parameters_over_its_devices():
+    """The selected rows' noisy total misses every event of a row not selected; in a small round that is all of
+    them, and the dense sums were divided by 1 (a review found steps of 200 on deepfm's deep part)."""
+    from fedrec.aggregation import AggregateGaussian
+    from fedrec.server_opt import ServerOptimizer
+
+    noise, sens = split(1.0, 0.1), 0.2
+    agg = AggregateGaussian("item.weight", sensitivity=sens, noise=noise, threshold=1e9, row_average=False,
+                            generator=torch.Generator().manual_seed(0))
+    g = {"item.weight": torch.zeros(V, 2), "mlp.weight": torch.zeros(40, 50)}
+    deltas = [{"item.weight": (np.array([d % V]), np.full((1, 2), 0.05, np.float32)),
+               "mlp.weight": np.full((40, 50), 0.1, np.float32)} for d in range(20)]
+    diag = agg.step(g, ServerOptimizer("fedavg"), deltas, [1.0] * 20, 1.0,
+                    counts=[(np.array([d % V]), np.array([1.0])) for d in range(20)])
+    assert diag["rows_selected"] == 0 and diag["noisy_total"] == 1.0
+    step = g["mlp.weight"].double()
+    assert abs(float(step.mean()) - 0.1) < 0.01  # the sum (2.0) over the 20 devices, not over 1
+    assert float(step.std()) == pytest.approx(noise.grad * sens / 20, rel=0.1)
+
+
 def test_deepfm_learns_with_event_noise_at_the_aggregate(tmp_path):
     from fedrec.checkpoint import load_checkpoint
     from fedrec.federation.state import init_state

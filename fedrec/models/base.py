@@ -191,10 +191,6 @@ class RecModel(nn.Module):
                 nn.utils.clip_grad_norm_([p for p, _ in groups], self.max_grad_norm)
             sgd_step(groups)
 
-    #: whether :meth:`clipped_release` bounds each *event*: one sample per event (``sasrec``'s samples span a
-    #: session of events, so it has no per-event release)
-    event_samples: bool = True
-
     def clipped_release(self, batch: tuple[torch.Tensor, ...], *, sample_rate: float, lr_global: float,
                         lr_local: float, clip: float, noise_multiplier: float, generator: torch.Generator,
                         backend: str = "auto") -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
