@@ -125,6 +125,7 @@ def client_update(
     ``kinds``: the kind of each event (:data:`fedrec.data.events.KINDS` codes; None: not known), for a model that
     reads each event's context (:attr:`~fedrec.models.base.RecModel.reads_kinds`).
     """
+    kinds = readable_kinds(cfg, kinds)
     prep = prepare_update(model, global_state, state, items, rounds, round_, cfg, device_id=device_id,
                           noise_multiplier=noise_multiplier, probe=probe, secret=secret, kinds=kinds)
     if isinstance(prep, UpdateResult):
@@ -133,6 +134,15 @@ def client_update(
                      noise_multiplier, kinds)
     return finish_update(prep, cfg, *trained, noise_multiplier=noise_multiplier, affinities=affinities,
                          version=global_state)
+
+
+def readable_kinds(cfg: RunConfig, kinds: np.ndarray | None) -> np.ndarray | None:
+    """The event kinds a device's model may read (None: none). An event's context is the kind of the event before
+    it, another event: under event-level DP a sample that read it would let one event shape two samples (its own
+    and the next one's), beyond the per-event bound the accounting assumes. There the model trains, and serves, in
+    the context "none" (:data:`~fedrec.models.base.NO_CONTEXT`); user-level DP protects a device's events together,
+    so its samples may read each other's kinds."""
+    return None if cfg.event_dp else kinds
 
 
 class DivergedUpdate(RuntimeError):
@@ -210,6 +220,7 @@ def prepare_update(model: RecModel, global_state: dict[str, np.ndarray], state: 
     to its past events, the new events evaluated, the budget checked (a skipped :class:`UpdateResult` where it says
     no). ``opened``: opened and fit already, the fit vector in the model (a batch fits its devices together:
     :func:`fit_batch`)."""
+    kinds = readable_kinds(cfg, kinds)
     if opened is None:
         opened = open_update(model, global_state, state, items, rounds, round_, cfg, device_id=device_id,
                              secret=secret, loaded=loaded)

@@ -16,6 +16,7 @@ own in its SQLite store (:meth:`fedrec.clients.device.Device.run_round`, one tra
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from .client_update import (
     fit_batch,
     open_update,
     prepare_update,
+    readable_kinds,
     train_batch,
 )
 from .config import RunConfig
@@ -71,8 +73,12 @@ def serve_input(dev: DeviceData, round_: int, probe: np.ndarray | None = None) -
 def serve_devices(model: RecModel, global_state: Mapping[str, np.ndarray], inputs: list[ServeInput],
                   vectors: dict[int, np.ndarray], cfg: RunConfig, round_: int, blend: int = 0) -> list[ServeResult]:
     """Step 1 for a batch of devices: score their new events with the newest version (see :func:`serve`);
-    ``global_state`` is the version as sent (the model's parameters, and the item graph's table if any)."""
+    ``global_state`` is the version as sent (the model's parameters, and the item graph's table if any). The events'
+    kinds are read only where the run allows it (:func:`~fedrec.client_update.readable_kinds`): a model serves in the
+    contexts it was trained in."""
     params, graph = split(global_state)
+    if readable_kinds(cfg, np.zeros(0)) is None:
+        inputs = [dataclasses.replace(s, kinds=None) for s in inputs]
     return serve(model, params, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
                  fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives,
                  graph=graph, context=cfg.session_len, blend=blend, per_event=cfg.per_event,

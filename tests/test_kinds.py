@@ -87,3 +87,27 @@ def test_a_simulation_of_a_csv_with_kinds_trains_its_context_embedding(tmp_path)
     assert (moved[used] > 1e-4).all()  # the views' and the purchases' contexts were trained
     assert moved[KINDS.index("click")] < 1e-7  # no event was a click: its row is untouched
     assert np.abs(finals[False] - start).sum(axis=1)[KINDS.index("click")] > 1e-4  # the other run: only clicks
+
+
+def test_under_event_level_dp_no_sample_reads_another_events_kind():
+    """An event's context is the kind of the event before it: under event-level DP a sample reading it would let one
+    event shape two samples. There the update and the serving read no kind at all; under user-level DP they do."""
+    from fedrec.client_update import DeviceState, client_update
+    from fedrec.device_round import serve_devices
+    from fedrec.serving import ServeInput
+
+    items = np.random.default_rng(0).integers(0, N_ITEMS, 24)
+    rounds = np.repeat([1, 2, 3], 8)
+    a, b = (np.full(24, KINDS.index(k), np.int8) for k in ("view", "purchase"))
+    for privacy, same in (("event", True), ("user", False)):
+        cfg = RunConfig(model="deepfm", privacy=privacy, noise_multiplier=1.0, epsilon=0.0, event_noise="device",
+                        local_steps=2, user_fit_steps=3) if privacy == "event" else \
+            RunConfig(model="deepfm", privacy=privacy, noise_multiplier=1.0, epsilon=0.0, user_fit_steps=3)
+        glob = {k: v.numpy() for k, v in build_model("deepfm", N_ITEMS, cfg.dim, seed=1).global_state().items()}
+        ups = [client_update(build_model("deepfm", N_ITEMS, cfg.dim, seed=1), glob, DeviceState(), items, rounds, 3,
+                             cfg, device_id=2, noise_multiplier=1.0, kinds=k) for k in (a, b)]
+        equal = all(np.array_equal(ups[0].delta[n], ups[1].delta[n]) for n in ups[0].delta)
+        assert equal == same, privacy
+        served = [serve_devices(build_model("deepfm", N_ITEMS, cfg.dim, seed=1), glob,
+                                [ServeInput(2, items[:16], items[16:], kinds=k)], {}, cfg, 3)[0] for k in (a, b)]
+        assert np.array_equal(served[0].next_scores, served[1].next_scores) == same, privacy
