@@ -36,6 +36,7 @@ from fedrec.itemgraph import split
 from fedrec.messages import RoundInstruction
 from fedrec.models import RecModel, model_from_config, version_features
 from fedrec.privacy.accounting import event_accountant
+from fedrec.client_update import readable_kinds
 from fedrec.serving import ServeInput, ServeResult
 from fedrec.serving import serve as serve_devices
 
@@ -118,12 +119,7 @@ class Device:
         reproduce a round exactly (tests).
         """
         secret = secrets.randbits(63) if secret is None else secret
-        model = shared_model(cfg, self.n_items, global_state)
-        want = {n: tuple(v.shape) for n, v in model.global_state().items()}
-        got = {n: tuple(np.shape(v)) for n, v in split(global_state)[0].items()}
-        if got != want:
-            raise StoreError(f"The global model ({cfg.model}) has parameters {got} but the device store "
-                             f"{self.store.path} ({self.n_items} items) needs {want}.")
+        model = self._model(cfg, global_state)
         ins = RoundInstruction(round_, (self.device_id,) if train else (), noise_multiplier, clock, blend)
         with self.store.transaction():
             taken = self.store.take(round_, clock)
@@ -174,6 +170,16 @@ class Device:
         self.store.set_meta("blend", str(ins.blend))
 
     # ---- local recommendation ------------------------------------------------------------------
+    def _model(self, cfg: RunConfig, version: dict[str, np.ndarray]) -> RecModel:
+        """The model of ``cfg`` for ``version``, whose parameters must have the shapes this store's model needs."""
+        model = shared_model(cfg, self.n_items, version)
+        want = {n: tuple(v.shape) for n, v in model.global_state().items()}
+        got = {n: tuple(np.shape(v)) for n, v in split(version)[0].items()}
+        if got != want:
+            raise StoreError(f"The global model ({cfg.model}) has parameters {got} but the device store "
+                             f"{self.store.path} ({self.n_items} items) needs {want}.")
+        return model
+
     def recommend(self, k: int = 10, *, explain: bool = False, reasons: int = 3) -> list:
         """The top-``k`` items for this user, ranked on the device with the newest global version.
 
@@ -193,7 +199,7 @@ class Device:
                              "it can recommend after its first round.")
         round_, glob = got
         cfg = RunConfig.from_mapping(json.loads(self.store.meta("config")), where=f"{self.store.path} meta")
-        model = shared_model(cfg, self.n_items, glob)
+        model = self._model(cfg, glob)
         vec = self.store.get_arrays("serve-vector")
         vectors = {self.device_id: vec[1]["vector"]} if vec else {}
         if not vectors and model.local_names:
@@ -201,11 +207,11 @@ class Device:
             local = DeviceState.from_config(raw).local if raw is not None else {}
             if set(local) == set(model.local_names):
                 vectors[self.device_id] = np.concatenate([np.ravel(local[n]) for n in model.local_names])
-        history = self.store.all_items()
+        history, kinds = self.store.history()
         params, graph = split(glob)
         # the state after every event recorded so far: the row after the last event, as the serving path has it
         res = serve_devices(model, params, [ServeInput(self.device_id, history, history[:0],
-                                                       kinds=self.store.kinds(taken=False))], vectors,
+                                                       kinds=readable_kinds(cfg, kinds))], vectors,
                             round_=round_ + 1, seed=cfg.seed, k=k, fit_steps=cfg.user_fit_steps,
                             lr=cfg.user_lr or cfg.lr, negatives=cfg.negatives, graph=graph, context=cfg.session_len,
                             blend=self._blend())[0]

@@ -276,16 +276,26 @@ class EventStore:
         return np.asarray([r[0] for r in rows], dtype=np.int64)
 
     @_guarded
+    def history(self) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids and kinds (:meth:`kinds` codes) of every stored event, taken or not, in time order, read
+        together."""
+        rows = self._db.execute("SELECT item, kind FROM events ORDER BY ts, seq").fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64), self._codes([r[1] for r in rows])
+
+    @_guarded
     def kinds(self, *, taken: bool = True) -> np.ndarray:
         """The kind of each event of :meth:`events` (``taken``) or of :meth:`all_items`, in the same order, as
         :data:`~fedrec.data.events.KINDS` codes (int8)."""
         where = " WHERE round IS NOT NULL" if taken else ""
-        rows = self._db.execute(f"SELECT kind FROM events{where} ORDER BY ts, seq").fetchall()
+        return self._codes([r[0] for r in self._db.execute(f"SELECT kind FROM events{where} ORDER BY ts, seq")])
+
+    def _codes(self, kinds: list[str]) -> np.ndarray:
+        """Stored kinds as :data:`~fedrec.data.events.KINDS` codes; a kind outside them is a damaged store."""
         code = {k: i for i, k in enumerate(KINDS)}
-        bad = next((r[0] for r in rows if r[0] not in code), None)
+        bad = next((k for k in kinds if k not in code), None)
         if bad is not None:
             raise StoreError(f"The device store {self.path} holds an event of unknown kind {bad!r}.")
-        return np.asarray([code[r[0]] for r in rows], dtype=np.int8)
+        return np.asarray([code[k] for k in kinds], dtype=np.int8)
 
     @_guarded
     def count(self, *, pending: bool | None = None) -> int:

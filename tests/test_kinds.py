@@ -40,12 +40,13 @@ def test_the_store_gives_each_event_its_kind_in_time_order(tmp_path):
 
 def test_a_device_recommends_in_the_context_of_what_its_user_just_did(tmp_path):
     """deepfm reads the kind of the last event: the same items, a purchase last instead of a view, another ranking;
-    mf reads no kinds: the same ranking."""
+    mf reads no kinds, and under event-level DP deepfm reads none either: the same ranking."""
     cfg = {"deepfm": RunConfig(model="deepfm", privacy="none", user_fit_steps=5),
-           "mf": RunConfig(model="mf", privacy="none", user_fit_steps=5)}
+           "mf": RunConfig(model="mf", privacy="none", user_fit_steps=5),
+           "deepfm-event": RunConfig(model="deepfm", privacy="event", user_fit_steps=5)}
     for name, c in cfg.items():
-        model = build_model(name, N_ITEMS, c.dim, seed=2)
-        if name == "deepfm":
+        model = build_model(c.model, N_ITEMS, c.dim, seed=2)
+        if c.model == "deepfm":
             with torch.no_grad():  # a context embedding that matters: a purchase points at other items than a view
                 model.ctx.weight.mul_(30.0)
         glob = {k: v.numpy() for k, v in model.global_state().items()}
@@ -56,6 +57,19 @@ def test_a_device_recommends_in_the_context_of_what_its_user_just_did(tmp_path):
                 d.run_round(glob, c, 1, train=False)
                 tops.append(d.recommend(10))
         assert (tops[0] != tops[1]) == (name == "deepfm"), (name, tops)
+
+
+def test_a_stored_version_of_another_shape_is_one_sentence_on_recommend(tmp_path):
+    """A store whose saved version no longer fits the model (e.g. a deepfm version from before its context table)."""
+    cfg = RunConfig(model="deepfm", privacy="none", user_fit_steps=5)
+    glob = {k: v.numpy() for k, v in build_model("deepfm", N_ITEMS, cfg.dim, seed=2).global_state().items()}
+    with Device(tmp_path / "d.sqlite", create=True, device_id=0, n_items=N_ITEMS) as d:
+        d.record_many([(i, float(i), "click", 1.0) for i in range(5)])
+        d.run_round(glob, cfg, 1, train=False)
+        old = {k: v for k, v in glob.items() if k != "ctx.weight"}
+        d.store.put_arrays("global", 1, old)
+        with pytest.raises(StoreError, match="needs"):
+            d.recommend(5)
 
 
 def _csv(path, kinds: bool) -> None:
