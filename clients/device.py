@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrec.client_update import DeviceState, UpdateResult
+from fedrec.client_update import DeviceState, UpdateResult, readable_kinds
 from fedrec.config import RunConfig
 from fedrec.device_round import DeviceData, DeviceOutcome, device_round, next_state
 from fedrec.eval.metrics import BLENDS
@@ -36,7 +36,6 @@ from fedrec.itemgraph import split
 from fedrec.messages import RoundInstruction
 from fedrec.models import RecModel, model_from_config, version_features
 from fedrec.privacy.accounting import event_accountant
-from fedrec.client_update import readable_kinds
 from fedrec.serving import ServeInput, ServeResult
 from fedrec.serving import serve as serve_devices
 
