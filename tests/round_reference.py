@@ -35,7 +35,9 @@ through Opacus's clipping) made ``event-noise = "auto"`` choose it for ``neumf``
 ``event-noise = "device"`` and passes unchanged; the new case ``deepfm-aggregate`` holds the new path. Then
 ``deepfm`` gained the event's context (the kind of the event before it, a fourth field in its FM and its deep
 part): ``deepfm-aggregate`` alone was written again (its model has a new parameter and a wider first deep layer,
-so every number of it moved); every other case passes unchanged.
+so every number of it moved); every other case passes unchanged. Under event-level DP no sample may read another
+event's kind, so there ``deepfm`` trains and serves in the context "none": ``deepfm-aggregate`` was written again
+(every other case unchanged).
 The synthetic world then changed on purpose (its users' events drawn a block of users at a time, issue 18): the same
 distribution (``tests/test_world.py`` holds it to a plain per-user generator), other draws. Every case reads the
 world, so all files were written again with the round code unchanged. The centralised MF baseline's user table then
