@@ -195,21 +195,19 @@ class AggregateGaussian:
         # the events behind the dense sums: the selected rows' noisy total misses the events of rows not selected (in
         # a small round, every one), so it is floored at the round's devices (public: an idle device replies too)
         events = max(diag["noisy_total"], float(presummed if presummed is not None else len(deltas)))
-        for k in (k for k in gstate if k != self.table):
-            mean[k] = self._dense_mean(gstate[k], [d[k] for d in deltas if k in d], events,
-                                       noised=presummed is not None)
+        dense = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in gstate.items() if k != self.table}
+        sums = weighted_sum(dense, [{k: d[k] for k in dense if k in d} for d in deltas], [1.0] * len(deltas))
+        for k, acc in sums.items():
+            mean[k] = self._dense_mean(gstate[k], acc, events, noised=presummed is not None)
         diag["update_norm"] = opt.step(gstate, mean, lr)
         return diag
 
-    def _dense_mean(self, like: torch.Tensor, parts: list, total: float, *, noised: bool) -> torch.Tensor:
+    def _dense_mean(self, like: torch.Tensor, acc: torch.Tensor, total: float, *, noised: bool) -> torch.Tensor:
         """A parameter that is no item row (``deepfm``'s feature table and deep part, ``neumf``'s MLP): the
-        devices' summed release plus ``N(0, (z_g * sensitivity)^2)`` on every coordinate (part of the same joint
+        devices' summed release ``acc`` (float64) plus ``N(0, (z_g * sensitivity)^2)`` on every coordinate (part of the same joint
         Gaussian as the rows: one event's clipped gradient covers every parameter together), over ``total``: the
         round's noisy event total (post-processing of the noisy counts), at least its number of devices.
         ``noised``: the sum carries the noise already (SecAgg+ shares)."""
-        acc = torch.zeros(like.shape, dtype=torch.float64)
-        for v in parts:
-            acc += torch.from_numpy(_densified(v, tuple(like.shape)))
         if not noised:
             acc += torch.randn(acc.shape, generator=self.generator, dtype=torch.float64) * \
                 (self.noise.grad * self.sensitivity)
@@ -263,15 +261,6 @@ def _sparse(v) -> tuple[np.ndarray, np.ndarray]:
     v = np.asarray(v, np.float32)
     ids = np.flatnonzero(np.any(v != 0, axis=1))
     return ids, v[ids]
-
-
-def _densified(v, shape: tuple[int, ...]) -> np.ndarray:
-    """A released parameter as a dense float64 array of ``shape``: as sent, or its sparse ``(ids, rows)``."""
-    if not isinstance(v, tuple):
-        return np.asarray(v, np.float64).reshape(shape)
-    out = np.zeros(shape, np.float64)
-    np.add.at(out, np.asarray(v[0], np.int64), np.asarray(v[1], np.float64))
-    return out
 
 
 def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: float,

@@ -125,13 +125,12 @@ def client_update(
     ``kinds``: the kind of each event (:data:`fedrec.data.events.KINDS` codes; None: not known), for a model that
     reads each event's context (:attr:`~fedrec.models.base.RecModel.reads_kinds`).
     """
-    kinds = readable_kinds(cfg, kinds)
     prep = prepare_update(model, global_state, state, items, rounds, round_, cfg, device_id=device_id,
                           noise_multiplier=noise_multiplier, probe=probe, secret=secret, kinds=kinds)
     if isinstance(prep, UpdateResult):
         return prep
     trained = _train(model, global_state, items, rounds, prep.train, prep.seen, cfg, prep.generator,
-                     noise_multiplier, kinds)
+                     noise_multiplier, prep.kinds)
     return finish_update(prep, cfg, *trained, noise_multiplier=noise_multiplier, affinities=affinities,
                          version=global_state)
 
@@ -184,7 +183,7 @@ class Prepared:
     probe_hits: np.ndarray | None
     generator: torch.Generator  #: the device's own, as the steps before left it
     local: dict[str, torch.Tensor]  #: its local parameters as its steps start from them
-    kinds: np.ndarray | None = None  #: the kind of each of ``items`` (None: not known)
+    kinds: np.ndarray | None = None  #: the kind of each of ``items`` the model may read (:func:`readable_kinds`)
 
 
 @dataclass

@@ -77,8 +77,7 @@ def serve_devices(model: RecModel, global_state: Mapping[str, np.ndarray], input
     kinds are read only where the run allows it (:func:`~fedrec.client_update.readable_kinds`): a model serves in the
     contexts it was trained in."""
     params, graph = split(global_state)
-    if readable_kinds(cfg, np.zeros(0)) is None:
-        inputs = [dataclasses.replace(s, kinds=None) for s in inputs]
+    inputs = [dataclasses.replace(s, kinds=readable_kinds(cfg, s.kinds)) for s in inputs]
     return serve(model, params, inputs, vectors, round_=round_, seed=cfg.seed, k=cfg.k,
                  fit_steps=cfg.user_fit_steps, lr=cfg.user_lr if cfg.user_lr > 0 else cfg.lr, negatives=cfg.negatives,
                  graph=graph, context=cfg.session_len, blend=blend, per_event=cfg.per_event,
