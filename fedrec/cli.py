@@ -345,4 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C in the moment after main returned (or before its try): no traceback
+        code = 130
+    sys.exit(code)
