@@ -24,6 +24,9 @@ from fedrec.itemgraph import (
     DECAY,
     PAIR_CAP,
     PRIOR,
+    PRIOR_EVAL,
+    PRIOR_TOP,
+    PRIOR_WINDOWS,
     RECENT_ROUNDS,
     ItemGraph,
     Pairs,
@@ -99,8 +102,24 @@ def _brute(contribs: list[list[Pairs]], n_items: int, top: int):
     m = np.maximum(n, 1.0)
     S = np.where(C > 0, C / (m[:, None] ** ALPHA * m[None, :] ** (1 - ALPHA)), 0.0)
     tops = [np.sort(row[row > 0])[::-1][:top] for row in S]
-    prior = np.sum(per_round[-RECENT_ROUNDS:], axis=0) + 1e-3 * n
+    prior = np.sum(per_round[-_window(per_round, n_items):], axis=0) + 1e-3 * n
     return C, n, S, tops, prior / prior.max()
+
+
+def _window(per_round: list[np.ndarray], n_items: int) -> int:
+    """The prior's window by brute force: of PRIOR_WINDOWS, the one whose PRIOR_TOP best items, ranked by the rounds
+    before, caught most of each of the last PRIOR_EVAL rounds' counts (a tie: the longest)."""
+    if len(per_round) < 2:
+        return RECENT_ROUNDS
+    k = min(PRIOR_TOP, n_items)
+    caught = {}
+    for w in PRIOR_WINDOWS:
+        caught[w] = 0.0
+        for t in range(max(1, len(per_round) - PRIOR_EVAL), len(per_round)):
+            ranked = sum(per_round[max(0, t - w):t])
+            top = sorted(range(n_items), key=lambda i: -ranked[i])[:k]
+            caught[w] += sum(per_round[t][i] for i in top)
+    return max(PRIOR_WINDOWS, key=lambda w: (caught[w], w))
 
 
 def test_the_table_is_the_top_neighbours_of_the_asymmetric_cosine():
@@ -121,6 +140,48 @@ def test_the_table_is_the_top_neighbours_of_the_asymmetric_cosine():
         np.testing.assert_allclose(sim[used], S[h, ids[used]], rtol=1e-6)  # each with its own item
         assert len(set(ids[used].tolist())) == used.sum()
     np.testing.assert_allclose(t["graph.prior"], prior, rtol=1e-6)
+
+
+def _rounds_of(popular: list[np.ndarray], n_items: int, rng: np.random.Generator, per_round: int = 3000):
+    """One exact round of item counts per entry of ``popular``: each event's item drawn from that round's list, the
+    list's first items the likeliest (a long tail)."""
+    z = np.zeros(0, np.int64)
+    out = []
+    for items in popular:
+        p = 1.0 / (np.arange(len(items)) + 20.0)
+        out.append((z, z, np.zeros(0), np.bincount(rng.choice(items, per_round, p=p / p.sum()),
+                                                   minlength=n_items).astype(float), z, z))
+    return out
+
+
+def test_the_prior_window_is_short_where_popularity_moves_and_long_where_noise_dominates():
+    n_items, rng = 2000, np.random.default_rng(0)
+    # popularity that slides 40 items a round: only the newest round knows where it is
+    moving = ItemGraph(n_items)
+    for round_ in _rounds_of([np.arange(40 * r, 40 * r + 400) for r in range(12)], n_items, rng):
+        moving.add_sums(*round_)
+    assert moving.prior_window() == 1
+    # popularity that stays, under noise of std 8 on every count of every round: the more rounds the better
+    still, steady = ItemGraph(n_items, noise_std=8.0, pairs=False), ItemGraph(n_items)
+    for a, b, w, counts, f, before in _rounds_of([np.arange(600)] * 12, n_items, rng, per_round=6000):
+        still.add([Pairs(a, b, w, np.flatnonzero(counts), counts[counts > 0])])
+        steady.add_sums(a, b, w, counts, f, before)
+    assert still.prior_window() >= 8
+    # the table's prior sums exactly the chosen rounds (of the candidates, negative sums as 0)
+    chosen = still.prior_window()
+    want = np.zeros(n_items)
+    want[still.cand] = np.maximum(np.sum(still.recent[-chosen:], axis=0)[still.cand] + 1e-3 * still.n[still.cand], 0)
+    np.testing.assert_allclose(still.table()["graph.prior"], want / want.max(), rtol=1e-6)
+
+
+def test_the_prior_window_matches_a_brute_force_choice():
+    rng = np.random.default_rng(5)
+    for shift in (0, 3, 30):
+        g, per_round = ItemGraph(400), []
+        for round_ in _rounds_of([np.arange(shift * r, shift * r + 150) for r in range(9)], 400, rng, per_round=500):
+            g.add_sums(*round_)
+            per_round.append(round_[3])
+            assert g.prior_window() == _window(per_round, 400)
 
 
 def test_a_graph_survives_its_state():

@@ -166,7 +166,8 @@ def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step,
             "late_arrived": len(got.late), "late_dropped": step.dropped, "applied": len(step.applied),
             "version": state.version, "buffered": len(state.buffer.items) if state.buffer is not None else None,
             "mean_staleness": float(np.mean(step.staleness)) if step.staleness else None,
-            **({"rows_selected": diag.get("rows_selected")} if cfg.aggregate_noise or cfg.select_rows else {})}
+            **({"rows_selected": diag.get("rows_selected")} if cfg.aggregate_noise or cfg.select_rows else {}),
+            **({"prior_rounds": state.graph.prior_window()} if state.graph is not None else {})}
 
 
 def _epsilons(fed: Federation, ledger: Ledger, period: int) -> dict:
