@@ -11,8 +11,9 @@ of DESIGN.md:
   ``n``) and publishes, with every global version, a neighbour table: for each item ``h`` its
   ``neighbours`` items ``c`` of highest ``s(h, c) = C[h, c] / (n_h^α n_c^(1-α))`` (an asymmetric
   cosine, Aiolli 2013; ``α = 1`` is the conditional probability ``P(c | h)``, ``α = 0.5`` the cosine),
-  and a prior: the item counts of the last rounds, as many as best predicted the rounds just released
-  (:meth:`ItemGraph.prior_window`: few where popularity moves fast, many where noise dominates);
+  and a prior: the item counts of the last rounds, the longest window unless a shorter one predicted the rounds
+  just released better than their noise explains (:meth:`ItemGraph.prior_window`: few rounds where popularity
+  moves fast and the counts are exact, many where noise dominates);
 * **the device** scores every event the moment before it happens (:func:`session_scores`): the sum of
   its last ``context`` items' neighbour rows, the newest weighted most (``DECAY`` per step back),
   normalised to a maximum of 1, plus ``PRIOR`` times the normalised recent counts (which ranks the
@@ -59,9 +60,9 @@ mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.
 * *table*: built from the released (noisy) sums only. A pair is published when its noisy sum stands above
   ``t`` stds of its accumulated noise (``noise_std * sqrt(releases since both entered)``), ``t`` set so a
   candidate expects ``FALSE_NEIGHBOURS`` pure-noise neighbours; its score is the asymmetric cosine of the
-  noisy counts. The prior reads the candidates' noisy recent counts, clamped at 0, over the window that
-  best predicted the later releases from the earlier ones (each release's noise is independent of the ones
-  before, so that choice is an unbiased estimate). The noise of release
+  noisy counts. The prior reads the candidates' noisy recent counts, clamped at 0, over the longest window
+  unless a shorter one predicted the later releases from the earlier ones better by more than the noise of the
+  counts compared explains. The noise of release
   ``k`` is drawn from ``(seed, k)``: a resumed run, or a round run again after a crash, releases the same.
 
 Under user-level DP (a trusted server; ``clip = 1``, ``pairs = False``) the graph is one part of each round's one
@@ -88,13 +89,15 @@ ALPHA = 0.75  #: the neighbour score's weight on the context item's count (1 - A
 DECAY = 0.7  #: weight of a context item one step further back
 PRIOR = 0.02  #: weight of the recent item counts beside the normalised neighbour scores
 RECENT_ROUNDS = 3  #: rounds whose item counts make the prior until there are rounds to choose its window on
-#: the prior's window, in rounds, is one of these: the one whose top PRIOR_TOP items caught the most of the next
-#: round's (released) counts over the last PRIOR_EVAL rounds (:meth:`ItemGraph.prior_window`). PRIOR_TOP: the items
+#: the prior's window, in rounds, is one of these (:meth:`ItemGraph.prior_window`): the longest, unless a shorter one's
+#: top PRIOR_TOP items caught more of the last PRIOR_EVAL released rounds than the longest one's did, by more than
+#: their noise explains (a one-sided test at PRIOR_FALSE over all the shorter windows together). PRIOR_TOP: the items
 #: a device's features can lift into its top 10 lie well beyond the prior's first 10 (300 and 100 tried on the
 #: synthetic world, seed 3, held out, event-level epsilon 8: the graph blend 0.2008 and 0.1972)
 PRIOR_WINDOWS = (1, 2, 3, 5, 8, 13, 21)
 PRIOR_EVAL = 5
 PRIOR_TOP = 300
+PRIOR_FALSE = 0.05
 PAIR_CAP = 1.0  #: most one device's update adds to one pair's count
 KEYS = ("graph.ids", "graph.sim", "graph.prior")  #: what a global version carries of the graph
 FEATURES = "graph.features"  #: and, where the run has public item features, their rows (L2-normalised)
@@ -265,6 +268,7 @@ class ItemGraph:
     #: share of its clipped norm is small, and the neighbours that then pass the noise threshold are mostly false
     #: ones, which outrank everything else in a row: measured on ml-latest-small, see docs/privacy.md)
     pairs: bool = True
+    _window: tuple[int, int] | None = field(default=None, init=False, repr=False)  #: (releases, the prior's window)
 
     def __post_init__(self) -> None:
         if self.noise_std < 0 or not np.isfinite(self.noise_std):
@@ -440,21 +444,33 @@ class ItemGraph:
         return out
 
     def prior_window(self) -> int:
-        """The rounds of counts the prior sums: of :data:`PRIOR_WINDOWS`, the one that would have predicted the
-        released counts of each of the last :data:`PRIOR_EVAL` rounds best from the rounds before it (its top
-        :data:`PRIOR_TOP` items, of the candidates when noised, caught the most of that round's counts). A round's
-        noise is independent of the rounds before it, so under noise the catch is an unbiased estimate of the true
-        one: the window follows how fast popularity moves against how much noise a short window keeps (few rounds
-        without noise or when behaviour drifts, many under strong noise). Released sums only: post-processing.
-        :data:`RECENT_ROUNDS` until a round has rounds before it."""
+        """The rounds of counts the prior sums, of :data:`PRIOR_WINDOWS`: the longest (the least noise), unless a
+        shorter one would have predicted the last :data:`PRIOR_EVAL` released rounds better, each from the rounds
+        before it: its top :data:`PRIOR_TOP` items (of the candidates when noised) caught more of those rounds'
+        counts than the longest window's did, by more than the noise of the counts they differ in explains (a round's
+        noise is independent of the rounds before it, which chose the items). Without noise any gain counts: the
+        window then follows how fast popularity moves. Released sums only: post-processing. :data:`RECENT_ROUNDS`
+        until a round has rounds before it. Computed once per release."""
+        if self._window is None or self._window[0] != self.releases:
+            self._window = (self.releases, self._choose_window())
+        return self._window[1]
+
+    def _choose_window(self) -> int:
         if len(self.recent) < 2:
             return RECENT_ROUNDS
         H = np.stack(self.recent)
         H = H[:, self.cand] if self.noised else H[:, H.any(axis=0)]  # an item no kept round counted catches nothing
         if not H.shape[1]:
             return RECENT_ROUNDS
-        caught = {w: _catch(H, w, min(PRIOR_TOP, H.shape[1])) for w in PRIOR_WINDOWS}
-        return max(PRIOR_WINDOWS, key=lambda w: (caught[w], w))  # a tie goes to the longest: the least noise
+        tops = _tops(H, min(PRIOR_TOP, H.shape[1]))
+        longest = PRIOR_WINDOWS[-1]
+        z = NormalDist().inv_cdf(1 - PRIOR_FALSE / (len(PRIOR_WINDOWS) - 1))
+        best, lead = longest, 0.0
+        for w in PRIOR_WINDOWS[-2::-1]:  # longest first: of equal gains, the longer window's noise is less
+            gain, moved = _gain(H, tops[w], tops[longest])
+            if gain > max(lead, z * self.noise_std * np.sqrt(moved)):
+                best, lead = w, gain
+        return best
 
     def _noisy_scores(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The asymmetric cosine of the candidates' noisy pair sums that stand above the threshold: ``t`` stds of
@@ -487,6 +503,7 @@ class ItemGraph:
 
     def load(self, d: Mapping[str, np.ndarray]) -> None:
         V = self.n_items
+        self._window = None
         upper = sp.coo_matrix((np.asarray(d["val"], np.float64), (d["row"], d["col"])), shape=(V, V))
         self.C = (upper + upper.T).tocsr()
         self.n = np.asarray(d["n"], np.float64)
@@ -535,15 +552,23 @@ def capped_pairs(contributions: Sequence[Pairs], n_items: int) -> tuple[np.ndarr
     return a, b, w
 
 
-def _catch(H: np.ndarray, window: int, k: int) -> float:
-    """How much of each of the last :data:`PRIOR_EVAL` rows of ``H`` (rounds x items) the ``k`` items ranked first by
-    the sum of the ``window`` rows before it caught (a tie in the ranking: the lower column)."""
+def _tops(H: np.ndarray, k: int) -> dict[int, list[np.ndarray]]:
+    """For each window of :data:`PRIOR_WINDOWS` and each of the last :data:`PRIOR_EVAL` rows ``t`` of ``H`` (rounds x
+    items), the ``k`` columns ranked first by the sum of the ``window`` rows before ``t`` (a tie: the lower column)."""
     cum = np.vstack([np.zeros(H.shape[1]), np.cumsum(H, axis=0)])  # cum[t]: the sum of the rounds before t
-    got = 0.0
-    for t in range(max(1, len(H) - PRIOR_EVAL), len(H)):
-        top = np.argsort(cum[max(0, t - window)] - cum[t], kind="stable")[:k]
-        got += float(H[t, top].sum())
-    return got
+    targets = range(max(1, len(H) - PRIOR_EVAL), len(H))
+    return {w: [np.argsort(cum[max(0, t - w)] - cum[t], kind="stable")[:k] for t in targets] for w in PRIOR_WINDOWS}
+
+
+def _gain(H: np.ndarray, mine: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[float, int]:
+    """How much more of the last rows of ``H`` the columns ``mine`` caught than ``theirs`` (one set per row, as
+    :func:`_tops`), and in how many (row, column) cells the two sets differ: the gain's noise is that many draws."""
+    gain, moved = 0.0, 0
+    for t, a, b in zip(range(len(H) - len(mine), len(H)), mine, theirs, strict=True):
+        only_a, only_b = np.setdiff1d(a, b), np.setdiff1d(b, a)  # the cells both caught cancel exactly
+        gain += float(H[t, only_a].sum() - H[t, only_b].sum())
+        moved += len(only_a) + len(only_b)
+    return gain, moved
 
 
 def _cosine_norms(n: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ world, so all files were written again with the round code unchanged. The centra
 began to step lazily (only a minibatch's users' rows, as SparseAdam): all files were written again after checking that
 besides the ``centralised_mf`` fields only float rounding moved (final models within 1.2e-7, secagg's within its
 usual 1e-5; the batched local steps of ``mf`` round differently from one device at a time).
-The item graph's prior came to sum as many rounds as best predicted the rounds just released (``prior_window``, in a
+The item graph's prior came to sum as many rounds as the released rounds show to predict best (``prior_window``, in a
 new metrics field ``prior_rounds``), and the centralised item-kNN baseline scores with the same graph: the cases with
 a graph (aggregate, async, attack, fedadam, freeze, none, robust, row-average, user-graph) and those whose item-kNN
 baseline column moved (both, deepfm-aggregate, event, median, slow-sync, user, user-budget) were written again after
