@@ -268,7 +268,7 @@ class ItemGraph:
     #: share of its clipped norm is small, and the neighbours that then pass the noise threshold are mostly false
     #: ones, which outrank everything else in a row: measured on ml-latest-small, see docs/privacy.md)
     pairs: bool = True
-    _window: tuple[int, int] | None = field(default=None, init=False, repr=False)  #: (releases, the prior's window)
+    _window: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)  #: (releases, the prior's window)
 
     def __post_init__(self) -> None:
         if self.noise_std < 0 or not np.isfinite(self.noise_std):
@@ -462,7 +462,7 @@ class ItemGraph:
         H = H[:, self.cand] if self.noised else H[:, H.any(axis=0)]  # an item no kept round counted catches nothing
         if not H.shape[1]:
             return RECENT_ROUNDS
-        tops = _tops(H, min(PRIOR_TOP, H.shape[1]))
+        tops = _tops(H, min(PRIOR_TOP, H.shape[1]), known_only=not self.noised)
         longest = PRIOR_WINDOWS[-1]
         z = NormalDist().inv_cdf(1 - PRIOR_FALSE / (len(PRIOR_WINDOWS) - 1))
         best, lead = longest, 0.0
@@ -552,12 +552,19 @@ def capped_pairs(contributions: Sequence[Pairs], n_items: int) -> tuple[np.ndarr
     return a, b, w
 
 
-def _tops(H: np.ndarray, k: int) -> dict[int, list[np.ndarray]]:
+def _tops(H: np.ndarray, k: int, known_only: bool = False) -> dict[int, list[np.ndarray]]:
     """For each window of :data:`PRIOR_WINDOWS` and each of the last :data:`PRIOR_EVAL` rows ``t`` of ``H`` (rounds x
-    items), the ``k`` columns ranked first by the sum of the ``window`` rows before ``t`` (a tie: the lower column)."""
+    items), the ``k`` columns ranked first by the sum of the ``window`` rows before ``t`` (a tie: the lower column);
+    with ``known_only`` (exact counts) only of the columns some row before ``t`` counted, so an item the scored round
+    alone knows never fills a top (under noise every column is a candidate, known from the releases)."""
     cum = np.vstack([np.zeros(H.shape[1]), np.cumsum(H, axis=0)])  # cum[t]: the sum of the rounds before t
     targets = range(max(1, len(H) - PRIOR_EVAL), len(H))
-    return {w: [np.argsort(cum[max(0, t - w)] - cum[t], kind="stable")[:k] for t in targets] for w in PRIOR_WINDOWS}
+
+    def top(t: int, w: int) -> np.ndarray:
+        order = np.argsort(cum[max(0, t - w)] - cum[t], kind="stable")
+        return order[cum[t][order] > 0][:k] if known_only else order[:k]
+
+    return {w: [top(t, w) for t in targets] for w in PRIOR_WINDOWS}
 
 
 def _gain(H: np.ndarray, mine: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[float, int]:

@@ -117,9 +117,10 @@ def _window(per_round: list[np.ndarray], n_items: int, noise_std: float = 0.0) -
     k, longest = min(PRIOR_TOP, n_items), PRIOR_WINDOWS[-1]
     z = NormalDist().inv_cdf(1 - PRIOR_FALSE / (len(PRIOR_WINDOWS) - 1))
 
-    def top(t: int, w: int) -> set[int]:
-        ranked = sum(per_round[max(0, t - w):t])
-        return set(sorted(range(n_items), key=lambda i: -ranked[i])[:k])
+    def top(t: int, w: int) -> set[int]:  # exact counts: of the items some round before t counted
+        ranked, known = sum(per_round[max(0, t - w):t]), sum(per_round[:t])
+        pool = [i for i in range(n_items) if noise_std or known[i] > 0]
+        return set(sorted(pool, key=lambda i: -ranked[i])[:k])
 
     best, lead = longest, 0.0
     for w in sorted(PRIOR_WINDOWS[:-1], reverse=True):
@@ -172,8 +173,7 @@ def test_the_prior_window_is_short_where_popularity_moves_and_long_where_noise_d
     for round_ in _rounds_of([np.arange(40 * r, 40 * r + 400) for r in range(12)], n_items, rng):
         moving.add_sums(*round_)
     assert moving.prior_window() == 1
-    # popularity that stays, under noise of std 8 on every count of every round: a shorter window may catch more of
-    # the noisy rounds by chance, but not by more than their noise explains, so the longest stays
+    # popularity that stays, under noise of std 8 on every count of every round: the longest window stays
     still = ItemGraph(n_items, noise_std=8.0, pairs=False)
     for a, b, w, counts, _f, _before in _rounds_of([np.arange(1500)] * 12, n_items, rng, per_round=30000):
         still.add([Pairs(a, b, w, np.flatnonzero(counts), counts[counts > 0])])
@@ -184,6 +184,19 @@ def test_the_prior_window_is_short_where_popularity_moves_and_long_where_noise_d
     want = np.zeros(n_items)
     want[still.cand] = np.maximum(np.sum(still.recent, axis=0)[still.cand] + 1e-3 * still.n[still.cand], 0)
     np.testing.assert_allclose(still.table()["graph.prior"], want / want.max(), rtol=1e-6)
+
+
+def test_an_item_only_the_scored_round_knows_fills_no_top():
+    """Exact counts, a catalogue whose rounds count disjoint items: no window of the rounds before a round knows its
+    items, so none predicts it, and the longest window stays (a top filled from the scored round's own items would
+    have caught it: the window with the fewest known items would win)."""
+    g = ItemGraph(1000)
+    z = np.zeros(0, np.int64)
+    for items in (np.arange(700, 1000), np.arange(500, 600), np.arange(200, 500)):
+        g.add_sums(z, z, np.zeros(0), np.bincount(items, minlength=1000).astype(float), z, z)
+    assert g.prior_window() == PRIOR_WINDOWS[-1]
+    assert _window([np.bincount(i, minlength=1000).astype(float)
+                    for i in (np.arange(700, 1000), np.arange(500, 600), np.arange(200, 500))], 1000) == PRIOR_WINDOWS[-1]
 
 
 @pytest.mark.parametrize("shift", [0, 2, 5, 20, 60])
