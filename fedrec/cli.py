@@ -305,6 +305,15 @@ def _run_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fedrec``: a Ctrl-C anywhere, also outside the command's own handling (before it, or in the moment it
+    returns), ends in exit 130 without a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "simulate":
@@ -345,8 +354,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except KeyboardInterrupt:  # a Ctrl-C in the moment after main returned (or before its try): no traceback
-        code = 130
-    sys.exit(code)
+    sys.exit(main())

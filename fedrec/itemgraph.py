@@ -268,7 +268,7 @@ class ItemGraph:
     #: share of its clipped norm is small, and the neighbours that then pass the noise threshold are mostly false
     #: ones, which outrank everything else in a row: measured on ml-latest-small, see docs/privacy.md)
     pairs: bool = True
-    _window: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)  #: (releases, the prior's window)
+    window: int = field(default=RECENT_ROUNDS, init=False)  #: the rounds the prior sums (:meth:`prior_window`)
 
     def __post_init__(self) -> None:
         if self.noise_std < 0 or not np.isfinite(self.noise_std):
@@ -344,6 +344,7 @@ class ItemGraph:
         self.releases += 1
         if self.noised:
             self._enter()
+        self.window = self._choose_window()  # of the released sums and the candidates they chose
 
     def scales(self, contributions: Sequence[Pairs], G: np.ndarray | None) -> np.ndarray:
         """Each contribution's factor: 1, or with ``clip`` (user-level DP, no pairs) ``min(1, clip / norm)``,
@@ -434,8 +435,7 @@ class ItemGraph:
     def _prior(self) -> np.ndarray:
         """Recent counts, all-time counts breaking ties. Noised: of the candidates only, negative counts as 0 (the
         largest of many pure-noise counts would outrank most real ones)."""
-        w = self.prior_window()
-        recent = np.sum(self.recent[-w:], axis=0) if self.recent else np.zeros(self.n_items)
+        recent = np.sum(self.recent[-self.window:], axis=0) if self.recent else np.zeros(self.n_items)
         prior = recent + 1e-3 * self.n
         if not self.noised:
             return prior
@@ -450,10 +450,13 @@ class ItemGraph:
         counts than the longest window's did, by more than the noise of the counts they differ in explains (a round's
         noise is independent of the rounds before it, which chose the items). Without noise any gain counts: the
         window then follows how fast popularity moves. Released sums only: post-processing. :data:`RECENT_ROUNDS`
-        until a round has rounds before it. Computed once per release."""
-        if self._window is None or self._window[0] != self.releases:
-            self._window = (self.releases, self._choose_window())
-        return self._window[1]
+        until a round has rounds before it. Chosen as each release is summed in (and as a saved graph loads)."""
+        return self.window
+
+    @property
+    def prior_rounds(self) -> int:
+        """The rounds of counts the published prior sums (its window, or every round kept where that is fewer)."""
+        return len(self.recent[-self.window:])
 
     def _choose_window(self) -> int:
         if len(self.recent) < 2:
@@ -503,7 +506,6 @@ class ItemGraph:
 
     def load(self, d: Mapping[str, np.ndarray]) -> None:
         V = self.n_items
-        self._window = None
         upper = sp.coo_matrix((np.asarray(d["val"], np.float64), (d["row"], d["col"])), shape=(V, V))
         self.C = (upper + upper.T).tocsr()
         self.n = np.asarray(d["n"], np.float64)
@@ -523,6 +525,7 @@ class ItemGraph:
                 self.P = np.zeros((K, K))
                 self.P[np.triu_indices(K, 1)] = d["pairs"]
                 self.P += self.P.T
+        self.window = self._choose_window()
 
 
 def sensitivity(window: int, features: np.ndarray | None) -> float:

@@ -17,7 +17,6 @@ import torch
 
 from ..aggregation import Aggregator
 from ..asynchrony import Update, discounted
-from ..itemgraph import ItemGraph
 from ..privacy.accounting import event_accountant, graph_records
 from ..privacy.ledger import Ledger, Release
 from ..robust import bound_norm, bound_rows
@@ -168,12 +167,7 @@ def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step,
             "version": state.version, "buffered": len(state.buffer.items) if state.buffer is not None else None,
             "mean_staleness": float(np.mean(step.staleness)) if step.staleness else None,
             **({"rows_selected": diag.get("rows_selected")} if cfg.aggregate_noise or cfg.select_rows else {}),
-            **({"prior_rounds": _prior_rounds(state.graph)} if state.graph is not None else {})}
-
-
-def _prior_rounds(graph: ItemGraph) -> int:
-    """The rounds the published prior sums (a window longer than the rounds released sums them all)."""
-    return min(graph.prior_window(), max(len(graph.recent), 1))
+            **({"prior_rounds": state.graph.prior_rounds} if state.graph is not None else {})}
 
 
 def _epsilons(fed: Federation, ledger: Ledger, period: int) -> dict:

@@ -222,9 +222,9 @@ class RecModel(nn.Module):
         items = taken[1] if len(taken) > 1 else torch.zeros((0, 1), dtype=torch.long)
         touched = torch.unique(items.reshape(-1))
         release: dict = {}
-        for k in self.global_names:
-            g = (sums[k] * -lr_global).detach()
-            release[k] = (touched.numpy(), g[touched].numpy().astype(np.float32)) if k in ITEM_TABLES else \
+        for k in self.global_names:  # an item table: only its touched rows are scaled and sent
+            g = (sums[k][touched] if k in ITEM_TABLES else sums[k]).detach() * -lr_global
+            release[k] = (touched.numpy(), g.numpy().astype(np.float32)) if k in ITEM_TABLES else \
                 g.numpy().astype(np.float32)
         ids, counts = torch.unique(items[:, 0], return_counts=True) if len(items) else (touched, touched)
         return release, (ids.numpy(), counts.numpy())
