@@ -18,6 +18,7 @@ decides which updates reach the aggregator and with which staleness weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .privacy.aggregate import Split, noisy_rows, split
+from .privacy.aggregate import Split, events_floor, noisy_rows, split
 from .privacy.user_level import noisy_mean
 from .robust import robust_mean
 from .server_aggregate import ITEM_TABLES, server_aggregate, weighted_sum
@@ -173,7 +174,9 @@ class AggregateGaussian:
     on each coordinate and is divided by that noisy total.
     With ``presummed`` (SecAgg+) the sum already carries the noise, as the devices' shares; ``presummed = 0``
     (no sum with the full noise could be unmasked) releases nothing. Otherwise it releases even when no
-    device replied (the accountant counts the release either way).
+    device replied (the accountant counts the release either way). A presummed sum's counts were never checked
+    device by device, so every divisor is at least the events its sum's norm needs
+    (:func:`~fedrec.privacy.aggregate.events_floor`): one lying device cannot blow up a row or the dense parts.
     """
 
     table: str
@@ -182,6 +185,8 @@ class AggregateGaussian:
     threshold: float
     row_average: bool
     generator: torch.Generator
+    #: SecAgg+: the most the noise shares' variance can exceed the full noise's (``1 / (1 - dropout tolerance)``)
+    share_excess: float = 1.0
 
     def step(self, gstate: State, opt: ServerOptimizer, deltas: Sequence[dict], weights: Sequence[float],
              lr: float, presummed: int | None = None, counts: Sequence[tuple] = ()) -> dict:
@@ -191,12 +196,17 @@ class AggregateGaussian:
         mean[self.table], diag = _selected_rows(gstate[self.table], self.table, deltas, counts,
                                                 sensitivity=self.sensitivity, split=self.noise,
                                                 threshold=self.threshold, row_average=self.row_average,
-                                                generator=self.generator, noised=presummed is not None)
+                                                generator=self.generator, noised=presummed is not None,
+                                                share_excess=self.share_excess)
         # the events behind the dense sums: the selected rows' noisy total misses the events of rows not selected (in
         # a small round, every one), so it is floored at the round's devices (public: an idle device replies too)
         events = max(diag["noisy_total"], float(presummed if presummed is not None else len(deltas)))
         dense = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in gstate.items() if k != self.table}
         sums = weighted_sum(dense, [{k: d[k] for k in dense if k in d} for d in deltas], [1.0] * len(deltas))
+        if presummed is not None and sums:  # summed unseen: at least the events the dense sums' norm needs
+            events = max(events, float(events_floor(
+                math.sqrt(sum(float(a.square().sum()) for a in sums.values())), sum(a.numel() for a in sums.values()),
+                self.sensitivity, self.noise.grad * self.sensitivity * math.sqrt(self.share_excess))))
         for k, acc in sums.items():
             mean[k] = self._dense_mean(gstate[k], acc, events, noised=presummed is not None)
         diag["update_norm"] = opt.step(gstate, mean, lr)
@@ -270,7 +280,8 @@ def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: fl
     if cfg.aggregate_noise:
         return AggregateGaussian(ITEM_TABLES[0], sensitivity=cfg.lr * cfg.event_clip,
                                  noise=split(noise_multiplier, cfg.count_share), threshold=cfg.row_threshold,
-                                 row_average=cfg.row_average, generator=generator)
+                                 row_average=cfg.row_average, generator=generator,
+                                 share_excess=1 / (1 - cfg.dropout_tolerance) if cfg.secure_aggregation else 1.0)
     if cfg.select_rows:
         return UserRows(ITEM_TABLES[0], clip=cfg.clip, noise=split(noise_multiplier, cfg.count_share),
                         threshold=cfg.row_threshold, expected_devices=expected_devices, generator=generator)

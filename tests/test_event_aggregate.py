@@ -10,6 +10,7 @@ accountant analyses, and what a user of ``fedrec simulate`` gets.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -338,10 +339,37 @@ def test_parameters_beside_the_item_rows_get_the_rows_noise_over_the_noisy_total
     chi2 = float((x ** 2).sum())
     assert 0.001 < stats.chi2.sf(chi2, len(x)) < 0.999 and abs(x.mean()) < 4 / np.sqrt(len(x))
     g = {"item.weight": torch.zeros(V, 2), "mlp.weight": torch.zeros(60, 50)}
-    deltas = [{"item.weight": (np.arange(V), np.zeros((V, 2), np.float32)), "mlp.weight": np.full((60, 50), 3.0, np.float32)}]
+    deltas = [{"item.weight": (np.arange(V), np.zeros((V, 2), np.float32)), "mlp.weight": np.full((60, 50), 0.05, np.float32)}]
     diag = agg.step(g, ServerOptimizer("fedavg"), deltas, [1.0], 1.0, presummed=4,
                     counts=[(np.arange(V), np.full(V, 2.0))])
-    torch.testing.assert_close(g["mlp.weight"], torch.full((60, 50), 3.0 / diag["noisy_total"]))
+    torch.testing.assert_close(g["mlp.weight"], torch.full((60, 50), 0.05 / diag["noisy_total"]))
+
+
+def test_a_secure_sum_whose_counts_lie_is_divided_by_the_events_its_norm_needs():
+    """Under SecAgg+ no device's counts are checked: a liar that sends a count of about 0 on a row (or on the
+    whole sum) would have the row's summed update (or the dense parts') divided by 1. Each divisor is raised
+    to the events the sum's norm needs, so the update moves no more than one event's bound (plus noise)."""
+    from fedrec.aggregation import AggregateGaussian
+    from fedrec.privacy.aggregate import events_floor
+    from fedrec.server_opt import ServerOptimizer
+
+    noise, sens = split(1.0, 0.5), 0.1
+    agg = AggregateGaussian("item.weight", sensitivity=sens, noise=noise, threshold=-1e9, row_average=True,
+                            generator=torch.Generator().manual_seed(0), share_excess=1.25)
+    rows = np.zeros((V, 2), np.float32)
+    rows[3], rows[5] = [30.0, 40.0], [0.3, 0.4]  # row 3: a sum of norm 50, as only 500 events could give
+    counts = np.full(V, 2.0)
+    counts[3], counts[5] = 1.0, 5.0  # row 3's count says 1 event; row 5 is honest (norm 0.5 <= 5 x 0.1)
+    g = {"item.weight": torch.zeros(V, 2), "mlp.weight": torch.zeros(10, 10)}
+    deltas = [{"item.weight": (np.arange(V), rows), "mlp.weight": np.full((10, 10), 8.0, np.float32)}]
+    diag = agg.step(g, ServerOptimizer("fedavg"), deltas, [1.0], 1.0, presummed=3,
+                    counts=[(np.arange(V), counts)])
+    floor = float(events_floor(50.0, 2, sens, noise.grad * sens * math.sqrt(1.25)))
+    assert 480 < floor < 500
+    torch.testing.assert_close(g["item.weight"][3].double(), torch.tensor([30.0, 40.0], dtype=torch.float64) / floor)
+    torch.testing.assert_close(g["item.weight"][5], torch.tensor([0.3, 0.4]) / 5.0)  # the honest count stands
+    dense = float(events_floor(80.0, 100, sens, noise.grad * sens * math.sqrt(1.25)))
+    assert dense > diag["noisy_total"] and float(g["mlp.weight"].norm()) == pytest.approx(80.0 / dense, rel=1e-5)
 
 
 def test_a_round_that_selects_no_row_still_averages_the_dense_parameters_over_its_devices():

@@ -49,6 +49,10 @@ import torch
 
 Sparse = tuple[np.ndarray, np.ndarray]
 
+#: a Gaussian vector's norm exceeds ``std * (sqrt(dims) + NORM_SIGMAS)`` with probability below
+#: ``exp(-NORM_SIGMAS^2 / 2)`` (1.5e-8): the margin :func:`events_floor` leaves the noise
+NORM_SIGMAS = 6.0
+
 
 @dataclass(frozen=True)
 class Split:
@@ -111,6 +115,19 @@ def _check(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequence[Sp
             raise ValueError(f"Device {d}: its row sum (norm {norm:.4g}) exceeds its event count times lr*clip.")
 
 
+def events_floor(norm: torch.Tensor | float, dims: int, sensitivity: float, noise_std: float) -> torch.Tensor:
+    """The fewest events a noisy sum of clipped gradients of L2 ``norm`` (over ``dims`` coordinates) can hold.
+
+    Each event adds at most ``sensitivity`` to the sum's norm and the noise, ``N(0, noise_std^2)`` on each
+    coordinate, at most ``noise_std * (sqrt(dims) + NORM_SIGMAS)`` but with probability below 1.5e-8. A count
+    below this floor is a lie (or that rare noise): under SecAgg+ no device's counts could be checked, and
+    dividing a sum by a count too small for it would multiply one device's lie by the events of every other.
+    Post-processing of the noisy sum: it costs no privacy.
+    """
+    margin = noise_std * (math.sqrt(dims) + NORM_SIGMAS)
+    return (torch.as_tensor(norm, dtype=torch.float64) - margin) / sensitivity
+
+
 def noisy_counts(n_items: int, counts: Sequence[Sparse], *, std: float, generator: torch.Generator,
                  noised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The devices' counts summed into a dense vector, and that vector plus ``N(0, std^2)`` per row.
@@ -147,12 +164,17 @@ def _selected_sum(n_items: int, width: int, sums: Sequence[Sparse], selected: to
 def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequence[Sparse], *, sensitivity: float,
                split: Split, threshold: float, row_average: bool, generator: torch.Generator,
                device: torch.device | str = "cpu", noised: bool = False,
-               total: float | None = None, bound_by_counts: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               total: float | None = None, bound_by_counts: bool = True,
+               share_excess: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Sum the devices' sparse rows and counts, noise both, select rows by noisy count, normalise.
 
     ``total``: a public normaliser used instead of the selected rows' noisy total when rows are not averaged on
     their own (user level: the expected cohort size). ``bound_by_counts = False``: a device's rows are not
     bounded by its counts (user level: its whole delta's clip was checked on arrival).
+
+    ``noised`` (SecAgg+): the counts were summed unseen, so each selected row's noisy count is raised to at
+    least :func:`events_floor` of its row (``share_excess``: the most the shares' variance can exceed the
+    full noise's, ``1 / (1 - dropout tolerance)``); a lying count then cannot inflate its row.
 
     ``sums[d] = (ids int64 (k,), rows float32 (k, width))`` and ``counts[d] = (ids int64 (j,),
     counts (j,))`` come from device ``d``; ``sensitivity = lr * C``. Noise is drawn on the CPU from
@@ -181,10 +203,14 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
     grad_std = split.grad * sensitivity
     if not noised:
         rows += torch.randn(rows.shape, generator=generator, dtype=torch.float64) * grad_std
+    chosen = noisy[selected]
+    if noised:
+        chosen = torch.maximum(chosen, events_floor(rows.norm(dim=1), width, sensitivity,
+                                                    grad_std * math.sqrt(share_excess)))
     # the selected rows' noisy counts: their sum over all n_items rows would carry n_items count noises
-    noisy_total = max(float(noisy[selected].sum()), 1.0)
+    noisy_total = max(float(chosen.sum()), 1.0)
     if row_average:
-        norm = noisy[selected].clamp(min=1.0)
+        norm = chosen.clamp(min=1.0)
         rows /= norm[:, None]
         normaliser = float(norm.median()) if len(norm) else math.nan
     else:
