@@ -166,7 +166,7 @@ def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray
     ``SHARE_STREAM``); a deployed device (a node with a store) mixes in fresh OS entropy, since the server
     knows the run's seed and could otherwise draw the same shares and subtract them.
     """
-    plan = share_plan(ins.noise_multiplier, cfg.count_share, cfg.dropout_tolerance, devices)
+    plan = share_plan(ins.noise_multiplier, cfg.counts_share, cfg.dropout_tolerance, devices)
     shapes = {k: tuple(arrays[k].shape) for k in keys}
     secret = secrets.randbits(128) if store_path(context) else 0
     vectors = []

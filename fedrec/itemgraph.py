@@ -321,13 +321,27 @@ class ItemGraph:
             np.add.at(aff, follow, self.profiles().astype(np.float64)[before])
         self._release(a, b, w, np.asarray(counts, np.float64), aff)
 
-    def _release(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, now: np.ndarray, aff: np.ndarray | None) -> None:
+    def add_released(self, counts: np.ndarray) -> None:
+        """One round's item counts that were released elsewhere with (at least) this graph's noise, summed in as they
+        are: no draw (SecAgg+: the secure sum's noisy row counts, :attr:`fedrec.config.RunConfig.graph_from_sum`).
+        A graph of counts alone: no pairs, no affinities."""
+        if not self.noised or self.pairs or self.features is not None or self.clip:
+            raise ValueError("Only a noised graph of item counts alone takes counts released elsewhere.")
+        counts = np.asarray(counts, np.float64)
+        if counts.shape != (self.n_items,) or not np.all(np.isfinite(counts)):
+            raise ValueError(f"Released item counts should be {self.n_items} finite values.")
+        none = np.zeros(0, np.int64)
+        self._release(none, none, np.zeros(0), counts, None, drawn=True)
+
+    def _release(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, now: np.ndarray, aff: np.ndarray | None, *,
+                 drawn: bool = False) -> None:
         """Sum one round in: pairs ``(a, b, w)``, item counts ``now`` and affinities ``aff`` (None: no features);
-        noised, each released with its Gaussian, in this order, from the release's own generator. The affinities
-        are noised in every cell after the counts' and pairs' draws (which stay as without features)."""
+        noised, each released with its Gaussian, in this order, from the release's own generator (``drawn``: the
+        counts carry their noise already). The affinities are noised in every cell after the counts' and pairs'
+        draws (which stay as without features)."""
         V = self.n_items
         rng = np.random.default_rng([self.seed, NOISE_STREAM, self.releases])
-        if self.noised:
+        if self.noised and not drawn:
             now = now + rng.normal(0.0, self.noise_std, V)  # every item, every round: absent ones too
             if self.pairs:
                 self.P += self._noisy_pairs(a, b, w, rng)

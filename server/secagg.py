@@ -163,7 +163,7 @@ def _share_plan(config: dict, by_node: dict[int, list[int]]) -> SharePlan | None
     cfg = _run_config(config)
     if not cfg.aggregate_noise:
         return None
-    return share_plan(float(config["effective-noise-multiplier"]), cfg.count_share, cfg.dropout_tolerance,
+    return share_plan(float(config["effective-noise-multiplier"]), cfg.counts_share, cfg.dropout_tolerance,
                       sum(map(len, by_node.values())))
 
 

@@ -229,3 +229,23 @@ def test_a_federation_with_the_noisy_graph(tmp_path):
     assert ev == pytest.approx(want, rel=1e-5)
     assert ev > epsilon([(z, cfg.sample_rate, worst)], cfg.delta, "prv")
     assert ev <= 8.0 + 1e-6
+
+
+def test_a_graph_of_counts_released_elsewhere_sums_them_as_they_are():
+    """SecAgg+ event noise at the aggregate: the graph is the secure sums' noisy counts, which carry their noise
+    already; it draws none of its own, and its candidates enter on them as on its own releases."""
+    V, rng = 30, np.random.default_rng(0)
+    g = ItemGraph(V, noise_std=2.0, seed=1, pairs=False)
+    c1, c2 = rng.normal(0.0, 2.0, V), rng.normal(0.0, 2.0, V)
+    c1[7] = c2[7] = 100.0
+    g.add_released(c1)
+    g.add_released(c2)
+    np.testing.assert_array_equal(g.n, c1 + c2)
+    assert g.releases == 2 and len(g.recent) == 2 and 7 in g.cand
+    assert int(np.argmax(g.table()["graph.prior"])) == 7
+    for bad in (ItemGraph(V, noise_std=2.0), ItemGraph(V, pairs=False)):  # pairs to noise; no noise to trust
+        with pytest.raises(ValueError, match="counts alone"):
+            bad.add_released(c1)
+    for counts in (c1[:5], np.full(V, np.nan)):
+        with pytest.raises(ValueError, match="30 finite"):
+            g.add_released(counts)

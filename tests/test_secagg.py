@@ -14,6 +14,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message
 
+from fedrec.checkpoint import load_checkpoint
 from fedrec.clients.app import app as client_app
 from fedrec.clients.records import PACKED, from_records
 from fedrec.config import ConfigError, RunConfig
@@ -159,7 +160,7 @@ def test_noise_shares_of_all_devices_add_up_to_the_configured_noise():
     cfg = _aggregate_cfg(dropout_tolerance=0.0)  # m = every sampled device: the shares sum to exactly sigma^2
     got, sec, by_node, fed, grid = _plain_and_secure(cfg, per_node=2)
     assert sec.failures == [] and sorted(sec.devices) == sorted(got.done) and sec.required == 12
-    z = split(fed.z_event, cfg.count_share)
+    z = split(fed.z_event, cfg.counts_share)
     grad_std, count_std, signal = _noise_stds(got, sec, fed)
     assert signal > 0.1  # a real release was summed
     # 16000 table coordinates (std estimate within ~0.6%) and 2000 counts (~1.6%)
@@ -178,12 +179,12 @@ def test_noise_shares_of_all_devices_add_up_to_the_configured_noise():
 
 def test_dropouts_within_the_tolerance_still_release_with_the_full_noise():
     cfg = _aggregate_cfg(dropout_tolerance=0.34)  # 6 devices, one per node: m = ceil(0.66 x 6) = 4
-    assert share_plan(1.0, cfg.count_share, cfg.dropout_tolerance, 6).required == 4
+    assert share_plan(1.0, cfg.counts_share, cfg.dropout_tolerance, 6).required == 4
     assert node_threshold([1] * 6, 4, cfg.dropout_tolerance) == 4
     got, sec, by_node, fed, _ = _plain_and_secure(cfg, per_node=1, drop={1, 2})
     assert sec.total is not None and len(sec.devices) == 4  # exactly m survived
     assert not set(sec.devices) & {d for n in sorted(by_node)[1:3] for d in by_node[n]}
-    z = split(fed.z_event, cfg.count_share)
+    z = split(fed.z_event, cfg.counts_share)
     grad_std, count_std, _ = _noise_stds(got, sec, fed)
     sigma = z.grad * cfg.lr * cfg.event_clip
     assert sigma * 0.97 <= grad_std <= sigma * 1.03  # 4 shares of sigma^2 / 4: the full noise, no less
@@ -225,6 +226,12 @@ def test_a_secure_federation_with_event_noise_at_the_aggregate_accounts_every_de
     assert ev["trust"].startswith("SecAgg+ with distributed noise")
     records = [r for r in Ledger(tmp_path / "privacy_ledger.jsonl").records if r.kind == "aggregate-gaussian"]
     assert records and {r.round for r in records} == {1, 2}
+    # the item graph is the secure sums' noisy counts: no release (and no ledger record) of its own, most of the budget
+    assert cfg.graph_from_sum and cfg.counts_share == 0.9 and "secure sum's noisy positive-item counts" in ev["graph"]
+    assert not [r for r in Ledger(tmp_path / "privacy_ledger.jsonl").records if r.kind == "graph-gaussian"]
+    graph = load_checkpoint(tmp_path / "checkpoint.npz")["graph"]
+    assert int(graph["releases"]) == 2 and len(graph["cand"]) > 0 and float(np.abs(graph["n"]).sum()) > 0
+    assert "graph.prior" in graph and float(graph["graph.prior"].max()) > 0  # published: the devices are served it
 
 
 @pytest.mark.parametrize("privacy", ["event", "user"])
@@ -233,7 +240,6 @@ def test_a_secure_deepfm_federation_releases_every_parameter(tmp_path, privacy):
     sent with each version: the masked vectors sum the parameters alone (the features ride beside them; they once
     made every user-level round halt), under event noise with their noise shares and the counts on the item
     table's rows (the keys are sorted, so the item table is not the first); every parameter moves."""
-    from fedrec.checkpoint import load_checkpoint
     from fedrec.federation.state import init_state
 
     extra = {"event_noise": "auto", "local_steps": 0, "epsilon": 8.0} if privacy == "user" else {}
@@ -245,6 +251,6 @@ def test_a_secure_deepfm_federation_releases_every_parameter(tmp_path, privacy):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["failed"] == 0 and r["applied"] > 0 for r in rows)
     final = load_checkpoint(tmp_path / "checkpoint.npz")["global"]
-    start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0).global_state
+    start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0, z_event=1.0).global_state
     for k in ("item.weight", "feat.weight", "mlp1.weight", "out.bias"):
         assert not np.allclose(final[k], start[k].numpy()), k

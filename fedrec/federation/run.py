@@ -170,7 +170,8 @@ class _Run:
         rec.features = _features(cfg, stream, fed.n_items, rec)
         state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None,
                            ModelFeatures.of(rec.features, stream.round_at)
-                           if rec.features is not None and reads_features(cfg.model) else None, z_user=fed.z_user)
+                           if rec.features is not None and reads_features(cfg.model) else None, z_user=fed.z_user,
+                           z_event=fed.z_event)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)
@@ -227,7 +228,7 @@ class _Run:
                                         tuple(self.state.acked.get(d, -1) for d in ds))
                     for n, ds in plan.by_node.items()}
         clip = cfg.clip if cfg.user_dp else None
-        graph = GraphCheck(self.fed.n_items, cfg.pair_window, on_time_only=cfg.user_graph) if cfg.graph else None
+        graph = GraphCheck(self.fed.n_items, cfg.pair_window, on_time_only=cfg.user_graph) if cfg.graph_sent else None
         rows = row_check(cfg, self.fed.n_items)
         if cfg.secure_aggregation:
             served, sec = self.transport.secure(r, requests, host, cfg.to_flat())

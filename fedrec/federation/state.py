@@ -23,6 +23,7 @@ from ..itemgraph import MODEL_FEATURES, PROFILES, ItemGraph, sensitivity
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
 from ..models import model_from_config, reads_features
 from ..privacy.accounting import graph_multiplier, user_parts
+from ..privacy.aggregate import split
 from ..privacy.ledger import Ledger
 from ..server_aggregate import ITEM_TABLES, pick_device
 from ..server_lr import ServerLR
@@ -126,11 +127,12 @@ def mixed_seed(seed: int, secret: int) -> int:
 
 
 def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None,
-               model_features: ModelFeatures | None = None, *, z_user: float = 0.0) -> ServerState:
+               model_features: ModelFeatures | None = None, *, z_user: float = 0.0, z_event: float = 0.0) -> ServerState:
     """A new server: the model's initial global parameters on the aggregation device (``features``: the public
     item features, rows L2-normalised, that the item graph publishes and learns profiles for; ``model_features``:
     what a model that reads them gets with each version; ``z_user``: user-level DP's noise multiplier, of which
-    the item graph gets its part)."""
+    the item graph gets its part; ``z_event``: event-level DP's, whose counts' part a graph from the secure sum
+    holds)."""
     dev = pick_device(cfg.device)
     mfeat = model_features if reads_features(cfg.model) else None
     model = model_from_config(cfg, n_items, mfeat.at(1) if mfeat is not None else None)
@@ -142,20 +144,26 @@ def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None,
                        optimizer=optimizer,
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
                        buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
-                       graph=new_graph(cfg, n_items, features, z_user=z_user), model_features=mfeat)
+                       graph=new_graph(cfg, n_items, features, z_user=z_user, z_event=z_event),
+                       model_features=mfeat)
 
 
 def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, *,
-              z_user: float = 0.0) -> ItemGraph | None:
+              z_user: float = 0.0, z_event: float = 0.0) -> ItemGraph | None:
     """The run's item graph (None: off). Under event noise at the aggregate its sums get Gaussian noise of std
     ``z_graph`` times their sensitivity (:func:`fedrec.itemgraph.sensitivity`: ``sqrt(3 W w^2 + 1)``, ``W`` the pair
     window, and 3 more under the root with non-negative ``features``), so the run's graph is one Gaussian mechanism of
     multiplier ``z_graph``, as accounted (:func:`fedrec.privacy.accounting.graph_records`). Under user-level DP
     each device's counts of a round are clipped to L2 norm 1 and the sums get noise of std ``z_graph``, the
     graph's part of the round's one Gaussian (:func:`fedrec.privacy.accounting.user_parts`). The noise is drawn
-    from the run's seed."""
+    from the run's seed. From the secure sum (:attr:`~fedrec.config.RunConfig.graph_from_sum`) the graph is the
+    noisy row counts alone, whose noise std is at least the counts' part of ``z_event`` (at most
+    ``1 / (1 - dropout-tolerance)`` times its variance: the std the graph's tests assume, the conservative one)."""
     if not cfg.graph:
         return None
+    if cfg.graph_from_sum:
+        std = split(z_event, cfg.counts_share).count / np.sqrt(1 - cfg.dropout_tolerance)
+        return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, pairs=False)
     if cfg.user_graph:
         std, clip = user_parts(cfg, z_user)[1], 1.0
     else:
