@@ -347,8 +347,8 @@ class RunConfig:
         need(not (self.item_graph == "on" and self.privacy != "none" and not self._private_graph), "item-graph",
              "must be auto or off under DP, except under event noise at the aggregate (without secure-aggregation with "
              "graph-share > 0; with it, the graph is the secure sum's noisy counts) or user-level DP with "
-             "user-graph-share > 0 without secure-aggregation (its item pairs or counts are sent in clear; only there "
-             "does the server noise their sum)")
+             "user-graph-share > 0 without secure-aggregation (where devices send item pairs or counts in clear, only "
+             "there does the server noise their sum)")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
         if not self.data:
@@ -431,8 +431,8 @@ class RunConfig:
     @property
     def pair_window(self) -> int:
         """The window of a device's item pairs: ``graph-window``, ``private-graph-window`` when noised at event level,
-        0 (no pairs) under user-level DP (:class:`fedrec.itemgraph.ItemGraph` ``pairs``)."""
-        if self.user_graph:
+        0 (no pairs) under user-level DP or from the secure sum (:class:`fedrec.itemgraph.ItemGraph` ``pairs``)."""
+        if self.user_graph or self.graph_from_sum:
             return 0
         return self.private_graph_window if self.graph_noised else self.graph_window
 

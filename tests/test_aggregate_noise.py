@@ -236,12 +236,13 @@ def test_noised_sums_skip_the_bound_checks_only() -> None:
                    threshold=0.0, row_average=True, generator=_gen(), noised=True)
 
 
-def test_a_noised_sum_divides_by_its_counts_when_they_are_honest_and_by_its_norm_when_they_lie() -> None:
+@pytest.mark.parametrize("w", [8, 64])
+def test_a_noised_sum_divides_by_its_counts_when_they_are_honest_and_by_its_norm_when_they_lie(w: int) -> None:
     """SecAgg+ (``noised``): the worst honest case, every event's clipped gradient of norm ``lr C`` pointing
     the same way, in 2,000 rows under the full noise (float rounding aside, the floor binds on none: it leaves
     6 noise stds beyond sqrt(width)); then the same sums with every count lowered to 1 are divided by at least
     the events their norm needs, so each row moves at most one event's bound plus its noise over the floor."""
-    n, w, sens, z = 2000, 8, 0.5, Split(grad=2.0, count=3.0)
+    n, sens, z = 2000, 0.5, Split(grad=2.0, count=3.0)  # at width 64 a margin without sqrt(width) would bind
     g = _gen(11)
     c = torch.randint(1, 400, (n,), generator=g).double()
     direction = torch.nn.functional.normalize(torch.randn(n, w, generator=g, dtype=torch.float64), dim=1)
@@ -249,9 +250,9 @@ def test_a_noised_sum_divides_by_its_counts_when_they_are_honest_and_by_its_norm
     sums = [_sparse(np.arange(n), noisy.numpy())]
     for lie in (False, True):
         counts = [_sparse(np.arange(n), np.ones(n) if lie else c.numpy())]
-        ids, rows, _ = noisy_rows(n, w, sums, counts, sensitivity=sens, split=z, threshold=-1e9, row_average=True,
-                                  generator=_gen(), noised=True)
-        assert ids.tolist() == list(range(n))
+        ids, rows, diag = noisy_rows(n, w, sums, counts, sensitivity=sens, split=z, threshold=-1e9, row_average=True,
+                                     generator=_gen(), noised=True)
+        assert ids.tolist() == list(range(n)) and (diag["rows_floored"] > n // 2 if lie else diag["rows_floored"] == 0)
         if not lie:
             np.testing.assert_allclose(rows.numpy(), (noisy / c[:, None]).numpy(), rtol=1e-6)
         else:

@@ -162,6 +162,8 @@ def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, 
     if not cfg.graph:
         return None
     if cfg.graph_from_sum:
+        if not z_event > 0:
+            raise ValueError("The item graph from the secure sum needs the run's event-level noise multiplier (z_event).")
         std = split(z_event, cfg.counts_share).count / np.sqrt(1 - cfg.dropout_tolerance)
         return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, pairs=False)
     if cfg.user_graph:
@@ -193,13 +195,16 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
     was = ck["run"].get("config", {})
     if was.get("privacy") == "user" and "user-graph-share" not in was:  # from before user-level DP had its graph
         was = {**was, "user-graph-share": 0.0}
-    diff = [k for k, v in resume_key(cfg).items() if k in was and was[k] != v]
+    if "count-share" in was:  # compared resolved: a run saved before 0 meant auto holds its 0.1
+        was = {**was, "count-share": was["count-share"] or cfg.counts_share}
+    key = resume_key(cfg)
+    diff = [k for k, v in key.items() if k in was and was[k] != v]
     if ck["run"].get("finished", True):
         if diff or all((path.parent / name).is_file() for name in OUTPUTS):
             return None
     elif diff:
         k = diff[0]
-        raise ResumeError(f"The checkpoint {path} belongs to a run with {k} = {was[k]!r}, not {cfg.to_flat()[k]!r}; "
+        raise ResumeError(f"The checkpoint {path} belongs to a run with {k} = {was[k]!r}, not {key[k]!r}; "
                           "use another --out, or resume = false to start anew there.")
     shapes = {k: tuple(np.shape(v)) for k, v in ck["global"].items()}
     want = {k: tuple(v.shape) for k, v in state.global_state.items()}
@@ -213,5 +218,6 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
 
 
 def resume_key(cfg: RunConfig) -> dict:
-    """The config a checkpoint must match to be resumed."""
-    return {k: v for k, v in cfg.to_flat().items() if k not in NOT_RESUME_KEYS}
+    """The config a checkpoint must match to be resumed (an automatic key as this run resolves it)."""
+    flat = {**cfg.to_flat(), "count-share": cfg.counts_share}
+    return {k: v for k, v in flat.items() if k not in NOT_RESUME_KEYS}

@@ -49,8 +49,8 @@ import torch
 
 Sparse = tuple[np.ndarray, np.ndarray]
 
-#: a Gaussian vector's norm exceeds ``std * (sqrt(dims) + NORM_SIGMAS)`` with probability below
-#: ``exp(-NORM_SIGMAS^2 / 2)`` (1.5e-8): the margin :func:`events_floor` leaves the noise
+#: a Gaussian vector's norm exceeds ``std * (sqrt(dims) + NORM_SIGMAS)`` with probability at most
+#: ``exp(-NORM_SIGMAS^2 / 2)`` (about 1.5e-8): the margin :func:`events_floor` leaves the noise
 NORM_SIGMAS = 6.0
 
 
@@ -119,7 +119,7 @@ def events_floor(norm: torch.Tensor | float, dims: int, sensitivity: float, nois
     """The fewest events a noisy sum of clipped gradients of L2 ``norm`` (over ``dims`` coordinates) can hold.
 
     Each event adds at most ``sensitivity`` to the sum's norm and the noise, ``N(0, noise_std^2)`` on each
-    coordinate, at most ``noise_std * (sqrt(dims) + NORM_SIGMAS)`` but with probability below 1.5e-8. A count
+    coordinate, at most ``noise_std * (sqrt(dims) + NORM_SIGMAS)`` but with probability about 1.5e-8. A count
     below this floor is a lie (or that rare noise): under SecAgg+ no device's counts could be checked, and
     dividing a sum by a count too small for it would multiply one device's lie by the events of every other.
     Post-processing of the noisy sum: it costs no privacy.
@@ -143,6 +143,12 @@ def noisy_counts(n_items: int, counts: Sequence[Sparse], *, std: float, generato
     if noised:
         return summed, summed
     return summed, summed + torch.randn(n_items, generator=generator, dtype=torch.float64) * std
+
+
+def _floored(counts: torch.Tensor, rows: torch.Tensor, sensitivity: float, noise_std: float) -> tuple[torch.Tensor, int]:
+    """Each selected row's noisy count raised to :func:`events_floor` of its noisy row sum, and how many were."""
+    floor = events_floor(rows.norm(dim=1), rows.shape[1], sensitivity, noise_std)
+    return torch.maximum(counts, floor), int((floor > counts).sum())
 
 
 def _selected_sum(n_items: int, width: int, sums: Sequence[Sparse], selected: torch.Tensor) -> torch.Tensor:
@@ -203,10 +209,9 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
     grad_std = split.grad * sensitivity
     if not noised:
         rows += torch.randn(rows.shape, generator=generator, dtype=torch.float64) * grad_std
-    chosen = noisy[selected]
+    chosen, floored = noisy[selected], 0
     if noised:
-        chosen = torch.maximum(chosen, events_floor(rows.norm(dim=1), width, sensitivity,
-                                                    grad_std * math.sqrt(share_excess)))
+        chosen, floored = _floored(chosen, rows, sensitivity, grad_std * math.sqrt(share_excess))
     # the selected rows' noisy counts: their sum over all n_items rows would carry n_items count noises
     noisy_total = max(float(chosen.sum()), 1.0)
     if row_average:
@@ -217,7 +222,8 @@ def noisy_rows(n_items: int, width: int, sums: Sequence[Sparse], counts: Sequenc
         normaliser = total if total is not None else noisy_total
         rows /= normaliser
     diag: dict = {"rows_selected": len(selected), "normaliser": normaliser, "noise_std": grad_std / normaliser,
-                  "grad_noise_std": grad_std, "count_noise_std": split.count, "noisy_total": noisy_total}
+                  "grad_noise_std": grad_std, "count_noise_std": split.count, "noisy_total": noisy_total,
+                  "rows_floored": floored}
     if not noised:
         diag["rows_true_positive_server_only"] = int((summed[selected] > 0).sum())
     return selected.to(device), rows.to(device=device, dtype=torch.float32), diag
