@@ -170,6 +170,7 @@ def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step,
             "version": state.version, "buffered": len(state.buffer.items) if state.buffer is not None else None,
             "mean_staleness": float(np.mean(step.staleness)) if step.staleness else None,
             **({"rows_selected": diag.get("rows_selected")} if cfg.aggregate_noise or cfg.select_rows else {}),
+            **({"rows_floored": diag.get("rows_floored")} if cfg.aggregate_noise and cfg.secure_aggregation else {}),
             **({"prior_rounds": state.graph.prior_rounds} if state.graph is not None else {})}
 
 
