@@ -66,7 +66,7 @@ app = ClientApp(mods=[_secagg_gate, slow_devices])
 
 def run_config(conf: dict) -> RunConfig:
     """The run config a server message carries (its other entries are per-round instructions)."""
-    return RunConfig.from_mapping({k: v for k, v in conf.items() if k in RunConfig.keys()}, where="server message")
+    return RunConfig.of_message(conf, "server message")
 
 
 def store_path(context: Context) -> str | None:

@@ -18,6 +18,7 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -516,6 +517,16 @@ class RunConfig:
             raise ConfigError(f"{e} [{where}]") from None
 
     @classmethod
+    def of_message(cls, entries: Mapping[str, Any], where: str) -> RunConfig:
+        """The run config among a message's entries (the others are per-round instructions). The same entries give
+        the same config, checked once: every message of a run carries it, and a node's every round parses it."""
+        mine = tuple((k, v) for k, v in entries.items() if k in _KEYS)
+        try:
+            return _of_entries(mine, where)
+        except TypeError:  # an unhashable value: checked (and refused) without the cache
+            return cls.from_mapping(dict(mine), where=where)
+
+    @classmethod
     def from_toml(cls, path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
         """Read a TOML file: keys at top level or under ``[run]``/``[tool.flwr.app.config]``."""
         p = Path(path)
@@ -526,6 +537,14 @@ class RunConfig:
                 raise ConfigError(f"{p}: {k!r} is a table, but a run config file holds only `key = value` lines "
                                   "(at top level, under [run] or under [tool.flwr.app.config]).")
         return cls.from_mapping(table, where=str(p), base=base)
+
+
+_KEYS = frozenset(RunConfig.keys())
+
+
+@lru_cache(maxsize=16)
+def _of_entries(entries: tuple[tuple[str, Any], ...], where: str) -> RunConfig:
+    return RunConfig.from_mapping(dict(entries), where=where)
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

@@ -434,11 +434,13 @@ class ItemGraph:
         n = np.maximum(self.n, 1.0)
         if self.noised:
             rows, cols, s = self._noisy_scores(n)
-        else:
-            C = self.C.tocoo()
-            rows, cols = C.row, C.col
-            s = np.nan_to_num(C.data / _cosine_norms(n, rows, cols), posinf=0.0, neginf=0.0)
-        ids, sim = top_neighbours(sp.csr_matrix((s, (rows, cols)), shape=(V, V)), self.neighbours)
+            S = sp.csr_matrix((s, (rows, cols)), shape=(V, V))
+        else:  # C's own layout: each pair's score in place of its count (no round trip through coordinates)
+            C = self.C
+            rows = np.repeat(np.arange(V), np.diff(C.indptr))
+            s = np.nan_to_num(C.data / _cosine_norms(n, rows, C.indices), posinf=0.0, neginf=0.0)
+            S = sp.csr_matrix((s, C.indices, C.indptr), shape=(V, V))
+        ids, sim = top_neighbours(S, self.neighbours)
         prior = self._prior()
         out = {"graph.ids": ids, "graph.sim": sim, "graph.prior": _unit(prior)}
         if self.features is None:

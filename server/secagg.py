@@ -150,7 +150,7 @@ class _Setting:
 
 
 def _run_config(config: dict) -> RunConfig:
-    return RunConfig.from_mapping({k: v for k, v in config.items() if k in RunConfig.keys()}, where="secure round")
+    return RunConfig.of_message(config, "secure round")
 
 
 def _sensitivity(config: dict) -> float:

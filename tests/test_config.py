@@ -205,3 +205,13 @@ def test_the_auto_cohort_takes_every_device_only_where_the_noise_is_on_the_sum()
     assert RunConfig(privacy="none").cohort_for(610) == 300
     assert RunConfig(privacy="event", event_noise="device").cohort_for(610) == 300
     assert RunConfig(privacy="event", cohort=40).cohort_for(610) == 40
+
+
+def test_a_message_s_run_config_is_its_known_entries_checked_once():
+    flat = {**RunConfig(privacy="event").to_flat(), "devices": "1,2", "round": 3}  # instructions beside the config
+    a, b = RunConfig.of_message(flat, "server message"), RunConfig.of_message(dict(flat), "server message")
+    assert a is b and a == RunConfig(privacy="event")  # the same entries: built and checked once
+    with pytest.raises(ConfigError, match=r"lr.*\[server message\]"):
+        RunConfig.of_message({**flat, "lr": -1.0}, "server message")
+    with pytest.raises(ConfigError, match="cohort"):
+        RunConfig.of_message({**flat, "cohort": [3]}, "server message")  # unhashable: refused without the cache
