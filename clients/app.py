@@ -27,6 +27,7 @@ from fedrec.config import RunConfig
 from fedrec.device_round import (
     device_reply,
 )
+from fedrec.itemgraph import PROFILES, Pairs, dense_contribution, device_pairs
 from fedrec.messages import (
     CONFIG,
     INFO,
@@ -142,7 +143,8 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
         raise RuntimeError(f"{len(ins.devices) - len(out.updates)} of this node's devices have no update this round; "
                            "the node leaves the secure round (its devices' noise shares would be missing)")
     if cfg.aggregate_noise:
-        vectors = _share_vectors(out, keys, arrays, cfg, ins, int(conf["share-devices"]), context)
+        vectors = _share_vectors(out, keys, arrays, cfg, ins, int(conf["share-devices"]), context,
+                                 float(conf.get("graph-noise-std", 0.0)))
     else:
         vectors = [[decode_delta(u.arrays)[k] for k in keys] for u in out.updates]
         vectors = vectors or [[np.zeros_like(arrays[k], dtype=np.float32) for k in keys]]
@@ -158,24 +160,32 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
 
 
 def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray], cfg: RunConfig,
-                   ins: RoundInstruction, devices: int, context: Context) -> list[list[np.ndarray]]:
-    """Each trained device's release and counts plus its noise share (:func:`fedrec.privacy.shares.device_vector`).
+                   ins: RoundInstruction, devices: int, context: Context, graph_std: float) -> list[list[np.ndarray]]:
+    """Each trained device's release and counts plus its noise share (:func:`fedrec.privacy.shares.device_vector`),
+    and under :attr:`~fedrec.config.RunConfig.secure_graph` its item graph contribution (the server's ``graph_std``).
 
     Every device in the reply adds its share, also one that took no event: the server counts it among the
     ``m`` devices whose shares make up the noise. The shares are seeded per device and round (stream
     ``SHARE_STREAM``); a deployed device (a node with a store) mixes in fresh OS entropy, since the server
     knows the run's seed and could otherwise draw the same shares and subtract them.
     """
-    plan = share_plan(ins.noise_multiplier, cfg.counts_share, cfg.dropout_tolerance, devices)
+    if cfg.secure_graph and not graph_std > 0:  # the graph's sums would travel without their noise
+        raise RuntimeError("the secure round names no noise std for the item graph; the node leaves the round")
+    plan = share_plan(ins.noise_multiplier, cfg.count_share, cfg.dropout_tolerance, devices, graph_std)
     shapes = {k: tuple(arrays[k].shape) for k in keys}
+    n_items = shapes[ITEM_TABLES[0]][0]
     secret = secrets.randbits(128) if store_path(context) else 0
     vectors = []
     for u in out.updates:
         counts = (u.rows or {}).get("ids", np.zeros(0, np.int64)), (u.rows or {}).get("counts", np.zeros(0))
         gen = share_generator(device_seed(cfg.seed, u.device, ins.round, SHARE_STREAM), secret)
-        vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen))
-    n_items = shapes[ITEM_TABLES[0]][0]
-    return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)]]
+        mine = Pairs.from_arrays(u.pairs, n_items, events=u.report.n_new, window=0) if u.pairs is not None else \
+            device_pairs(np.zeros(0), np.zeros(0, bool), 0)
+        graph = dense_contribution(mine, n_items, arrays.get(PROFILES)) if cfg.secure_graph else []
+        vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen,
+                                     graph))
+    idle = [np.zeros(n_items)] + ([np.zeros(arrays[PROFILES].shape)] if PROFILES in arrays else [])
+    return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)] + (idle if cfg.secure_graph else [])]
 
 
 def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, context: Context, cfg: RunConfig, *,

@@ -279,11 +279,11 @@ def from_config(cfg: RunConfig, *, noise_multiplier: float, expected_devices: fl
     aggregate: ``noise_multiplier`` is then the event-level one)."""
     if cfg.aggregate_noise:
         return AggregateGaussian(ITEM_TABLES[0], sensitivity=cfg.lr * cfg.event_clip,
-                                 noise=split(noise_multiplier, cfg.counts_share), threshold=cfg.row_threshold,
+                                 noise=split(noise_multiplier, cfg.count_share), threshold=cfg.row_threshold,
                                  row_average=cfg.row_average, generator=generator,
                                  share_excess=1 / (1 - cfg.dropout_tolerance) if cfg.secure_aggregation else 1.0)
     if cfg.select_rows:
-        return UserRows(ITEM_TABLES[0], clip=cfg.clip, noise=split(noise_multiplier, cfg.counts_share),
+        return UserRows(ITEM_TABLES[0], clip=cfg.clip, noise=split(noise_multiplier, cfg.count_share),
                         threshold=cfg.row_threshold, expected_devices=expected_devices, generator=generator)
     if cfg.user_dp:
         return GaussianMean(Mean(), clip=cfg.clip, noise_multiplier=noise_multiplier,

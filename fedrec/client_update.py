@@ -274,7 +274,7 @@ def finish_update(prep: Prepared, cfg: RunConfig, steps: int, delta: dict, local
     update (:func:`check_converged` against the ``version`` it started from) raises instead."""
     check_converged(delta, preclip, version, cfg)
     nxt, eps = _next_state(prep.state, local, prep.round_, steps, cfg, noise_multiplier)
-    pairs = device_pairs(prep.items, prep.new, cfg.pair_window, affinities=affinities) if cfg.graph_sent else None
+    pairs = device_pairs(prep.items, prep.new, cfg.pair_window, affinities=affinities) if cfg.graph else None
     return UpdateResult(delta=delta, n_train=int(prep.train.sum()), n_new=int(prep.new.sum()), counts=prep.counts,
                         epsilon=eps, steps=steps, state=nxt, preclip_norm=preclip, clipped=clipped,
                         probe_hits=prep.probe_hits, pairs=pairs, row_counts=row_counts)
@@ -494,7 +494,7 @@ def _release(model: RecModel, events: np.ndarray, rounds: np.ndarray, train: np.
                              kinds=kinds)
     delta, counts = model.clipped_release(
         batch, sample_rate=cfg.sample_rate, lr_global=cfg.lr, lr_local=cfg.user_lr if cfg.user_lr > 0 else cfg.lr,
-        clip=cfg.event_clip, noise_multiplier=split(noise_multiplier, cfg.counts_share).grad, generator=g,
+        clip=cfg.event_clip, noise_multiplier=split(noise_multiplier, cfg.count_share).grad, generator=g,
         backend=cfg.update_backend)
     local = {k: params[k].detach().numpy().copy() for k in model.local_names}
     return 1, delta, local, counts

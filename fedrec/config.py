@@ -52,10 +52,6 @@ class ConfigError(ValueError):
 #: the most events a synthetic world may hold, and the most numbers an item table may hold
 MAX_EVENTS = 10**8
 MAX_TABLE = 10**9
-#: ``count-share = 0``: the counts' share of event noise at the aggregate, where they are the item graph too (SecAgg+:
-#: :attr:`RunConfig.graph_from_sum`) and where not (the synthetic world's held-out seed 3, SecAgg+ eps 1: 0.028 HR@10
-#: per event with 0.1, 0.042 with 0.5, 0.045 with 0.9)
-AUTO_COUNT_SHARE = {False: 0.1, True: 0.9}
 
 
 @dataclass(frozen=True)
@@ -195,8 +191,8 @@ class RunConfig:
     item_graph: str = key("auto", "federated item co-occurrence for on-device session scoring (item pairs, or under "
                           "user-level DP item counts only, are sent in clear to the server: auto = on without DP, and "
                           "noised by the server under event noise at the aggregate or user-level DP without "
-                          "secure-aggregation; under secure-aggregation with event noise at the aggregate, the secure "
-                          "sum's noisy item counts only; else off)", choices=ITEM_GRAPH_MODES)
+                          "secure-aggregation; under secure-aggregation with event noise at the aggregate, item counts "
+                          "and affinities summed under SecAgg+; else off)", choices=ITEM_GRAPH_MODES)
     graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
                             ge=1, le=10**6)
     private_graph_window: int = key(1, "item graph under DP: the window (at event level one event's "
@@ -241,10 +237,8 @@ class RunConfig:
                            "aggregate, once on the cohort's sum of clipped gradients (trusts the server, or SecAgg+); "
                            "auto, aggregate where the run allows it (model mf, one local step), else device",
                            choices=EVENT_NOISE_MODES)
-    count_share: float = key(0.0, "event noise at the aggregate: share of the privacy budget (in 1/z^2) spent on "
-                             "the noisy per-row event counts that select the updated item rows (0 = auto: 0.1, or 0.9 "
-                             "where those counts are also the item graph, under secure-aggregation)", ge=0, lt=1,
-                             says="must be 0 (auto) or lie in (0, 1)")
+    count_share: float = key(0.1, "event noise at the aggregate: share of the privacy budget (in 1/z^2) spent on "
+                             "the noisy per-row event counts that select the updated item rows", gt=0, lt=1)
     row_threshold: float = key(3.0, "event noise at the aggregate: an item row is updated when its noisy event count "
                                "exceeds this many count-noise stds", ge=0, le=10**6)
     select_rows: bool = key(False, "user-level DP: noisy per-row device counts select the item rows a round updates "
@@ -346,8 +340,8 @@ class RunConfig:
         need(is_ray_address(self.ray_address), "ray-address",
              "must be empty (a local Ray), auto, or host:port of a Ray head")
         need(not (self.item_graph == "on" and self.privacy != "none" and not self._private_graph), "item-graph",
-             "must be auto or off under DP, except under event noise at the aggregate (without secure-aggregation with "
-             "graph-share > 0; with it, the graph is the secure sum's noisy counts) or user-level DP with "
+             "must be auto or off under DP, except under event noise at the aggregate with graph-share > 0 (with "
+             "secure-aggregation: counts and affinities summed under SecAgg+) or user-level DP with "
              "user-graph-share > 0 without secure-aggregation (where devices send item pairs or counts in clear, only "
              "there does the server noise their sum)")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
@@ -393,24 +387,19 @@ class RunConfig:
         """A DP item graph is possible: a trusted server (no secure-aggregation: the pairs are sent in clear) and
         budget for the graph, under event noise at the aggregate or user-level DP."""
         if self.secure_aggregation:
-            return self.aggregate_noise  # the secure sum's noisy counts alone (:attr:`graph_from_sum`)
+            return self.aggregate_noise and self.graph_share > 0  # summed under SecAgg+ (:attr:`secure_graph`)
         return (self.aggregate_noise and self.graph_share > 0) or (self.privacy == "user" and self.user_graph_share > 0)
 
     @property
-    def graph_from_sum(self) -> bool:
-        """The item graph is the secure sum's noisy row counts (SecAgg+ event noise at the aggregate): no pairs, no
-        affinities, nothing a device sends in clear; post-processing of the training release, no ε of its own."""
+    def secure_graph(self) -> bool:
+        """The item graph's counts and item x feature affinities (no pairs) are summed under SecAgg+ with the
+        devices' noise shares, beside the model's release (event noise at the aggregate): nothing sent in clear."""
         return self.graph and self.secure_aggregation and self.aggregate_noise
-
-    @property
-    def counts_share(self) -> float:
-        """``count-share``, resolved: as given, or for 0 (auto) :data:`AUTO_COUNT_SHARE` of this run's mode."""
-        return self.count_share or AUTO_COUNT_SHARE[self.graph_from_sum]
 
     @property
     def graph_sent(self) -> bool:
         """Devices send their item graph contributions (pairs, or counts) in clear beside their update."""
-        return self.graph and not self.graph_from_sum
+        return self.graph and not self.secure_graph
 
     @property
     def graph(self) -> bool:
@@ -433,7 +422,7 @@ class RunConfig:
     def pair_window(self) -> int:
         """The window of a device's item pairs: ``graph-window``, ``private-graph-window`` when noised at event level,
         0 (no pairs) under user-level DP or from the secure sum (:class:`fedrec.itemgraph.ItemGraph` ``pairs``)."""
-        if self.user_graph or self.graph_from_sum:
+        if self.user_graph or self.secure_graph:
             return 0
         return self.private_graph_window if self.graph_noised else self.graph_window
 

@@ -321,17 +321,22 @@ class ItemGraph:
             np.add.at(aff, follow, self.profiles().astype(np.float64)[before])
         self._release(a, b, w, np.asarray(counts, np.float64), aff)
 
-    def add_released(self, counts: np.ndarray) -> None:
-        """One round's item counts that were released elsewhere with (at least) this graph's noise, summed in as they
-        are: no draw (SecAgg+: the secure sum's noisy row counts, :attr:`fedrec.config.RunConfig.graph_from_sum`).
-        A graph of counts alone: no pairs, no affinities."""
-        if not self.noised or self.pairs or self.features is not None or self.clip:
-            raise ValueError("Only a noised graph of item counts alone takes counts released elsewhere.")
+    def add_released(self, counts: np.ndarray, aff: np.ndarray | None) -> None:
+        """One round's item counts and affinities summed and noised elsewhere, summed in as they are: no draw
+        (SecAgg+: the unmasked sum of the devices' contributions and noise shares,
+        :attr:`fedrec.config.RunConfig.secure_graph`). No pairs; ``aff`` ``(n_items, features)`` exactly where the
+        graph has features (None without)."""
+        if not self.noised or self.pairs or self.clip:
+            raise ValueError("Only a noised graph without pairs takes sums released elsewhere.")
         counts = np.asarray(counts, np.float64)
-        if counts.shape != (self.n_items,) or not np.all(np.isfinite(counts)):
-            raise ValueError(f"Released item counts should be {self.n_items} finite values.")
+        want = None if self.features is None else self.features.shape
+        if counts.shape != (self.n_items,) or (None if aff is None else np.shape(aff)) != want or \
+                not (np.all(np.isfinite(counts)) and (aff is None or np.all(np.isfinite(aff)))):
+            raise ValueError(f"Released sums should be {self.n_items} finite counts and finite affinities of shape "
+                             f"{self.features.shape if self.features is not None else None}.")
         none = np.zeros(0, np.int64)
-        self._release(none, none, np.zeros(0), counts, None, drawn=True)
+        self._release(none, none, np.zeros(0), counts, None if aff is None else np.asarray(aff, np.float64),
+                      drawn=True)
 
     def _release(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, now: np.ndarray, aff: np.ndarray | None, *,
                  drawn: bool = False) -> None:
@@ -352,7 +357,7 @@ class ItemGraph:
         self.n += now
         self.recent = (self.recent + [now])[-(max(PRIOR_WINDOWS) + PRIOR_EVAL):]
         if aff is not None:
-            if self.noised:
+            if self.noised and not drawn:
                 aff = aff + rng.normal(0.0, self.noise_std, aff.shape)
             self.A = aff if self.A is None else self.A + aff
         self.releases += 1
@@ -552,6 +557,21 @@ def sensitivity(window: int, features: np.ndarray | None) -> float:
     most sqrt(2) for non-negative rows, else 2): 3 more, or 5 where a feature value is negative."""
     extra = 0 if features is None else (3 if (np.asarray(features) >= 0).all() else 5)
     return float(np.sqrt(3 * window * PAIR_WEIGHT**2 + 1 + extra))
+
+
+def dense_contribution(p: Pairs, n_items: int, profiles: np.ndarray | None) -> list[np.ndarray]:
+    """One device's item graph contribution as :meth:`ItemGraph.add` sums it, dense (SecAgg+ sums it masked): its
+    new events' item counts and, where the version it was sent has ``profiles``, each new event's item row gaining
+    the profile of the item before it (rows scaled to norm at most 1: the bound the graph's sensitivity assumes,
+    which float16 rounding could pass)."""
+    counts = np.bincount(np.asarray(p.items, np.int64), np.asarray(p.counts, np.float64), minlength=n_items)
+    if profiles is None:
+        return [counts]
+    G = np.asarray(profiles, np.float64)
+    G = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1.0)
+    aff = np.zeros(G.shape)
+    np.add.at(aff, np.asarray(p.follow, np.int64), G[np.asarray(p.before, np.int64)])
+    return [counts, aff]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

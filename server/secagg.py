@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 
 from fedrec.config import RunConfig
 from fedrec.federation.replies import SecureSum
+from fedrec.itemgraph import PROFILES
 from fedrec.itemgraph import split as split_version
 from fedrec.messages import SECURE_METRICS, MessageError, UpdateReport
 from fedrec.privacy.shares import SharePlan, node_threshold, quantisation_problem, share_plan
@@ -137,7 +138,8 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
         return SecureSum({k: a.astype(np.float32) * weight for k, a in zip(keys, strategy.aggregate, strict=True)},
                          list(reports), reports, failures)
     arrays = [a.astype(np.float64) * weight for a in strategy.aggregate]
-    return _noisy_sum(arrays, keys, strategy.results, reports, failures, plan, _sensitivity(config), round_)
+    graph = (1 + (PROFILES in global_state)) if _run_config(config).secure_graph else 0
+    return _noisy_sum(arrays, keys, strategy.results, reports, failures, plan, _sensitivity(config), round_, graph)
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,9 @@ def _share_plan(config: dict, by_node: dict[int, list[int]]) -> SharePlan | None
     cfg = _run_config(config)
     if not cfg.aggregate_noise:
         return None
-    return share_plan(float(config["effective-noise-multiplier"]), cfg.counts_share, cfg.dropout_tolerance,
-                      sum(map(len, by_node.values())))
+    graph = float(config.get("graph-noise-std", 0.0)) if cfg.secure_graph else 0.0
+    return share_plan(float(config["effective-noise-multiplier"]), cfg.count_share, cfg.dropout_tolerance,
+                      sum(map(len, by_node.values())), graph)
 
 
 def _setting(config: dict, by_node: dict[int, list[int]], plan: SharePlan | None) -> tuple[_Setting, str]:
@@ -178,16 +181,18 @@ def _setting(config: dict, by_node: dict[int, list[int]], plan: SharePlan | None
 
 
 def _noisy_sum(arrays: list[np.ndarray], keys: list[str], results: list, reports: dict[int, UpdateReport],
-               failures: list[str], plan: SharePlan, sensitivity: float, round_: int) -> SecureSum:
-    """The unmasked sum split into the table sum (back in parameter units) and the counts, if it is whole.
+               failures: list[str], plan: SharePlan, sensitivity: float, round_: int, graph: int = 0) -> SecureSum:
+    """The unmasked sum split into the table sum (back in parameter units), the counts and the last ``graph``
+    arrays (the item graph's counts and, where the devices read profiles, affinities), if it is whole.
 
     The sum is refused when a device in it cannot be accounted for (a garbled or missing report, a node
     whose weight is not its number of devices) or when it holds fewer than ``plan.required`` devices.
     """
     listed = sum(int(res.num_examples) for _, res in results)
     problem = ""
-    if len(arrays) != len(keys) + 1:
-        problem = f"the unmasked sum has {len(arrays)} arrays, expected {len(keys) + 1} (the keys and the counts)"
+    if len(arrays) != len(keys) + 1 + graph:
+        problem = (f"the unmasked sum has {len(arrays)} arrays, expected {len(keys) + 1 + graph} (the keys, the counts"
+                   f"{' and the item graph' if graph else ''})")
     elif listed != len(reports):
         problem = f"the sum holds {listed} devices but {len(reports)} of them reported soundly"
     elif len(reports) < plan.required:
@@ -197,7 +202,8 @@ def _noisy_sum(arrays: list[np.ndarray], keys: list[str], results: list, reports
         return SecureSum(None, [], {}, failures + [f"round {round_}: {problem}; no update this round"],
                          required=plan.required)
     total = {k: (a * sensitivity).astype(np.float32) for k, a in zip(keys, arrays, strict=False)}
-    return SecureSum(total, list(reports), reports, failures, counts=arrays[-1], required=plan.required)
+    return SecureSum(total, list(reports), reports, failures, counts=arrays[len(keys)], required=plan.required,
+                     graph=arrays[len(keys) + 1:])
 
 
 def _device_reports(results: list, by_node: dict[int, list[int]], failures: list[str]) -> dict[int, UpdateReport]:

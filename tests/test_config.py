@@ -18,16 +18,6 @@ def test_pyproject_defaults_equal_runconfig_defaults():
     assert load_pyproject_defaults() == RunConfig().to_flat()
 
 
-def test_the_count_share_is_automatic_unless_given():
-    """0 = auto: most of the budget on the counts where they are the item graph too (SecAgg+), resolved from the run's
-    mode however its config was layered (a base resolved first must not fix it)."""
-    assert RunConfig().count_share == 0.0 and RunConfig(privacy="event").counts_share == 0.1
-    secure = RunConfig.from_mapping({"secure-aggregation": True}, where="test", base=RunConfig(privacy="event"))
-    assert secure.graph_from_sum and secure.counts_share == 0.9
-    assert RunConfig(privacy="event", secure_aggregation=True, item_graph="off").counts_share == 0.1
-    assert RunConfig(privacy="event", secure_aggregation=True, count_share=0.3).counts_share == 0.3
-
-
 def test_pyproject_table_is_a_checked_copy_key_for_key_in_order_and_type():
     table, want = load_pyproject_defaults(), RunConfig().to_flat()
     assert list(table) == list(want), "regenerate with: python -m fedrec.config --pyproject"

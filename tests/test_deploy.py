@@ -103,6 +103,9 @@ def test_deploy_local_with_event_noise_shares_under_secure_aggregation(tmp_path)
     led = Ledger(out / "privacy_ledger.jsonl").records
     assert sorted((x.round, x.subject) for x in led if x.kind == "aggregate-gaussian") == \
         [(rd, f"device-{i}") for rd in (1, 2) for i in range(3)]  # every device of every sum, once
+    # the item graph's counts are summed masked too, with their shares: one graph record, a release each round
+    assert [x.kind for x in led].count("graph-gaussian") == 1 and ev["graph_window"] == 0
+    assert int(load_checkpoint(out / "checkpoint.npz")["graph"]["releases"]) == 2
     assert _ours(out) == []
 
 

@@ -163,7 +163,7 @@ def test_a_federation_with_noise_at_the_aggregate(tmp_path):
     assert ev["epsilon"] == pytest.approx(epsilon([(z, cfg.sample_rate, worst)], cfg.delta, "prv"), rel=1e-5)
     assert ev["epsilon"] <= 8.0 + 1e-6 and ev["noise"] == "aggregate-server" and "trusted aggregator" in ev["trust"]
     # the selection's noisy counts are paid for in the same record: z is the joint multiplier of both noises
-    parts = split(z, cfg.counts_share)
+    parts = split(z, cfg.count_share)
     assert effective(parts) == pytest.approx(z) and parts.count > z and parts.grad > z
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["rows_selected"] is not None for r in rows) and rows[-1]["version"] == 3
@@ -194,7 +194,7 @@ def test_user_level_selected_rows_change_and_nothing_else(tmp_path):
     ledger = Ledger(tmp_path / "run" / "privacy_ledger.jsonl")
     assert {r.kind for r in ledger.records} == {"server-gaussian"} and len(ledger.records) == 2
     user = summary["privacy"]["user"]
-    assert "rows" in user and effective(split(user["noise_multiplier"], cfg.counts_share)) == \
+    assert "rows" in user and effective(split(user["noise_multiplier"], cfg.count_share)) == \
         pytest.approx(user["noise_multiplier"])
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     selected = sum(r["rows_selected"] for r in rows)

@@ -231,21 +231,28 @@ def test_a_federation_with_the_noisy_graph(tmp_path):
     assert ev <= 8.0 + 1e-6
 
 
-def test_a_graph_of_counts_released_elsewhere_sums_them_as_they_are():
-    """SecAgg+ event noise at the aggregate: the graph is the secure sums' noisy counts, which carry their noise
-    already; it draws none of its own, and its candidates enter on them as on its own releases."""
-    V, rng = 30, np.random.default_rng(0)
-    g = ItemGraph(V, noise_std=2.0, seed=1, pairs=False)
+
+def test_sums_released_elsewhere_are_summed_in_as_they_are():
+    """SecAgg+ event noise at the aggregate: the devices' shares noised the graph's counts and affinities; the graph
+    draws no noise of its own, and its candidates enter on them as on its own releases."""
+    V, F, rng = 30, 4, np.random.default_rng(0)
+    feats = np.abs(rng.normal(size=(V, F)))
+    g = ItemGraph(V, noise_std=2.0, seed=1, pairs=False, features=feats / np.linalg.norm(feats, axis=1, keepdims=True))
     c1, c2 = rng.normal(0.0, 2.0, V), rng.normal(0.0, 2.0, V)
     c1[7] = c2[7] = 100.0
-    g.add_released(c1)
-    g.add_released(c2)
+    a1, a2 = rng.normal(0.0, 2.0, (V, F)), rng.normal(0.0, 2.0, (V, F))
+    g.add_released(c1, a1)
+    g.add_released(c2, a2)
     np.testing.assert_array_equal(g.n, c1 + c2)
+    np.testing.assert_array_equal(g.A, a1 + a2)
     assert g.releases == 2 and len(g.recent) == 2 and 7 in g.cand
     assert int(np.argmax(g.table()["graph.prior"])) == 7
     for bad in (ItemGraph(V, noise_std=2.0), ItemGraph(V, pairs=False)):  # pairs to noise; no noise to trust
-        with pytest.raises(ValueError, match="counts alone"):
-            bad.add_released(c1)
-    for counts in (c1[:5], np.full(V, np.nan)):
-        with pytest.raises(ValueError, match="30 finite"):
-            g.add_released(counts)
+        with pytest.raises(ValueError, match="without pairs"):
+            bad.add_released(c1, None)
+    for counts, aff in ((c1[:5], a1), (np.full(V, np.nan), a1), (c1, None), (c1, a1[:, :2]), (c1, a1 * np.nan)):
+        with pytest.raises(ValueError, match="30 finite counts"):
+            g.add_released(counts, aff)
+    plain = ItemGraph(V, noise_std=2.0, pairs=False)  # no features: counts alone
+    plain.add_released(c1, None)
+    assert plain.A is None and plain.releases == 1

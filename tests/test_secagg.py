@@ -18,7 +18,7 @@ from fedrec.checkpoint import load_checkpoint
 from fedrec.clients.app import app as client_app
 from fedrec.clients.records import PACKED, from_records
 from fedrec.config import ConfigError, RunConfig
-from fedrec.federation.replies import Replies, RowCheck, SecureSum, add_secure_sum, collect
+from fedrec.federation.replies import GraphCheck, Replies, RowCheck, SecureSum, add_secure_sum, collect
 from fedrec.federation.run import discover, event_noise
 from fedrec.messages import RoundInstruction, record_type
 from fedrec.models import build_model
@@ -129,13 +129,16 @@ def _plain_and_secure(cfg: RunConfig, per_node: int, drop: set[int] = frozenset(
     by_node = {n: ds[:per_node] for n, ds in sorted(by_node.items())}
     host = {k: v.numpy() for k, v in g.items()}
     requests = {n: RoundInstruction(2, tuple(ds), fed.z_event, 0.0) for n, ds in by_node.items()}
+    # in the clear the devices' graph contributions come as pairs (window 0: counts and affinities only)
     got = collect(transport.exchange(2, requests, host, cfg.to_flat(), None), g, None, 2, fed.home,
+                  GraphCheck(fed.n_items, 0) if cfg.secure_graph else None,
                   rows=RowCheck(fed.n_items, cfg.lr * cfg.event_clip))
     assert not got.failed and len(got.done) == sum(map(len, by_node.values()))
     grid2, _, g2, _, _ = _setup(cfg, DroppingGrid)
     grid2.drop = {n for i, n in enumerate(sorted(by_node)) if i in drop}  # ``drop``: indices of nodes
     sec = secure_round(grid2, by_node, {k: v.numpy() for k, v in g2.items()},
-                       {**cfg.to_flat(), **RoundInstruction(2, (), fed.z_event, 0.0).to_flat()}, 2, timeout=60)
+                       {**cfg.to_flat(), **RoundInstruction(2, (), fed.z_event, 0.0).to_flat(),
+                        "graph-noise-std": GRAPH_STD}, 2, timeout=60)
     return got, sec, by_node, fed, grid2
 
 
@@ -149,6 +152,19 @@ def _dense_sum(got, devices, n_items: int, width: int):
     return table, counts
 
 
+GRAPH_STD = 1.7  #: the item graph's noise std a secure round is told (the server's ItemGraph.noise_std)
+
+
+def _graph_std(got, sec: SecureSum, n_items: int) -> float:
+    """The std of (unmasked graph counts - the devices' counts as sent in the clear)."""
+    true = np.zeros(n_items)
+    for d, p in zip(got.done, got.pairs, strict=True):
+        if d in set(sec.devices):
+            np.add.at(true, p.items, p.counts)
+    assert true.sum() > 0 and len(sec.graph) == 1  # no profiles in this version: counts only
+    return float(np.std(sec.graph[0] - true))
+
+
 def _noise_stds(got, sec: SecureSum, fed) -> tuple[float, float, float]:
     """The std of (unmasked sum - sum of the releases) over the table and over the counts; and the signal."""
     table, counts = _dense_sum(got, set(sec.devices), fed.n_items, sec.total["item.weight"].shape[1])
@@ -160,35 +176,37 @@ def test_noise_shares_of_all_devices_add_up_to_the_configured_noise():
     cfg = _aggregate_cfg(dropout_tolerance=0.0)  # m = every sampled device: the shares sum to exactly sigma^2
     got, sec, by_node, fed, grid = _plain_and_secure(cfg, per_node=2)
     assert sec.failures == [] and sorted(sec.devices) == sorted(got.done) and sec.required == 12
-    z = split(fed.z_event, cfg.counts_share)
+    z = split(fed.z_event, cfg.count_share)
     grad_std, count_std, signal = _noise_stds(got, sec, fed)
     assert signal > 0.1  # a real release was summed
     # 16000 table coordinates (std estimate within ~0.6%) and 2000 counts (~1.6%)
     assert grad_std == pytest.approx(z.grad * cfg.lr * cfg.event_clip, rel=0.03)
     assert count_std == pytest.approx(z.count, rel=0.06)
+    assert _graph_std(got, sec, fed.n_items) == pytest.approx(GRAPH_STD, rel=0.06)  # the item graph's counts
     # what the server received: key material and masked vectors, never a device's release or counts
     seen = [_arrays_received(m) for m in grid.seen if not m.has_error()]
     assert seen and not any(k.startswith(("delta-", "rows-")) for got in seen for k in got)
     assert all(n == 0 for got in seen for n in got.values())
     # taken in, it is one presummed delta over all rows, which the aggregator does not noise again
     out = Replies()
-    add_secure_sum(out, sec, {k: torch.as_tensor(v) for k, v in sec.total.items()}, cfg.clip, len(by_node))
-    assert out.presummed == 12 and len(out.deltas) == 1 and out.row_counts[0][1].shape == (fed.n_items,)
+    add_secure_sum(out, sec, {k: torch.as_tensor(v) for k, v in sec.total.items()}, cfg.clip, len(by_node),
+                   [(fed.n_items,)])
+    assert out.presummed == 12 and len(out.graph) == 1 and len(out.deltas) == 1 and out.row_counts[0][1].shape == (fed.n_items,)
     assert sorted(out.done) == sorted(sec.devices) and all("steps" in m for m in out.metrics)
 
 
 def test_dropouts_within_the_tolerance_still_release_with_the_full_noise():
     cfg = _aggregate_cfg(dropout_tolerance=0.34)  # 6 devices, one per node: m = ceil(0.66 x 6) = 4
-    assert share_plan(1.0, cfg.counts_share, cfg.dropout_tolerance, 6).required == 4
+    assert share_plan(1.0, cfg.count_share, cfg.dropout_tolerance, 6).required == 4
     assert node_threshold([1] * 6, 4, cfg.dropout_tolerance) == 4
     got, sec, by_node, fed, _ = _plain_and_secure(cfg, per_node=1, drop={1, 2})
     assert sec.total is not None and len(sec.devices) == 4  # exactly m survived
     assert not set(sec.devices) & {d for n in sorted(by_node)[1:3] for d in by_node[n]}
-    z = split(fed.z_event, cfg.counts_share)
+    z = split(fed.z_event, cfg.count_share)
     grad_std, count_std, _ = _noise_stds(got, sec, fed)
     sigma = z.grad * cfg.lr * cfg.event_clip
     assert sigma * 0.97 <= grad_std <= sigma * 1.03  # 4 shares of sigma^2 / 4: the full noise, no less
-    assert count_std >= z.count * 0.94
+    assert count_std >= z.count * 0.94 and _graph_std(got, sec, fed.n_items) >= GRAPH_STD * 0.94
 
 
 def test_dropouts_beyond_the_tolerance_release_nothing():
@@ -226,12 +244,14 @@ def test_a_secure_federation_with_event_noise_at_the_aggregate_accounts_every_de
     assert ev["trust"].startswith("SecAgg+ with distributed noise")
     records = [r for r in Ledger(tmp_path / "privacy_ledger.jsonl").records if r.kind == "aggregate-gaussian"]
     assert records and {r.round for r in records} == {1, 2}
-    # the item graph is the secure sums' noisy counts: no release (and no ledger record) of its own, most of the budget
-    assert cfg.graph_from_sum and cfg.counts_share == 0.9 and "secure sum's noisy positive-item counts" in ev["graph"]
-    assert not [r for r in Ledger(tmp_path / "privacy_ledger.jsonl").records if r.kind == "graph-gaussian"]
+    # the item graph's counts and affinities, summed masked with their shares: one graph record, its ε composed in
+    assert cfg.secure_graph and ev["graph_window"] == 0 and ev["graph_sensitivity"] == 2.0 and "SecAgg+" in ev["graph_noise"]
+    graphs = [r for r in Ledger(tmp_path / "privacy_ledger.jsonl").records if r.kind == "graph-gaussian"]
+    assert len(graphs) == 1 and graphs[0].noise_multiplier == ev["graph_noise_multiplier"] > 0
     graph = load_checkpoint(tmp_path / "checkpoint.npz")["graph"]
-    assert int(graph["releases"]) == 2 and len(graph["cand"]) > 0 and float(np.abs(graph["n"]).sum()) > 0
-    assert "graph.prior" in graph and float(graph["graph.prior"].max()) > 0  # published: the devices are served it
+    assert int(graph["releases"]) == 2 and float(np.abs(graph["n"]).sum()) > 0 and len(graph["pairs"]) == 0
+    assert graph["affinity"].shape == (400, cfg.world_topics) and float(np.abs(graph["affinity"]).sum()) > 0
+    assert "graph.profiles" in graph and float(graph["graph.prior"].max()) > 0  # published: the devices are served it
 
 
 @pytest.mark.parametrize("privacy", ["event", "user"])
@@ -251,6 +271,6 @@ def test_a_secure_deepfm_federation_releases_every_parameter(tmp_path, privacy):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["failed"] == 0 and r["applied"] > 0 for r in rows)
     final = load_checkpoint(tmp_path / "checkpoint.npz")["global"]
-    start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0, z_event=1.0).global_state
+    start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0).global_state
     for k in ("item.weight", "feat.weight", "mlp1.weight", "out.bias"):
         assert not np.allclose(final[k], start[k].numpy()), k

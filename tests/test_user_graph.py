@@ -256,31 +256,3 @@ def test_a_checkpoint_from_before_the_graph_resumes_only_without_it(tmp_path):
     with pytest.raises(ResumeError, match="user-graph-share = 0.0, not 0.1"):
         checkpoint_to_continue(_user_cfg(out=str(tmp_path)), init_state(_user_cfg(), V, z_user=2.0), path, ledger)
     assert checkpoint_to_continue(old, init_state(old, V, z_user=2.0), path, ledger) is not None
-
-
-@pytest.mark.parametrize(("saved", "secure", "resumes"), [(0.1, False, True), (0.0, False, True), (0.1, True, False),
-                                                          (0.9, True, True)])
-def test_a_checkpoint_saved_with_a_count_share_resumes_where_auto_resolves_to_it(tmp_path, saved, secure, resumes):
-    """``count-share`` became 0 = auto (0.1, or 0.9 with the SecAgg+ graph of counts): a checkpoint that wrote 0.1
-    before resumes where auto still gives 0.1, and is refused, naming the key, where auto now gives 0.9."""
-    import json as _json
-
-    from fedrec.federation.state import ResumeError, checkpoint_to_continue
-
-    cfg = RunConfig(world_users=40, world_items=V, privacy="event", event_noise="aggregate", local_steps=1,
-                    secure_aggregation=secure, noise_multiplier=1.0, out=str(tmp_path))
-    path = tmp_path / "checkpoint.npz"
-    init_state(cfg, V, z_event=1.0).save(path, cfg)
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    run = _json.loads(str(arrays["run"]))
-    assert run["config"]["count-share"] == cfg.counts_share  # saved resolved
-    run["config"]["count-share"] = saved  # as an earlier version wrote it
-    arrays["run"] = np.asarray(_json.dumps(run))
-    np.savez(path, **arrays)
-    ledger = Ledger(tmp_path / "privacy_ledger.jsonl")
-    if resumes:
-        assert checkpoint_to_continue(cfg, init_state(cfg, V, z_event=1.0), path, ledger) is not None
-    else:
-        with pytest.raises(ResumeError, match="count-share = 0.1, not 0.9"):
-            checkpoint_to_continue(cfg, init_state(cfg, V, z_event=1.0), path, ledger)

@@ -124,10 +124,10 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
     frozen = bool(cfg.freeze_after and r > cfg.freeze_after)  # the static baseline freezes its graph too
     if state.graph is not None and not frozen:  # sums: summed in as they come, buffered or not
         record_graph(fed, ledger, state, r)
-        if not cfg.graph_from_sum:
+        if not cfg.secure_graph:
             state.graph.add(got.pairs)
-        elif got.presummed:  # the secure sum's noisy counts, released with the model's update (none: none released)
-            state.graph.add_released(got.row_counts[0][1])
+        elif got.presummed:  # the unmasked sums carry their noise (shares); a refused sum released nothing
+            state.graph.add_released(got.graph[0], got.graph[1] if len(got.graph) > 1 else None)
     if state.buffer is None or deltas:  # a new version is published (async: only when the buffer is applied)
         state.version += 1
         if state.graph is not None and not frozen:

@@ -50,6 +50,8 @@ class SecureSum:
     #: event noise at the aggregate: devices the sum must hold for its shares to make up the full noise
     #: (0: user-level DP, the server adds the noise itself)
     required: int = 0
+    #: :attr:`fedrec.config.RunConfig.secure_graph`: the item graph's summed counts and affinities, shares included
+    graph: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Replies:
     pairs: list[Pairs] = field(default_factory=list)
     #: event noise at the aggregate: the checked ``(ids, counts)`` of each on-time update, as ``deltas``
     row_counts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    #: SecAgg+ with the item graph: its summed counts and affinities, noise shares included (checked for shape)
+    graph: list[np.ndarray] = field(default_factory=list)
 
     def map_deltas(self, fn: Callable[[dict], tuple[dict, int]]) -> list[int]:
         """Replace every delta, on-time and late, by ``fn(delta)[0]``; the list of ``fn(delta)[1]``."""
@@ -332,13 +336,15 @@ def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[n
     return (ids.astype(np.int64), counts.astype(np.float64)), ""
 
 
-def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], clip: float, nodes: int) -> None:
+def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], clip: float, nodes: int,
+                   graph: Sequence[tuple[int, ...]] = ()) -> None:
     """Take in a SecAgg+ round's sum: checked for shape and for the norm ``len(devices) x clip`` it can have.
 
-    Under event noise at the aggregate (``sec.required``) :func:`add_secure_rows` takes it in instead.
+    Under event noise at the aggregate (``sec.required``) :func:`add_secure_rows` takes it in instead (``graph``:
+    the shapes the item graph's sums must have).
     """
     if sec.required:
-        add_secure_rows(out, sec, gstate, nodes)
+        add_secure_rows(out, sec, gstate, nodes, graph)
         return
     out.failed += [("secure aggregation", f) for f in sec.failures]
     if sec.total is not None:
@@ -355,7 +361,8 @@ def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor]
     _take_secure_devices(out, sec)
 
 
-def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], nodes: int) -> None:
+def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], nodes: int,
+                    graph: Sequence[tuple[int, ...]] = ()) -> None:
     """Take in a SecAgg+ round's noisy sum under event noise at the aggregate (noise shares included).
 
     The table sum becomes one presummed delta ``(all rows, dense sum)`` and the counts one ``(all rows,
@@ -371,6 +378,10 @@ def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor
     problem = validate(sec.total, gstate)
     if problem is None and (sec.counts.shape != (n_items,) or not np.all(np.isfinite(sec.counts))):
         problem = f"the summed counts have shape {sec.counts.shape} (expected ({n_items},)) or non-finite values"
+    if problem is None and ([np.shape(g) for g in sec.graph] != list(graph) or
+                            not all(np.all(np.isfinite(g)) for g in sec.graph)):
+        problem = (f"the item graph's sums have shapes {[np.shape(g) for g in sec.graph]} (expected {list(graph)}) "
+                   "or non-finite values")
     if problem is None and len(sec.devices) < sec.required:
         problem = (f"the sum holds {len(sec.devices)} devices, fewer than the {sec.required} whose noise shares "
                    "make up the full noise; nothing is released")
@@ -380,8 +391,10 @@ def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor
     rows = np.arange(n_items, dtype=np.int64)
     out.deltas = [{k: (rows, v) if k in ITEM_TABLES else v for k, v in sec.total.items()}]
     out.row_counts = [(rows, np.asarray(sec.counts, np.float64))]
+    out.graph = list(sec.graph)
     out.presummed = len(sec.devices)
-    out.bytes_up = (sum(v.nbytes for v in sec.total.values()) + sec.counts.nbytes) * nodes
+    out.bytes_up = (sum(v.nbytes for v in sec.total.values()) + sec.counts.nbytes + sum(g.nbytes for g in sec.graph)) \
+        * nodes
     _take_secure_devices(out, sec)
 
 

@@ -22,6 +22,7 @@ import torch
 from .. import aggregation
 from ..config import RunConfig
 from ..data.features import ModelFeatures
+from ..itemgraph import PROFILES
 from ..messages import NodeInfo, RoundInstruction
 from ..models import reads_features
 from ..privacy.accounting import calibrate_noise, event_accountant, graph_records, user_parts
@@ -170,8 +171,7 @@ class _Run:
         rec.features = _features(cfg, stream, fed.n_items, rec)
         state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None,
                            ModelFeatures.of(rec.features, stream.round_at)
-                           if rec.features is not None and reads_features(cfg.model) else None, z_user=fed.z_user,
-                           z_event=fed.z_event)
+                           if rec.features is not None and reads_features(cfg.model) else None, z_user=fed.z_user)
         rec.start(population=len(fed.population), n_items=fed.n_items, noise_multiplier=fed.z_event or fed.z_user,
                   device=str(pick_device(cfg.device)))
         first, rebuild = _resume(fed, state, rec, ledger)
@@ -231,9 +231,10 @@ class _Run:
         graph = GraphCheck(self.fed.n_items, cfg.pair_window, on_time_only=cfg.user_graph) if cfg.graph_sent else None
         rows = row_check(cfg, self.fed.n_items)
         if cfg.secure_aggregation:
-            served, sec = self.transport.secure(r, requests, host, cfg.to_flat())
+            shapes, extra = self._secure_graph(host)
+            served, sec = self.transport.secure(r, requests, host, {**cfg.to_flat(), **extra})
             got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows, Limits.of(cfg))
-            add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node))
+            add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node), shapes)
             return got
         enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
         replies = self.transport.exchange(r, requests, host, cfg.to_flat(), enough)
@@ -241,6 +242,15 @@ class _Run:
         # on the order, and the same seed must give the same model on any engine
         return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
                        self.fed.home, graph, rows, Limits.of(cfg))
+
+    def _secure_graph(self, host: dict[str, np.ndarray]) -> tuple[list[tuple[int, ...]], dict]:
+        """Under :attr:`~fedrec.config.RunConfig.secure_graph`: the shapes of the item graph's sums in the masked
+        vector (its counts, and its affinities where the version has profiles to read them from) and the noise std
+        the devices' shares make up (sent with the round's config); else nothing."""
+        if not self.fed.cfg.secure_graph or self.state.graph is None:
+            return [], {}
+        shapes = [(self.fed.n_items,)] + ([tuple(host[PROFILES].shape)] if PROFILES in host else [])
+        return shapes, {"graph-noise-std": float(self.state.graph.noise_std)}
 
     def _record(self, r: int, got: Replies, extra: dict) -> dict:
         served = got.served if self.fed.cfg.serve_eval else None

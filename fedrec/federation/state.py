@@ -23,7 +23,6 @@ from ..itemgraph import MODEL_FEATURES, PROFILES, ItemGraph, sensitivity
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
 from ..models import model_from_config, reads_features
 from ..privacy.accounting import graph_multiplier, user_parts
-from ..privacy.aggregate import split
 from ..privacy.ledger import Ledger
 from ..server_aggregate import ITEM_TABLES, pick_device
 from ..server_lr import ServerLR
@@ -127,12 +126,11 @@ def mixed_seed(seed: int, secret: int) -> int:
 
 
 def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None,
-               model_features: ModelFeatures | None = None, *, z_user: float = 0.0, z_event: float = 0.0) -> ServerState:
+               model_features: ModelFeatures | None = None, *, z_user: float = 0.0) -> ServerState:
     """A new server: the model's initial global parameters on the aggregation device (``features``: the public
     item features, rows L2-normalised, that the item graph publishes and learns profiles for; ``model_features``:
     what a model that reads them gets with each version; ``z_user``: user-level DP's noise multiplier, of which
-    the item graph gets its part; ``z_event``: event-level DP's, whose counts' part a graph from the secure sum
-    holds)."""
+    the item graph gets its part)."""
     dev = pick_device(cfg.device)
     mfeat = model_features if reads_features(cfg.model) else None
     model = model_from_config(cfg, n_items, mfeat.at(1) if mfeat is not None else None)
@@ -140,32 +138,29 @@ def init_state(cfg: RunConfig, n_items: int, features: np.ndarray | None = None,
     optimizer = ServerOptimizer(cfg.server_opt)
     if cfg.row_average and cfg.privacy == "none":  # per-row averaging's tally: in every checkpoint from the start
         optimizer.rows = {k: torch.zeros(len(gstate[k]), dtype=torch.float64) for k in ITEM_TABLES if k in gstate}
+    graph = new_graph(cfg, n_items, features, z_user=z_user)
+    # under SecAgg+ the devices sum the affinities themselves, from the profiles of the table they were sent: the
+    # first round's too (the lists, as the server reads them where it sums the affinities itself)
+    table = graph.table() if graph is not None and cfg.secure_graph and features is not None else {}
     return ServerState(global_state={k: v.to(dev) for k, v in gstate.items()},
                        optimizer=optimizer,
                        lr=ServerLR(cfg.server_lr, adaptive=cfg.lr_schedule == "adaptive"),
                        buffer=Buffer(cfg.async_buffer, cfg.max_staleness) if cfg.async_buffer else None,
-                       graph=new_graph(cfg, n_items, features, z_user=z_user, z_event=z_event),
-                       model_features=mfeat)
+                       graph=graph, model_features=mfeat, graph_table=table)
 
 
 def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, *,
-              z_user: float = 0.0, z_event: float = 0.0) -> ItemGraph | None:
+              z_user: float = 0.0) -> ItemGraph | None:
     """The run's item graph (None: off). Under event noise at the aggregate its sums get Gaussian noise of std
     ``z_graph`` times their sensitivity (:func:`fedrec.itemgraph.sensitivity`: ``sqrt(3 W w^2 + 1)``, ``W`` the pair
     window, and 3 more under the root with non-negative ``features``), so the run's graph is one Gaussian mechanism of
     multiplier ``z_graph``, as accounted (:func:`fedrec.privacy.accounting.graph_records`). Under user-level DP
     each device's counts of a round are clipped to L2 norm 1 and the sums get noise of std ``z_graph``, the
     graph's part of the round's one Gaussian (:func:`fedrec.privacy.accounting.user_parts`). The noise is drawn
-    from the run's seed. From the secure sum (:attr:`~fedrec.config.RunConfig.graph_from_sum`) the graph is the
-    noisy row counts alone, whose noise std is at least the counts' part of ``z_event`` (at most
-    ``1 / (1 - dropout-tolerance)`` times its variance: the std the graph's tests assume, the conservative one)."""
+    from the run's seed. Under SecAgg+ (:attr:`~fedrec.config.RunConfig.secure_graph`) the same sums without pairs
+    come from the devices' masked vectors with the same noise, as their shares."""
     if not cfg.graph:
         return None
-    if cfg.graph_from_sum:
-        if not z_event > 0:
-            raise ValueError("The item graph from the secure sum needs the run's event-level noise multiplier (z_event).")
-        std = split(z_event, cfg.counts_share).count / np.sqrt(1 - cfg.dropout_tolerance)
-        return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, pairs=False)
     if cfg.user_graph:
         std, clip = user_parts(cfg, z_user)[1], 1.0
     else:
@@ -174,7 +169,7 @@ def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, 
     if cfg.graph_noised and not std > 0:
         raise ValueError("The noisy item graph needs a positive noise multiplier (graph-share, epsilon).")
     return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, features=features,
-                     clip=clip, pairs=not cfg.user_graph)
+                     clip=clip, pairs=not (cfg.user_graph or cfg.secure_graph))
 
 
 #: the outputs a finished run has written (a finished checkpoint without them rebuilds them)
@@ -195,8 +190,6 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
     was = ck["run"].get("config", {})
     if was.get("privacy") == "user" and "user-graph-share" not in was:  # from before user-level DP had its graph
         was = {**was, "user-graph-share": 0.0}
-    if "count-share" in was:  # compared resolved: a run saved before 0 meant auto holds its 0.1
-        was = {**was, "count-share": was["count-share"] or cfg.counts_share}
     key = resume_key(cfg)
     diff = [k for k, v in key.items() if k in was and was[k] != v]
     if ck["run"].get("finished", True):
@@ -218,6 +211,5 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
 
 
 def resume_key(cfg: RunConfig) -> dict:
-    """The config a checkpoint must match to be resumed (an automatic key as this run resolves it)."""
-    flat = {**cfg.to_flat(), "count-share": cfg.counts_share}
-    return {k: v for k, v in flat.items() if k not in NOT_RESUME_KEYS}
+    """The config a checkpoint must match to be resumed."""
+    return {k: v for k, v in cfg.to_flat().items() if k not in NOT_RESUME_KEYS}

@@ -150,7 +150,7 @@ def graph_records(cfg: RunConfig) -> tuple[Record, ...]:
     round's sums, the run's graph releases compose to one Gaussian mechanism of multiplier ``z_graph``:
     one record ``(z_graph, 1, 1)``, whatever the number of rounds.
     """
-    if not (cfg.graph_noised and cfg.aggregate_noise) or cfg.graph_from_sum:  # from the sum: no release of its own
+    if not (cfg.graph_noised and cfg.aggregate_noise):
         return ()
     return ((graph_multiplier(cfg), 1.0, 1),)
 
@@ -159,7 +159,7 @@ def graph_multiplier(cfg: RunConfig) -> float:
     """``z_graph`` of the event-level graph: calibrated so the graph alone spends ``graph-share`` of the event budget,
     else the given noise multiplier (0 when the graph is not noised at event level; user level:
     :func:`user_parts`)."""
-    if not (cfg.graph_noised and cfg.aggregate_noise) or cfg.graph_from_sum:
+    if not (cfg.graph_noised and cfg.aggregate_noise):
         return 0.0
     if cfg.epsilon > 0 and cfg.calibrate:
         return _graph_calibrated(cfg.graph_share * cfg.epsilon, cfg.delta, cfg.accountant)

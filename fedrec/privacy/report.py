@@ -21,7 +21,7 @@ def _f(x: float | None) -> float | None:
 def _aggregate_block(cfg: RunConfig, z_event: float, graph_features: np.ndarray | None) -> dict:
     """What differs in the event block when the noise is added once to the cohort's sum (``graph_features``: the
     item graph also releases item x feature affinities)."""
-    parts = split(z_event, cfg.counts_share)
+    parts = split(z_event, cfg.count_share)
     return {
         "noise": "aggregate-secagg" if cfg.secure_aggregation else "aggregate-server",
         "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
@@ -29,17 +29,17 @@ def _aggregate_block(cfg: RunConfig, z_event: float, graph_features: np.ndarray 
         **({"graph_noise_multiplier": graph_multiplier(cfg), "graph_window": cfg.pair_window,
             "graph_pair_weight": PAIR_WEIGHT,
             "graph_sensitivity": round(sensitivity(cfg.pair_window, graph_features), 6),
-            "graph": "the item graph's pair and item counts" + (
+            "graph": ("the item graph's item counts" if cfg.secure_graph else "the item graph's pair and item counts") + (
                 " and item x feature affinities (each event's item with the profile of the event before it, "
                 "from earlier releases)" if graph_features is not None else "") + ", noised on every round's sum; one event moves them "
                 "by at most graph_sensitivity (sqrt(3 x window x graph_pair_weight^2 + 1): the pairs' noise is the graph's over "
                 "graph_pair_weight; and with the affinities 3 more under the root, 5 "
                 "where a feature value is negative) over the whole run: one Gaussian of graph_noise_multiplier, "
                 "composed with the model's steps"}
-           if cfg.graph_noised and not cfg.graph_from_sum else {}),
-        **({"graph": "the item graph is the secure sum's noisy positive-item counts alone (no pairs, no affinities; "
-                     "devices send nothing for it): post-processing of the release above, no noise or ε of its own"}
-           if cfg.graph_from_sum else {}),
+           if cfg.graph_noised else {}),
+        **({"graph_noise": "SecAgg+ shares: the devices add the graph's noise to their counts and affinities (no "
+                           "pairs) in the masked vector, as they do the model's; the server sees only the noisy sums"}
+           if cfg.secure_graph else {}),
         "sampling": "Poisson sampling of each event in the device's one clipped step per round; the joint release "
                     "(gradient sum and positive-item counts, noised separately) is one subsampled Gaussian step of "
                     "noise_multiplier per exposure; device sampling is not counted as amplification",
@@ -131,7 +131,7 @@ def privacy_report(cfg: RunConfig, ledger: Ledger, *, z_event: float, z_user: fl
         if cfg.user_graph:
             out["user"].update(_user_graph_block(cfg, z_user, graph_features))
         if cfg.select_rows:
-            parts = split(user_parts(cfg, z_user)[0], cfg.counts_share)
+            parts = split(user_parts(cfg, z_user)[0], cfg.count_share)
             out["user"].update({
                 "noise_multiplier_gradient": parts.grad, "noise_multiplier_counts": parts.count,
                 "rows": "each device also sends an indicator of its positive items of L2 norm 1; noisy counts select "

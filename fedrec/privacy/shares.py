@@ -57,6 +57,8 @@ class SharePlan:
     devices: int  #: devices sampled in the round, over all nodes
     tolerance: float  #: share of them that may drop while the sum keeps its full noise
     noise: Split  #: noise multipliers of the sum: table (``grad``) and counts (``count``)
+    #: the item graph's noise std on the sum of its counts and affinities (raw units; 0: no graph in the vector)
+    graph: float = 0.0
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -80,18 +82,24 @@ class SharePlan:
         return self.noise.count / math.sqrt(self.required)
 
     @property
+    def graph_std(self) -> float:
+        """Std of one device's share on each of the item graph's counts and affinities."""
+        return self.graph / math.sqrt(self.required)
+
+    @property
     def clipping_range(self) -> float:
         """SecAgg+'s ``clipping_range``: the signal bound plus ``SIGMAS`` share stds."""
-        return SIGNAL_BOUND + SIGMAS * max(self.grad_std, self.count_std)
+        return SIGNAL_BOUND + SIGMAS * max(self.grad_std, self.count_std, self.graph_std)
 
     def resolution(self, max_weight: float) -> float:
         """One quantisation step on the unmasked sum, per node, in the units of the masked vector."""
         return max_weight * 2 * self.clipping_range / LEVELS
 
 
-def share_plan(z_event: float, count_share: float, tolerance: float, devices: int) -> SharePlan:
-    """The plan of a round of ``devices`` sampled devices (the same on the server and on every node)."""
-    return SharePlan(devices, tolerance, split(z_event, count_share))
+def share_plan(z_event: float, count_share: float, tolerance: float, devices: int, graph: float = 0.0) -> SharePlan:
+    """The plan of a round of ``devices`` sampled devices (the same on the server and on every node); ``graph``: the
+    item graph's noise std (0: none)."""
+    return SharePlan(devices, tolerance, split(z_event, count_share), graph)
 
 
 def node_threshold(device_counts: Sequence[int], required: int, tolerance: float) -> int:
@@ -114,7 +122,7 @@ def quantisation_problem(plan: SharePlan, nodes: int, max_weight: float) -> str:
     """Why SecAgg+'s integers cannot carry this round's noisy sum exactly enough, or ''."""
     if nodes * (LEVELS + 1) >= MODULUS:
         return f"{nodes} nodes overflow SecAgg+'s modulus 2^32 at 2^22 levels each (at most 1023)"
-    res, least = plan.resolution(max_weight), min(plan.noise.grad, plan.noise.count)
+    res, least = plan.resolution(max_weight), min(plan.noise.grad, plan.noise.count, plan.graph or math.inf)
     if res > MAX_RESOLUTION * least:
         return (f"the quantisation step {res:.3g} (a node speaks for up to {max_weight:g} devices) is not below "
                 f"{MAX_RESOLUTION:.0%} of the noise std {least:.3g}")
@@ -132,13 +140,16 @@ def share_generator(seed: int, secret: int = 0) -> torch.Generator:
 
 
 def device_vector(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
-                  sensitivity: float, plan: SharePlan, generator: torch.Generator) -> list[np.ndarray]:
+                  sensitivity: float, plan: SharePlan, generator: torch.Generator,
+                  graph: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
     """One device's contribution to the masked vector: its signal plus its noise share, float64.
 
     ``release`` maps global keys (``shapes``, in order) to a dense array or sparse ``(ids, rows)``; a key it
     lacks contributes zero signal. Returns one array per key (the release over ``sensitivity``, clamped to
     ``SIGNAL_BOUND``, plus ``N(0, plan.grad_std^2)``) and then the dense counts over the item table's rows
-    (clamped likewise, plus ``N(0, plan.count_std^2)``). Table noise is drawn first, key by key, then counts.
+    (clamped likewise, plus ``N(0, plan.count_std^2)``); then each of ``graph``, the device's item graph
+    contribution (:func:`fedrec.itemgraph.dense_contribution`), clamped likewise, plus ``N(0, plan.graph_std^2)``.
+    Table noise is drawn first, key by key, then counts, then the graph's.
     """
     out = []
     for k, shape in shapes.items():
@@ -155,4 +166,7 @@ def device_vector(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shape
     np.add.at(c, np.asarray(counts[0], np.int64), np.asarray(counts[1], np.float64))
     c = np.clip(c, -SIGNAL_BOUND, SIGNAL_BOUND)
     out.append(c + torch.randn(n_items, generator=generator, dtype=torch.float64).numpy() * plan.count_std)
+    for g in graph:  # the item graph's dense counts (and affinities): clamped likewise, plus N(0, plan.graph_std^2)
+        g = np.clip(np.asarray(g, np.float64), -SIGNAL_BOUND, SIGNAL_BOUND)
+        out.append(g + torch.randn(g.shape, generator=generator, dtype=torch.float64).numpy() * plan.graph_std)
     return out
