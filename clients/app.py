@@ -9,6 +9,7 @@ its counts only. A deployed SuperNode's device keeps its events and private stat
 
 from __future__ import annotations
 
+import math
 import secrets
 import traceback
 import warnings
@@ -27,7 +28,7 @@ from fedrec.config import RunConfig
 from fedrec.device_round import (
     device_reply,
 )
-from fedrec.itemgraph import PROFILES, Pairs, dense_contribution, device_pairs
+from fedrec.itemgraph import FEATURES, PROFILES, Pairs, dense_contribution, device_pairs, secure_noise_std
 from fedrec.messages import (
     CONFIG,
     INFO,
@@ -40,6 +41,7 @@ from fedrec.messages import (
     decode_train,
     encode_reply,
 )
+from fedrec.privacy.accounting import graph_multiplier
 from fedrec.privacy.shares import SHARE_STREAM, device_vector, share_generator, share_plan
 from fedrec.server_aggregate import ITEM_TABLES
 from fedrec.wire import decode_delta, wire_mode
@@ -135,16 +137,16 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     ins = RoundInstruction.from_flat(conf)
     conf["wire"] = "dense"  # the masked vector is dense whatever the wire setting
     arrays = dict(zip(sent, parameters_to_ndarrays(fitins.parameters), strict=True))
-    out = handle(arrays, conf, ins, context, serve=False)
     cfg = run_config(conf)
+    graph_std = _graph_std(cfg, arrays, conf)  # before the round: a refused round must not use up its events
+    out = handle(arrays, conf, ins, context, serve=False)
     if cfg.aggregate_noise and len(out.updates) < len(ins.devices):
         # a device that skipped or failed adds no noise share, yet its node would count towards the threshold
         # of nodes SecAgg+ unmasks with: the node drops out of this round instead
         raise RuntimeError(f"{len(ins.devices) - len(out.updates)} of this node's devices have no update this round; "
                            "the node leaves the secure round (its devices' noise shares would be missing)")
     if cfg.aggregate_noise:
-        vectors = _share_vectors(out, keys, arrays, cfg, ins, int(conf["share-devices"]), context,
-                                 float(conf.get("graph-noise-std", 0.0)))
+        vectors = _share_vectors(out, keys, arrays, cfg, ins, int(conf["share-devices"]), context, graph_std)
     else:
         vectors = [[decode_delta(u.arrays)[k] for k in keys] for u in out.updates]
         vectors = vectors or [[np.zeros_like(arrays[k], dtype=np.float32) for k in keys]]
@@ -159,6 +161,20 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     return compat.fitres_to_recorddict(res, keep_input=True)
 
 
+def _graph_std(cfg: RunConfig, arrays: dict[str, np.ndarray], conf: dict) -> float:
+    """Under :attr:`~fedrec.config.RunConfig.secure_graph`: the item graph's noise std, as this device computes it
+    from the run's settings and the version's features (:func:`fedrec.itemgraph.secure_noise_std`); the round must
+    name the same, or the node leaves it (its graph's sums would carry less noise than the ledger says). Else 0."""
+    if not cfg.secure_graph:
+        return 0.0
+    own = secure_noise_std(graph_multiplier(cfg), arrays.get(FEATURES))
+    sent = float(conf.get("graph-noise-std", 0.0))
+    if not math.isclose(sent, own, rel_tol=1e-6):
+        raise RuntimeError(f"the secure round names the item graph's noise std {sent:g}, not the {own:g} this run's "
+                           "settings give; the node leaves the round")
+    return own
+
+
 def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray], cfg: RunConfig,
                    ins: RoundInstruction, devices: int, context: Context, graph_std: float) -> list[list[np.ndarray]]:
     """Each trained device's release and counts plus its noise share (:func:`fedrec.privacy.shares.device_vector`),
@@ -169,11 +185,10 @@ def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray
     ``SHARE_STREAM``); a deployed device (a node with a store) mixes in fresh OS entropy, since the server
     knows the run's seed and could otherwise draw the same shares and subtract them.
     """
-    if cfg.secure_graph and not graph_std > 0:  # the graph's sums would travel without their noise
-        raise RuntimeError("the secure round names no noise std for the item graph; the node leaves the round")
     plan = share_plan(ins.noise_multiplier, cfg.count_share, cfg.dropout_tolerance, devices, graph_std)
     shapes = {k: tuple(arrays[k].shape) for k in keys}
     n_items = shapes[ITEM_TABLES[0]][0]
+    nonnegative = FEATURES in arrays and bool((arrays[FEATURES] >= 0).all())
     secret = secrets.randbits(128) if store_path(context) else 0
     vectors = []
     for u in out.updates:
@@ -181,7 +196,8 @@ def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray
         gen = share_generator(device_seed(cfg.seed, u.device, ins.round, SHARE_STREAM), secret)
         mine = Pairs.from_arrays(u.pairs, n_items, events=u.report.n_new, window=0) if u.pairs is not None else \
             device_pairs(np.zeros(0), np.zeros(0, bool), 0)
-        graph = dense_contribution(mine, n_items, arrays.get(PROFILES)) if cfg.secure_graph else []
+        graph = dense_contribution(mine, n_items, arrays.get(PROFILES), nonnegative=nonnegative) \
+            if cfg.secure_graph else []
         vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen,
                                      graph))
     idle = [np.zeros(n_items)] + ([np.zeros(arrays[PROFILES].shape)] if PROFILES in arrays else [])

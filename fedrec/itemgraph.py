@@ -549,6 +549,12 @@ class ItemGraph:
         self.window = self._choose_window()
 
 
+def secure_noise_std(z_graph: float, features: np.ndarray | None) -> float:
+    """The noise std of the item graph's sums under SecAgg+ (counts and affinities, no pairs): ``z_graph`` times
+    their :func:`sensitivity`; what the server's graph holds and each device checks the round's std against."""
+    return z_graph * sensitivity(0, features)
+
+
 def sensitivity(window: int, features: np.ndarray | None) -> float:
     """How far one event's add/remove moves the graph's released sums over the whole run, in L2: ``sqrt(3 W w^2 + 1)``
     for the pairs (weighted ``w = PAIR_WEIGHT``: their noise is ``noise_std / w``) and counts (module docstring), and with ``features`` more under the root for the affinities (each
@@ -559,15 +565,17 @@ def sensitivity(window: int, features: np.ndarray | None) -> float:
     return float(np.sqrt(3 * window * PAIR_WEIGHT**2 + 1 + extra))
 
 
-def dense_contribution(p: Pairs, n_items: int, profiles: np.ndarray | None) -> list[np.ndarray]:
+def dense_contribution(p: Pairs, n_items: int, profiles: np.ndarray | None, *,
+                       nonnegative: bool) -> list[np.ndarray]:
     """One device's item graph contribution as :meth:`ItemGraph.add` sums it, dense (SecAgg+ sums it masked): its
     new events' item counts and, where the version it was sent has ``profiles``, each new event's item row gaining
-    the profile of the item before it (rows scaled to norm at most 1: the bound the graph's sensitivity assumes,
-    which float16 rounding could pass)."""
+    the profile of the item before it (rows scaled to norm at most 1, and with ``nonnegative`` features clamped at
+    0: the bounds the graph's :func:`sensitivity` assumes, which float16 rounding or a faulty server could pass)."""
     counts = np.bincount(np.asarray(p.items, np.int64), np.asarray(p.counts, np.float64), minlength=n_items)
     if profiles is None:
         return [counts]
     G = np.asarray(profiles, np.float64)
+    G = np.maximum(G, 0.0) if nonnegative else G
     G = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1.0)
     aff = np.zeros(G.shape)
     np.add.at(aff, np.asarray(p.follow, np.int64), G[np.asarray(p.before, np.int64)])

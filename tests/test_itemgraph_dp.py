@@ -256,3 +256,22 @@ def test_sums_released_elsewhere_are_summed_in_as_they_are():
     plain = ItemGraph(V, noise_std=2.0, pairs=False)  # no features: counts alone
     plain.add_released(c1, None)
     assert plain.A is None and plain.releases == 1
+
+
+def test_a_device_s_dense_contribution_is_what_the_graph_sums_of_its_pairs():
+    """Under SecAgg+ each device sums its own counts and affinities (:func:`dense_contribution`): the same as the
+    server's :meth:`ItemGraph.add` of its pairs, from the same profiles; a profile beyond the bounds is cut to them."""
+    from fedrec.itemgraph import dense_contribution
+
+    V, F, rng = 25, 3, np.random.default_rng(4)
+    feats = np.abs(rng.normal(size=(V, F)))
+    g = ItemGraph(V, features=feats / np.linalg.norm(feats, axis=1, keepdims=True))
+    G = g.profiles()
+    devices = [device_pairs(rng.integers(0, V, 12), rng.random(12) < 0.6, 0) for _ in range(5)]
+    g.add(devices)
+    parts = [dense_contribution(p, V, G, nonnegative=True) for p in devices]
+    np.testing.assert_allclose(sum(c for c, _ in parts), g.n, atol=1e-12)
+    np.testing.assert_allclose(sum(a for _, a in parts), g.A, atol=1e-6)
+    wild = dense_contribution(devices[0], V, -3 * G, nonnegative=True)[1]  # a faulty table: negative, too long
+    assert wild.min() >= 0 and dense_contribution(devices[0], V, 3 * G, nonnegative=True)[1] == pytest.approx(parts[0][1], abs=1e-6)
+    assert len(dense_contribution(devices[0], V, None, nonnegative=True)) == 1  # no profiles yet: counts alone

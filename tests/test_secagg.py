@@ -20,8 +20,10 @@ from fedrec.clients.records import PACKED, from_records
 from fedrec.config import ConfigError, RunConfig
 from fedrec.federation.replies import GraphCheck, Replies, RowCheck, SecureSum, add_secure_sum, collect
 from fedrec.federation.run import discover, event_noise
+from fedrec.itemgraph import secure_noise_std
 from fedrec.messages import RoundInstruction, record_type
 from fedrec.models import build_model
+from fedrec.privacy.accounting import graph_multiplier
 from fedrec.privacy.aggregate import split
 from fedrec.privacy.ledger import Ledger
 from fedrec.privacy.shares import node_threshold, share_plan
@@ -138,7 +140,7 @@ def _plain_and_secure(cfg: RunConfig, per_node: int, drop: set[int] = frozenset(
     grid2.drop = {n for i, n in enumerate(sorted(by_node)) if i in drop}  # ``drop``: indices of nodes
     sec = secure_round(grid2, by_node, {k: v.numpy() for k, v in g2.items()},
                        {**cfg.to_flat(), **RoundInstruction(2, (), fed.z_event, 0.0).to_flat(),
-                        "graph-noise-std": GRAPH_STD}, 2, timeout=60)
+                        "graph-noise-std": _graph_noise(cfg)}, 2, timeout=60)
     return got, sec, by_node, fed, grid2
 
 
@@ -152,7 +154,9 @@ def _dense_sum(got, devices, n_items: int, width: int):
     return table, counts
 
 
-GRAPH_STD = 1.7  #: the item graph's noise std a secure round is told (the server's ItemGraph.noise_std)
+def _graph_noise(cfg: RunConfig) -> float:
+    """The item graph's noise std a secure round is told (this version carries no features: sensitivity 1)."""
+    return secure_noise_std(graph_multiplier(cfg), None)
 
 
 def _graph_std(got, sec: SecureSum, n_items: int) -> float:
@@ -182,7 +186,7 @@ def test_noise_shares_of_all_devices_add_up_to_the_configured_noise():
     # 16000 table coordinates (std estimate within ~0.6%) and 2000 counts (~1.6%)
     assert grad_std == pytest.approx(z.grad * cfg.lr * cfg.event_clip, rel=0.03)
     assert count_std == pytest.approx(z.count, rel=0.06)
-    assert _graph_std(got, sec, fed.n_items) == pytest.approx(GRAPH_STD, rel=0.06)  # the item graph's counts
+    assert _graph_std(got, sec, fed.n_items) == pytest.approx(_graph_noise(cfg), rel=0.06)  # the item graph's counts
     # what the server received: key material and masked vectors, never a device's release or counts
     seen = [_arrays_received(m) for m in grid.seen if not m.has_error()]
     assert seen and not any(k.startswith(("delta-", "rows-")) for got in seen for k in got)
@@ -206,7 +210,7 @@ def test_dropouts_within_the_tolerance_still_release_with_the_full_noise():
     grad_std, count_std, _ = _noise_stds(got, sec, fed)
     sigma = z.grad * cfg.lr * cfg.event_clip
     assert sigma * 0.97 <= grad_std <= sigma * 1.03  # 4 shares of sigma^2 / 4: the full noise, no less
-    assert count_std >= z.count * 0.94 and _graph_std(got, sec, fed.n_items) >= GRAPH_STD * 0.94
+    assert count_std >= z.count * 0.94 and _graph_std(got, sec, fed.n_items) >= _graph_noise(cfg) * 0.94
 
 
 def test_dropouts_beyond_the_tolerance_release_nothing():
@@ -274,3 +278,55 @@ def test_a_secure_deepfm_federation_releases_every_parameter(tmp_path, privacy):
     start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0).global_state
     for k in ("item.weight", "feat.weight", "mlp1.weight", "out.bias"):
         assert not np.allclose(final[k], start[k].numpy()), k
+
+
+def test_a_round_naming_another_graph_noise_std_is_left_by_every_node():
+    """Each device computes the item graph's noise std from the run's settings; a round that names less (a faulty
+    or lying server) would have the graph's sums travel with less noise than the ledger says: the nodes leave it."""
+    cfg = _aggregate_cfg(dropout_tolerance=0.0)
+    grid, _, g, by_node, fed = _setup(cfg)
+    sec = secure_round(grid, by_node, {k: v.numpy() for k, v in g.items()},
+                       {**cfg.to_flat(), **RoundInstruction(2, (), fed.z_event, 0.0).to_flat(),
+                        "graph-noise-std": 0.5 * _graph_noise(cfg)}, 2, timeout=60)
+    assert sec.total is None and sec.graph == []
+    replies = [m for m in grid.seen if m.has_error()]
+    assert replies and all("noise std" in m.error.reason for m in replies)
+
+
+class FirstRoundDrops(RecordingGrid):
+    """Every node fails round 1's collect stage: the first secure sum is never unmasked."""
+
+    def _deliver(self, msg: Message) -> Message:
+        if "fitins.parameters" in msg.content and int(msg.content["fitins.config"]["round"]) == 1:
+            return Message(Error(code=503, reason="node dropped out"), reply_to=msg)
+        return super()._deliver(msg)
+
+
+def test_a_graph_whose_first_secure_sum_is_refused_is_accounted_once(tmp_path):
+    """The graph's one ledger record is written before its first release: a refused round releases nothing, so it
+    adds no record (each would count as another Gaussian of the graph's in the ε)."""
+    cfg = _aggregate_cfg(world_items=400, nodes=3, rounds=3, cohort=12, out=str(tmp_path), progress=False,
+                         engine="local", wire="auto")
+    run_federation(FirstRoundDrops(client_app, cfg.nodes, cfg.to_flat()), cfg)
+    led = Ledger(tmp_path / "privacy_ledger.jsonl").records
+    assert [x.kind for x in led].count("graph-gaussian") == 1
+    assert {x.round for x in led if x.kind == "aggregate-gaussian"} == {2, 3}
+    graph = load_checkpoint(tmp_path / "checkpoint.npz")["graph"]
+    assert int(graph["releases"]) == 2
+
+
+def test_a_checkpoint_of_a_secure_run_without_the_graph_is_not_continued_with_it(tmp_path):
+    """SecAgg+ event noise at the aggregate had no item graph before: its budget was spent without the graph's
+    share, so a checkpoint of it is not continued by a version that runs the graph there."""
+    from fedrec.federation.state import ResumeError, checkpoint_to_continue, init_state
+
+    cfg = _aggregate_cfg(world_items=50, out=str(tmp_path))
+    path = tmp_path / "checkpoint.npz"
+    state = init_state(cfg, 50)
+    state.round = 2
+    state.save(path, cfg)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if not k.startswith("graph:")}  # as an earlier version wrote it
+    np.savez(path, **arrays)
+    with pytest.raises(ResumeError, match="without the item graph"):
+        checkpoint_to_continue(cfg, init_state(cfg, 50), path, Ledger(tmp_path / "privacy_ledger.jsonl"))

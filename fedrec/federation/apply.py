@@ -122,12 +122,13 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
                                 counts=counts)
     check_finite(state, r)
     frozen = bool(cfg.freeze_after and r > cfg.freeze_after)  # the static baseline freezes its graph too
-    if state.graph is not None and not frozen:  # sums: summed in as they come, buffered or not
+    # sums: summed in as they come, buffered or not; a refused secure sum released nothing (nor its graph's)
+    if state.graph is not None and not frozen and (not cfg.secure_graph or got.presummed):
         record_graph(fed, ledger, state, r)
-        if not cfg.secure_graph:
-            state.graph.add(got.pairs)
-        elif got.presummed:  # the unmasked sums carry their noise (shares); a refused sum released nothing
+        if cfg.secure_graph:  # the unmasked sums carry their noise (the devices' shares)
             state.graph.add_released(got.graph[0], got.graph[1] if len(got.graph) > 1 else None)
+        else:
+            state.graph.add(got.pairs)
     if state.buffer is None or deltas:  # a new version is published (async: only when the buffer is applied)
         state.version += 1
         if state.graph is not None and not frozen:

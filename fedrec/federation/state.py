@@ -19,7 +19,7 @@ from ..asynchrony import Buffer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..data.features import ModelFeatures
-from ..itemgraph import MODEL_FEATURES, PROFILES, ItemGraph, sensitivity
+from ..itemgraph import MODEL_FEATURES, PROFILES, ItemGraph, secure_noise_std, sensitivity
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
 from ..models import model_from_config, reads_features
 from ..privacy.accounting import graph_multiplier, user_parts
@@ -165,6 +165,7 @@ def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, 
         std, clip = user_parts(cfg, z_user)[1], 1.0
     else:
         std = graph_multiplier(cfg) * sensitivity(cfg.pair_window, features) if cfg.graph_noised else 0.0
+        std = secure_noise_std(graph_multiplier(cfg), features) if cfg.secure_graph else std  # as its devices check
         clip = 0.0
     if cfg.graph_noised and not std > 0:
         raise ValueError("The noisy item graph needs a positive noise multiplier (graph-share, epsilon).")
@@ -195,6 +196,9 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
     if ck["run"].get("finished", True):
         if diff or all((path.parent / name).is_file() for name in OUTPUTS):
             return None
+    elif cfg.graph and ck["round"] >= 1 and not ck.get("graph"):  # e.g. SecAgg+ event noise before it had a graph
+        raise ResumeError(f"The checkpoint {path} belongs to a run without the item graph, which this version runs "
+                          "there (its budget was spent without the graph's share); use another --out.")
     elif diff:
         k = diff[0]
         raise ResumeError(f"The checkpoint {path} belongs to a run with {k} = {was[k]!r}, not {key[k]!r}; "
