@@ -28,12 +28,21 @@ from fedrec.config import RunConfig
 from fedrec.device_round import (
     device_reply,
 )
-from fedrec.itemgraph import FEATURES, PROFILES, Pairs, dense_contribution, device_pairs, secure_noise_std
+from fedrec.itemgraph import (
+    FEATURES,
+    PROFILES,
+    Pairs,
+    clip_scale,
+    dense_contribution,
+    device_pairs,
+    secure_noise_std,
+)
 from fedrec.messages import (
     CONFIG,
     INFO,
     SECURE_METRICS,
     DeviceFailure,
+    DeviceUpdate,
     NodeInfo,
     NodeReply,
     RoundInstruction,
@@ -148,8 +157,7 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     if cfg.aggregate_noise:
         vectors = _share_vectors(out, keys, arrays, cfg, ins, int(conf["share-devices"]), context, graph_std)
     else:
-        vectors = [[decode_delta(u.arrays)[k] for k in keys] for u in out.updates]
-        vectors = vectors or [[np.zeros_like(arrays[k], dtype=np.float32) for k in keys]]
+        vectors = _clipped_vectors(out, keys, arrays, cfg)
     metrics: dict = {"devices": ",".join(str(u.device) for u in out.updates)}
     for u in out.updates:
         m = u.report.to_flat()
@@ -165,7 +173,7 @@ def _graph_std(cfg: RunConfig, arrays: dict[str, np.ndarray], conf: dict) -> flo
     """Under :attr:`~fedrec.config.RunConfig.secure_graph`: the item graph's noise std, as this device computes it
     from the run's settings and the version's features (:func:`fedrec.itemgraph.secure_noise_std`); the round must
     name the same, or the node leaves it (its graph's sums would carry less noise than the ledger says). Else 0."""
-    if not cfg.secure_graph:
+    if not (cfg.secure_graph and cfg.aggregate_noise):  # user level: the server noises the graph's sum itself
         return 0.0
     own = secure_noise_std(graph_multiplier(cfg), arrays.get(FEATURES))
     sent = float(conf.get("graph-noise-std", 0.0))
@@ -188,20 +196,45 @@ def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray
     plan = share_plan(ins.noise_multiplier, cfg.count_share, cfg.dropout_tolerance, devices, graph_std)
     shapes = {k: tuple(arrays[k].shape) for k in keys}
     n_items = shapes[ITEM_TABLES[0]][0]
-    nonnegative = FEATURES in arrays and bool((arrays[FEATURES] >= 0).all())
     secret = secrets.randbits(128) if store_path(context) else 0
     vectors = []
     for u in out.updates:
         counts = (u.rows or {}).get("ids", np.zeros(0, np.int64)), (u.rows or {}).get("counts", np.zeros(0))
         gen = share_generator(device_seed(cfg.seed, u.device, ins.round, SHARE_STREAM), secret)
-        mine = Pairs.from_arrays(u.pairs, n_items, events=u.report.n_new, window=0) if u.pairs is not None else \
-            device_pairs(np.zeros(0), np.zeros(0, bool), 0)
-        graph = dense_contribution(mine, n_items, arrays.get(PROFILES), nonnegative=nonnegative) \
-            if cfg.secure_graph else []
         vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen,
-                                     graph))
-    idle = [np.zeros(n_items)] + ([np.zeros(arrays[PROFILES].shape)] if PROFILES in arrays else [])
-    return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)] + (idle if cfg.secure_graph else [])]
+                                     _graph_parts(u, arrays, cfg)))
+    return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)] + _idle_graph(arrays, cfg)]
+
+
+def _clipped_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray], cfg: RunConfig
+                     ) -> list[list[np.ndarray]]:
+    """User level: each device's clipped delta and, under :attr:`~fedrec.config.RunConfig.secure_graph`, its graph
+    parts scaled together to L2 norm at most 1 and sent in the delta's range (times ``clip``; the server divides
+    back and noises the sum, as it noises the deltas')."""
+    vectors = [[decode_delta(u.arrays)[k] for k in keys] +
+               [p * (clip_scale(g, 1.0) * cfg.clip) for g in [_graph_parts(u, arrays, cfg)] for p in g]
+               for u in out.updates]
+    return vectors or [[np.zeros_like(arrays[k], dtype=np.float32) for k in keys] + _idle_graph(arrays, cfg)]
+
+
+def _graph_parts(u: DeviceUpdate, arrays: dict[str, np.ndarray], cfg: RunConfig) -> list[np.ndarray]:
+    """Under :attr:`~fedrec.config.RunConfig.secure_graph`, a device's item graph contribution, dense
+    (:func:`fedrec.itemgraph.dense_contribution`, from the profiles of the version it was sent); else none."""
+    if not cfg.secure_graph:
+        return []
+    n_items = arrays[ITEM_TABLES[0]].shape[0]
+    mine = Pairs.from_arrays(u.pairs, n_items, events=u.report.n_new, window=0) if u.pairs is not None else \
+        device_pairs(np.zeros(0), np.zeros(0, bool), 0)
+    nonnegative = FEATURES in arrays and bool((arrays[FEATURES] >= 0).all())
+    return dense_contribution(mine, n_items, arrays.get(PROFILES), nonnegative=nonnegative)
+
+
+def _idle_graph(arrays: dict[str, np.ndarray], cfg: RunConfig) -> list[np.ndarray]:
+    """The graph parts of a node without a device update: zeros of the layout the server expects."""
+    if not cfg.secure_graph:
+        return []
+    n_items = arrays[ITEM_TABLES[0]].shape[0]
+    return [np.zeros(n_items)] + ([np.zeros(arrays[PROFILES].shape)] if PROFILES in arrays else [])
 
 
 def _train_store(global_state: dict[str, np.ndarray], ins: RoundInstruction, context: Context, cfg: RunConfig, *,

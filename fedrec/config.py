@@ -189,10 +189,9 @@ class RunConfig:
     negatives: int = key(1, "sampled negative items per positive event", ge=1, le=10**6)
     session_len: int = key(10, "on-device scoring reads the device's this many newest events before each event", ge=1, le=10**6)
     item_graph: str = key("auto", "federated item co-occurrence for on-device session scoring (item pairs, or under "
-                          "user-level DP item counts only, are sent in clear to the server: auto = on without DP, and "
-                          "noised by the server under event noise at the aggregate or user-level DP without "
-                          "secure-aggregation; under secure-aggregation with event noise at the aggregate, item counts "
-                          "and affinities summed under SecAgg+; else off)", choices=ITEM_GRAPH_MODES)
+                          "user-level DP item counts only, are sent in clear to the server; with secure-aggregation "
+                          "item counts and affinities are summed masked: auto = on without DP, and noised under event "
+                          "noise at the aggregate or user-level DP; else off)", choices=ITEM_GRAPH_MODES)
     graph_window: int = key(50, "item graph: each new event pairs with this many of the device's events before it",
                             ge=1, le=10**6)
     private_graph_window: int = key(1, "item graph under DP: the window (at event level one event's "
@@ -340,10 +339,8 @@ class RunConfig:
         need(is_ray_address(self.ray_address), "ray-address",
              "must be empty (a local Ray), auto, or host:port of a Ray head")
         need(not (self.item_graph == "on" and self.privacy != "none" and not self._private_graph), "item-graph",
-             "must be auto or off under DP, except under event noise at the aggregate with graph-share > 0 (with "
-             "secure-aggregation: counts and affinities summed under SecAgg+) or user-level DP with "
-             "user-graph-share > 0 without secure-aggregation (where devices send item pairs or counts in clear, only "
-             "there does the server noise their sum)")
+             "must be auto or off under DP, except under event noise at the aggregate with graph-share > 0 or "
+             "user-level DP with user-graph-share > 0 (only there are the graph's sums noised)")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
         if not self.data:
@@ -384,17 +381,16 @@ class RunConfig:
 
     @property
     def _private_graph(self) -> bool:
-        """A DP item graph is possible: a trusted server (no secure-aggregation: the pairs are sent in clear) and
-        budget for the graph, under event noise at the aggregate or user-level DP."""
-        if self.secure_aggregation:
-            return self.aggregate_noise and self.graph_share > 0  # summed under SecAgg+ (:attr:`secure_graph`)
+        """A DP item graph is possible: budget for the graph, under event noise at the aggregate or user-level DP
+        (with secure-aggregation, summed masked: :attr:`secure_graph`)."""
         return (self.aggregate_noise and self.graph_share > 0) or (self.privacy == "user" and self.user_graph_share > 0)
 
     @property
     def secure_graph(self) -> bool:
-        """The item graph's counts and item x feature affinities (no pairs) are summed under SecAgg+ with the
-        devices' noise shares, beside the model's release (event noise at the aggregate): nothing sent in clear."""
-        return self.graph and self.secure_aggregation and self.aggregate_noise
+        """The item graph's counts and item x feature affinities (no pairs) are summed under SecAgg+ beside the
+        model's release, nothing sent in clear: with the devices' noise shares (event noise at the aggregate), or
+        each device's part clipped and the server noising the unmasked sum (user-level DP)."""
+        return self.graph and self.secure_aggregation
 
     @property
     def graph_sent(self) -> bool:

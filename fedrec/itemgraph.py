@@ -338,6 +338,19 @@ class ItemGraph:
         self._release(none, none, np.zeros(0), counts, None if aff is None else np.asarray(aff, np.float64),
                       drawn=True)
 
+    def add_clipped_sums(self, counts: np.ndarray, aff: np.ndarray | None) -> None:
+        """One round of user-level contributions already clipped and summed (SecAgg+: the unmasked sum of each device's
+        :func:`dense_contribution` scaled by :func:`clip_scale`), released with this graph's noise as :meth:`add`
+        releases a round (``aff`` as :meth:`add_released` takes it)."""
+        if not (self.noised and self.clip) or self.pairs:
+            raise ValueError("Only a clipped, noised graph without pairs takes clipped sums.")
+        counts = np.asarray(counts, np.float64)
+        want = None if self.features is None else self.features.shape
+        if counts.shape != (self.n_items,) or (None if aff is None else np.shape(aff)) != want:
+            raise ValueError(f"Clipped sums should be {self.n_items} counts and affinities of shape {want}.")
+        none = np.zeros(0, np.int64)
+        self._release(none, none, np.zeros(0), counts, None if aff is None else np.asarray(aff, np.float64))
+
     def _release(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, now: np.ndarray, aff: np.ndarray | None, *,
                  drawn: bool = False) -> None:
         """Sum one round in: pairs ``(a, b, w)``, item counts ``now`` and affinities ``aff`` (None: no features);
@@ -547,6 +560,13 @@ class ItemGraph:
                 self.P[np.triu_indices(K, 1)] = d["pairs"]
                 self.P += self.P.T
         self.window = self._choose_window()
+
+
+def clip_scale(parts: Sequence[np.ndarray], clip: float) -> float:
+    """A device's factor under user-level DP: ``min(1, clip / norm)``, ``norm`` the L2 norm of its graph parts
+    (:func:`dense_contribution`) together, as :meth:`ItemGraph.scales` computes it from the pairs."""
+    sq = float(sum(np.sum(np.square(p, dtype=np.float64)) for p in parts))
+    return min(1.0, clip / np.sqrt(sq)) if sq > 0 else 1.0
 
 
 def secure_noise_std(z_graph: float, features: np.ndarray | None) -> float:

@@ -134,12 +134,23 @@ def secure_round(grid: Grid, by_node: dict[int, list[int]], global_state: dict[s
     reports = _device_reports(strategy.results, by_node, failures)
     weight = sum(int(res.num_examples) for _, res in strategy.results)
     # the workflow returns the weighted mean with weights = devices per node: times the total = the sum
-    if plan is None:
-        return SecureSum({k: a.astype(np.float32) * weight for k, a in zip(keys, strategy.aggregate, strict=True)},
-                         list(reports), reports, failures)
-    arrays = [a.astype(np.float64) * weight for a in strategy.aggregate]
     graph = (1 + (PROFILES in global_state)) if _run_config(config).secure_graph else 0
+    if plan is None:
+        return _clipped_sum(strategy.aggregate, weight, keys, graph, float(config["clip"]), reports, failures, round_)
+    arrays = [a.astype(np.float64) * weight for a in strategy.aggregate]
     return _noisy_sum(arrays, keys, strategy.results, reports, failures, plan, _sensitivity(config), round_, graph)
+
+
+def _clipped_sum(aggregate: list[np.ndarray], weight: int, keys: list[str], graph: int, clip: float,
+                 reports: dict[int, UpdateReport], failures: list[str], round_: int) -> SecureSum:
+    """User level: the unmasked sum of the clipped deltas, and the last ``graph`` arrays, the item graph's clipped
+    counts and affinities (sent in the delta's range, ``clip`` times their graph units: back in those units)."""
+    if len(aggregate) != len(keys) + graph:
+        return SecureSum(None, [], {}, failures + [f"round {round_}: the unmasked sum has {len(aggregate)} arrays, "
+                                                   f"expected {len(keys) + graph}; no update this round"])
+    total = {k: a.astype(np.float32) * weight for k, a in zip(keys, aggregate, strict=False)}
+    return SecureSum(total, list(reports), reports, failures,
+                     graph=[a.astype(np.float64) * weight / clip for a in aggregate[len(keys):]])
 
 
 @dataclass(frozen=True)

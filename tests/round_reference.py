@@ -50,6 +50,10 @@ a graph (aggregate, async, attack, fedadam, freeze, none, robust, row-average, u
 baseline column moved (both, deepfm-aggregate, event, median, slow-sync, user, user-budget) were written again after
 checking that every final model is equal and that only the new field, the per-event HR and NDCG fields and blends
 that read the prior, and the item-kNN baseline's figures differ; neumf, sasrec, secagg and user-stop pass unchanged.
+User-level DP under SecAgg+ then gained the item graph (its clipped counts and affinities summed masked beside the
+deltas, the server noising the sum; ``user-graph-share`` of the one Gaussian goes to it, so the model's noise grows):
+``secagg`` alone was written again (its model and every serving figure moved; it gained ``prior_rounds``); every other
+case passes unchanged.
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ def test_deploy_local_with_tls_and_secure_aggregation_runs_its_rounds_and_leaves
     assert s["privacy"]["user"]["releases"] == 2 and s["privacy"]["user"]["epsilon"] > 0
     assert s["privacy"]["user"]["trust"].startswith("secure aggregation (Flower SecAgg+)")
     assert (out / "hr_epsilon.png").is_file() and (out / "checkpoint.npz").is_file()
+    assert int(load_checkpoint(out / "checkpoint.npz")["graph"]["releases"]) == 2  # the graph's sums, masked too
     log = (out / "deploy" / "logs" / "superlink-0.log").read_text()
     assert "Uvicorn running on https://127.0.0.1" in log  # TLS, loopback only
     for i in range(3):  # the devices' own state and the newest global version live in their stores

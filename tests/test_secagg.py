@@ -20,7 +20,7 @@ from fedrec.clients.records import PACKED, from_records
 from fedrec.config import ConfigError, RunConfig
 from fedrec.federation.replies import GraphCheck, Replies, RowCheck, SecureSum, add_secure_sum, collect
 from fedrec.federation.run import discover, event_noise
-from fedrec.itemgraph import secure_noise_std
+from fedrec.itemgraph import clip_scale, secure_noise_std
 from fedrec.messages import RoundInstruction, record_type
 from fedrec.models import build_model
 from fedrec.privacy.accounting import graph_multiplier
@@ -82,8 +82,11 @@ def test_the_secure_sum_equals_the_plain_sum_and_no_reply_holds_a_delta():
     grid, transport, g, by_node, fed = _setup(cfg)
     host = {k: v.numpy() for k, v in g.items()}
     requests = {n: RoundInstruction(2, tuple(ds), 0.0, 0.0) for n, ds in sorted(by_node.items())}
-    got = collect(transport.exchange(2, requests, host, cfg.to_flat(), None), g, cfg.clip, 2, fed.home)
+    got = collect(transport.exchange(2, requests, host, cfg.to_flat(), None), g, cfg.clip, 2, fed.home,
+                  GraphCheck(fed.n_items, 0, on_time_only=True))  # in the clear the graph's counts come as pairs
     plain = sum(d["item.weight"] for d in got.deltas)
+    counts = [np.bincount(p.items, p.counts, minlength=fed.n_items) for p in got.pairs]
+    graph = sum(c * clip_scale([c], 1.0) for c in counts)  # each device's counts clipped to norm 1
     # the same devices, the same round, fresh nodes: under SecAgg+
     grid2, _, g2, by_node2, _ = _setup(cfg)
     assert by_node2 == by_node
@@ -94,6 +97,9 @@ def test_the_secure_sum_equals_the_plain_sum_and_no_reply_holds_a_delta():
     # quantisation: 2^22 levels over [-clip, clip] times the largest device count of a node
     np.testing.assert_allclose(sec.total["item.weight"], plain, atol=1e-4)
     assert np.abs(plain).max() > 1e-3  # a real signal was compared
+    # the item graph's clipped counts, summed masked in the delta's range and back in their units (no profiles yet)
+    assert len(sec.graph) == 1 and max(np.linalg.norm(c) for c in counts) > 1.5  # some were clipped
+    np.testing.assert_allclose(sec.graph[0], graph, atol=1e-4)
     # what the server received: key material and masked vectors, never an array of a device's delta
     assert grid2.seen and all(n == 0 for m in grid2.seen if not m.has_error() for n in _arrays_received(m).values())
     assert not any(k.startswith("delta-") for m in grid2.seen if not m.has_error() for k in _arrays_received(m))
@@ -105,6 +111,10 @@ def test_a_secure_federation_runs_and_accounts_every_release(tmp_path):
     summary = run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg)
     assert summary["rounds"] == 3 and summary["privacy"]["user"]["releases"] == 3
     assert summary["metrics"]["events_scored"] > 0  # serving evaluation ran in its own messages
+    # the item graph's clipped counts and affinities, summed masked and noised on the server, once a round
+    assert cfg.secure_graph and "the server sees only the sum" in summary["privacy"]["user"]["graph"]
+    graph = load_checkpoint(tmp_path / "checkpoint.npz")["graph"]
+    assert int(graph["releases"]) == 3 and graph["affinity"].shape[0] == graph["n"].shape[0]
 
 
 def test_secure_aggregation_needs_user_level_dp_or_event_noise_at_the_aggregate():
@@ -275,7 +285,7 @@ def test_a_secure_deepfm_federation_releases_every_parameter(tmp_path, privacy):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["failed"] == 0 and r["applied"] > 0 for r in rows)
     final = load_checkpoint(tmp_path / "checkpoint.npz")["global"]
-    start = init_state(cfg, final["item.weight"].shape[0], z_user=0.0).global_state
+    start = init_state(cfg, final["item.weight"].shape[0], z_user=1.0).global_state
     for k in ("item.weight", "feat.weight", "mlp1.weight", "out.bias"):
         assert not np.allclose(final[k], start[k].numpy()), k
 

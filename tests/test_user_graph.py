@@ -169,16 +169,20 @@ def test_the_graph_takes_its_share_of_one_gaussian():
     assert state.graph.noise_std == pytest.approx(graph)
 
 
-@pytest.mark.parametrize("kw", [{"user_graph_share": 0.0}, {"secure_aggregation": True}, {"item_graph": "off"}])
+@pytest.mark.parametrize("kw", [{"user_graph_share": 0.0}, {"item_graph": "off"},
+                                {"user_graph_share": 0.0, "secure_aggregation": True}])
 def test_no_graph_leaves_the_model_all_of_it(kw):
     cfg = _user_cfg(**kw)
     assert not cfg.graph and not cfg.user_graph
     assert user_parts(cfg, 2.0) == (2.0, 0.0)
 
 
-def test_the_graph_on_with_secure_aggregation_is_one_sentence():
+def test_under_secure_aggregation_the_graph_is_summed_masked_and_shares_the_gaussian():
+    cfg = _user_cfg(secure_aggregation=True)
+    assert cfg.graph and cfg.user_graph and cfg.secure_graph and not cfg.graph_sent and cfg.pair_window == 0
+    assert user_parts(cfg, 2.0) == user_parts(_user_cfg(), 2.0)  # the same split of the one Gaussian
     with pytest.raises(ConfigError, match="item-graph"):
-        _user_cfg(item_graph="on", secure_aggregation=True)
+        _user_cfg(item_graph="on", user_graph_share=0.0)
 
 
 def _delta(eps: float, shift: np.ndarray, n: int = 400_000) -> float:

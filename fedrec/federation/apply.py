@@ -17,6 +17,8 @@ import torch
 
 from ..aggregation import Aggregator
 from ..asynchrony import Update, discounted
+from ..config import RunConfig
+from ..itemgraph import ItemGraph
 from ..privacy.accounting import event_accountant, graph_records
 from ..privacy.ledger import Ledger, Release
 from ..robust import bound_norm, bound_rows
@@ -98,6 +100,22 @@ def select(state: ServerState, got: Replies, r: int) -> tuple[list, list, Step, 
     return deltas, weights, step, [u.base_round for u in ups if u.new_events]
 
 
+def _add_graph(graph: ItemGraph, cfg: RunConfig, got: Replies) -> None:
+    """The round's item graph sums into the graph: the devices' pairs, or under SecAgg+ the unmasked sums (with
+    their noise shares: as they are; user level: the clipped parts, noised here)."""
+    if not cfg.secure_graph:
+        graph.add(got.pairs)
+        return
+    aff = got.graph[1] if len(got.graph) > 1 else None
+    if cfg.user_dp:
+        n_items = graph.n_items
+        counts = got.graph[0] if got.graph else np.zeros(n_items)
+        aff = aff if got.graph else (np.zeros(graph.features.shape) if graph.features is not None else None)
+        graph.add_clipped_sums(counts, aff)
+    else:
+        graph.add_released(got.graph[0], aff)
+
+
 def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledger, aggregator: Aggregator,
                 plan: RoundPlan, *, late_now: int = 0) -> tuple[ServerState, Step]:
     """One round's update of the global model from its checked replies; the state is updated in place."""
@@ -122,13 +140,11 @@ def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledge
                                 counts=counts)
     check_finite(state, r)
     frozen = bool(cfg.freeze_after and r > cfg.freeze_after)  # the static baseline freezes its graph too
-    # sums: summed in as they come, buffered or not; a refused secure sum released nothing (nor its graph's)
-    if state.graph is not None and not frozen and (not cfg.secure_graph or got.presummed):
+    # sums: summed in as they come, buffered or not; a refused secure sum with noise shares released nothing (nor
+    # its graph's); user level releases every round, as its ledger records (the noise alone where no sum came)
+    if state.graph is not None and not frozen and (not cfg.secure_graph or cfg.user_dp or got.presummed):
         record_graph(fed, ledger, state, r)
-        if cfg.secure_graph:  # the unmasked sums carry their noise (the devices' shares)
-            state.graph.add_released(got.graph[0], got.graph[1] if len(got.graph) > 1 else None)
-        else:
-            state.graph.add(got.pairs)
+        _add_graph(state.graph, cfg, got)
     if state.buffer is None or deltas:  # a new version is published (async: only when the buffer is applied)
         state.version += 1
         if state.graph is not None and not frozen:

@@ -338,27 +338,36 @@ def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[n
 
 def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], clip: float, nodes: int,
                    graph: Sequence[tuple[int, ...]] = ()) -> None:
-    """Take in a SecAgg+ round's sum: checked for shape and for the norm ``len(devices) x clip`` it can have.
+    """Take in a SecAgg+ round's sum: checked for shape and for the norm ``len(devices) x clip`` it can have (``graph``:
+    the shapes the item graph's sums must have; user level: each device's part of norm at most 1).
 
-    Under event noise at the aggregate (``sec.required``) :func:`add_secure_rows` takes it in instead (``graph``:
-    the shapes the item graph's sums must have).
+    Under event noise at the aggregate (``sec.required``) :func:`add_secure_rows` takes it in instead.
     """
     if sec.required:
         add_secure_rows(out, sec, gstate, nodes, graph)
         return
     out.failed += [("secure aggregation", f) for f in sec.failures]
     if sec.total is not None:
-        problem = validate(sec.total, gstate)
-        norm = delta_norm(sec.total)
+        problem = validate(sec.total, gstate) or _graph_problem(sec.graph, graph)
+        norm, parts = delta_norm(sec.total), float(np.sqrt(sum(np.sum(np.square(g)) for g in sec.graph)))
         if problem is None and norm > len(sec.devices) * clip * (1 + 1e-3) + 1e-3:
             problem = f"the sum of {len(sec.devices)} clipped deltas has norm {norm:.4g} > {len(sec.devices)} x clip"
+        if problem is None and parts > len(sec.devices) * (1 + 1e-3) + 1e-3:
+            problem = f"the item graph's sum of {len(sec.devices)} clipped parts has norm {parts:.4g} > {len(sec.devices)}"
         if problem:
             out.failed.append(("secure aggregation", problem))
         else:
-            out.deltas, out.presummed = [sec.total], len(sec.devices)
+            out.deltas, out.presummed, out.graph = [sec.total], len(sec.devices), list(sec.graph)
             # masked vectors: about the dense size, from each node with sampled devices
-            out.bytes_up = sum(v.nbytes for v in sec.total.values()) * nodes
+            out.bytes_up = (sum(v.nbytes for v in sec.total.values()) + sum(g.nbytes for g in sec.graph)) * nodes
     _take_secure_devices(out, sec)
+
+
+def _graph_problem(got: Sequence[np.ndarray], want: Sequence[tuple[int, ...]]) -> str | None:
+    """Why the item graph's unmasked sums are refused (not the shapes expected, or not finite), or None."""
+    if [np.shape(g) for g in got] != list(want) or not all(np.all(np.isfinite(g)) for g in got):
+        return f"the item graph's sums have shapes {[np.shape(g) for g in got]} (expected {list(want)}) or non-finite values"
+    return None
 
 
 def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], nodes: int,
@@ -378,10 +387,7 @@ def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor
     problem = validate(sec.total, gstate)
     if problem is None and (sec.counts.shape != (n_items,) or not np.all(np.isfinite(sec.counts))):
         problem = f"the summed counts have shape {sec.counts.shape} (expected ({n_items},)) or non-finite values"
-    if problem is None and ([np.shape(g) for g in sec.graph] != list(graph) or
-                            not all(np.all(np.isfinite(g)) for g in sec.graph)):
-        problem = (f"the item graph's sums have shapes {[np.shape(g) for g in sec.graph]} (expected {list(graph)}) "
-                   "or non-finite values")
+    problem = problem or _graph_problem(sec.graph, graph)
     if problem is None and len(sec.devices) < sec.required:
         problem = (f"the sum holds {len(sec.devices)} devices, fewer than the {sec.required} whose noise shares "
                    "make up the full noise; nothing is released")

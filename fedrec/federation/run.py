@@ -250,7 +250,8 @@ class _Run:
         if not self.fed.cfg.secure_graph or self.state.graph is None:
             return [], {}
         shapes = [(self.fed.n_items,)] + ([tuple(host[PROFILES].shape)] if PROFILES in host else [])
-        return shapes, {"graph-noise-std": float(self.state.graph.noise_std)}
+        # the devices' shares make up the graph's noise (event noise at the aggregate; user level: the server adds it)
+        return shapes, {"graph-noise-std": float(self.state.graph.noise_std)} if self.fed.cfg.aggregate_noise else {}
 
     def _record(self, r: int, got: Replies, extra: dict) -> dict:
         served = got.served if self.fed.cfg.serve_eval else None

@@ -94,8 +94,9 @@ def _user_graph_block(cfg: RunConfig, z_user: float, graph_features: np.ndarray 
                  "of the events before them)" if graph_features is not None else "")
                  + " are scaled to L2 norm graph_clip and noised on the sum with std graph_noise_multiplier (no item "
                  "pairs are sent); with the clipped delta (noise noise_multiplier_model x clip) one Gaussian of "
-                 "noise_multiplier (1/z^2 = 1/z_model^2 + 1/z_graph^2) per round, as the ledger records; the server "
-                 "sees each device's item counts, as it sees its delta",
+                 "noise_multiplier (1/z^2 = 1/z_model^2 + 1/z_graph^2) per round, as the ledger records; " + (
+                 "under SecAgg+ the devices sum them masked with their deltas and the server sees only the sum"
+                 if cfg.secure_aggregation else "the server sees each device's item counts, as it sees its delta"),
     }
 
 
