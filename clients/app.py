@@ -134,8 +134,9 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     """The SecAgg+ collect stage: this node's devices train; the reply is the MEAN of their vectors as a legacy
     FitRes with weight = number of devices (secaggplus_mod masks ``weight * mean`` = their sum).
 
-    A device's vector is its dense delta (user-level DP), or under event noise at the aggregate its release
-    and counts with its noise share added (:func:`_share_vectors`).
+    A device's vector is its dense delta and its clipped item graph parts (user-level DP, :func:`_clipped_vectors`), or
+    under event noise at the aggregate its release, counts and graph parts with its noise share added
+    (:func:`_share_vectors`).
     """
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     conf: dict[str, Any] = dict(fitins.config)

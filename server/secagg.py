@@ -145,9 +145,13 @@ def _clipped_sum(aggregate: list[np.ndarray], weight: int, keys: list[str], grap
                  reports: dict[int, UpdateReport], failures: list[str], round_: int) -> SecureSum:
     """User level: the unmasked sum of the clipped deltas, and the last ``graph`` arrays, the item graph's clipped
     counts and affinities (sent in the delta's range, ``clip`` times their graph units: back in those units)."""
+    problem = ""
     if len(aggregate) != len(keys) + graph:
-        return SecureSum(None, [], {}, failures + [f"round {round_}: the unmasked sum has {len(aggregate)} arrays, "
-                                                   f"expected {len(keys) + graph}; no update this round"])
+        problem = f"the unmasked sum has {len(aggregate)} arrays, expected {len(keys) + graph}"
+    elif weight != len(reports):
+        problem = f"the sum holds {weight} devices but {len(reports)} of them reported soundly"
+    if problem:
+        return SecureSum(None, [], {}, failures + [f"round {round_}: {problem}; no update this round"])
     total = {k: a.astype(np.float32) * weight for k, a in zip(keys, aggregate, strict=False)}
     return SecureSum(total, list(reports), reports, failures,
                      graph=[a.astype(np.float64) * weight / clip for a in aggregate[len(keys):]])

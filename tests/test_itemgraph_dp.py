@@ -275,3 +275,27 @@ def test_a_device_s_dense_contribution_is_what_the_graph_sums_of_its_pairs():
     wild = dense_contribution(devices[0], V, -3 * G, nonnegative=True)[1]  # a faulty table: negative, too long
     assert wild.min() >= 0 and dense_contribution(devices[0], V, 3 * G, nonnegative=True)[1] == pytest.approx(parts[0][1], abs=1e-6)
     assert len(dense_contribution(devices[0], V, None, nonnegative=True)) == 1  # no profiles yet: counts alone
+
+
+def test_clipped_sums_released_by_the_graph_are_what_it_releases_of_the_devices_pairs():
+    """User level under SecAgg+: each device scales its dense parts by :func:`clip_scale` (the factor
+    :meth:`ItemGraph.scales` gives its pairs) and the server releases their sum (:meth:`ItemGraph.add_clipped_sums`)
+    with the very noise :meth:`ItemGraph.add` draws for the same round of the devices' pairs."""
+    from fedrec.itemgraph import clip_scale, dense_contribution
+
+    V, F, rng = 25, 3, np.random.default_rng(5)
+    feats = np.abs(rng.normal(size=(V, F)))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    plain, secure = (ItemGraph(V, noise_std=0.7, seed=9, features=feats, clip=1.0, pairs=False) for _ in range(2))
+    devices = [device_pairs(rng.integers(0, V, 30), rng.random(30) < 0.7, 0) for _ in range(6)]
+    G = plain.profiles()
+    parts = [dense_contribution(p, V, G, nonnegative=True) for p in devices]
+    np.testing.assert_allclose([clip_scale(x, 1.0) for x in parts], plain.scales(devices, G.astype(np.float64)),
+                               rtol=1e-6)
+    assert min(clip_scale(x, 1.0) for x in parts) < 1  # some devices were clipped
+    plain.add(devices)
+    secure.add_clipped_sums(*[sum(x[i] * clip_scale(x, 1.0) for x in parts) for i in range(2)])
+    np.testing.assert_allclose(secure.n, plain.n, atol=1e-6)
+    np.testing.assert_allclose(secure.A, plain.A, atol=1e-6)
+    with pytest.raises(ValueError, match="clipped, noised"):
+        ItemGraph(V, noise_std=0.7, pairs=False).add_clipped_sums(plain.n, None)

@@ -116,5 +116,5 @@ def test_ties_between_blends_go_first_to_the_graph_with_the_models_tie_break(tmp
     assert sorted(PREFER) == sorted(BLENDS)
     with_graph = RunRecorder(RunConfig(privacy="none", out=str(tmp_path)))
     assert BLENDS[with_graph.leader()] == "graph+0.01"  # round 1: nothing scored, every blend ties
-    without = RunRecorder(RunConfig(privacy="user", secure_aggregation=True, out=str(tmp_path)))
+    without = RunRecorder(RunConfig(privacy="none", item_graph="off", out=str(tmp_path)))
     assert BLENDS[without.leader()] == "model"

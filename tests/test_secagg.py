@@ -113,6 +113,8 @@ def test_a_secure_federation_runs_and_accounts_every_release(tmp_path):
     assert summary["metrics"]["events_scored"] > 0  # serving evaluation ran in its own messages
     # the item graph's clipped counts and affinities, summed masked and noised on the server, once a round
     assert cfg.secure_graph and "the server sees only the sum" in summary["privacy"]["user"]["graph"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failed"] == 0 and r["applied"] > 0 for r in rows)  # every sum taken in, none refused
     graph = load_checkpoint(tmp_path / "checkpoint.npz")["graph"]
     assert int(graph["releases"]) == 3 and graph["affinity"].shape[0] == graph["n"].shape[0]
 
@@ -233,6 +235,22 @@ def test_dropouts_beyond_the_tolerance_release_nothing():
     add_secure_sum(out, sec, gstate, cfg.clip, len(by_node))
     assert out.presummed == 0 and out.deltas == [] and out.done == []  # no release, no ledger record
     assert any("halted" in why for _, why in out.failed)
+
+
+def test_a_user_level_sum_whose_graph_part_exceeds_its_devices_is_refused():
+    """Each device's graph part has norm at most 1, so the sum of n has norm at most n: more is no honest sum."""
+    gstate = {"item.weight": torch.zeros(5, 2)}
+    for graph, why in (([np.full(5, 2.0)], "clipped parts"), ([np.zeros(4)], "item graph's sums have shapes")):
+        sec = SecureSum({"item.weight": np.zeros((5, 2), np.float32)}, [1, 2], {}, [], graph=graph)
+        add_secure_sum(out := Replies(), sec, gstate, 1.0, 2, [(5,)])
+        assert out.presummed is None and out.deltas == [] and any(why in w for _, w in out.failed)
+    from fedrec.eval.metrics import PrequentialCounts
+    from fedrec.messages import UpdateReport
+
+    reports = {d: UpdateReport(1, 1, PrequentialCounts(), -1.0, 1, 1, False, 0.0) for d in (1, 2)}
+    sec = SecureSum({"item.weight": np.zeros((5, 2), np.float32)}, [1, 2], reports, [], graph=[np.full(5, 0.5)])
+    add_secure_sum(out := Replies(), sec, gstate, 1.0, 2, [(5,)])  # norm 1.12 <= 2 devices: taken in
+    assert out.presummed == 2 and len(out.graph) == 1
 
 
 def test_the_server_refuses_a_sum_of_fewer_devices_than_the_shares_need():

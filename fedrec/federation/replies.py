@@ -93,7 +93,8 @@ class Replies:
     pairs: list[Pairs] = field(default_factory=list)
     #: event noise at the aggregate: the checked ``(ids, counts)`` of each on-time update, as ``deltas``
     row_counts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    #: SecAgg+ with the item graph: its summed counts and affinities, noise shares included (checked for shape)
+    #: SecAgg+ with the item graph: its summed counts and affinities (checked for shape; with event noise at the
+    #: aggregate the devices' noise shares included, at user level each device's part clipped, the noise to come)
     graph: list[np.ndarray] = field(default_factory=list)
 
     def map_deltas(self, fn: Callable[[dict], tuple[dict, int]]) -> list[int]:

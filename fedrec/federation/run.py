@@ -22,7 +22,6 @@ import torch
 from .. import aggregation
 from ..config import RunConfig
 from ..data.features import ModelFeatures
-from ..itemgraph import PROFILES
 from ..messages import NodeInfo, RoundInstruction
 from ..models import reads_features
 from ..privacy.accounting import calibrate_noise, event_accountant, graph_records, user_parts
@@ -231,7 +230,7 @@ class _Run:
         graph = GraphCheck(self.fed.n_items, cfg.pair_window, on_time_only=cfg.user_graph) if cfg.graph_sent else None
         rows = row_check(cfg, self.fed.n_items)
         if cfg.secure_aggregation:
-            shapes, extra = self._secure_graph(host)
+            shapes, extra = self._secure_graph()
             served, sec = self.transport.secure(r, requests, host, {**cfg.to_flat(), **extra})
             got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows, Limits.of(cfg))
             add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node), shapes)
@@ -243,13 +242,15 @@ class _Run:
         return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
                        self.fed.home, graph, rows, Limits.of(cfg))
 
-    def _secure_graph(self, host: dict[str, np.ndarray]) -> tuple[list[tuple[int, ...]], dict]:
+    def _secure_graph(self) -> tuple[list[tuple[int, ...]], dict]:
         """Under :attr:`~fedrec.config.RunConfig.secure_graph`: the shapes of the item graph's sums in the masked
-        vector (its counts, and its affinities where the version has profiles to read them from) and the noise std
-        the devices' shares make up (sent with the round's config); else nothing."""
+        vector (its counts, and its affinities where it has features: every version then carries the profiles the
+        devices read them from) and the noise std the devices' shares make up (sent with the round's config); else
+        nothing."""
         if not self.fed.cfg.secure_graph or self.state.graph is None:
             return [], {}
-        shapes = [(self.fed.n_items,)] + ([tuple(host[PROFILES].shape)] if PROFILES in host else [])
+        features = self.state.graph.features  # what the graph sums: its counts, and affinities where it has features
+        shapes = [(self.fed.n_items,)] + ([tuple(features.shape)] if features is not None else [])
         # the devices' shares make up the graph's noise (event noise at the aggregate; user level: the server adds it)
         return shapes, {"graph-noise-std": float(self.state.graph.noise_std)} if self.fed.cfg.aggregate_noise else {}
 
