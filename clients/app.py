@@ -32,6 +32,7 @@ from fedrec.itemgraph import (
     FEATURES,
     PROFILES,
     Pairs,
+    bounded_profiles,
     clip_scale,
     dense_contribution,
     device_pairs,
@@ -198,12 +199,13 @@ def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray
     shapes = {k: tuple(arrays[k].shape) for k in keys}
     n_items = shapes[ITEM_TABLES[0]][0]
     secret = secrets.randbits(128) if store_path(context) else 0
+    profiles = _profiles(arrays)
     vectors = []
     for u in out.updates:
         counts = (u.rows or {}).get("ids", np.zeros(0, np.int64)), (u.rows or {}).get("counts", np.zeros(0))
         gen = share_generator(device_seed(cfg.seed, u.device, ins.round, SHARE_STREAM), secret)
         vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen,
-                                     _graph_parts(u, arrays, cfg)))
+                                     _graph_parts(u, n_items, profiles, cfg)))
     return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)] + _idle_graph(arrays, cfg)]
 
 
@@ -212,22 +214,27 @@ def _clipped_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarr
     """User level: each device's clipped delta and, under :attr:`~fedrec.config.RunConfig.secure_graph`, its graph
     parts scaled together to L2 norm at most 1 and sent in the delta's range (times ``clip``; the server divides
     back and noises the sum, as it noises the deltas')."""
+    n_items, profiles = arrays[ITEM_TABLES[0]].shape[0], _profiles(arrays)
     vectors = [[decode_delta(u.arrays)[k] for k in keys] +
-               [p * (clip_scale(g, 1.0) * cfg.clip) for g in [_graph_parts(u, arrays, cfg)] for p in g]
+               [p * (clip_scale(g, 1.0) * cfg.clip) for g in [_graph_parts(u, n_items, profiles, cfg)] for p in g]
                for u in out.updates]
     return vectors or [[np.zeros_like(arrays[k], dtype=np.float32) for k in keys] + _idle_graph(arrays, cfg)]
 
 
-def _graph_parts(u: DeviceUpdate, arrays: dict[str, np.ndarray], cfg: RunConfig) -> list[np.ndarray]:
+def _profiles(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The version's profiles within the bounds the graph's sensitivity assumes, once for the node's devices."""
+    nonnegative = FEATURES in arrays and bool((arrays[FEATURES] >= 0).all())
+    return bounded_profiles(arrays.get(PROFILES), nonnegative=nonnegative)
+
+
+def _graph_parts(u: DeviceUpdate, n_items: int, profiles: np.ndarray | None, cfg: RunConfig) -> list[np.ndarray]:
     """Under :attr:`~fedrec.config.RunConfig.secure_graph`, a device's item graph contribution, dense
     (:func:`fedrec.itemgraph.dense_contribution`, from the profiles of the version it was sent); else none."""
     if not cfg.secure_graph:
         return []
-    n_items = arrays[ITEM_TABLES[0]].shape[0]
     mine = Pairs.from_arrays(u.pairs, n_items, events=u.report.n_new, window=0) if u.pairs is not None else \
         device_pairs(np.zeros(0), np.zeros(0, bool), 0)
-    nonnegative = FEATURES in arrays and bool((arrays[FEATURES] >= 0).all())
-    return dense_contribution(mine, n_items, arrays.get(PROFILES), nonnegative=nonnegative)
+    return dense_contribution(mine, n_items, profiles)
 
 
 def _idle_graph(arrays: dict[str, np.ndarray], cfg: RunConfig) -> list[np.ndarray]:

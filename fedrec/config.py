@@ -467,7 +467,6 @@ class RunConfig:
     def keys(cls) -> list[str]:
         return [f.name.replace("_", "-") for f in fields(cls)]
 
-
     @classmethod
     def specs(cls) -> dict[str, tuple[type, Any, KeySpec]]:
         """``key -> (type, default, spec)`` for every key, in order: what flags and tables are made from."""

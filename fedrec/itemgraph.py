@@ -328,15 +328,7 @@ class ItemGraph:
         graph has features (None without)."""
         if not self.noised or self.pairs or self.clip:
             raise ValueError("Only a noised graph without pairs takes sums released elsewhere.")
-        counts = np.asarray(counts, np.float64)
-        want = None if self.features is None else self.features.shape
-        if counts.shape != (self.n_items,) or (None if aff is None else np.shape(aff)) != want or \
-                not (np.all(np.isfinite(counts)) and (aff is None or np.all(np.isfinite(aff)))):
-            raise ValueError(f"Released sums should be {self.n_items} finite counts and finite affinities of shape "
-                             f"{self.features.shape if self.features is not None else None}.")
-        none = np.zeros(0, np.int64)
-        self._release(none, none, np.zeros(0), counts, None if aff is None else np.asarray(aff, np.float64),
-                      drawn=True)
+        self._release_sums(counts, aff, drawn=True)
 
     def add_clipped_sums(self, counts: np.ndarray, aff: np.ndarray | None) -> None:
         """One round of user-level contributions already clipped and summed (SecAgg+: the unmasked sum of each device's
@@ -344,12 +336,20 @@ class ItemGraph:
         releases a round (``aff`` as :meth:`add_released` takes it)."""
         if not (self.noised and self.clip) or self.pairs:
             raise ValueError("Only a clipped, noised graph without pairs takes clipped sums.")
+        self._release_sums(counts, aff, drawn=False)
+
+    def _release_sums(self, counts: np.ndarray, aff: np.ndarray | None, *, drawn: bool) -> None:
+        """:meth:`_release` of a round's summed counts and affinities (no pairs), checked: ``(n_items,)`` finite
+        counts, and affinities of the features' shape exactly where the graph has features."""
         counts = np.asarray(counts, np.float64)
         want = None if self.features is None else self.features.shape
-        if counts.shape != (self.n_items,) or (None if aff is None else np.shape(aff)) != want:
-            raise ValueError(f"Clipped sums should be {self.n_items} counts and affinities of shape {want}.")
+        if counts.shape != (self.n_items,) or (None if aff is None else np.shape(aff)) != want or \
+                not (np.all(np.isfinite(counts)) and (aff is None or np.all(np.isfinite(aff)))):
+            raise ValueError(f"Released sums should be {self.n_items} finite counts and finite affinities of shape "
+                             f"{want}.")
         none = np.zeros(0, np.int64)
-        self._release(none, none, np.zeros(0), counts, None if aff is None else np.asarray(aff, np.float64))
+        self._release(none, none, np.zeros(0), counts, None if aff is None else np.asarray(aff, np.float64),
+                      drawn=drawn)
 
     def _release(self, a: np.ndarray, b: np.ndarray, w: np.ndarray, now: np.ndarray, aff: np.ndarray | None, *,
                  drawn: bool = False) -> None:
@@ -585,18 +585,25 @@ def sensitivity(window: int, features: np.ndarray | None) -> float:
     return float(np.sqrt(3 * window * PAIR_WEIGHT**2 + 1 + extra))
 
 
-def dense_contribution(p: Pairs, n_items: int, profiles: np.ndarray | None, *,
-                       nonnegative: bool) -> list[np.ndarray]:
+def bounded_profiles(profiles: np.ndarray | None, *, nonnegative: bool) -> np.ndarray | None:
+    """A version's profiles as a device sums affinities from them (once per node, for all its devices): rows scaled
+    to norm at most 1 and, with ``nonnegative`` features, clamped at 0: the bounds the graph's :func:`sensitivity`
+    assumes, which float16 rounding or a faulty server could pass (None: the version has none)."""
+    if profiles is None:
+        return None
+    G = np.asarray(profiles, np.float64)
+    G = np.maximum(G, 0.0) if nonnegative else G
+    return G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1.0)
+
+
+def dense_contribution(p: Pairs, n_items: int, profiles: np.ndarray | None) -> list[np.ndarray]:
     """One device's item graph contribution as :meth:`ItemGraph.add` sums it, dense (SecAgg+ sums it masked): its
-    new events' item counts and, where the version it was sent has ``profiles``, each new event's item row gaining
-    the profile of the item before it (rows scaled to norm at most 1, and with ``nonnegative`` features clamped at
-    0: the bounds the graph's :func:`sensitivity` assumes, which float16 rounding or a faulty server could pass)."""
+    new events' item counts and, where the version it was sent has ``profiles`` (:func:`bounded_profiles`), each new
+    event's item row gaining the profile of the item before it."""
     counts = np.bincount(np.asarray(p.items, np.int64), np.asarray(p.counts, np.float64), minlength=n_items)
     if profiles is None:
         return [counts]
-    G = np.asarray(profiles, np.float64)
-    G = np.maximum(G, 0.0) if nonnegative else G
-    G = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1.0)
+    G = profiles
     aff = np.zeros(G.shape)
     np.add.at(aff, np.asarray(p.follow, np.int64), G[np.asarray(p.before, np.int64)])
     return [counts, aff]

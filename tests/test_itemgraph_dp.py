@@ -261,7 +261,7 @@ def test_sums_released_elsewhere_are_summed_in_as_they_are():
 def test_a_device_s_dense_contribution_is_what_the_graph_sums_of_its_pairs():
     """Under SecAgg+ each device sums its own counts and affinities (:func:`dense_contribution`): the same as the
     server's :meth:`ItemGraph.add` of its pairs, from the same profiles; a profile beyond the bounds is cut to them."""
-    from fedrec.itemgraph import dense_contribution
+    from fedrec.itemgraph import bounded_profiles, dense_contribution
 
     V, F, rng = 25, 3, np.random.default_rng(4)
     feats = np.abs(rng.normal(size=(V, F)))
@@ -269,19 +269,19 @@ def test_a_device_s_dense_contribution_is_what_the_graph_sums_of_its_pairs():
     G = g.profiles()
     devices = [device_pairs(rng.integers(0, V, 12), rng.random(12) < 0.6, 0) for _ in range(5)]
     g.add(devices)
-    parts = [dense_contribution(p, V, G, nonnegative=True) for p in devices]
+    parts = [dense_contribution(p, V, bounded_profiles(G, nonnegative=True)) for p in devices]
     np.testing.assert_allclose(sum(c for c, _ in parts), g.n, atol=1e-12)
     np.testing.assert_allclose(sum(a for _, a in parts), g.A, atol=1e-6)
-    wild = dense_contribution(devices[0], V, -3 * G, nonnegative=True)[1]  # a faulty table: negative, too long
-    assert wild.min() >= 0 and dense_contribution(devices[0], V, 3 * G, nonnegative=True)[1] == pytest.approx(parts[0][1], abs=1e-6)
-    assert len(dense_contribution(devices[0], V, None, nonnegative=True)) == 1  # no profiles yet: counts alone
+    wild = dense_contribution(devices[0], V, bounded_profiles(-3 * G, nonnegative=True))[1]  # a faulty table: negative, too long
+    assert wild.min() >= 0 and dense_contribution(devices[0], V, bounded_profiles(3 * G, nonnegative=True))[1] == pytest.approx(parts[0][1], abs=1e-6)
+    assert len(dense_contribution(devices[0], V, bounded_profiles(None, nonnegative=True))) == 1  # no profiles yet: counts alone
 
 
 def test_clipped_sums_released_by_the_graph_are_what_it_releases_of_the_devices_pairs():
     """User level under SecAgg+: each device scales its dense parts by :func:`clip_scale` (the factor
     :meth:`ItemGraph.scales` gives its pairs) and the server releases their sum (:meth:`ItemGraph.add_clipped_sums`)
     with the very noise :meth:`ItemGraph.add` draws for the same round of the devices' pairs."""
-    from fedrec.itemgraph import clip_scale, dense_contribution
+    from fedrec.itemgraph import bounded_profiles, clip_scale, dense_contribution
 
     V, F, rng = 25, 3, np.random.default_rng(5)
     feats = np.abs(rng.normal(size=(V, F)))
@@ -289,7 +289,7 @@ def test_clipped_sums_released_by_the_graph_are_what_it_releases_of_the_devices_
     plain, secure = (ItemGraph(V, noise_std=0.7, seed=9, features=feats, clip=1.0, pairs=False) for _ in range(2))
     devices = [device_pairs(rng.integers(0, V, 30), rng.random(30) < 0.7, 0) for _ in range(6)]
     G = plain.profiles()
-    parts = [dense_contribution(p, V, G, nonnegative=True) for p in devices]
+    parts = [dense_contribution(p, V, bounded_profiles(G, nonnegative=True)) for p in devices]
     np.testing.assert_allclose([clip_scale(x, 1.0) for x in parts], plain.scales(devices, G.astype(np.float64)),
                                rtol=1e-6)
     assert min(clip_scale(x, 1.0) for x in parts) < 1  # some devices were clipped

@@ -106,14 +106,13 @@ def _add_graph(graph: ItemGraph, cfg: RunConfig, got: Replies) -> None:
     if not cfg.secure_graph:
         graph.add(got.pairs)
         return
-    aff = got.graph[1] if len(got.graph) > 1 else None
-    if cfg.user_dp:
-        n_items = graph.n_items
-        counts = got.graph[0] if got.graph else np.zeros(n_items)
-        aff = aff if got.graph else (np.zeros(graph.features.shape) if graph.features is not None else None)
-        graph.add_clipped_sums(counts, aff)
-    else:
-        graph.add_released(got.graph[0], aff)
+    if not cfg.user_dp:
+        graph.add_released(got.graph[0], got.graph[1] if len(got.graph) > 1 else None)
+        return
+    # user level releases every round: the noise alone where no sum came
+    none = [np.zeros(graph.n_items)] + ([np.zeros(graph.features.shape)] if graph.features is not None else [])
+    counts, *aff = got.graph or none
+    graph.add_clipped_sums(counts, aff[0] if aff else None)
 
 
 def apply_round(state: ServerState, fed: Federation, got: Replies, ledger: Ledger, aggregator: Aggregator,

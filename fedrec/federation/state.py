@@ -19,7 +19,7 @@ from ..asynchrony import Buffer
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..data.features import ModelFeatures
-from ..itemgraph import MODEL_FEATURES, PROFILES, ItemGraph, secure_noise_std, sensitivity
+from ..itemgraph import MODEL_FEATURES, PROFILES, ItemGraph, sensitivity
 from ..itemgraph import TABLE_KEYS as GRAPH_KEYS
 from ..models import model_from_config, reads_features
 from ..privacy.accounting import graph_multiplier, user_parts
@@ -164,8 +164,8 @@ def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, 
     if cfg.user_graph:
         std, clip = user_parts(cfg, z_user)[1], 1.0
     else:
+        # under SecAgg+ the window is 0: the std each device checks (:func:`fedrec.itemgraph.secure_noise_std`)
         std = graph_multiplier(cfg) * sensitivity(cfg.pair_window, features) if cfg.graph_noised else 0.0
-        std = secure_noise_std(graph_multiplier(cfg), features) if cfg.secure_graph else std  # as its devices check
         clip = 0.0
     if cfg.graph_noised and not std > 0:
         raise ValueError("The noisy item graph needs a positive noise multiplier (graph-share, epsilon).")
