@@ -197,6 +197,10 @@ class RunConfig:
     private_graph_window: int = key(1, "item graph under DP: the window (at event level one event's "
                                     "pairs move the noisy counts by at most sqrt(3 x window x w^2 + 1), w the pairs' weight in the noise; + 3 under the root with item features, + 5 "
                                     "with negative feature values)", ge=1, le=10**6)
+    affinity_rounds: int = key(4, "event noise at the aggregate, the server adding it: the item graph's item x feature "
+                               "affinities are summed over this many rounds before each noisy release (the same epsilon, "
+                               "fewer draws in their sum; 1 = every round)",
+                               ge=1, le=10**6)
     graph_share: float = key(0.9, "event noise at the aggregate: share of the event-level budget spent on the noisy "
                              "item graph (0 = no graph)", ge=0, lt=1)
     user_graph_share: float = key(0.1, "user-level DP: share of each round's one Gaussian (in 1/z^2) spent on the noisy "
@@ -407,6 +411,13 @@ class RunConfig:
     def graph_noised(self) -> bool:
         """The item graph's sums get Gaussian noise (event noise at the aggregate, or user-level DP)."""
         return self.graph and (self.aggregate_noise or self.privacy == "user")
+
+    @property
+    def affinity_every(self) -> int:
+        """Rounds whose item x feature affinities one noisy release sums: ``affinity-rounds`` where the server itself
+        noises an event-level graph; else 1 (SecAgg+ shares carry each round's noise; user-level DP accounts each
+        round's clipped sums as that round's release)."""
+        return self.affinity_rounds if self.graph_noised and self.privacy == "event" and not self.secure_graph else 1
 
     @property
     def user_graph(self) -> bool:

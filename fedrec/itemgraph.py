@@ -50,13 +50,15 @@ mechanism, accounted once (``graph-gaussian``, :func:`fedrec.privacy.accounting.
   (an event is new in exactly one update).
 * *noise*: every round, every item count and every unordered pair cell that can be released gets an
   independent draw of ``N(0, noise_std^2)``, ``noise_std = z_graph * sensitivity`` (so is every affinity cell,
-  dense: items x features, drawn after the counts and pairs). Dense noise over
+  dense: items x features, drawn after the counts and pairs; with ``affinity_every`` > 1, once per that many
+  releases, on their summed affinities: :meth:`ItemGraph._affinities`). Dense noise over
   ``n_items^2`` pairs would not fit, so the pairs are projected first onto the candidates: items whose
   *noisy* count, summed over the earlier releases, is ``ENTER`` noise stds or more (at most
   ``MAX_CANDIDATES``; they stay). Pairs of any other item are dropped in that round, before noise.
   The projection is chosen from earlier releases only, so it is post-processing: as if all ``n_items^2``
   cells had been noised and the others thrown away. Round 1 has no candidates and releases item counts (and,
-  with features, the affinities: pure noise then, as no device sends any before a version carries features).
+  with features, the affinities where they are released every round: pure noise then, as no device sends any
+  before a version carries features).
 * *table*: built from the released (noisy) sums only. A pair is published when its noisy sum stands above
   ``t`` stds of its accumulated noise (``noise_std * sqrt(releases since both entered)``), ``t`` set so a
   candidate expects ``FALSE_NEIGHBOURS`` pure-noise neighbours; its score is the asymmetric cosine of the
@@ -260,7 +262,7 @@ class ItemGraph:
     P: np.ndarray = field(init=False)  #: noised: the noisy pair sums among the candidates
     features: np.ndarray | None = None  #: public item features, rows L2-normalised (published with the table)
     #: with features: the item x feature affinities, ``A[i] = sum of before's profile over events of i`` (noised:
-    #: every cell of every release gets a draw), created at the first release
+    #: every cell of every affinity release gets a draw; zeros added between), created at the first release
     A: np.ndarray | None = None
     #: user-level DP: each contribution of a round is scaled to at most this L2 norm (:meth:`scales`; 0: not scaled)
     clip: float = 0.0
@@ -268,6 +270,12 @@ class ItemGraph:
     #: share of its clipped norm is small, and the neighbours that then pass the noise threshold are mostly false
     #: ones, which outrank everything else in a row: measured on ml-latest-small, see docs/privacy.md)
     pairs: bool = True
+    #: noised, event level, the server drawing the noise: the affinities of this many releases are summed before
+    #: one noisy release of them (:attr:`fedrec.config.RunConfig.affinity_every`); ``pending`` holds the sums not yet
+    #: released (the trusted server's, as it holds every clipped sum), ``aff_releases`` counts the noisy ones
+    affinity_every: int = 1
+    pending: np.ndarray | None = field(default=None, init=False)
+    aff_releases: int = field(default=0, init=False)
     window: int = field(default=RECENT_ROUNDS, init=False)  #: the rounds the prior sums (:meth:`prior_window`)
 
     def __post_init__(self) -> None:
@@ -275,6 +283,9 @@ class ItemGraph:
             raise ValueError("The item graph's noise std should be a finite non-negative value.")
         if self.clip and self.pairs:
             raise ValueError("A clipped item graph (user-level DP) releases no pairs: pass pairs=False.")
+        if self.affinity_every < 1 or (self.affinity_every > 1 and not (self.noised and not self.clip)):
+            raise ValueError("The affinities are released every affinity_every >= 1 rounds, more than 1 only for an "
+                             "event-level noised graph (user-level DP releases each round's clipped sums).")
         self.C = sp.csr_matrix((self.n_items, self.n_items))
         self.n = np.zeros(self.n_items)
         self.cand, self.since = np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -326,8 +337,9 @@ class ItemGraph:
         (SecAgg+: the unmasked sum of the devices' contributions and noise shares,
         :attr:`fedrec.config.RunConfig.secure_graph`). No pairs; ``aff`` ``(n_items, features)`` exactly where the
         graph has features (None without)."""
-        if not self.noised or self.pairs or self.clip:
-            raise ValueError("Only a noised graph without pairs takes sums released elsewhere.")
+        if not self.noised or self.pairs or self.clip or self.affinity_every > 1:
+            raise ValueError("Only a noised graph without pairs, whose affinities are released every round, takes "
+                             "sums released elsewhere.")
         self._release_sums(counts, aff, drawn=True)
 
     def add_clipped_sums(self, counts: np.ndarray, aff: np.ndarray | None) -> None:
@@ -370,13 +382,36 @@ class ItemGraph:
         self.n += now
         self.recent = (self.recent + [now])[-(max(PRIOR_WINDOWS) + PRIOR_EVAL):]
         if aff is not None:
-            if self.noised and not drawn:
-                aff = aff + rng.normal(0.0, self.noise_std, aff.shape)
+            aff = self._affinities(aff, rng, drawn)
             self.A = aff if self.A is None else self.A + aff
         self.releases += 1
         if self.noised:
             self._enter()
         self.window = self._choose_window()  # of the released sums and the candidates they chose
+
+    def _affinities(self, aff: np.ndarray, rng: np.random.Generator, drawn: bool) -> np.ndarray:
+        """What this release adds to ``A`` of the round's affinity sums ``aff``: noised, one draw on every cell (none
+        where ``drawn``); with ``affinity_every`` > 1, the sums wait in ``pending`` and every ``affinity_every``-th
+        release adds them all with one draw (zeros between). One event moves two rows (its item's, and the next
+        event's) in at most two releases, as when every round releases them, and where both rows are one row in one
+        release the two moves cancel down to one profile: the sensitivity, and the one Gaussian it is accounted as,
+        stay the same; the sum of the run's releases carries ``affinity_every`` times fewer draws. What still waits
+        when the run ends is never released (:meth:`drop_pending`)."""
+        if self.affinity_every > 1 and not drawn:
+            self.pending = aff if self.pending is None else self.pending + aff
+            if (self.releases + 1) % self.affinity_every:
+                return np.zeros_like(aff)
+            aff, self.pending = self.pending, None
+        if self.noised:
+            self.aff_releases += 1
+            if not drawn:
+                aff = aff + rng.normal(0.0, self.noise_std, aff.shape)
+        return aff
+
+    def drop_pending(self) -> None:
+        """Forget the affinity sums no release has carried yet (a finished run: its checkpoint keeps released sums
+        only)."""
+        self.pending = None
 
     def scales(self, contributions: Sequence[Pairs], G: np.ndarray | None) -> np.ndarray:
         """Each contribution's factor: 1, or with ``clip`` (user-level DP, no pairs) ``min(1, clip / norm)``,
@@ -407,7 +442,7 @@ class ItemGraph:
             raise ValueError("Item profiles need item features.")
         F = np.asarray(self.features, np.float64)
         A = self.A if self.A is not None else np.zeros_like(F)
-        std = self.noise_std * np.sqrt(self.releases)  # of every cell of A (0 without noise)
+        std = self.noise_std * np.sqrt(self.aff_releases)  # of every cell of A (0 without noise)
         prior, excess = PROFILE_PRIOR * (std + 1.0), np.maximum(A - PROFILE_THRESHOLD * std, 0.0)
         # an item with no features listed has no list to hold noise back: its excess counts only where it outweighs
         # what a list would weigh (else the largest of many pure-noise cells would become its profile)
@@ -535,7 +570,9 @@ class ItemGraph:
             out |= {"cand": self.cand, "since": self.since,
                     "pairs": self.P[np.triu_indices(len(self.cand), 1)] if self.pairs else np.zeros(0)}
         if self.A is not None:
-            out["affinity"] = self.A
+            out |= {"affinity": self.A, "aff_releases": np.asarray(self.aff_releases, np.int64)}
+        if self.pending is not None:
+            out["pending"] = self.pending
         return out
 
     def load(self, d: Mapping[str, np.ndarray]) -> None:
@@ -548,6 +585,9 @@ class ItemGraph:
         if "seed" in d:  # the noise seed the run drew its releases from (a resumed release draws the same)
             self.seed = int(d["seed"])
         self.A = np.asarray(d["affinity"], np.float64) if "affinity" in d else None
+        # before affinity_every, every release of a noised graph drew on its affinities
+        self.aff_releases = int(d.get("aff_releases", self.releases if self.noised else 0))
+        self.pending = np.asarray(d["pending"], np.float64) if "pending" in d else None
         if self.features is not None and self.releases and (self.A is None or self.A.shape != self.features.shape):
             raise ValueError("its item graph was saved without item x feature affinities for these item features "
                              "(an earlier version, or other features), so its noise was calibrated for another "

@@ -292,6 +292,8 @@ class _Run:
                                 population=len(fed.population), stopped=self.state.stopped,
                                 graph_features=self.state.graph.features if self.state.graph is not None else None)
         summary = self.rec.finish(final, report)
+        if self.state.graph is not None:  # the affinities of a batch the run ended in are never released
+            self.state.graph.drop_pending()
         self._checkpoint(finished=True)
         return summary
 

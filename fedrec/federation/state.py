@@ -170,7 +170,7 @@ def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, 
     if cfg.graph_noised and not std > 0:
         raise ValueError("The noisy item graph needs a positive noise multiplier (graph-share, epsilon).")
     return ItemGraph(n_items, neighbours=cfg.graph_neighbours, noise_std=std, seed=cfg.seed, features=features,
-                     clip=clip, pairs=not (cfg.user_graph or cfg.secure_graph))
+                     clip=clip, pairs=not (cfg.user_graph or cfg.secure_graph), affinity_every=cfg.affinity_every)
 
 
 #: the outputs a finished run has written (a finished checkpoint without them rebuilds them)
@@ -191,6 +191,8 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
     was = ck["run"].get("config", {})
     if was.get("privacy") == "user" and "user-graph-share" not in was:  # from before user-level DP had its graph
         was = {**was, "user-graph-share": 0.0}
+    if was.get("privacy") == "event" and "affinity-rounds" not in was:  # from before the affinities were batched
+        was = {**was, "affinity-rounds": 1}
     key = resume_key(cfg)
     diff = [k for k, v in key.items() if k in was and was[k] != v]
     if ck["run"].get("finished", True):

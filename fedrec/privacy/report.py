@@ -28,10 +28,12 @@ def _aggregate_block(cfg: RunConfig, z_event: float, graph_features: np.ndarray 
         "local_steps": 1, "max_steps_per_event": cfg.replay_rounds + 1,
         **({"graph_noise_multiplier": graph_multiplier(cfg), "graph_window": cfg.pair_window,
             "graph_pair_weight": PAIR_WEIGHT,
+            **({"graph_affinity_rounds": cfg.affinity_every} if graph_features is not None else {}),
             "graph_sensitivity": round(sensitivity(cfg.pair_window, graph_features), 6),
             "graph": ("the item graph's item counts" if cfg.secure_graph else "the item graph's pair and item counts") + (
                 " and item x feature affinities (each event's item with the profile of the event before it, "
-                "from earlier releases)" if graph_features is not None else "") + ", noised on every round's sum; one event moves them "
+                "from earlier releases; the affinities of graph_affinity_rounds rounds noised together)" if graph_features
+                is not None else "") + ", noised on every round's sum; one event moves them "
                 "by at most graph_sensitivity (sqrt(3 x window x graph_pair_weight^2 + 1): the pairs' noise is the graph's over "
                 "graph_pair_weight; and with the affinities 3 more under the root, 5 "
                 "where a feature value is negative) over the whole run: one Gaussian of graph_noise_multiplier, "
