@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_rss.py
 	$(BIN)/python benchmarks/bench_population.py
 	$(BIN)/python benchmarks/bench_deploy.py --out runs/bench
+	$(BIN)/python benchmarks/bench_secagg.py --out runs/bench
 	$(BIN)/python benchmarks/bench_million.py --out runs/bench/million
 
 # The docs/models.md table: mf, neumf and sasrec on MovieLens replayed by time, with and without DP

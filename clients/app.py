@@ -52,7 +52,7 @@ from fedrec.messages import (
     encode_reply,
 )
 from fedrec.privacy.accounting import graph_multiplier
-from fedrec.privacy.shares import SHARE_STREAM, device_vector, share_generator, share_plan
+from fedrec.privacy.shares import SHARE_STREAM, add_shares, device_signal, share_generator, share_plan
 from fedrec.server_aggregate import ITEM_TABLES
 from fedrec.wire import decode_delta, wire_mode
 
@@ -187,26 +187,35 @@ def _graph_std(cfg: RunConfig, arrays: dict[str, np.ndarray], conf: dict) -> flo
 
 def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray], cfg: RunConfig,
                    ins: RoundInstruction, devices: int, context: Context, graph_std: float) -> list[list[np.ndarray]]:
-    """Each trained device's release and counts plus its noise share (:func:`fedrec.privacy.shares.device_vector`),
-    and under :attr:`~fedrec.config.RunConfig.secure_graph` its item graph contribution (the server's ``graph_std``).
+    """The node's masked vector: its trained devices' releases and counts (and under
+    :attr:`~fedrec.config.RunConfig.secure_graph` their item graph contributions), each clamped
+    (:func:`fedrec.privacy.shares.device_signal`), summed, plus every device's noise share (the server's
+    ``graph_std`` on the graph's parts; :func:`fedrec.privacy.shares.add_shares`).
 
     Every device in the reply adds its share, also one that took no event: the server counts it among the
-    ``m`` devices whose shares make up the noise. The shares are seeded per device and round (stream
-    ``SHARE_STREAM``); a deployed device (a node with a store) mixes in fresh OS entropy, since the server
-    knows the run's seed and could otherwise draw the same shares and subtract them.
+    ``m`` devices whose shares make up the noise. A device alone on its node (deployment) draws its share from its
+    own seed and round (stream ``SHARE_STREAM``) mixed with fresh OS entropy, since the server knows the run's seed
+    and could otherwise draw the same shares and subtract them; a simulated node that hosts ``k`` devices draws
+    their ``k`` shares as one Gaussian of ``k`` times the variance, seeded by the round and its devices: the same
+    distribution, ``k`` times fewer draws.
     """
     plan = share_plan(ins.noise_multiplier, cfg.count_share, cfg.dropout_tolerance, devices, graph_std)
     shapes = {k: tuple(arrays[k].shape) for k in keys}
     n_items = shapes[ITEM_TABLES[0]][0]
     secret = secrets.randbits(128) if store_path(context) else 0
     profiles = _profiles(arrays)
-    vectors = []
+    total: list[np.ndarray] | None = None
     for u in out.updates:
         counts = (u.rows or {}).get("ids", np.zeros(0, np.int64)), (u.rows or {}).get("counts", np.zeros(0))
-        gen = share_generator(device_seed(cfg.seed, u.device, ins.round, SHARE_STREAM), secret)
-        vectors.append(device_vector(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip, plan, gen,
-                                     _graph_parts(u, n_items, profiles, cfg)))
-    return vectors or [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)] + _idle_graph(arrays, cfg)]
+        signal = device_signal(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip,
+                               _graph_parts(u, n_items, profiles, cfg))
+        total = signal if total is None else [a + b for a, b in zip(total, signal, strict=True)]
+    if total is None:
+        return [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)] + _idle_graph(arrays, cfg)]
+    ids = [u.device for u in out.updates]
+    seed = device_seed(cfg.seed, ids[0], ins.round, SHARE_STREAM) if len(ids) == 1 else \
+        int(np.random.SeedSequence([cfg.seed, ins.round, SHARE_STREAM, *ids]).generate_state(1, np.uint64)[0] >> 1)
+    return [add_shares(total, len(shapes), plan, share_generator(seed, secret), devices=len(ids))]
 
 
 def _clipped_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray], cfg: RunConfig

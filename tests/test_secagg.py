@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message
+from scipy import stats
 
 from fedrec.checkpoint import load_checkpoint
 from fedrec.clients.app import app as client_app
@@ -26,7 +27,7 @@ from fedrec.models import build_model
 from fedrec.privacy.accounting import graph_multiplier
 from fedrec.privacy.aggregate import split
 from fedrec.privacy.ledger import Ledger
-from fedrec.privacy.shares import node_threshold, share_plan
+from fedrec.privacy.shares import SIGNAL_BOUND, add_shares, device_signal, node_threshold, share_generator, share_plan
 from fedrec.server.app import FlowerTransport, run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.server.secagg import secure_round
@@ -209,6 +210,30 @@ def test_noise_shares_of_all_devices_add_up_to_the_configured_noise():
                    [(fed.n_items,)])
     assert out.presummed == 12 and len(out.graph) == 1 and len(out.deltas) == 1 and out.row_counts[0][1].shape == (fed.n_items,)
     assert sorted(out.done) == sorted(sec.devices) and all("steps" in m for m in out.metrics)
+
+
+def test_a_node_adds_its_devices_shares_to_their_clamped_summed_signals():
+    """``device_signal`` clamps each part of one device's release, counts and graph parts; ``add_shares`` adds one
+    device's share exactly as drawn before (table keys, then counts, then the graph, from its generator), and a
+    node's ``k`` devices' shares as one draw of ``k`` times the variance (a chi-square test on the table part)."""
+    plan = share_plan(1.2, 0.1, 0.2, devices=50, graph=3.0)
+    shapes = {"item.weight": (40, 8)}
+    release = {"item.weight": (np.array([1, 1, 7]), np.full((3, 8), 50.0))}  # item 1 twice: 100 / 1.0 clamps to 64
+    graph = [np.array([0.0, 90.0] + [1.0] * 38), np.ones((40, 3))]
+    sig = device_signal(release, (np.array([2, 2]), np.array([1.0, 1.0])), shapes, 1.0, graph)
+    assert sig[0][1].tolist() == [SIGNAL_BOUND] * 8 and sig[0][7].tolist() == [50.0] * 8 and not sig[0][0].any()
+    assert sig[1][2] == 2.0 and sig[2][1] == SIGNAL_BOUND and sig[3].shape == (40, 3)
+    one = add_shares(sig, 1, plan, share_generator(5))
+    g = share_generator(5)
+    stds = [plan.grad_std, plan.count_std, plan.graph_std, plan.graph_std]
+    for got, base, std in zip(one, sig, stds, strict=True):
+        want = base + torch.randn(base.shape, generator=g, dtype=torch.float64).numpy() * std
+        np.testing.assert_array_equal(got, want)
+    k, zeros = 9, [np.zeros((4000, 8)), np.zeros(40)]
+    noise = add_shares(zeros, 1, plan, share_generator(6), devices=k)[0].ravel()
+    stat = float(np.sum(noise**2) / (k * plan.grad_std**2))
+    assert 1e-3 < stats.chi2.cdf(stat, noise.size) < 1 - 1e-3
+    assert stats.chi2.cdf(float(np.sum(noise**2) / ((k - 1) * plan.grad_std**2)), noise.size) > 1 - 1e-6
 
 
 def test_dropouts_within_the_tolerance_still_release_with_the_full_noise():

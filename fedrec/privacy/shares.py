@@ -139,17 +139,14 @@ def share_generator(seed: int, secret: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(state >> 1))
 
 
-def device_vector(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
-                  sensitivity: float, plan: SharePlan, generator: torch.Generator,
-                  graph: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
-    """One device's contribution to the masked vector: its signal plus its noise share, float64.
+def device_signal(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
+                  sensitivity: float, graph: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+    """One device's signal in the masked vector, float64, before its noise share (:func:`add_shares`).
 
     ``release`` maps global keys (``shapes``, in order) to a dense array or sparse ``(ids, rows)``; a key it
     lacks contributes zero signal. Returns one array per key (the release over ``sensitivity``, clamped to
-    ``SIGNAL_BOUND``, plus ``N(0, plan.grad_std^2)``) and then the dense counts over the item table's rows
-    (clamped likewise, plus ``N(0, plan.count_std^2)``); then each of ``graph``, the device's item graph
-    contribution (:func:`fedrec.itemgraph.dense_contribution`), clamped likewise, plus ``N(0, plan.graph_std^2)``.
-    Table noise is drawn first, key by key, then counts, then the graph's.
+    ``SIGNAL_BOUND``), then the dense counts over the item table's rows (clamped likewise), then each of ``graph``,
+    the device's item graph contribution (:func:`fedrec.itemgraph.dense_contribution`), clamped likewise.
     """
     out = []
     for k, shape in shapes.items():
@@ -159,14 +156,22 @@ def device_vector(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shape
             np.add.at(v, np.asarray(got[0], np.int64), np.asarray(got[1], np.float64))
         elif got is not None:
             v += np.asarray(got, np.float64)
-        v = np.clip(v / sensitivity, -SIGNAL_BOUND, SIGNAL_BOUND)
-        out.append(v + torch.randn(shape, generator=generator, dtype=torch.float64).numpy() * plan.grad_std)
+        out.append(np.clip(v / sensitivity, -SIGNAL_BOUND, SIGNAL_BOUND))
     n_items = shapes[ITEM_TABLES[0]][0]
     c = np.zeros(n_items, np.float64)
     np.add.at(c, np.asarray(counts[0], np.int64), np.asarray(counts[1], np.float64))
-    c = np.clip(c, -SIGNAL_BOUND, SIGNAL_BOUND)
-    out.append(c + torch.randn(n_items, generator=generator, dtype=torch.float64).numpy() * plan.count_std)
-    for g in graph:  # the item graph's dense counts (and affinities): clamped likewise, plus N(0, plan.graph_std^2)
-        g = np.clip(np.asarray(g, np.float64), -SIGNAL_BOUND, SIGNAL_BOUND)
-        out.append(g + torch.randn(g.shape, generator=generator, dtype=torch.float64).numpy() * plan.graph_std)
-    return out
+    out.append(np.clip(c, -SIGNAL_BOUND, SIGNAL_BOUND))
+    return out + [np.clip(np.asarray(g, np.float64), -SIGNAL_BOUND, SIGNAL_BOUND) for g in graph]
+
+
+def add_shares(signal: list[np.ndarray], keys: int, plan: SharePlan, generator: torch.Generator,
+               devices: int = 1) -> list[np.ndarray]:
+    """``signal`` (:func:`device_signal`, or the sum of ``devices`` devices' signals) plus the noise shares of
+    ``devices`` devices: ``N(0, devices * std^2)`` on every coordinate, ``std`` the plan's share std of each part
+    (the first ``keys`` parts: the table's, ``plan.grad_std``; then the counts', ``plan.count_std``; then the item
+    graph's, ``plan.graph_std``), drawn from ``generator`` in that order. The sum of ``devices`` independent shares
+    has exactly that distribution, so a node that hosts several devices draws them at once."""
+    scale = math.sqrt(devices)
+    stds = [plan.grad_std] * keys + [plan.count_std] + [plan.graph_std] * (len(signal) - keys - 1)
+    return [v + torch.randn(v.shape, generator=generator, dtype=torch.float64).numpy() * (s * scale)
+            for v, s in zip(signal, stds, strict=True)]
