@@ -23,7 +23,6 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from fedrec.client_update import device_seed
 from fedrec.config import RunConfig
 from fedrec.device_round import (
     device_reply,
@@ -52,7 +51,7 @@ from fedrec.messages import (
     encode_reply,
 )
 from fedrec.privacy.accounting import graph_multiplier
-from fedrec.privacy.shares import SHARE_STREAM, add_shares, device_signal, share_generator, share_plan
+from fedrec.privacy.shares import add_shares, device_signal, node_share_seed, share_generator, share_plan
 from fedrec.server_aggregate import ITEM_TABLES
 from fedrec.wire import decode_delta, wire_mode
 
@@ -135,9 +134,9 @@ def _train_secure(content: RecordDict, context: Context) -> RecordDict:
     """The SecAgg+ collect stage: this node's devices train; the reply is the MEAN of their vectors as a legacy
     FitRes with weight = number of devices (secaggplus_mod masks ``weight * mean`` = their sum).
 
-    A device's vector is its dense delta and its clipped item graph parts (user-level DP, :func:`_clipped_vectors`), or
-    under event noise at the aggregate its release, counts and graph parts with its noise share added
-    (:func:`_share_vectors`).
+    A device's vector is its dense delta and its clipped item graph parts (user-level DP, :func:`_clipped_vectors`);
+    under event noise at the aggregate the node sends one vector, its devices' releases, counts and graph parts
+    summed with their noise shares added (:func:`_share_vectors`).
     """
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     conf: dict[str, Any] = dict(fitins.config)
@@ -209,13 +208,12 @@ def _share_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray
         counts = (u.rows or {}).get("ids", np.zeros(0, np.int64)), (u.rows or {}).get("counts", np.zeros(0))
         signal = device_signal(decode_delta(u.arrays), counts, shapes, cfg.lr * cfg.event_clip,
                                _graph_parts(u, n_items, profiles, cfg))
-        total = signal if total is None else [a + b for a, b in zip(total, signal, strict=True)]
+        total = signal if total is None else [np.add(a, b, out=a) for a, b in zip(total, signal, strict=True)]
     if total is None:
         return [[np.zeros(s) for s in shapes.values()] + [np.zeros(n_items)] + _idle_graph(arrays, cfg)]
     ids = [u.device for u in out.updates]
-    seed = device_seed(cfg.seed, ids[0], ins.round, SHARE_STREAM) if len(ids) == 1 else \
-        int(np.random.SeedSequence([cfg.seed, ins.round, SHARE_STREAM, *ids]).generate_state(1, np.uint64)[0] >> 1)
-    return [add_shares(total, len(shapes), plan, share_generator(seed, secret), devices=len(ids))]
+    gen = share_generator(node_share_seed(cfg.seed, ids, ins.round), secret)
+    return [add_shares(total, len(shapes), plan, gen, devices=len(ids))]
 
 
 def _clipped_vectors(out: NodeReply, keys: list[str], arrays: dict[str, np.ndarray], cfg: RunConfig

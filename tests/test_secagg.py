@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Error, Message
 from scipy import stats
 
 from fedrec.checkpoint import load_checkpoint
+from fedrec.client_update import device_seed
 from fedrec.clients.app import app as client_app
 from fedrec.clients.records import PACKED, from_records
 from fedrec.config import ConfigError, RunConfig
@@ -27,7 +28,16 @@ from fedrec.models import build_model
 from fedrec.privacy.accounting import graph_multiplier
 from fedrec.privacy.aggregate import split
 from fedrec.privacy.ledger import Ledger
-from fedrec.privacy.shares import SIGNAL_BOUND, add_shares, device_signal, node_threshold, share_generator, share_plan
+from fedrec.privacy.shares import (
+    SHARE_STREAM,
+    SIGNAL_BOUND,
+    add_shares,
+    device_signal,
+    node_share_seed,
+    node_threshold,
+    share_generator,
+    share_plan,
+)
 from fedrec.server.app import FlowerTransport, run_federation
 from fedrec.server.local_grid import LocalGrid
 from fedrec.server.secagg import secure_round
@@ -229,6 +239,9 @@ def test_a_node_adds_its_devices_shares_to_their_clamped_summed_signals():
     for got, base, std in zip(one, sig, stds, strict=True):
         want = base + torch.randn(base.shape, generator=g, dtype=torch.float64).numpy() * std
         np.testing.assert_array_equal(got, want)
+    # a device alone on its node (deployment) seeds its shares as it always has; a node of several, from all of them
+    assert node_share_seed(3, [17], 5) == device_seed(3, 17, 5, SHARE_STREAM)
+    assert node_share_seed(3, [17, 18], 5) == node_share_seed(3, [17, 18], 5) != node_share_seed(3, [17, 19], 5)
     k, zeros = 9, [np.zeros((4000, 8)), np.zeros(40)]
     noise = add_shares(zeros, 1, plan, share_generator(6), devices=k)[0].ravel()
     stat = float(np.sum(noise**2) / (k * plan.grad_std**2))

@@ -8,6 +8,8 @@ the noise themselves: each device of a round adds a *share*, ``N(0, sigma^2 / m)
 sum of ``k`` shares is ``N(0, k sigma^2 / m)``, at least the full noise whenever ``k >= m``. The server
 unmasks only such sums (:func:`node_threshold` sets SecAgg+'s reconstruction threshold so that every sum
 it can unmask holds at least ``m`` devices; :func:`fedrec.federation.replies.add_secure_sum` re-checks).
+A simulated node that hosts ``k`` devices adds their ``k`` shares as one draw (:func:`add_shares`,
+:func:`node_share_seed`); a deployed device is alone on its node and draws its own.
 
 Units. A device sends its release divided by one event's bound ``lr * C`` (the table), and its counts, so
 that one event moves the masked vector by at most 1 in L2 in each part, whatever ``lr`` and ``C``. It clamps
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..client_update import device_seed
 from ..server_aggregate import ITEM_TABLES
 from .aggregate import Split, split
 
@@ -162,6 +165,16 @@ def device_signal(release: Mapping, counts: tuple[np.ndarray, np.ndarray], shape
     np.add.at(c, np.asarray(counts[0], np.int64), np.asarray(counts[1], np.float64))
     out.append(np.clip(c, -SIGNAL_BOUND, SIGNAL_BOUND))
     return out + [np.clip(np.asarray(g, np.float64), -SIGNAL_BOUND, SIGNAL_BOUND) for g in graph]
+
+
+def node_share_seed(seed: int, devices: Sequence[int], round_: int) -> int:
+    """The seed of a node's noise shares in a round: a device alone on its node (deployment) draws from its own
+    seed and round (:func:`fedrec.client_update.device_seed`, stream :data:`SHARE_STREAM`), as it always has; a
+    simulated node with several devices from the round and all of them, so the draws depend on how ``--nodes``
+    shards the devices (the same config gives the same run)."""
+    if len(devices) == 1:
+        return device_seed(seed, devices[0], round_, SHARE_STREAM)
+    return int(np.random.SeedSequence([seed, round_, SHARE_STREAM, *devices]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def add_shares(signal: list[np.ndarray], keys: int, plan: SharePlan, generator: torch.Generator,
