@@ -296,6 +296,12 @@ class ItemGraph:
         return self.noise_std > 0
 
     @property
+    def sum_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of a round's summed counts and, where the graph has features, affinities (what SecAgg+ sums
+        masked for it)."""
+        return [(self.n_items,)] + ([tuple(self.features.shape)] if self.features is not None else [])
+
+    @property
     def pair_std(self) -> float:
         """The noise std of a pair cell's draw (:data:`PAIR_WEIGHT`)."""
         return self.noise_std / PAIR_WEIGHT
@@ -354,11 +360,10 @@ class ItemGraph:
         """:meth:`_release` of a round's summed counts and affinities (no pairs), checked: ``(n_items,)`` finite
         counts, and affinities of the features' shape exactly where the graph has features."""
         counts = np.asarray(counts, np.float64)
-        want = None if self.features is None else self.features.shape
-        if counts.shape != (self.n_items,) or (None if aff is None else np.shape(aff)) != want or \
+        if [counts.shape] + ([np.shape(aff)] if aff is not None else []) != self.sum_shapes or \
                 not (np.all(np.isfinite(counts)) and (aff is None or np.all(np.isfinite(aff)))):
             raise ValueError(f"Released sums should be {self.n_items} finite counts and finite affinities of shape "
-                             f"{want}.")
+                             f"{self.sum_shapes[1] if self.features is not None else None}.")
         none = np.zeros(0, np.int64)
         self._release(none, none, np.zeros(0), counts, None if aff is None else np.asarray(aff, np.float64),
                       drawn=drawn)

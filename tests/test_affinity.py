@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _checkpoints import forget_config_key
 from scipy import stats
 
 from fedrec.checkpoint import load_checkpoint, save_checkpoint
@@ -434,8 +435,6 @@ def test_a_checkpointed_graph_without_affinities_is_refused_for_a_run_with_featu
 def test_an_event_level_checkpoint_from_before_batched_affinities_resumes_only_with_every_round(tmp_path):
     """An event-level checkpoint whose config has no ``affinity-rounds`` released the affinities every round:
     resuming it with the default 4 is refused with the resume sentence naming the key; with 1 it resumes."""
-    import json
-
     from fedrec.federation.state import ResumeError, checkpoint_to_continue
     from fedrec.privacy.ledger import Ledger
 
@@ -447,12 +446,7 @@ def test_an_event_level_checkpoint_from_before_batched_affinities_resumes_only_w
     old = cfg(affinity_rounds=1)
     path = tmp_path / "checkpoint.npz"
     init_state(old, V, _onehot(TOPIC)).save(path, old)
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    run = json.loads(str(arrays["run"]))
-    del run["config"]["affinity-rounds"]  # as written before the key existed
-    arrays["run"] = np.asarray(json.dumps(run))
-    np.savez(path, **arrays)
+    forget_config_key(path, "affinity-rounds")
     ledger = Ledger(tmp_path / "privacy_ledger.jsonl")
     with pytest.raises(ResumeError, match="affinity-rounds = 1, not 4"):
         checkpoint_to_continue(cfg(), init_state(cfg(), V, _onehot(TOPIC)), path, ledger)

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from _checkpoints import forget_config_key
 from scipy import stats
 
 from fedrec.clients.app import app as client_app
@@ -242,20 +243,13 @@ def test_a_device_that_sends_pairs_under_user_level_is_refused():
 def test_a_checkpoint_from_before_the_graph_resumes_only_without_it(tmp_path):
     """A user-level checkpoint whose config has no ``user-graph-share`` ran without the graph: resuming it with the
     graph on is refused with the resume sentence naming the key; with ``user-graph-share = 0`` it resumes."""
-    import json as _json
-
     from fedrec.federation.state import ResumeError, checkpoint_to_continue
 
     old = _user_cfg(user_graph_share=0.0, out=str(tmp_path))
     state = init_state(old, V, z_user=2.0)
     path = tmp_path / "checkpoint.npz"
     state.save(path, old)
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    run = _json.loads(str(arrays["run"]))
-    del run["config"]["user-graph-share"]  # as written before the key existed
-    arrays["run"] = np.asarray(_json.dumps(run))
-    np.savez(path, **arrays)
+    forget_config_key(path, "user-graph-share")
     ledger = Ledger(tmp_path / "privacy_ledger.jsonl")
     with pytest.raises(ResumeError, match="user-graph-share = 0.0, not 0.1"):
         checkpoint_to_continue(_user_cfg(out=str(tmp_path)), init_state(_user_cfg(), V, z_user=2.0), path, ledger)

@@ -110,8 +110,7 @@ def _add_graph(graph: ItemGraph, cfg: RunConfig, got: Replies) -> None:
         graph.add_released(got.graph[0], got.graph[1] if len(got.graph) > 1 else None)
         return
     # user level releases every round: the noise alone where no sum came
-    none = [np.zeros(graph.n_items)] + ([np.zeros(graph.features.shape)] if graph.features is not None else [])
-    counts, *aff = got.graph or none
+    counts, *aff = got.graph or [np.zeros(shape) for shape in graph.sum_shapes]
     graph.add_clipped_sums(counts, aff[0] if aff else None)
 
 

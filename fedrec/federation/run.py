@@ -249,10 +249,9 @@ class _Run:
         nothing."""
         if not self.fed.cfg.secure_graph or self.state.graph is None:
             return [], {}
-        features = self.state.graph.features  # what the graph sums: its counts, and affinities where it has features
-        shapes = [(self.fed.n_items,)] + ([tuple(features.shape)] if features is not None else [])
         # the devices' shares make up the graph's noise (event noise at the aggregate; user level: the server adds it)
-        return shapes, {"graph-noise-std": float(self.state.graph.noise_std)} if self.fed.cfg.aggregate_noise else {}
+        extra = {"graph-noise-std": float(self.state.graph.noise_std)} if self.fed.cfg.aggregate_noise else {}
+        return self.state.graph.sum_shapes, extra
 
     def _record(self, r: int, got: Replies, extra: dict) -> dict:
         served = got.served if self.fed.cfg.serve_eval else None

@@ -177,6 +177,11 @@ def new_graph(cfg: RunConfig, n_items: int, features: np.ndarray | None = None, 
 OUTPUTS = ("metrics.jsonl", "summary.json", "global_model.npz")
 
 
+#: keys a checkpoint of an earlier version lacks, by its privacy mode, and the value that run had: user-level DP
+#: before its item graph, event level before the affinities were released in batches
+BEFORE_KEYS = {("user", "user-graph-share"): 0.0, ("event", "affinity-rounds"): 1}
+
+
 def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledger: Ledger) -> dict | None:
     """The checkpoint in ``path`` this run continues, or None to start anew.
 
@@ -189,10 +194,7 @@ def checkpoint_to_continue(cfg: RunConfig, state: ServerState, path: Path, ledge
     ck = load_checkpoint(path)
     ledger.check_mark(ck["run"].get("ledger", {}), path)
     was = ck["run"].get("config", {})
-    if was.get("privacy") == "user" and "user-graph-share" not in was:  # from before user-level DP had its graph
-        was = {**was, "user-graph-share": 0.0}
-    if was.get("privacy") == "event" and "affinity-rounds" not in was:  # from before the affinities were batched
-        was = {**was, "affinity-rounds": 1}
+    was = {**{k: v for (privacy, k), v in BEFORE_KEYS.items() if was.get("privacy") == privacy}, **was}
     key = resume_key(cfg)
     diff = [k for k, v in key.items() if k in was and was[k] != v]
     if ck["run"].get("finished", True):
