@@ -29,6 +29,7 @@ from .client_update import (
     Opened,
     Prepared,
     UpdateResult,
+    batched_fits,
     batched_updates,
     client_update,
     finish_update,
@@ -37,6 +38,7 @@ from .client_update import (
     prepare_update,
     readable_kinds,
     train_batch,
+    train_prepared,
 )
 from .config import RunConfig
 from .itemgraph import PROFILES, split
@@ -96,13 +98,14 @@ def train_device(model: RecModel, global_state: Mapping[str, np.ndarray], dev: D
 
 def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs: Sequence[DeviceData], cfg: RunConfig,
                   ins: RoundInstruction, probes: Sequence[np.ndarray | None]) -> list[UpdateResult | Exception]:
-    """Step 2 for many devices of one node: each one's :func:`train_device`, their local steps run together where
-    the model and the mode allow (:func:`~fedrec.client_update.batched_updates`), each device still from its own
-    state and generator. A device that fails is its exception in the list; the others go on (should the batch's
+    """Step 2 for many devices of one node: each one's :func:`train_device`, their round-start fits run together
+    where the model allows (:func:`~fedrec.client_update.batched_fits`) and their local steps too where the mode
+    does (:func:`~fedrec.client_update.batched_updates`; under event noise at the aggregate each device's one clipped
+    release runs alone), each device still from its own state and generator. A device that fails is its exception in the list; the others go on (should the batch's
     steps fail as a whole, each device runs its round alone)."""
     one = [lambda dev=dev, probe=probe: train_device(model, global_state, dev, cfg, ins, probe)
            for dev, probe in zip(devs, probes, strict=True)]
-    if not devs or not batched_updates(cfg):
+    if not devs or not batched_fits(cfg):
         return [_caught(f) for f in one]
     params = split(global_state)[0]
     model.load({k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})
@@ -118,11 +121,19 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
                          device_id=devs[j].device, noise_multiplier=ins.noise_multiplier, probe=probes[j],
                          opened=out[j], kinds=devs[j].kinds)
     ready = [j for j, p in enumerate(out) if isinstance(p, Prepared)]
-    trained = _caught(train_batch, model, params, [out[j] for j in ready], cfg)
-    for n, j in enumerate(ready):  # a batch that fails as a whole: each device alone, from its own start
-        out[j] = _caught(one[j]) if isinstance(trained, Exception) else _caught(
-            finish_update, out[j], cfg, *trained[n], noise_multiplier=ins.noise_multiplier,
-            affinities=PROFILES in global_state, version=params)
+    trained: list | Exception
+    if batched_updates(cfg):
+        trained = _caught(train_batch, model, params, [out[j] for j in ready], cfg)
+    else:  # each device's one clipped release alone, from its own vector (the global parameters stay as they are)
+        trained = [_caught(train_prepared, model, params, out[j], cfg, ins.noise_multiplier) for j in ready]
+    for n, j in enumerate(ready):
+        if isinstance(trained, Exception):  # the batch failed as a whole: each device alone, from its own start
+            out[j] = _caught(one[j])
+        elif isinstance(trained[n], Exception):  # this device's own release failed: it fails alone
+            out[j] = trained[n]
+        else:
+            out[j] = _caught(finish_update, out[j], cfg, *trained[n], noise_multiplier=ins.noise_multiplier,
+                             affinities=PROFILES in global_state, version=params)
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedrec.client_update import DeviceState, batched_updates, client_update
+from fedrec.client_update import DeviceState, batched_fits, batched_updates, client_update
 from fedrec.config import RunConfig
 from fedrec.data.stream import RoundStream
 from fedrec.data.world import WorldSpec, make_world
@@ -27,14 +27,17 @@ def _dense(delta: dict, table: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("privacy, extra", [("none", {}), ("user", {}), ("none", {"row_average": True}),
-                                            ("user", {"wire": "dense"})])
+                                            ("user", {"wire": "dense"}), ("event", {"event_noise": "aggregate"})])
 def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
     """Devices new and with state (trained before: their replayed windows), with and without a user-level clip,
-    per-row averaging's row counts, and a device with no events yet (no steps)."""
+    per-row averaging's row counts, and a device with no events yet (no steps). Under event noise at the aggregate
+    the round-start fits are batched and each device's clipped release (its user vector's noise drawn from its own
+    generator after the fit's draws) runs alone from its own vector."""
     stream = RoundStream.build(make_world(WorldSpec(users=40, items=60, topics=4, events_per_user=16, seed=2)), 4)
     cfg = RunConfig(privacy=privacy, dim=4, clip=0.05, seed=3, graph_window=2, user_fit_steps=5, sample_rate=0.6,
                     **extra)
-    assert batched_updates(cfg)
+    assert batched_fits(cfg) and batched_updates(cfg) == (privacy != "event")
+    z = 0.8 if privacy == "event" else 0.0
     model = build_model("mf", stream.log.n_items, cfg.dim, init_scale=0.1)
     rng = np.random.default_rng(0)
     table = {"item.weight": (rng.normal(size=(stream.log.n_items, cfg.dim + 1)) * 0.1).astype(np.float32)}
@@ -45,17 +48,17 @@ def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
         for d in devices:
             idx = stream.device_events(d, round_)
             one[d] = client_update(model, table, states[d], stream.log.item[idx], stream.round_of[idx], round_, cfg,
-                                   device_id=d, noise_multiplier=0.0, affinities=False)
+                                   device_id=d, noise_multiplier=z, affinities=False)
             devs.append(DeviceData(d, stream.log.item[idx], stream.round_of[idx], states[d]))
         empty = np.zeros(0, np.int64)
         one[99] = client_update(model, table, DeviceState(), empty, empty, round_, cfg, device_id=99,
-                                noise_multiplier=0.0)
+                                noise_multiplier=z)
         devs.append(DeviceData(99, empty, empty))
-        got = train_devices(model, table, devs, cfg, RoundInstruction(round_, (*devices, 99)), [None] * len(devs))
+        got = train_devices(model, table, devs, cfg, RoundInstruction(round_, (*devices, 99), z), [None] * len(devs))
         for dev, many in zip(devs, got, strict=True):
             assert not isinstance(many, Exception), many
             ref = one[dev.device]
-            np.testing.assert_allclose(_dense(many.delta, table), ref.delta["item.weight"], rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(_dense(many.delta, table), _dense(ref.delta, table), rtol=1e-4, atol=1e-7)
             sent, ref_sent = encode_delta(many.delta, "sparse"), encode_delta(ref.delta, "sparse")
             np.testing.assert_array_equal(sent["item.weight.ids"], ref_sent["item.weight.ids"])  # the same rows sent
             np.testing.assert_allclose(many.state.local["user.weight"], ref.state.local["user.weight"], rtol=1e-4,
@@ -63,6 +66,7 @@ def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
             assert (many.steps, many.n_train, many.n_new, many.clipped) == (ref.steps, ref.n_train, ref.n_new,
                                                                            ref.clipped)
             assert many.preclip_norm == pytest.approx(ref.preclip_norm, rel=1e-4)
+            assert many.epsilon == ref.epsilon and many.state.max_exposure == ref.state.max_exposure
             assert (many.counts.n, many.counts.hits) == (ref.counts.n, ref.counts.hits)
             assert many.state.cursors == ref.state.cursors
             for a, b in zip(many.row_counts or (), ref.row_counts or (), strict=True):
@@ -73,9 +77,9 @@ def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
                 np.testing.assert_array_equal(many.pairs.a, ref.pairs.a)
                 np.testing.assert_array_equal(many.pairs.w, ref.pairs.w)
             states[dev.device] = ref.state
-        moved = [np.abs(one[d].delta["item.weight"]).sum() for d in devices]
+        moved = [np.abs(_dense(one[d].delta, table)).sum() for d in devices]
         assert sum(m > 0 for m in moved) > len(devices) // 2
-        assert one[99].steps == 0 and not np.abs(one[99].delta["item.weight"]).any()
+        assert one[99].steps == 0 and not np.abs(_dense(one[99].delta, table)).any()
         if privacy == "user":
             assert any(one[d].clipped for d in devices)
         if extra.get("row_average"):
