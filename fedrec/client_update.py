@@ -287,21 +287,20 @@ def batched_updates(cfg: RunConfig) -> bool:
 
 
 def batched_fits(cfg: RunConfig) -> bool:
-    """Whether :func:`fit_batch` can fit a node's devices' vectors together (``mf``'s closed form): where their local
-    steps batch too (:func:`batched_updates`), and under event noise at the aggregate, whose fit serves the device's
-    scoring only and whose one clipped release per device then runs alone (:func:`train_prepared`)."""
-    return cfg.model == "mf" and cfg.update_backend == "auto" and (batched_updates(cfg) or cfg.aggregate_noise)
+    """Whether :func:`fit_batch` can fit a node's devices' vectors together: ``mf``'s closed form, in every privacy
+    mode (under event-level DP the fit serves the device's scoring only). Where the local steps do not batch
+    (:func:`batched_updates`), each device's then run alone (:func:`train_prepared`)."""
+    return cfg.model == "mf" and cfg.update_backend == "auto"
 
 
 def train_prepared(model: RecModel, global_state: dict[str, np.ndarray], prep: Prepared, cfg: RunConfig,
                    noise_multiplier: float) -> tuple:
-    """One prepared device's local update, as :func:`client_update` runs it, in a model that holds ``global_state``
-    and perhaps another device's vector: ``prep``'s own local state is loaded first. Only where the update leaves
-    the global parameters as they were (event noise at the aggregate: one clipped release, the item rows read
-    only), so the next device of a batch starts from the same version."""
+    """One prepared device's local update, as :func:`client_update` runs it, in a model that may hold another
+    device's vector, and after local steps that moved the global parameters, another device's version of them:
+    ``prep``'s own local state is loaded first, and the version ``global_state`` again unless the update only reads
+    it (event noise at the aggregate: one clipped release)."""
     if not cfg.aggregate_noise:
-        raise ValueError("train_prepared runs updates that leave the global parameters untouched (event noise at "
-                         "the aggregate) only.")
+        model.load({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
     model.load({k: v.clone() for k, v in prep.local.items()})
     return _train(model, global_state, prep.items, prep.rounds, prep.train, prep.seen, cfg, prep.generator,
                   noise_multiplier, prep.kinds)

@@ -100,8 +100,8 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
                   ins: RoundInstruction, probes: Sequence[np.ndarray | None]) -> list[UpdateResult | Exception]:
     """Step 2 for many devices of one node: each one's :func:`train_device`, their round-start fits run together
     where the model allows (:func:`~fedrec.client_update.batched_fits`) and their local steps too where the mode
-    does (:func:`~fedrec.client_update.batched_updates`; under event noise at the aggregate each device's one clipped
-    release runs alone), each device still from its own state and generator. A device that fails is its exception in the list; the others go on (should the batch's
+    does (:func:`~fedrec.client_update.batched_updates`; under event-level DP each device's update then runs
+    alone), each device still from its own state and generator. A device that fails is its exception in the list; the others go on (should the batch's
     steps fail as a whole, each device runs its round alone)."""
     one = [lambda dev=dev, probe=probe: train_device(model, global_state, dev, cfg, ins, probe)
            for dev, probe in zip(devs, probes, strict=True)]
@@ -124,7 +124,7 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
     trained: list | Exception
     if batched_updates(cfg):
         trained = _caught(train_batch, model, params, [out[j] for j in ready], cfg)
-    else:  # each device's one clipped release alone, from its own vector (the global parameters stay as they are)
+    else:  # each device's local update alone (event-level DP), from its own vector and the version
         trained = [_caught(train_prepared, model, params, out[j], cfg, ins.noise_multiplier) for j in ready]
     for n, j in enumerate(ready):
         if isinstance(trained, Exception):  # the batch failed as a whole: each device alone, from its own start

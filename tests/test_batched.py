@@ -27,17 +27,19 @@ def _dense(delta: dict, table: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("privacy, extra", [("none", {}), ("user", {}), ("none", {"row_average": True}),
-                                            ("user", {"wire": "dense"}), ("event", {"event_noise": "aggregate"})])
+                                            ("user", {"wire": "dense"}), ("event", {"event_noise": "aggregate"}),
+                                            ("event", {"event_noise": "device"}), ("both", {})])
 def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
     """Devices new and with state (trained before: their replayed windows), with and without a user-level clip,
     per-row averaging's row counts, and a device with no events yet (no steps). Under event noise at the aggregate
-    the round-start fits are batched and each device's clipped release (its user vector's noise drawn from its own
-    generator after the fit's draws) runs alone from its own vector."""
+    (and with DP-SGD on each device, alone or with user-level DP besides) the round-start fits are batched and each
+    device's update (its noise drawn from its own generator after the fit's draws) runs alone from its own vector and
+    the version."""
     stream = RoundStream.build(make_world(WorldSpec(users=40, items=60, topics=4, events_per_user=16, seed=2)), 4)
     cfg = RunConfig(privacy=privacy, dim=4, clip=0.05, seed=3, graph_window=2, user_fit_steps=5, sample_rate=0.6,
                     **extra)
-    assert batched_fits(cfg) and batched_updates(cfg) == (privacy != "event")
-    z = 0.8 if privacy == "event" else 0.0
+    assert batched_fits(cfg) and batched_updates(cfg) == (privacy in ("none", "user"))
+    z = 0.8 if privacy in ("event", "both") else 0.0
     model = build_model("mf", stream.log.n_items, cfg.dim, init_scale=0.1)
     rng = np.random.default_rng(0)
     table = {"item.weight": (rng.normal(size=(stream.log.n_items, cfg.dim + 1)) * 0.1).astype(np.float32)}
