@@ -82,10 +82,57 @@ def test_batched_local_steps_give_each_devices_own_update(privacy, extra):
         moved = [np.abs(_dense(one[d].delta, table)).sum() for d in devices]
         assert sum(m > 0 for m in moved) > len(devices) // 2
         assert one[99].steps == 0 and not np.abs(_dense(one[99].delta, table)).any()
-        if privacy == "user":
+        if privacy in ("user", "both"):
             assert any(one[d].clipped for d in devices)
         if extra.get("row_average"):
             assert all(one[d].row_counts is not None for d in devices)
+
+
+@pytest.mark.parametrize("noise", ["aggregate", "device"])
+def test_a_batch_under_an_event_budget_skips_and_scores_as_each_device_alone(noise):
+    """Event-level DP with a budget that lets each device train in one round only: its later rounds are skipped by
+    the budget guard, in a batch as alone (the same ε, state and counts); each device probed, with event kinds as a
+    node passes them (event-level DP reads none)."""
+    import dataclasses
+
+    stream = RoundStream.build(make_world(WorldSpec(users=16, items=50, topics=4, events_per_user=18, seed=7)), 3)
+    cfg = RunConfig(privacy="event", event_noise=noise, dim=4, seed=5, user_fit_steps=4, sample_rate=0.6,
+                    item_graph="off")
+    z, rng = 0.9, np.random.default_rng(4)
+    model = build_model("mf", stream.log.n_items, cfg.dim, init_scale=0.1)
+    table = {"item.weight": (rng.normal(size=(stream.log.n_items, cfg.dim + 1)) * 0.1).astype(np.float32)}
+    first = client_update(model, table, DeviceState(), stream.log.item[stream.device_events(0, 1)],
+                          stream.round_of[stream.device_events(0, 1)], 1, cfg, device_id=0, noise_multiplier=z)
+    cfg = dataclasses.replace(cfg, epsilon=first.epsilon * (1 + 1e-6))  # one round's exposure, not two
+    states, skipped = {d: DeviceState() for d in range(16)}, {1: 0, 2: 0, 3: 0}
+    for round_ in (1, 2, 3):
+        devs, probes, one = [], [], {}
+        for d in range(16):
+            idx = stream.device_events(d, round_)
+            kinds = rng.integers(0, 3, len(idx)).astype(np.int8)
+            devs.append(DeviceData(d, stream.log.item[idx], stream.round_of[idx], states[d], kinds))
+            probes.append(rng.choice(stream.log.n_items, 3, replace=False))
+            one[d] = client_update(model, table, states[d], devs[-1].items, devs[-1].rounds, round_, cfg, device_id=d,
+                                   noise_multiplier=z, probe=probes[-1], kinds=kinds)
+        got = train_devices(model, table, devs, cfg, RoundInstruction(round_, tuple(range(16)), z), probes)
+        for dev, many in zip(devs, got, strict=True):
+            ref = one[dev.device]
+            assert not isinstance(many, Exception), many
+            assert (many.skipped, many.steps, many.epsilon) == (ref.skipped, ref.steps, ref.epsilon)
+            np.testing.assert_allclose(_dense(many.delta, table), _dense(ref.delta, table), rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(many.state.local["user.weight"], ref.state.local["user.weight"], rtol=1e-4,
+                                       atol=1e-7)
+            assert (many.counts.n, many.counts.hits) == (ref.counts.n, ref.counts.hits)
+            np.testing.assert_array_equal(many.probe_hits, ref.probe_hits)
+            skipped[round_] += bool(ref.skipped)
+            states[dev.device] = ref.state
+    assert skipped[1] == 0 and skipped[2] + skipped[3] >= 16  # a device's first round trains, its later ones do not
+
+
+def test_batched_fits_need_mf_s_closed_form():
+    assert batched_fits(RunConfig(privacy="event")) and batched_fits(RunConfig(privacy="both"))
+    assert not batched_fits(RunConfig(update_backend="autograd"))
+    assert not batched_fits(RunConfig(model="neumf")) and not batched_fits(RunConfig(model="deepfm"))
 
 
 def test_a_failing_device_fails_alone_in_a_batch():
