@@ -124,6 +124,36 @@ def test_compress_merges_identical_records():
     assert math.isinf(epsilon([(0.0, 0.5, 1)], 1e-5))
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_the_memoised_rdp_gives_opacus_s_own_epsilon(accountant):
+    """:func:`~fedrec.privacy.accounting.memoise_rdp` changes no ε by a bit: each history's ε through it against
+    Opacus's accountant with its own, unmemoised ``_compute_rdp``; and its memo is used (a device's growing exposure
+    sweeps the same (q, z) again)."""
+    from opacus.accountants.analysis import rdp
+    from opacus.accountants.analysis.prv import prvs
+
+    from fedrec.privacy.accounting import _epsilon_cached, memoise_rdp
+    from fedrec.registry import ACCOUNTANTS
+
+    memoise_rdp()
+    memo = rdp._compute_rdp
+    histories = [[(1.52, 0.5, 1), (0.66, 1.0, 1)], [(1.52, 0.5, 3), (0.66, 1.0, 1)], [(0.9, 0.03, 200)]]
+    _epsilon_cached.cache_clear()
+    before = memo.cache_info().hits
+    got = [epsilon(h, 1e-5, accountant) for h in histories]
+    assert memo.cache_info().hits > before
+    rdp._compute_rdp = prvs._compute_rdp = memo.__wrapped__
+    try:
+        ref = []
+        for h in histories:
+            acc = ACCOUNTANTS.get(accountant)()
+            acc.history = list(compress(h))
+            ref.append(float(acc.get_epsilon(delta=1e-5)))
+    finally:
+        rdp._compute_rdp = prvs._compute_rdp = memo
+    assert got == ref
+
+
 @pytest.mark.parametrize("target,q,steps", [(1.0, 0.1, 4)])
 def test_calibrate_noise(target, q, steps):
     delta = 1e-5
