@@ -169,7 +169,7 @@ def test_calibrate_noise(target, q, steps):
 @pytest.mark.parametrize("target,q,steps", [(4.0, 0.5, 9), (1.0, 0.1, 4), (8.0, 0.02, 200), (0.5, 0.3, 30),
                                             (100.0, 0.5, 9)])
 def test_calibration_spends_the_budget_in_few_accountant_calls(target, q, steps):
-    """Each ε costs the accountant about a second: regula falsi needs at most 8 (bisection took 12-18), and
+    """Each ε costs the accountant a fraction of a second: regula falsi needs at most 8 (bisection took 12-18), and
     still lands within 0.2% of the budget, never above it."""
     from fedrec.privacy.accounting import _epsilon_cached
 

@@ -118,8 +118,9 @@ def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta
     """Smallest noise multiplier (to within ``CALIBRATION_TOL`` of the budget) whose composition over
     ``steps`` (with the records ``extra``, spent elsewhere on the same unit) stays within ``target_epsilon``.
 
-    Each ε costs the accountant about a second, so the bracket's doubling is followed by regula falsi on
-    ``log ε`` against ``log z`` (Illinois' variant), not bisection: about 4 evaluations instead of 12.
+    Each ε of a new noise multiplier costs the accountant 0.2-0.3 s, so the bracket's doubling is followed by
+    regula falsi on ``log ε`` against ``log z`` (Illinois' variant), not bisection: about 4 evaluations instead of
+    12.
     """
     if target_epsilon <= 0:
         raise ValueError("The target epsilon should be a positive value.")
