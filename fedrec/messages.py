@@ -143,16 +143,63 @@ def encode_query(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def encode_train(global_state: Mapping[str, np.ndarray], config: Mapping[str, Any],
                  instruction: RoundInstruction) -> dict[str, Any]:
-    """The records of a ``train`` request: global arrays, run config, round instruction."""
-    return {ARRAYS: {k: np.ascontiguousarray(v) for k, v in global_state.items()}, CONFIG: dict(config),
-            ROUND: instruction.to_flat()}
+    """The records of a ``train`` request: global arrays (the item graph's neighbour table as its used slots where
+    that is smaller, :func:`wire_arrays`), run config, round instruction."""
+    return {ARRAYS: wire_arrays(global_state), CONFIG: dict(config), ROUND: instruction.to_flat()}
 
 
 def decode_train(records: Mapping[str, Any]) -> TrainRequest:
     """The request a node received (records as plain mappings: arrays as numpy, configs as dicts)."""
     if ARRAYS not in records or CONFIG not in records or ROUND not in records:
         raise MessageError(f"a train request needs records {ARRAYS}, {CONFIG} and {ROUND}; got {sorted(records)}")
-    return TrainRequest(dict(records[ARRAYS]), dict(records[CONFIG]), RoundInstruction.from_flat(records[ROUND]))
+    return TrainRequest(unpack_neighbours(dict(records[ARRAYS])), dict(records[CONFIG]),
+                        RoundInstruction.from_flat(records[ROUND]))
+
+
+#: the item graph's neighbour table (``(n_items, neighbours)`` ids and scores, an unused slot item 0 with score 0) ...
+NEIGHBOURS = ("graph.ids", "graph.sim")
+#: ... as it travels where few of its slots are used (under DP almost none pass the noise): their flat positions,
+#: ids and scores, and the table's shape
+SLOTS = ("graph.slots", "graph.slot_ids", "graph.slot_sims", "graph.table_shape")
+
+
+def wire_arrays(global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The global arrays as a ``train`` request carries them: as they are, but the neighbour table as its used
+    slots (:data:`SLOTS`) where those take fewer bytes than the table (the node rebuilds the same table,
+    :func:`unpack_neighbours`). ``bytes_down`` counts these."""
+    out = {k: np.ascontiguousarray(v) for k, v in global_state.items()}
+    if not all(k in out for k in NEIGHBOURS):
+        return out
+    ids, sim = out["graph.ids"], out["graph.sim"]
+    used = np.flatnonzero((ids != 0) | (sim != 0))
+    if len(used) * (8 + ids.itemsize + sim.itemsize) >= ids.nbytes + sim.nbytes:
+        return out
+    del out["graph.ids"], out["graph.sim"]
+    return out | {"graph.slots": used.astype(np.int64), "graph.slot_ids": ids.reshape(-1)[used],
+                  "graph.slot_sims": sim.reshape(-1)[used], "graph.table_shape": np.asarray(ids.shape, np.int64)}
+
+
+def unpack_neighbours(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` with a neighbour table sent as its used slots (:func:`wire_arrays`) rebuilt whole; a
+    :class:`MessageError` for slots that do not make one (a table of at most 2^31 slots, each slot once, in range,
+    ids and scores one per slot)."""
+    if not any(k in arrays for k in SLOTS):
+        return arrays
+    try:
+        slots, ids, sims, shape = (np.asarray(arrays.pop(k)) for k in SLOTS)
+        rows, width = (count(x, "the neighbour table's shape", most=2**31) for x in shape.reshape(-1))
+    except (KeyError, ValueError, TypeError) as e:
+        raise MessageError(f"a neighbour table sent as slots needs {', '.join(SLOTS)} with a shape of two sizes "
+                           f"({e})") from None
+    if not (slots.ndim == ids.ndim == sims.ndim == 1 and len(slots) == len(ids) == len(sims)) or \
+            rows * width > 2**31 or slots.dtype.kind != "i" or ids.dtype.kind != "i" or sims.dtype.kind != "f" or \
+            (len(slots) and not (0 <= slots.min() and slots.max() < rows * width)) or \
+            len(np.unique(slots)) != len(slots):
+        raise MessageError(f"the neighbour table's slots do not make a {rows} x {width} table: "
+                           f"{len(slots)} slots, {len(ids)} ids and {len(sims)} scores")
+    table_ids, table_sim = np.zeros(rows * width, ids.dtype), np.zeros(rows * width, sims.dtype)
+    table_ids[slots], table_sim[slots] = ids, sims
+    return arrays | {"graph.ids": table_ids.reshape(rows, width), "graph.sim": table_sim.reshape(rows, width)}
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,60 @@ def test_long_lists_of_numbers_travel_in_the_blob_and_round_trip_exactly():
     _same(plain, {name: {k: got[name][k] for k in plain[name]} for name in got})
     assert all(type(x) is int for x in got["serve"]["devices"]) and all(type(x) is float for x in got["serve"]["hits"])
     assert values_of(rd, "round") == plain["round"]
+
+
+def _version(used: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """A global version with a neighbour table whose share ``used`` of slots is used (an unused slot: item 0, score
+    0; some used slots hold item 0 or score 0 themselves, as the table allows)."""
+    rng = np.random.default_rng(seed)
+    ids, sim = np.zeros((300, 20), np.int32), np.zeros((300, 20), np.float32)
+    take = rng.random((300, 20)) < used
+    ids[take], sim[take] = rng.integers(0, 300, take.sum()), rng.random(take.sum()).astype(np.float32)
+    sim[take & (rng.random((300, 20)) < 0.05)] = 0.0
+    return {"item.weight": rng.normal(size=(300, 5)).astype(np.float32), "graph.ids": ids, "graph.sim": sim,
+            "graph.prior": rng.random(300).astype(np.float32)}
+
+
+@pytest.mark.parametrize("used", [0.0, 0.01, 0.3])
+def test_a_sparse_neighbour_table_travels_as_its_used_slots_and_comes_back_whole(used):
+    """Under DP almost no slot of the neighbour table is used: a ``train`` request carries the used ones (fewer
+    bytes; ``bytes_down`` counts them) and the node rebuilds the same table, bit for bit, through the packed
+    Flower records."""
+    from fedrec.messages import NEIGHBOURS, SLOTS, RoundInstruction, decode_train, encode_train, wire_arrays
+
+    version = _version(used)
+    sent = encode_train(version, {"a": 1}, RoundInstruction(3, (1, 2)))
+    assert set(SLOTS) <= set(sent["arrays"]) and not set(NEIGHBOURS) & set(sent["arrays"])
+    assert sum(a.nbytes for a in wire_arrays(version).values()) < sum(a.nbytes for a in version.values())
+    got = decode_train(from_records(to_records(sent))).global_state
+    assert sorted(got) == sorted(version)
+    for k, v in version.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_a_dense_neighbour_table_travels_as_it_is():
+    from fedrec.messages import NEIGHBOURS, RoundInstruction, encode_train, wire_arrays
+
+    version = _version(0.8)
+    assert set(NEIGHBOURS) <= set(encode_train(version, {}, RoundInstruction(1))["arrays"])
+    assert sum(a.nbytes for a in wire_arrays(version).values()) == sum(a.nbytes for a in version.values())
+    assert set(wire_arrays({"item.weight": np.zeros((3, 2))})) == {"item.weight"}  # no graph: nothing to pack
+
+
+@pytest.mark.parametrize("garble", ["out of range", "negative", "twice", "short ids", "float slots", "no shape",
+                                    "huge"])
+def test_slots_that_make_no_table_end_in_a_message_error(garble):
+    from fedrec.messages import MessageError, RoundInstruction, decode_train, encode_train
+
+    arrays = encode_train(_version(0.01), {}, RoundInstruction(1))["arrays"]
+    slots = arrays["graph.slots"]
+    arrays.update({"out of range": {"graph.slots": np.append(slots[:-1], 300 * 20)},
+                   "negative": {"graph.slots": np.append(slots[:-1], -1)},
+                   "twice": {"graph.slots": np.append(slots[:-1], slots[0])},
+                   "short ids": {"graph.slot_ids": arrays["graph.slot_ids"][:-1]},
+                   "float slots": {"graph.slots": slots.astype(np.float64)},
+                   "no shape": {"graph.table_shape": np.zeros(0, np.int64)},
+                   "huge": {"graph.table_shape": np.asarray([2**31, 2**31])}}[garble])
+    with pytest.raises(MessageError):
+        decode_train({"arrays": arrays, "config": {}, "round": RoundInstruction(1).to_flat()})

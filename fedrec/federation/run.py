@@ -22,7 +22,7 @@ import torch
 from .. import aggregation
 from ..config import RunConfig
 from ..data.features import ModelFeatures
-from ..messages import NodeInfo, RoundInstruction
+from ..messages import NodeInfo, RoundInstruction, wire_arrays
 from ..models import reads_features
 from ..privacy.accounting import calibrate_noise, event_accountant, graph_records, user_parts
 from ..privacy.ledger import Ledger
@@ -215,7 +215,7 @@ class _Run:
         self.busy.update(got.inflight)
         self.state, step = apply_round(self.state, self.fed, got, self.ledger, self.aggregator, plan,
                                        late_now=len(late_now))
-        down = sum(a.nbytes for a in host.values())
+        down = sum(a.nbytes for a in wire_arrays(host).values())
         extra = round_metrics(self.fed, self.state, got, step, self.ledger, plan, down=down, late_now=len(late_now))
         row = self._record(r, got, {**extra, "wall_s": round(time.time() - t0, 3)})
         self._checkpoint()
