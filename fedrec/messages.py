@@ -163,16 +163,20 @@ NEIGHBOURS = ("graph.ids", "graph.sim")
 SLOTS = ("graph.slots", "graph.slot_ids", "graph.slot_sims", "graph.table_shape")
 
 
+#: the neighbour table travels as its used slots where at most this share of them is used (at least 5x fewer bytes)
+SLOTS_MOST = 0.1
+
+
 def wire_arrays(global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The global arrays as a ``train`` request carries them: as they are, but the neighbour table as its used
-    slots (:data:`SLOTS`) where those take fewer bytes than the table (the node rebuilds the same table,
-    :func:`unpack_neighbours`). ``bytes_down`` counts these."""
+    slots (:data:`SLOTS`, in increasing order) where at most :data:`SLOTS_MOST` of them are used (the node rebuilds
+    the same table, :func:`unpack_neighbours`). ``bytes_down`` counts these."""
     out = {k: np.ascontiguousarray(v) for k, v in global_state.items()}
     if not all(k in out for k in NEIGHBOURS):
         return out
     ids, sim = out["graph.ids"], out["graph.sim"]
     used = np.flatnonzero((ids != 0) | (sim != 0))
-    if len(used) * (8 + ids.itemsize + sim.itemsize) >= ids.nbytes + sim.nbytes:
+    if len(used) > SLOTS_MOST * ids.size:
         return out
     del out["graph.ids"], out["graph.sim"]
     return out | {"graph.slots": used.astype(np.int64), "graph.slot_ids": ids.reshape(-1)[used],
@@ -181,8 +185,8 @@ def wire_arrays(global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 
 def unpack_neighbours(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` with a neighbour table sent as its used slots (:func:`wire_arrays`) rebuilt whole; a
-    :class:`MessageError` for slots that do not make one (a table of at most 2^31 slots, each slot once, in range,
-    ids and scores one per slot)."""
+    :class:`MessageError` for slots that do not make one (a table of at most 2^31 slots; slots in range and strictly
+    increasing, so each once; ids and scores one per slot)."""
     if not any(k in arrays for k in SLOTS):
         return arrays
     try:
@@ -193,8 +197,7 @@ def unpack_neighbours(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                            f"({e})") from None
     if not (slots.ndim == ids.ndim == sims.ndim == 1 and len(slots) == len(ids) == len(sims)) or \
             rows * width > 2**31 or slots.dtype.kind != "i" or ids.dtype.kind != "i" or sims.dtype.kind != "f" or \
-            (len(slots) and not (0 <= slots.min() and slots.max() < rows * width)) or \
-            len(np.unique(slots)) != len(slots):
+            (len(slots) and not (0 <= slots[0] and slots[-1] < rows * width)) or np.any(np.diff(slots) <= 0):
         raise MessageError(f"the neighbour table's slots do not make a {rows} x {width} table: "
                            f"{len(slots)} slots, {len(ids)} ids and {len(sims)} scores")
     table_ids, table_sim = np.zeros(rows * width, ids.dtype), np.zeros(rows * width, sims.dtype)
