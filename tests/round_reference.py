@@ -54,6 +54,11 @@ User-level DP under SecAgg+ then gained the item graph (its clipped counts and a
 deltas, the server noising the sum; ``user-graph-share`` of the one Gaussian goes to it, so the model's noise grows):
 ``secagg`` alone was written again (its model and every serving figure moved; it gained ``prior_rounds``); every other
 case passes unchanged.
+The item graph's neighbour table then began to travel as its used slots where at most 10% of them are used
+(``fedrec.messages.wire_arrays``), and ``bytes_down`` to count what travels: the cases with an item graph were written
+again after checking that ``bytes_down`` and ``bytes_down_serving`` are the only differences (every model file kept;
+secagg's json kept but for those two fields, as its rounding varies between runs; under SecAgg+ a train round's
+version travels whole, so only its serving bytes moved).
 """
 
 from __future__ import annotations

@@ -223,13 +223,15 @@ def test_deploy_local_without_dp_carries_the_item_graph_both_ways(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     rows = _rows(out)
     assert _all_trained(rows, 3), _failures(rows)
-    assert rows[1]["bytes_down"] > 10 * rows[0]["bytes_down"]  # round 2 carries the table round 1 built
+    # round 2 carries the table round 1 built (as its used slots where few are: wire_arrays), round 1 an empty one
+    assert rows[1]["bytes_down"] > rows[0]["bytes_down"]
     assert rows[1]["blend"] is not None and rows[1]["events_scored"] > 0
     stores = sorted((out / "devices").glob("*.sqlite"))
     assert len(stores) == 3
     with Device(stores[0]) as d:
         got = d.store.get_arrays("global")
         assert got is not None and set(KEYS) <= set(got[1])
+        assert got[1]["graph.ids"].ndim == 2 and (got[1]["graph.sim"] != 0).any()  # the table rebuilt whole, not empty
         top = d.recommend(5)
         assert len(top) == 5 and not set(top) & set(d.store.all_items().tolist())
 

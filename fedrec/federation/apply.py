@@ -165,8 +165,9 @@ def check_finite(state: ServerState, r: int) -> None:
 
 
 def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step, ledger: Ledger, plan: RoundPlan,
-                  *, down: int, late_now: int) -> dict:
-    """The algorithm's part of the round's metrics line (privacy, traffic, aggregation, stragglers)."""
+                  *, down: int, down_serving: int, late_now: int) -> dict:
+    """The algorithm's part of the round's metrics line (privacy, traffic, aggregation, stragglers); ``down`` and
+    ``down_serving``: the bytes of arrays a train and a serve-only message carry to one device."""
     cfg, r = fed.cfg, plan.round
     served = got.served if cfg.serve_eval else None
     diag = step.diag
@@ -174,7 +175,7 @@ def round_metrics(fed: Federation, state: ServerState, got: Replies, step: Step,
             **_epsilons(fed, ledger, plan.period),
             "staleness": r + 1 - state.last_fresh, "new_events": got.new_events, "bytes_up": got.bytes_up,
             "bytes_down": down * len(plan.cohort), "sampled": len(plan.cohort),
-            "bytes_down_serving": down * len(served.per_device) if served else 0, "skipped_budget": got.skipped,
+            "bytes_down_serving": down_serving * len(served.per_device) if served else 0, "skipped_budget": got.skipped,
             "frac_clipped": (sum(got.clipped) / len(got.clipped)) if cfg.user_dp and got.clipped else None,
             "mean_preclip_norm": float(np.mean(got.preclip)) if cfg.user_dp and got.preclip else None,
             "noise_std": _num(diag.get("noise_std")), "snr": _num(diag.get("snr")),

@@ -215,8 +215,11 @@ class _Run:
         self.busy.update(got.inflight)
         self.state, step = apply_round(self.state, self.fed, got, self.ledger, self.aggregator, plan,
                                        late_now=len(late_now))
-        down = sum(a.nbytes for a in wire_arrays(host).values())
-        extra = round_metrics(self.fed, self.state, got, step, self.ledger, plan, down=down, late_now=len(late_now))
+        serve = sum(a.nbytes for a in wire_arrays(host).values())  # a train or serve message's arrays
+        # SecAgg+ sends the train rounds' version whole, as Flower parameters (server/secagg.py)
+        down = sum(a.nbytes for a in host.values()) if self.fed.cfg.secure_aggregation else serve
+        extra = round_metrics(self.fed, self.state, got, step, self.ledger, plan, down=down, down_serving=serve,
+                              late_now=len(late_now))
         row = self._record(r, got, {**extra, "wall_s": round(time.time() - t0, 3)})
         self._checkpoint()
         return row
