@@ -184,21 +184,25 @@ def wire_arrays(global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def unpack_neighbours(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``arrays`` with a neighbour table sent as its used slots (:func:`wire_arrays`) rebuilt whole; a
-    :class:`MessageError` for slots that do not make one (a table of at most 2^31 slots; slots in range and strictly
-    increasing, so each once; ids and scores one per slot)."""
+    """``arrays`` (taken over) with a neighbour table sent as its used slots (:func:`wire_arrays`) rebuilt whole; a
+    :class:`MessageError` for slots that do not make one: one row per item of the version's prior (``graph.prior``,
+    sent whole, so a short message cannot ask for a larger table than the catalogue's), at most ``graph-neighbours``'
+    largest value of columns and 2^31 slots; slots in range and strictly increasing, so each once; ids and scores one
+    per slot."""
     if not any(k in arrays for k in SLOTS):
         return arrays
     try:
         slots, ids, sims, shape = (np.asarray(arrays.pop(k)) for k in SLOTS)
         rows, width = (count(x, "the neighbour table's shape", most=2**31) for x in shape.reshape(-1))
+        items = len(arrays["graph.prior"])
     except (KeyError, ValueError, TypeError) as e:
-        raise MessageError(f"a neighbour table sent as slots needs {', '.join(SLOTS)} with a shape of two sizes "
-                           f"({e})") from None
-    if not (slots.ndim == ids.ndim == sims.ndim == 1 and len(slots) == len(ids) == len(sims)) or \
-            rows * width > 2**31 or slots.dtype.kind != "i" or ids.dtype.kind != "i" or sims.dtype.kind != "f" or \
+        raise MessageError(f"a neighbour table sent as slots needs {', '.join(SLOTS)} with a shape of two sizes, "
+                           f"and graph.prior ({e})") from None
+    if not (slots.ndim == ids.ndim == sims.ndim == 1 and len(slots) == len(ids) == len(sims)) or rows != items or \
+            width > 10**6 or rows * width > 2**31 or slots.dtype.kind != "i" or ids.dtype.kind != "i" or \
+            sims.dtype.kind != "f" or \
             (len(slots) and not (0 <= slots[0] and slots[-1] < rows * width)) or np.any(np.diff(slots) <= 0):
-        raise MessageError(f"the neighbour table's slots do not make a {rows} x {width} table: "
+        raise MessageError(f"the neighbour table's slots do not make a {rows} x {width} table for {items} items: "
                            f"{len(slots)} slots, {len(ids)} ids and {len(sims)} scores")
     table_ids, table_sim = np.zeros(rows * width, ids.dtype), np.zeros(rows * width, sims.dtype)
     table_ids[slots], table_sim[slots] = ids, sims

@@ -137,7 +137,7 @@ def test_a_dense_neighbour_table_travels_as_it_is():
 
 
 @pytest.mark.parametrize("garble", ["out of range", "negative", "twice", "unordered", "short ids", "float slots",
-                                    "no shape", "huge"])
+                                    "no shape", "huge", "more rows than items", "no prior"])
 def test_slots_that_make_no_table_end_in_a_message_error(garble):
     from fedrec.messages import MessageError, RoundInstruction, decode_train, encode_train
 
@@ -150,6 +150,9 @@ def test_slots_that_make_no_table_end_in_a_message_error(garble):
                    "short ids": {"graph.slot_ids": arrays["graph.slot_ids"][:-1]},
                    "float slots": {"graph.slots": slots.astype(np.float64)},
                    "no shape": {"graph.table_shape": np.zeros(0, np.int64)},
-                   "huge": {"graph.table_shape": np.asarray([2**31, 2**31])}}[garble])
+                   "huge": {"graph.table_shape": np.asarray([300, 2**30])},
+                   "more rows than items": {"graph.table_shape": np.asarray([600, 20])}}.get(garble, {}))
+    if garble == "no prior":
+        del arrays["graph.prior"]
     with pytest.raises(MessageError):
         decode_train({"arrays": arrays, "config": {}, "round": RoundInstruction(1).to_flat()})
