@@ -101,8 +101,8 @@ def train_devices(model: RecModel, global_state: Mapping[str, np.ndarray], devs:
     """Step 2 for many devices of one node: each one's :func:`train_device`, their round-start fits run together
     where the model allows (:func:`~fedrec.client_update.batched_fits`) and their local steps too where the mode
     does (:func:`~fedrec.client_update.batched_updates`; under event-level DP each device's update then runs
-    alone), each device still from its own state and generator. A device that fails is its exception in the list; the others go on (should the batch's
-    steps fail as a whole, each device runs its round alone)."""
+    alone), each device still from its own state and generator. A device that fails is its exception in the list;
+    the others go on (should the batch's steps fail as a whole, each device runs its round alone)."""
     one = [lambda dev=dev, probe=probe: train_device(model, global_state, dev, cfg, ins, probe)
            for dev, probe in zip(devs, probes, strict=True)]
     if not devs or not batched_fits(cfg):

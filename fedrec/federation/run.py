@@ -55,7 +55,8 @@ class Transport(Protocol):
 
     def exchange(self, r: int, requests: dict[int, RoundInstruction], host: dict[str, np.ndarray], config: dict,
                  enough: int | None) -> list[Reply]:
-        """Send round ``r``'s requests; the replies by the round's close (late ones of earlier rounds too)."""
+        """Send round ``r``'s requests with the version ``host`` as messages carry it
+        (:func:`~fedrec.messages.wire_arrays`); the replies by the round's close (late ones of earlier rounds too)."""
         ...
 
     def late_devices(self, r: int) -> set[int]:
@@ -206,7 +207,8 @@ class _Run:
         plan = plan_round(self.fed, r, self.rng, busy=self.busy, busy_nodes=busy_nodes,
                           due=[d for d, due in self.busy.items() if due <= r])
         host = self.state.host_state(r)
-        got = self._exchange(plan, host, arrived)
+        sent = wire_arrays(host)  # what a train or serve message carries: packed once, for every node
+        got = self._exchange(plan, host, sent, arrived)
         got.failed += gone
         late_now = sorted(self.transport.late_devices(r) | set(got.inflight))
         for u in got.late:
@@ -215,7 +217,7 @@ class _Run:
         self.busy.update(got.inflight)
         self.state, step = apply_round(self.state, self.fed, got, self.ledger, self.aggregator, plan,
                                        late_now=len(late_now))
-        serve = sum(a.nbytes for a in wire_arrays(host).values())  # a train or serve message's arrays
+        serve = sum(a.nbytes for a in sent.values())
         # SecAgg+ sends the train rounds' version whole, as Flower parameters (server/secagg.py)
         down = sum(a.nbytes for a in host.values()) if self.fed.cfg.secure_aggregation else serve
         extra = round_metrics(self.fed, self.state, got, step, self.ledger, plan, down=down, down_serving=serve,
@@ -224,7 +226,10 @@ class _Run:
         self._checkpoint()
         return row
 
-    def _exchange(self, plan: RoundPlan, host: dict[str, np.ndarray], arrived: list[Reply]) -> Replies:
+    def _exchange(self, plan: RoundPlan, host: dict[str, np.ndarray], sent: dict[str, np.ndarray],
+                  arrived: list[Reply]) -> Replies:
+        """The round's replies: ``host`` the version whole (SecAgg+ sends it so), ``sent`` as messages carry it
+        (:func:`~fedrec.messages.wire_arrays`)."""
         cfg, r = self.fed.cfg, plan.round
         requests = {n: RoundInstruction(r, tuple(ds), self.fed.z_event, self.clock(r), self.rec.leader(),
                                         tuple(self.state.acked.get(d, -1) for d in ds))
@@ -239,7 +244,7 @@ class _Run:
             add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node), shapes)
             return got
         enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
-        replies = self.transport.exchange(r, requests, host, cfg.to_flat(), enough)
+        replies = self.transport.exchange(r, requests, sent, cfg.to_flat(), enough)
         # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
         # on the order, and the same seed must give the same model on any engine
         return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
