@@ -52,6 +52,7 @@ from fedrec.messages import (
 )
 from fedrec.privacy.accounting import graph_multiplier
 from fedrec.privacy.shares import add_shares, device_signal, node_share_seed, share_generator, share_plan
+from fedrec.ray_cluster import quiet_flower
 from fedrec.server_aggregate import ITEM_TABLES
 from fedrec.wire import decode_delta, wire_mode
 
@@ -59,6 +60,8 @@ from .device import Device
 from .mods import slow_devices
 from .records import from_records, to_records
 from .simulation import hosted_devices, node_stream, train_shard
+
+quiet_flower()  # here too: a Ray node's actor imports this module in its own process, which logs its own stop
 
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")

@@ -287,10 +287,18 @@ def _print_summary(console, s: dict, k: int) -> None:
 
 
 def _quiet() -> None:
+    """Warnings and errors only from Flower and Ray, less Flower's routine notices
+    (:func:`~fedrec.ray_cluster.quiet_flower`). Flower's logger is imported first: importing it sets its level to
+    DEBUG, which would undo a level set before."""
+    import flwr.common.logger  # noqa: F401
+
+    from .ray_cluster import quiet_flower
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_flower()
 
 
 def _run_errors() -> tuple[type[Exception], ...]:

@@ -10,6 +10,7 @@ cluster whose head is there, and Ray schedules the nodes' work over every machin
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -19,6 +20,21 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 #: Ray's switch between a loopback node IP and the machine's outward one (read from this variable
 #: at import; named for the platforms where loopback is Ray's default)
 CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: what Flower logs on every Ray run that a fedrec user can do nothing about: its deprecation of ``run_simulation``,
+#: which the Ray engine calls on purpose (it runs the Simulation Engine in this process: ../shared/FACTS.md), and each
+#: node's actor saying it is stopped at the run's end
+FLOWER_NOTICES = ("DEPRECATED FEATURE: The `run_simulation` function", "Manually terminating ClientAppActor")
+
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().lstrip().startswith(FLOWER_NOTICES)
+
+
+def quiet_flower() -> None:
+    """Drop Flower's :data:`FLOWER_NOTICES` from its log in this process (its warnings and errors stay)."""
+    flower = logging.getLogger("flwr")
+    if _not_a_notice not in flower.filters:
+        flower.addFilter(_not_a_notice)
 
 
 def is_ray_address(address: str) -> bool:

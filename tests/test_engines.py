@@ -66,6 +66,7 @@ NEEDS = {  # test (with its parameters) -> the runs it reads
     "test_local_and_ray_engines_give_the_same_global_model[user]": ("local-user", "ray-user"),
     "test_local_and_ray_engines_give_the_same_global_model[event]": ("local-event", "ray-event"),
     "test_sharded_and_one_node_per_device_runs_give_the_same_global_model": ("one", "each", "ray-user"),
+    "test_a_ray_run_prints_its_rounds_not_flower_s_debug_log": ("ray-user",),
 }
 
 
@@ -108,3 +109,14 @@ def test_sharded_and_one_node_per_device_runs_give_the_same_global_model(runs):
     assert np.allclose(m[0], m[1], atol=1e-5) and np.allclose(m[0], m[2], atol=1e-5)
     assert one["metrics"]["hr@10"] == pytest.approx(per_device["metrics"]["hr@10"], rel=1e-6)
     assert one["metrics"]["hr@10"] == pytest.approx(ray2["metrics"]["hr@10"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_ray_run_prints_its_rounds_not_flower_s_debug_log(runs):
+    """What a user reads of a Ray run (stdout and stderr): its rounds and summary; not Flower's DEBUG lines (importing
+    Flower's logger resets its level), its deprecation of the ``run_simulation`` fedrec calls, or its actors' stops."""
+    runs.summary("ray-user")
+    out = runs.runs["ray-user"].text()
+    assert "round   3  HR@10" in out and "fedrec run summary" in out
+    for noise in (":DEBUG:", "DEBUG ", "DEPRECATED FEATURE", "Manually terminating"):
+        assert noise not in out, out[:3000]
