@@ -290,6 +290,9 @@ class RunRecorder:
         baselines = self._baselines()
         hr_key = f"hr@{k}"
         last = [r[hr_key] for r in self.rows[-5:] if r.get(hr_key) is not None]
+        metrics = self._metrics(last)
+        # the summary's own (the CLI prints it below the table); not in self.notes, which the checkpoint keeps
+        why = below_popularity(cfg, metrics.get(hr_key), baselines, self.rows)
         summary = {
             "config": cfg.to_flat(),
             "data": {"source": cfg.data or "synthetic world", "n_items": self.info.get("n_items"),
@@ -297,11 +300,11 @@ class RunRecorder:
                      "item_features": {**self.features.info(), "model_reads_them": reads_features(cfg.model)}
                      if self.features is not None else None},
             "rounds": len(self.rows),
-            "metrics": self._metrics(last),
+            "metrics": metrics,
             "baselines": baselines,
             "privacy": privacy,
             "freshness": self.freshness(),
-            "notes": self.notes,
+            "notes": self.notes + ([why] if why else []),
             **({"attack": self._attack_summary()} if self._target is not None else {}),
             "timings": {"wall_s": round(time.time() - self.t0, 2),
                         "mean_round_s": round(float(np.mean([r["wall_s"] for r in self.rows])), 3) if self.rows else 0,
@@ -450,3 +453,24 @@ def plot_run(rows: list[dict], path: Path | BinaryIO, *, k: int = 10) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def below_popularity(cfg: RunConfig, hr: float | None, baselines: dict, rows: list[dict]) -> str | None:
+    """A note where the headline HR ends below popularity or recent popularity on the same events, saying what the
+    run's own figures show of why and what lifts it (None where it does not end below, or a figure is missing)."""
+    k = f"hr@{cfg.k}"
+    pop, recent = ((baselines.get(n) or {}).get(k) for n in ("popularity", "recent_popularity"))
+    if hr is None or pop is None or recent is None or hr >= max(pop, recent):
+        return None
+    out = (f"the per-event HR@{cfg.k} {hr:.4f} is below popularity's {pop:.4f} or recent popularity's {recent:.4f} on "
+           "the same events")
+    if cfg.privacy == "none":
+        return out + "; summary.json's metrics.blends shows which of the served sources falls short (docs/online.md)"
+    snr = [r["snr"] for r in rows if r.get("snr") is not None]
+    unit = {"user": "user-level", "event": "event-level", "both": "user- and event-level"}[cfg.privacy]
+    why = (f": the rounds' summed updates had {np.mean(snr):.2g}x the norm of their noise on average (snr in "
+           "metrics.jsonl), so the released model is mostly noise" if snr and np.mean(snr) < 1 else
+           f": under {unit} DP at this epsilon the noise outweighs what a round's devices add")
+    smaller = ", or a smaller unit (--privacy event)" if cfg.privacy != "event" else ""
+    return (out + why + f"; more devices a round (the noise of a sum does not grow with them), a larger epsilon{smaller} "
+            "give the release more signal per unit of noise (docs/privacy.md)")

@@ -27,7 +27,7 @@ from fedrec.data.source import load_stream
 from fedrec.data.stream import RoundStream
 from fedrec.eval.baselines import centralised_mf_prequential, item_knn_prequential, popularity_prequential
 from fedrec.eval.metrics import PrequentialCounts
-from fedrec.report import RunRecorder
+from fedrec.report import RunRecorder, below_popularity
 
 EVENTS = [(0, 0), (0, 1), (1, 3), (0, 3), (1, 5),
           (2, 0), (2, 1), (1, 4), (0, 5), (0, 4),
@@ -245,3 +245,25 @@ def test_distinct_pairs_are_counted_as_a_plain_count_would(V):
     want = sorted(Counter(zip(who.tolist(), lo.tolist(), hi.tolist(), strict=True)).items())
     a, b, n = _distinct(who.astype(np.int64), lo.astype(np.int64), hi.astype(np.int64), V)
     assert list(zip(a.tolist(), b.tolist(), n.tolist(), strict=True)) == [(x[1], x[2], c) for x, c in want]
+
+
+def _bases(pop: float, recent: float) -> dict:
+    return {"popularity": {"hr@10": pop}, "recent_popularity": {"hr@10": recent}, "item_knn": {"hr@10": 0.07}}
+
+
+def test_a_run_below_popularity_gets_a_note_from_its_own_figures():
+    """Below popularity or recent popularity, the note says by how much and why, from the run's own figures (the snr of
+    its user-level rounds), and what lifts it; at or above both, or with a figure missing, no note."""
+    user, event, none = (RunConfig(privacy=p) for p in ("user", "event", "none"))
+    rows = [{"snr": 0.05}, {"snr": 0.07}, {"snr": None}]
+    assert below_popularity(user, 0.0386, _bases(0.0320, 0.0386), rows) is None  # ties recent popularity
+    assert below_popularity(user, None, _bases(0.0320, 0.0386), rows) is None
+    assert below_popularity(user, 0.01, {"popularity": {"hr@10": 0.03}}, rows) is None
+    note = below_popularity(user, 0.0212, _bases(0.0320, 0.0386), rows)
+    assert note is not None and "0.0212 is below popularity's 0.0320 or recent popularity's 0.0386" in note
+    assert "0.06x the norm of their noise" in note and "--privacy event" in note
+    note = below_popularity(event, 0.0300, _bases(0.0320, 0.0290), [{"snr": None}])
+    assert note is not None and "under event-level DP" in note and "--privacy event" not in note
+    assert "larger epsilon" in note
+    note = below_popularity(none, 0.0300, _bases(0.0290, 0.0386), [])
+    assert note is not None and "metrics.blends" in note and "epsilon" not in note
