@@ -230,7 +230,7 @@ class _Reader:
             dtype_str, shape, offset, nbytes = spec
             dtype = np.dtype(dtype_str)
             shape = tuple(shape)
-            ok = all(type(x) is int and x >= 0 for x in (*shape, offset, nbytes))
+            ok = all(type(x) is int and x >= 0 for x in (*shape, offset, nbytes)) and plain_shape(shape)
         except (TypeError, ValueError):
             raise MessageError(f"{where} has no readable [dtype, shape, offset, bytes] entry") from None
         if not ok or dtype.kind not in "biuf" or dtype.hasobject:
@@ -242,6 +242,17 @@ class _Reader:
         if not copy:
             return np.zeros(0, dtype)
         return np.frombuffer(self.blob, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape).copy()
+
+
+#: the most dimensions, and the longest dimension, an array a node sends may have (numpy cannot reshape beyond
+#: either; with a dimension of 0 any other one holds no bytes, so the byte count alone does not bound them)
+MOST_DIMS, MOST_DIM = 32, 2**40
+
+
+def plain_shape(shape: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` can be made: at most :data:`MOST_DIMS` dimensions, each at most
+    :data:`MOST_DIM`."""
+    return len(shape) <= MOST_DIMS and all(x <= MOST_DIM for x in shape)
 
 
 def _value(record: str, key: str, v: Any) -> Any:
@@ -271,7 +282,7 @@ def _array(record: str, key: str, v: Array) -> np.ndarray:
         raise MessageError(f"{where} has no readable numpy header ({type(e).__name__})") from None
     if dtype.kind not in "biuf" or dtype.hasobject or dtype != declared:
         raise MessageError(f"{where} holds {dtype}, declared {declared}, not plain numbers")
-    if tuple(shape) != tuple(v.shape) or fortran:
+    if tuple(shape) != tuple(v.shape) or fortran or not plain_shape(shape):
         raise MessageError(f"{where} has header shape {shape}, declared {tuple(v.shape)}")
     size = math.prod(shape) * dtype.itemsize
     if size != len(v.data) - buf.tell():

@@ -63,8 +63,16 @@ class MessageError(ValueError):
 _GARBLED = (KeyError, TypeError, ValueError, OverflowError, AttributeError)
 
 
-def count(v: Any, what: str, *, most: float = math.inf) -> int:
-    """A non-negative whole number a node sent (at most ``most``), else :class:`MessageError`."""
+#: the largest count a node may send (2^53: every whole number up to it is exact in a float, and sums of a million
+#: of them stay finite): a claim of 1e308 events would overflow the round's totals
+MOST_COUNT = 2**53
+#: the longest failure reason or trace kept of a node's report (the rest is cut: they are kept in every checkpoint)
+MOST_TEXT = 2000
+
+
+def count(v: Any, what: str, *, most: float = MOST_COUNT) -> int:
+    """A non-negative whole number a node sent (at most ``most``, :data:`MOST_COUNT` unless less), else
+    :class:`MessageError`."""
     x = number(v, what)
     if x != int(x) or not 0 <= x <= most:
         raise MessageError(f"{what} must be a whole number in [0, {most:g}], got {v!r}")
@@ -223,7 +231,7 @@ class NodeInfo:
     @classmethod
     def from_flat(cls, d: Mapping[str, Any]) -> NodeInfo:
         try:
-            return cls(tuple(count(x, "device id") for x in d["devices"]), count(d["n-items"], "n-items"),
+            return cls(tuple(count(x, "device id") for x in d["devices"]), count(d["n-items"], "n-items", most=2**31 - 1),
                        bool(d.get("durable", False)))
         except (MessageError, *_GARBLED) as e:
             raise MessageError(f"the node's device report lacks or garbles {e}") from None
@@ -271,7 +279,7 @@ class UpdateReport:
                        epsilon=number(m.get("epsilon", -1.0), "epsilon", low=-1.0), steps=count(m["steps"], "steps"),
                        max_exposure=count(m["max-exposure"], "max-exposure"),
                        clipped=bool(count(m["clipped"], "clipped", most=1)),
-                       preclip_norm=number(m["preclip-norm"], "preclip-norm", low=0),
+                       preclip_norm=number(m["preclip-norm"], "preclip-norm", low=0, high=MOST_COUNT),
                        base_round=count(base, "base-round") if base is not None else None)
         except _GARBLED as e:
             raise MessageError(f"its metrics lack or garble {e}") from None
@@ -398,7 +406,8 @@ def decode_reply(records: Mapping[str, Any]) -> NodeReply:
         kind, _, dev = str(name).rpartition("-")
         if name in (SERVE, SERVE_PROBE):
             continue
-        if kind not in (DELTA, METRICS, PROBE, PAIRS, ROWS, SKIP, ERROR, INFLIGHT) or not (dev.isascii() and dev.isdigit()):
+        if kind not in (DELTA, METRICS, PROBE, PAIRS, ROWS, SKIP, ERROR, INFLIGHT) or not (dev.isascii() and dev.isdigit()) \
+                or dev != str(int(dev)):  # one name per device: "metrics-01" would be a second record of device 1
             raise MessageError(f"the reply holds a record {name!r} that names no device")
         _decode_entry(out, kind, int(dev), rec, records)
     if SERVE in records:
@@ -409,13 +418,13 @@ def decode_reply(records: Mapping[str, Any]) -> NodeReply:
 def _decode_entry(out: NodeReply, kind: str, d: int, rec: Mapping[str, Any], records: Mapping[str, Any]) -> None:
     try:
         if kind == ERROR:
-            out.failures.append(DeviceFailure(d, str(rec["reason"]), str(rec.get("trace", ""))))
+            out.failures.append(DeviceFailure(d, str(rec["reason"])[:MOST_TEXT], str(rec.get("trace", ""))[-MOST_TEXT:]))
         elif kind == INFLIGHT:
             out.inflight.append(InFlight(d, count(rec["base-round"], "base-round"), count(rec["due"], "due")))
         elif kind == METRICS and rec.get("skipped", 0):
             skip = records.get(record_name(SKIP, d), {})
             out.skips.append(DeviceSkip(d, number(rec.get("epsilon", 0.0), "epsilon", low=-1.0),
-                                        str(skip.get("reason", ""))))
+                                        str(skip.get("reason", ""))[:MOST_TEXT]))
         elif kind == METRICS:
             arrays = records.get(record_name(DELTA, d))
             if not isinstance(arrays, Mapping):

@@ -94,6 +94,8 @@ def _reply(asked: int, m: Message, devices: list[int] | tuple[int, ...]) -> Repl
         return Reply(asked, node, decode_reply(from_records(m.content)), devices=frozenset(devices))
     except MessageError as e:
         return Reply(asked, node, None, f"node {node}: {e}")
+    except Exception as e:  # whatever else hostile content raises in decoding: that reply fails, not the round
+        return Reply(asked, node, None, f"node {node}: its reply cannot be decoded ({type(e).__name__}: {str(e)[:200]})")
 
 
 class FlowerTransport:

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedrec.checkpoint import load_checkpoint
 from fedrec.clients.app import app as client_app
 from fedrec.clients.records import PACKED, from_records, to_records
 from fedrec.clients.simulation import node_stream
@@ -204,13 +205,24 @@ _KINDS = {  # kind -> (how node 10 lies, what the failure says)
                                                   rd.__setitem__("metrics-2", rd["metrics-1"])), "not asked"),
     "delta far larger than the model": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": Array(
         np.full((5, 2), 1e4, np.float32))})), "times the model's"),
+    "num-examples 1e308": (_metrics(**{"num-examples": 1e308}), "num-examples"),
+    "n-new above max-weight": (_metrics(**{"num-examples": 10**6, "n-new": 10**5}), "more than max-weight"),
+    "preclip-norm 1e308": (_metrics(**{"preclip-norm": 1e308}), "preclip-norm"),
+    "base-round after the request": (_metrics(**{"base-round": 5}), "was not asked for in round 1"),
+    "metrics-01, a second name of device 1": (lambda rd: rd.__setitem__("metrics-01", rd["metrics-1"]),
+                                               "names no device"),
+    "delta of plain numbers": (lambda rd: rd.__setitem__("delta-1", ConfigRecord({"item.weight": 1.0})),
+                               "not an array"),
+    "header of 2^124 empty cells": (lambda rd: rd.__setitem__("delta-1", ArrayRecord({"item.weight": _npy(
+        "<f4", (0, 2**62, 2**62), b"", declared=(0, 2**62, 2**62))})), "header shape"),
     "400 fake served devices": (_serve(list(range(100, 500)), 50), "reported serving 400 devices"),
     "served twice, absurd counts": (_serve([1, 1, 2], 10**9), "reported serving 3 devices"),
 }
 
 
 #: the lies told in a Flower Array itself, which the packed form has no place for (its own are in _PACKED_LIES)
-_ARRAY_LIES = {"object array", "pickle payload", "unsupported serialisation", "header claims 400 GB"}
+_ARRAY_LIES = {"object array", "pickle payload", "unsupported serialisation", "header claims 400 GB",
+               "delta of plain numbers", "header of 2^124 empty cells"}
 
 
 @pytest.mark.parametrize("kind,packed", [(k, False) for k in sorted(_KINDS)]
@@ -276,6 +288,9 @@ _PACKED_LIES = {  # kind -> (how node 10 edits its packed record: manifest as a 
     "two arrays on the same bytes": (_with(lambda m: m["records"].append(
         ["delta-2", "arrays", {"w": _delta_entry(m)}])), "does not hold"),
     "bytes no record names": (lambda m, head: head.__setitem__("blob", head["blob"] + bytes(8)), "no record names"),
+    # numpy makes no array of more than 64 dimensions, nor of 10^30 cells even where another dimension is 0
+    "65 dimensions": (_with(lambda m: _delta_entry(m).__setitem__(1, [1] * 65)), "non-negative shape"),
+    "an empty array 10^30 long": (_with(lambda m: _delta_entry(m).__setitem__(1, [0, 10**30])), "non-negative shape"),
 }
 
 
@@ -396,3 +411,97 @@ def test_a_node_that_does_not_report_its_devices_at_the_start_sits_the_run_out(t
     cfg2 = RunConfig(**kw, out=str(tmp_path / "none"))
     with pytest.raises(FederationError, match=r"^No node reported its devices \(node \d+: ConnectionError: down; node"):
         run_federation(LocalGrid(all_down, cfg2.nodes, cfg2.to_flat()), cfg2)
+
+
+def test_an_event_level_update_claims_no_more_steps_or_exposure_than_its_config_allows():
+    """Under event-level DP a device's steps and the most any of its events was used in go into the ledger and the
+    accountant: a claim beyond ``local-steps`` or the replay window's ``(replay-rounds + 1) x local-steps`` fails that
+    update (10^12 made the PRV accountant ask for petabytes); a straggler's update comes only from a device in flight,
+    of a round that sent a version."""
+    cfg = RunConfig(privacy="event", local_steps=3, replay_rounds=1)
+    limits = Limits.of(cfg, 5)
+    assert (limits.steps, limits.exposure, limits.outsized, limits.n_items) == (3, 6, False, 5)
+    assert _collect(_records(), limits).done == [1]  # 3 steps, exposure 3
+    for lie, why in (({"max-exposure": 10**12}, "replay window allows (6)"), ({"steps": 4}, "an update takes (3)")):
+        rd = _records()
+        _metrics(**lie)(rd)
+        got = _collect(rd, limits)
+        assert not got.done and any(why in r for _, r in got.failed), got.failed
+    rd = _records()
+    _metrics(**{"base-round": 0})(rd)  # an update of round 0, handed in with the reply to round 1
+    assert "not asked for" in _collect(rd, Limits.of(cfg, 5, busy=[], versions=[0, 1])).failed[0][1]
+    assert "sent no version" in _collect(rd, Limits.of(cfg, 5, busy=[1], versions=[1])).failed[0][1]
+    got = _collect(rd, Limits.of(cfg, 5, busy=[1], versions=[0, 1]))
+    assert [u.device for u in got.late] == [1] and not got.failed
+
+
+def test_probe_items_outside_the_catalogue_are_not_counted_and_long_reasons_are_cut():
+    rd = _records()
+    _serve([1], 1)(rd)
+    rd["serve-probe"] = MetricRecord({"items": [3, 10**9], "hits": [1, 0]})
+    got = _collect(rd, Limits(n_items=5))
+    assert not got.served.probes and any("outside the catalogue" in r for _, r in got.failed)
+    assert _collect(rd).served.probes  # without a catalogue to check against (the default Limits)
+    rd = _records()
+    rd["error-1"] = ConfigRecord({"reason": "x" * 3_000_000})
+    assert max(len(r) for _, r in _collect(rd).failed) <= 2_000
+
+
+def _reports(edit):
+    """The real ClientApp, whose answer to the start's question (which devices, how many items, durable?) node 1001
+    edits with ``edit(info)``."""
+    def node(msg: Message, ctx):
+        rep = client_app(msg, ctx)
+        if msg.metadata.message_type != "query" or ctx.node_id != 1001 or rep.has_error():
+            return rep
+        c = from_records(rep.content)
+        edit(c["info"])
+        return Message(to_records(c), reply_to=msg)
+    return node
+
+
+def test_a_node_that_claims_other_nodes_devices_or_another_catalogue_sits_out_alone(tmp_path):
+    """A device two nodes claim sits the run out, as does a node whose catalogue is not the one most report; the run
+    goes on and says so (it used to stop the run)."""
+    kw = {"world_users": 40, "nodes": 3, "rounds": 2, "cohort": 40, "uptake_probe": False, "progress": False,
+          "engine": "local", "privacy": "none"}
+    cfg = RunConfig(**kw, out=str(tmp_path / "claims"))
+    s = run_federation(LocalGrid(_reports(lambda info: info.__setitem__("devices", list(range(40)))), cfg.nodes,
+                                 cfg.to_flat()), cfg)
+    assert s["rounds"] == 2 and any("each reported by two nodes" in n and "(26)" in n for n in s["notes"]), s["notes"]
+    rows = [json.loads(x) for x in (tmp_path / "claims" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failed"] == 0 and 0 < r["devices"] <= 14 for r in rows)  # node 1001's own 14 of the 40 devices
+    cfg = RunConfig(**kw, out=str(tmp_path / "items"))
+    s = run_federation(LocalGrid(_reports(lambda info: info.__setitem__("n-items", 7)), cfg.nodes, cfg.to_flat()), cfg)
+    assert s["rounds"] == 2 and any("node 1001 reported 7 items" in n for n in s["notes"]), s["notes"]
+
+
+def test_one_node_reporting_state_in_memory_does_not_make_the_server_noise_follow_the_seed(tmp_path):
+    """The server's noise secret is its own wherever some node keeps its devices in stores (a deployment), whatever the
+    others report; only a federation of nodes that all keep state in memory (a simulation) seeds it from the run."""
+    kw = {"world_users": 40, "nodes": 2, "rounds": 1, "cohort": 10, "uptake_probe": False, "progress": False,
+          "engine": "local", "privacy": "user"}
+    secrets_ = []
+    for name, edit in (("sim", lambda info: None), ("store", lambda info: info.__setitem__("durable", True))):
+        cfg = RunConfig(**kw, out=str(tmp_path / name))
+        run_federation(LocalGrid(_reports(edit), cfg.nodes, cfg.to_flat()), cfg)
+        secrets_.append(int(load_checkpoint(tmp_path / name / "checkpoint.npz")["run"]["secret"]))
+    assert secrets_[0] == 0 and secrets_[1] != 0
+
+
+def test_dp_sgd_on_a_device_sends_no_more_than_its_mechanism_can_move_the_model():
+    """Under DP-SGD on each device nothing else bounds a delta (its noise is not clipped): one of 3e38 a coordinate made
+    the model infinite and stopped the run. It is refused above what the steps, the clip and the noise can reach."""
+    from fedrec.federation.replies import dpsgd_bound
+
+    cfg = RunConfig(privacy="event", event_noise="device", local_steps=3)
+    limits = Limits.of(cfg, 5, z_event=2.0, dims=10)
+    assert limits.noisy_most == pytest.approx(dpsgd_bound(cfg, 2.0, 10)) == pytest.approx(1.0 / 0.5 * (3 + 2.0 * (
+        math.sqrt(30) + 10)))
+    assert _collect(_records(), limits).done == [1]
+    for value in (1e3, 3e38):
+        rd = _records()
+        rd["delta-1"] = ArrayRecord({"item.weight": Array(np.full((5, 2), value, np.float32))})
+        got = _collect(rd, limits)
+        assert not got.done and "the most an update of DP-SGD can move it" in got.failed[0][1], got.failed
+    assert Limits.of(RunConfig(privacy="event"), z_event=2.0, dims=10).noisy_most is None  # at the aggregate

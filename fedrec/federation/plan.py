@@ -30,6 +30,9 @@ class Federation:
     q_user: float  #: the user-level sampling rate
     population: list[int] = field(default_factory=list)
     nodes: list[int] = field(default_factory=list)
+    #: some node keeps its devices in stores (a deployment): the server's noise then comes from a secret of its own,
+    #: whatever other nodes report (one node reporting memory state must not make the noise follow the public seed)
+    stores: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "population", sorted(self.home))

@@ -11,6 +11,7 @@ checked against what its events can produce (:class:`RowCheck`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -124,14 +125,45 @@ class Limits:
     max_weight: int = 10_000  #: ``max-weight``: an update weighs (and a device serves) at most this many events
     due_within: int = 8  #: an in-flight update is due at most this many rounds after it was asked for
     #: a delta above :func:`~fedrec.privacy.user_level.outsized_bound` of the model fails (without DP, where nothing
-    #: else bounds it: user-level DP refuses one above the clip, event-level DP's steps are clipped per event)
+    #: else bounds it: user-level DP refuses one above the clip, a release at the aggregate is bounded by its counts)
     outsized: bool = True
+    #: DP-SGD on each device: the largest norm its update can have (:func:`dpsgd_bound`; its noise is not clipped,
+    #: so a device with one event may honestly send far more than the outsized bound); None: not that mode
+    noisy_most: float | None = None
+    #: event-level DP: the most DP steps an update takes (``local-steps``) and the most any one event can have been
+    #: used in (``(replay-rounds + 1) x local-steps``): what the ledger records, and the accountant composes, of it
+    steps: int | None = None
+    exposure: int | None = None
+    n_items: int | None = None  #: the catalogue: a probed item is one of it
+    #: the devices the server has in flight (a straggler's update of an earlier round comes only from one of them)
+    #: and the rounds that sent a version this run (an update computed on another round's has no base); None: any
+    busy: frozenset[int] | None = None
+    versions: frozenset[int] | None = None
 
     @classmethod
-    def of(cls, cfg) -> Limits:
+    def of(cls, cfg, n_items: int | None = None, busy: Sequence[int] | None = None,
+           versions: Sequence[int] | None = None, *, z_event: float = 0.0, dims: int = 0) -> Limits:
         """``max-weight``; in-flight updates due within ``max(slow-rounds, max-staleness)`` rounds; outsized deltas
-        checked without DP."""
-        return cls(cfg.max_weight, max(cfg.slow_rounds, cfg.max_staleness, 1), cfg.privacy == "none")
+        checked without DP, and DP-SGD's on each device by :func:`dpsgd_bound` (``z_event``: its noise multiplier,
+        ``dims``: the global parameters' count); event-level DP's steps and exposures."""
+        steps = cfg.steps if cfg.event_dp else None
+        noisy = dpsgd_bound(cfg, z_event, dims) if cfg.event_dp and not cfg.aggregate_noise and dims else None
+        return cls(cfg.max_weight, max(cfg.slow_rounds, cfg.max_staleness, 1), cfg.privacy == "none", noisy,
+                   steps, None if steps is None else (cfg.replay_rounds + 1) * steps, n_items,
+                   None if busy is None else frozenset(busy), None if versions is None else frozenset(versions))
+
+
+#: how many noise stds beyond its expected norm a DP-SGD update may reach (a Gaussian vector's norm exceeds its
+#: expected one by t stds with probability below exp(-t^2 / 2): 10^-22 here)
+NOISE_STDS = 10.0
+
+
+def dpsgd_bound(cfg, z: float, dims: int) -> float:
+    """The largest norm an honest update of DP-SGD on a device can have: each of its ``steps`` steps moves the
+    parameters by ``lr / (q n)`` times at most ``n`` clipped gradients (``event-clip`` each) plus a Gaussian of std
+    ``z x event-clip`` per coordinate; with ``n >= 1`` events, ``lr x clip / q x (steps + z (sqrt(steps x dims) +``
+    :data:`NOISE_STDS` ``))``."""
+    return cfg.lr * cfg.event_clip / cfg.sample_rate * (cfg.steps + z * (math.sqrt(cfg.steps * dims) + NOISE_STDS))
 
 
 @dataclass(frozen=True)
@@ -169,22 +201,43 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
             continue
         node = rep.body
         if node.served is not None and rep.asked == round_:
-            _take_served(out, rep.node, node, home, served, limits.max_weight)
+            _take_served(out, rep.node, node, home, served, limits.max_weight, limits.n_items)
         out.failed += [(f.device, f.reason) for f in node.failures]
         _take_asked(out, rep, node, limits.due_within)
         for u in node.updates:
             base = u.report.base_round if u.report.base_round is not None else rep.asked
-            problem = _foreign(u.device, rep, home, seen, late=base < rep.asked)
+            problem = _foreign(u.device, rep, home, seen, late=base < rep.asked) or _claims(u, base, rep, limits)
             if problem:
                 out.failed.append((u.device, problem))
                 continue
             seen.add(u.device)
-            _take(out, u, rep.asked, round_, gstate, clip, graph, rows, limits.max_weight, most)
+            try:
+                _take(out, u, rep.asked, round_, gstate, clip, graph, rows, limits, most)
+            except Exception as e:  # a hostile update fails alone, whatever it raises
+                out.failed.append((u.device, f"its update cannot be taken in ({type(e).__name__}: {str(e)[:200]})"))
     return out
 
 
+def _claims(u: DeviceUpdate, base: int, rep: Reply, limits: Limits) -> str:
+    """Why device ``u.device``'s report claims what it cannot have (``base``: the round its update was asked for),
+    or '': a round after the request, or before it from a device not in flight; a round that sent no version; more
+    new events than an update weighs; more DP steps, or an event used in more, than event-level DP takes."""
+    m, d = u.report, u.device
+    if base > rep.asked or (base < rep.asked and limits.busy is not None and d not in limits.busy):
+        return f"device {d} claims an update of round {base}, which node {rep.node} was not asked for in round {rep.asked}"
+    if limits.versions is not None and base not in limits.versions:
+        return f"device {d} claims an update of round {base}, which sent no version in this run"
+    if m.n_new > limits.max_weight:
+        return f"device {d} claims {m.n_new} new events, more than max-weight = {limits.max_weight}"
+    if limits.steps is not None and limits.exposure is not None and \
+            (m.steps > limits.steps or m.max_exposure > limits.exposure):
+        return (f"device {d} claims {m.steps} DP steps and events used in {m.max_exposure}, more than an update takes "
+                f"({limits.steps}) or the replay window allows ({limits.exposure})")
+    return ""
+
+
 def _take_served(out: Replies, node: int, body: NodeReply, home: Mapping[int, int], served: set[int],
-                 most: int) -> None:
+                 most: int, n_items: int | None = None) -> None:
     """A node's serving report: the devices it hosts, each once a round, with at most ``most`` events each."""
     assert body.served is not None
     out.served = out.served or Served()
@@ -199,7 +252,14 @@ def _take_served(out: Replies, node: int, body: NodeReply, home: Mapping[int, in
     if refused:
         out.failed.append((node, f"node {node} reported serving {len(refused)} devices it does not host, twice, or "
                                  f"with more than {most} events (e.g. {refused[:5]}); they are not counted"))
-    out.served.probes.append((body.served.probe_items, body.served.probe_hits))
+    elif _in_catalogue(body.served.probe_items, n_items):  # a node that misreports its serving adds no probes
+        out.served.probes.append((body.served.probe_items, body.served.probe_hits))
+    else:
+        out.failed.append((node, f"node {node} reported probe items outside the catalogue; they are not counted"))
+
+
+def _in_catalogue(items: Sequence[int], n_items: int | None) -> bool:
+    return n_items is None or all(0 <= i < n_items for i in items)
 
 
 def _take_asked(out: Replies, rep: Reply, node: NodeReply, due_within: int) -> None:
@@ -230,9 +290,9 @@ def _foreign(d: int, rep: Reply, home: Mapping[int, int], seen: set[int], *, lat
 
 
 def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[str, torch.Tensor],
-          clip: float | None, graph: GraphCheck | None, rows: RowCheck | None, max_weight: int,
+          clip: float | None, graph: GraphCheck | None, rows: RowCheck | None, limits: Limits,
           most: float | None = None) -> None:
-    d, m = u.device, u.report
+    d, m, max_weight = u.device, u.report, limits.max_weight
     try:
         problem = _wire_shapes(u.arrays, gstate)
         if problem:
@@ -242,8 +302,13 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
         out.failed.append((d, str(e)))
         return
     problem = validate(delta, gstate, clip, most)
+    if problem is None and limits.noisy_most is not None and clip is None and \
+            not (norm := delta_norm(delta)) <= limits.noisy_most:
+        problem = f"delta norm {norm:.4g} is more than {limits.noisy_most:.4g}, the most an update of DP-SGD can move it"
     pairs, why = _pairs(u, graph) if problem is None else (None, "")
-    counts, why = _rows(u, delta, rows) if not (problem or why) else (None, why)
+    counts, why = _rows(u, delta, rows, max_weight) if not (problem or why) else (None, why)
+    if not (problem or why) and u.probe is not None and not _in_catalogue(u.probe[0], limits.n_items):
+        why = f"device {d} sent probe items outside the catalogue"
     if problem or why:
         out.failed.append((d, problem or why))
         return
@@ -279,6 +344,8 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
 def _wire_shapes(arrays: Mapping[str, np.ndarray], gstate: dict[str, torch.Tensor]) -> str | None:
     """Why the wire arrays of a delta cannot be one of ``gstate``'s shape, checked before any is converted."""
     for k, v in arrays.items():
+        if not isinstance(v, np.ndarray):
+            return f"delta entry {k!r} is not an array"
         name, _, part = k.rpartition(".") if k.endswith((".ids", ".rows")) else (k, "", "")
         if name not in gstate:
             return f"delta has an array {k!r}, which names no global parameter"
@@ -306,11 +373,13 @@ def _pairs(u: DeviceUpdate, graph: GraphCheck | None) -> tuple[Pairs | None, str
         return None, f"device {u.device} sent bad item pairs: {e}"
 
 
-def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None, max_weight: int = 10_000
+          ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
     """Device ``u.device``'s row counts, checked with its release, or why they are refused.
 
     The counts are whole, at least 1 per listed row, on unique rows of the catalogue, and sum to at most
-    the events it trained on; its release has norm at most ``sum(counts) * per_event``.
+    the events it trained on, and at most ``max_weight`` (what an update weighs: a larger claim would shrink every
+    other device's rows in the per-row average); its release has norm at most ``sum(counts) * per_event``.
     """
     d = u.device
     if check is None:
@@ -329,8 +398,9 @@ def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[n
         return ((ids.astype(np.int64), counts.astype(np.float64)), "") if ok else \
             (None, f"device {d} sent row counts that are not non-negative with L2 norm at most 1")
     if not (np.all(np.isfinite(counts)) and np.all(counts >= 1) and np.all(counts == np.round(counts))) \
-            or total > u.report.num_examples:
-        return None, f"device {d} sent row counts that are not whole, positive and within its {u.report.num_examples} events"
+            or total > min(u.report.num_examples, max_weight):
+        return None, (f"device {d} sent row counts that are not whole, positive and within its {u.report.num_examples} "
+                      f"events and max-weight = {max_weight}")
     norm = delta_norm(delta)
     if norm > total * check.per_event * (1 + 1e-3) + 1e-6:
         return None, f"device {d} sent a release of norm {norm:.4g} > {total:g} events x {check.per_event:g}"
@@ -338,14 +408,15 @@ def _rows(u: DeviceUpdate, delta: dict, check: RowCheck | None) -> tuple[tuple[n
 
 
 def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], clip: float, nodes: int,
-                   graph: Sequence[tuple[int, ...]] = ()) -> None:
+                   graph: Sequence[tuple[int, ...]] = (), limits: Limits | None = None) -> None:
     """Take in a SecAgg+ round's sum: checked for shape and for the norm ``len(devices) x clip`` it can have (``graph``:
     the shapes the item graph's sums must have; user level: each device's part of norm at most 1).
 
     Under event noise at the aggregate (``sec.required``) :func:`add_secure_rows` takes it in instead.
     """
+    limits = limits or Limits()
     if sec.required:
-        add_secure_rows(out, sec, gstate, nodes, graph)
+        add_secure_rows(out, sec, gstate, nodes, graph, limits)
         return
     out.failed += [("secure aggregation", f) for f in sec.failures]
     if sec.total is not None:
@@ -361,7 +432,7 @@ def add_secure_sum(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor]
             out.deltas, out.presummed, out.graph = [sec.total], len(sec.devices), list(sec.graph)
             # masked vectors: about the dense size, from each node with sampled devices
             out.bytes_up = (sum(v.nbytes for v in sec.total.values()) + sum(g.nbytes for g in sec.graph)) * nodes
-    _take_secure_devices(out, sec)
+    _take_secure_devices(out, sec, limits)
 
 
 def _graph_problem(got: Sequence[np.ndarray], want: Sequence[tuple[int, ...]]) -> str | None:
@@ -372,7 +443,7 @@ def _graph_problem(got: Sequence[np.ndarray], want: Sequence[tuple[int, ...]]) -
 
 
 def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor], nodes: int,
-                    graph: Sequence[tuple[int, ...]] = ()) -> None:
+                    graph: Sequence[tuple[int, ...]] = (), limits: Limits | None = None) -> None:
     """Take in a SecAgg+ round's noisy sum under event noise at the aggregate (noise shares included).
 
     The table sum becomes one presummed delta ``(all rows, dense sum)`` and the counts one ``(all rows,
@@ -402,19 +473,23 @@ def add_secure_rows(out: Replies, sec: SecureSum, gstate: dict[str, torch.Tensor
     out.presummed = len(sec.devices)
     out.bytes_up = (sum(v.nbytes for v in sec.total.values()) + sec.counts.nbytes + sum(g.nbytes for g in sec.graph)) \
         * nodes
-    _take_secure_devices(out, sec)
+    _take_secure_devices(out, sec, limits)
 
 
-def _take_secure_devices(out: Replies, sec: SecureSum) -> None:
-    """The reports of the devices in an accepted secure sum (for metrics and the privacy ledger)."""
+def _take_secure_devices(out: Replies, sec: SecureSum, limits: Limits | None = None) -> None:
+    """The reports of the devices in an accepted secure sum (for metrics and the privacy ledger): their claims are
+    cut to ``limits`` (the sum holds their data already; a claim beyond what an update takes is a lie)."""
+    limits = limits or Limits()
     for d in sec.devices if out.presummed else []:
         m = sec.metrics[d]
         out.done.append(d)
         out.weights.append(1.0)
-        out.metrics.append({"steps": m.steps, "max-exposure": m.max_exposure})
+        out.metrics.append({"steps": min(m.steps, limits.steps if limits.steps is not None else m.steps),
+                            "max-exposure": min(m.max_exposure, limits.exposure if limits.exposure is not None
+                                                else m.max_exposure)})
         out.counts.add(m.counts)
         out.per_device.append((d, m.counts))
-        out.new_events += m.n_new
+        out.new_events += min(m.n_new, limits.max_weight)
         out.clipped.append(m.clipped)
         out.preclip.append(m.preclip_norm)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,23 +105,32 @@ def user_noise(cfg: RunConfig, q: float) -> float:
 
 
 def discover(transport: Transport, cfg: RunConfig, z_event: float) -> Federation:
-    """Ask every node which devices it hosts; the federation the run works with."""
-    home: dict[int, int] = {}
-    n_items: int | None = None
-    durable = True
-    for node, info in transport.discover(cfg.to_flat()):
-        for d in info.devices:
-            if d in home:
-                raise FederationError(f"Device {d} is hosted by two nodes; each device store must be on one node.")
-            home[d] = node
-        if n_items is not None and info.n_items != n_items:
-            raise FederationError("Nodes disagree on the item catalogue size; they must load the same data.")
-        n_items = info.n_items
-        durable = durable and info.durable
+    """Ask every node which devices it hosts; the federation the run works with. A node's report is its claim: a node
+    whose catalogue differs from the one most nodes report sits the run out, and so does a device two nodes claim
+    (each goes into ``transport.absent``, which the run notes); only a tie on the catalogue stops the run."""
+    reports = transport.discover(cfg.to_flat())
+    sizes = Counter(info.n_items for _, info in reports).most_common()
+    if len(sizes) > 1 and sizes[0][1] == sizes[1][1]:
+        raise FederationError("Nodes disagree on the item catalogue size; they must load the same data.")
+    n_items = sizes[0][0] if sizes else None
+    claims: dict[int, list[int]] = {}
+    durable, stores = True, False
+    for node, info in reports:
+        if info.n_items != n_items:
+            transport.absent.append(f"node {node} reported {info.n_items} items, where most nodes report {n_items}")
+            continue
+        for d in dict.fromkeys(info.devices):  # in its order, once each
+            claims.setdefault(d, []).append(node)
+        durable, stores = durable and info.durable, stores or info.durable
+    home = {d: ns[0] for d, ns in claims.items() if len(ns) == 1}
+    twice = sorted(d for d, ns in claims.items() if len(ns) > 1)
+    if twice:
+        transport.absent.append(f"devices {twice[:5]}{' ...' if len(twice) > 5 else ''} ({len(twice)}), each reported "
+                                "by two nodes (each device store must be on one node)")
     if not home or n_items is None:
         raise FederationError("No node reported any device.")
     q_user = min(1.0, cfg.cohort_for(len(home)) / len(home))
-    return Federation(cfg, home, n_items, durable, z_event, user_noise(cfg, q_user), q_user)
+    return Federation(cfg, home, n_items, durable, z_event, user_noise(cfg, q_user), q_user, stores=stores)
 
 
 def run_federation(transport: Transport, cfg: RunConfig, on_round: Callable[[dict], None] | None = None) -> dict:
@@ -164,7 +174,7 @@ class _Run:
         rec = RunRecorder(cfg, stream=stream, no_stream=why)
         fed = discover(transport, cfg, event_noise(cfg))
         for why in transport.absent:
-            rec.note(f"not in this run (it did not report its devices at the start): {why}")
+            rec.note(f"not in this run: {why}")
         ledger = Ledger(Path(cfg.out) / "privacy_ledger.jsonl")
         if ledger.records:
             rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
@@ -240,15 +250,22 @@ class _Run:
         if cfg.secure_aggregation:
             shapes, extra = self._secure_graph()
             served, sec = self.transport.secure(r, requests, host, {**cfg.to_flat(), **extra})
-            got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows, Limits.of(cfg))
-            add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node), shapes)
+            limits = self._limits()
+            got = collect(served, self.state.global_state, clip, r, self.fed.home, graph, rows, limits)
+            add_secure_sum(got, sec, self.state.global_state, cfg.clip, len(plan.by_node), shapes, limits)
             return got
         enough = math.ceil(cfg.min_reply_share * len(plan.cohort)) if cfg.min_reply_share < 1 else None
         replies = self.transport.exchange(r, requests, sent, cfg.to_flat(), enough)
         # in a fixed order (round asked, node), whatever order the replies came in: float sums depend
         # on the order, and the same seed must give the same model on any engine
         return collect(sorted(replies + arrived, key=lambda x: (x.asked, x.node)), self.state.global_state, clip, r,
-                       self.fed.home, graph, rows, Limits.of(cfg))
+                       self.fed.home, graph, rows, self._limits())
+
+    def _limits(self) -> Limits:
+        """What a node may claim this round: the config's limits, the catalogue, the devices in flight, and the
+        rounds that sent a version (:class:`~fedrec.federation.replies.Limits`)."""
+        return Limits.of(self.fed.cfg, self.fed.n_items, busy=list(self.busy), versions=list(self.version_of),
+                         z_event=self.fed.z_event, dims=sum(v.numel() for v in self.state.global_state.values()))
 
     def _secure_graph(self) -> tuple[list[tuple[int, ...]], dict]:
         """Under :attr:`~fedrec.config.RunConfig.secure_graph`: the shapes of the item graph's sums in the masked
@@ -314,7 +331,7 @@ def _fresh_start(fed: Federation, state: ServerState, ledger: Ledger) -> None:
             f"Cannot start a new event-level run on the ledger {ledger.path}: it holds an earlier run's event-level "
             "releases, and simulated devices, which keep their state in memory, would count their events' use "
             "from zero again; use a new --out.")
-    state.secret = secrets.randbits(63) if fed.durable else 0
+    state.secret = secrets.randbits(63) if fed.stores else 0
     if state.graph is not None:  # a run that continues a ledger draws fresh graph noise, as it does model noise
         state.graph.seed = mixed_seed(mixed_seed(fed.cfg.seed, len(ledger.records)), state.secret)
 
