@@ -133,6 +133,9 @@ def check_run(cfg: RunConfig, n_devices: int, n_items: int, log: Any = None) -> 
         from .data.source import load_features
 
         load_features(cfg, log)
+        if cfg.rounds > len(log.item):
+            raise ConfigError(f"Config key 'rounds' = {cfg.rounds} is more than the {len(log.item)} events of "
+                              f"{cfg.data or 'the synthetic world'}: most rounds would be empty; use at most that many.")
     if cfg.data:
         cfg.check_catalogue(n_items, cfg.data)  # its sentences name the data file
     if cfg.device.startswith("cuda"):
@@ -185,9 +188,13 @@ def _run_engine(cfg: RunConfig, on_round) -> None:
 
         run_federation(LocalGrid(client_app, cfg.nodes, cfg.to_flat()), cfg, on_round=on_round)
         return
-    from .ray_cluster import backend_config, cluster_address, node_gpus, pin_node_ip
+    from .ray_cluster import backend_config, check_reachable, cluster_address, node_gpus, pin_node_ip
 
     address = cluster_address(cfg.ray_address)
+    try:
+        check_reachable(address)
+    except ConnectionError as e:
+        raise ConfigError(str(e)) from None
     pin_node_ip(address)  # before Flower's ray.init: a local Ray listens on 127.0.0.1 only
     from flwr.simulation import run_simulation
 

@@ -318,6 +318,7 @@ class RunConfig:
         need(not self.row_average or self.privacy == "none" or self.aggregate_noise, "row-average",
              "needs privacy = none, or privacy = event with event-noise = aggregate (the modes whose row counts the "
              "server has)")
+        need(bool(self.out.strip()), "out", "must name a folder (an empty one would write into the current folder)")
         need(not (self.row_average and self.async_buffer), "async-buffer",
              "must be 0 with row-average (row counts hold for one round's replies)")
         need(not (self.aggregate_noise and self.async_buffer), "async-buffer",
@@ -526,7 +527,7 @@ class RunConfig:
         """Read a TOML file: keys at top level or under ``[run]``/``[tool.flwr.app.config]``."""
         p = Path(path)
         doc = read_toml(p, "config file")
-        table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc.get("run", doc))
+        table = _run_table(p, doc)
         for k, v in table.items():  # a sub-table is no key: refused, never silently dropped
             if isinstance(v, dict):
                 raise ConfigError(f"{p}: {k!r} is a table, but a run config file holds only `key = value` lines "
@@ -535,6 +536,22 @@ class RunConfig:
 
 
 _KEYS = frozenset(RunConfig.keys())
+
+
+def _run_table(p: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """A config file's keys: under ``[tool.flwr.app.config]`` or ``[run]`` (then nothing else may stand beside it,
+    or it would be silently ignored), else at top level."""
+    flwr = doc.get("tool", {})
+    for name in ("flwr", "app", "config"):
+        flwr = flwr.get(name) if isinstance(flwr, dict) else None
+    table = flwr if flwr is not None else doc.get("run", doc)
+    if not isinstance(table, dict):
+        where = "[tool.flwr.app.config]" if flwr is not None else "run"
+        raise ConfigError(f"{p}: {where} must be a table of `key = value` lines, not {type(table).__name__} {table!r}.")
+    if "run" in doc and flwr is None and len(doc) > 1:
+        raise ConfigError(f"{p}: keys beside the [run] table ({', '.join(sorted(k for k in doc if k != 'run'))}) "
+                          "would be ignored; put every key under [run], or none.")
+    return table
 
 
 @lru_cache(maxsize=16)

@@ -45,6 +45,21 @@ def is_ray_address(address: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and not any(c.isspace() for c in host))
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``host:port`` cluster address whose head answers on that port (Ray itself retries an unreachable one for
+    ever); else a ``ConnectionError`` of one sentence. Empty (a local Ray) and ``auto`` pass."""
+    import socket
+
+    if address in ("", "auto"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"No Ray cluster answers at {address} ({e}); start its head there (`ray start --head`) "
+                              "or name another ray-address.") from None
+
+
 def cluster_address(ray_address: str) -> str:
     """The cluster to join: the ``ray-address`` key, else ``RAY_ADDRESS``, else "" (start a local Ray)."""
     return ray_address or os.environ.get("RAY_ADDRESS", "").strip()

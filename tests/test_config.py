@@ -205,3 +205,35 @@ def test_a_message_s_run_config_is_its_known_entries_checked_once():
         RunConfig.of_message({**flat, "lr": -1.0}, "server message")
     with pytest.raises(ConfigError, match="cohort"):
         RunConfig.of_message({**flat, "cohort": [3]}, "server message")  # unhashable: refused without the cache
+
+
+@pytest.mark.parametrize("text, words", [
+    ("run = 3\n", "run must be a table"),
+    ("[tool]\nflwr = 3\n", "'tool' is a table"),
+    ("[tool.flwr.app]\nconfig = 3\n", "[tool.flwr.app.config] must be a table"),
+    ("rounds = 99\n[run]\ncohort = 5\n", "keys beside the [run] table (rounds) would be ignored"),
+])
+def test_a_config_file_of_the_wrong_shape_fails_with_a_sentence(tmp_path, text, words):
+    """A config file whose run table is not a table, or with keys beside ``[run]`` (silently ignored before), ends in
+    one sentence naming the file (``run = 3`` raised AttributeError)."""
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_toml(p)
+    assert words in str(e.value) and "c.toml" in str(e.value)
+    (tmp_path / "ok.toml").write_text("[run]\nrounds = 7\n")
+    assert RunConfig.from_toml(tmp_path / "ok.toml").rounds == 7
+
+
+def test_an_empty_out_or_more_rounds_than_events_fails_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """``--out ""`` wrote every output into the current folder; 1000 rounds of 300 events ran hundreds of empty
+    rounds. Each ends in one sentence, exit 2, with nothing written."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "r.csv"
+    data.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{i % 7},{i % 11},4.0,{1000 + i}\n" for i in range(30)))
+    assert main(["simulate", "--out", "", "--world-users", "20", "--engine", "local", "--no-progress"]) == 2
+    assert "Config key 'out' must name a folder" in "".join(capsys.readouterr())
+    assert main(["simulate", "--data", str(data), "--rounds", "31", "--out", "o", "--engine", "local",
+                 "--no-progress"]) == 2
+    assert "Config key 'rounds' = 31 is more than the 30 events of" in "".join(capsys.readouterr())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]

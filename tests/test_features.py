@@ -81,6 +81,7 @@ def test_a_generic_feature_file_with_and_without_values(tmp_path):
     ("movieId,title,genres\n1,A\n", ":2: expected 3 fields"),
     ("item,feature,value\n1,a,high\n", ":2: value 'high' is not a number"),
     ("item,feature,value\n1,a,nan\n", ":2: value 'nan' is not finite"),
+    ("item,feature,value\n1,a,2\n1,b,1e308\n", ":3: value '1e308' is beyond ±1e+15"),  # inf in float32 before
     ("item,feature\n1,\n", ":2: an empty item or feature"),
     ("id,genre\n1,a\n", ":1: expected the header"),
 ])

@@ -142,3 +142,24 @@ def test_a_two_node_ray_cluster_gives_the_one_node_model(tmp_path):
     assert on_cluster["privacy"]["user"]["epsilon"] == pytest.approx(one["privacy"]["user"]["epsilon"], rel=1e-9)
     assert on_cluster["config"]["ray-address"] == address
     assert time.monotonic() - t0 < 180
+
+
+def test_an_address_no_ray_head_answers_fails_at_once_in_one_sentence(tmp_path):
+    """Ray retries an unreachable cluster address for ever (a run hung past 300 s); the run checks the port first."""
+    import socket
+
+    from fedrec.ray_cluster import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        check_reachable(f"127.0.0.1:{s.getsockname()[1]}")  # a head would answer here
+        closed = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match=rf"^No Ray cluster answers at 127\.0\.0\.1:{closed} \("):
+        check_reachable(f"127.0.0.1:{closed}")
+    check_reachable("")  # a local Ray, started by the run
+    check_reachable("auto")
+    p = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--world-users", "20", "--rounds", "1",
+                        "--no-progress", "--ray-address", f"127.0.0.1:{closed}", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "No Ray cluster answers" in p.stdout + p.stderr and not (tmp_path / "o").exists()

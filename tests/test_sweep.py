@@ -95,6 +95,12 @@ rounds = [5, 10]
     (('name = "{privacy}-eps{epsilon}"', 'name = "{privacy}-{cohort}"'), "name template"),
     (("freeze-after = 2", "freeze-after = -2"), "freeze-after"),
     (("seeds = [0, 1]", "seeds = []"), "seeds"),
+    ((TINY[:TINY.index("[base]")], "sweep = 3\n\n"), "'sweep' must be written as [sweep]"),
+    (('reference = "none-epsinf"', 'reference = ["a"]'), "'reference' must be one cell's name"),
+    (('name = "{privacy}-eps{epsilon}"', 'name = "{privacy.x}"'), "name template"),
+    (('name = "{privacy}-eps{epsilon}"', 'name = "{privacy"'), "is not a template"),
+    ((TINY[TINY.index("[[cells]]"):], '[cells]\nname = "static"\nprivacy = "none"\n'), "[[cells]] tables"),
+    (('epsilon = ["inf", 4]', 'epsilon = [["abc"]]'), "s.toml"),
 ])
 def test_bad_sweep_files_fail_with_a_sentence(tmp_path, change, words):
     with pytest.raises(ConfigError) as e:
@@ -185,3 +191,27 @@ def test_report_without_results_says_so(tmp_path):
     p = _fedrec("report", str(tmp_path), cwd=tmp_path)
     log, _ = p.communicate(timeout=60)
     assert p.returncode == 2 and "No results.csv" in log and "Traceback" not in log
+
+
+def test_a_cell_run_with_another_config_or_damaged_is_not_taken_as_done(tmp_path):
+    """A finished run counts only with the config its cell gives now (an edited cell used to keep its old results);
+    damaged outputs of a run end in one sentence naming its folder."""
+    from fedrec.config import dump_toml
+    from fedrec.sweep.runner import _finished, collect, run_dir
+
+    spec = load_sweep(_write(tmp_path, TINY))
+    cell, out = spec.cells[0], tmp_path / "out"
+    d = run_dir(out, cell, 0)
+    d.mkdir(parents=True)
+    assert not _finished(spec, cell, 0, out)
+    (d / "summary.json").write_text("{}")
+    (d / "config.toml").write_text(dump_toml(spec.config(cell, 0, d).to_flat()))
+    assert _finished(spec, cell, 0, out)
+    edited = load_sweep(_write(tmp_path, TINY.replace("freeze-after = 2", "freeze-after = 3"), "t.toml"))
+    with pytest.raises(ConfigError, match="another config than cell 'static'"):
+        _finished(edited, edited.cells[0], 0, out)
+    with pytest.raises(ConfigError, match=r"seed-0: its summary.json or metrics.jsonl is damaged"):
+        collect(spec, out)  # no metrics.jsonl
+    (d / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="is damaged .KeyError"):
+        collect(spec, out)  # a summary without its keys

@@ -227,6 +227,12 @@ def test_malformed_csv_names_the_line(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match=r"results\.csv:1:"):
         read_results(path)
+    path.write_text(lines[0] + "\n")  # a report of nothing would replace a good one
+    with pytest.raises(ValueError, match=r"results\.csv: a header and no result rows"):
+        read_results(path)
+    path.write_bytes(lines[0].encode() + b"\n\xf0\x28\x8c\x28,1\n")
+    with pytest.raises(ValueError, match=r"results\.csv:\d+: not UTF-8"):
+        read_results(path)
 
 
 def test_report_on_partial_sweeps(tmp_path):

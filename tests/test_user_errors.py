@@ -7,6 +7,7 @@ read wrongly, and the device store's SQLite failures.
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import stat
@@ -230,5 +231,24 @@ def test_a_budget_spent_before_the_first_round_is_one_sentence_not_a_traceback(t
                "--world-users", "60", "--cohort", "30", "--engine", "local", "--no-progress",
                "--out", str(tmp_path / "out")])
     out = capsys.readouterr()
-    assert rc == 0 and "Traceback" not in out.err + out.out  # a budget stop ends the run as planned
-    assert "user-level budget spent: round 1 would bring epsilon to" in out.err + out.out
+    # nothing could be released: one sentence, exit 2, and nothing written (it used to write empty outputs, exit 0)
+    assert rc == 2 and "Traceback" not in out.err + out.out
+    assert "Nothing to run: user-level budget spent: round 1 would bring epsilon to" in out.err + out.out
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_run_into_a_folder_whose_ledger_spent_the_budget_keeps_the_earlier_outputs(tmp_path, capsys):
+    """A second run into a finished run's folder continues its ledger; where that ledger leaves no budget for one
+    more release it ends in one sentence, exit 2, and the earlier run's outputs stay as they were (they were
+    replaced by empty ones)."""
+    args = ["simulate", "--privacy", "user", "--rounds", "2", "--world-users", "60", "--cohort", "30", "--engine",
+            "local", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    spent = json.loads((tmp_path / "out" / "summary.json").read_text())["privacy"]["user"]["epsilon"]
+    capsys.readouterr()
+    assert main([*args, "--epsilon", f"{spent * 1.01:.4f}"]) == 2
+    out = capsys.readouterr()
+    assert "Nothing to run: user-level budget spent" in out.out + out.err and "2 earlier releases" in out.out + out.err
+    assert "continuing the privacy ledger" not in out.out + out.err  # the refusal is its one sentence
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

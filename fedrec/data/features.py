@@ -173,7 +173,14 @@ def _generic(row: list[str], width: int, where: str) -> tuple[str, list[tuple[st
         raise DataError(f"{where}: value {row[2][:40]!r} is not a number.") from None
     if not math.isfinite(value):
         raise DataError(f"{where}: value {row[2][:40]!r} is not finite.")
+    if abs(value) > MOST_VALUE:
+        raise DataError(f"{where}: value {row[2][:40]!r} is beyond ±{MOST_VALUE:g} (each item's row is normalised in "
+                        "float32, whose squares overflow past it).")
     return item, [(name, value)]
+
+
+#: the largest magnitude of a feature value (its square still fits a float32)
+MOST_VALUE = 1e15
 
 
 def _table(pairs: list[tuple[int, str, float]], n_items: int, src: str, skipped: int) -> ItemFeatures:

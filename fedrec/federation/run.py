@@ -176,8 +176,6 @@ class _Run:
         for why in transport.absent:
             rec.note(f"not in this run: {why}")
         ledger = Ledger(Path(cfg.out) / "privacy_ledger.jsonl")
-        if ledger.records:
-            rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
         rec.features = _features(cfg, stream, fed.n_items, rec)
         state = init_state(cfg, fed.n_items, rec.features.normalised() if rec.features is not None else None,
                            ModelFeatures.of(rec.features, stream.round_at)
@@ -187,6 +185,8 @@ class _Run:
         first, rebuild = _resume(fed, state, rec, ledger)
         if first == 1:
             _fresh_start(fed, state, ledger)
+        if ledger.records:  # after every check that can refuse the run: a refusal is its one sentence
+            rec.note(f"continuing the privacy ledger {ledger.path} ({len(ledger.records)} earlier releases)")
         # a run that continues a ledger must draw fresh cohorts and fresh noise, never replay earlier ones; a
         # deployed server mixes in its secret (kept in its checkpoint), so no node can redraw the noise
         seeds = [cfg.seed, len(ledger.records)] + ([first] if first > 1 else []) + \
@@ -331,6 +331,10 @@ def _fresh_start(fed: Federation, state: ServerState, ledger: Ledger) -> None:
             f"Cannot start a new event-level run on the ledger {ledger.path}: it holds an earlier run's event-level "
             "releases, and simulated devices, which keep their state in memory, would count their events' use "
             "from zero again; use a new --out.")
+    spent = budget_spent(fed, ledger, 1) if not fed.cfg.budget_period else ""
+    if spent:  # a run that could release nothing would only replace the earlier outputs with empty ones
+        raise FederationError(f"Nothing to run: {spent.replace('; no further user-level releases', '')}, with the "
+                              f"{len(ledger.records)} earlier releases of {ledger.path}; raise epsilon or use a new --out.")
     state.secret = secrets.randbits(63) if fed.stores else 0
     if state.graph is not None:  # a run that continues a ledger draws fresh graph noise, as it does model noise
         state.graph.seed = mixed_seed(mixed_seed(fed.cfg.seed, len(ledger.records)), state.secret)

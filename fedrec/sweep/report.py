@@ -139,6 +139,11 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 raw.append((reader.line_num, fields))
         except csv.Error as e:
             raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({e}).") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{reader.line_num + 1}: not UTF-8 text (byte {e.start} of a read); results.csv is "
+                             "UTF-8.") from None
+    if not raw:
+        raise ValueError(f"{path}: a header and no result rows; there is nothing to report.")
     return header, raw
 
 

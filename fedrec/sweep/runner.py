@@ -66,7 +66,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, pr
     out = Path(out) if out else Path("runs") / spec.path.stem
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.path, out / "sweep.toml")
-    done = [(c, s) for c, s in todo if (run_dir(out, c, s) / "summary.json").is_file()]
+    done = [(c, s) for c, s in todo if _finished(spec, c, s, out)]
     pending = [(c, s) for c, s in todo if (c, s) not in done]
     console = Console()
     console.print(f"fedrec sweep {spec.path}: {len(picked)} cells x {len(spec.seeds)} seeds = {len(todo)} runs; "
@@ -101,11 +101,28 @@ def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, pr
         raise
     pool.shutdown(wait=True)
     rows = collect(spec, out)
+    failed = f"{len(failures)} run(s) failed" + ("; the report covers the others" if rows else "")
+    if failures and not rows:  # nothing to report on: the earlier results and report stay as they were
+        raise ConfigError(f"{failed}. First: {failures[0]}")
     write_results(rows, out / "results.csv")
     build_report(out, spec)
     if failures:
-        raise RuntimeError(f"{len(failures)} run(s) failed; the report covers the others. First: {failures[0]}")
+        raise ConfigError(f"{failed}. First: {failures[0]}")
     return out
+
+
+def _finished(spec: SweepSpec, cell: Cell, seed: int, out: Path) -> bool:
+    """Whether the run of ``cell`` x ``seed`` has its summary, made with the config the sweep file gives it now (a run
+    of another config is a user error: its results would stand for this cell's)."""
+    d = run_dir(out, cell, seed)
+    if not (d / "summary.json").is_file():
+        return False
+    want = dump_toml(spec.config(cell, seed, d).to_flat())
+    saved = (d / "config.toml").read_text() if (d / "config.toml").is_file() else ""
+    if saved != want:
+        raise ConfigError(f"{d} holds a run of another config than cell '{cell.name}' of {spec.path} gives now; use a "
+                          f"new --out, or delete {d} to run it again.")
+    return True
 
 
 def chosen(spec: SweepSpec, pattern: str | None) -> list[Cell]:
@@ -127,13 +144,24 @@ def collect(spec: SweepSpec, out: Path) -> list[dict]:
             f = run_dir(out, c, s) / "summary.json"
             if f.is_file():
                 m = run_dir(out, c, s) / "metrics.jsonl"
-                runs[(c.name, s)] = (c, json.loads(f.read_text()),
-                                     [json.loads(line) for line in m.read_text().splitlines() if line.strip()])
+                try:
+                    runs[(c.name, s)] = (c, json.loads(f.read_text()),
+                                         [json.loads(line) for line in m.read_text().splitlines() if line.strip()])
+                except (OSError, ValueError) as e:
+                    raise _damaged(run_dir(out, c, s), e) from None
     rows = []
     for (_, seed), (cell, summ, per_round) in runs.items():
         ref = runs.get((spec.reference, seed))
-        rows.append(result_row(cell, seed, summ, per_round, ref[2] if ref else None, spec.path.stem))
+        try:
+            rows.append(result_row(cell, seed, summ, per_round, ref[2] if ref else None, spec.path.stem))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise _damaged(run_dir(out, cell, seed), e) from None
     return rows
+
+
+def _damaged(d: Path, e: Exception) -> ConfigError:
+    return ConfigError(f"{d}: its summary.json or metrics.jsonl is damaged ({type(e).__name__}: {e}); delete {d} to "
+                       "run it again.")
 
 
 def privacy_columns(unit: str, cfg: dict, priv: dict) -> dict:

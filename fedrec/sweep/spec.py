@@ -65,11 +65,11 @@ class SweepSpec:
                                       where=where, base=cfg)
 
 
-def _eps(v) -> float:
+def _eps(v, where: str) -> float:
     if isinstance(v, str) and v.strip().lower() in ("inf", "infinity", "∞"):
         return math.inf
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"An epsilon in a sweep must be a number or \"inf\" (got {v!r}).")
+        raise ConfigError(f"{where}: an epsilon in a sweep must be a number or \"inf\" (got {v!r}).")
     return float(v)
 
 
@@ -77,7 +77,7 @@ def _cell(name: str, values: dict, where: str) -> Cell:
     values = dict(values)
     eps = math.inf
     if "epsilon" in values:
-        eps = _eps(values["epsilon"])
+        eps = _eps(values["epsilon"], f"{where}: cell '{name}'")
         if math.isinf(eps):  # epsilon = inf: no differential privacy at all
             values.pop("epsilon")
             values["privacy"] = "none"
@@ -100,6 +100,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
     unknown = set(doc) - {"sweep", "base", "cells", "grid"}
     if unknown:
         raise ConfigError(f"{p}: unknown table(s) {sorted(unknown)}; expected [sweep], [base], [[cells]], [[grid]].")
+    for name, want in (("sweep", dict), ("base", dict), ("cells", list), ("grid", list)):
+        if name in doc and not (isinstance(doc[name], want) and (want is dict or all(isinstance(t, dict)
+                                                                                      for t in doc[name]))):
+            form = f"[{name}]" if want is dict else f"[[{name}]] tables"
+            raise ConfigError(f"{p}: '{name}' must be written as {form}, not {type(doc[name]).__name__}.")
     head = doc.get("sweep", {})
     bad = set(head) - {"title", "scenario", "seeds", "reference", "privacy_note"}
     if bad:
@@ -109,6 +114,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{p} [sweep]: 'seeds' must be a non-empty list of integers.")
     uniq = _unique_cells(_listed_cells(doc.get("cells", []), p) + _grid_cells(doc.get("grid", []), p), p)
     ref = head.get("reference", "")
+    if not isinstance(ref, str):
+        raise ConfigError(f"{p} [sweep]: 'reference' must be one cell's name, not {type(ref).__name__}.")
     if ref and ref not in uniq:
         raise ConfigError(f"{p} [sweep]: reference cell '{ref}' is not one of the cells ({', '.join(uniq)}).")
     base = dict(doc.get("base", {}))
@@ -147,12 +154,14 @@ def _grid_cells(tables: list[dict], p: Path) -> list[Cell]:
         axes = {k: v for k, v in g.items() if isinstance(v, list)}
         for combo in itertools.product(*axes.values()):
             values = {**fixed, **dict(zip(axes, combo, strict=True))}
-            if "epsilon" in values and math.isinf(_eps(values["epsilon"])):
+            if "epsilon" in values and math.isinf(_eps(values["epsilon"], f"{p}: [[grid]] {template!r}")):
                 values["privacy"] = "none"
             try:
                 name = template.format(**{**values, **{k.replace("-", "_"): v for k, v in values.items()}})
-            except (KeyError, IndexError) as e:
+            except (KeyError, IndexError, AttributeError) as e:
                 raise ConfigError(f"{p}: [[grid]] name template {template!r} uses {e}, which the grid does not set.") from None
+            except ValueError as e:
+                raise ConfigError(f"{p}: [[grid]] name template {template!r} is not a template ({e}).") from None
             cells.append(_cell(name, values, str(p)))
     return cells
 
