@@ -561,6 +561,8 @@ def _of_entries(entries: tuple[tuple[str, Any], ...], where: str) -> RunConfig:
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
     """Parse a TOML file a user named; a missing file or bad TOML is a :class:`ConfigError` naming it."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; name the {what} in it.")
     if not path.is_file():
         raise ConfigError(f"No such {what}: {path}.")
     try:

@@ -237,3 +237,8 @@ def test_an_empty_out_or_more_rounds_than_events_fails_before_anything_is_writte
                  "--no-progress"]) == 2
     assert "Config key 'rounds' = 31 is more than the 30 events of" in "".join(capsys.readouterr())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+
+
+def test_a_folder_named_as_a_config_file_is_said_to_be_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a folder; name the config file in it\.$"):
+        RunConfig.from_toml(tmp_path)

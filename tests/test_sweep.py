@@ -215,3 +215,12 @@ def test_a_cell_run_with_another_config_or_damaged_is_not_taken_as_done(tmp_path
     (d / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="is damaged .KeyError"):
         collect(spec, out)  # a summary without its keys
+
+
+def test_a_sweep_out_that_is_a_file_is_one_sentence(tmp_path):
+    from fedrec.sweep.runner import run_sweep
+
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file; a sweep writes a folder there"):
+        run_sweep(_write(tmp_path, TINY), tmp_path / "f", progress=False)
+    assert (tmp_path / "f").read_text() == "mine"

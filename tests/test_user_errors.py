@@ -252,3 +252,18 @@ def test_a_run_into_a_folder_whose_ledger_spent_the_budget_keeps_the_earlier_out
     assert "Nothing to run: user-level budget spent" in out.out + out.err and "2 earlier releases" in out.out + out.err
     assert "continuing the privacy ledger" not in out.out + out.err  # the refusal is its one sentence
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_a_new_run_in_a_finished_run_s_folder_moves_its_outputs_aside_and_replaces_none(tmp_path, capsys):
+    """A second run in a finished run's folder continues its ledger (the composition goes on); the first run's
+    outputs move to ``earlier/run-1`` before anything is written (they used to be replaced)."""
+    out = tmp_path / "out"
+    args = ["simulate", "--privacy", "none", "--rounds", "2", "--world-users", "40", "--cohort", "12", "--engine",
+            "local", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "privacy_ledger.jsonl"}
+    assert main([*args, "--seed", "3"]) == 0
+    assert "were moved to" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (out / "earlier" / "run-1").iterdir()} == first
+    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 3
+    assert main([*args, "--seed", "4"]) == 0 and (out / "earlier" / "run-2" / "summary.json").is_file()

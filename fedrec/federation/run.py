@@ -199,6 +199,9 @@ class _Run:
                                       generator=noise_gen)
         run = cls(transport, fed, state, ledger, rec, np.random.default_rng([seeds[0], 7, *seeds[1:]]), agg,
                   _clock(cfg, stream, rec), rebuild=rebuild)
+        kept = _keep_earlier(Path(cfg.out)) if first == 1 else None
+        if kept is not None:
+            rec.note(f"the earlier run's outputs in {cfg.out} were moved to {kept} (its ledger goes on here)")
         rec.begin()
         return run
 
@@ -365,6 +368,26 @@ def _resume(fed: Federation, state: ServerState, rec: RunRecorder, ledger: Ledge
         rec.note(f"resuming after round {state.round} from the checkpoint {path}; "
                  f"the privacy ledger holds {len(ledger.records)} earlier releases")
     return state.round + 1, finished
+
+
+#: what a run writes into its folder besides the ledger, which a new run in that folder continues
+OUTPUTS = ("metrics.jsonl", "summary.json", "global_model.npz", "hr_epsilon.png", "checkpoint.npz")
+
+
+def _keep_earlier(out: Path) -> Path | None:
+    """A new run in a folder that holds an earlier run's outputs: those move to ``out/earlier/run-K`` (K counting up)
+    before anything is written, so no output is ever replaced; the folder they went to, or None (there were none)."""
+    found = [out / f for f in OUTPUTS if (out / f).exists()]
+    if not found:
+        return None
+    k = 1
+    while (out / "earlier" / f"run-{k}").exists():
+        k += 1
+    dest = out / "earlier" / f"run-{k}"
+    dest.mkdir(parents=True)
+    for f in found:
+        f.rename(dest / f.name)
+    return dest
 
 
 def _load_stream(cfg: RunConfig) -> tuple[Any, str]:

@@ -64,6 +64,8 @@ def run_sweep(path: str | Path, out: str | Path | None = None, jobs: int = 2, pr
     picked = chosen(spec, cells)
     todo = [(c, s) for c in picked for s in spec.seeds]
     out = Path(out) if out else Path("runs") / spec.path.stem
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; a sweep writes a folder there.")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.path, out / "sweep.toml")
     done = [(c, s) for c, s in todo if _finished(spec, c, s, out)]
