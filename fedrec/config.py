@@ -346,6 +346,9 @@ class RunConfig:
         need(not (self.item_graph == "on" and self.privacy != "none" and not self._private_graph), "item-graph",
              "must be auto or off under DP, except under event noise at the aggregate with graph-share > 0 or "
              "user-level DP with user-graph-share > 0 (only there are the graph's sums noised)")
+        need(not (self.privacy == "none" and self.epsilon > 0), "epsilon",
+             "is a privacy budget, which privacy = none does not have (it would be ignored): set privacy = event, user "
+             "or both, or leave epsilon at 0")
         if self.privacy != "none" and not (self.epsilon > 0 and self.calibrate):
             need(self.noise_multiplier > 0, "noise-multiplier", "must be positive when privacy is on")
         if not self.data:

@@ -286,7 +286,7 @@ def test_only_an_event_level_noised_graph_batches_its_affinities(kw):
     assert RunConfig(privacy="event", event_noise="aggregate", local_steps=1, secure_aggregation=True, **base
                      ).affinity_every == 1  # the devices' shares noise each round's sum
     assert RunConfig(privacy="user", **base).affinity_every == 1  # each round's clipped sums are its release
-    assert RunConfig(privacy="none", **base).affinity_every == 1
+    assert RunConfig(privacy="none", **{**base, "epsilon": 0.0}).affinity_every == 1  # no budget without DP
 
 
 def test_profiles_follow_behaviour_where_the_listed_features_are_wrong():

@@ -103,6 +103,7 @@ def test_each_key_fails_with_its_sentence(key, value, rule):
     ({"secure-aggregation": True, "slow-devices": 0.1}, "slow-devices", "must be 0 with secure-aggregation"),
     ({"secure-aggregation": True, "min-reply-share": 0.5}, "min-reply-share", "must be 1 with secure-aggregation"),
     ({"noise-multiplier": 0.0}, "noise-multiplier", "must be positive when privacy is on"),
+    ({"privacy": "none", "epsilon": 4.0}, "epsilon", "is a privacy budget, which privacy = none does not have"),
 ])
 def test_rules_across_keys_name_the_key(mapping, key, rule):
     with pytest.raises(ConfigError, match=f"Config key '{key}' {rule}"):
