@@ -194,7 +194,8 @@ def collect(replies: Sequence[Reply], gstate: dict[str, torch.Tensor], clip: flo
     """
     out, seen, served = Replies(), set[int](), set[int]()
     limits = limits or Limits()
-    most = outsized_bound(gstate) if limits.outsized and clip is None else None
+    # the norm bound where no clip holds a delta: the model's (without DP), or DP-SGD's (noise on each device)
+    most = None if clip is not None else outsized_bound(gstate) if limits.outsized else limits.noisy_most
     for rep in replies:
         if rep.body is None:
             out.failed.append((rep.node, rep.error))
@@ -301,10 +302,8 @@ def _take(out: Replies, u: DeviceUpdate, asked: int, round_: int, gstate: dict[s
     except ValueError as e:
         out.failed.append((d, str(e)))
         return
-    problem = validate(delta, gstate, clip, most)
-    if problem is None and limits.noisy_most is not None and clip is None and \
-            not (norm := delta_norm(delta)) <= limits.noisy_most:
-        problem = f"delta norm {norm:.4g} is more than {limits.noisy_most:.4g}, the most an update of DP-SGD can move it"
+    problem = validate(delta, gstate, clip, most, beyond=None if limits.outsized or most is None else
+                       f"{most:.4g}, the most an update of DP-SGD can move it")
     pairs, why = _pairs(u, graph) if problem is None else (None, "")
     counts, why = _rows(u, delta, rows, max_weight) if not (problem or why) else (None, why)
     if not (problem or why) and u.probe is not None and not _in_catalogue(u.probe[0], limits.n_items):
@@ -495,9 +494,10 @@ def _take_secure_devices(out: Replies, sec: SecureSum, limits: Limits | None = N
 
 
 def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = None,
-             most: float | None = None) -> str | None:
+             most: float | None = None, beyond: str | None = None) -> str | None:
     """Why a decoded delta (dense arrays or sparse ``(ids, rows)``) cannot be aggregated, or None: ``clip`` (user-level
-    DP) and ``most`` (:func:`~fedrec.privacy.user_level.outsized_bound`) bound its norm."""
+    DP) and ``most`` bound its norm (:func:`~fedrec.privacy.user_level.outsized_bound`, or ``beyond`` says which
+    bound it is)."""
     if set(delta) != set(gstate):
         return f"delta has keys {sorted(delta)}, expected {sorted(gstate)}"
     for k, v in delta.items():
@@ -508,7 +508,7 @@ def validate(delta: dict, gstate: dict[str, torch.Tensor], clip: float | None = 
     if clip is not None and norm > clip * (1 + 1e-4):
         return f"delta norm {norm:.4g} exceeds the clip {clip}"
     if most is not None and not norm <= most:
-        return f"delta norm {norm:.4g} is more than {OUTSIZED:g} times the model's: no step of it"
+        return f"delta norm {norm:.4g} is more than " + (beyond or f"{OUTSIZED:g} times the model's: no step of it")
     return None
 
 
